@@ -1,0 +1,46 @@
+"""The `nanoseek` command: one subcommand per stage.
+
+Each stage module exposes `add_arguments(parser)` and `run(args) -> int | None`; the table below
+maps subcommand names to those modules, so a stage is added by writing its module and one line
+here. User errors (`NanoseekError`) print one clear line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanoseek.errors import NanoseekError
+
+# subcommand -> (module, one-line help). Modules are imported lazily, only for the chosen command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("nanoseek.info", "parameter counts and KV-cache size of a preset or checkpoint"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe at toy scale.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    chosen = argv[0] if argv else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        code = importlib.import_module(args._module).run(args)
+    except NanoseekError as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

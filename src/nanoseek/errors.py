@@ -1,0 +1,16 @@
+"""User-facing errors: the message names what is wrong and how to fix it."""
+
+
+class NanoseekError(Exception):
+    """A problem with the user's input (config, file, checkpoint, request), not a bug.
+
+    The CLI prints the message without a traceback and exits non-zero; the server maps it to a 400.
+    """
+
+
+class ConfigError(NanoseekError, ValueError):
+    """An unknown or invalid configuration field."""
+
+
+class CheckpointError(NanoseekError):
+    """A checkpoint that cannot be loaded: missing files, missing/unexpected keys, shape mismatches."""
