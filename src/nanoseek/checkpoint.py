@@ -1,0 +1,249 @@
+"""Hugging Face-format checkpoints: nanoseek's native format.
+
+A checkpoint directory is a valid `DeepseekV3ForCausalLM` checkpoint: config.json,
+model.safetensors (or shards plus model.safetensors.index.json), generation_config.json, and the
+tokenizer files when a tokenizer is saved with it. transformers and vLLM load it as is; released
+DeepSeek checkpoints, FP8 block-quantized ones included, load into nanoseek.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so
+a crash mid-save never leaves a half-written checkpoint where the last good one was.
+Weights are read from safetensors only (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import CheckpointError
+from nanoseek.model.transformer import Transformer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def atomic_directory(path: str | Path):
+    """Context manager yielding a temporary directory that replaces `path` on success."""
+    return _AtomicDir(Path(path))
+
+
+class _AtomicDir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        for f in self.tmp.rglob("*"):  # make the bytes durable before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def export_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF checkpoint keys, MTP layers carrying their copies of the shared
+    embedding and head as the released V3 files do."""
+    cfg = model.config
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for k in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        sd[prefix + "embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+        sd[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    return sd
+
+
+def save_model(model: Transformer, path: str | Path, tokenizer=None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write `model` (and optionally its tokenizer) as an HF-format checkpoint directory, atomically.
+
+    Tensors are sharded into model-0000i-of-0000n.safetensors with an index above max_shard_bytes.
+    """
+    path = Path(path)
+    sd = export_state_dict(model)
+    with atomic_directory(path) as tmp:
+        config = model.config.replace(torch_dtype=str(next(iter(sd.values())).dtype).removeprefix("torch."))
+        config.to_json(tmp / CONFIG_NAME)
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        shards = _shard(sd, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path
+
+
+def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for key, t in sd.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = t, size + n
+    return shards + [current]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not (path / CONFIG_NAME).exists():
+        raise CheckpointError(f"{path} has no config.json: is it a Hugging Face-format checkpoint directory?")
+    return ModelConfig.from_json(path / CONFIG_NAME)
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (single file or sharded), by key."""
+    path = Path(path)
+    if (path / INDEX_NAME).exists():
+        weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / WEIGHTS_NAME).exists():
+        files = [WEIGHTS_NAME]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path} holds no *.safetensors weights (only safetensors are loaded, never pickle)")
+    tensors = {}
+    for name in files:
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name} is listed in {INDEX_NAME} but missing")
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """W = W_fp8 * scale_inv per (128 x 128) block; ragged edge blocks (V3's 576-row kv_a_proj)
+    use the same scale grid, ceil-sized, cropped to the weight's shape."""
+    rows, cols = weight.shape
+    br, bc = block
+    if scale_inv.shape != (-(-rows // br), -(-cols // bc)):
+        raise CheckpointError(f"FP8 scale grid {tuple(scale_inv.shape)} does not fit weight {tuple(weight.shape)} "
+                              f"with {br}x{bc} blocks")
+    scale = scale_inv.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
+    return weight.float() * scale
+
+
+def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig,
+                               quantization_config: dict | None) -> dict[str, torch.Tensor]:
+    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 weights and drop the
+    MTP layers' copies of the shared embedding and head."""
+    block = tuple((quantization_config or {}).get("weight_block_size", (128, 128)))
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("weight_scale_inv"):
+            continue
+        scale_key = key[: -len("weight")] + "weight_scale_inv" if key.endswith("weight") else None
+        if scale_key and scale_key in tensors:
+            t = dequantize_fp8(t, tensors[scale_key], block)
+        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointError(f"{key} is FP8 but has no {scale_key} to dequantize it with")
+        out[key] = t
+    for k in range(config.num_nextn_predict_layers):
+        prefix = f"model.layers.{config.num_hidden_layers + k}."
+        out.pop(prefix + "embed_tokens.weight", None)
+        out.pop(prefix + "shared_head.head.weight", None)
+    if config.tie_word_embeddings:
+        out.setdefault("lm_head.weight", out.get("model.embed_tokens.weight"))
+    return out
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               strict: bool = True) -> Transformer:
+    """Load an HF-format DeepSeek-V3/V2 checkpoint directory into a nanoseek Transformer.
+
+    dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.
+    Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
+    """
+    path = Path(path)
+    raw = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).exists() else None
+    config = load_config(path)
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    if dtype not in DTYPES.values():
+        raise CheckpointError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
+    sd = convert_checkpoint_tensors(read_tensors(path), config, raw.get("quantization_config"))
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if strict and (missing or unexpected):
+        msg = [f"checkpoint {path} does not match its config.json:"]
+        if missing:
+            msg.append(f"  missing keys ({len(missing)}): {_abbrev(missing)}")
+        if unexpected:
+            msg.append(f"  unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
+        raise CheckpointError("\n".join(msg))
+    for key, t in sd.items():
+        if key in expected and tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"shape mismatch for {key}: checkpoint has {tuple(t.shape)}, "
+                                  f"config.json implies {tuple(expected[key].shape)}")
+    sd = {k: (v.to(device=device, dtype=torch.float32) if k.endswith("e_score_correction_bias")
+              else v.to(device=device, dtype=dtype)) for k, v in sd.items() if k in expected}
+    model.load_state_dict(sd, strict=strict, assign=True)
+    _materialize_buffers(model, device)
+    return model.eval()
+
+
+def _materialize_buffers(model: Transformer, device) -> None:
+    """Recreate the non-persistent buffers (RoPE frequencies, expert counters) left on meta."""
+    from nanoseek.model.layers import RotaryEmbedding, rope_inv_freq
+    from nanoseek.model.moe import MoE
+
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = rope_inv_freq(model.config)[0].to(device)
+        elif isinstance(module, MoE):
+            module.tokens_per_expert = torch.zeros(module.n_experts, device=device)
+
+
+def _abbrev(keys: list[str], n: int = 12) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")

@@ -1,0 +1,113 @@
+"""Building blocks shared by every layer: RMSNorm, YaRN rotary embeddings, the SwiGLU MLP.
+
+Shape legend: B batch, T query positions, R rotary dims (qk_rope_head_dim), H heads, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoseek.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / rms(x), normalised in fp32 and cast back before the weight (as HF does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers, shared and routed experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------ rotary
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (R/2,) and the cos/sin magnitude factor, with YaRN when configured.
+
+    YaRN keeps the high-frequency dims, divides the low-frequency ones by `factor`, and ramps
+    linearly in between (DeepSeek-V3 §4.3; the same math as HF `_compute_yarn_parameters`).
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    yarn = config.yarn
+    if yarn is None:
+        return inv_freq, 1.0
+    factor = float(yarn["factor"])
+    orig_len = yarn["original_max_position_embeddings"]
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    mscale, mscale_all = yarn.get("mscale"), yarn.get("mscale_all_dim")
+    if yarn.get("attention_factor") is not None:
+        attention_factor = float(yarn["attention_factor"])
+    elif mscale and mscale_all:
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+    else:
+        attention_factor = get_mscale(factor)
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables indexed by absolute position, for the interleaved-pair RoPE layout.
+
+    The released DeepSeek weights rotate adjacent pairs (x[2j], x[2j+1]) of the rotary dims (the
+    official code's complex multiply). HF's `rope_interleave=True` is the same rotation.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int -> cos, sin each (B, T, R/2), fp32."""
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (B, T, R/2)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, [H,] R) by cos/sin (B, T, R/2); fp32 math, x's dtype out."""
+    if x.dim() == 4:  # per-head rotary part: broadcast over heads
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., R/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)

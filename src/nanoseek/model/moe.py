@@ -1,0 +1,153 @@
+"""DeepSeekMoE: fine-grained routed experts plus always-on shared experts (V3 §2.1.2).
+
+Routing (V3, `noaux_tc`): sigmoid affinities s; a per-expert correction bias b is added for
+*selection only*; experts form n_group contiguous groups, a group scores the sum of its top-2
+biased affinities, only the best topk_group groups stay eligible (the rest are masked with -inf,
+since biased scores can be negative); the top-k eligible experts are chosen; their gate weights
+come from the *unbiased* s, are normalised to sum 1 and scaled by routed_scaling_factor.
+V2 routing (`greedy` / `group_limited_greedy`, softmax) is kept for V2-Lite checkpoints.
+
+Load balancing without an auxiliary loss: each MoE layer counts the tokens routed to each expert
+during training; after every optimizer step `update_expert_bias` nudges b_i down by gamma for
+overloaded experts and up for underloaded ones (the sign rule of eq. 16). The sequence-wise balance
+loss (eqs. 17-20) is optional via `aux_loss_alpha`.
+
+Shape legend: N tokens (B*T flattened), D hidden size, E routed experts, K experts per token,
+G expert groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import MLP
+
+
+class Gate(nn.Module):
+    """The router. Stored as `mlp.gate.weight` (E, D) and `mlp.gate.e_score_correction_bias` (E,)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # fp32 whatever the model dtype: updates of 1e-3 vanish in bf16. No gradient flows to it.
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> gate weights (N, K) fp32, expert ids (N, K), affinities (N, E) fp32."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E), in fp32 like HF and torchtitan
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method != "greedy":
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            else:  # V2 group_limited_greedy: a group scores its best expert
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, expert_ids)  # from the unbiased affinities
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, expert_ids, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
+                                     for _ in range(config.n_routed_experts))
+        self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+                               if config.n_shared_experts else None)
+        # tokens routed to each expert since the last bias update (training forwards only)
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None  # set by training forwards when aux_loss_alpha > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, expert_ids, scores = self.gate(flat)
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)  # (E,)
+        if self.training:
+            self.tokens_per_expert += counts.detach().float()
+            if self.aux_loss_alpha > 0:
+                self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1))
+        y = self._dispatch(flat, weights, expert_ids, counts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, D)
+
+    def _dispatch(self, x, weights, expert_ids, counts) -> torch.Tensor:
+        """Sort the N*K (token, expert) pairs by expert and run each expert once on its own rows."""
+        order = expert_ids.flatten().argsort(stable=True)  # (N*K,) pair indices grouped by expert
+        token_idx = order // self.top_k  # the token of each sorted pair
+        x_sorted = x[token_idx]  # (N*K, D)
+        out = torch.empty_like(x_sorted)
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # one host sync; the loop is over experts, not tokens
+            if n:
+                out[start:start + n] = self.experts[e](x_sorted[start:start + n])
+                start += n
+        out = out * weights.flatten()[order].unsqueeze(1).to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_idx, out)
+
+    def _sequence_balance_loss(self, scores_BTE, ids_BTK) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20)."""
+        B, T, E = scores_BTE.shape
+        picked = torch.zeros(B, T, E, device=scores_BTE.device).scatter_(2, ids_BTK, 1.0)
+        f = picked.sum(dim=1) * (E / (self.top_k * T))  # (B, E)
+        p = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def expert_load(model: nn.Module) -> list[torch.Tensor]:
+    """Per MoE layer, the tokens routed to each expert since the last bias update, (E,) each."""
+    return [m.tokens_per_expert.clone() for m in moe_layers(model)]
+
+
+def load_imbalance(loads: list[torch.Tensor]) -> list[float]:
+    """max/mean expert load per layer: 1.0 is perfectly balanced, E/K is everything on K experts."""
+    return [float(l.max() / l.mean().clamp(min=1e-9)) for l in loads]
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, gamma: float = 1e-3) -> list[float]:
+    """The auxiliary-loss-free balancing step (V3 eq. 16); call it after each optimizer step.
+
+    Under torch.distributed the counts are summed over ranks first, so every rank applies the same
+    update. Returns each layer's load imbalance (max/mean) for logging, then resets the counts.
+    With gamma = 0 only the statistics are gathered (V3 sets gamma to 0 for its last 500B tokens).
+    """
+    imbalance = []
+    for moe in moe_layers(model):
+        counts = moe.tokens_per_expert
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        imbalance.append(float(counts.max() / counts.mean().clamp(min=1e-9)))
+        bias = moe.gate.e_score_correction_bias
+        if bias is not None and gamma > 0:
+            bias += gamma * torch.sign(counts.mean() - counts)  # overloaded -> down, underloaded -> up
+        counts.zero_()
+    return imbalance
