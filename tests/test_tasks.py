@@ -1,0 +1,188 @@
+"""Verifiable tasks: registry, seeded disjoint splits, scoring, prompt/answer markup, synthetic corpus."""
+
+import json
+import re
+
+import pytest
+
+from nanoseek.data import synthetic
+from nanoseek.data.tasks import (
+    DEFAULT_MIX,
+    R1ZERO_TEMPLATE,
+    Problem,
+    extract_answer,
+    get_task,
+    r1zero_completion,
+    r1zero_prompt,
+    split_of,
+)
+from nanoseek.errors import NanoseekError
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return get_task("default")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return synthetic.generate_documents(3000, seed=0)
+
+
+@pytest.fixture
+def jsonl_task(tmp_path):
+    rows = [{"question": f"What is {i} divided by {2 * i}?", "answer": "1/2"} for i in range(1, 60)]
+    rows += [{"question": f"What is {i} plus {i}?", "answer": 2 * i} for i in range(1, 60)]
+    path = tmp_path / "half.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return get_task(f"jsonl:{path}")
+
+
+@pytest.mark.parametrize(
+    "name, difficulty",
+    [
+        ("default", {}),
+        ("chain_sum", dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2)),
+        ("rg:simple_equations", dict(min_terms=2, max_terms=2, max_value=9)),
+    ],
+)
+def test_gold_scores_one_and_wrong_scores_zero(name, difficulty):
+    task = get_task(name, **difficulty)
+    for p in task.problems(20, seed=1):
+        assert task.score(p.answer, p) == 1.0
+        assert task.score(str(int(p.answer) + 1), p) == 0.0
+        assert task.score(None, p) == 0.0
+
+
+def test_same_seed_same_problems_other_seed_others(mix):
+    a, b, c = mix.problems(50, seed=3), mix.problems(50, seed=3), mix.problems(50, seed=4)
+    assert [p.question for p in a] == [p.question for p in b]
+    assert [p.question for p in a] != [p.question for p in c]
+    assert len(a) == 50
+
+
+def test_train_and_eval_are_disjoint(mix):
+    eval_qs = {p.question for p in mix.problems(400, seed=0, split="eval")}
+    train_qs = {p.question for seed in range(3) for p in mix.problems(400, seed=seed, split="train")}
+    assert eval_qs and train_qs and not eval_qs & train_qs
+    assert {split_of(q) for q in eval_qs} == {"eval"}
+
+
+def test_default_mix_draws_every_component_in_proportion(mix):
+    counts = {}
+    for p in mix.problems(100, seed=0):
+        counts[p.task.name] = counts.get(p.task.name, 0) + 1
+    assert counts == {label: round(100 * w) for label, _, w in DEFAULT_MIX}
+
+
+def test_unknown_task_and_bad_difficulty_are_clear_errors():
+    with pytest.raises(NanoseekError, match="unknown task 'no_such_task'.*default.*chain_sum"):
+        get_task("no_such_task")
+    with pytest.raises(NanoseekError, match="bad difficulty"):
+        get_task("chain_sum", no_such_knob=3)
+    with pytest.raises(NanoseekError, match="fixes its own difficulty"):
+        get_task("default", min_terms=2)
+    with pytest.raises(NanoseekError, match="split"):
+        get_task("chain_sum").problems(3, split="test")
+
+
+def test_jsonl_task_scores_with_math_verify(jsonl_task):
+    half = Problem("What is 1 divided by 2?", "1/2", task=jsonl_task)
+    for equivalent in ("1/2", "0.5", "\\frac{1}{2}", "$\\frac{1}{2}$", ".5"):
+        assert jsonl_task.score(equivalent, half) == 1.0, equivalent
+    for wrong in ("1/3", "2", "", None, "half-ish junk"):
+        assert jsonl_task.score(wrong, half) == 0.0, wrong
+    eval_ps, train_ps = jsonl_task.problems(1000, split="eval"), jsonl_task.problems(1000, split="train")
+    assert len(eval_ps) + len(train_ps) == 118 and not {p.question for p in eval_ps} & {p.question for p in train_ps}
+    assert all(jsonl_task.score(p.answer, p) == 1.0 for p in eval_ps)
+
+
+def test_jsonl_task_errors(tmp_path):
+    with pytest.raises(NanoseekError, match="not found"):
+        get_task(f"jsonl:{tmp_path / 'missing.jsonl'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "no answer"}\n')
+    with pytest.raises(NanoseekError, match="bad.jsonl:2"):
+        get_task(f"jsonl:{bad}")
+
+
+def test_prompt_keeps_r1zero_structure():
+    prompt = r1zero_prompt("What is 2 + 2?")
+    assert "What is 2 + 2?" in prompt and prompt.endswith("Assistant: <think>")
+    assert "<think> </think>" in prompt and "<answer> </answer>" in prompt
+    assert r1zero_prompt("Q", template=R1ZERO_TEMPLATE).endswith("User: Q. Assistant:")
+    assert r1zero_completion("2 + 2 = 4.", "4") == " 2 + 2 = 4. </think> <answer>4</answer>"
+    assert r1zero_completion("", "4") == " </think> <answer>4</answer>"
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (" 2 + 2 = 4. </think> <answer>4</answer>", "4"),
+        ("<think> 2 + 2 = 4. </think> <answer> 4 </answer>", "4"),
+        (" reasoning </think> 4", "4"),
+        (" reasoning </think>\n<answer>4", "4"),  # closing tag cut off by the length limit
+        (" reasoning </think> <answer>4</answer> trailing junk <answer>5</answer>", "4"),
+        (" 2 + 2 = 4. <answer>4</answer>", None),  # reasoning never closed
+        (" reasoning </think> <answer></answer>", None),
+        (" reasoning </think>   ", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+def test_synthetic_docs_use_the_rl_format_and_are_deterministic(docs):
+    assert docs == synthetic.generate_documents(3000, seed=0)
+    assert docs != synthetic.generate_documents(3000, seed=1)
+    for doc in docs[:200]:
+        prompt, _, completion = doc.rpartition("\nAssistant: <think>")
+        question = prompt.split("\nUser: ", 1)[1]
+        assert doc == r1zero_prompt(question) + completion
+        assert extract_answer(completion) is not None
+    assert "worked" in synthetic.describe() and "answer-only" in synthetic.describe()
+
+
+def test_synthetic_docs_hold_no_eval_problem_of_the_default_mix(docs, mix):
+    corpus = "\n".join(docs)
+    leaked = [p.question for p in mix.problems(1000, seed=0, split="eval") if p.question in corpus]
+    assert leaked == []
+
+
+def _looks_like_rl_setting(expression: str) -> bool:
+    """Whether a chain sum could come from a default-mix setting: its term count and every term's
+    digit count are in range (the RL settings have no negative terms). Deliberately generous."""
+    terms = expression.split()[::2]
+    if any(t.startswith("-") for t in terms):
+        return False
+    return any(
+        d["min_terms"] <= len(terms) <= d["max_terms"]
+        and all(d["min_digits"] <= len(t) <= d["max_digits"] for t in terms)
+        for _, d, _ in DEFAULT_MIX
+    )
+
+
+def test_synthetic_docs_show_no_worked_solution_of_the_rl_distribution(docs):
+    pattern = re.compile(r"arithmetic problem: (.*) =\nAssistant: <think>(.*)</think>")
+    worked = answer_only = 0
+    for doc in docs:
+        expression, reasoning = pattern.search(doc).groups()
+        if _looks_like_rl_setting(expression):
+            assert reasoning.strip() == "", doc
+            answer_only += 1
+        else:
+            worked += 1
+    assert answer_only > 0 and worked > answer_only  # both kinds present, in the documented proportions
+
+
+def test_worked_sources_do_not_overlap_rl_settings():
+    def box(d):
+        return range(d["min_terms"], d["max_terms"] + 1), range(d["min_digits"], d["max_digits"] + 1)
+
+    for source in synthetic.SOURCES:
+        if source.worked:
+            terms, digits = box(source.difficulty)
+            for _, rl, _ in DEFAULT_MIX:
+                rl_terms, rl_digits = box(rl)
+                assert not (set(terms) & set(rl_terms) and set(digits) & set(rl_digits)), source.label
