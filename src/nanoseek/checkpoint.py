@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -208,6 +209,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if dtype not in DTYPES.values():
         raise CheckpointError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
     sd = convert_checkpoint_tensors(read_tensors(path), config, raw.get("quantization_config"))
+    mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
+    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in sd):
+        # config.json names MTP modules but the file has none (e.g. saved by transformers, which
+        # drops them): load the main model alone rather than fail.
+        warnings.warn(f"{path}: config has {len(mtp_prefixes)} MTP module(s) but the checkpoint holds no MTP "
+                      "weights; loading without MTP", stacklevel=2)
+        config = config.replace(num_nextn_predict_layers=0)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -221,10 +229,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         if unexpected:
             msg.append(f"  unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
         raise CheckpointError("\n".join(msg))
-    for key, t in sd.items():
-        if key in expected and tuple(t.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"shape mismatch for {key}: checkpoint has {tuple(t.shape)}, "
-                                  f"config.json implies {tuple(expected[key].shape)}")
+    mismatched = [f"  {key}: checkpoint has {tuple(t.shape)}, config.json implies {tuple(expected[key].shape)}"
+                  for key, t in sd.items() if key in expected and tuple(t.shape) != tuple(expected[key].shape)]
+    if mismatched:
+        raise CheckpointError(f"checkpoint {path} has {len(mismatched)} shape mismatch(es) with its config.json:\n"
+                              + "\n".join(mismatched[:12]) + ("\n  ..." if len(mismatched) > 12 else ""))
     sd = {k: (v.to(device=device, dtype=torch.float32) if k.endswith("e_score_correction_bias")
               else v.to(device=device, dtype=dtype)) for k, v in sd.items() if k in expected}
     model.load_state_dict(sd, strict=strict, assign=True)

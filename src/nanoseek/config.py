@@ -171,7 +171,7 @@ class ModelConfig:
         "return_dict", "output_hidden_states", "output_attentions", "chunk_size_feed_forward",
         "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
         "_attn_implementation_autoset", "layer_types", "max_window_layers", "use_sliding_window",
-        "sliding_window",
+        "sliding_window", "mlp_bias",
     })
 
     @classmethod
@@ -209,7 +209,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict: loadable by transformers' DeepseekV3Config and by from_dict."""
         d = dataclasses.asdict(self)
-        d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
+        # a softmax router is DeepSeek-V2's architecture; HF's V3 class hard-codes the sigmoid one
+        arch = ("DeepseekV2ForCausalLM", "deepseek_v2") if self.scoring_func == "softmax" else \
+               ("DeepseekV3ForCausalLM", "deepseek_v3")
+        d = {"architectures": [arch[0]], "model_type": arch[1], **d}
         if self.rope_scaling is None:
             del d["rope_scaling"]
         d["head_dim"] = self.qk_rope_head_dim  # what HF derives; vLLM reads it

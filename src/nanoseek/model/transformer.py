@@ -82,7 +82,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
+        if self.lm_head.weight.device.type != "meta":  # on meta (counting, loading) there is nothing to init
+            self.apply(self._init_weights)
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -1,0 +1,109 @@
+"""`nanoseek info`: what a model costs. Parameters (total and activated per token, MTP apart) and
+KV-cache bytes per token for MLA's latent cache against the multi-head cache it replaces.
+
+Counts come from a model built on the meta device, so even V3's 671B parameters cost no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.config import ModelConfig, preset
+from nanoseek.errors import NanoseekError
+
+
+@dataclass
+class ModelStats:
+    total_params: int  # main model (embedding and head included)
+    active_params: int  # main model, per token: everything but the routed experts not chosen
+    mtp_params: int  # the MTP modules (their embedding and head are shared, so not counted)
+    mtp_active_params: int
+    latent_cache_elems: int  # per token per layer: kv_lora_rank + qk_rope_head_dim
+    mha_cache_elems: int  # per token per layer: H * (qk_head_dim + v_head_dim)
+    num_layers: int
+
+
+def model_stats(config: ModelConfig) -> ModelStats:
+    from nanoseek.model.moe import MoE
+    from nanoseek.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+
+    def count(module, active: bool) -> int:
+        n = sum(p.numel() for p in module.parameters())
+        if active:
+            for moe in (m for m in module.modules() if isinstance(m, MoE)):
+                per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                n -= per_expert * (moe.n_experts - moe.top_k)
+        return n
+
+    main = [model.model.embed_tokens, model.model.norm, model.lm_head, *model.layers]
+    return ModelStats(
+        total_params=sum(count(m, False) for m in main),
+        active_params=sum(count(m, True) for m in main),
+        mtp_params=sum(count(m, False) for m in model.mtp_layers),
+        mtp_active_params=sum(count(m, True) for m in model.mtp_layers),
+        latent_cache_elems=config.kv_lora_rank + config.qk_rope_head_dim,
+        mha_cache_elems=config.num_attention_heads * (config.qk_head_dim + config.v_head_dim),
+        num_layers=config.num_hidden_layers,
+    )
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_stats(name: str, config: ModelConfig, s: ModelStats, dtype_bytes: int = 2) -> str:
+    L = s.num_layers
+    latent, mha = s.latent_cache_elems * dtype_bytes, s.mha_cache_elems * dtype_bytes
+    moe_layers = sum(config.is_moe_layer(i) for i in range(L))
+    lines = [
+        f"model: {name}",
+        f"  layers {L} ({moe_layers} MoE, {L - moe_layers} dense), hidden {config.hidden_size}, "
+        f"heads {config.num_attention_heads}, vocab {config.vocab_size}",
+        f"  experts: {config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
+        f"{config.n_group} groups, top-{config.topk_group} groups) + {config.n_shared_experts} shared",
+        f"parameters (main model): {_human(s.total_params)} total, {_human(s.active_params)} activated per token "
+        f"({s.total_params:,} / {s.active_params:,})",
+        f"parameters (MTP, {config.num_nextn_predict_layers} module(s), embedding and head shared): "
+        f"{_human(s.mtp_params)} total, {_human(s.mtp_active_params)} activated",
+        f"KV cache per token ({dtype_bytes}-byte values):",
+        f"  MLA latent  {s.latent_cache_elems:>7,} values/layer = {_bytes(latent)}/layer, {_bytes(latent * L)} over {L} layers",
+        f"  MHA equiv.  {s.mha_cache_elems:>7,} values/layer = {_bytes(mha)}/layer, {_bytes(mha * L)} over {L} layers",
+        f"  MLA is {mha / latent:.1f}x smaller ({100 * latent / mha:.2f}% of multi-head attention)",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="tiny, small, v2-lite or v3")
+    src.add_argument("--model", help="a checkpoint directory (reads its config.json)")
+    parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.preset:
+        name, config = args.preset, preset(args.preset)
+    else:
+        from nanoseek.checkpoint import load_config
+
+        name, config = args.model, load_config(args.model)
+    if args.dtype_bytes < 1:
+        raise NanoseekError("--dtype-bytes must be a positive integer (2 for bf16, 4 for fp32)")
+    print(format_stats(name, config, model_stats(config), args.dtype_bytes))
+    return 0

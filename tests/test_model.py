@@ -1,0 +1,244 @@
+"""The model core: config, MLA (expanded == absorbed), DeepSeekMoE routing and balancing, MTP."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.config import ModelConfig, preset
+from nanoseek.errors import ConfigError
+from nanoseek.model.attention import ContiguousCache
+from nanoseek.model.moe import Gate, MoE, load_imbalance, update_expert_bias
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer, cross_entropy
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def tiny(**kw) -> ModelConfig:
+    return preset("tiny", **kw)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_round_trips_through_hf_dict():
+    cfg = tiny(rope_scaling=YARN, q_lora_rank=None)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_reads_hf5_rope_parameters_and_mtp_alias():
+    d = tiny().to_dict()
+    d["rope_parameters"] = {**YARN, "rope_type": "yarn", "rope_theta": 5000.0}
+    d["num_mtp_layers"] = 2
+    del d["num_nextn_predict_layers"], d["rope_theta"]
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_theta == 5000.0 and cfg.yarn["factor"] == 4.0 and cfg.num_nextn_predict_layers == 2
+
+
+def test_unknown_config_field_is_named():
+    with pytest.raises(ConfigError, match="hiden_size"):
+        ModelConfig.from_dict({**tiny().to_dict(), "hiden_size": 3})
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(n_group=3), "n_group"),
+    (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(scoring_func="relu"), "scoring_func"),
+    (dict(rope_scaling={"type": "linear", "factor": 2}), "rope_scaling"),
+])
+def test_invalid_config_values_are_named(change, field):
+    with pytest.raises(ConfigError, match=field):
+        tiny(**change)
+
+
+def test_softmax_scale_includes_yarn_mscale():
+    v3 = preset("v3")
+    assert math.isclose(v3.softmax_scale, 0.1352338, rel_tol=1e-6)
+    assert math.isclose(preset("v2-lite").softmax_scale, 0.1147214, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- MLA
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(rope_scaling=YARN)])
+def test_absorbed_cache_path_matches_expanded_path(kw):
+    """Prefill on the latent cache, then cached decode steps, equal one no-cache forward."""
+    torch.manual_seed(0)
+    cfg = tiny(**kw)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = ContiguousCache(cfg, batch_size=3, max_len=32)
+        pieces = [model(ids[:, :14], cache=cache).logits]
+        for t in range(14, 20):  # one token at a time
+            pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_forward_backward_small_preset():
+    torch.manual_seed(0)
+    cfg = preset("small")
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    out = model(ids, labels=ids.roll(-1, 1))
+    assert out.logits.shape == (2, 64, cfg.vocab_size)
+    assert abs(out.loss.item() - math.log(cfg.vocab_size)) < 0.5  # untrained: near uniform
+    (out.loss + 0.3 * out.mtp_loss).backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    assert model.mtp_layers[0].eh_proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- MoE
+
+
+def reference_route(gate: Gate, x: torch.Tensor):
+    """Token-by-token V3 routing written out plainly, for comparison."""
+    weights, ids = [], []
+    E, G = gate.weight.shape[0], gate.n_group
+    for row in x:
+        s = torch.sigmoid(gate.weight.float() @ row.float())
+        choice = s + gate.e_score_correction_bias
+        groups = choice.view(G, E // G)
+        group_score = groups.topk(2).values.sum(-1)
+        kept = set(group_score.topk(gate.topk_group).indices.tolist())
+        eligible = [e for e in range(E) if e // (E // G) in kept]
+        chosen = sorted(eligible, key=lambda e: -choice[e].item())[: gate.top_k]
+        w = s[chosen]
+        w = w / w.sum() * gate.routed_scaling_factor
+        ids.append(sorted(chosen))
+        weights.append(dict(zip(chosen, w.tolist())))
+    return ids, weights
+
+
+def test_v3_router_matches_plain_reference_with_bias_and_groups():
+    torch.manual_seed(0)
+    cfg = tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    gate.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(50, cfg.hidden_size)
+    w, ids, _ = gate(x)
+    ref_ids, ref_w = reference_route(gate, x)
+    for t in range(50):
+        assert sorted(ids[t].tolist()) == ref_ids[t]
+        for e, wt in zip(ids[t].tolist(), w[t].tolist()):
+            assert math.isclose(wt, ref_w[t][e], rel_tol=1e-5)
+
+
+def test_bias_steers_selection_but_not_gate_weights():
+    torch.manual_seed(0)
+    cfg = tiny(n_group=1, topk_group=1)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(20, cfg.hidden_size)
+    gate.e_score_correction_bias[3] = 10.0  # expert 3 always selected ...
+    w, ids, scores = gate(x)
+    assert (ids == 3).any(dim=1).all()
+    # ... but weighted by its unbiased sigmoid affinity (normalised, scaled)
+    picked = scores.gather(1, ids)
+    torch.testing.assert_close(w, picked / picked.sum(1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def test_excluded_groups_are_masked_with_minus_inf():
+    """Negative biases must not let experts of excluded groups win (masking with 0 would)."""
+    torch.manual_seed(0)
+    cfg = tiny(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    gate.e_score_correction_bias[:4] = -2.0  # group 0's biased scores are all negative
+    gate.e_score_correction_bias[4:] = -3.0  # group 1's are more negative: group 0 is kept
+    _, ids, _ = gate(torch.randn(30, cfg.hidden_size))
+    assert (ids < 4).all()
+
+
+def test_v2_softmax_greedy_router():
+    cfg = tiny(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+               routed_scaling_factor=1.0, n_group=1, topk_group=1)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    assert gate.e_score_correction_bias is None
+    x = torch.randn(10, cfg.hidden_size)
+    w, ids, scores = gate(x)
+    ref = torch.softmax(x @ gate.weight.T, -1).topk(2)
+    torch.testing.assert_close(w.sort(1).values, ref.values.sort(1).values)
+
+
+def test_sorted_dispatch_equals_per_token_loop():
+    torch.manual_seed(0)
+    cfg = tiny()
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    y = moe(x)
+    w, ids, _ = moe.gate(x.view(-1, cfg.hidden_size))
+    ref = torch.stack([
+        sum(w[t, k] * moe.experts[ids[t, k]](row) for k in range(cfg.num_experts_per_tok)) + moe.shared_experts(row)
+        for t, row in enumerate(x.view(-1, cfg.hidden_size))
+    ])
+    torch.testing.assert_close(y.view(-1, cfg.hidden_size), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_counts_and_sign_bias_update():
+    cfg = tiny()
+    model = Transformer(cfg).train()
+    moe = [m for m in model.modules() if isinstance(m, MoE)][0]
+    moe.tokens_per_expert.copy_(torch.tensor([10., 0, 2, 4, 4, 4, 4, 4]))
+    before = moe.gate.e_score_correction_bias.clone()
+    imbalance = update_expert_bias(model, gamma=0.01)
+    delta = moe.gate.e_score_correction_bias - before
+    assert imbalance[0] == pytest.approx(10 / 4)
+    torch.testing.assert_close(delta, torch.tensor([-0.01, 0.01, 0.01, 0, 0, 0, 0, 0]))
+    assert moe.tokens_per_expert.sum() == 0  # reset after the update
+    model(torch.randint(0, cfg.vocab_size, (2, 8)))
+    # every token is counted top_k times, in the main MoE layer and the MTP block's (not run here)
+    assert moe.tokens_per_expert.sum() == 2 * 8 * cfg.num_experts_per_tok
+    assert load_imbalance([torch.ones(8)]) == [1.0]
+
+
+def test_bias_update_balances_a_skewed_router():
+    """Repeated sign updates drive max/mean load down on a router that starts badly skewed."""
+    torch.manual_seed(0)
+    cfg = tiny(n_group=1, topk_group=1)
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    moe.gate.weight.data[0] += 0.5  # expert 0 attracts everything
+    x = torch.randn(4, 64, cfg.hidden_size).abs()
+    first = None
+    for _ in range(60):
+        moe(x)
+        imb = update_expert_bias(moe, gamma=0.01)[0]
+        first = first or imb
+    assert imb < first / 2
+
+
+def test_sequence_balance_loss_hand_computed():
+    cfg = tiny(aux_loss_alpha=0.1, n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=1)
+    moe = MoE(cfg)
+    scores = torch.tensor([[[0.6, 0.2, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]]])  # (B=1, T=2, E=4), rows sum 1
+    ids = torch.tensor([[[0], [1]]])
+    # f = E/(K T) * counts = 4/2 * [1,1,0,0]; P = mean scores = [0.5,0.3,0.1,0.1]; sum f P = 2*(0.8)
+    assert moe._sequence_balance_loss(scores, ids).item() == pytest.approx(0.1 * 1.6)
+
+
+# ---------------------------------------------------------------- MTP
+
+
+def test_mtp_loss_is_cross_entropy_of_each_depth_on_shifted_targets():
+    torch.manual_seed(0)
+    cfg = tiny(num_nextn_predict_layers=2)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(2, cfg.vocab_size, (2, 12))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = IGNORE_INDEX
+    out = model(ids, labels=labels)
+    T = 12
+    pos = torch.arange(T).expand(2, T)
+    h1, logits1 = model.mtp_forward(0, out.hidden[:, : T - 1], labels[:, : T - 1].clamp(min=0), pos[:, : T - 1])
+    _, logits2 = model.mtp_forward(1, h1[:, : T - 2], labels[:, 1: T - 1].clamp(min=0), pos[:, : T - 2])
+    expected = (cross_entropy(logits1, labels[:, 1:]) + cross_entropy(logits2, labels[:, 2:])) / 2
+    torch.testing.assert_close(out.mtp_loss, expected)
