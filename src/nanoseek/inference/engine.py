@@ -1,0 +1,395 @@
+"""`LLM`: the inference engine behind `from nanoseek import LLM, SamplingParams`.
+
+nano-vllm's split: `sequence` (per-request state), `block_manager` (paged latent cache, prefix
+cache), `scheduler` (continuous batching, preemption), `runner` (tensors in, hidden states out),
+and this file, which owns the loop: schedule, run, sample, check stops, report.
+
+    llm = LLM("runs/small")                      # a checkpoint directory (model + tokenizer)
+    outs = llm.generate(["The sky is"], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].outputs[0].text
+
+Decoding runs MLA's absorbed path straight on the cached latents (kv_lora_rank + qk_rope_head_dim
+values per token and layer), for all running sequences in one forward.
+
+MTP speculative decoding (`speculative_mtp=k`): each decode step, the MTP module drafts k tokens
+per sequence (chained: draft j feeds draft j+1, as vLLM does with DeepSeek's single MTP layer),
+one main-model forward verifies all k+1 positions, and the longest prefix of drafts that equals
+the main model's argmax is kept, plus the main model's own next token. So greedy output is the
+same as plain decoding, and each step yields 1..k+1 tokens. The MTP layer's cache entry at
+position i needs the main model's hidden state at i and the token at i+1, so it is written one
+step late: every decode step starts by running the MTP module over the positions verified in the
+previous step (and, after a prefill, over the prompt), which also yields the first draft.
+Sequences that sample (temperature > 0) or use penalties ride along in the same batch but keep
+no drafts: their token is sampled from the first verified position, which is plain decoding.
+
+Text prompts get the tokenizer's bos prepended unless they already start with it (the chat
+template writes it itself), matching how pretraining documents are stored. Token-id prompts are
+used as given.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from nanoseek.errors import NanoseekError
+from nanoseek.inference.block_manager import BlockManager
+from nanoseek.inference.runner import ModelRunner
+from nanoseek.inference.sampling import Sampler, SamplingParams, top_logprobs
+from nanoseek.inference.scheduler import Scheduler
+from nanoseek.inference.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from nanoseek.model.transformer import Transformer
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
+
+
+class LLM:
+    """The engine. `model` is a checkpoint directory (model and tokenizer are loaded from it) or an
+    in-memory Transformer (RL: the trainer keeps updating its weights in place; call
+    reset_prefix_cache() after each update, since cached latents were computed with the old ones).
+
+    The cache holds `num_cache_blocks` blocks of `block_size` tokens; by default as many as
+    `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
+    1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
+    can hold, so a sequence alone always fits.
+    """
+
+    def __init__(self, model: "str | Path | Transformer", tokenizer=None, *, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, block_size: int = 64, cache_memory_bytes: int | None = None,
+                 num_cache_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 speculative_mtp: int = 0, dtype=None, device: str = "cpu", max_num_batched_tokens: int = 4096):
+        if isinstance(model, (str, Path)):
+            from nanoseek.checkpoint import load_model
+
+            path = Path(model)
+            if not (path / "config.json").is_file():
+                raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
+            model = load_model(path, dtype=dtype, device=device)
+            if tokenizer is None and (path / "tokenizer.json").is_file():
+                from nanoseek.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_dir(path)
+        cfg = model.config
+        if speculative_mtp < 0 or (speculative_mtp and cfg.num_nextn_predict_layers < 1):
+            raise NanoseekError(f"speculative_mtp={speculative_mtp} needs a model with MTP modules "
+                                f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}); use 0 to turn it off")
+        if block_size < 1 or max_num_seqs < 1:
+            raise NanoseekError("block_size and max_num_seqs must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.speculative_mtp = speculative_mtp
+        cache_dtype = dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+
+        max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        block_bytes = ModelRunner.bytes_per_block(model, block_size, cache_dtype)
+        if num_cache_blocks is None:
+            want = max_num_seqs * -(-(max_len + speculative_mtp) // block_size) * block_bytes
+            budget = cache_memory_bytes if cache_memory_bytes is not None else min(want, DEFAULT_CACHE_BYTES)
+            num_cache_blocks = budget // block_bytes
+        capacity = num_cache_blocks * block_size - speculative_mtp
+        if capacity < 2:
+            raise NanoseekError(f"the latent cache budget holds {num_cache_blocks} blocks of {block_size} tokens "
+                                f"({block_bytes} bytes each): too small; raise cache_memory_bytes or num_cache_blocks")
+        self.max_model_len = min(max_len, capacity)
+
+        self.block_manager = BlockManager(num_cache_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, speculative_mtp)
+        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device)
+        self.sampler = Sampler(cfg.vocab_size)
+        self.eos_ids = {tokenizer.eos_id} if tokenizer is not None else (
+            {cfg.eos_token_id} if cfg.eos_token_id is not None else set())
+        self.bos_id = tokenizer.bos_id if tokenizer is not None else None
+        self.requests: dict[str, Request] = {}
+        self._request_counter = itertools.count()
+        self._seq_counter = itertools.count()
+        self._stats = dict(prefix_cache_hit_tokens=0, prompt_tokens=0, generation_tokens=0,
+                           spec_draft_tokens=0, spec_accepted_tokens=0)
+
+    # ------------------------------------------------------------ public API
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (a string, a token-id list, or a list of either) to completion; one
+        RequestOutput per prompt, in order. Every input is checked before any is queued.
+
+        Runs the engine loop itself: don't mix it with step() callers in flight."""
+        prompts = self._as_prompt_list(prompts)
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise NanoseekError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params or SamplingParams()] * len(prompts)
+        checked = [self._check(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self._enqueue(p, ids, sp, None) for p, ids, sp in checked]
+        wanted, final = set(ids), {}
+        while len(final) < len(ids):
+            for req in self._step():
+                if req.finished and req.request_id in wanted:
+                    final[req.request_id] = self._output(req)
+        return [final[i] for i in ids]
+
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one request; returns its id. Bad input raises NanoseekError and queues nothing."""
+        if request_id is not None and request_id in self.requests:
+            raise NanoseekError(f"request id {request_id!r} is already in use")
+        return self._enqueue(*self._check(prompt, params or SamplingParams()), request_id)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now (finish_reason "abort") and free its cache blocks; unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        for seq in req.seqs if req else []:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step: a prefill or a decode forward. Returns the outputs of the requests
+        that got new tokens (cumulative, like vLLM's: text and token_ids so far)."""
+        return [self._output(req) for req in self._step()]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """One request, yielding its output after every step that extends it. Closing the
+        generator early aborts the request."""
+        request_id = self.add_request(prompt, params)
+        try:
+            while request_id in self.requests:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+        finally:
+            self.abort_request(request_id)
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
+
+    def stats(self) -> dict:
+        s = self._stats
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "cache_usage": self.block_manager.usage(),
+            "prefix_cache_hit_tokens": s["prefix_cache_hit_tokens"],
+            "prompt_tokens": s["prompt_tokens"],
+            "generation_tokens": s["generation_tokens"],
+            "num_preemptions": self.scheduler.num_preemptions,
+            "spec_acceptance_rate": s["spec_accepted_tokens"] / max(s["spec_draft_tokens"], 1),
+            "spec_draft_tokens": s["spec_draft_tokens"],
+            "spec_accepted_tokens": s["spec_accepted_tokens"],
+        }
+
+    # ------------------------------------------------------- input checking
+
+    def _as_prompt_list(self, prompts) -> list:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise NanoseekError("prompts must be a string, a token-id list, or a non-empty list of either")
+        return list(prompts)
+
+    def _check(self, prompt, params: SamplingParams) -> tuple[str | None, list[int], SamplingParams]:
+        """Validate one request; returns (prompt text, prompt ids, params) or raises NanoseekError."""
+        if not isinstance(params, SamplingParams):
+            raise NanoseekError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if params.stop_strings and self.tokenizer is None:
+            raise NanoseekError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise NanoseekError("empty prompt: give at least one token")
+            if self.tokenizer is None:
+                raise NanoseekError("this engine has no tokenizer: pass prompts as token-id lists")
+            ids = self.tokenizer.encode(prompt)
+            if not ids or ids[0] != self.bos_id:
+                ids = [self.bos_id] + ids
+            text = prompt
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise NanoseekError("empty prompt: give at least one token")
+            vocab = self.model.config.vocab_size
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+                raise NanoseekError(f"prompt token ids must be integers in [0, {vocab})")
+            ids, text = list(prompt), None
+        else:
+            raise NanoseekError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if len(ids) >= self.max_model_len:
+            raise NanoseekError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
+                                f"(prompt and at least one generated token); shorten the prompt")
+        return text, ids, params
+
+    def _enqueue(self, text, ids, params, request_id) -> str:
+        request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
+        req = Request(request_id, text, ids, params)
+        for i in range(params.n):
+            generator = torch.Generator()
+            # sample 0 of seed s is the n=1 sample of seed s; unseeded requests draw from torch's RNG
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
+            generator.manual_seed(seed if i == 0 else hash((seed, i)) & (2**63 - 1))
+            seq = Sequence(next(self._seq_counter), req, i, generator)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self._stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    # ------------------------------------------------------------- the loop
+
+    def _step(self) -> list[Request]:
+        """Schedule and run one forward; returns the requests that changed, finished ones removed."""
+        was_training = self.model.training
+        self.model.eval()  # an RL trainer's model may be in train mode: no MoE load counting here
+        try:
+            with torch.inference_mode():
+                seqs, is_prefill = self.scheduler.schedule()
+                if not seqs:
+                    return []
+                if is_prefill or not self.speculative_mtp:
+                    self._plain_step(seqs, is_prefill)
+                else:
+                    self._speculative_step(seqs)
+        finally:
+            self.model.train(was_training)
+        changed = list({id(s.request): s.request for s in seqs}.values())
+        for seq in seqs:
+            if not seq.finished:
+                self.block_manager.register_full_blocks(seq, seq.num_computed)
+        for req in changed:
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return changed
+
+    def _plain_step(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        """Compute every sequence's uncached tokens (a prompt, or the last sampled token) and
+        sample one token each from the last position."""
+        starts = [s.num_computed for s in seqs]
+        if is_prefill:
+            for s in seqs:
+                if s.num_cached_tokens is None:  # first admission (not a recompute)
+                    s.num_cached_tokens = s.num_computed
+                    self._stats["prefix_cache_hit_tokens"] += s.num_computed
+        tokens = [s.token_ids[s.num_computed:] for s in seqs]
+        hidden = self.runner.forward(seqs, tokens, starts)  # (B, T, D)
+        lengths = torch.tensor([len(t) for t in tokens])
+        last = hidden[torch.arange(len(seqs)), lengths - 1]  # (B, D)
+        logits = self.model.lm_head(last)  # (B, V)
+        ids, logprobs = self.sampler(logits, seqs)
+        for i, s in enumerate(seqs):
+            s.num_computed = len(s)
+            if self.speculative_mtp:
+                s.mtp_hidden = hidden[i, : len(tokens[i])]
+            self._append(s, ids[i], None if logprobs is None else logprobs[i])
+
+    def _speculative_step(self, seqs: list[Sequence]) -> None:
+        """Draft k tokens per sequence with the MTP module, verify them in one main forward."""
+        k, B = self.speculative_mtp, len(seqs)
+        # 1. MTP over the positions whose MTP-cache entries are pending; its last row drafts token 1
+        pending = [s.mtp_hidden.shape[0] for s in seqs]
+        starts = [s.num_computed - p for s, p in zip(seqs, pending)]
+        hidden_in = seqs[0].mtp_hidden.new_zeros(B, max(pending), seqs[0].mtp_hidden.shape[-1])  # (B, P, D)
+        for i, s in enumerate(seqs):
+            hidden_in[i, : pending[i]] = s.mtp_hidden
+        next_tokens = [s.token_ids[st + 1: s.num_computed + 1] for s, st in zip(seqs, starts)]
+        h, logits = self.runner.mtp_forward(seqs, hidden_in, next_tokens, starts)
+        drafts = [logits.argmax(dim=-1)]  # each (B,)
+        # 2. chain: draft j+1 from the MTP's own hidden state and draft j, one position further
+        for j in range(1, k):
+            step_starts = [s.num_computed + j - 1 for s in seqs]
+            h, logits = self.runner.mtp_forward(seqs, h.unsqueeze(1), [[t] for t in drafts[-1].tolist()],
+                                                step_starts)
+            drafts.append(logits.argmax(dim=-1))
+        draft_ids = torch.stack(drafts, dim=1)  # (B, k)
+        # 3. verify: the pending token and the k drafts at positions n..n+k in one forward
+        tokens = [[s.token_ids[-1]] + d for s, d in zip(seqs, draft_ids.tolist())]
+        hidden = self.runner.forward(seqs, tokens, [s.num_computed for s in seqs])  # (B, k+1, D)
+        logits = self.model.lm_head(hidden).float()  # (B, k+1, V)
+        target = logits.argmax(dim=-1)  # (B, k+1)
+        accepted = (draft_ids == target[:, :k]).long().cumprod(dim=1).sum(dim=1).tolist()  # (B,)
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+
+        sampled = [i for i, s in enumerate(seqs) if not s.can_speculate()]
+        sampled_ids = {}
+        if sampled:
+            ids, _ = self.sampler(logits[sampled, 0], [seqs[i] for i in sampled])
+            sampled_ids = dict(zip(sampled, ids))
+        target = target.tolist()
+        for i, s in enumerate(seqs):
+            if i in sampled_ids:
+                a, new = 0, [sampled_ids[i]]
+            else:
+                a = accepted[i]
+                new = target[i][: a + 1]  # drafts 1..a equal targets 0..a-1; target a is the bonus token
+                self._stats["spec_draft_tokens"] += k
+                self._stats["spec_accepted_tokens"] += a
+            s.num_computed += 1 + a
+            s.mtp_hidden = hidden[i, : a + 1]
+            for j, token in enumerate(new):
+                self._append(s, token, None if logprobs is None else logprobs[i, j])
+                if s.finished:
+                    break
+
+    # ------------------------------------------------------ tokens and text
+
+    def _append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> None:
+        """Add a generated token and finish the sequence if it hits a stop condition."""
+        seq.token_ids.append(token)
+        self._stats["generation_tokens"] += 1
+        p = seq.params
+        if seq.logprobs is not None:
+            record = top_logprobs(logprobs, token, p.logprobs)
+            seq.logprobs.append(record)
+            seq.cumulative_logprob += record["logprob"]
+        if (token in self.eos_ids and not p.ignore_eos) or (p.stop_token_ids and token in p.stop_token_ids):
+            self._finish(seq, "stop", self._decode(seq, seq.output_ids[:-1]))
+        elif p.stop:
+            text = self._decode(seq, seq.output_ids)
+            cut = min((i for i in (text.find(stop) for stop in p.stop_strings) if i >= 0), default=-1)
+            if cut >= 0:
+                self._finish(seq, "stop", text[:cut])
+        if not seq.finished and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, text: str | None) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        seq.final_text = text
+
+    def _decode(self, seq: Sequence, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _text(self, seq: Sequence) -> str:
+        """Output text so far. While running, an incomplete UTF-8 character at the end and any tail
+        that could be the start of a stop string are held back, so streamed text only grows."""
+        if seq.final_text is not None:
+            return seq.final_text
+        text = self._decode(seq, seq.output_ids)
+        if seq.finished:
+            return text
+        text = text.rstrip("\ufffd")
+        for stop in seq.params.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    text = text[:-n]
+                    break
+        return text
+
+    def _output(self, req: Request) -> RequestOutput:
+        outputs = [CompletionOutput(index=s.index, text=self._text(s), token_ids=s.output_ids,
+                                    finish_reason=s.finish_reason,
+                                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                                    cumulative_logprob=s.cumulative_logprob) for s in req.seqs]
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_ids),
+                             outputs=outputs, finished=req.finished,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens or 0)
+

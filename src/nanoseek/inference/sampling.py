@@ -1,0 +1,182 @@
+"""Sampling parameters and the batched sampler.
+
+`SamplingParams` is the per-request knob set (the contract in contracts/engine_api.md; names and
+defaults follow vLLM / the OpenAI API). `Sampler` turns one logits row per sequence into one token
+per sequence for a whole decode batch at once.
+
+Reproducibility: each sequence owns a `torch.Generator`. A sampled token consumes exactly one draw
+of V exponential variates from it (the "exponential race": argmax p_i / E_i with E_i ~ Exp(1) is a
+draw from p), so the samples of a seeded request depend on its seed only, never on which other
+requests share the batch, on preemption, or on speculative decoding being on.
+
+Logprobs are those of the model's raw distribution, log_softmax(logits), before penalties,
+temperature and truncation (vLLM's default "raw_logprobs"); that is the policy the RL trainer scores.
+
+Shape legend: B sequences in the batch, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanoseek.errors import NanoseekError
+
+if TYPE_CHECKING:
+    from nanoseek.inference.sequence import Sequence
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None  # per-request reproducible sampling
+    max_tokens: int = 16  # >= 1
+    stop: list[str] | str | None = None  # stop strings (not included in the output text)
+    stop_token_ids: list[int] | None = None  # in addition to the tokenizer's eos
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: no logprobs; 0: chosen token only; k: also the top k
+    skip_special_tokens: bool = True
+
+    def validate(self) -> None:
+        """Raise NanoseekError naming the first bad field."""
+        def bad(name: str, why: str):
+            raise NanoseekError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                bad(name, "must be a number")
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not self.temperature >= 0:
+            bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 1, or 0 / -1 for no limit")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1 means off)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer or None")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            bad("logprobs", "must be None or an integer >= 0")
+        if self.stop is not None and not isinstance(self.stop, str):
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+                bad("stop", "must be a string, a list of strings, or None")
+        if any(s == "" for s in self.stop_strings):
+            bad("stop", "stop strings must not be empty")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+                bad("stop_token_ids", "must be a list of integer token ids, or None")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+class Sampler:
+    """Applies each sequence's penalties, temperature, top-k/top-p/min-p, then picks its token.
+
+    The common cases stay cheap: an all-greedy batch is one argmax; masks are built only for the
+    rows that ask for them.
+    """
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, seqs: list["Sequence"]) -> tuple[list[int], torch.Tensor | None]:
+        """logits (B, V) -> (one token id per row, raw logprobs (B, V) if any row wants logprobs)."""
+        logits = logits.float()
+        logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        params = [s.params for s in seqs]
+        if all(p.greedy and not p.has_penalties for p in params):
+            return logits.argmax(dim=-1).tolist(), logprobs
+
+        logits = logits.clone()
+        for i, s in enumerate(seqs):
+            if s.params.has_penalties:
+                self._apply_penalties(logits[i], s)
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        greedy_ids = logits[greedy_rows].argmax(dim=-1).tolist() if greedy_rows else []
+
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        tokens = [0] * len(seqs)
+        for i, t in zip(greedy_rows, greedy_ids):
+            tokens[i] = t
+        if rows:
+            probs = self._probs(logits[rows], [params[i] for i in rows])  # (b, V)
+            # One Exp(1) draw per vocabulary entry from each sequence's own generator.
+            noise = torch.stack([torch.empty(self.vocab_size).exponential_(generator=seqs[i].generator)
+                                 for i in rows])
+            for i, t in zip(rows, (probs / noise).argmax(dim=-1).tolist()):
+                tokens[i] = t
+        return tokens, logprobs
+
+    def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """logits (b, V) of non-greedy rows -> the truncated, renormalised sampling distribution (b, V)."""
+        temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        probs = (logits / temps).softmax(dim=-1)
+        top_k = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
+        if any(k < self.vocab_size for k in top_k) or any(p.top_p < 1 for p in params):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            rank = torch.arange(self.vocab_size).unsqueeze(0)  # (1, V)
+            drop = rank >= torch.tensor(top_k).unsqueeze(1)
+            # top-p keeps the smallest prefix whose mass reaches top_p: drop a token once the mass
+            # strictly before it already does (so the most likely token always stays).
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop |= mass_before >= torch.tensor([p.top_p for p in params]).unsqueeze(1)
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+        min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+        if (min_p > 0).any():
+            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def _apply_penalties(self, logits: torch.Tensor, seq: "Sequence") -> None:
+        """In place on one row (V,): presence/frequency over generated tokens (OpenAI), repetition
+        over prompt and generated tokens (CTRL / HF: divide positive logits, multiply negative)."""
+        p = seq.params
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long),
+                                    minlength=self.vocab_size)[: self.vocab_size].float()
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+
+
+def top_logprobs(logprobs_row: torch.Tensor, token_id: int, k: int) -> dict:
+    """The contract's per-token logprob record from one row of raw logprobs (V,)."""
+    record = {"token_id": token_id, "logprob": float(logprobs_row[token_id]), "top_logprobs": []}
+    if k > 0:
+        values, ids = logprobs_row.topk(k)
+        record["top_logprobs"] = list(zip(ids.tolist(), values.tolist()))
+    return record

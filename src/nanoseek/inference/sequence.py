@@ -1,0 +1,100 @@
+"""Per-request state: a Request holds its n Sequences (one per sample); the output records.
+
+A Sequence is the unit the scheduler and the cache work with. Its token list is prompt plus
+generated tokens; `num_computed` of them have their latents in the cache. Every forward computes
+`token_ids[num_computed:]` and samples the next token, which makes prefill, decode and recompute
+after preemption one and the same operation (prefill computes many tokens, decode one).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.inference.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # decoded generated text so far (stop string removed)
+    token_ids: list[int]  # generated ids so far
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    logprobs: list[dict] | None  # per generated token: {"token_id", "logprob", "top_logprobs": [(id, lp), ...]}
+    cumulative_logprob: float
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]  # n of them
+    finished: bool  # all n samples finished
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request: "Request", index: int, generator: torch.Generator):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index  # sample number within the request
+        self.params: SamplingParams = request.params
+        self.generator = generator
+        self.token_ids: list[int] = list(request.prompt_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        # cache bookkeeping (owned by the block manager and the engine)
+        self.block_table: list[int] = []
+        self.num_computed = 0  # tokens whose latents are in the cache
+        self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
+        self.prefix_hash: int | None = None  # chained content hash of those blocks
+        self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+        # MTP speculation: main-model hidden states (P, D) of the last P computed positions, whose
+        # MTP-layer cache entries still have to be written (they need the token that followed).
+        self.mtp_hidden: torch.Tensor | None = None
+        # outputs
+        self.logprobs: list[dict] | None = [] if self.params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.final_text: str | None = None  # set at finish when a stop token or string ends the text
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def can_speculate(self) -> bool:
+        """Greedy without penalties: verification by argmax is then exactly plain decoding."""
+        return self.params.greedy and not self.params.has_penalties
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seqs: list[Sequence] = []
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)

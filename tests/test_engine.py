@@ -1,0 +1,325 @@
+"""The inference engine end to end on tiny random models: exactness against plain forwards and
+transformers, batching, preemption, prefix caching, sampling, speculation, streaming, errors."""
+
+import os
+
+import pytest
+import torch
+
+from nanoseek import LLM, SamplingParams
+from nanoseek.config import preset
+from nanoseek.errors import NanoseekError
+from nanoseek.model.transformer import Transformer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5], [42] * 9]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    return LLM(model, block_size=4)
+
+
+def reference_greedy(model, prompt, n):
+    """Argmax continuation with a full forward (expanded attention, no cache) per token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_matches_full_forward_argmax(model, llm):
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert tokens(outs) == [reference_greedy(model, p, 10) for p in PROMPTS]
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    assert outs[1].prompt_token_ids == PROMPTS[1]
+
+
+def test_batch_equals_each_prompt_alone(model):
+    batched = tokens(LLM(model, block_size=4).generate(PROMPTS, GREEDY))
+    alone = [tokens(LLM(model, block_size=4).generate(p, GREEDY))[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_preemption_does_not_change_outputs(model, llm):
+    expected = tokens(llm.generate(PROMPTS, GREEDY))
+    small = LLM(model, block_size=4, num_cache_blocks=9, enable_prefix_caching=False)
+    assert tokens(small.generate(PROMPTS, GREEDY)) == expected
+    assert small.stats()["num_preemptions"] > 0
+
+
+def test_prefix_cache_hits_are_reported_and_exact(model):
+    llm = LLM(model, block_size=4)
+    base = list(range(20, 33))  # 13 tokens: 3 full blocks
+    first = llm.generate(base + [1], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    second = llm.generate(base + [2, 3], GREEDY)[0]
+    assert second.num_cached_tokens == 12
+    fresh = LLM(model, block_size=4, enable_prefix_caching=False).generate(base + [2, 3], GREEDY)[0]
+    assert second.outputs[0].token_ids == fresh.outputs[0].token_ids
+    assert llm.stats()["prefix_cache_hit_tokens"] == 12
+    # generated tokens fill blocks too: continuing an earlier output hits beyond the prompt
+    third = llm.generate(base + [1] + first.outputs[0].token_ids[:6], GREEDY)[0]
+    assert third.num_cached_tokens == 16
+
+
+def test_n_samples_share_the_prompt_blocks(model):
+    llm = LLM(model, block_size=4)
+    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=6, ignore_eos=True)
+    out = llm.generate(list(range(10, 23)), params)[0]
+    assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
+    assert llm.stats()["prefix_cache_hit_tokens"] == 2 * 12  # samples 1 and 2 reuse sample 0's blocks
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_seeded_sampling_is_reproducible_across_batches(model):
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=123, max_tokens=12, ignore_eos=True)
+    alone = tokens(LLM(model, block_size=4).generate(PROMPTS[0], params))[0]
+    others = [SamplingParams(temperature=0.8, seed=i, max_tokens=5, ignore_eos=True) for i in range(3)]
+    mixed = LLM(model, block_size=4).generate([PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]],
+                                              [others[0], params, others[1], others[2]])
+    assert mixed[1].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=124, max_tokens=12, ignore_eos=True)
+    assert tokens(LLM(model, block_size=4).generate(PROMPTS[0], other_seed))[0] != alone
+
+
+def test_truncation_to_one_token_is_greedy(model, llm):
+    expected = tokens(llm.generate(PROMPTS, GREEDY))
+    for params in (SamplingParams(temperature=1.0, top_k=1, seed=0, max_tokens=10, ignore_eos=True),
+                   SamplingParams(temperature=1.0, min_p=1.0, seed=0, max_tokens=10, ignore_eos=True),
+                   SamplingParams(temperature=1.0, top_p=1e-6, seed=0, max_tokens=10, ignore_eos=True)):
+        assert tokens(llm.generate(PROMPTS, params)) == expected
+
+
+def test_presence_penalty_forbids_repeats(llm):
+    # the tiny model's logits are small, so a full-strength penalty dominates
+    params = SamplingParams(temperature=0, presence_penalty=2.0, max_tokens=40, ignore_eos=True)
+    out = llm.generate([42] * 3, params)[0].outputs[0].token_ids
+    assert len(set(out)) == len(out)
+    params = SamplingParams(temperature=0, repetition_penalty=1e6, max_tokens=30, ignore_eos=True)
+    out = llm.generate([42] * 3, params)[0].outputs[0].token_ids
+    assert 42 not in out and len(set(out)) == len(out)
+
+
+def test_stop_token_ids_max_tokens_and_logprobs(model, llm):
+    expected = reference_greedy(model, PROMPTS[0], 10)
+    stop_at = expected[4]
+    params = SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at], logprobs=3)
+    out = llm.generate(PROMPTS[0], params)[0].outputs[0]
+    cut = expected.index(stop_at) + 1
+    assert out.token_ids == expected[:cut] and out.finish_reason == "stop"
+    assert len(out.logprobs) == cut
+    for record, token in zip(out.logprobs, out.token_ids):
+        assert record["token_id"] == token and len(record["top_logprobs"]) == 3
+        assert record["top_logprobs"][0][0] == token  # greedy: the chosen token is the most likely
+        assert record["logprob"] == pytest.approx(record["top_logprobs"][0][1])
+    assert out.cumulative_logprob == pytest.approx(sum(r["logprob"] for r in out.logprobs))
+    # eos stops unless ignored
+    eos_model_llm = LLM(model, block_size=4)
+    eos_model_llm.eos_ids = {expected[2]}
+    out = eos_model_llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
+    assert out.token_ids == expected[: expected.index(expected[2]) + 1] and out.finish_reason == "stop"
+
+
+def test_max_model_len_finishes_with_length(model):
+    llm = LLM(model, block_size=4, max_model_len=12)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 12 - len(PROMPTS[0]) and out.finish_reason == "length"
+
+
+def agreeing_mtp_model(context_scale=0.02):
+    """A model whose MTP module drafts what the main model will say next: the main layers'
+    attention and FFN outputs are scaled by context_scale, so for small scales the next token
+    depends (almost) only on the current one, and the MTP block passes the embedding of t_{i+1}
+    through to the shared head. Larger scales make the context matter and drafts fail more often."""
+    torch.manual_seed(1)
+    m = Transformer(preset("tiny"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(context_scale if ".layers.0." in name or ".layers.1." in name else 0.0)
+        mtp = m.mtp_layers[0]
+        D = m.config.hidden_size
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :D] = torch.eye(D)
+    return m.eval()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_speculation_equals_plain_greedy(model, llm, k):
+    expected = tokens(llm.generate(PROMPTS, GREEDY))
+    spec = LLM(model, block_size=4, speculative_mtp=k)
+    assert tokens(spec.generate(PROMPTS, GREEDY)) == expected
+    assert spec.stats()["spec_draft_tokens"] > 0
+
+
+@pytest.mark.parametrize("context_scale, min_rate, max_rate", [(0.02, 0.9, 1.0), (0.5, 0.2, 0.9)])
+def test_mtp_speculation_accepts_agreeing_drafts(context_scale, min_rate, max_rate):
+    m = agreeing_mtp_model(context_scale)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = tokens(LLM(m, block_size=4).generate(PROMPTS, params))
+    assert expected == [reference_greedy(m, p, 24) for p in PROMPTS]
+    spec = LLM(m, block_size=4, speculative_mtp=3)
+    assert tokens(spec.generate(PROMPTS, params)) == expected
+    stats = spec.stats()
+    assert min_rate <= stats["spec_acceptance_rate"] <= max_rate
+    # fewer decode steps than tokens: several tokens per step
+    assert stats["spec_draft_tokens"] / 3 < stats["generation_tokens"] - len(PROMPTS)
+
+
+def test_speculation_with_mixed_sampling_batch(model):
+    """Sampled sequences ride along without drafts: same samples as with speculation off."""
+    sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    params = [GREEDY, sampled, GREEDY, sampled]
+    plain = tokens(LLM(model, block_size=4).generate(PROMPTS, params))
+    spec = tokens(LLM(model, block_size=4, speculative_mtp=2).generate(PROMPTS, params))
+    assert spec == plain
+
+
+def test_speculation_survives_preemption_and_prefix_hits():
+    m = agreeing_mtp_model(0.5)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = PROMPTS + [PROMPTS[2] + [9, 9]]
+    expected = tokens(LLM(m, block_size=4).generate(prompts, params))
+    small = LLM(m, block_size=4, num_cache_blocks=12, speculative_mtp=2)
+    assert tokens(small.generate(prompts, params)) == expected
+    assert small.stats()["num_preemptions"] > 0
+
+
+def test_matches_transformers_generate(tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    from nanoseek.checkpoint import save_model
+
+    torch.manual_seed(3)
+    m = Transformer(preset("tiny", num_nextn_predict_layers=0)).eval()
+    save_model(m, tmp_path / "ckpt")
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    hf.generation_config.eos_token_id = None
+    prompt = [7, 8, 9, 10, 11, 12, 13]
+    with torch.no_grad():
+        hf_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    llm = LLM(str(tmp_path / "ckpt"), block_size=4)
+    assert llm.tokenizer is None
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == hf_ids[0, len(prompt):].tolist()
+
+
+def test_step_api_and_stream(model, llm):
+    expected = reference_greedy(model, PROMPTS[0], 10)
+    seen = [out.outputs[0].token_ids for out in llm.stream(PROMPTS[0], GREEDY)]
+    assert seen == [expected[: i + 1] for i in range(10)]
+    rid = llm.add_request(PROMPTS[1], GREEDY, request_id="mine")
+    assert rid == "mine" and llm.has_unfinished_requests()
+    last = None
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            last = out
+    assert last.finished and last.request_id == "mine"
+
+
+def test_abort_frees_blocks(llm):
+    rid = llm.add_request(PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.step()
+    assert llm.stats()["cache_usage"] > 0
+    llm.abort_request(rid)
+    assert llm.stats()["cache_usage"] == 0 and not llm.has_unfinished_requests()
+    llm.abort_request("no-such-request")
+
+
+def test_training_mode_model_is_left_untouched(model):
+    model.train()
+    try:
+        counts = [m.tokens_per_expert.clone() for m in model.modules() if hasattr(m, "tokens_per_expert")]
+        LLM(model, block_size=4).generate(PROMPTS[0], GREEDY)
+        assert model.training
+        after = [m.tokens_per_expert for m in model.modules() if hasattr(m, "tokens_per_expert")]
+        assert all(torch.equal(a, b) for a, b in zip(counts, after))
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], GREEDY, "empty prompt"),
+    ([1] * 600, GREEDY, "prompt has 600 tokens"),
+    ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+    ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+    ([1, 2], SamplingParams(stop=3), "stop"),
+    ([1, 2], SamplingParams(temperature=-1), "temperature"),
+    ([1, 999], GREEDY, "token ids"),
+    ("text", GREEDY, "no tokenizer"),
+])
+def test_bad_input_raises_without_disturbing_others(model, llm, prompt, params, message):
+    expected = reference_greedy(model, PROMPTS[0], 10)
+    rid = llm.add_request(PROMPTS[0], GREEDY)
+    llm.step()
+    with pytest.raises(NanoseekError, match=message):
+        llm.add_request(prompt, params)
+    with pytest.raises(NanoseekError, match=message):
+        llm.generate([PROMPTS[1], prompt], params)
+    outs = {}
+    while llm.has_unfinished_requests():
+        outs.update({o.request_id: o for o in llm.step()})
+    assert list(outs) == [rid] and outs[rid].outputs[0].token_ids == expected
+
+
+def test_speculation_needs_mtp_modules():
+    m = Transformer(preset("tiny", num_nextn_predict_layers=0))
+    with pytest.raises(NanoseekError, match="MTP"):
+        LLM(m, speculative_mtp=2)
+
+
+# ------------------------------------------------------------------ with a tokenizer
+
+
+@pytest.fixture(scope="module")
+def text_llm():
+    from nanoseek.tokenizer import train_tokenizer
+
+    texts = ["the cat sat on the mat. the dog ate the bone. stop here please."] * 30
+    tok = train_tokenizer(texts, vocab_size=320)
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=tok.vocab_size)).eval()
+    return LLM(m, tok, block_size=4)
+
+
+def test_text_prompts_and_stop_strings(text_llm):
+    tok = text_llm.tokenizer
+    out = text_llm.generate("the cat", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.prompt == "the cat" and out.prompt_token_ids[0] == tok.bos_id
+    full = out.outputs[0]
+    assert full.text == tok.decode(full.token_ids, skip_special_tokens=True)
+    # pick a stop string that occurs inside the generated text
+    text = full.text
+    assert len(text) >= 3
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = text.find(stop)
+    out = text_llm.generate("the cat", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                     stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[:cut]
+    assert full.token_ids[: len(out.token_ids)] == out.token_ids
+    # streamed text only ever grows, and ends where generate ends
+    texts = [o.outputs[0].text for o in text_llm.stream("the cat", SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, stop=stop))]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])) and texts[-1] == text[:cut]
+
+
+def test_chat_template_prompt_gets_no_second_bos(text_llm):
+    tok = text_llm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "the dog"}])
+    out = text_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3))[0]
+    assert out.prompt_token_ids == tok.encode(prompt)
