@@ -242,3 +242,11 @@ def test_mtp_loss_is_cross_entropy_of_each_depth_on_shifted_targets():
     _, logits2 = model.mtp_forward(1, h1[:, : T - 2], labels[:, 1: T - 1].clamp(min=0), pos[:, : T - 2])
     expected = (cross_entropy(logits1, labels[:, 1:]) + cross_entropy(logits2, labels[:, 2:])) / 2
     torch.testing.assert_close(out.mtp_loss, expected)
+
+
+def test_info_counts_match_a_built_model():
+    from nanoseek.info import model_stats
+
+    for cfg in (tiny(), tiny(first_k_dense_replace=0, num_nextn_predict_layers=2), tiny(tie_word_embeddings=True)):
+        stats = model_stats(cfg)
+        assert stats.total_params + stats.mtp_params == Transformer(cfg).num_parameters()
