@@ -1,0 +1,131 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models.
+
+Field names, defaults and ranges follow OpenAI's API (and vLLM / DeepSeek where OpenAI is silent), so
+the official clients work unchanged. Validation happens here, before anything reaches the engine:
+a wrong type or an out-of-range value becomes a 400 that names the field (the server maps pydantic's
+errors to OpenAI's error shape; FastAPI's default would be a 422). Unknown fields are accepted and
+ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `metadata`...) work.
+
+Extensions beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids` (vLLM's names) and `separate_reasoning` (SGLang's name; false returns the raw text
+with its `<think>` tags as `content`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nanoseek.errors import NanoseekError
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(OpenAIModel):
+    # json_object is accepted (clients send it) but not enforced: there is no constrained decoding.
+    type: Literal["text", "json_object"] = "text"
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: Union[str, Annotated[list[str], Field(max_length=16)], None] = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    def sampling_kwargs(self) -> dict:
+        """The `SamplingParams` fields this request sets (max_tokens and logprobs come from the endpoint)."""
+        return dict(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)             # deprecated by OpenAI, still what most clients send
+    max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    separate_reasoning: bool | None = None                 # None: the server's setting
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def conversation(self) -> list[dict]:
+        """Messages as the tokenizer's chat template takes them.
+
+        `developer` is OpenAI's new name for `system`. Past assistant turns lose any reasoning the
+        client sends back (`reasoning_content` is simply not read), as DeepSeek's API does.
+        """
+        conversation = []
+        for m in self.messages:
+            if m.role == "tool":
+                raise NanoseekError("tool messages are not supported: this server has no function calling")
+            role = "system" if m.role == "developer" else m.role
+            conversation.append({"role": role, "content": m.text()})
+        return conversation
+
+
+class CompletionRequest(SamplingFields):
+    # One prompt (text or token ids) or a batch of them; each prompt gets n choices.
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(None, ge=1)             # None: OpenAI's default of 16
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
