@@ -3,7 +3,9 @@
 A checkpoint directory is a valid `DeepseekV3ForCausalLM` checkpoint: config.json,
 model.safetensors (or shards plus model.safetensors.index.json), generation_config.json, and the
 tokenizer files when a tokenizer is saved with it. transformers and vLLM load it as is; released
-DeepSeek checkpoints, FP8 block-quantized ones included, load into nanoseek.
+DeepSeek checkpoints, FP8 block-quantized ones included, load into nanoseek. Dense students
+(`nanoseek.model.dense`) are saved by the same code as `LlamaForCausalLM` / `Qwen2ForCausalLM`
+directories, and `load_model` picks the model class from config.json's model_type.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so
 a crash mid-save never leaves a half-written checkpoint where the last good one was.
@@ -25,6 +27,8 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError
+from nanoseek.model.dense import MODEL_TYPES as DENSE_MODEL_TYPES
+from nanoseek.model.dense import DenseConfig, DenseTransformer
 from nanoseek.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
@@ -70,7 +74,7 @@ class _AtomicDir:
         return False
 
 
-def export_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+def export_state_dict(model: Transformer | DenseTransformer) -> dict[str, torch.Tensor]:
     """The model's tensors under HF checkpoint keys, MTP layers carrying their copies of the shared
     embedding and head as the released V3 files do."""
     cfg = model.config
@@ -84,7 +88,7 @@ def export_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_model(model: Transformer, path: str | Path, tokenizer=None,
+def save_model(model: Transformer | DenseTransformer, path: str | Path, tokenizer=None,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `model` (and optionally its tokenizer) as an HF-format checkpoint directory, atomically.
 
@@ -128,13 +132,22 @@ def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.
 # ---------------------------------------------------------------- reading
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def load_config(path: str | Path) -> ModelConfig | DenseConfig:
+    """The config of a checkpoint directory: a DenseConfig for model_type llama / qwen2 (students),
+    else a ModelConfig (DeepSeek-V3 / V2)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not (path / CONFIG_NAME).exists():
         raise CheckpointError(f"{path} has no config.json: is it a Hugging Face-format checkpoint directory?")
+    if json.loads((path / CONFIG_NAME).read_text()).get("model_type") in DENSE_MODEL_TYPES:
+        return DenseConfig.from_json(path / CONFIG_NAME)
     return ModelConfig.from_json(path / CONFIG_NAME)
+
+
+def model_class(config: ModelConfig | DenseConfig) -> type[Transformer] | type[DenseTransformer]:
+    """The model a config builds: DenseTransformer for a DenseConfig, else Transformer."""
+    return DenseTransformer if isinstance(config, DenseConfig) else Transformer
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -196,8 +209,9 @@ def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelCo
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               strict: bool = True) -> Transformer:
-    """Load an HF-format DeepSeek-V3/V2 checkpoint directory into a nanoseek Transformer.
+               strict: bool = True) -> Transformer | DenseTransformer:
+    """Load an HF-format DeepSeek-V3/V2 checkpoint directory into a nanoseek Transformer, or a
+    Llama / Qwen2 one (config.json model_type "llama" / "qwen2") into a DenseTransformer.
 
     dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
@@ -218,7 +232,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         config = config.replace(num_nextn_predict_layers=0)
 
     with torch.device("meta"):
-        model = Transformer(config)
+        model = model_class(config)(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

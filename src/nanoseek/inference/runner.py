@@ -3,7 +3,8 @@
 The pool is one tensor (layers, slots, C + R): per token and layer, the normed latent (C =
 kv_lora_rank values) next to the rotary key (R = qk_rope_head_dim values), i.e. MLA's
 "576 values per token per layer" at V3 size. The MTP modules have their own layers in the pool
-(index num_hidden_layers + depth), so speculation keeps its own cache too.
+(index num_hidden_layers + depth), so speculation keeps its own cache too. The widths come from
+`model.cache_dims`: a dense student (`nanoseek.model.dense`) stores its keys and values there instead.
 
 A forward takes, per sequence, a run of new tokens starting at some position (a whole prompt, one
 decode token, or a pending token plus speculative drafts), pads the runs to a common length T, and
@@ -56,15 +57,14 @@ class ModelRunner:
         num_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         # one extra block at the end: the scratch block that padding tokens write to
         self.scratch_block = num_blocks
-        self.cache = PagedLatentCache(num_layers, (num_blocks + 1) * block_size, cfg.kv_lora_rank,
-                                      cfg.qk_rope_head_dim, dtype, device)
+        self.cache = PagedLatentCache(num_layers, (num_blocks + 1) * block_size, *model.cache_dims, dtype, device)
         self._offsets = torch.arange(block_size, device=device)
 
     @staticmethod
     def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
         cfg = model.config
         layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        return block_size * layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+        return block_size * layers * sum(model.cache_dims) * dtype.itemsize
 
     def _prepare(self, seqs: list[Sequence], starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Set the cache's write/read slots for runs of `lengths` new tokens at positions from

@@ -93,6 +93,12 @@ class Transformer(nn.Module):
     def mtp_layers(self) -> nn.ModuleList:
         return self.model.layers[self.config.num_hidden_layers:]
 
+    @property
+    def cache_dims(self) -> tuple[int, int]:
+        """Per token and layer, the widths of the two tensors a LatentCache stores: the latent
+        (kv_lora_rank) and the rotary key (qk_rope_head_dim). Dense students store keys and values."""
+        return self.config.kv_lora_rank, self.config.qk_rope_head_dim
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):

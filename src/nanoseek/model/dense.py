@@ -1,0 +1,320 @@
+"""Dense decoder students in Hugging Face Llama / Qwen2 format (the R1-Distill architecture).
+
+DeepSeek distils R1 into off-the-shelf dense models (Qwen2.5, Llama-3); a nanoseek student is
+such a model, small: GQA attention with rotary embeddings in HF Llama's half-split layout
+(`rotate_half`: dims j and j + d/2 form a pair, unlike the interleaved pairs of the released
+DeepSeek weights), SwiGLU, RMSNorm, and q/k/v biases for Qwen2. Its checkpoint directory is a
+valid `LlamaForCausalLM` / `Qwen2ForCausalLM` checkpoint (config.json model_type "llama" or
+"qwen2"), and HF Llama / Qwen2 checkpoints load into it.
+
+`DenseTransformer` answers the same calls as the DeepSeek-V3 `Transformer`, so the trainers,
+eval and the inference engine use either without knowing which: `forward(input_ids, positions,
+cache, labels) -> ModelOutput`, `config.num_nextn_predict_layers == 0` (no MTP), `lm_head`,
+`model.embed_tokens`, `model.layers`, and `cache_dims`. With a cache, each layer stores its
+rotated keys and its values (Hkv * head_dim values each per token) through the same
+`LatentCache.update(layer, positions, a, b)` call MLA uses for its latent and rotary key.
+
+Shape legend: B batch, T query positions, S cached positions, H query heads, K key/value heads,
+d head_dim, D hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoseek.errors import ConfigError
+from nanoseek.model.attention import LatentCache
+from nanoseek.model.layers import MLP, RMSNorm
+from nanoseek.model.transformer import ModelOutput, cross_entropy
+
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class DenseConfig:
+    """A Llama / Qwen2 decoder, with HF `LlamaConfig` / `Qwen2Config` field names."""
+
+    model_type: str = "llama"  # "llama" or "qwen2": the HF architecture the checkpoint declares
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # GQA: query heads share K/V heads in groups of H / K
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama only: biases on q, k, v and o (Qwen2 always biases q, k, v)
+    attention_dropout: float = 0.0
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    # ---------------------------------------------------------------- derived
+
+    @property
+    def num_nextn_predict_layers(self) -> int:
+        """No multi-token prediction modules: the trainers and the engine skip MTP."""
+        return 0
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "llama" and self.attention_bias
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ConfigError(f"invalid config field {name}={getattr(self, name)!r}: {why}")
+
+        if self.model_type not in MODEL_TYPES:
+            bad("model_type", f"dense students are one of {sorted(MODEL_TYPES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2:
+            bad("head_dim", "rotary dims come in pairs, so it must be even")
+        if self.hidden_act != "silu":
+            bad("hidden_act", 'only "silu" (SwiGLU) is supported')
+        if self.model_type == "qwen2" and self.attention_bias:
+            bad("attention_bias", "Qwen2 has fixed biases (q, k, v yes, o no); use model_type=llama for o_proj bias")
+
+    # -------------------------------------------------------- HF config.json
+
+    # Keys of a Llama / Qwen2 config.json that carry no architecture nanoseek models (or that it
+    # checks separately below) and are accepted silently.
+    _IGNORED_KEYS = frozenset({
+        "architectures", "transformers_version", "use_cache", "pretraining_tp", "dtype", "_name_or_path",
+        "name_or_path", "rope_parameters", "rope_scaling", "mlp_bias", "use_sliding_window", "sliding_window",
+        "max_window_layers", "layer_types", "return_dict", "output_hidden_states", "output_attentions",
+        "tokenizer_class", "_attn_implementation_autoset", "id2label", "label2id", "problem_type",
+        "chunk_size_feed_forward", "is_encoder_decoder", "num_nextn_predict_layers",
+    })
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DenseConfig":
+        """Read an HF Llama / Qwen2 config dict; unsupported features and unknown fields are errors."""
+        d = dict(d)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConfigError(f"rope scaling {rope} is not supported by dense students (plain RoPE only)")
+        if "rope_theta" in rope:
+            d.setdefault("rope_theta", rope["rope_theta"])
+        if d.get("mlp_bias"):
+            raise ConfigError("mlp_bias=true is not supported: student MLPs have no biases")
+        if d.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window=true is not supported: students attend to the whole context")
+        if d.get("dtype") and "torch_dtype" not in d:
+            d["torch_dtype"] = d["dtype"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in cls._IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json dict: loadable by transformers' LlamaConfig / Qwen2Config and by from_dict."""
+        d = dataclasses.asdict(self)
+        if self.model_type == "qwen2":
+            del d["attention_bias"]  # not a Qwen2Config field: its biases are fixed
+        return {"architectures": [MODEL_TYPES[self.model_type]], **d, "use_cache": True}
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "DenseConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes) -> "DenseConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ presets
+
+DENSE_PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: ~35k parameters (at vocab 512), GQA with 2 query heads per K/V head.
+    "student-tiny": dict(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+    # The CPU distillation student: 2.70M parameters at vocab 4096, 46% of the `small` teacher's
+    # main model (5.81M; 6.96M with its MTP module). Deeper and narrower than the teacher.
+    "student-small": dict(
+        vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
+}
+
+
+def dense_preset(name: str, **overrides) -> DenseConfig:
+    """A named student preset, with optional field overrides (e.g. model_type="qwen2")."""
+    if name not in DENSE_PRESETS:
+        raise ConfigError(f"unknown student preset {name!r}; available: {sorted(DENSE_PRESETS)}")
+    return DenseConfig(**{**DENSE_PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------ model
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, d/2) in fp32; the same frequencies as HF Llama's default RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, d/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, d) by pairs (j, j + d/2): HF's `x * cos + rotate_half(x) * sin`."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention: H query heads, K key/value heads, query head h reads K/V head h // (H/K)."""
+
+    def __init__(self, config: DenseConfig):
+        super().__init__()
+        D, H, K, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, K, d
+        self.q_proj = nn.Linear(D, H * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, K * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, K * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * d, D, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LatentCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """x (B, T, D), positions (B, T), rope = cos/sin (B, T, d/2) -> (B, T, D)."""
+        B, T, _ = x.shape
+        H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope_half(self.q_proj(x).view(B, T, H, d), *rope)
+        k = apply_rope_half(self.k_proj(x).view(B, T, K, d), *rope)
+        v = self.v_proj(x).view(B, T, K, d)
+        mask = None
+        if cache is not None:  # the cache holds rotated keys and values: (B, S, K*d) each
+            k_all, v_all = cache.update(layer_idx, positions, k.flatten(2), v.flatten(2))
+            S = k_all.shape[1]
+            k, v = k_all.view(B, S, K, d), v_all.view(B, S, K, d)
+            mask = (torch.arange(S, device=x.device) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        k, v = k.repeat_interleave(H // K, dim=2), v.repeat_interleave(H // K, dim=2)  # (B, S, H, d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None)  # (B, H, T, d)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class DenseBlock(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, config: DenseConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = GQAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, positions, rope, cache: LatentCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DenseModel(nn.Module):
+    """The decoder stack (HF's `model.` prefix)."""
+
+    def __init__(self, config: DenseConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DenseBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DenseTransformer(nn.Module):
+    """`LlamaForCausalLM` / `Qwen2ForCausalLM`, called like `Transformer`: input_ids (B, T),
+    positions (default 0..T-1), an optional cache, optional labels (the next token at each
+    position, IGNORE_INDEX where there is none) -> ModelOutput (mtp_loss and aux_loss stay None)."""
+
+    def __init__(self, config: DenseConfig):
+        super().__init__()
+        self.config = config
+        self.model = DenseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return nn.ModuleList()
+
+    @property
+    def cache_dims(self) -> tuple[int, int]:
+        """Per token and layer, the widths of the two tensors a cache stores: keys and values."""
+        width = self.config.num_key_value_heads * self.config.head_dim
+        return width, width
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        # residual-branch outputs shrink with depth, as in Transformer
+        for name in ("o_proj", "down_proj"):
+            proj = getattr(module, name, None)
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, labels: torch.Tensor | None = None,
+                logits: bool = True) -> ModelOutput:
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        rope = self.rope(positions)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for layer in self.model.layers:
+            x = layer(x, positions, rope, cache)
+        hidden = self.model.norm(x)
+        out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
+        if labels is not None:
+            out.loss = cross_entropy(out.logits, labels)
+        return out
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n

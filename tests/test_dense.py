@@ -1,0 +1,117 @@
+"""Dense students: parity with transformers' Llama / Qwen2 both ways, config round trips and errors,
+the engine on a student's key/value cache, and the student preset's size against the teacher's."""
+
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import LLM, SamplingParams
+from nanoseek.config import preset
+from nanoseek.errors import ConfigError
+from nanoseek.info import model_stats
+from nanoseek.model.dense import DenseConfig, DenseTransformer, dense_preset
+from nanoseek.train.loop import generate
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0)
+VARIANTS = {
+    "llama_gqa": dict(model_type="llama"),
+    "llama_tied_bias_mha": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True,
+                                num_key_value_heads=4),
+    "qwen2_gqa": dict(model_type="qwen2"),
+    "qwen2_tied_mqa": dict(model_type="qwen2", tie_word_embeddings=True, num_key_value_heads=1),
+}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def student(**kw) -> DenseTransformer:
+    model = DenseTransformer(DenseConfig(**{**SMALL, **kw})).eval()
+    with torch.no_grad():  # biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_transformers_loads_student_with_same_logits(name, tmp_path):
+    torch.manual_seed(0)
+    ours = student(**VARIANTS[name])
+    nanoseek.save_model(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == VARIANTS[name]["model_type"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == HF_CLASSES[VARIANTS[name]["model_type"]]
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_transformers_checkpoint_loads_as_student_with_same_logits(name, tmp_path):
+    torch.manual_seed(0)
+    kw = {**SMALL, **VARIANTS[name]}
+    model_type = kw.pop("model_type")
+    hf_config = getattr(transformers, HF_CLASSES[model_type].replace("ForCausalLM", "Config"))(**kw)
+    hf = getattr(transformers, HF_CLASSES[model_type])(hf_config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path)
+    ours = nanoseek.load_model(tmp_path)
+    assert isinstance(ours, DenseTransformer) and ours.config.model_type == model_type
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_labels_give_the_next_token_loss():
+    torch.manual_seed(0)
+    model = student()
+    ids = torch.randint(0, 256, (2, 16))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    out = model(ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+    assert out.mtp_loss is None and out.aux_loss is None and model.config.num_nextn_predict_layers == 0
+
+
+def test_config_round_trip_and_errors():
+    cfg = DenseConfig(**SMALL, model_type="qwen2")
+    assert DenseConfig.from_dict(cfg.to_dict()) == cfg
+    hf5 = {**cfg.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}}
+    del hf5["rope_theta"]
+    assert DenseConfig.from_dict(hf5).rope_theta == 1234.0
+    with pytest.raises(ConfigError, match="hidden_dims"):
+        DenseConfig.from_dict({**cfg.to_dict(), "hidden_dims": 3})
+    with pytest.raises(ConfigError, match="rope scaling"):
+        DenseConfig.from_dict({**cfg.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        DenseConfig(**{**SMALL, "num_key_value_heads": 3})
+    with pytest.raises(ConfigError, match="attention_bias"):
+        DenseConfig(**SMALL, model_type="qwen2", attention_bias=True)
+
+
+def test_engine_decodes_a_student_like_the_plain_forward():
+    """The engine's paged cache holds the student's keys and values (model.cache_dims); greedy
+    decoding through it, batched and with a shared prefix, equals the no-cache forward."""
+    torch.manual_seed(0)
+    model = student(initializer_range=0.5)  # large weights: varied, non-degenerate greedy outputs
+    assert model.cache_dims == (2 * 16, 2 * 16)
+    prompts = [[1, 5, 9, 11, 3], [1, 5, 9, 11, 7, 2, 8, 30, 9, 22], [4]]
+    llm = LLM(model, None, block_size=4)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == generate(model, prompt, 10, temperature=0)
+
+
+def test_student_small_is_at_most_half_the_small_teacher():
+    teacher = model_stats(preset("small")).total_params  # main model, MTP module not counted
+    with torch.device("meta"):
+        n = DenseTransformer(dense_preset("student-small")).num_parameters()
+    assert n <= teacher / 2, (n, teacher)
