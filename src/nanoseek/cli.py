@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.info", "parameter counts and KV-cache size of a preset or checkpoint"),
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE with DeepSeek's special tokens and chat template"),
     "data": ("nanoseek.data.corpus", "tokenize text/jsonl/parquet corpora into token shards for pretraining"),
+    "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3 model (next-token + MTP loss, aux-loss-free balancing)"),
     "serve": ("nanoseek.serve.api", "OpenAI/DeepSeek-compatible HTTP server (chat, completions, reasoning_content, SSE) and chat page"),
 }
 

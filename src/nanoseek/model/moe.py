@@ -103,9 +103,10 @@ class MoE(nn.Module):
         out = torch.empty_like(x_sorted)
         start = 0
         for e, n in enumerate(counts.tolist()):  # one host sync; the loop is over experts, not tokens
-            if n:
-                out[start:start + n] = self.experts[e](x_sorted[start:start + n])
-                start += n
+            # An expert without tokens still runs (on zero rows), so every expert weight gets a
+            # gradient, zeros included: DDP and FSDP2 need the same set of gradients on every rank.
+            out[start:start + n] = self.experts[e](x_sorted[start:start + n])
+            start += n
         out = out * weights.flatten()[order].unsqueeze(1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_idx, out)
 

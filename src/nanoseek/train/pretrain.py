@@ -1,0 +1,219 @@
+"""Pretraining: next-token prediction + multi-token prediction on a token-shard corpus.
+
+    nanoseek pretrain --config configs/pretrain_small.toml [--resume] [key=value ...]
+    torchrun --nproc_per_node=N -m nanoseek.cli pretrain --config ... device=cuda
+
+The objective is DeepSeek-V3's (§2.2, §2.1.2):
+
+    loss = CE(next token) + mtp_lambda * mean_k CE(MTP depth k) + sequence-wise balance loss
+
+(the last only when aux_loss_alpha > 0), and after every optimizer step the auxiliary-loss-free
+bias update nudges each MoE layer's routing bias towards balanced expert load (bias_gamma; 0 turns
+it off, the load imbalance is still logged).
+
+Data: `data` lists text/jsonl/parquet sources or `default` (Shakespeare + synthetic reasoning
+text). A byte-level BPE of `vocab_size` is trained on them and they are tokenized into shards
+under `data_dir` (default `<out_dir>/data`), reused on the next run with the same recipe.
+
+The loop below reads top to bottom: setup, then per step: batch -> optimizer step -> expert-bias
+update -> log -> (every so often) validation loss, a text sample, a checkpoint. The machinery
+(config, optimizer, schedule, checkpoints, resume, distributed) is in `nanoseek.train.loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_data
+from nanoseek.errors import ConfigError
+from nanoseek.model.moe import update_expert_bias
+from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train.loop import (
+    DistEnv, Trainer, TrainConfig, barrier, batch_plan, evaluate_loss, generate, load_config, seed_everything,
+    setup_distributed, teardown_distributed,
+)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    out_dir: str = "runs/pretrain"
+    # model
+    preset: str = "small"  # a nanoseek.config preset
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides: model.num_hidden_layers=2
+    # data
+    data: list[str] = field(default_factory=lambda: ["default"])  # files, directories, or "default"
+    data_dir: str = ""  # token shards and tokenizer; "" = <out_dir>/data
+    vocab_size: int = 4096  # of the BPE trained on `data`
+    val_fraction: float = 0.05  # share of documents held out
+    # objective
+    mtp_lambda: float = 0.3  # weight of the MTP loss (V3: 0.3, then 0.1 late in training)
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4); 0 = off
+    bias_gamma: float = 1e-3  # aux-loss-free bias update speed (V3: 1e-3); 0 = off
+    # samples
+    sample_prompt: str = "ROMEO.\n"
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+
+
+def train(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
+    """Run pretraining (in this process, or as one rank under torchrun); returns the final
+    checkpoint directory. `resume`: "latest" or a checkpoint directory to continue from."""
+    env = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # ---- data, tokenizer, model
+    tokenizer, data_dir = prepare_corpus(cfg, env)
+    seed_everything(cfg.seed)  # after data preparation, which only rank 0 (and only once) does
+    model = Transformer(model_config(cfg, tokenizer)).to(env.device)
+    micro_batch, accum = batch_plan(cfg, env.world_size)
+    loader = TokenLoader(data_dir, "train", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
+    val_loader = TokenLoader(data_dir, "val", micro_batch, cfg.seq_len, env.rank, env.world_size, shuffle=False)
+    val_batches = [next(val_loader) for _ in range(min(cfg.eval_batches, val_loader.batches_per_epoch))]
+    trainer = Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume)
+    if env.is_main:
+        n = model.num_parameters()
+        print(f"model: {n / 1e6:.2f}M parameters ({model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M "
+              f"without embeddings), {len(model.layers)} layers + {len(model.mtp_layers)} MTP | "
+              f"batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} x {accum} accumulation x "
+              f"{env.world_size} ranks | {cfg.max_steps} steps", flush=True)
+
+    def loss_fn(model, batch):
+        inputs, targets = (t.to(env.device, non_blocking=True) for t in batch)
+        out = model(inputs, labels=targets, logits=False)
+        objective, metrics = out.loss, {"loss": out.loss}
+        if out.mtp_loss is not None:
+            objective = objective + cfg.mtp_lambda * out.mtp_loss
+            metrics["mtp_loss"] = out.mtp_loss
+        if out.aux_loss is not None:  # already scaled by aux_loss_alpha
+            objective = objective + out.aux_loss
+            metrics["aux_loss"] = out.aux_loss
+        return objective, metrics
+
+    def validate():
+        val_loss = evaluate_loss(trainer.raw_model, val_batches, env, trainer.autocast)
+        trainer.log({"val_loss": val_loss}, console=True)
+
+    def sample():
+        prompt = tokenizer.encode(cfg.sample_prompt)
+        new = generate(trainer.raw_model, prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
+                       seed=cfg.seed + trainer.step, eos_id=tokenizer.eos_id)
+        trainer.log({"sample": cfg.sample_prompt + tokenizer.decode(new)}, console=False)
+        if env.is_main:
+            print(f"---- sample at step {trainer.step} ----\n{cfg.sample_prompt}{tokenizer.decode(new)}\n----", flush=True)
+
+    if trainer.step == 0:
+        if env.is_main:
+            trainer.log({"unigram_val_loss": unigram_loss(data_dir)}, console=True)
+        validate()
+
+    # ---- the loop
+    while trainer.step < cfg.max_steps:
+        batches = [next(loader) for _ in range(accum)]
+        stats = trainer.train_step(batches, loss_fn, tokens=cfg.batch_size * cfg.seq_len)
+        imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # after the optimizer step
+        if imbalance:
+            stats.update(imbalance=max(imbalance), imbalance_per_layer=imbalance)
+        trainer.log(stats)
+
+        last = trainer.step == cfg.max_steps
+        if trainer.every(cfg.eval_every) or last:
+            validate()
+        if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
+            sample()
+        if trainer.every(cfg.save_every) and not last:
+            trainer.save_checkpoint()
+        if trainer.should_stop():
+            break
+
+    path = trainer.save_checkpoint()
+    trainer.close()
+    return path
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The preset, with the run's overrides and the tokenizer's vocabulary and special ids."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    fields = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(cfg.model) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.{unknown[0]}'; valid model keys: {', '.join(sorted(fields))}")
+    if "vocab_size" in cfg.model and cfg.model["vocab_size"] != tokenizer.vocab_size:
+        raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size (the BPE size) instead")
+    settings = {**PRESETS[cfg.preset], **cfg.model, "vocab_size": tokenizer.vocab_size,
+                "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                "aux_loss_alpha": cfg.aux_loss_alpha}
+    settings["max_position_embeddings"] = max(settings.get("max_position_embeddings", 0), cfg.seq_len)
+    try:
+        return ModelConfig(**settings)
+    except TypeError as e:
+        raise ConfigError(f"bad model settings: {e}") from None
+
+
+def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
+    """Train the tokenizer and write token shards into data_dir (rank 0), unless a previous run
+    already did with the same recipe; every rank then loads the result."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
+    recipe = {"data": cfg.data, "vocab_size": cfg.vocab_size, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    recipe_file = data_dir / "recipe.json"
+    ready = (data_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe
+    if env.is_main and not ready:
+        t0 = time.perf_counter()
+        recipe_file.unlink(missing_ok=True)
+        texts = [doc for _, docs in load_sources(cfg.data, seed=cfg.seed) for doc in docs]
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        meta = prepare_data(cfg.data, tokenizer, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        recipe_file.write_text(json.dumps(recipe) + "\n")  # last: marks the directory complete
+        s = meta["splits"]
+        print(f"data: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, vocab "
+              f"{tokenizer.vocab_size}, in {data_dir} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    barrier()
+    return Tokenizer.from_dir(data_dir), data_dir
+
+
+def unigram_loss(data_dir: Path) -> float:
+    """Cross-entropy (nats/token) of the val split under the train split's unigram frequencies
+    (add-one smoothed): the loss a model that ignores context would reach. The bar to beat."""
+    train, val = open_split(data_dir, "train"), open_split(data_dir, "val")
+    vocab = int(max(train.max(), val.max())) + 1
+    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[val].mean())
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="TOML recipe, e.g. configs/pretrain_small.toml (defaults apply without)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. out_dir=runs/x max_steps=100 seed=1 model.num_hidden_layers=2")
+
+
+def run(args) -> int:
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    resume = args.resume_from or ("latest" if args.resume else None)
+    train(cfg, resume=resume)
+    return 0

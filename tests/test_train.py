@@ -1,0 +1,306 @@
+"""Training machinery and the pretraining loop: configs, schedule, optimizer, checkpoints, resume.
+
+Every run uses the `tiny` preset on a small generated corpus (configs/pretrain_tiny.toml), so each
+takes a second or two on CPU.
+"""
+
+import json
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.checkpoint import read_tensors
+from nanoseek.cli import main as cli_main
+from nanoseek.config import preset
+from nanoseek.errors import CheckpointError, ConfigError
+from nanoseek.model.transformer import Transformer
+from nanoseek.train import loop, pretrain
+from nanoseek.train.loop import (
+    DistEnv, Trainer, TrainConfig, build_optimizer, list_checkpoints, load_config, lr_at, read_metrics,
+)
+from nanoseek.train.pretrain import PretrainConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain_tiny.toml"
+WORDS = ("the king queen lord lady sword crown night day love death heaven earth fair foul sweet "
+         "gentle noble speak hear thou thee thy my our good ill come go stay fly").split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Twelve pseudo-verse documents (~40k characters), fixed by seed."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(12):
+        lines = [f"{rng.choice(WORDS).upper()}.\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12)))
+                 for _ in range(60)]
+        (d / f"doc{i:02d}.txt").write_text("\n\n".join(lines) + "\n")
+    return d
+
+
+def tiny_config(out_dir, corpus, *overrides) -> PretrainConfig:
+    return load_config(PretrainConfig, TINY, [f"out_dir={out_dir}", f"data={json.dumps([str(corpus)])}",
+                                              f"data_dir={corpus.parent / 'shards'}", *overrides])
+
+
+def weights(checkpoint) -> dict[str, torch.Tensor]:
+    return read_tensors(checkpoint)
+
+
+# ---------------------------------------------------------------- configs
+
+
+@dataclass
+class Section:
+    width: int = 4
+
+
+@dataclass
+class DemoConfig(TrainConfig):
+    name: str = "x"
+    ratio: float = 0.5
+    flag: bool = False
+    mode: Literal["a", "b"] = "a"
+    files: list[str] = field(default_factory=list)
+    limit: int | None = None
+    table: dict = field(default_factory=dict)
+    section: Section = field(default_factory=Section)
+
+
+def test_config_from_toml_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('name = "from-file"\nratio = 1\nmax_steps = 7\n[section]\nwidth = 8\n[table]\nhidden_size = 32\n')
+    cfg = load_config(DemoConfig, f, ["max_steps=9", "lr=3e-4", "flag=true", "mode=b", "files=one.txt",
+                                      "limit=none", "section.width=16", "table.num_hidden_layers=2", "name=run 1"])
+    assert (cfg.name, cfg.ratio, cfg.max_steps, cfg.lr, cfg.flag, cfg.mode) == ("run 1", 1.0, 9, 3e-4, True, "b")
+    assert isinstance(cfg.ratio, float) and cfg.files == ["one.txt"] and cfg.limit is None
+    assert cfg.section.width == 16 and cfg.table == {"hidden_size": 32, "num_hidden_layers": 2}
+    assert load_config(DemoConfig, None, ['files=["a", "b"]', "limit=3"]).files == ["a", "b"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["max_stpes=3"], r"unknown config key 'max_stpes'; valid keys: out_dir, seed, max_steps.*section.width"),
+    (["section.depth=3"], r"unknown config key 'section.depth'"),
+    (["max_steps=many"], r"max_steps='many': expected int"),
+    (["max_steps=2.5"], r"expected int"),
+    (["flag=maybe"], r"flag='maybe': expected bool"),
+    (["mode=c"], r"mode='c': expected one of a, b"),
+    (["lr=-1"], r"lr=-1.0 must be positive"),
+    (["max_steps"], r"not key=value"),
+    (["section=3"], r"section is a table"),
+])
+def test_config_errors_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DemoConfig, None, overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(DemoConfig, tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("max_steps = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(DemoConfig, tmp_path / "bad.toml")
+    (tmp_path / "typo.toml").write_text("btach_size = 3")
+    with pytest.raises(ConfigError, match="unknown config key 'btach_size'"):
+        load_config(DemoConfig, tmp_path / "typo.toml")
+
+
+def test_recipes_load():
+    for path in sorted((ROOT / "configs").glob("pretrain_*.toml")):
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.preset in nanoseek.config.PRESETS and cfg.batch_size % (cfg.micro_batch_size or 1) == 0
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+def test_lr_schedule_values():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.55)  # halfway down the cosine: (1 + 0.1) / 2
+    assert lr_at(cfg, 110) == pytest.approx(0.1) and lr_at(cfg, 500) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
+    assert [lr_at(wsd, s) for s in (50, 88, 99, 110)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    const = TrainConfig(lr=2.0, warmup_steps=0, schedule="constant")
+    assert lr_at(const, 0) == lr_at(const, 999) == 2.0
+
+
+def test_optimizer_decays_only_matrices():
+    model = Transformer(preset("tiny"))
+    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "model.embed_tokens.weight" in no_decay_names
+    assert all(n.endswith(("norm.weight", "embed_tokens.weight")) for n in no_decay_names)
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _loss_fn(model, batch):
+    inputs, targets = batch
+    out = model(inputs, labels=targets)
+    mtp = 0.3 * out.mtp_loss if out.mtp_loss is not None else 0.0
+    return out.loss + mtp, {"loss": out.loss}
+
+
+def test_one_step_reduces_loss_on_a_fixed_batch(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    cfg = TrainConfig(out_dir=str(tmp_path), lr=1e-2, warmup_steps=0, schedule="constant", batch_size=4,
+                      tensorboard=False)
+    trainer = Trainer(cfg, model, DistEnv())
+    ids = torch.randint(0, 512, (4, 33))
+    batch = (ids[:, :-1], ids[:, 1:])
+    before = trainer.train_step([batch], _loss_fn, tokens=128)
+    after = _loss_fn(model, batch)[1]["loss"].item()
+    assert after < before["loss"] - 0.05
+    assert before["grad_norm"] > 0 and before["lr"] == 1e-2 and trainer.step == 1
+    trainer.close()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    ids = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for micro in (4, 2):
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny", num_nextn_predict_layers=0))
+        cfg = TrainConfig(out_dir=str(tmp_path), batch_size=4, micro_batch_size=micro, tensorboard=False)
+        trainer = Trainer(cfg, model, DistEnv())
+        batches = [(ids[i:i + micro, :-1], ids[i:i + micro, 1:]) for i in range(0, 4, micro)]
+        assert trainer.grad_accum_steps == len(batches)
+        trainer.optimizer.step = lambda: None  # keep the gradients: inspect them instead of stepping
+        trainer.optimizer.zero_grad = lambda set_to_none=True: None
+        trainer.train_step(batches, _loss_fn)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        trainer.close()
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_plan_errors():
+    with pytest.raises(ConfigError, match="not a multiple"):
+        loop.batch_plan(TrainConfig(batch_size=6, micro_batch_size=4), 1)
+    assert loop.batch_plan(TrainConfig(batch_size=8, micro_batch_size=2), 2) == (2, 2)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="session")
+def full_run(corpus, tmp_path_factory):
+    """8 uninterrupted steps through the CLI, saving at 4 and at the end."""
+    out = tmp_path_factory.mktemp("full")
+    code = cli_main(["pretrain", "--config", str(TINY), f"out_dir={out}", f"data={json.dumps([str(corpus)])}",
+                     f"data_dir={corpus.parent / 'shards'}", "save_every=4", "keep_checkpoints=0",
+                     "sample_every=8", "sample_tokens=8"])
+    assert code == 0
+    return out
+
+
+def test_cli_run_writes_metrics_and_loadable_checkpoints(full_run):
+    records = read_metrics(full_run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "imbalance", "imbalance_per_layer"):
+        assert key in steps[0]
+    assert len(steps[0]["imbalance_per_layer"]) == 2  # the MoE layer and the (MoE) MTP module
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    unigram = next(r["unigram_val_loss"] for r in records if "unigram_val_loss" in r)
+    assert len(vals) == 3 and vals[-1] < vals[0] and unigram > 0
+    assert any("sample" in r for r in records)
+    assert [p.name for p in list_checkpoints(full_run)] == ["checkpoint-4", "checkpoint-8"]
+    assert (full_run / "latest").resolve() == (full_run / "checkpoint-8").resolve()
+    assert json.loads((full_run / "run_config.json").read_text())["max_steps"] == 8
+
+    model = nanoseek.load_model(full_run / "latest")
+    tok = nanoseek.tokenizer.Tokenizer.from_dir(full_run / "latest")
+    assert model.config.vocab_size == tok.vocab_size == 320
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(full_run / "latest").eval()
+    ids = torch.tensor([tok.encode("the king speak")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(full_run / "latest")("the king").input_ids == tok.encode("the king")
+
+
+def test_resume_is_bit_exact(full_run, corpus, tmp_path):
+    """Train 8 steps == train 4, stop, resume (a fresh process state) and train to 8."""
+    cfg = tiny_config(tmp_path, corpus)
+    final = pretrain.train(cfg, resume=full_run / "checkpoint-4")
+    assert final.name == "checkpoint-8"
+    expected, got = weights(full_run / "checkpoint-8"), weights(final)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bias buffers included
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+    assert losses(tmp_path) == losses(full_run)[4:]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_exactly(full_run, corpus, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_at_step_3(model, gamma):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C delivers
+        return original(model, gamma)
+
+    original = pretrain.update_expert_bias
+    monkeypatch.setattr(pretrain, "update_expert_bias", interrupt_at_step_3)
+    cfg = tiny_config(tmp_path, corpus)
+    stopped = pretrain.train(cfg)
+    assert stopped.name == "checkpoint-3" and len(calls) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(pretrain, "update_expert_bias", original)
+    assert cli_main(["pretrain", "--config", str(TINY), "--resume", f"out_dir={tmp_path}",
+                     f"data={json.dumps([str(corpus)])}", f"data_dir={corpus.parent / 'shards'}"]) == 0
+    expected, got = weights(full_run / "checkpoint-8"), weights(tmp_path / "latest")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 9))
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(corpus, tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, corpus, "max_steps=4", "save_every=2")
+    real_save = torch.save
+
+    def crash_at_step_4(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            Path(f).write_bytes(b"half a file")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(loop.torch, "save", crash_at_step_4)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain.train(cfg)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert (tmp_path / "latest").resolve().name == "checkpoint-2"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    nanoseek.load_model(tmp_path / "latest")
+    state = torch.load(tmp_path / "latest" / "trainer_state" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+
+
+def test_resume_errors(corpus, tmp_path):
+    cfg = tiny_config(tmp_path, corpus)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        pretrain.train(cfg, resume="latest")
+    with pytest.raises(ConfigError, match="unknown config key 'model.hidden_sise'"):
+        pretrain.train(tiny_config(tmp_path, corpus, "model.hidden_sise=8"))
+
+
+def test_cli_reports_config_errors(capsys):
+    assert cli_main(["pretrain", "--config", str(TINY), "max_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'max_stepz'" in err and "max_steps" in err and "Traceback" not in err
