@@ -5,7 +5,8 @@
     python benchmarks/serve_load.py --model runs/small   # a trained checkpoint
 
 The server runs as a separate `nanoseek serve` process on a free loopback port (client and server
-in one process would fight over the GIL and distort the numbers). Each client sends
+in one process would fight over the GIL and distort the numbers). `--offline` adds the same requests
+through `LLM.generate` in-process, to see what the HTTP layer costs. Each client sends
 `--requests-per-client` streaming chat requests one after the other, each generating exactly
 `--max-tokens` tokens (`ignore_eos`), so the work is fixed whatever the model writes. All prompts
 share a system prompt, as real traffic does, so the prefix cache gets used.
@@ -168,7 +169,7 @@ def offline_tokens_per_s(model: Path, clients: int, requests_per_client: int, ma
         {"role": "user", "content": QUESTIONS[(i + j) % len(QUESTIONS)].format(a=i, b=j + 3, c=chr(65 + (i + j) % 26))}])
         for i in range(clients) for j in range(requests_per_client)]
     params = nanoseek.SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:4], nanoseek.SamplingParams(max_tokens=4))  # warm up
+    llm.generate(prompts, nanoseek.SamplingParams(max_tokens=4, ignore_eos=True))  # warm up at the full batch shape
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
@@ -183,7 +184,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens each request generates")
     p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's batch size")
     p.add_argument("--timeout", type=float, default=300, help="overall limit for the load phase, seconds")
-    p.add_argument("--no-offline", action="store_true", help="skip the engine-alone comparison")
+    p.add_argument("--offline", action="store_true",
+                   help="also time the same requests through LLM.generate in-process (the engine without HTTP)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,11 +203,12 @@ def main() -> int:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
-        if not args.no_offline:
+        if args.offline:
             offline = offline_tokens_per_s(model, args.clients, args.requests_per_client, args.max_tokens,
                                            args.max_num_seqs)
             summary["offline_generated_tokens_per_s"] = round(offline, 1)
             summary["served_vs_offline"] = round(summary["generated_tokens_per_s"] / offline, 2)
+        summary["loadavg_1min"] = round(os.getloadavg()[0], 2)
     print(f"{summary['completed']}/{summary['requests']} requests from {summary['clients']} concurrent streaming "
           f"clients, {summary['max_tokens']} tokens each, in {summary['wall_s']} s ({summary['model']})")
     print(f"  throughput   {summary['requests_per_s']} requests/s, {summary['generated_tokens_per_s']} generated tokens/s")
@@ -216,6 +219,8 @@ def main() -> int:
               f"(LLM.generate, same requests): served = {summary['served_vs_offline']}x offline")
     print(f"  prefix cache {summary['prompt_cache_hit_rate']:.1%} of prompt tokens hit")
     print(f"  errors       {summary['errors']} {summary['error_examples'] or ''}")
+    print(f"  machine      {os.cpu_count()} CPUs, load average {summary['loadavg_1min']} at the end "
+          "(other processes on the machine skew every figure above)")
     print(json.dumps(summary))
     return 0 if summary["errors"] == 0 else 1
 
