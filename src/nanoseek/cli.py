@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("nanoseek.data.corpus", "tokenize text/jsonl/parquet corpora into token shards for pretraining"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3 model (next-token + MTP loss, aux-loss-free balancing)"),
     "serve": ("nanoseek.serve.api", "OpenAI/DeepSeek-compatible HTTP server (chat, completions, reasoning_content, SSE) and chat page"),
+    "rl": ("nanoseek.train.grpo", "R1-Zero RL: GRPO / Dr. GRPO / DAPO with rule-based rewards, from a base checkpoint"),
+    "eval": ("nanoseek.eval", "pass@1 / pass@k / maj@k of a checkpoint on a task's held-out problems"),
 }
 
 

@@ -36,16 +36,19 @@ _FORMAT = re.compile(
 
 
 def accuracy_reward(completion: str, problem: Problem) -> float:
-    """The problem's task score of the extracted answer; 0 if the completion gives no answer.
+    """1.0 iff the task scores the extracted answer as fully correct, else 0.0 (no answer: 0.0).
 
-    A problem without a task (built by hand) is graded with math-verify against `problem.answer`.
+    Binary, as R1's accuracy rule: partial credit from a task's scorer counts as wrong, since it
+    is easy to farm (chain_sum gives most of the credit to any answer that contains the right one:
+    "-561" earns 0.75 when the answer is "-56"). A problem without a task (built by hand) is graded
+    with math-verify against `problem.answer`.
     """
     answer = extract_answer(completion)
     if answer is None:
         return 0.0
     if problem.task is None:
         return math_verify_score(answer, problem.answer)
-    return problem.task.score(answer, problem)
+    return float(problem.task.score(answer, problem) == 1.0)
 
 
 def format_reward(completion: str, problem: Problem | None = None) -> float:

@@ -1,0 +1,117 @@
+"""Task evaluation: the pass@k / maj@k arithmetic on scripted completions, and determinism through
+the real engine on a tiny random model (same seed -> same problems -> same score)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nanoseek import cli
+from nanoseek.checkpoint import save_model
+from nanoseek.config import preset
+from nanoseek.data.synthetic import generate_documents
+from nanoseek.data.tasks import get_task, r1zero_completion
+from nanoseek.eval import evaluate, majority_answer, pass_at_k
+from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import train_tokenizer
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0 and pass_at_k(8, 7, 2) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_majority_answer():
+    assert majority_answer(["3", " 4", "4 ", None, "3", "4"]) == "4"
+    assert majority_answer(["3", "4"]) == "3"  # a tie goes to the first seen
+    assert majority_answer([None, " "]) is None
+
+
+# ---------------------------------------------------------------- scripted completions
+
+
+@dataclass
+class _Completion:
+    text: str
+    token_ids: list
+    finish_reason: str = "stop"
+
+
+@dataclass
+class _Output:
+    outputs: list
+
+
+class ScriptedEngine:
+    """Stands in for `LLM`: answers each prompt with the completions `script(problem_index, params)` gives."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def generate(self, prompts, params):
+        self.calls.append(params)
+        return [_Output([_Completion(t, [0] * 5) for t in self.script(i, p)]) for i, (_, p) in
+                enumerate(zip(prompts, params))]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("default")
+
+
+def test_greedy_pass_at_1_counts_only_full_credit(task):
+    problems = task.problems(4, seed=0)
+    answers = [problems[0].answer, problems[1].answer + "1", "nonsense", problems[3].answer]  # #1 earns part credit
+    engine = ScriptedEngine(lambda i, p: [r1zero_completion("r", answers[i])])
+    report = evaluate(engine, task=task, n=4, seed=0)
+    assert report["pass@1"] == 0.5 and report["format"] == 1.0 and report["n"] == 4
+    assert all(p.temperature == 0 and p.n == 1 for p in engine.calls[0])  # K = 1 is greedy
+    assert "maj@1" not in report
+
+
+def test_sampled_pass_at_k_and_majority(task):
+    problems = task.problems(2, seed=0)
+    right = [r1zero_completion("", p.answer) for p in problems]
+    wrong = r1zero_completion("", "12345")
+    script = {0: [right[0], wrong, wrong, wrong],  # 1 of 4 right, the majority wrong
+              1: [right[1], right[1], wrong, " no answer"]}  # 2 of 4 right, the majority right
+    engine = ScriptedEngine(lambda i, p: script[i])
+    report = evaluate(engine, task=task, n=2, samples=4, seed=0, temperature=0.7)
+    assert report["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    assert report["pass@2"] == pytest.approx((pass_at_k(4, 1, 2) + pass_at_k(4, 2, 2)) / 2)
+    assert report["pass@4"] == 1.0 and report["maj@4"] == 0.5 and report["format"] == pytest.approx(7 / 8)
+    seeds = [p.seed for p in engine.calls[0]]
+    assert all(p.temperature == 0.7 and p.n == 4 for p in engine.calls[0]) and len(set(seeds)) == 2
+
+
+# ---------------------------------------------------------------- the real engine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "tiny"
+    tok = train_tokenizer(generate_documents(300, seed=0), vocab_size=512)
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    save_model(Transformer(cfg), path, tokenizer=tok)
+    return path
+
+
+def test_same_seed_same_problems_same_score(checkpoint, task):
+    kwargs = dict(task=task, n=4, samples=2, max_tokens=8, return_samples=True)
+    a, b = evaluate(checkpoint, seed=1, **kwargs), evaluate(checkpoint, seed=1, **kwargs)  # fresh engines
+    c = evaluate(checkpoint, seed=2, **kwargs)
+    assert a["results"] == b["results"]  # same problems, same completions
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert [r["question"] for r in a["results"]] != [r["question"] for r in c["results"]]
+    assert [r["question"] for r in a["results"]] == [p.question for p in task.problems(4, seed=1)]
+
+
+def test_cli_prints_the_scores(checkpoint, capsys):
+    assert cli.main(["eval", "--model", str(checkpoint), "--n", "3", "--max-tokens", "8", "--samples", "2",
+                     "--task", "chain_sum", "--difficulty", "min_terms=2", "max_terms=2"]) == 0
+    out = capsys.readouterr().out
+    assert "chain_sum" in out and "pass@1" in out and "pass@2" in out and "maj@2" in out

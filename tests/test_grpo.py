@@ -1,0 +1,241 @@
+"""R1-Zero RL: the GRPO / Dr. GRPO / DAPO objectives against hand-computed values, rewards on
+crafted completions, one real update on a tiny model, and `nanoseek rl` end to end with resume.
+
+The model is the `tiny` preset with random weights and a BPE trained here on a few hundred
+synthetic documents, so nothing it samples is right: the runs use a custom reward (the share of
+digits in the completion), which also checks that users can plug in their own rewards.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import cli
+from nanoseek.checkpoint import load_model, save_model
+from nanoseek.config import preset
+from nanoseek.data.synthetic import generate_documents
+from nanoseek.data.tasks import Problem, get_task, r1zero_completion
+from nanoseek.errors import ConfigError
+from nanoseek.model.transformer import Transformer
+from nanoseek.rewards import REWARDS, accuracy_reward, combine_rewards, format_reward, register_reward
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.grpo import (
+    GRPOConfig, Sample, group_advantages, make_micro_batches, overlong_punishment, sequence_weights,
+    token_losses, train,
+)
+from nanoseek.train.loop import load_config, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "rl_r1zero_tiny.toml"
+
+
+def digit_share(completion: str, problem) -> float:
+    """A reward a random model can earn sometimes: the share of digits in its completion."""
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny random checkpoint with a tokenizer trained on synthetic R1-Zero documents."""
+    path = tmp_path_factory.mktemp("rl") / "base"
+    tok = train_tokenizer(generate_documents(300, seed=0), vocab_size=512)
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    save_model(Transformer(cfg), path, tokenizer=tok)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def digits_reward():
+    register_reward("digits", digit_share)
+    yield
+    REWARDS.pop("digits", None)
+
+
+def rl_config(base, out_dir, *overrides) -> GRPOConfig:
+    return load_config(GRPOConfig, TINY, [f"init={base}", f"out_dir={out_dir}", "rewards.digits=1.0", *overrides])
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- the objective, by hand
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    std = math.sqrt(4 * 0.25 / 3)  # Bessel-corrected std of {1, 0, 0, 1}
+    a = 0.5 / (std + 1e-4)
+    assert group_advantages(rewards, 4).tolist() == pytest.approx([a, -a, -a, a, 0, 0, 0, 0], rel=1e-6)
+    assert group_advantages(rewards, 4, scale=False).tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+
+
+def test_sequence_weights():
+    assert sequence_weights([2, 4], "grpo", 8) == pytest.approx([1 / 4, 1 / 8])  # 1/(N |o_i|)
+    assert sequence_weights([2, 4], "dr_grpo", 8) == pytest.approx([1 / 16, 1 / 16])  # 1/(N L_max)
+    assert sequence_weights([2, 4], "dapo", 8) == pytest.approx([1 / 6, 1 / 6])  # 1/sum |o_i|
+    # split over ranks: the global counts decide
+    assert sequence_weights([2], "dapo", 8, total_sequences=2, total_tokens=6) == pytest.approx([1 / 6])
+    with pytest.raises(ConfigError):
+        sequence_weights([2], "ppo", 8)
+
+
+def test_token_losses_clip_both_ways():
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.0])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0])
+    old = torch.full((5,), -1.0)
+    loss, info = token_losses(old + ratio.log(), old, adv, 0.2, 0.2)
+    # min(rho A, clip(rho) A): 1.2 | 0.5 | -1.5 | -0.8 | 2.0, negated
+    assert loss.tolist() == pytest.approx([-1.2, -0.5, 1.5, 0.8, -2.0], rel=1e-6)
+    assert info["clipped"].tolist() == [1, 0, 0, 1, 0]
+    loss, _ = token_losses(old + ratio.log(), old, adv, 0.2, 0.28)  # DAPO clip-higher
+    assert loss[0].item() == pytest.approx(-1.28)
+
+
+def test_token_losses_k3_kl():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    kl = 0.5 - math.log(0.5) - 1  # pi_ref/pi - log(pi_ref/pi) - 1
+    loss, info = token_losses(logp, logp, torch.tensor([0.0]), 0.2, 0.2, beta=0.1, ref_logp=ref)
+    assert info["kl"].item() == pytest.approx(kl)
+    assert loss.item() == pytest.approx(0.1 * kl)
+    assert kl > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_each_loss_on_a_tiny_batch(loss_type):
+    """One group of G=2: o_1 (2 tokens, ratios 1 and 1.5, reward 1) and o_2 (1 token, ratio 0.5,
+    reward 0); eps 0.2 (0.28 above for DAPO), beta 0, L_max 4. Hand-computed totals below."""
+    cfg = GRPOConfig(init="x", loss=loss_type, num_generations=2, batch_size=2, max_completion_length=4)
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, cfg.scale_rewards)
+    a = 0.5 / (math.sqrt(0.5) + 1e-4) if loss_type != "dr_grpo" else 0.5
+    assert adv.tolist() == pytest.approx([a, -a], rel=1e-6)
+    w = sequence_weights([2, 1], cfg.loss, cfg.max_completion_length)
+    logp = torch.tensor([[0.0, math.log(1.5)], [math.log(0.5), 0.0]])  # old logp = 0
+    per_token_adv = torch.tensor([[adv[0], adv[0]], [adv[1], adv[1]]])
+    weight = torch.tensor([[w[0], w[0]], [w[1], 0.0]])  # o_2 has one token
+    loss, _ = token_losses(logp, torch.zeros(2, 2), per_token_adv, cfg.epsilon, cfg.epsilon_high)
+    total = (loss * weight).sum().item()
+    expected = {
+        "grpo": 0.5 * ((-a - 1.2 * a) / 2 + 0.8 * a),  # mean over sequences of per-sequence token means
+        "dr_grpo": (-0.5 - 0.6 + 0.4) / (2 * 4),  # sum over tokens / (N L_max)
+        "dapo": (-a - 1.28 * a + 0.8 * a) / 3,  # sum over tokens / all tokens, clip-higher 0.28
+    }[loss_type]
+    assert total == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_defaults_per_variant():
+    grpo, dr, dapo = (GRPOConfig(init="x", loss=k) for k in ("grpo", "dr_grpo", "dapo"))
+    assert (grpo.beta, grpo.scale_rewards, grpo.epsilon_high, grpo.dynamic_sampling) == (0.04, True, 0.2, False)
+    assert (dr.beta, dr.scale_rewards, dr.overlong_buffer) == (0.0, False, 0)
+    assert (dapo.epsilon_high, dapo.dynamic_sampling, dapo.overlong_buffer) == (0.28, True, 32)
+    assert GRPOConfig(init="x", loss="dapo", epsilon_high=0.3, dynamic_sampling=False).epsilon_high == 0.3
+    with pytest.raises(ConfigError, match="multiple of num_generations"):
+        GRPOConfig(init="x", batch_size=10, num_generations=4)
+    with pytest.raises(ConfigError, match="loss"):
+        load_config(GRPOConfig, None, ["loss=ppo"])
+
+
+def test_overlong_punishment():
+    assert [overlong_punishment(n, 10, 4) for n in (5, 6, 8, 10, 11)] == pytest.approx([0, 0, -0.5, -1, -1])
+    assert overlong_punishment(10, 10, 0) == 0.0
+
+
+def test_micro_batches_align_completions_with_logits():
+    p = Problem("q", "1")
+    a = Sample(p, [0, 10, 11], [20, 21, 1], [-0.1, -0.2, -0.3], "", False, advantage=1.0, weight=0.5)
+    b = Sample(p, [0, 12], [22], [-0.4], "", True, advantage=-1.0, weight=0.25)
+    first = make_micro_batches([a, b], 2, pad_id=2)[0]
+    assert first["input_ids"].tolist() == [[0, 10, 11, 20, 21, 1], [0, 12, 22, 2, 2, 2]]
+    assert first["mask"].tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]]  # logits row t scores token t+1
+    assert first["targets"][0, 2:5].tolist() == [20, 21, 1] and first["targets"][1, 1].item() == 22
+    assert first["old_logp"][0, 2:5].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert first["weight"].sum().item() == pytest.approx(3 * 0.5 + 0.25)
+    assert first["advantages"][1, 1].item() == -1.0
+    assert len(make_micro_batches([a, b], 1, pad_id=2)) == 2
+
+
+# ---------------------------------------------------------------- rewards on crafted completions
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return get_task("default").problems(1, seed=0)[0]
+
+
+def test_accuracy_is_binary_even_where_the_scorer_gives_partial_credit(problem):
+    padded = problem.answer + "1"  # chain_sum's scorer gives part credit to an answer containing the right one
+    assert 0 < problem.task.score(padded, problem) < 1
+    assert accuracy_reward(r1zero_completion("x", padded), problem) == 0.0
+    assert accuracy_reward(r1zero_completion("x", problem.answer), problem) == 1.0
+    assert accuracy_reward(f" x </think> <answer> {problem.answer} </answer>", problem) == 1.0
+
+
+def test_combined_reward_with_a_user_callable(problem):
+    good = r1zero_completion("1 + 2 = 3.", problem.answer)
+    reward = combine_rewards({"accuracy": 1.0, "format": 0.5, digit_share: 2.0})
+    assert reward(good, problem) == pytest.approx(1.0 + 0.5 + 2.0 * digit_share(good, problem))
+    assert reward.breakdown("no answer", problem)["accuracy"] == 0.0
+    assert format_reward("no answer") == 0.0
+
+
+# ---------------------------------------------------------------- real updates on a tiny model
+
+
+def test_one_rl_step_changes_the_parameters(base, tmp_path):
+    cfg = rl_config(base, tmp_path, "max_steps=1", "eval_every=0", "save_every=0", "beta=0.0", "log_kl=false")
+    before = weights(load_model(base))
+    after = weights(load_model(train(cfg)))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    n_main = preset("tiny").num_hidden_layers
+    # everything the policy forward touches moves; routed experts only if routed to, MTP never (not trained in RL)
+    trained = [k for k in before if "experts." not in k and "e_score_correction_bias" not in k
+               and not k.startswith(f"model.layers.{n_main}.")]
+    assert set(trained) <= changed
+    assert not any(k.startswith(f"model.layers.{n_main}.") for k in changed)
+    record = next(r for r in read_metrics(tmp_path) if "grad_norm" in r)
+    assert record["grad_norm"] > 0 and record["reward_std"] > 0
+
+
+def test_cli_run_writes_metrics_and_checkpoints_and_resumes_exactly(base, tmp_path):
+    run_dir, resumed_dir = tmp_path / "run", tmp_path / "resumed"
+    args = ["rl", "--config", str(TINY), f"init={base}", "rewards.digits=1.0", "max_steps=2"]
+    assert cli.main(args + [f"out_dir={run_dir}"]) == 0
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("reward", "reward_std", "acc", "format", "len", "clip_frac", "kl", "entropy", "rollout_s",
+                "update_s", "loss", "lr", "grad_norm"):
+        assert all(math.isfinite(r[key]) for r in steps), key
+    assert [r["step"] for r in records if "eval_pass@1" in r] == [0, 2]
+    assert (run_dir / "checkpoint-2" / "config.json").is_file() and (run_dir / "latest").is_symlink()
+    assert json.loads((run_dir / "run_config.json").read_text())["loss"] == "grpo"
+
+    # the same run stopped after step 1 and resumed: same weights, same step-2 record
+    assert cli.main(args + [f"out_dir={resumed_dir}", "max_steps=1"]) == 0
+    assert cli.main(args + [f"out_dir={resumed_dir}", "--resume"]) == 0
+    full, resumed = weights(load_model(run_dir / "checkpoint-2")), weights(load_model(resumed_dir / "checkpoint-2"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    timing = ("rollout_s", "update_s", "completions_per_s", "eval_s")
+    strip = lambda r: {k: v for k, v in r.items() if k not in timing}  # noqa: E731
+    assert strip(read_metrics(resumed_dir)[-2]) == strip(records[-2])
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
+def test_other_variants_run(base, tmp_path, loss_type):
+    cfg = rl_config(base, tmp_path, f"loss={loss_type}", "max_steps=1", "eval_every=0", "save_every=0", "mu=2")
+    train(cfg)
+    updates = [r for r in read_metrics(tmp_path) if "grad_norm" in r]
+    assert [r["step"] for r in updates] == [1, 2]  # mu=2: one rollout, two optimizer steps on it
+    assert "reward" in updates[0] and "reward" not in updates[1]
+    assert ("sampling_rounds" in updates[0]) == (loss_type == "dapo")
+
+
+def test_config_errors(base, tmp_path):
+    with pytest.raises(ConfigError, match="init"):
+        train(load_config(GRPOConfig, TINY, [f"out_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="seq_len"):
+        train(rl_config(base, tmp_path, "seq_len=40"))
