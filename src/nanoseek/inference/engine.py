@@ -53,7 +53,8 @@ class LLM:
     in-memory Transformer (RL: the trainer keeps updating its weights in place; call
     reset_prefix_cache() after each update, since cached latents were computed with the old ones).
 
-    The cache holds `num_cache_blocks` blocks of `block_size` tokens; by default as many as
+    `dtype` and `device` apply when loading a checkpoint directory. The cache holds
+    `num_cache_blocks` blocks of `block_size` tokens (in the model's dtype); by default as many as
     `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
     1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
     can hold, so a sequence alone always fits.
@@ -83,7 +84,7 @@ class LLM:
         self.model = model
         self.tokenizer = tokenizer
         self.speculative_mtp = speculative_mtp
-        cache_dtype = dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+        cache_dtype = next(model.parameters()).dtype  # the latents are stored as the model computes them
 
         max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         block_bytes = ModelRunner.bytes_per_block(model, block_size, cache_dtype)
@@ -99,7 +100,7 @@ class LLM:
 
         self.block_manager = BlockManager(num_cache_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, speculative_mtp)
-        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device)
+        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, next(model.parameters()).device)
         self.sampler = Sampler(cfg.vocab_size)
         self.eos_ids = {tokenizer.eos_id} if tokenizer is not None else (
             {cfg.eos_token_id} if cfg.eos_token_id is not None else set())
@@ -246,7 +247,8 @@ class LLM:
     def _step(self) -> list[Request]:
         """Schedule and run one forward; returns the requests that changed, finished ones removed."""
         was_training = self.model.training
-        self.model.eval()  # an RL trainer's model may be in train mode: no MoE load counting here
+        if was_training:  # an RL trainer's model: no MoE load counting or balance loss here
+            self.model.eval()
         try:
             with torch.inference_mode():
                 seqs, is_prefill = self.scheduler.schedule()
@@ -257,7 +259,8 @@ class LLM:
                 else:
                     self._speculative_step(seqs)
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         changed = list({id(s.request): s.request for s in seqs}.values())
         for seq in seqs:
             if not seq.finished:

@@ -42,7 +42,8 @@ class PagedLatentCache:
         pool = self.pool[layer_idx]  # (slots, C+R)
         new = torch.cat([latent, k_pe], dim=-1).flatten(0, 1).to(pool.dtype)  # (B*T, C+R)
         pool.index_copy_(0, self.write_slots, new)
-        kv = pool[self.read_slots]  # (B, S, C+R)
+        B, S = self.read_slots.shape
+        kv = pool.index_select(0, self.read_slots.flatten()).view(B, S, -1)  # (B, S, C+R); much faster than pool[idx]
         return kv[..., : self.latent_dim], kv[..., self.latent_dim:]
 
 

@@ -134,27 +134,28 @@ class Sampler:
             probs = self._probs(logits[rows], [params[i] for i in rows])  # (b, V)
             # One Exp(1) draw per vocabulary entry from each sequence's own generator.
             noise = torch.stack([torch.empty(self.vocab_size).exponential_(generator=seqs[i].generator)
-                                 for i in rows])
+                                 for i in rows]).to(probs.device)
             for i, t in zip(rows, (probs / noise).argmax(dim=-1).tolist()):
                 tokens[i] = t
         return tokens, logprobs
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """logits (b, V) of non-greedy rows -> the truncated, renormalised sampling distribution (b, V)."""
-        temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        dev = logits.device
+        temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
         probs = (logits / temps).softmax(dim=-1)
         top_k = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
         if any(k < self.vocab_size for k in top_k) or any(p.top_p < 1 for p in params):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
-            rank = torch.arange(self.vocab_size).unsqueeze(0)  # (1, V)
-            drop = rank >= torch.tensor(top_k).unsqueeze(1)
+            rank = torch.arange(self.vocab_size, device=dev).unsqueeze(0)  # (1, V)
+            drop = rank >= torch.tensor(top_k, device=dev).unsqueeze(1)
             # top-p keeps the smallest prefix whose mass reaches top_p: drop a token once the mass
             # strictly before it already does (so the most likely token always stays).
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            drop |= mass_before >= torch.tensor([p.top_p for p in params]).unsqueeze(1)
+            drop |= mass_before >= torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-        min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
         if (min_p > 0).any():
             probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         return probs / probs.sum(dim=-1, keepdim=True)
@@ -164,11 +165,11 @@ class Sampler:
         over prompt and generated tokens (CTRL / HF: divide positive logits, multiply negative)."""
         p = seq.params
         if p.presence_penalty or p.frequency_penalty:
-            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long),
+            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device),
                                     minlength=self.vocab_size)[: self.vocab_size].float()
             logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if p.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
 

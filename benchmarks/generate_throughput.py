@@ -1,0 +1,128 @@
+"""Decode throughput of nanoseek's engine vs transformers' `generate`, same checkpoint, same machine.
+
+    python benchmarks/generate_throughput.py            # a random `small`-preset model in a temp dir
+    python benchmarks/generate_throughput.py --model DIR
+
+Both run greedy, ignore eos, same prompts and max_new_tokens, at batch 1 and 32 and two prompt
+lengths, on 2 CPU threads. Decode tokens/s excludes prefill: each configuration is also run with
+one new token, and decode rate = batch * (new_tokens - 1) / (time(new_tokens) - time(1 token)).
+Also printed: latent-cache bytes per token against the multi-head K/V cache transformers keeps for
+the same model, and MTP speculation's acceptance rate and speed-up at both batch sizes. A random
+model's MTP head rarely agrees with its main model (acceptance near 0, so speculation costs time);
+a trained checkpoint (--model) shows the real figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s of generate(n): the time of n new tokens minus that of 1 (the prefill)."""
+    full = best_time(lambda: generate(new_tokens), repeats)
+    prefill = best_time(lambda: generate(1), repeats)
+    return batch * (new_tokens - 1) / (full - prefill)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="checkpoint directory (default: a random small-preset model)")
+    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--mtp", type=int, default=2, help="draft tokens for the speculation column (0: skip)")
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from nanoseek import LLM, SamplingParams
+    from nanoseek.checkpoint import save_model
+    from nanoseek.config import preset
+    from nanoseek.model.transformer import Transformer
+
+    hf_logging.set_verbosity_error()
+    tmp = None
+    if args.model is None:
+        tmp = tempfile.TemporaryDirectory()
+        torch.manual_seed(0)
+        args.model = os.path.join(tmp.name, "small")
+        save_model(Transformer(preset("small")), args.model)
+    hf = DeepseekV3ForCausalLM.from_pretrained(args.model).eval()  # ignores the MTP layer's keys
+    cfg = hf.config
+    engines = {k: LLM(args.model, max_num_seqs=max(args.batches), enable_prefix_caching=False, speculative_mtp=k)
+               for k in ([0, args.mtp] if args.mtp else [0])}
+    print(f"model: {args.model} ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters), "
+          f"{args.new_tokens} new tokens, greedy, ignore eos, 2 threads, best of {args.repeats}")
+
+    def ours(llm, prompts):
+        return lambda n: llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+    def theirs(prompts):
+        ids = torch.tensor(prompts)
+
+        def run(n):
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+        return run
+
+    g = torch.Generator().manual_seed(0)
+    warm = torch.randint(2, cfg.vocab_size, (2, 8), generator=g).tolist()
+    for llm in engines.values():
+        ours(llm, warm)(4)
+    theirs(warm)(4)
+
+    header = f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14} | {'transformers tok/s':>18} | {'ratio':>6}"
+    if args.mtp:
+        header += f" | {'MTP k=' + str(args.mtp) + ' tok/s':>15} | {'accept':>6} | {'MTP speed-up':>12}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for prompt_len in args.prompt_lens:
+        for batch in args.batches:
+            prompts = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+            rate = decode_rate(ours(engines[0], prompts), batch, args.new_tokens, args.repeats)
+            hf_rate = decode_rate(theirs(prompts), batch, args.new_tokens, args.repeats)
+            line = f"{batch:>5} {prompt_len:>6} | {rate:>14.1f} | {hf_rate:>18.1f} | {rate / hf_rate:>5.2f}x"
+            if args.mtp:
+                spec = engines[args.mtp]
+                before = spec.stats()
+                mtp_rate = decode_rate(ours(spec, prompts), batch, args.new_tokens, args.repeats)
+                after = spec.stats()
+                accept = ((after["spec_accepted_tokens"] - before["spec_accepted_tokens"])
+                          / max(after["spec_draft_tokens"] - before["spec_draft_tokens"], 1))
+                line += f" | {mtp_rate:>15.1f} | {accept:>6.2f} | {mtp_rate / rate:>11.2f}x"
+            print(line, flush=True)
+
+    # cache bytes per token: the latent cache vs the per-head K/V cache of the same model
+    itemsize = next(hf.parameters()).element_size()
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    latent = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+    mha = L * H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * itemsize
+    print(f"\nKV cache per token ({L} layers, {itemsize}-byte values): nanoseek latent {latent} B, "
+          f"multi-head K/V (transformers) {mha} B: {mha / latent:.1f}x smaller")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

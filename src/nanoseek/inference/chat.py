@@ -1,0 +1,71 @@
+"""`nanoseek chat`: a terminal chat with a checkpoint, streamed through the chat template.
+
+    nanoseek chat --model runs/r1-zero --temperature 0.6
+
+Replies stream as they are generated. A reasoning model's `<think>...</think>` part is shown
+dimmed when stdout is a terminal. As DeepSeek-R1 recommends, earlier turns' reasoning is not sent
+back: the history keeps only each reply's final answer. Type /reset to start over, /exit (or
+Ctrl-D) to leave.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from nanoseek.inference.generate import add_engine_arguments, build_engine
+
+THINK_START, THINK_END = "<think>", "</think>"
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def styled(text: str, tty: bool) -> str:
+    """The reply as printed: the think part dimmed on a terminal. Growing text gives growing output
+    (the think tags are single tokens, so they never arrive split), so deltas can be printed."""
+    if not tty:
+        return text
+    return text.replace(THINK_START, DIM + THINK_START).replace(THINK_END, THINK_END + RESET)
+
+
+def final_answer(reply: str) -> str:
+    return reply.split(THINK_END, 1)[1].strip() if THINK_END in reply else reply.strip()
+
+
+def add_arguments(parser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--system", default=None, help="a system prompt")
+
+
+def run(args) -> int:
+    from nanoseek.inference.sampling import SamplingParams
+
+    llm = build_engine(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    tty = sys.stdout.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("nanoseek chat: /reset clears the conversation, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            history = []
+            continue
+        if not user:
+            continue
+        history.append({"role": "user", "content": user})
+        prompt = llm.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        shown, reply = "", ""
+        for out in llm.stream(prompt, params):
+            reply = out.outputs[0].text
+            now = styled(reply, tty)
+            sys.stdout.write(now[len(shown):])
+            sys.stdout.flush()
+            shown = now
+        print(RESET if tty and THINK_START in reply and THINK_END not in reply else "")
+        history.append({"role": "assistant", "content": final_answer(reply)})

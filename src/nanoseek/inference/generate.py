@@ -1,0 +1,76 @@
+"""`nanoseek generate`: complete prompts with a checkpoint from the command line.
+
+    nanoseek generate --model runs/small --prompt "Once upon a time" --max-tokens 64
+    nanoseek generate --model runs/small --prompt "a" --prompt "b" --n 4 --temperature 0.8 --seed 0
+
+Each completion is printed in full; throughput and prefix-cache figures go to stderr. A single
+prompt with --stream prints tokens as they are produced.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from nanoseek.errors import NanoseekError
+
+
+def add_engine_arguments(parser) -> None:
+    """The model and sampling flags `generate` and `chat` share."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per completion")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
+                        help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def build_engine(args):
+    from nanoseek.inference.engine import LLM
+
+    llm = LLM(args.model, max_model_len=args.max_model_len, speculative_mtp=args.speculative_mtp)
+    if llm.tokenizer is None:
+        raise NanoseekError(f"{args.model} has no tokenizer.json; save the checkpoint with its tokenizer")
+    return llm
+
+
+def add_arguments(parser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
+
+
+def run(args) -> int:
+    from nanoseek.inference.sampling import SamplingParams
+
+    llm = build_engine(args)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, max_tokens=args.max_tokens)
+    start = time.perf_counter()
+    if args.stream:
+        if len(args.prompt) != 1 or args.n != 1:
+            raise NanoseekError("--stream takes one --prompt and --n 1")
+        shown = 0
+        for out in llm.stream(args.prompt[0], params):
+            text = out.outputs[0].text
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+        print()
+    else:
+        for i, out in enumerate(llm.generate(args.prompt, params)):
+            for c in out.outputs:
+                label = f"[{i}]" if args.n == 1 else f"[{i}.{c.index}]"
+                print(f"{label} {out.prompt}{c.text}  ({c.finish_reason})")
+    elapsed = time.perf_counter() - start
+    s = llm.stats()
+    line = (f"{s['generation_tokens']} tokens in {elapsed:.2f}s ({s['generation_tokens'] / elapsed:.1f} tok/s), "
+            f"{s['prefix_cache_hit_tokens']}/{s['prompt_tokens']} prompt tokens from the prefix cache")
+    if args.speculative_mtp:
+        line += f", MTP acceptance {s['spec_acceptance_rate']:.2f}"
+    print(line, file=sys.stderr)
+    return 0
