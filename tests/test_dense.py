@@ -28,6 +28,15 @@ VARIANTS = {
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def student(**kw) -> DenseTransformer:
     model = DenseTransformer(DenseConfig(**{**SMALL, **kw})).eval()
     with torch.no_grad():  # biases start at zero: make them matter

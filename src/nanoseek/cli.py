@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("nanoseek.inference.chat", "terminal chat with a checkpoint through its chat template, streamed"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3 model (next-token + MTP loss, aux-loss-free balancing)"),
     "serve": ("nanoseek.serve.api", "OpenAI/DeepSeek-compatible HTTP server (chat, completions, reasoning_content, SSE) and chat page"),
+    "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat / prompt-completion jsonl (loss on assistant tokens, packing)"),
+    "distill": ("nanoseek.train.distill", "R1-Distill: rejection-sample a teacher's verified traces, fine-tune a student on them"),
     "rl": ("nanoseek.train.grpo", "R1-Zero RL: GRPO / Dr. GRPO / DAPO with rule-based rewards, from a base checkpoint"),
     "eval": ("nanoseek.eval", "pass@1 / pass@k / maj@k of a checkpoint on a task's held-out problems"),
 }

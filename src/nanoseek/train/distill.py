@@ -1,0 +1,238 @@
+"""R1-Distill: rejection-sample a teacher's reasoning traces, then fine-tune a student on them.
+
+    nanoseek distill --teacher runs/rl/latest --student student-small --task default \\
+        [--config configs/distill_small.toml] [--resume] [key=value ...]
+
+DeepSeek-R1 §2.3.3 and §2.4, at toy scale:
+
+1. Rejection sampling. The teacher (an R1-Zero checkpoint, run by the inference engine) answers
+   `num_prompts` training-split problems of `task`, `samples_per_prompt` times each, in the R1-Zero
+   prompt format (`nanoseek.data.tasks.r1zero_prompt`). A trace is kept only if the verifier
+   accepts it: accuracy reward 1 (the task's scorer gives full credit to the extracted answer) and
+   format reward 1 (`<think> ... </think> <answer> ... </answer>`, nothing else). Identical traces
+   of one prompt are kept once (`dedupe`).
+2. The kept traces are written to `<out_dir>/traces.jsonl`, one inspectable row each: the chat view
+   (`messages`: the question, then the assistant's `<think>` reasoning and answer), the verbatim
+   prompt / completion the teacher saw and wrote, and `metadata` (task, gold answer, sample index,
+   rewards). `traces.summary.json` records the recipe and the counts; a later run with the same
+   recipe (e.g. `--resume`) reuses the file instead of sampling again.
+3. SFT of the student (`nanoseek.train.sft`) on those rows, plus any `data` files given. By
+   default on the prompt / completion view (`format`): the student learns to answer the exact prompt
+   `nanoseek eval` asks; `format="messages"` trains the chat view instead. With `kd_weight > 0`
+   the loss also distils the teacher's logits (forward KL on the completion tokens), which needs
+   the student to share the teacher's tokenizer (a student built from a preset always does).
+
+The student is a dense preset (`student-small`, built with the teacher's tokenizer), a DeepSeek-V3
+preset, or any checkpoint directory (e.g. a student pretrained with `nanoseek pretrain`). R1-Distill
+fine-tunes pretrained bases; see configs/distill_small.toml for what was measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from nanoseek.data.tasks import THINK_START, Problem, derive_seed, get_task, r1zero_prompt
+from nanoseek.errors import ConfigError
+from nanoseek.rewards import accuracy_reward, format_reward
+from nanoseek.train.loop import load_config
+from nanoseek.train.sft import SFTConfig
+from nanoseek.train import sft
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    out_dir: str = "runs/distill"
+    format: Literal["auto", "messages", "prompt_completion"] = "prompt_completion"  # the view of the traces the student trains on (see the module doc)
+    # teacher sampling (the teacher itself is SFTConfig.teacher; the student is SFTConfig.init)
+    task: str = "default"  # a nanoseek.data.tasks name; problems come from its train split
+    num_prompts: int = 1000
+    samples_per_prompt: int = 4  # k traces per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    max_num_seqs: int = 256  # sequences the engine decodes at once
+    dedupe: bool = True  # keep each distinct verified trace of a prompt once
+    dataset: str = ""  # where to write the traces; "" = <out_dir>/traces.jsonl
+    # after training
+    eval_n: int = 0  # > 0: report the student's greedy pass@1 on this many eval-split problems
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def dataset_path(self) -> Path:
+        return Path(self.dataset) if self.dataset else Path(self.out_dir) / "traces.jsonl"
+
+
+# ============================================================================ rejection sampling
+
+
+def verify(completion: str, problem: Problem) -> dict[str, float]:
+    """The R1-Zero rule-based rewards of a completion: accuracy and format."""
+    return {"accuracy": accuracy_reward(completion, problem), "format": format_reward(completion)}
+
+
+def is_verified(rewards: dict[str, float]) -> bool:
+    """The rejection-sampling filter: keep a trace only when the answer is right and well-formed."""
+    return rewards["accuracy"] == 1.0 and rewards["format"] == 1.0
+
+
+def trace_row(problem: Problem, prompt: str, completion: str, metadata: dict) -> dict:
+    """One dataset row: the chat view, the verbatim prompt / completion, and metadata."""
+    return {
+        "messages": [{"role": "user", "content": problem.question},
+                     # the prompt prefilled "<think>": the assistant's turn starts with it
+                     {"role": "assistant", "content": THINK_START + completion}],
+        "prompt": prompt,
+        "completion": completion,
+        "metadata": metadata,
+    }
+
+
+def sample_traces(cfg: DistillConfig) -> dict:
+    """Sample the teacher, keep the verified traces, write them (and a summary) atomically.
+    Returns the summary: the recipe plus counts and timings."""
+    from nanoseek.inference.engine import LLM
+    from nanoseek.inference.sampling import SamplingParams
+
+    task = get_task(cfg.task)
+    problems = task.problems(cfg.num_prompts, seed=cfg.seed, split="train")
+    prompts = [r1zero_prompt(p.question) for p in problems]
+    params = [SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_tokens=cfg.max_new_tokens, seed=derive_seed("distill", cfg.seed, i))
+              for i in range(len(problems))]
+    llm = LLM(cfg.teacher, max_num_seqs=cfg.max_num_seqs, block_size=16)
+    print(f"sampling {cfg.samples_per_prompt} traces for each of {len(problems)} {task.name} prompts "
+          f"from {cfg.teacher} (temperature {cfg.temperature}, at most {cfg.max_new_tokens} tokens)", flush=True)
+
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+
+    rows, verified, covered, generated_tokens = [], 0, 0, 0
+    for problem, prompt, out in zip(problems, prompts, outputs):
+        kept = set()
+        for sample in out.outputs:
+            generated_tokens += len(sample.token_ids)
+            rewards = verify(sample.text, problem)
+            if not is_verified(rewards):
+                continue
+            verified += 1
+            if cfg.dedupe and sample.text in kept:
+                continue
+            kept.add(sample.text)
+            task_name = problem.task.name if problem.task is not None else task.name
+            rows.append(trace_row(problem, prompt, sample.text, {
+                "task": task_name, "question": problem.question, "answer": problem.answer,
+                "sample": sample.index, "teacher": str(cfg.teacher), "rewards": rewards,
+                "finish_reason": sample.finish_reason, "completion_tokens": len(sample.token_ids)}))
+        covered += bool(kept)
+
+    total = len(problems) * cfg.samples_per_prompt
+    summary = {
+        "recipe": sampling_recipe(cfg),
+        "prompts": len(problems), "samples": total, "verified": verified, "rows": len(rows),
+        "prompts_with_a_trace": covered, "teacher_pass_rate": verified / total,
+        "generated_tokens": generated_tokens, "seconds": round(seconds, 1),
+        "tokens_per_s": round(generated_tokens / max(seconds, 1e-9), 1),
+    }
+    path = cfg.dataset_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+    summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the dataset complete
+    print(f"kept {len(rows)} traces ({verified} of {total} samples verified, {covered} of {len(problems)} prompts "
+          f"covered) -> {path} | {generated_tokens:,} tokens in {seconds:.0f}s "
+          f"({summary['tokens_per_s']:.0f} tok/s)", flush=True)
+    return summary
+
+
+def sampling_recipe(cfg: DistillConfig) -> dict:
+    """What determines the traces: a dataset made with the same recipe is reused."""
+    keys = ("teacher", "task", "num_prompts", "samples_per_prompt", "temperature", "top_p", "max_new_tokens",
+            "dedupe", "seed")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def summary_path(dataset: Path) -> Path:
+    return dataset.with_name(dataset.stem + ".summary.json")
+
+
+def existing_traces(cfg: DistillConfig) -> dict | None:
+    """The summary of a finished dataset with this recipe, or None."""
+    path = summary_path(cfg.dataset_path)
+    if cfg.dataset_path.is_file() and path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("recipe") == sampling_recipe(cfg):
+            return summary
+    return None
+
+
+# ============================================================================ the stage
+
+
+def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
+    """Sample and filter the teacher's traces (unless this recipe's dataset exists), then SFT the
+    student on them; returns the student's final checkpoint directory."""
+    if not cfg.teacher or not Path(cfg.teacher).is_dir():
+        raise ConfigError(f"teacher={cfg.teacher!r}: name the teacher's checkpoint directory (--teacher DIR)")
+    if not cfg.init:
+        raise ConfigError("name the student: --student PRESET_OR_DIR (e.g. student-small)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    summary = existing_traces(cfg)
+    if summary is not None:
+        print(f"reusing {cfg.dataset_path}: {summary['rows']} traces of the same recipe", flush=True)
+    else:
+        summary = sample_traces(cfg)
+    if summary["rows"] == 0:
+        raise ConfigError(f"the teacher passed none of {summary['samples']} samples; nothing to distil "
+                          "(raise num_prompts / samples_per_prompt, or check the teacher with `nanoseek eval`)")
+
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    sft_cfg = SFTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in sft_fields})
+    sft_cfg.data = [*cfg.data, str(cfg.dataset_path)]
+    if not cfg.tokenizer and not Path(cfg.init).is_dir():
+        sft_cfg.tokenizer = cfg.teacher  # a student built from a preset speaks the teacher's tokenizer
+    path = sft.train(sft_cfg, resume=resume)
+
+    if cfg.eval_n:
+        from nanoseek.eval import evaluate, format_report
+
+        print("student: " + format_report(evaluate(path, task=cfg.task, n=cfg.eval_n, seed=cfg.seed,
+                                                    max_tokens=cfg.max_new_tokens)), flush=True)
+    return path
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--teacher", help="teacher checkpoint directory (an R1-Zero model); sets teacher=")
+    parser.add_argument("--student", help="student: a preset (student-small) or a checkpoint directory; sets init=")
+    parser.add_argument("--task", help="task to sample problems from (default: the RL mix); sets task=")
+    parser.add_argument("--config", help="TOML recipe, e.g. configs/distill_small.toml")
+    parser.add_argument("--resume", action="store_true", help="continue the student's SFT from out_dir's newest checkpoint")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the student's SFT from this checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. num_prompts=500 samples_per_prompt=8 kd_weight=0.5")
+
+
+def run(args) -> int:
+    flags = [f"{key}={value}" for key, value in (("teacher", args.teacher), ("init", args.student), ("task", args.task))
+             if value is not None]
+    cfg = load_config(DistillConfig, args.config, [*flags, *args.overrides])
+    distill(cfg, resume=args.resume_from or ("latest" if args.resume else None))
+    return 0

@@ -1,0 +1,473 @@
+"""Supervised fine-tuning: the loss on assistant tokens only, packed sequences, any nanoseek model.
+
+    nanoseek sft --config configs/sft_small.toml [--resume] [key=value ...]
+
+Used for R1's cold start (a DeepSeek-V3 model on a few long reasoning traces) and for R1-Distill
+(a dense student on the teacher's verified traces, see `nanoseek.train.distill`).
+
+Data: jsonl files, one example per line, in either of the two layouts TRL's SFTTrainer reads:
+
+- `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`: rendered with
+  the tokenizer's chat template (DeepSeek-R1's). The loss covers the content of every assistant
+  turn (`<think>` reasoning included) and the `<｜end▁of▁sentence｜>` that closes it; bos, system
+  prompt, user turns and the `<｜User｜>` / `<｜Assistant｜>` markers are context only.
+- `{"prompt": ..., "completion": ...}`: plain text, `bos prompt completion eos`, as the inference
+  engine sees a text prompt; the loss covers the completion and its eos. Distillation trains on
+  this view, the R1-Zero prompt the teacher answered and `nanoseek eval` asks.
+
+`format` picks the view when a row has both ("auto": messages when present). Other fields (e.g.
+`metadata`) are ignored.
+
+Packing: examples are shuffled (per epoch, seeded) and concatenated into rows of seq_len + 1 tokens;
+an example never straddles two rows (one longer than a row is truncated). Attention crosses the
+examples packed into a row, as in pretraining (whose windows span documents too): positions run
+on through the row and every example starts with bos, which the model learns to read as a fresh
+start. No loss is taken across the seam: an example's first token is never a target. Set
+`packing=false` for one example per row (padded), where nothing is shared.
+
+The loss is a mean over the target tokens of the whole optimizer step (all micro-batches and
+ranks), so an example weighs the same whatever row or micro-batch it lands in. Optional logit
+distillation (`teacher=DIR`, `kd_weight`) mixes in the forward KL from the teacher's next-token
+distribution on the same target tokens; it needs the teacher's tokenizer.
+
+The loop reads like pretraining's: setup, then per step: batches -> optimizer step -> (MoE bias
+update) -> log -> every so often validation loss, a sample, a checkpoint. Optimizer, schedule,
+checkpoints, exact resume and distributed training are `nanoseek.train.loop`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoseek.checkpoint import load_model
+from nanoseek.config import PRESETS, preset
+from nanoseek.data.tasks import derive_seed
+from nanoseek.errors import ConfigError, NanoseekError
+from nanoseek.model.dense import DENSE_PRESETS, DenseTransformer, dense_preset
+from nanoseek.model.moe import update_expert_bias
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.loop import (
+    DistEnv, Trainer, TrainConfig, batch_plan, evaluate_loss, generate, load_config, seed_everything,
+    setup_distributed, teardown_distributed,
+)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out_dir: str = "runs/sft"
+    max_steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    # model
+    init: str = ""  # checkpoint directory to fine-tune, or a preset to train from scratch ("student-small", "small")
+    model: dict[str, Any] = field(default_factory=dict)  # config overrides when `init` is a preset
+    tokenizer: str = ""  # tokenizer directory; "" = the one saved with `init`
+    # data
+    data: list[str] = field(default_factory=list)  # jsonl files of messages or prompt/completion rows
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    packing: bool = True  # several examples per row (attention crosses them, the loss does not)
+    epochs: float = 0.0  # > 0: max_steps = epochs over the training rows (overrides max_steps)
+    val_fraction: float = 0.05  # share of prompts held out for the validation loss (all their examples)
+    # objective
+    teacher: str = ""  # checkpoint directory whose logits to distil (same tokenizer); "" = none
+    kd_weight: float = 0.0  # loss = (1 - kd_weight) * CE + kd_weight * KL(teacher || student)
+    mtp_lambda: float = 0.0  # DeepSeek-V3 models: weight of the MTP loss (0 leaves the MTP module as it is)
+    bias_gamma: float = 1e-3  # DeepSeek-V3 models: aux-loss-free expert-bias update speed; 0 = off
+    # samples
+    sample_temperature: float = 0.0  # greedy samples of a validation prompt
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.kd_weight <= 1:
+            raise ConfigError(f"kd_weight={self.kd_weight} must be in [0, 1]")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs} must be >= 0")
+        if self.kd_weight > 0 and not self.teacher:
+            raise ConfigError("kd_weight > 0 needs teacher=DIR, the checkpoint whose logits to distil")
+
+
+# ============================================================================ data
+
+
+@dataclass
+class Example:
+    ids: list[int]  # the rendered example
+    mask: list[bool]  # per token: is it a target (assistant content / completion, and its eos)
+    prompt: str  # what the example answers; the validation split and samples use it
+
+
+def tokenize_messages(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """Render a conversation with the chat template; mark the tokens of each assistant turn's
+    content and its closing eos as targets.
+
+    The template is prefix-stable (rendering the first i messages plus a generation prompt gives a
+    prefix of the whole), and every boundary falls on a special token, where BPE never merges. So
+    assistant turn i spans exactly from the end of "messages[:i] + <｜Assistant｜>" to the end of
+    "messages[:i+1]", in tokens as in text.
+    """
+    _check_messages(messages)
+
+    def length(msgs, generation_prompt):
+        return len(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt)))
+
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    mask = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = length(messages[:i], True), length(messages[: i + 1], False)
+            mask[start:end] = [True] * (end - start)
+    return ids, mask
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise NanoseekError("messages must be a list of {role, content} objects")
+    roles = [m.get("role") for m in messages]
+    if any(not isinstance(m.get("content"), str) for m in messages):
+        raise NanoseekError("every message needs a string content")
+    if "assistant" not in roles:
+        raise NanoseekError("a conversation needs at least one assistant turn to train on")
+    first_other = next(i for i, r in enumerate(roles) if r != "system")
+    if "system" in roles[first_other:]:  # the template moves system prompts to the front
+        raise NanoseekError("system messages must come before the conversation's other turns")
+
+
+def tokenize_prompt_completion(prompt: str, completion: str, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """`bos prompt completion eos`, bos added the way the engine adds it to text prompts; the
+    completion and eos are the targets."""
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids or prompt_ids[0] != tokenizer.bos_id:
+        prompt_ids = [tokenizer.bos_id] + prompt_ids
+    completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
+    return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
+
+
+def load_examples(paths: list[str], tokenizer: Tokenizer, fmt: str, max_len: int) -> tuple[list[Example], dict]:
+    """Tokenize every row of the jsonl files; examples longer than `max_len` tokens are truncated,
+    and those left with no target are dropped. Returns the examples and counts."""
+    if not paths:
+        raise ConfigError("no SFT data: set data=[\"file.jsonl\", ...]")
+    examples, counts = [], {"rows": 0, "truncated": 0, "dropped": 0}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise NanoseekError(f"SFT data file {path} not found")
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                use_messages = "messages" in row and fmt != "prompt_completion"
+                if use_messages:
+                    ids, mask = tokenize_messages(row["messages"], tokenizer)
+                    prompt = next(m["content"] for m in row["messages"] if m["role"] != "system")
+                elif fmt != "messages" and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                    ids, mask = tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer)
+                    prompt = row["prompt"]
+                else:
+                    want = {"auto": "messages, or prompt and completion", "messages": "messages",
+                            "prompt_completion": "prompt and completion"}[fmt]
+                    raise NanoseekError(f"expected {want} (format={fmt})")
+            except (json.JSONDecodeError, NanoseekError, AttributeError, TypeError) as e:
+                raise NanoseekError(f"{path}:{line_no}: not an SFT example: {e}") from None
+            counts["rows"] += 1
+            if len(ids) > max_len:
+                ids, mask = ids[:max_len], mask[:max_len]
+                counts["truncated"] += 1
+            if not any(mask[1:]):  # the first token is never a target
+                counts["dropped"] += 1
+                continue
+            examples.append(Example(ids, mask, prompt))
+    if not examples:
+        raise NanoseekError(f"no trainable examples in {paths} ({counts})")
+    return examples, counts
+
+
+def split_examples(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, val) by a seeded hash of the prompt, so all examples of one prompt (several traces
+    of one question) land on the same side."""
+    cut = int(val_fraction * 10_000)
+    is_val = [derive_seed("sft-val", seed, ex.prompt) % 10_000 < cut for ex in examples]
+    train = [ex for ex, v in zip(examples, is_val) if not v]
+    val = [ex for ex, v in zip(examples, is_val) if v]
+    if not train:
+        raise NanoseekError(f"val_fraction={val_fraction} left no training examples")
+    return train, val
+
+
+def pack(examples: list[Example], row_len: int, packing: bool) -> list[Example]:
+    """Concatenate examples, in order, into rows of at most row_len tokens (one per row without
+    packing). A row's `prompt` is its first example's."""
+    rows: list[Example] = []
+    for ex in examples:
+        if rows and packing and len(rows[-1].ids) + len(ex.ids) <= row_len:
+            rows[-1].ids += ex.ids
+            rows[-1].mask += ex.mask
+        else:
+            rows.append(Example(list(ex.ids), list(ex.mask), ex.prompt))
+    return rows
+
+
+def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows -> inputs (B, T) and labels (B, T): labels[t] is token t+1 when it is a target, else
+    IGNORE_INDEX; padded to the longest row."""
+    T = max(len(r.ids) for r in rows) - 1
+    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids, mask = torch.tensor(row.ids), torch.tensor(row.mask)
+        inputs[b, : len(ids) - 1] = ids[:-1]
+        labels[b, : len(ids) - 1] = ids[1:].masked_fill(~mask[1:], IGNORE_INDEX)
+    return inputs, labels
+
+
+class PackedLoader:
+    """Micro-batches of packed rows, reshuffled and repacked every epoch (seeded). Each rank takes
+    every world_size-th row. Its position (epoch, row) is checkpointed, so a resumed run sees the
+    same batches as an uninterrupted one."""
+
+    def __init__(self, examples: list[Example], row_len: int, micro_batch: int, pad_id: int, packing: bool = True,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.examples, self.row_len, self.micro_batch, self.pad_id = examples, row_len, micro_batch, pad_id
+        self.packing, self.rank, self.world_size, self.seed, self.shuffle = packing, rank, world_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self.rows = self._epoch_rows(0)
+        if len(self.rows) < micro_batch:
+            raise ConfigError(f"the data packs into {len(self.rows)} rows per rank, fewer than one micro-batch "
+                              f"({micro_batch}); lower batch_size / micro_batch_size or add data")
+
+    def _epoch_rows(self, epoch: int) -> list[Example]:
+        order = list(self.examples)
+        if self.shuffle:
+            random.Random(derive_seed("sft-epoch", self.seed, epoch)).shuffle(order)
+        rows = pack(order, self.row_len, self.packing)
+        return rows[self.rank: len(rows) - len(rows) % self.world_size: self.world_size]
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows over all ranks in the first epoch (later epochs pack within a row or two of it)."""
+        return len(self.rows) * self.world_size
+
+    def __iter__(self) -> "PackedLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.micro_batch > len(self.rows):  # the epoch's remainder is dropped
+            self.epoch, self.position = self.epoch + 1, 0
+            self.rows = self._epoch_rows(self.epoch)
+        batch = self.rows[self.position: self.position + self.micro_batch]
+        self.position += self.micro_batch
+        return collate(batch, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.rows = self._epoch_rows(self.epoch)
+
+
+# ============================================================================ model
+
+
+def load_tokenizer(cfg: SFTConfig) -> Tokenizer:
+    source = cfg.tokenizer or (cfg.init if Path(cfg.init).is_dir() else "")
+    if not source:
+        raise ConfigError(f"init={cfg.init!r} is a preset: name a tokenizer directory with tokenizer=DIR")
+    return Tokenizer.from_dir(source)
+
+
+def build_model(cfg: SFTConfig, tokenizer: Tokenizer) -> Transformer | DenseTransformer:
+    """The model to fine-tune: `init` loaded from a checkpoint directory, or a fresh model of a
+    preset (a dense student such as "student-small", or a DeepSeek-V3 preset such as "small")
+    sized to the tokenizer."""
+    if Path(cfg.init).is_dir():
+        if cfg.model:
+            raise ConfigError("model.* overrides apply to presets only; init is a checkpoint directory")
+        model = load_model(cfg.init)
+    else:
+        settings = {**cfg.model, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
+                    "eos_token_id": tokenizer.eos_id}
+        if cfg.init in DENSE_PRESETS:
+            base = DENSE_PRESETS[cfg.init]
+            settings["max_position_embeddings"] = max(base["max_position_embeddings"], cfg.seq_len)
+            model = DenseTransformer(dense_preset(cfg.init, **settings))
+        elif cfg.init in PRESETS:
+            settings["max_position_embeddings"] = max(PRESETS[cfg.init].get("max_position_embeddings", 0), cfg.seq_len)
+            model = Transformer(preset(cfg.init, **settings))
+        else:
+            raise ConfigError(f"init={cfg.init!r} is neither a checkpoint directory nor a preset "
+                              f"({', '.join([*DENSE_PRESETS, *PRESETS])})")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+                          f"({tokenizer.vocab_size})")
+    return model
+
+
+def load_teacher(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device) -> nn.Module:
+    """The frozen model whose logits `kd_weight` distils; its tokenizer must be the student's."""
+    teacher_tok = Tokenizer.from_dir(cfg.teacher)
+    if teacher_tok.tk.get_vocab() != tokenizer.tk.get_vocab():
+        raise ConfigError(f"logit distillation needs the teacher's tokenizer; {cfg.teacher} has a different "
+                          "vocabulary (set kd_weight=0 to train on its traces only)")
+    teacher = load_model(cfg.teacher, device=device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over target positions (labels != IGNORE_INDEX) of KL(p_teacher || p_student), the
+    next-token distributions from logits (B, T, V) of the same vocabulary."""
+    target = labels != IGNORE_INDEX  # (B, T)
+    log_p_student = student_logits[target].float().log_softmax(-1)  # (N, V)
+    log_p_teacher = teacher_logits[target].float().log_softmax(-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+
+
+# ============================================================================ training
+
+
+def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
+    """Run SFT (in this process, or as one rank under torchrun); returns the final checkpoint
+    directory. `resume`: "latest" or a checkpoint directory to continue from."""
+    env = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    # ---- data, model
+    tokenizer = load_tokenizer(cfg)
+    examples, counts = load_examples(cfg.data, tokenizer, cfg.format, max_len=cfg.seq_len + 1)
+    train_examples, val_examples = split_examples(examples, cfg.val_fraction, cfg.seed)
+    micro_batch, accum = batch_plan(cfg, env.world_size)
+    loader = PackedLoader(train_examples, cfg.seq_len + 1, micro_batch, tokenizer.pad_id, cfg.packing,
+                          env.rank, env.world_size, seed=cfg.seed)
+    if cfg.epochs:
+        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * loader.rows_per_epoch / cfg.batch_size)))
+    val_rows = pack(val_examples, cfg.seq_len + 1, cfg.packing)
+    val_rows = val_rows[env.rank: len(val_rows) - len(val_rows) % env.world_size: env.world_size]
+    val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)
+                   for i in range(0, len(val_rows), micro_batch)][: cfg.eval_batches]
+    model = build_model(cfg, tokenizer).to(env.device)
+    teacher = load_teacher(cfg, tokenizer, env.device) if cfg.kd_weight > 0 else None
+    trainer = Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume)
+    if env.is_main:
+        targets = sum(sum(ex.mask) for ex in train_examples)
+        tokens = sum(len(ex.ids) for ex in train_examples)
+        print(f"data: {counts['rows']} rows -> {len(train_examples)} train / {len(val_examples)} val examples "
+              f"({counts['truncated']} truncated, {counts['dropped']} dropped), {tokens:,} tokens of which "
+              f"{targets:,} targets, packed into {loader.rows_per_epoch} rows of {cfg.seq_len + 1}", flush=True)
+        print(f"model: {type(model).__name__} {model.num_parameters() / 1e6:.2f}M parameters | "
+              f"batch {cfg.batch_size} rows = {micro_batch} x {accum} accumulation x {env.world_size} ranks | "
+              f"{cfg.max_steps} steps ({cfg.max_steps * cfg.batch_size / loader.rows_per_epoch:.2f} epochs)", flush=True)
+
+    def loss_fn(model, batch):
+        inputs, labels, scale = batch  # scale = micro-batches x ranks / target tokens in the whole step
+        inputs, labels = inputs.to(env.device), labels.to(env.device)
+        out = model(inputs, labels=labels)
+        ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets
+        objective, metrics = ce_sum * scale, {"loss": ce_sum * scale}
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(inputs).logits
+            V = tokenizer.vocab_size  # heads may be padded past the vocabulary; compare the ids that exist
+            kl_sum = forward_kl(out.logits[..., :V], teacher_logits[..., :V], labels)
+            objective = ((1 - cfg.kd_weight) * ce_sum + cfg.kd_weight * kl_sum) * scale
+            metrics["kl"] = kl_sum * scale
+        if out.mtp_loss is not None and cfg.mtp_lambda > 0:
+            objective = objective + cfg.mtp_lambda * out.mtp_loss
+            metrics["mtp_loss"] = out.mtp_loss
+        if out.aux_loss is not None:
+            objective = objective + out.aux_loss
+        return objective, metrics
+
+    def validate():
+        if val_batches:
+            trainer.log({"val_loss": evaluate_loss(trainer.raw_model, val_batches, env, trainer.autocast)}, console=True)
+
+    def sample():
+        example = (val_examples or train_examples)[0]
+        prompt = example.ids[: example.mask.index(True)]
+        new = generate(trainer.raw_model, prompt, cfg.sample_tokens, cfg.sample_temperature, seed=cfg.seed + trainer.step,
+                       eos_id=tokenizer.eos_id)
+        text = tokenizer.decode(new)
+        trainer.log({"sample": text}, console=False)
+        if env.is_main:
+            print(f"---- sample at step {trainer.step} ----\n{tokenizer.decode(prompt)}{text}\n----", flush=True)
+
+    if trainer.step == 0:
+        validate()
+
+    # ---- the loop
+    while trainer.step < cfg.max_steps:
+        batches = [next(loader) for _ in range(accum)]
+        targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        tokens = sum(int((inputs != tokenizer.pad_id).sum()) for inputs, _ in batches)
+        targets, tokens = _sum_over_ranks(env, targets, tokens)
+        scale = accum * env.world_size / targets
+        stats = trainer.train_step([(i, l, scale) for i, l in batches], loss_fn, tokens=tokens)
+        imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # DeepSeek-V3 models only
+        if imbalance:
+            stats["imbalance"] = max(imbalance)
+        trainer.log(stats)
+
+        last = trainer.step == cfg.max_steps
+        if trainer.every(cfg.eval_every) or last:
+            validate()
+        if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
+            sample()
+        if trainer.every(cfg.save_every) and not last:
+            trainer.save_checkpoint()
+        if trainer.should_stop():
+            break
+
+    path = trainer.save_checkpoint()
+    trainer.close()
+    return path
+
+
+def _sum_over_ranks(env: DistEnv, *values: int) -> list[int]:
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="TOML recipe, e.g. configs/sft_tiny.toml (defaults apply without)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. init=runs/pretrain/latest data=chats.jsonl max_steps=100")
+
+
+def run(args) -> int:
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    train(cfg, resume=args.resume_from or ("latest" if args.resume else None))
+    return 0

@@ -1,0 +1,111 @@
+"""Distillation: the rejection filter keeps only verified traces, and a tiny end-to-end
+`nanoseek distill` (tiny teacher, a few prompts) writes the jsonl dataset and a student checkpoint."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.cli import main as cli_main
+from nanoseek.config import preset
+from nanoseek.data.tasks import Problem, get_task, r1zero_completion, r1zero_prompt
+from nanoseek.model.dense import DenseTransformer
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.distill import is_verified, verify
+from nanoseek.train.sft import tokenize_prompt_completion
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rejection_filter_keeps_only_right_and_well_formed_traces():
+    problem = get_task("chain_sum").problems(1, seed=0, split="train")[0]
+    right = problem.answer
+    wrong = str(int(right) + 1)
+    partial = right + "1"  # chain_sum gives partial credit to a near miss
+    assert 0 < problem.task.score(partial, problem) < 1
+    cases = {
+        f" 3 + 4 = 7. </think> <answer>{right}</answer>": True,
+        f"<think> steps </think> <answer>{right}</answer>": True,  # the model wrote the prefilled tag again
+        f" </think> <answer>{right}</answer>": True,  # empty reasoning is still the format
+        f" 3 + 4 = 7. </think> <answer>{wrong}</answer>": False,  # wrong answer
+        f" 3 + 4 = 7. </think> <answer>{partial}</answer>": False,  # partial credit is not a pass
+        f" 3 + 4 = 7. </think> {right}": False,  # right answer, no answer tags
+        f" 3 + 4 = 7. </think> <answer>{right}</answer> more text": False,  # trailing text
+        f" 3 + 4 = 7. <answer>{right}</answer>": False,  # reasoning never closed
+        f" </think> </think> <answer>{right}</answer>": False,  # a tag twice
+    }
+    for completion, keep in cases.items():
+        assert is_verified(verify(completion, problem)) is keep, completion
+
+
+def test_distill_end_to_end(tmp_path):
+    """A tiny DeepSeek-V3 teacher that has memorised worked solutions to a few problems (some of
+    them wrong), sampled by the engine; only verified traces reach the jsonl; a student-tiny is
+    fine-tuned on them with logit distillation; the result is a Llama checkpoint that loads."""
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 5)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task_name = f"jsonl:{tmp_path / 'task.jsonl'}"
+    problems = get_task(task_name).problems(4, seed=0, split="train")
+    # the teacher's lesson: worked solutions, the last problem's with a wrong answer
+    docs = []
+    for i, p in enumerate(problems):
+        a, b = p.question.removeprefix("What is ").removesuffix("?").split(" + ")
+        answer = p.answer if i < 3 else str(int(p.answer) + 1)
+        docs.append((r1zero_prompt(p.question), r1zero_completion(f"{a} + {b} = {answer}.", answer)))
+    tok = train_tokenizer([p + c for p, c in docs] * 20, 400)
+    torch.manual_seed(0)
+    # MLA with dense FFNs: it memorises in a few seconds (routing makes tiny MoEs slow learners)
+    teacher = Transformer(preset("tiny", vocab_size=tok.vocab_size, n_routed_experts=0, num_nextn_predict_layers=0))
+    memorise(teacher, [tokenize_prompt_completion(p, c, tok) for p, c in docs])
+    nanoseek.save_model(teacher, tmp_path / "teacher", tokenizer=tok)
+
+    out = tmp_path / "run"
+    cli_main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", "student-tiny", "--task", task_name,
+              f"out_dir={out}", "num_prompts=4", "samples_per_prompt=3", "temperature=0.5", "max_new_tokens=24",
+              "kd_weight=0.5", "max_steps=3", "batch_size=2", "seq_len=128", "val_fraction=0", "warmup_steps=1",
+              "tensorboard=false", "threads=1"])
+
+    summary = json.loads((out / "traces.summary.json").read_text())
+    traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert summary["samples"] == 12 and summary["rows"] == len(traces) > 0
+    assert summary["verified"] < summary["samples"]  # the wrongly taught problem is filtered out
+    by_question = {p.question: p for p in problems}
+    for row in traces:
+        problem = by_question[row["metadata"]["question"]]
+        assert is_verified(verify(row["completion"], problem)) and row["metadata"]["answer"] == problem.answer
+        assert row["prompt"] == r1zero_prompt(problem.question)
+        assert row["messages"] == [{"role": "user", "content": problem.question},
+                                   {"role": "assistant", "content": "<think>" + row["completion"]}]
+    assert problems[3].question not in {row["metadata"]["question"] for row in traces}
+
+    student = nanoseek.load_model(out / "latest")
+    assert isinstance(student, DenseTransformer) and student.config.vocab_size == tok.vocab_size
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("kl" in m for m in metrics)
+
+
+def memorise(model, examples, steps: int = 120):
+    """Overfit `model` on the completions of a few (ids, mask) examples."""
+    T = max(len(ids) for ids, _ in examples)
+    inputs = torch.tensor([ids[:-1] + [2] * (T - len(ids)) for ids, _ in examples])
+    labels = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX] * (T - len(ids))
+                           for ids, mask in examples])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05, loss.item()

@@ -1,0 +1,167 @@
+"""SFT: the exact loss mask (chat and prompt/completion), packing seams, token-mean normalisation
+under accumulation, logit distillation, and bit-exact resume of a packed, accumulated run."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.checkpoint import read_tensors
+from nanoseek.cli import main as cli_main
+from nanoseek.errors import NanoseekError
+from nanoseek.model.dense import DenseTransformer
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer
+from nanoseek.tokenizer import ASSISTANT, BOS, EOS, USER, train_tokenizer
+from nanoseek.train import sft
+from nanoseek.train.loop import load_config
+from nanoseek.train.sft import Example, SFTConfig, collate, forward_kl, pack, tokenize_messages
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def conversation(rng: random.Random) -> list[dict]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return [{"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"<think> {a} + {b} = {a + b}. </think> <answer>{a + b}</answer>"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rng = random.Random(0)
+    texts = [json.dumps(conversation(rng)) + " You are terse. And then? Sure." for _ in range(200)]
+    return train_tokenizer(texts, 320)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("sft")
+    tok.save(d / "tok")
+    rng = random.Random(1)
+    rows = [{"messages": conversation(rng)} for _ in range(40)]
+    rows += [{"prompt": f"Q: {i} + 1 = ?\nA: <think>", "completion": f" {i} + 1 = {i + 1}. </think> {i + 1}"}
+             for i in range(20)]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_loss_mask_is_exactly_the_assistant_content_and_its_eos(tok):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "<think> 2 + 3 = 5. </think> 5"},
+                {"role": "user", "content": "And then?"},
+                {"role": "assistant", "content": "Sure."}]
+    ids, mask = tokenize_messages(messages, tok)
+    # the same conversation built by hand, piece by piece, each piece's tokens marked
+    pieces = [(BOS + "You are terse." + USER + "What is 2 + 3?" + ASSISTANT, False),
+              ("<think> 2 + 3 = 5. </think> 5" + EOS, True),
+              (USER + "And then?" + ASSISTANT, False),
+              ("Sure." + EOS, True)]
+    want_ids = [t for text, _ in pieces for t in tok.encode(text)]
+    want_mask = [m for text, m in pieces for _ in tok.encode(text)]
+    assert ids == want_ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
+    assert mask == want_mask
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "<think> 2 + 3 = 5. </think> 5" + EOS + "Sure." + EOS
+
+
+def test_prompt_completion_mask_and_row_errors(tok, tmp_path):
+    ids, mask = sft.tokenize_prompt_completion("Q: 1 + 1 = ?\nA: <think>", " 2 </think> 2", tok)
+    n = len(tok.encode("Q: 1 + 1 = ?\nA: <think>")) + 1  # + bos
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert mask == [False] * n + [True] * (len(ids) - n)
+    assert tok.decode(ids[n:]) == " 2 </think> 2" + EOS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(NanoseekError, match=r"bad.jsonl:1: .*assistant turn"):
+        sft.load_examples([str(bad)], tok, "auto", 100)
+
+
+def test_packing_keeps_examples_whole_and_takes_no_loss_across_seams():
+    a = Example([0, 10, 11, 12, 1], [False, False, True, True, True], "a")
+    b = Example([0, 20, 21, 1], [False, False, True, True], "b")
+    c = Example([0, 30, 31, 32, 33, 1], [False, False, False, True, True, True], "c")
+    rows = pack([a, b, c], row_len=10, packing=True)
+    assert [r.ids for r in rows] == [[0, 10, 11, 12, 1, 0, 20, 21, 1], [0, 30, 31, 32, 33, 1]]
+    inputs, labels = collate(rows, pad_id=2)
+    I = IGNORE_INDEX
+    assert inputs.tolist() == [[0, 10, 11, 12, 1, 0, 20, 21], [0, 30, 31, 32, 33, 2, 2, 2]]
+    # a target only where the *next* token is trained: never the next example's bos
+    assert labels.tolist() == [[I, 11, 12, 1, I, I, 21, 1], [I, I, 32, 33, 1, I, I, I]]
+    assert len(pack([a, b, c], row_len=10, packing=False)) == 3
+
+
+def test_forward_kl_matches_the_definition():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    labels = torch.tensor([[5, IGNORE_INDEX, 1], [IGNORE_INDEX, IGNORE_INDEX, 0]])
+    p = t.softmax(-1)
+    want = (p * (p.log() - s.log_softmax(-1))).sum(-1)[labels != IGNORE_INDEX].sum()
+    torch.testing.assert_close(forward_kl(s, t, labels), want)
+    assert forward_kl(s, s, labels).abs() < 1e-6
+
+
+def config(data_dir, out_dir, *overrides) -> SFTConfig:
+    return load_config(SFTConfig, None, [
+        "init=student-tiny", f"tokenizer={data_dir / 'tok'}", f"data={data_dir / 'data.jsonl'}", f"out_dir={out_dir}",
+        "seq_len=64", "batch_size=4", "micro_batch_size=2", "lr=3e-3", "warmup_steps=2", "val_fraction=0.1",
+        "eval_every=3", "eval_batches=2", "tensorboard=false", "threads=1", "keep_checkpoints=0", *overrides])
+
+
+def test_accumulation_gives_the_token_mean_of_the_whole_step(data_dir, tmp_path):
+    """One step of 4 rows as 2 micro-batches of 2 equals one micro-batch of 4: each target token
+    weighs the same however the rows are split (the micro-batches hold different target counts)."""
+    sft.train(config(data_dir, tmp_path / "a", "max_steps=1", "micro_batch_size=2"))
+    sft.train(config(data_dir, tmp_path / "b", "max_steps=1", "micro_batch_size=4"))
+    a, b = read_tensors(tmp_path / "a" / "checkpoint-1"), read_tensors(tmp_path / "b" / "checkpoint-1")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path):
+    """12 steps straight == 4 steps, stop, resume to 12, with gradient accumulation. The resumed
+    stretch crosses an epoch boundary (the data packs into 39 rows, 4 per step): reshuffle and repack."""
+    full = config(data_dir, tmp_path / "full", "max_steps=12", "save_every=4")
+    sft.train(full)
+    cli_main(["sft", "--resume-from", str(tmp_path / "full" / "checkpoint-4"), "init=student-tiny",
+              f"tokenizer={data_dir / 'tok'}", f"data={data_dir / 'data.jsonl'}", f"out_dir={tmp_path / 'resumed'}",
+              "seq_len=64", "batch_size=4", "micro_batch_size=2", "lr=3e-3", "warmup_steps=2", "val_fraction=0.1",
+              "eval_every=3", "eval_batches=2", "tensorboard=false", "threads=1", "keep_checkpoints=0",
+              "max_steps=12", "save_every=4"])
+    a = read_tensors(tmp_path / "full" / "checkpoint-12")
+    b = read_tensors(tmp_path / "resumed" / "checkpoint-12")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(tmp_path / "full" / "checkpoint-12" / "trainer_state" / "state.pt", weights_only=True)
+    assert state["loader"]["epoch"] >= 1  # the resumed stretch really crossed into a new epoch
+
+
+def test_sft_fine_tunes_a_deepseek_checkpoint_with_logit_distillation(data_dir, tmp_path):
+    """Cold-start style: a DeepSeek-V3 (MoE + MTP) checkpoint fine-tuned, distilling a teacher's logits."""
+    tok = nanoseek.tokenizer.Tokenizer.from_dir(data_dir / "tok")
+    teacher = Transformer(nanoseek.config.preset("tiny", vocab_size=tok.vocab_size))
+    nanoseek.save_model(teacher, tmp_path / "teacher", tokenizer=tok)
+    path = sft.train(config(data_dir, tmp_path / "run", "max_steps=2", f"init={tmp_path / 'teacher'}", "tokenizer=",
+                            f"teacher={tmp_path / 'teacher'}", "kd_weight=0.5", "mtp_lambda=0.3"))
+    model = nanoseek.load_model(path)
+    assert isinstance(model, Transformer) and model.config.num_nextn_predict_layers == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "kl" in r)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # the student starts as the teacher
+    assert "mtp_loss" in first
+
+
+def test_student_checkpoint_is_a_llama_directory(data_dir, tmp_path):
+    path = sft.train(config(data_dir, tmp_path / "run", "max_steps=1", "val_fraction=0"))
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert isinstance(nanoseek.load_model(path), DenseTransformer)
+    assert (path / "tokenizer.json").is_file() and (path / "trainer_state" / "state.pt").is_file()
