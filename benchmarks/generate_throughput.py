@@ -4,8 +4,9 @@
     python benchmarks/generate_throughput.py --model DIR
 
 Both run greedy, ignore eos, same prompts and max_new_tokens, at batch 1 and 32 and two prompt
-lengths, on 2 CPU threads. Decode tokens/s excludes prefill: each configuration is also run with
-one new token, and decode rate = batch * (new_tokens - 1) / (time(new_tokens) - time(1 token)).
+lengths, on 2 CPU threads (--threads). Decode tokens/s excludes prefill: each configuration is
+also run with one new token, and decode rate = batch * (new_tokens - 1) / (time(new_tokens) -
+time(1 token)). Timings are the best of --repeats runs; on a shared machine, expect noise.
 Also printed: latent-cache bytes per token against the multi-head K/V cache transformers keeps for
 the same model, and MTP speculation's acceptance rate and speed-up at both batch sizes. A random
 model's MTP head rarely agrees with its main model (acceptance near 0, so speculation costs time);
@@ -44,13 +45,14 @@ def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint directory (default: a random small-preset model)")
-    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--mtp", type=int, default=2, help="draft tokens for the speculation column (0: skip)")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both engines")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
     from transformers import DeepseekV3ForCausalLM
@@ -73,7 +75,7 @@ def main() -> None:
     engines = {k: LLM(args.model, max_num_seqs=max(args.batches), enable_prefix_caching=False, speculative_mtp=k)
                for k in ([0, args.mtp] if args.mtp else [0])}
     print(f"model: {args.model} ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters), "
-          f"{args.new_tokens} new tokens, greedy, ignore eos, 2 threads, best of {args.repeats}")
+          f"{args.new_tokens} new tokens, greedy, ignore eos, {args.threads} threads, best of {args.repeats}")
 
     def ours(llm, prompts):
         return lambda n: llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
