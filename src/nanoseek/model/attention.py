@@ -116,9 +116,14 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B,T,H,N), (B,T,H,V)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, N+R)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        # The fused (flash) SDPA kernels want one head size for q, k and v; MLA's v is narrower
+        # (V < N+R), so pad v with zeros and drop the padding after. Without this, SDPA falls back
+        # to the unfused math path: ~2x slower on CPU and it materializes the (T, T) scores.
+        pad = q.shape[-1] - self.v_dim
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             F.pad(v, (0, pad)).transpose(1, 2) if pad > 0 else v.transpose(1, 2),
                                              is_causal=True, scale=self.softmax_scale)
-        return out.transpose(1, 2)  # (B, T, H, V)
+        return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, V)
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, positions) -> torch.Tensor:
         """Attention on cached latents (B,S,C) and rotary keys (B,S,R), kv_b_proj folded in."""

@@ -96,19 +96,24 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def _dispatch(self, x, weights, expert_ids, counts) -> torch.Tensor:
-        """Sort the N*K (token, expert) pairs by expert and run each expert once on its own rows."""
+        """Sort the N*K (token, expert) pairs by expert and run each expert once on its own rows.
+
+        Written for speed on CPU: gathers are index_select (whose backward is a cheap index_add),
+        expert outputs are concatenated rather than written into slices of a buffer (slice writes
+        make autograd copy and zero the whole buffer once per expert in the backward), and the K
+        outputs of each token are combined by a weighted sum instead of a scatter.
+        """
+        N, D = x.shape
         order = expert_ids.flatten().argsort(stable=True)  # (N*K,) pair indices grouped by expert
-        token_idx = order // self.top_k  # the token of each sorted pair
-        x_sorted = x[token_idx]  # (N*K, D)
-        out = torch.empty_like(x_sorted)
-        start = 0
-        for e, n in enumerate(counts.tolist()):  # one host sync; the loop is over experts, not tokens
-            # An expert without tokens still runs (on zero rows), so every expert weight gets a
-            # gradient, zeros included: DDP and FSDP2 need the same set of gradients on every rank.
-            out[start:start + n] = self.experts[e](x_sorted[start:start + n])
-            start += n
-        out = out * weights.flatten()[order].unsqueeze(1).to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_idx, out)
+        x_sorted = x.index_select(0, order // self.top_k)  # (N*K, D) the token of each sorted pair
+        # An expert without tokens still runs (on zero rows), so every expert weight gets a
+        # gradient, zeros included: DDP and FSDP2 need the same set of gradients on every rank.
+        chunks = x_sorted.split(counts.tolist())  # one host sync; the loop is over experts, not tokens
+        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N*K, D)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        out = out.index_select(0, unsort).view(N, self.top_k, D)  # back to (token, k) order
+        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)  # (N, D)
 
     def _sequence_balance_loss(self, scores_BTE, ids_BTK) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20)."""

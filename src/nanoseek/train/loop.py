@@ -395,18 +395,22 @@ class Trainer:
     """What a stage's loop holds on to: the wrapped model, the optimizer, the step, the metrics
     writer, checkpointing and the stop signal. The loop itself stays in the stage's file:
 
-        trainer = Trainer(cfg, model, env, tokenizer=tok, loader=loader, resume=None or "latest")
-        while trainer.step < cfg.max_steps:
-            stats = trainer.train_step([next(loader) for _ in range(trainer.grad_accum_steps)], loss_fn)
-            trainer.log(stats)
-            if trainer.every(cfg.save_every) or trainer.should_stop(): trainer.save_checkpoint()
-        trainer.save_checkpoint(); trainer.close()
+        with Trainer(cfg, model, env, tokenizer=tok, loader=loader, resume=resume) as trainer:
+            while trainer.step < cfg.max_steps:
+                batches = [next(loader) for _ in range(trainer.grad_accum_steps)]
+                trainer.log(trainer.train_step(batches, loss_fn))
+                if trainer.every(cfg.save_every):
+                    trainer.save_checkpoint()
+                if trainer.should_stop():  # Ctrl-C
+                    break
+            trainer.save_checkpoint()
 
     `model` is the bare Transformer (on env.device); `trainer.model` is what to train through
     (compiled, DDP- or FSDP-wrapped) and `trainer.raw_model` the bare one (for saving, sampling,
     the expert-bias update). `loader` is anything with state_dict()/load_state_dict(); its
     position is checkpointed. `extra_state` (a dict) is saved and restored as is, for a stage's
     own counters. `resume` ("latest" or a checkpoint directory) restores a checkpoint at once.
+    As a context manager it closes itself (metrics file, signal handlers) however the loop ends.
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, tokenizer=None, loader=None,
@@ -582,8 +586,15 @@ class Trainer:
         return stop
 
     def close(self) -> None:
+        """Flush the metrics and give Ctrl-C back its usual meaning."""
         self.metrics.close()
         self._stop.restore()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- checkpoints
 

@@ -22,6 +22,7 @@ update -> log -> (every so often) validation loss, a text sample, a checkpoint. 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -84,67 +85,72 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     model = Transformer(model_config(cfg, tokenizer)).to(env.device)
     micro_batch, accum = batch_plan(cfg, env.world_size)
     loader = TokenLoader(data_dir, "train", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
-    val_loader = TokenLoader(data_dir, "val", micro_batch, cfg.seq_len, env.rank, env.world_size, shuffle=False)
+    # a fixed random sample of val windows, so the val loss covers the whole val mix, not its first documents
+    val_loader = TokenLoader(data_dir, "val", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
     val_batches = [next(val_loader) for _ in range(min(cfg.eval_batches, val_loader.batches_per_epoch))]
-    trainer = Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume)
-    if env.is_main:
-        n = model.num_parameters()
-        print(f"model: {n / 1e6:.2f}M parameters ({model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M "
-              f"without embeddings), {len(model.layers)} layers + {len(model.mtp_layers)} MTP | "
-              f"batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} x {accum} accumulation x "
-              f"{env.world_size} ranks | {cfg.max_steps} steps", flush=True)
+    loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda)
 
-    def loss_fn(model, batch):
-        inputs, targets = (t.to(env.device, non_blocking=True) for t in batch)
-        out = model(inputs, labels=targets, logits=False)
-        objective, metrics = out.loss, {"loss": out.loss}
-        if out.mtp_loss is not None:
-            objective = objective + cfg.mtp_lambda * out.mtp_loss
-            metrics["mtp_loss"] = out.mtp_loss
-        if out.aux_loss is not None:  # already scaled by aux_loss_alpha
-            objective = objective + out.aux_loss
-            metrics["aux_loss"] = out.aux_loss
-        return objective, metrics
-
-    def validate():
-        val_loss = evaluate_loss(trainer.raw_model, val_batches, env, trainer.autocast)
-        trainer.log({"val_loss": val_loss}, console=True)
-
-    def sample():
-        prompt = tokenizer.encode(cfg.sample_prompt)
-        new = generate(trainer.raw_model, prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
-                       seed=cfg.seed + trainer.step, eos_id=tokenizer.eos_id)
-        trainer.log({"sample": cfg.sample_prompt + tokenizer.decode(new)}, console=False)
+    with Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume) as trainer:
         if env.is_main:
-            print(f"---- sample at step {trainer.step} ----\n{cfg.sample_prompt}{tokenizer.decode(new)}\n----", flush=True)
+            print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {len(model.layers)} layers + "
+                  f"{len(model.mtp_layers)} MTP | batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} "
+                  f"x {accum} accumulation x {env.world_size} ranks | {cfg.max_steps} steps", flush=True)
+        if trainer.step == 0:
+            if env.is_main:
+                trainer.log({"unigram_val_loss": unigram_loss(data_dir),  # over the whole val split
+                             "unigram_eval_loss": unigram_loss(data_dir, [t for _, t in val_batches])}, console=True)
+            validate(trainer, val_batches)
 
-    if trainer.step == 0:
-        if env.is_main:
-            trainer.log({"unigram_val_loss": unigram_loss(data_dir)}, console=True)
-        validate()
+        # ---- the loop
+        while trainer.step < cfg.max_steps:
+            batches = [tuple(t.to(env.device) for t in next(loader)) for _ in range(accum)]
+            stats = trainer.train_step(batches, loss_fn, tokens=cfg.batch_size * cfg.seq_len)
+            imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # after the optimizer step
+            if imbalance:
+                stats.update(imbalance=max(imbalance), imbalance_per_layer=imbalance)
+            trainer.log(stats)
 
-    # ---- the loop
-    while trainer.step < cfg.max_steps:
-        batches = [next(loader) for _ in range(accum)]
-        stats = trainer.train_step(batches, loss_fn, tokens=cfg.batch_size * cfg.seq_len)
-        imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # after the optimizer step
-        if imbalance:
-            stats.update(imbalance=max(imbalance), imbalance_per_layer=imbalance)
-        trainer.log(stats)
+            last = trainer.step == cfg.max_steps
+            if trainer.every(cfg.eval_every) or last:
+                validate(trainer, val_batches)
+            if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
+                sample(trainer, tokenizer, cfg)
+            if trainer.every(cfg.save_every) and not last:
+                trainer.save_checkpoint()
+            if trainer.should_stop():  # Ctrl-C: the checkpoint below is where --resume picks up
+                break
 
-        last = trainer.step == cfg.max_steps
-        if trainer.every(cfg.eval_every) or last:
-            validate()
-        if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
-            sample()
-        if trainer.every(cfg.save_every) and not last:
-            trainer.save_checkpoint()
-        if trainer.should_stop():
-            break
+        return trainer.save_checkpoint()
 
-    path = trainer.save_checkpoint()
-    trainer.close()
-    return path
+
+def pretrain_loss(model, batch, mtp_lambda: float):
+    """DeepSeek-V3's objective on one (inputs, targets) batch: next-token CE + mtp_lambda * MTP CE
+    + the sequence-wise balance loss (present only when aux_loss_alpha > 0, already scaled by it)."""
+    inputs, targets = batch
+    out = model(inputs, labels=targets, logits=False)
+    objective, metrics = out.loss, {"loss": out.loss}
+    if out.mtp_loss is not None:
+        objective = objective + mtp_lambda * out.mtp_loss
+        metrics["mtp_loss"] = out.mtp_loss
+    if out.aux_loss is not None:
+        objective = objective + out.aux_loss
+        metrics["aux_loss"] = out.aux_loss
+    return objective, metrics
+
+
+def validate(trainer: Trainer, val_batches) -> None:
+    trainer.log({"val_loss": evaluate_loss(trainer.raw_model, val_batches, trainer.env, trainer.autocast)},
+                console=True)
+
+
+def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
+    """Generate from cfg.sample_prompt; the text goes to metrics.jsonl and the console."""
+    new = generate(trainer.raw_model, tokenizer.encode(cfg.sample_prompt), cfg.sample_tokens,
+                   cfg.sample_temperature, cfg.sample_top_k, seed=cfg.seed + trainer.step, eos_id=tokenizer.eos_id)
+    text = cfg.sample_prompt + tokenizer.decode(new)
+    trainer.log({"sample": text}, console=False)
+    if trainer.env.is_main:
+        print(f"---- sample at step {trainer.step} ----\n{text}\n----", flush=True)
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -191,10 +197,12 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
     return Tokenizer.from_dir(data_dir), data_dir
 
 
-def unigram_loss(data_dir: Path) -> float:
-    """Cross-entropy (nats/token) of the val split under the train split's unigram frequencies
-    (add-one smoothed): the loss a model that ignores context would reach. The bar to beat."""
-    train, val = open_split(data_dir, "train"), open_split(data_dir, "val")
+def unigram_loss(data_dir: Path, targets: list[torch.Tensor] | None = None) -> float:
+    """Cross-entropy (nats/token) of the val split, or of the given target tokens, under the train
+    split's unigram frequencies (add-one smoothed): the loss of a model that ignores context.
+    The bar a language model has to clear."""
+    train = open_split(data_dir, "train")
+    val = open_split(data_dir, "val") if targets is None else torch.cat([t.flatten() for t in targets]).numpy()
     vocab = int(max(train.max(), val.max())) + 1
     counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
     log_p = np.log(counts / counts.sum())
