@@ -219,7 +219,7 @@ def test_cli_run_writes_metrics_and_checkpoints_and_resumes_exactly(base, tmp_pa
     assert cli.main(args + [f"out_dir={resumed_dir}", "--resume"]) == 0
     full, resumed = weights(load_model(run_dir / "checkpoint-2")), weights(load_model(resumed_dir / "checkpoint-2"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    timing = ("rollout_s", "update_s", "completions_per_s", "eval_s")
+    timing = ("rollout_s", "reference_s", "update_s", "completions_per_s", "eval_s")
     strip = lambda r: {k: v for k, v in r.items() if k not in timing}  # noqa: E731
     assert strip(read_metrics(resumed_dir)[-2]) == strip(records[-2])
 

@@ -159,6 +159,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when K > 1")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print the first N problems' completions")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)")
 
 
 def _parse_difficulty(items: list[str]) -> dict:
@@ -174,6 +176,10 @@ def _parse_difficulty(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     task = get_task(args.task, **_parse_difficulty(args.difficulty))
     report = evaluate(args.model, task=task, n=args.n, samples=args.samples, seed=args.seed,
                       max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -115,7 +115,7 @@ class GRPOConfig(TrainConfig):
     overlong_buffer: int | None = None  # soft overlong punishment window (tokens); None: L/4 for dapo, else 0
     overlong_penalty: float = 1.0  # its largest penalty
     # held-out evaluation (every eval_every steps): greedy pass@1 on a fixed eval-split set
-    eval_n: int = 200
+    eval_n: int = 200  # 0: no held-out evaluation
     eval_seed: int = 0
     # TrainConfig defaults that suit RL
     max_steps: int = 200
@@ -151,7 +151,9 @@ class GRPOConfig(TrainConfig):
         if self.batch_size % self.num_generations:
             raise ConfigError(f"batch_size={self.batch_size} (completions per step) must be a multiple of "
                               f"num_generations={self.num_generations}")
-        for name in ("mu", "max_completion_length", "max_sampling_rounds", "eval_n"):
+        if self.eval_n < 0:
+            raise ConfigError(f"eval_n={self.eval_n} must be >= 0")
+        for name in ("mu", "max_completion_length", "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.overlong_buffer <= self.max_completion_length:
@@ -307,12 +309,21 @@ def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int
     return batches
 
 
-def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (B, T) of the target tokens and the entropy (B, T) of each position's
-    next-token distribution (no gradient) under `model`."""
-    logits = model(batch["input_ids"]).logits.float()  # (B, T, V)
-    logprobs = logits.log_softmax(dim=-1)
-    token_logp = logprobs.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+def completion_logprobs(model, batch: dict[str, torch.Tensor], head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (N,) of the N completion tokens of `batch` (row by row, in order) under
+    `model`, and the entropy (N,) of each of their next-token distributions (no gradient).
+
+    `head`: the model's lm_head, to apply it to the completion positions only (the prompt's logits
+    are never needed; that saves a fifth of the update). Leave it None under DDP, whose wrapped
+    forward must produce every output that gets a gradient.
+    """
+    sel = batch["mask"].bool()
+    if head is None:
+        logits = model(batch["input_ids"]).logits[sel]
+    else:
+        logits = head(model(batch["input_ids"], logits=False).hidden[sel])
+    logprobs = logits.float().log_softmax(dim=-1)  # (N, V)
+    token_logp = logprobs.gather(-1, batch["targets"][sel].unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
     return token_logp, entropy
@@ -324,10 +335,9 @@ def add_reference_logprobs(reference, samples: list[Sample], micro_batch_size: i
     for start in range(0, len(samples), micro_batch_size):
         chunk = samples[start: start + micro_batch_size]
         batch = make_micro_batches(chunk, len(chunk), pad_id)[0]
-        logp, _ = completion_logprobs(reference, batch)
-        for i, s in enumerate(chunk):
-            a = len(s.prompt_ids) - 1
-            s.ref_logprobs = logp[i, a: a + len(s.completion_ids)].tolist()
+        logp, _ = completion_logprobs(reference, batch, reference.lm_head)
+        for s, values in zip(chunk, logp.split([len(s.completion_ids) for s in chunk])):
+            s.ref_logprobs = values.tolist()
 
 
 # ============================================================== the loop
@@ -361,11 +371,13 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
               block_size=16, device=str(env.device))
     task = get_task(cfg.task, **cfg.task_args)
     reward_fn = combine_rewards(cfg.rewards)
-    eval_problems = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="eval")
-    longest = max(len(tokenizer.encode(r1zero_prompt(p.question))) + 1 for p in eval_problems)  # + bos
+    eval_problems = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="eval") if cfg.eval_n else []
+    longest = max(len(tokenizer.encode(r1zero_prompt(p.question))) + 1  # + bos
+                  for p in eval_problems or task.problems(8, seed=cfg.seed, split="train"))
     if longest + cfg.max_completion_length > cfg.seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} cannot hold a {longest}-token prompt and max_completion_length="
                           f"{cfg.max_completion_length}; raise seq_len to at least {longest + cfg.max_completion_length}")
+    head = None if env.distributed else trainer.raw_model.lm_head  # see completion_logprobs
     # each rank samples its own share of the step's prompts; groups never straddle ranks
     prompts_here = len(range(env.rank, cfg.prompts_per_step, env.world_size))
     if env.is_main:
@@ -375,7 +387,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
               f"overlong buffer {cfg.overlong_buffer}", flush=True)
 
     def held_out_eval():
-        if env.is_main:
+        if env.is_main and eval_problems:
             report = evaluate(llm, task=task, problems=eval_problems, max_tokens=cfg.max_completion_length)
             trainer.log({"eval_pass@1": report["pass@1"], "eval_format": report["format"],
                          "eval_length": report["mean_length"], "eval_s": report["seconds"]}, console=True)
@@ -384,84 +396,87 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     def due(every: int) -> bool:  # a multiple of `every` was passed during the last rollout's mu steps
         return every > 0 and trainer.step // every > (trainer.step - cfg.mu) // every
 
-    if trainer.step == 0:
-        held_out_eval()
-
-    # ---- the loop: one rollout, then mu optimizer steps on it
-    while trainer.step < cfg.max_steps:
-        rollout_index = trainer.step // cfg.mu
-
-        # 1. rollout: this step's prompts, G samples each (more rounds if dynamic sampling drops groups)
-        t0 = time.perf_counter()
-        llm.reset_prefix_cache()
-        groups, seen, rounds = [], [], 0
-        while len(groups) < prompts_here and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-            problems = task.problems(cfg.prompts_per_step, seed=derive_seed(cfg.seed, rollout_index, rounds),
-                                     split="train")[env.rank:: env.world_size]
-            samples = sample_groups(llm, problems, cfg, seed=derive_seed(cfg.seed, rollout_index, rounds, "sample"))
-            # 2. reward
-            score(samples, reward_fn, cfg)
-            round_groups = [samples[i: i + cfg.num_generations] for i in range(0, len(samples), cfg.num_generations)]
-            seen += round_groups
-            groups += [g for g in round_groups if informative(g)] if cfg.dynamic_sampling else round_groups
-            rounds += 1
-        groups = groups[:prompts_here] or round_groups  # nothing informative at all: train on the last round
-        batch = [s for g in groups for s in g]
-        rollout_s = time.perf_counter() - t0
-
-        # 3. advantage, and each token's weight in the loss
-        rewards = torch.tensor([s.reward for s in batch])
-        for s, a in zip(batch, group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).tolist()):
-            s.advantage = a
-        lengths = [len(s.completion_ids) for s in batch]
-        n_seq, n_tok = _global_sum(env, len(batch)), _global_sum(env, sum(lengths))
-        for s, w in zip(batch, sequence_weights(lengths, cfg.loss, cfg.max_completion_length, n_seq, n_tok)):
-            s.weight = w
-        if reference is not None:
-            add_reference_logprobs(reference, batch, cfg.micro_batch_size or len(batch), tokenizer.pad_id)
-        micro_batches = make_micro_batches(batch, cfg.micro_batch_size or len(batch), tokenizer.pad_id)
-
-        # 4. loss: sum_t weight_t l_t over the whole batch (train_step divides each micro-batch's
-        #    objective by their count and DDP averages over ranks, so both are multiplied back)
-        scale = len(micro_batches) * env.world_size
-
-        def loss_fn(model, mb):
-            logp, entropy = completion_logprobs(model, mb)
-            losses, info = token_losses(logp, mb["old_logp"], mb["advantages"], cfg.epsilon, cfg.epsilon_high,
-                                        cfg.beta, mb.get("ref_logp"))
-            mask = mb["mask"]
-            n = mask.sum()
-            metrics = {"clip_frac": (info["clipped"] * mask).sum() / n, "entropy": (entropy * mask).sum() / n,
-                       "logprob_gap": ((logp.detach() - mb["old_logp"]).abs() * mask).sum() / n}
-            if "kl" in info:
-                metrics["kl"] = (info["kl"] * mask).sum() / n
-            objective = (losses * mb["weight"]).sum()
-            metrics["loss"] = objective.detach()
-            return objective * scale, metrics
-
-        # 5. optimizer steps; the engine's cached latents are stale after each
-        for iteration in range(cfg.mu):
-            t1 = time.perf_counter()
-            stats = trainer.train_step(micro_batches, loss_fn)
-            llm.reset_prefix_cache()
-            stats["update_s"] = time.perf_counter() - t1
-            stats.pop("step_time_s")
-            record = rollout_stats(seen, batch, rounds, rollout_s, cfg) if iteration == 0 else {}
-            trainer.log({**record, **stats})
-
-        last = trainer.step >= cfg.max_steps
-        if due(cfg.sample_every) or (last and cfg.sample_every):
-            _print_sample(env, trainer.step, batch)
-        if due(cfg.eval_every) or last:
+    with trainer:  # closes the metrics writer and restores the signal handlers, however the loop ends
+        if trainer.step == 0:
             held_out_eval()
-        if due(cfg.save_every) and not last:
-            trainer.save_checkpoint()
-        if trainer.should_stop():
-            break
 
-    path = trainer.save_checkpoint()
-    trainer.close()
-    return path
+        # ---- the loop: one rollout, then mu optimizer steps on it
+        while trainer.step < cfg.max_steps:
+            rollout_index = trainer.step // cfg.mu
+
+            # 1. rollout: this step's prompts, G samples each (more rounds if dynamic sampling drops groups)
+            t0 = time.perf_counter()
+            llm.reset_prefix_cache()
+            groups, seen, rounds = [], [], 0
+            while len(groups) < prompts_here and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+                problems = task.problems(cfg.prompts_per_step, seed=derive_seed(cfg.seed, rollout_index, rounds),
+                                         split="train")[env.rank:: env.world_size]
+                samples = sample_groups(llm, problems, cfg, seed=derive_seed(cfg.seed, rollout_index, rounds, "sample"))
+                # 2. reward
+                score(samples, reward_fn, cfg)
+                round_groups = [samples[i: i + cfg.num_generations] for i in range(0, len(samples), cfg.num_generations)]
+                seen += round_groups
+                groups += [g for g in round_groups if informative(g)] if cfg.dynamic_sampling else round_groups
+                rounds += 1
+            groups = groups[:prompts_here] or round_groups  # nothing informative at all: train on the last round
+            batch = [s for g in groups for s in g]
+            rollout_s = time.perf_counter() - t0
+
+            # 3. advantage, and each token's weight in the loss
+            rewards = torch.tensor([s.reward for s in batch])
+            for s, a in zip(batch, group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).tolist()):
+                s.advantage = a
+            lengths = [len(s.completion_ids) for s in batch]
+            n_seq, n_tok = _global_sum(env, len(batch)), _global_sum(env, sum(lengths))
+            for s, w in zip(batch, sequence_weights(lengths, cfg.loss, cfg.max_completion_length, n_seq, n_tok)):
+                s.weight = w
+            t1 = time.perf_counter()
+            if reference is not None:
+                add_reference_logprobs(reference, batch, cfg.micro_batch_size or len(batch), tokenizer.pad_id)
+            micro_batches = make_micro_batches(batch, cfg.micro_batch_size or len(batch), tokenizer.pad_id)
+            reference_s = time.perf_counter() - t1
+
+            # 4. loss: sum_t weight_t l_t over the whole batch (train_step divides each micro-batch's
+            #    objective by their count and DDP averages over ranks, so both are multiplied back)
+            scale = len(micro_batches) * env.world_size
+
+            def loss_fn(model, mb):
+                sel = mb["mask"].bool()  # the completion tokens; every per-token tensor below is (N,)
+                logp, entropy = completion_logprobs(model, mb, head)
+                old_logp = mb["old_logp"][sel]
+                losses, info = token_losses(logp, old_logp, mb["advantages"][sel], cfg.epsilon, cfg.epsilon_high,
+                                            cfg.beta, mb["ref_logp"][sel] if "ref_logp" in mb else None)
+                objective = (losses * mb["weight"][sel]).sum()
+                metrics = {"loss": objective.detach(), "clip_frac": info["clipped"].mean(),
+                           "entropy": entropy.mean(), "logprob_gap": (logp.detach() - old_logp).abs().mean()}
+                if "kl" in info:
+                    metrics["kl"] = info["kl"].mean()
+                return objective * scale, metrics
+
+            # 5. optimizer steps; the engine's cached latents are stale after each
+            for iteration in range(cfg.mu):
+                t2 = time.perf_counter()
+                stats = trainer.train_step(micro_batches, loss_fn)
+                llm.reset_prefix_cache()
+                stats["update_s"] = time.perf_counter() - t2
+                stats.pop("step_time_s")
+                record = {}
+                if iteration == 0:
+                    record = rollout_stats(seen, batch, rounds, rollout_s, cfg)
+                    record["reference_s"] = reference_s
+                trainer.log({**record, **stats})
+
+            last = trainer.step >= cfg.max_steps
+            if due(cfg.sample_every) or (last and cfg.sample_every):
+                _print_sample(env, trainer.step, batch)
+            if due(cfg.eval_every) or last:
+                held_out_eval()
+            if due(cfg.save_every) and not last:
+                trainer.save_checkpoint()
+            if trainer.should_stop():
+                break
+
+        return trainer.save_checkpoint()
 
 
 def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, seconds: float,
