@@ -259,9 +259,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_exactly(full_run, corpus,
 
     original = pretrain.update_expert_bias
     monkeypatch.setattr(pretrain, "update_expert_bias", interrupt_at_step_3)
-    cfg = tiny_config(tmp_path, corpus)
-    stopped = pretrain.train(cfg)
-    assert stopped.name == "checkpoint-3" and len(calls) == 3
+    assert cli_main(["pretrain", "--config", str(TINY), f"out_dir={tmp_path}", f"data={json.dumps([str(corpus)])}",
+                     f"data_dir={corpus.parent / 'shards'}"]) == 130  # the exit status of an interrupted command
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"] and len(calls) == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     monkeypatch.setattr(pretrain, "update_expert_bias", original)
     assert cli_main(["pretrain", "--config", str(TINY), "--resume", f"out_dir={tmp_path}",

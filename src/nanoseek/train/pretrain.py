@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,5 +224,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     resume = args.resume_from or ("latest" if args.resume else None)
-    train(cfg, resume=resume)
+    path = train(cfg, resume=resume)
+    if path.name != f"checkpoint-{cfg.max_steps}":  # stopped early by Ctrl-C / SIGTERM
+        print(f"stopped early; continue with: nanoseek pretrain ... --resume (from {path})", file=sys.stderr)
+        return 130
     return 0
