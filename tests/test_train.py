@@ -258,11 +258,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_exactly(full_run, corpus,
         return original(model, gamma)
 
     original = pretrain.update_expert_bias
+    handler_before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(pretrain, "update_expert_bias", interrupt_at_step_3)
     assert cli_main(["pretrain", "--config", str(TINY), f"out_dir={tmp_path}", f"data={json.dumps([str(corpus)])}",
                      f"data_dir={corpus.parent / 'shards'}"]) == 130  # the exit status of an interrupted command
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"] and len(calls) == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) == handler_before  # Ctrl-C handler restored
     monkeypatch.setattr(pretrain, "update_expert_bias", original)
     assert cli_main(["pretrain", "--config", str(TINY), "--resume", f"out_dir={tmp_path}",
                      f"data={json.dumps([str(corpus)])}", f"data_dir={corpus.parent / 'shards'}"]) == 0

@@ -501,6 +501,7 @@ class Trainer:
         when they do not. `tokens` (over all ranks) feeds the tokens/s figure.
         """
         t0 = time.perf_counter()
+        self._stop.install()
         lr = lr_at(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -821,7 +822,11 @@ class _StopSignal:
     def __init__(self):
         self.requested = False
         self._previous = {}
-        if sys.platform != "win32" and _in_main_thread():
+
+    def install(self) -> None:
+        """Take over SIGINT/SIGTERM (once; only the main thread may). Done at the first training
+        step, so an error while a loop is still setting up leaves Ctrl-C as it was."""
+        if not self._previous and sys.platform != "win32" and _in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
