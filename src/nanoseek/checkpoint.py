@@ -54,6 +54,7 @@ class _AtomicDir:
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp.chmod(0o755)  # mkdtemp makes it private; a published checkpoint is an ordinary directory
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
