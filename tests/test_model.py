@@ -73,7 +73,9 @@ def test_absorbed_cache_path_matches_expanded_path(kw):
     with torch.no_grad():
         full = model(ids).logits
         cache = ContiguousCache(cfg, batch_size=3, max_len=32)
-        pieces = [model(ids[:, :14], cache=cache).logits]
+        pieces = [model(ids[:, :10], cache=cache).logits]  # prefill: expanded path, writes the cache
+        pos = torch.arange(10, 14).expand(3, 4)
+        pieces.append(model(ids[:, 10:14], positions=pos, cache=cache).logits)  # a chunk on top: absorbed
         for t in range(14, 20):  # one token at a time
             pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)

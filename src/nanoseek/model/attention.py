@@ -6,10 +6,11 @@ all the cache holds: 576 values per token per layer for V3, against 40,960 for t
 attention it replaces.
 
 Two ways to compute the same attention:
-- expanded (training, and prefill without a cache): up-project c into per-head k_nope and v with
-  kv_b_proj and run ordinary causal attention;
-- absorbed (any forward with a cache): fold kv_b_proj's key half into the query and its value half
-  into the output, so attention runs directly on the cached latents and nothing is re-expanded.
+- expanded (training, and a prefill with no past, which still writes the cache): up-project c
+  into per-head k_nope and v with kv_b_proj and run ordinary causal attention;
+- absorbed (a forward with a cache that has a past: decode, chunked or prefix-cached prefill):
+  fold kv_b_proj's key half into the query and its value half into the output, so attention
+  runs directly on the cached latents and nothing is re-expanded.
   Exact, because k_nope and v are linear in c and RoPE lives on the separate k_pe channel.
 
 Shape legend: B batch, T query positions, S cached positions, H heads, C kv_lora_rank,
@@ -106,7 +107,12 @@ class MLA(nn.Module):
             out = self._expanded(q_nope, q_pe, latent, k_pe)
         else:
             latent_all, k_pe_all = cache.update(layer_idx, positions, latent, k_pe)
-            out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, positions)
+            if T > 1 and latent_all.shape[1] == T and not positions[:, 0].any():
+                # a prefill with no past (every row starts at 0): the expanded path is the same
+                # attention and cheaper here, since absorbing pays C-wide scores over T x T
+                out = self._expanded(q_nope, q_pe, latent, k_pe)
+            else:
+                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, positions)
         return self.o_proj(out.flatten(2))
 
     def _expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
