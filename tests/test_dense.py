@@ -78,6 +78,15 @@ def test_transformers_checkpoint_loads_as_student_with_same_logits(name, tmp_pat
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_loaded_tied_student_shares_one_embedding_parameter(tmp_path):
+    """The optimizer must see one tensor for a tied embedding and head, not two sharing memory."""
+    model = student(tie_word_embeddings=True)
+    nanoseek.save_model(model, tmp_path)
+    loaded = nanoseek.load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.num_parameters() == model.num_parameters()
+
+
 def test_labels_give_the_next_token_loss():
     torch.manual_seed(0)
     model = student()

@@ -252,6 +252,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     sd = {k: (v.to(device=device, dtype=torch.float32) if k.endswith("e_score_correction_bias")
               else v.to(device=device, dtype=dtype)) for k, v in sd.items() if k in expected}
     model.load_state_dict(sd, strict=strict, assign=True)
+    if config.tie_word_embeddings:  # assign=True gave the head a Parameter of its own: share the embedding's again
+        model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.eval()
 
