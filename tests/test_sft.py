@@ -75,12 +75,17 @@ def test_loss_mask_is_exactly_the_assistant_content_and_its_eos(tok):
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == "<think> 2 + 3 = 5. </think> 5" + EOS + "Sure." + EOS
 
 
-def test_prompt_completion_mask_and_row_errors(tok, tmp_path):
+def test_prompt_completion_and_text_masks_and_row_errors(tok, tmp_path):
     ids, mask = sft.tokenize_prompt_completion("Q: 1 + 1 = ?\nA: <think>", " 2 </think> 2", tok)
     n = len(tok.encode("Q: 1 + 1 = ?\nA: <think>")) + 1  # + bos
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert mask == [False] * n + [True] * (len(ids) - n)
     assert tok.decode(ids[n:]) == " 2 </think> 2" + EOS
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "2 + 2 = 4"}) + "\n")
+    [example], _ = sft.load_examples([str(text)], tok, "auto", 100)
+    assert example.ids == [tok.bos_id] + tok.encode("2 + 2 = 4") + [tok.eos_id]
+    assert example.mask == [False] + [True] * (len(example.ids) - 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(NanoseekError, match=r"bad.jsonl:1: .*assistant turn"):

@@ -49,7 +49,8 @@ from nanoseek.train import sft
 @dataclass
 class DistillConfig(SFTConfig):
     out_dir: str = "runs/distill"
-    format: Literal["auto", "messages", "prompt_completion"] = "prompt_completion"  # the view of the traces the student trains on (see the module doc)
+    # the view of the traces the student trains on (see the module docstring)
+    format: Literal["auto", "messages", "prompt_completion"] = "prompt_completion"
     # teacher sampling (the teacher itself is SFTConfig.teacher; the student is SFTConfig.init)
     task: str = "default"  # a nanoseek.data.tasks name; problems come from its train split
     num_prompts: int = 1000

@@ -5,7 +5,7 @@
 Used for R1's cold start (a DeepSeek-V3 model on a few long reasoning traces) and for R1-Distill
 (a dense student on the teacher's verified traces, see `nanoseek.train.distill`).
 
-Data: jsonl files, one example per line, in either of the two layouts TRL's SFTTrainer reads:
+Data: jsonl files, one example per line, in the layouts TRL's SFTTrainer reads:
 
 - `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`: rendered with
   the tokenizer's chat template (DeepSeek-R1's). The loss covers the content of every assistant
@@ -14,9 +14,11 @@ Data: jsonl files, one example per line, in either of the two layouts TRL's SFTT
 - `{"prompt": ..., "completion": ...}`: plain text, `bos prompt completion eos`, as the inference
   engine sees a text prompt; the loss covers the completion and its eos. Distillation trains on
   this view, the R1-Zero prompt the teacher answered and `nanoseek eval` asks.
+- `{"text": ...}`: language modelling, `bos text eos` with every token a target (a prompt-less
+  completion), e.g. to warm a fresh student up on a corpus's documents before distillation.
 
-`format` picks the view when a row has both ("auto": messages when present). Other fields (e.g.
-`metadata`) are ignored.
+`format` picks the view when a row has several ("auto": messages, else prompt / completion, else
+text). Other fields (e.g. `metadata`) are ignored.
 
 Packing: examples are shuffled (per epoch, seeded) and concatenated into rows of seq_len + 1 tokens;
 an example never straddles two rows (one longer than a row is truncated). Attention crosses the
@@ -179,8 +181,11 @@ def load_examples(paths: list[str], tokenizer: Tokenizer, fmt: str, max_len: int
                 elif fmt != "messages" and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
                     ids, mask = tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer)
                     prompt = row["prompt"]
+                elif fmt == "auto" and isinstance(row.get("text"), str):
+                    ids, mask = tokenize_prompt_completion("", row["text"], tokenizer)
+                    prompt = row["text"]
                 else:
-                    want = {"auto": "messages, or prompt and completion", "messages": "messages",
+                    want = {"auto": "messages, prompt and completion, or text", "messages": "messages",
                             "prompt_completion": "prompt and completion"}[fmt]
                     raise NanoseekError(f"expected {want} (format={fmt})")
             except (json.JSONDecodeError, NanoseekError, AttributeError, TypeError) as e:
