@@ -96,16 +96,18 @@ def test_distill_end_to_end(tmp_path):
     assert any("kl" in m for m in metrics)
 
 
-def memorise(model, examples, steps: int = 120):
-    """Overfit `model` on the completions of a few (ids, mask) examples."""
+def memorise(model, examples, max_steps: int = 400):
+    """Overfit `model` on the completions of a few (ids, mask) examples (~100 steps)."""
     T = max(len(ids) for ids, _ in examples)
     inputs = torch.tensor([ids[:-1] + [2] * (T - len(ids)) for ids, _ in examples])
     labels = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX] * (T - len(ids))
                            for ids, mask in examples])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
+    for _ in range(max_steps):
         loss = model(inputs, labels=labels).loss
+        if loss.item() < 0.02:
+            return
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert loss.item() < 0.05, loss.item()
+    raise AssertionError(f"the teacher did not memorise its lesson (loss {loss.item():.3f})")
