@@ -128,8 +128,9 @@ def test_engine_decodes_a_student_like_the_plain_forward():
         assert out.outputs[0].token_ids == generate(model, prompt, 10, temperature=0)
 
 
-def test_student_small_is_at_most_half_the_small_teacher():
-    teacher = model_stats(preset("small")).total_params  # main model, MTP module not counted
+@pytest.mark.parametrize("vocab_size", [331, 1024, 4096])
+def test_student_small_is_at_most_half_the_small_teacher(vocab_size):
+    teacher = model_stats(preset("small", vocab_size=vocab_size)).total_params  # main model, MTP not counted
     with torch.device("meta"):
-        n = DenseTransformer(dense_preset("student-small")).num_parameters()
+        n = DenseTransformer(dense_preset("student-small", vocab_size=vocab_size)).num_parameters()
     assert n <= teacher / 2, (n, teacher)

@@ -23,8 +23,9 @@ DeepSeek-R1 §2.3.3 and §2.4, at toy scale:
    the student to share the teacher's tokenizer (a student built from a preset always does).
 
 The student is a dense preset (`student-small`, built with the teacher's tokenizer), a DeepSeek-V3
-preset, or any checkpoint directory (e.g. a student pretrained with `nanoseek pretrain`). R1-Distill
-fine-tunes pretrained bases; see configs/distill_small.toml for what was measured here.
+preset, or any checkpoint directory. R1-Distill fine-tunes pretrained bases; here a fresh student
+can be warmed up on the corpus first (`nanoseek sft` on `{"text"}` rows, configs/sft_student_small.toml).
+configs/distill_small.toml holds the measured recipe and its numbers.
 """
 
 from __future__ import annotations
