@@ -36,7 +36,7 @@ Deviations from the papers, all deliberate:
 - pi_old is the rollout policy as the engine reports it (raw log-softmax of the logits, before
   temperature), not a recomputation by the trainer: the engine decodes MLA on the latent cache
   (the absorbed path) and the trainer runs the expanded path, so with mu = 1 the ratio is 1 only
-  up to that numerical mismatch (logged as `logprob_gap`, typically ~1e-6), instead of exactly 1
+  up to that numerical mismatch (logged as `logprob_gap`, ~1e-7 in fp32 on CPU), instead of exactly 1
   as in TRL. The scored policy is the untempered one; temperature only shapes exploration (TRL
   divides the logits by the temperature instead; at the default temperature 1 the two agree).
 - The std in the GRPO advantage is the unbiased (Bessel-corrected) one, plus 1e-4, as in TRL;
