@@ -9,7 +9,7 @@ from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import ConfigError
 from nanoseek.model.attention import ContiguousCache
 from nanoseek.model.moe import Gate, MoE, load_imbalance, update_expert_bias
-from nanoseek.model.transformer import IGNORE_INDEX, Transformer, cross_entropy
+from nanoseek.model.transformer import document_layout, IGNORE_INDEX, Transformer, cross_entropy
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -79,6 +79,26 @@ def test_absorbed_cache_path_matches_expanded_path(kw):
         for t in range(14, 20):  # one token at a time
             pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_document_mask_makes_a_packed_row_equal_its_documents_alone():
+    """Packed pretraining rows: with `documents`, each document sees only itself, from position 0,
+    so the logits and the MTP loss of a packed row are those of its documents run one by one."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    docs = [torch.randint(3, cfg.vocab_size, (1, n)) for n in (7, 12, 5)]
+    row = torch.cat(docs, dim=1)
+    documents = torch.cat([torch.full((1, d.shape[1]), i) for i, d in enumerate(docs)], dim=1)
+    with torch.no_grad():
+        packed = model(row, documents=documents).logits
+        alone = torch.cat([model(d).logits for d in docs], dim=1)
+        crossing = model(row).logits
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    assert (crossing[:, 7:] - alone[:, 7:]).abs().max() > 1e-3  # without the mask, documents see each other
+    positions, mask = document_layout(documents)
+    assert positions.tolist() == [list(range(7)) + list(range(12)) + list(range(5))]
+    assert mask.shape == (1, 1, 24, 24) and mask[0, 0, 8, 6].item() is False and mask[0, 0, 8, 7].item() is True
 
 
 def test_forward_backward_small_preset():

@@ -141,7 +141,7 @@ def test_synthetic_docs_use_the_rl_format_and_are_deterministic(docs):
         question = prompt.split("\nUser: ", 1)[1]
         assert doc == r1zero_prompt(question) + completion
         assert extract_answer(completion) is not None
-    assert "worked" in synthetic.describe() and "answer-only" in synthetic.describe()
+    assert "worked chain_sum" in synthetic.describe()
 
 
 def test_synthetic_docs_hold_no_eval_problem_of_the_default_mix(docs, mix):
@@ -163,17 +163,14 @@ def _looks_like_rl_setting(expression: str) -> bool:
     )
 
 
-def test_synthetic_docs_show_no_worked_solution_of_the_rl_distribution(docs):
-    pattern = re.compile(r"arithmetic problem: (.*) =\nAssistant: <think>(.*)</think>")
-    worked = answer_only = 0
+def test_synthetic_docs_are_worked_solutions_outside_the_rl_distribution(docs):
+    pattern = re.compile(r"arithmetic problem: (.*) =\nAssistant: <think>(.*)</think> <answer>(.*)</answer>")
     for doc in docs:
-        expression, reasoning = pattern.search(doc).groups()
-        if _looks_like_rl_setting(expression):
-            assert reasoning.strip() == "", doc
-            answer_only += 1
-        else:
-            worked += 1
-    assert answer_only > 0 and worked > answer_only  # both kinds present, in the documented proportions
+        expression, reasoning, answer = pattern.search(doc).groups()
+        assert not _looks_like_rl_setting(expression), doc
+        steps = reasoning.split()  # "a op b = c." per operation, the last result being the answer
+        assert len(steps) == 5 * (len(expression.split()) // 2) and steps[-1] == f"{answer}.", doc
+        assert int(answer) == eval(expression), doc
 
 
 def test_worked_sources_do_not_overlap_rl_settings():
@@ -181,8 +178,7 @@ def test_worked_sources_do_not_overlap_rl_settings():
         return range(d["min_terms"], d["max_terms"] + 1), range(d["min_digits"], d["max_digits"] + 1)
 
     for source in synthetic.SOURCES:
-        if source.worked:
-            terms, digits = box(source.difficulty)
-            for _, rl, _ in DEFAULT_MIX:
-                rl_terms, rl_digits = box(rl)
-                assert not (set(terms) & set(rl_terms) and set(digits) & set(rl_digits)), source.label
+        terms, digits = box(source.difficulty)
+        for _, rl, _ in DEFAULT_MIX:
+            rl_terms, rl_digits = box(rl)
+            assert not (set(terms) & set(rl_terms) and set(digits) & set(rl_digits)), source.label

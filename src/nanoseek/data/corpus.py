@@ -24,8 +24,7 @@ stage uses:
                                                       R1-Zero-format chain sums (seed 0)
 
 so synthetic text is about 28% of the tokens. Training that tokenizer takes about 3 s on 2 cores.
-If `nanoseek.data.synthetic` is absent the corpus is Shakespeare only. A prepared directory's
-meta.json `sources` records the exact mix.
+A prepared directory's meta.json `sources` records the exact mix.
 """
 
 from __future__ import annotations
@@ -168,16 +167,10 @@ def shakespeare_works() -> list[str]:
 
 
 def default_sources(seed: int = 0, synthetic_documents: int = SYNTHETIC_DOCUMENTS) -> dict[str, list[str]]:
-    """The default corpus by source: {"shakespeare": [...], "synthetic": [...]} (synthetic if available)."""
-    sources = {"shakespeare": shakespeare_works()}
-    try:
-        from nanoseek.data.synthetic import generate_documents
-    except ModuleNotFoundError as e:
-        if e.name != "nanoseek.data.synthetic":
-            raise
-        return sources  # synthetic reasoning text is not part of this checkout (yet): Shakespeare only
-    sources["synthetic"] = list(generate_documents(synthetic_documents, seed))
-    return sources
+    """The default corpus by source: {"shakespeare": [...], "synthetic": [...]}."""
+    from nanoseek.data.synthetic import generate_documents  # imports tasks -> reasoning-gym, so only when used
+
+    return {"shakespeare": shakespeare_works(), "synthetic": generate_documents(synthetic_documents, seed)}
 
 
 def default_corpus(seed: int = 0, synthetic_documents: int = SYNTHETIC_DOCUMENTS) -> list[str]:

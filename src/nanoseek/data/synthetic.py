@@ -4,20 +4,21 @@ Each document is `r1zero_prompt(question) + r1zero_completion(reasoning, answer)
 the same prefilled "<think>", the same "</think> <answer>...</answer>" ending that the RL stage and
 `extract_answer` use. Pretraining on it teaches a tiny model the format and the arithmetic steps.
 
-The mix (`SOURCES`, printed by `describe()`), all reasoning-gym `chain_sum` ("12 + 85 - 40 ="):
+The mix (`SOURCES`, printed by `describe()`) is worked solutions of reasoning-gym `chain_sum`
+("12 + 85 - 40 ="), one "a op b = c." step per operation, for settings EASIER than the RL mix
+(`tasks.DEFAULT_MIX`: 3 terms of two digits, 4 terms of one digit): 2-3 terms of one digit
+(chaining), 2 terms of two digits (two-digit steps), and 2 terms of 1-3 digits with negative
+numbers (the signed, larger running totals that longer chains meet).
 
-- worked solutions, one "a op b = c." step per operation, for EASIER settings than the RL mix:
-  2-3 terms of one digit (chaining), 2 terms of two digits (two-digit steps), and 2 terms of
-  1-3 digits with negative numbers (the signed, larger running totals that longer chains meet);
-- answer-only documents (empty reasoning) for the RL settings themselves (`tasks.DEFAULT_MIX`:
-  3 terms of two digits, 4 terms of one digit), drawn from the train split.
+Why this holds no worked solution from the RL evaluation distribution: the settings do not overlap
+the RL settings (fewer terms or fewer digits; `tests/test_tasks.py` checks the ranges), and every
+question comes from the train side of the hash split (`tasks.split_of`), so no eval question appears
+at all. The base model thus knows the format and every single step; carrying a longer chain through
+without slipping is what RL has to improve.
 
-Why this holds no worked solutions from the RL evaluation distribution: the worked settings do not
-overlap the RL settings (fewer terms or fewer digits; `tests/test_tasks.py` checks the ranges),
-RL-setting problems appear only with their answer and no reasoning, and every question comes from
-the train side of the hash split (`tasks.split_of`), so no eval question appears at all. The base
-model thus knows the format and the single steps and sometimes guesses an RL answer; writing out
-the longer chain is what RL has to discover.
+Why no answer-only documents for the RL settings (which R1-Zero's rules would allow): with them the
+base learns to answer those questions in one guess, without a chain, and scores about 1%: too rare
+a success for GRPO's groups to carry any signal (measured: 81-94% of groups had zero reward std).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanoseek.data.tasks import (
-    DEFAULT_MIX,
     Problem,
     allocate_counts,
     derive_seed,
@@ -40,25 +40,21 @@ from nanoseek.errors import NanoseekError
 
 @dataclass(frozen=True)
 class Source:
-    """One slice of the corpus: a reasoning-gym setting, its share, and whether to show the reasoning."""
+    """One slice of the corpus: a reasoning-gym setting and its share."""
 
     label: str
     dataset: str
     difficulty: dict = field(hash=False)
     weight: float
-    worked: bool
 
 
 SOURCES: tuple[Source, ...] = (
     Source("worked chain_sum, 2-3 one-digit terms", "chain_sum",
-           dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1), 0.35, True),
+           dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1), 0.45),
     Source("worked chain_sum, 2 two-digit terms", "chain_sum",
-           dict(min_terms=2, max_terms=2, min_digits=2, max_digits=2), 0.20, True),
+           dict(min_terms=2, max_terms=2, min_digits=2, max_digits=2), 0.275),
     Source("worked chain_sum, 2 signed terms of 1-3 digits", "chain_sum",
-           dict(min_terms=2, max_terms=2, min_digits=1, max_digits=3, allow_negation=True), 0.20, True),
-) + tuple(
-    Source(f"answer-only {label} (RL setting, train split)", "chain_sum", difficulty, 0.25 * weight, False)
-    for label, difficulty, weight in DEFAULT_MIX
+           dict(min_terms=2, max_terms=2, min_digits=1, max_digits=3, allow_negation=True), 0.275),
 )
 
 
@@ -87,12 +83,11 @@ def generate_documents(n: int, seed: int = 0, sources: tuple[Source, ...] = SOUR
     """
     docs: list[str] = []
     for i, (source, count) in enumerate(zip(sources, allocate_counts(n, [s.weight for s in sources]))):
-        if source.worked and source.dataset not in REASONING:
+        if source.dataset not in REASONING:
             raise NanoseekError(f"no worked-solution writer for {source.dataset!r}; add one to REASONING")
         task = get_task(source.dataset, **source.difficulty)
         for p in task.problems(count, seed=derive_seed("synthetic", i, seed), split="train"):
-            reasoning = REASONING[source.dataset](p) if source.worked else ""
-            docs.append(r1zero_prompt(p.question) + r1zero_completion(reasoning, p.answer))
+            docs.append(r1zero_prompt(p.question) + r1zero_completion(REASONING[source.dataset](p), p.answer))
     random.Random(derive_seed("synthetic-order", seed)).shuffle(docs)
     return docs
 

@@ -70,8 +70,7 @@ def r1zero_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
 def r1zero_completion(reasoning: str, answer: str) -> str:
     """The completion that follows `r1zero_prompt(question)`: reasoning, `</think>`, tagged answer.
 
-    Empty `reasoning` gives an answer-only completion (" </think> <answer>42</answer>"), the form
-    the synthetic corpus uses for problems whose worked solutions it must not show.
+    Empty `reasoning` gives an answer-only completion (" </think> <answer>42</answer>").
     """
     think = f" {reasoning.strip()} " if reasoning.strip() else " "
     return f"{think}{THINK_END} {ANSWER_START}{answer}{ANSWER_END}"
@@ -283,8 +282,8 @@ def allocate_counts(n: int, weights: list[float]) -> list[int]:
 
 # The default RL/eval mix: chain sums just past what the synthetic pretraining corpus shows worked
 # solutions for (up to 3 one-digit terms, or 2 terms of up to 3 digits). One component needs a longer
-# chain of the familiar steps, the other the familiar 3-term chain on two-digit numbers; the corpus
-# shows these settings with answers only, so reasoning through them is left for RL to find.
+# chain of the familiar steps, the other the familiar 3-term chain on two-digit numbers. The corpus
+# never shows these settings, so getting them right more often is left for RL to find.
 DEFAULT_MIX: list[tuple[str, dict, float]] = [
     ("chain_sum/3x2digit", dict(min_terms=3, max_terms=3, min_digits=2, max_digits=2), 0.5),
     ("chain_sum/4x1digit", dict(min_terms=4, max_terms=4, min_digits=1, max_digits=1), 0.5),

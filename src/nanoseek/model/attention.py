@@ -90,8 +90,9 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        """x (B, T, D), positions (B, T), rope = cos/sin (B, T, R/2) -> (B, T, D)."""
+                cache: LatentCache | None = None, layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D), positions (B, T), rope = cos/sin (B, T, R/2) -> (B, T, D). mask (B, 1, T, T),
+        True where a query may attend a key, replaces the causal mask (training on packed rows)."""
         B, T, _ = x.shape
         cos, sin = rope
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -104,7 +105,7 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin)  # (B, T, R): one rotary key shared by all heads
 
         if cache is None:
-            out = self._expanded(q_nope, q_pe, latent, k_pe)
+            out = self._expanded(q_nope, q_pe, latent, k_pe, mask)
         else:
             latent_all, k_pe_all = cache.update(layer_idx, positions, latent, k_pe)
             if T > 1 and latent_all.shape[1] == T and not positions[:, 0].any():
@@ -115,8 +116,8 @@ class MLA(nn.Module):
                 out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, positions)
         return self.o_proj(out.flatten(2))
 
-    def _expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
-        """Causal attention over the sequence itself, with per-head K/V expanded from the latents."""
+    def _expanded(self, q_nope, q_pe, latent, k_pe, mask=None) -> torch.Tensor:
+        """Causal (or `mask`ed) attention over the sequence itself, per-head K/V expanded from the latents."""
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B,T,H,N), (B,T,H,V)
@@ -128,7 +129,7 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                              F.pad(v, (0, pad)).transpose(1, 2) if pad > 0 else v.transpose(1, 2),
-                                             is_causal=True, scale=self.softmax_scale)
+                                             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, V)
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, positions) -> torch.Tensor:

@@ -37,8 +37,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, rope, cache: LatentCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx)
+    def forward(self, x, positions, rope, cache: LatentCache | None = None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -118,20 +118,25 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, labels: torch.Tensor | None = None,
-                logits: bool = True) -> ModelOutput:
+                logits: bool = True, documents: torch.Tensor | None = None) -> ModelOutput:
+        """documents (B, T): for rows packed with several documents, the index of each token's
+        document; attention then stays inside a document and positions restart at each one."""
         B, T = input_ids.shape
-        if positions is None:
+        mask = None
+        if documents is not None:
+            positions, mask = document_layout(documents)
+        elif positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         rope = self.rope(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
-            x = layer(x, positions, rope, cache)
+            x = layer(x, positions, rope, cache, mask)
         hidden = self.model.norm(x)
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:
             out.loss = cross_entropy(out.logits, labels)
             if len(self.mtp_layers) and T > len(self.mtp_layers):
-                out.mtp_loss = self._mtp_loss(hidden, labels, positions, rope)
+                out.mtp_loss = self._mtp_loss(hidden, labels, positions, rope, mask)
             balance = [m.mlp.balance_loss for m in self.model.layers
                        if isinstance(m.mlp, MoE) and m.mlp.balance_loss is not None]
             if balance and self.training:
@@ -142,16 +147,16 @@ class Transformer(nn.Module):
         return out
 
     def mtp_forward(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                    rope=None, cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    rope=None, cache: LatentCache | None = None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` (0-based): hidden (B, T, D) of the previous depth at positions i and
         next_ids (B, T) = tokens t_{i+depth+1} -> (its hidden (B, T, D), logits for t_{i+depth+2})."""
         layer = self.mtp_layers[depth]
         rope = self.rope(positions) if rope is None else rope
         x = mtp_inputs(layer, self.model.embed_tokens(next_ids), hidden)
-        h = layer(x, positions, rope, cache)
+        h = layer(x, positions, rope, cache, mask)
         return h, self.lm_head(layer.shared_head.norm(h))
 
-    def _mtp_loss(self, hidden, labels, positions, rope) -> torch.Tensor:
+    def _mtp_loss(self, hidden, labels, positions, rope, mask=None) -> torch.Tensor:
         """Depth k (1-based) at position i reads t_{i+k} = labels[i+k-1] and predicts labels[i+k]."""
         T = labels.shape[1]
         losses, h = [], hidden
@@ -159,7 +164,8 @@ class Transformer(nn.Module):
             n = T - k  # positions with a target at this depth
             ids = labels[:, k - 1: k - 1 + n].clamp(min=0)  # padding positions carry no target anyway
             h, logits = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
-                                         rope=(rope[0][:, :n], rope[1][:, :n]))
+                                         rope=(rope[0][:, :n], rope[1][:, :n]),
+                                         mask=None if mask is None else mask[..., :n, :n])
             losses.append(cross_entropy(logits, labels[:, k: k + n]))
         return torch.stack(losses).mean()
 
@@ -168,6 +174,25 @@ class Transformer(nn.Module):
         if exclude_embeddings:
             n -= self.model.embed_tokens.weight.numel()
         return n
+
+
+def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """documents (B, T) of non-decreasing document indices -> positions (B, T) counted from each
+    document's first token, and the attention mask (B, 1, T, T): causal and inside one document.
+
+    Packed pretraining rows hold several documents; without the mask a token also attends to the
+    documents before it. With many documents of one template (the synthetic reasoning text) that
+    is what stops a small model from learning to copy numbers from its own question: every earlier
+    question in the row matches the same lookup.
+    """
+    B, T = documents.shape
+    index = torch.arange(T, device=documents.device)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) index of the document's first token
+    same_document = documents.unsqueeze(2) == documents.unsqueeze(1)  # (B, T, T)
+    mask = same_document & (index.unsqueeze(1) >= index.unsqueeze(0))
+    return index - first, mask.unsqueeze(1)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -854,8 +854,9 @@ def _in_main_thread() -> bool:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
-                  autocast=nullcontext) -> float:
+                  autocast=nullcontext, documents: Callable | None = None) -> float:
     """Mean next-token loss of `model` over (inputs, targets) batches, averaged over ranks.
+    `documents(inputs)`: the document index of each token, for models trained with document masks.
 
     Run every rank with its own equal share of the batches (the loader's rank split does that).
     """
@@ -863,8 +864,10 @@ def evaluate_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
     model.eval()
     total = torch.zeros((), device=env.device)
     for inputs, targets in batches:
+        inputs = inputs.to(env.device)
+        extra = {"documents": documents(inputs)} if documents else {}
         with autocast():
-            total += model(inputs.to(env.device), labels=targets.to(env.device), logits=False).loss.float()
+            total += model(inputs, labels=targets.to(env.device), logits=False, **extra).loss.float()
     model.train(was_training)
     if env.distributed:
         dist.all_reduce(total)

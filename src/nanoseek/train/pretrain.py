@@ -15,6 +15,9 @@ Data: `data` lists text/jsonl/parquet sources or `default` (Shakespeare + synthe
 text). A byte-level BPE of `vocab_size` is trained on them and they are tokenized into shards
 under `data_dir` (default `<out_dir>/data`), reused on the next run with the same recipe.
 
+Continued pretraining: `init=<checkpoint dir>` starts from that model instead of a fresh `preset`,
+and `data_dir=<its run>/data` reuses its token shards (the tokenizer must be the checkpoint's).
+
 The loop below reads top to bottom: setup, then per step: batch -> optimizer step -> expert-bias
 update -> log -> (every so often) validation loss, a text sample, a checkpoint. The machinery
 (config, optimizer, schedule, checkpoints, resume, distributed) is in `nanoseek.train.loop`.
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanoseek.checkpoint import load_model
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
@@ -50,6 +54,7 @@ class PretrainConfig(TrainConfig):
     out_dir: str = "runs/pretrain"
     # model
     preset: str = "small"  # a nanoseek.config preset
+    init: str = ""  # checkpoint directory to continue pretraining from (then preset/model are unused)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides: model.num_hidden_layers=2
     # data
     data: list[str] = field(default_factory=lambda: ["default"])  # files, directories, or "default"
@@ -57,6 +62,7 @@ class PretrainConfig(TrainConfig):
     vocab_size: int = 4096  # of the BPE trained on `data`
     val_fraction: float = 0.05  # share of documents held out
     # objective
+    document_mask: bool = True  # attention stays inside each packed document (which starts with bos)
     mtp_lambda: float = 0.3  # weight of the MTP loss (V3: 0.3, then 0.1 late in training)
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4); 0 = off
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed (V3: 1e-3); 0 = off
@@ -83,13 +89,14 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     # ---- data, tokenizer, model
     tokenizer, data_dir = prepare_corpus(cfg, env)
     seed_everything(cfg.seed)  # after data preparation, which only rank 0 (and only once) does
-    model = Transformer(model_config(cfg, tokenizer)).to(env.device)
+    model = initial_model(cfg, tokenizer).to(env.device)
     micro_batch, accum = batch_plan(cfg, env.world_size)
     loader = TokenLoader(data_dir, "train", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
     # a fixed random sample of val windows, so the val loss covers the whole val mix, not its first documents
     val_loader = TokenLoader(data_dir, "val", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
     val_batches = [next(val_loader) for _ in range(min(cfg.eval_batches, val_loader.batches_per_epoch))]
-    loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda)
+    bos_id = tokenizer.bos_id if cfg.document_mask else None
+    loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda, bos_id=bos_id)
 
     with Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume) as trainer:
         if env.is_main:
@@ -100,7 +107,7 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
             if env.is_main:
                 trainer.log({"unigram_val_loss": unigram_loss(data_dir),  # over the whole val split
                              "unigram_eval_loss": unigram_loss(data_dir, [t for _, t in val_batches])}, console=True)
-            validate(trainer, val_batches)
+            validate(trainer, val_batches, bos_id)
 
         # ---- the loop
         while trainer.step < cfg.max_steps:
@@ -113,7 +120,7 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
 
             last = trainer.step == cfg.max_steps
             if trainer.every(cfg.eval_every) or last:
-                validate(trainer, val_batches)
+                validate(trainer, val_batches, bos_id)
             if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
                 sample(trainer, tokenizer, cfg)
             if trainer.every(cfg.save_every) and not last:
@@ -124,11 +131,12 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
         return trainer.save_checkpoint()
 
 
-def pretrain_loss(model, batch, mtp_lambda: float):
+def pretrain_loss(model, batch, mtp_lambda: float, bos_id: int | None = None):
     """DeepSeek-V3's objective on one (inputs, targets) batch: next-token CE + mtp_lambda * MTP CE
-    + the sequence-wise balance loss (present only when aux_loss_alpha > 0, already scaled by it)."""
+    + the sequence-wise balance loss (present only when aux_loss_alpha > 0, already scaled by it).
+    With `bos_id`, each document of a packed row (bos doc eos) attends only to itself."""
     inputs, targets = batch
-    out = model(inputs, labels=targets, logits=False)
+    out = model(inputs, labels=targets, logits=False, documents=documents_of(inputs, bos_id))
     objective, metrics = out.loss, {"loss": out.loss}
     if out.mtp_loss is not None:
         objective = objective + mtp_lambda * out.mtp_loss
@@ -139,9 +147,15 @@ def pretrain_loss(model, batch, mtp_lambda: float):
     return objective, metrics
 
 
-def validate(trainer: Trainer, val_batches) -> None:
-    trainer.log({"val_loss": evaluate_loss(trainer.raw_model, val_batches, trainer.env, trainer.autocast)},
-                console=True)
+def documents_of(inputs: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
+    """(B, T) document index of each token of packed rows whose documents start with bos."""
+    return None if bos_id is None else (inputs == bos_id).cumsum(dim=1)
+
+
+def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:
+    loss = evaluate_loss(trainer.raw_model, val_batches, trainer.env, trainer.autocast,
+                         documents=functools.partial(documents_of, bos_id=bos_id))
+    trainer.log({"val_loss": loss}, console=True)
 
 
 def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
@@ -155,6 +169,24 @@ def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
 
 
 # ---------------------------------------------------------------- setup helpers
+
+
+def initial_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
+    """A fresh model of the configured preset, or the `init` checkpoint to continue from."""
+    if not cfg.init:
+        return Transformer(model_config(cfg, tokenizer))
+    if not (Path(cfg.init) / "config.json").is_file():
+        raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory (no config.json)")
+    if cfg.model:
+        raise ConfigError("model.* overrides apply to a fresh preset only; init names a checkpoint")
+    model = load_model(cfg.init)
+    if not isinstance(model, Transformer):
+        raise ConfigError(f"init={cfg.init!r} is a dense model; pretrain continues DeepSeek-V3 checkpoints only")
+    saved = Tokenizer.from_dir(cfg.init) if (Path(cfg.init) / "tokenizer.json").is_file() else None
+    if saved is None or saved.tk.get_vocab() != tokenizer.tk.get_vocab():
+        raise ConfigError(f"the token shards in the data directory were made with another tokenizer than "
+                          f"init={cfg.init!r}'s: set data_dir to the data directory of the run that made it")
+    return model
 
 
 def model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:

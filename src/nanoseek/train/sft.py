@@ -78,7 +78,7 @@ class SFTConfig(TrainConfig):
     model: dict[str, Any] = field(default_factory=dict)  # config overrides when `init` is a preset
     tokenizer: str = ""  # tokenizer directory; "" = the one saved with `init`
     # data
-    data: list[str] = field(default_factory=list)  # jsonl files of messages or prompt/completion rows
+    data: list[str] = field(default_factory=list)  # jsonl files of messages, prompt/completion or text rows
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     packing: bool = True  # several examples per row (attention crosses them, the loss does not)
     epochs: float = 0.0  # > 0: max_steps = epochs over the training rows (overrides max_steps)
