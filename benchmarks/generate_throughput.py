@@ -3,10 +3,13 @@
     python benchmarks/generate_throughput.py            # a random `small`-preset model in a temp dir
     python benchmarks/generate_throughput.py --model DIR
 
-Both run greedy, ignore eos, same prompts and max_new_tokens, at batch 1 and 32 and two prompt
+Both run greedy, ignore eos, same prompts and max_new_tokens, at batch 1 and 32 and three prompt
 lengths, on 2 CPU threads (--threads). Decode tokens/s excludes prefill: each configuration is
 also run with one new token, and decode rate = batch * (new_tokens - 1) / (time(new_tokens) -
 time(1 token)). Timings are the best of --repeats runs; on a shared machine, expect noise.
+The ratio grows with the context: at short prompts both engines spend a decode step on the same
+matmuls (the model's weights times 32 tokens), while every new token of context costs transformers
+more (a multi-head K/V cache, 4x the latent's bytes at the `small` preset, grown by concatenation).
 Also printed: latent-cache bytes per token against the multi-head K/V cache transformers keeps for
 the same model, and MTP speculation's acceptance rate and speed-up at both batch sizes. A random
 model's MTP head rarely agrees with its main model (acceptance near 0, so speculation costs time);
@@ -45,7 +48,7 @@ def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint directory (default: a random small-preset model)")
-    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256, 512])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--mtp", type=int, default=2, help="draft tokens for the speculation column (0: skip)")

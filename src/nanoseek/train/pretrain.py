@@ -15,8 +15,9 @@ Data: `data` lists text/jsonl/parquet sources or `default` (Shakespeare + synthe
 text). A byte-level BPE of `vocab_size` is trained on them and they are tokenized into shards
 under `data_dir` (default `<out_dir>/data`), reused on the next run with the same recipe.
 
-Continued pretraining: `init=<checkpoint dir>` starts from that model instead of a fresh `preset`,
-and `data_dir=<its run>/data` reuses its token shards (the tokenizer must be the checkpoint's).
+Continued pretraining: `init=<checkpoint dir>` starts from that model instead of a fresh `preset`
+and tokenizes the data with the checkpoint's tokenizer (`data_dir=<its run>/data` with the same
+data and seed reuses its shards as they are).
 
 The loop below reads top to bottom: setup, then per step: batch -> optimizer step -> expert-bias
 update -> log -> (every so often) validation loss, a text sample, a checkpoint. The machinery
@@ -26,6 +27,7 @@ update -> log -> (every so often) validation loss, a text sample, a checkpoint. 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -59,7 +61,7 @@ class PretrainConfig(TrainConfig):
     # data
     data: list[str] = field(default_factory=lambda: ["default"])  # files, directories, or "default"
     data_dir: str = ""  # token shards and tokenizer; "" = <out_dir>/data
-    vocab_size: int = 4096  # of the BPE trained on `data`
+    vocab_size: int = 4096  # of the BPE trained on `data` (with init: the checkpoint's tokenizer instead)
     val_fraction: float = 0.05  # share of documents held out
     # objective
     document_mask: bool = True  # attention stays inside each packed document (which starts with bos)
@@ -85,6 +87,9 @@ def train(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
 def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.init and not all((Path(cfg.init) / f).is_file() for f in ("config.json", "tokenizer.json")):
+        raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory with its tokenizer "
+                          "(config.json, tokenizer.json)")
 
     # ---- data, tokenizer, model
     tokenizer, data_dir = prepare_corpus(cfg, env)
@@ -175,17 +180,14 @@ def initial_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
     """A fresh model of the configured preset, or the `init` checkpoint to continue from."""
     if not cfg.init:
         return Transformer(model_config(cfg, tokenizer))
-    if not (Path(cfg.init) / "config.json").is_file():
-        raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory (no config.json)")
     if cfg.model:
         raise ConfigError("model.* overrides apply to a fresh preset only; init names a checkpoint")
     model = load_model(cfg.init)
     if not isinstance(model, Transformer):
         raise ConfigError(f"init={cfg.init!r} is a dense model; pretrain continues DeepSeek-V3 checkpoints only")
-    saved = Tokenizer.from_dir(cfg.init) if (Path(cfg.init) / "tokenizer.json").is_file() else None
-    if saved is None or saved.tk.get_vocab() != tokenizer.tk.get_vocab():
-        raise ConfigError(f"the token shards in the data directory were made with another tokenizer than "
-                          f"init={cfg.init!r}'s: set data_dir to the data directory of the run that made it")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"init={cfg.init!r} has {model.config.vocab_size} token embeddings, "
+                          f"its tokenizer {tokenizer.vocab_size} ids")
     return model
 
 
@@ -210,17 +212,25 @@ def model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
-    """Train the tokenizer and write token shards into data_dir (rank 0), unless a previous run
-    already did with the same recipe; every rank then loads the result."""
+    """Tokenize the data into token shards in data_dir (rank 0), with a BPE trained on it or, when
+    continuing a checkpoint (`init`), with that checkpoint's tokenizer; skipped when a previous run
+    already prepared data_dir with the same recipe. Every rank then loads the result."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
+    init_tokenizer = Tokenizer.from_dir(cfg.init) if cfg.init else None
     recipe = {"data": cfg.data, "vocab_size": cfg.vocab_size, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    if init_tokenizer is not None:
+        recipe.update(vocab_size=init_tokenizer.vocab_size,
+                      tokenizer=hashlib.sha256(init_tokenizer.tk.to_str().encode()).hexdigest())
     recipe_file = data_dir / "recipe.json"
     ready = (data_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe
     if env.is_main and not ready:
         t0 = time.perf_counter()
         recipe_file.unlink(missing_ok=True)
-        texts = [doc for _, docs in load_sources(cfg.data, seed=cfg.seed) for doc in docs]
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        if init_tokenizer is not None:
+            tokenizer = init_tokenizer
+        else:
+            tokenizer = train_tokenizer([doc for _, docs in load_sources(cfg.data, seed=cfg.seed) for doc in docs],
+                                        cfg.vocab_size)
         meta = prepare_data(cfg.data, tokenizer, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
         recipe_file.write_text(json.dumps(recipe) + "\n")  # last: marks the directory complete
         s = meta["splits"]
