@@ -116,9 +116,16 @@ def test_config_file_errors(tmp_path):
 
 
 def test_recipes_load():
-    for path in sorted((ROOT / "configs").glob("pretrain_*.toml")):
-        cfg = load_config(PretrainConfig, path)
-        assert cfg.preset in nanoseek.config.PRESETS and cfg.batch_size % (cfg.micro_batch_size or 1) == 0
+    from nanoseek.train.distill import DistillConfig
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.sft import SFTConfig
+
+    stages = {"pretrain": PretrainConfig, "rl": GRPOConfig, "sft": SFTConfig, "distill": DistillConfig}
+    paths = sorted((ROOT / "configs").glob("*.toml"))
+    for path in paths:
+        cfg = load_config(stages[path.stem.split("_")[0]], path)  # every shipped recipe names a stage
+        assert cfg.batch_size % (cfg.micro_batch_size or 1) == 0, path
+    assert {p.stem.split("_")[0] for p in paths} == set(stages)
 
 
 # ---------------------------------------------------------------- schedule and optimizer
