@@ -13,8 +13,8 @@ numbers (the signed, larger running totals that longer chains meet).
 Why this holds no worked solution from the RL evaluation distribution: the settings do not overlap
 the RL settings (fewer terms or fewer digits; `tests/test_tasks.py` checks the ranges), and every
 question comes from the train side of the hash split (`tasks.split_of`), so no eval question appears
-at all. The base model thus knows the format and every single step; carrying a longer chain through
-without slipping is what RL has to improve.
+at all. The base model sees the format and every kind of single step; carrying a longer chain
+through without slipping is what RL has to improve.
 
 Why no answer-only documents for the RL settings (which R1-Zero's rules would allow): with them the
 base learns to answer those questions in one guess, without a chain, and scores about 1%: too rare

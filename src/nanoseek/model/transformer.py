@@ -181,11 +181,9 @@ def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     document's first token, and the attention mask (B, 1, T, T): causal and inside one document.
 
     Packed pretraining rows hold several documents; without the mask a token also attends to the
-    documents before it. With many documents of one template (the synthetic reasoning text) that
-    is what stops a small model from learning to copy numbers from its own question: every earlier
-    question in the row matches the same lookup.
+    documents before it, a context inference never gives it (a prompt starts alone, at position 0).
     """
-    B, T = documents.shape
+    T = documents.shape[1]
     index = torch.arange(T, device=documents.device)
     starts = torch.ones_like(documents, dtype=torch.bool)
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
