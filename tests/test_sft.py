@@ -170,3 +170,23 @@ def test_student_checkpoint_is_a_llama_directory(data_dir, tmp_path):
     assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert isinstance(nanoseek.load_model(path), DenseTransformer)
     assert (path / "tokenizer.json").is_file() and (path / "trainer_state" / "state.pt").is_file()
+
+
+def test_packed_rows_train_each_example_as_if_alone():
+    """Packing changes nothing but speed: with the documents the bos tokens mark, a packed row's
+    per-token losses are those of its examples run one per row (dense student and DeepSeek model)."""
+    torch.manual_seed(0)
+    examples = [Example([0] + torch.randint(3, 60, (n,)).tolist() + [1], [False] + [True] * (n + 1), str(n))
+                for n in (6, 9, 4)]
+    rows = pack(examples, row_len=64, packing=True)
+    assert len(rows) == 1
+    row = torch.tensor([rows[0].ids])
+    for model in (DenseTransformer(nanoseek.model.dense.dense_preset("student-tiny", vocab_size=64)),
+                  Transformer(nanoseek.config.preset("tiny", vocab_size=64))):
+        model.eval()
+        with torch.no_grad():
+            logits = model(row, documents=sft.documents_of(row, bos_id=0)).logits[0]
+            alone = torch.cat([model(torch.tensor([ex.ids])).logits[0] for ex in examples])
+            crossing = model(row).logits[0]
+        torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
+        assert (crossing - alone).abs().max() > 1e-3  # without the documents, examples see each other

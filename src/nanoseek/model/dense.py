@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from nanoseek.errors import ConfigError
 from nanoseek.model.attention import LatentCache
 from nanoseek.model.layers import MLP, RMSNorm
-from nanoseek.model.transformer import ModelOutput, cross_entropy
+from nanoseek.model.transformer import ModelOutput, cross_entropy, document_layout
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -209,14 +209,14 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(H * d, D, bias=config.o_bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        """x (B, T, D), positions (B, T), rope = cos/sin (B, T, d/2) -> (B, T, D)."""
+                cache: LatentCache | None = None, layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D), positions (B, T), rope = cos/sin (B, T, d/2) -> (B, T, D). `mask` (B, 1, T, T):
+        attention allowed (packed documents); default causal."""
         B, T, _ = x.shape
         H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
         q = apply_rope_half(self.q_proj(x).view(B, T, H, d), *rope)
         k = apply_rope_half(self.k_proj(x).view(B, T, K, d), *rope)
         v = self.v_proj(x).view(B, T, K, d)
-        mask = None
         if cache is not None:  # the cache holds rotated keys and values: (B, S, K*d) each
             k_all, v_all = cache.update(layer_idx, positions, k.flatten(2), v.flatten(2))
             S = k_all.shape[1]
@@ -239,8 +239,8 @@ class DenseBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, rope, cache: LatentCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx)
+    def forward(self, x, positions, rope, cache: LatentCache | None = None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -300,14 +300,18 @@ class DenseTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, labels: torch.Tensor | None = None,
-                logits: bool = True) -> ModelOutput:
+                logits: bool = True, documents: torch.Tensor | None = None) -> ModelOutput:
+        """documents (B, T): as in `Transformer.forward`, attention stays inside each packed document."""
         B, T = input_ids.shape
-        if positions is None:
+        mask = None
+        if documents is not None:
+            positions, mask = document_layout(documents)
+        elif positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         rope = self.rope(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
-            x = layer(x, positions, rope, cache)
+            x = layer(x, positions, rope, cache, mask)
         hidden = self.model.norm(x)
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:

@@ -176,11 +176,17 @@ class Transformer(nn.Module):
         return n
 
 
+def documents_of(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
+    """(B, T) document index of each token of packed rows whose documents start with bos
+    (None without a bos id: the row is one sequence)."""
+    return None if bos_id is None else (input_ids == bos_id).cumsum(dim=1)
+
+
 def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """documents (B, T) of non-decreasing document indices -> positions (B, T) counted from each
     document's first token, and the attention mask (B, 1, T, T): causal and inside one document.
 
-    Packed pretraining rows hold several documents; without the mask a token also attends to the
+    Packed training rows hold several documents; without the mask a token also attends to the
     documents before it, a context inference never gives it (a prompt starts alone, at position 0).
     """
     T = documents.shape[1]

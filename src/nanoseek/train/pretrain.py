@@ -43,7 +43,7 @@ from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
 from nanoseek.model.moe import update_expert_bias
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.loop import (
     DistEnv, Trainer, TrainConfig, barrier, batch_plan, evaluate_loss, generate, load_config, seed_everything,
@@ -150,11 +150,6 @@ def pretrain_loss(model, batch, mtp_lambda: float, bos_id: int | None = None):
         objective = objective + out.aux_loss
         metrics["aux_loss"] = out.aux_loss
     return objective, metrics
-
-
-def documents_of(inputs: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
-    """(B, T) document index of each token of packed rows whose documents start with bos."""
-    return None if bos_id is None else (inputs == bos_id).cumsum(dim=1)
 
 
 def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:

@@ -21,11 +21,11 @@ Data: jsonl files, one example per line, in the layouts TRL's SFTTrainer reads:
 text). Other fields (e.g. `metadata`) are ignored.
 
 Packing: examples are shuffled (per epoch, seeded) and concatenated into rows of seq_len + 1 tokens;
-an example never straddles two rows (one longer than a row is truncated). Attention crosses the
-examples packed into a row, as in pretraining (whose windows span documents too): positions run
-on through the row and every example starts with bos, which the model learns to read as a fresh
-start. No loss is taken across the seam: an example's first token is never a target. Set
-`packing=false` for one example per row (padded), where nothing is shared.
+an example never straddles two rows (one longer than a row is truncated). Every example starts
+with bos, which marks the seams: each example attends only to itself and its positions start at 0
+(`documents=` of the models, as in pretraining), so a packed row trains exactly what the examples
+would one per row, the context inference gives them. No loss is taken across a seam: an example's
+first token is never a target. `packing=false` puts one example per row (padded).
 
 The loss is a mean over the target tokens of the whole optimizer step (all micro-batches and
 ranks), so an example weighs the same whatever row or micro-batch it lands in. Optional logit
@@ -58,7 +58,7 @@ from nanoseek.data.tasks import derive_seed
 from nanoseek.errors import ConfigError, NanoseekError
 from nanoseek.model.dense import DENSE_PRESETS, DenseTransformer, dense_preset
 from nanoseek.model.moe import update_expert_bias
-from nanoseek.model.transformer import IGNORE_INDEX, Transformer
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import (
     DistEnv, Trainer, TrainConfig, batch_plan, evaluate_loss, generate, load_config, seed_everything,
@@ -80,7 +80,7 @@ class SFTConfig(TrainConfig):
     # data
     data: list[str] = field(default_factory=list)  # jsonl files of messages, prompt/completion or text rows
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
-    packing: bool = True  # several examples per row (attention crosses them, the loss does not)
+    packing: bool = True  # several examples per row, each attending only to itself
     epochs: float = 0.0  # > 0: max_steps = epochs over the training rows (overrides max_steps)
     val_fraction: float = 0.05  # share of prompts held out for the validation loss (all their examples)
     # objective
@@ -391,12 +391,13 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
     def loss_fn(model, batch):
         inputs, labels, scale = batch  # scale = micro-batches x ranks / target tokens in the whole step
         inputs, labels = inputs.to(env.device), labels.to(env.device)
-        out = model(inputs, labels=labels)
+        documents = documents_of(inputs, tokenizer.bos_id)
+        out = model(inputs, labels=labels, documents=documents)
         ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets
         objective, metrics = ce_sum * scale, {"loss": ce_sum * scale}
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(inputs).logits
+                teacher_logits = teacher(inputs, documents=documents).logits
             V = tokenizer.vocab_size  # heads may be padded past the vocabulary; compare the ids that exist
             kl_sum = forward_kl(out.logits[..., :V], teacher_logits[..., :V], labels)
             objective = ((1 - cfg.kd_weight) * ce_sum + cfg.kd_weight * kl_sum) * scale
@@ -410,7 +411,9 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
 
     def validate():
         if val_batches:
-            trainer.log({"val_loss": evaluate_loss(trainer.raw_model, val_batches, env, trainer.autocast)}, console=True)
+            loss = evaluate_loss(trainer.raw_model, val_batches, env, trainer.autocast,
+                                 documents=lambda inputs: documents_of(inputs, tokenizer.bos_id))
+            trainer.log({"val_loss": loss}, console=True)
 
     def sample():
         example = (val_examples or train_examples)[0]
