@@ -78,8 +78,7 @@ from nanoseek.inference.sampling import SamplingParams
 from nanoseek.rewards import combine_rewards
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, barrier, find_checkpoint, load_config, seed_everything, setup_distributed,
-    teardown_distributed,
+    DistEnv, Trainer, TrainConfig, barrier, find_checkpoint, load_config, run_stage, seed_everything,
 )
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -346,16 +345,10 @@ def add_reference_logprobs(reference, samples: list[Sample], micro_batch_size: i
 def train(cfg: GRPOConfig, resume: str | Path | None = None) -> Path:
     """Run R1-Zero RL (in this process, or as one rank under torchrun); returns the final
     checkpoint directory. `resume`: "latest" or a checkpoint directory to continue from."""
-    env = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, env, resume)
-    finally:
-        teardown_distributed()
+    return run_stage(_train, cfg, resume)
 
 
 def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if not cfg.init:
         raise ConfigError("init is not set: give the base checkpoint, e.g. init=runs/pretrain_small/latest")
 

@@ -313,6 +313,18 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def run_stage(train_fn: Callable, cfg: TrainConfig, resume=None):
+    """Run a stage's `train_fn(cfg, env, resume)` in this process or as one rank under torchrun:
+    join the process group, set the CPU thread count, and always leave the group again."""
+    env = setup_distributed(cfg.device)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return train_fn(cfg, env, resume)
+    finally:
+        teardown_distributed()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

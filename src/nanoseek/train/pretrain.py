@@ -46,8 +46,8 @@ from nanoseek.model.moe import update_expert_bias
 from nanoseek.model.transformer import Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, barrier, batch_plan, evaluate_loss, generate, load_config, seed_everything,
-    setup_distributed, teardown_distributed,
+    DistEnv, Trainer, TrainConfig, barrier, batch_plan, evaluate_loss, generate, load_config, run_stage,
+    seed_everything,
 )
 
 
@@ -77,16 +77,10 @@ class PretrainConfig(TrainConfig):
 def train(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     """Run pretraining (in this process, or as one rank under torchrun); returns the final
     checkpoint directory. `resume`: "latest" or a checkpoint directory to continue from."""
-    env = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, env, resume)
-    finally:
-        teardown_distributed()
+    return run_stage(_train, cfg, resume)
 
 
 def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.init and not all((Path(cfg.init) / f).is_file() for f in ("config.json", "tokenizer.json")):
         raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory with its tokenizer "
                           "(config.json, tokenizer.json)")

@@ -61,8 +61,8 @@ from nanoseek.model.moe import update_expert_bias
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, batch_plan, evaluate_loss, generate, load_config, seed_everything,
-    setup_distributed, teardown_distributed,
+    DistEnv, Trainer, TrainConfig, batch_plan, evaluate_loss, generate, load_config, run_stage,
+    seed_everything,
 )
 
 
@@ -350,16 +350,10 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
 def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path:
     """Run SFT (in this process, or as one rank under torchrun); returns the final checkpoint
     directory. `resume`: "latest" or a checkpoint directory to continue from."""
-    env = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, env, resume)
-    finally:
-        teardown_distributed()
+    return run_stage(_train, cfg, resume)
 
 
 def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
     # ---- data, model
