@@ -6,8 +6,9 @@ What lives here, in the order a loop meets it:
    it), loaded from TOML with `key=value` overrides (`model.hidden_size=128` for nested tables).
    Values are parsed to the field's type; an unknown key or a bad value is a ConfigError that
    lists the valid keys.
-2. Distributed setup from torchrun's environment (gloo on CPU, nccl on GPU), seeding, precision
-   (fp32 on CPU, bf16 autocast on GPU), DDP or FSDP2 wrapping, optional torch.compile.
+2. Distributed setup from torchrun's environment (gloo on CPU, nccl on GPU; `run_stage` wraps a
+   stage's loop in it), seeding, precision (fp32 on CPU, bf16 autocast on GPU), DDP or FSDP2
+   wrapping, optional torch.compile.
 3. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
    schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr), a pure
    function of the step, so resuming needs only the step.
