@@ -382,10 +382,12 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
               f"batch {cfg.batch_size} rows = {micro_batch} x {accum} accumulation x {env.world_size} ranks | "
               f"{cfg.max_steps} steps ({cfg.max_steps * cfg.batch_size / loader.rows_per_epoch:.2f} epochs)", flush=True)
 
+    bos_id = tokenizer.bos_id if cfg.packing else None  # bos marks the seams of packed examples
+
     def loss_fn(model, batch):
         inputs, labels, scale = batch  # scale = micro-batches x ranks / target tokens in the whole step
         inputs, labels = inputs.to(env.device), labels.to(env.device)
-        documents = documents_of(inputs, tokenizer.bos_id)
+        documents = documents_of(inputs, bos_id)
         out = model(inputs, labels=labels, documents=documents)
         ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets
         objective, metrics = ce_sum * scale, {"loss": ce_sum * scale}
@@ -406,7 +408,7 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
     def validate():
         if val_batches:
             loss = evaluate_loss(trainer.raw_model, val_batches, env, trainer.autocast,
-                                 documents=lambda inputs: documents_of(inputs, tokenizer.bos_id))
+                                 documents=lambda inputs: documents_of(inputs, bos_id))
             trainer.log({"val_loss": loss}, console=True)
 
     def sample():
