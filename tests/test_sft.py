@@ -14,7 +14,7 @@ from nanoseek.cli import main as cli_main
 from nanoseek.errors import NanoseekError
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer
-from nanoseek.tokenizer import ASSISTANT, BOS, EOS, USER, train_tokenizer
+from nanoseek.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, train_tokenizer
 from nanoseek.train import sft
 from nanoseek.train.loop import load_config
 from nanoseek.train.sft import Example, SFTConfig, collate, forward_kl, pack, tokenize_messages
@@ -190,3 +190,20 @@ def test_packed_rows_train_each_example_as_if_alone():
             crossing = model(row).logits[0]
         torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
         assert (crossing - alone).abs().max() > 1e-3  # without the documents, examples see each other
+
+
+def test_packing_leaves_the_training_loss_unchanged(data_dir, tmp_path):
+    """SFT passes the documents to the model: one step over every training example gives the same
+    loss packed (several examples per row) as one example per row."""
+    tokenizer = Tokenizer.from_dir(data_dir / "tok")
+    examples, _ = sft.load_examples([str(data_dir / "data.jsonl")], tokenizer, "auto", 65)
+    train, _ = sft.split_examples(examples, 0.1, seed=0)
+    losses, rows = {}, {}
+    for packing in (True, False):
+        rows[packing] = sft.PackedLoader(train, 65, 1, tokenizer.pad_id, packing, seed=0).rows_per_epoch
+        out = tmp_path / str(packing)
+        sft.train(config(data_dir, out, "max_steps=1", f"packing={str(packing).lower()}",
+                         f"batch_size={rows[packing]}", f"micro_batch_size={rows[packing]}"))
+        losses[packing] = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"loss"' in line][0]["loss"]
+    assert rows[True] < rows[False] == len(train)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
