@@ -22,6 +22,7 @@ from nanoseek.errors import ConfigError
 from nanoseek.model.transformer import Transformer
 from nanoseek.rewards import REWARDS, accuracy_reward, combine_rewards, format_reward, register_reward
 from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train import grpo
 from nanoseek.train.grpo import (
     GRPOConfig, Sample, group_advantages, make_micro_batches, overlong_punishment, sequence_weights,
     token_losses, train,
@@ -239,3 +240,22 @@ def test_config_errors(base, tmp_path):
         train(load_config(GRPOConfig, TINY, [f"out_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="seq_len"):
         train(rl_config(base, tmp_path, "seq_len=40"))
+
+
+def test_completions_without_advantage_are_left_out_of_an_unchanged_update(base, tmp_path, monkeypatch):
+    """With beta = 0 a completion whose advantage is 0 adds nothing to the loss or its gradient:
+    training on the others only gives the parameters that training on every completion gives."""
+    # half the prompts earn a constant 0 (all-equal groups, advantage 0), the rest a varying reward
+    register_reward("some_digits", lambda c, p: digit_share(c, p) if len(p.question) % 2 else 0.0)
+    args = ["max_steps=2", "eval_every=0", "save_every=0", "beta=0.0", "log_kl=false",
+            "rewards.digits=0.0", "rewards.some_digits=1.0"]
+    try:
+        skipped = weights(load_model(train(rl_config(base, tmp_path / "skip", *args))))
+        trained = [r["trained"] for r in read_metrics(tmp_path / "skip") if "trained" in r]
+        monkeypatch.setattr(grpo, "samples_to_train", lambda batch, *args: batch)
+        everything = weights(load_model(train(rl_config(base, tmp_path / "all", *args))))
+    finally:
+        REWARDS.pop("some_digits", None)
+    assert all(0 < t < 1 for t in trained), trained
+    for key in skipped:
+        torch.testing.assert_close(skipped[key], everything[key], atol=1e-6, rtol=0)

@@ -23,6 +23,9 @@ Starting from a base checkpoint, each step reads top to bottom (`_train` below):
                   dapo      (1/sum_i |o_i|) sum_i sum_t l_it      (DAPO eq. 12: token level)
 5. step       `mu` optimizer steps on the batch (loop.Trainer: AdamW, schedule, clipping), then
               the engine's prefix cache is reset, since its latents came from the old weights.
+              With beta = 0 the completions whose advantage is 0 are left out of the forward and
+              backward (`samples_to_train`): the step is the same, and entropy, clip fraction
+              and KL are logged over the completions trained on (`trained`: their share).
 
 The losses select these defaults (each can be set explicitly):
 
@@ -279,6 +282,18 @@ def informative(group: list[Sample]) -> bool:
 # ============================================================== batches for the update
 
 
+def samples_to_train(batch: list[Sample], beta: float, fsdp: bool = False) -> list[Sample]:
+    """The completions the update needs. Without a KL penalty, a completion whose advantage is 0
+    (all of an all-equal group) adds exactly 0 to the loss and to its gradient, while the loss
+    weights still count it: leaving it out changes nothing but the time. Early in R1-Zero training
+    most groups are all-equal. One completion is kept when none is left, so that the optimizer
+    still takes its step (AdamW moves on its momentum even at zero gradient). Under FSDP every
+    rank must run the same number of forwards (each gathers parameters), so all are kept there."""
+    if beta or fsdp:
+        return batch
+    return [s for s in batch if s.advantage != 0] or batch[:1]
+
+
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Right-padded prompt+completion rows with per-position tensors aligned to the logits:
     position t predicts token t+1, so a completion token at index p is scored at t = p - 1."""
@@ -423,10 +438,11 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             n_seq, n_tok = _global_sum(env, len(batch)), _global_sum(env, sum(lengths))
             for s, w in zip(batch, sequence_weights(lengths, cfg.loss, cfg.max_completion_length, n_seq, n_tok)):
                 s.weight = w
+            trained = samples_to_train(batch, cfg.beta, trainer.fsdp)
             t1 = time.perf_counter()
             if reference is not None:
-                add_reference_logprobs(reference, batch, cfg.micro_batch_size or len(batch), tokenizer.pad_id)
-            micro_batches = make_micro_batches(batch, cfg.micro_batch_size or len(batch), tokenizer.pad_id)
+                add_reference_logprobs(reference, trained, cfg.micro_batch_size or len(trained), tokenizer.pad_id)
+            micro_batches = make_micro_batches(trained, cfg.micro_batch_size or len(trained), tokenizer.pad_id)
             reference_s = time.perf_counter() - t1
 
             # 4. loss: sum_t weight_t l_t over the whole batch (train_step divides each micro-batch's
@@ -457,6 +473,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
                 if iteration == 0:
                     record = rollout_stats(seen, batch, rounds, rollout_s, cfg)
                     record["reference_s"] = reference_s
+                    record["trained"] = len(trained) / len(batch)
                 trainer.log({**record, **stats})
 
             last = trainer.step >= cfg.max_steps
