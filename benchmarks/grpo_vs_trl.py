@@ -13,7 +13,12 @@ needs a GPU), nanoseek with its own engine. Steps after the first `--warmup` are
 report gives seconds per step, completions per second and their ratio.
 
 With random weights (the default) completions almost never stop early, so both sides generate
-the full completion length and do the same work; with a trained model lengths follow the policy.
+the full completion length; with a trained model lengths follow the policy. nanoseek's update
+leaves out the completions whose advantage is 0 (all-equal groups; with beta = 0 they add nothing
+to the gradient), which TRL computes anyway. A random model earns reward 0 everywhere, so there the
+update shrinks to one completion and the figure is mostly generation: pass `--model` with a
+pretrained base (e.g. runs/pretrain_small/latest) for the R1-Zero regime, where most groups, but
+not all, are all-equal.
 """
 
 from __future__ import annotations
