@@ -14,7 +14,7 @@ from nanoseek.data.tasks import Problem, get_task, r1zero_completion, r1zero_pro
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.distill import is_verified, verify
+from nanoseek.train.distill import DistillConfig, distill_problems, is_verified, sampling_recipe, verify
 from nanoseek.train.sft import tokenize_prompt_completion
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +48,17 @@ def test_rejection_filter_keeps_only_right_and_well_formed_traces():
     }
     for completion, keep in cases.items():
         assert is_verified(verify(completion, problem)) is keep, completion
+
+
+def test_task_args_set_the_difficulty_of_the_distillation_prompts():
+    cfg = DistillConfig(task="chain_sum", task_args={"min_terms": 5, "max_terms": 5}, num_prompts=6)
+    task, problems = distill_problems(cfg)
+    assert len(problems) == 6
+    for p in problems:
+        assert len(p.metadata["entry"]["metadata"]["expression"].split()) == 9  # 5 terms, 4 operators
+        assert p.task is not None and p.task.score(p.answer, p) == 1.0
+    # the recipe records the difficulty, so traces made at another difficulty are not reused
+    assert sampling_recipe(cfg)["task_args"] == {"min_terms": 5, "max_terms": 5}
 
 
 def test_distill_end_to_end(tmp_path):

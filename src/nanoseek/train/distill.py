@@ -33,13 +33,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from nanoseek.data.tasks import THINK_START, Problem, derive_seed, get_task, r1zero_prompt
+from nanoseek.data.tasks import THINK_START, Problem, Task, derive_seed, get_task, r1zero_prompt
 from nanoseek.errors import ConfigError
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train.loop import load_config
@@ -54,6 +54,7 @@ class DistillConfig(SFTConfig):
     format: Literal["auto", "messages", "prompt_completion"] = "prompt_completion"
     # teacher sampling (the teacher itself is SFTConfig.teacher; the student is SFTConfig.init)
     task: str = "default"  # a nanoseek.data.tasks name; problems come from its train split
+    task_args: dict[str, Any] = field(default_factory=dict)  # reasoning-gym difficulty: task_args.min_terms=3
     num_prompts: int = 1000
     samples_per_prompt: int = 4  # k traces per prompt
     temperature: float = 1.0
@@ -101,14 +102,19 @@ def trace_row(problem: Problem, prompt: str, completion: str, metadata: dict) ->
     }
 
 
+def distill_problems(cfg: DistillConfig) -> tuple[Task, list[Problem]]:
+    """The task (with its `task_args` difficulty) and the train-split problems the teacher is asked."""
+    task = get_task(cfg.task, **cfg.task_args)
+    return task, task.problems(cfg.num_prompts, seed=cfg.seed, split="train")
+
+
 def sample_traces(cfg: DistillConfig) -> dict:
     """Sample the teacher, keep the verified traces, write them (and a summary) atomically.
     Returns the summary: the recipe plus counts and timings."""
     from nanoseek.inference.engine import LLM
     from nanoseek.inference.sampling import SamplingParams
 
-    task = get_task(cfg.task)
-    problems = task.problems(cfg.num_prompts, seed=cfg.seed, split="train")
+    task, problems = distill_problems(cfg)
     prompts = [r1zero_prompt(p.question) for p in problems]
     params = [SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_new_tokens, seed=derive_seed("distill", cfg.seed, i))
@@ -162,8 +168,8 @@ def sample_traces(cfg: DistillConfig) -> dict:
 
 def sampling_recipe(cfg: DistillConfig) -> dict:
     """What determines the traces: a dataset made with the same recipe is reused."""
-    keys = ("teacher", "task", "num_prompts", "samples_per_prompt", "temperature", "top_p", "max_new_tokens",
-            "dedupe", "seed")
+    keys = ("teacher", "task", "task_args", "num_prompts", "samples_per_prompt", "temperature", "top_p",
+            "max_new_tokens", "dedupe", "seed")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -213,7 +219,8 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
     if cfg.eval_n:
         from nanoseek.eval import evaluate, format_report
 
-        print("student: " + format_report(evaluate(path, task=cfg.task, n=cfg.eval_n, seed=cfg.seed,
+        task = get_task(cfg.task, **cfg.task_args)
+        print("student: " + format_report(evaluate(path, task=task, n=cfg.eval_n, seed=cfg.seed,
                                                     max_tokens=cfg.max_new_tokens)), flush=True)
     return path
 
