@@ -127,6 +127,21 @@ def test_accumulation_gives_the_token_mean_of_the_whole_step(data_dir, tmp_path)
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_max_steps_on_the_command_line_wins_over_the_recipes_epochs(data_dir, tmp_path):
+    """A recipe with `epochs = 3` (about 30 steps here) and `max_steps=2` on the command line: 2 steps,
+    as every override wins over the file. The recipe alone still trains its epochs."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("epochs = 3.0\n")
+    common = ["sft", "--config", str(recipe), "init=student-tiny", f"tokenizer={data_dir / 'tok'}",
+              f"data={data_dir / 'data.jsonl'}", "seq_len=64", "batch_size=4", "val_fraction=0.1", "eval_every=0",
+              "save_every=0", "tensorboard=false", "threads=1"]
+    assert cli_main([*common, f"out_dir={tmp_path / 'steps'}", "max_steps=2"]) == 0
+    assert (tmp_path / "steps" / "checkpoint-2").is_dir() and not (tmp_path / "steps" / "checkpoint-3").exists()
+    cfg = load_config(SFTConfig, recipe, sft.steps_given_win(["lr=1e-3"]))
+    assert cfg.epochs == 3.0  # no max_steps given: the recipe's epochs stand
+    assert load_config(SFTConfig, recipe, sft.steps_given_win(["max_steps=2", "epochs=1"])).epochs == 1.0
+
+
 def test_resume_is_bit_exact(data_dir, tmp_path):
     """12 steps straight == 4 steps, stop, resume to 12, with gradient accumulation. The resumed
     stretch crosses an epoch boundary (the data packs into 39 rows, 4 per step): reshuffle and repack."""

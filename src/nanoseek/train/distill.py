@@ -243,6 +243,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     flags = [f"{key}={value}" for key, value in (("teacher", args.teacher), ("init", args.student), ("task", args.task))
              if value is not None]
-    cfg = load_config(DistillConfig, args.config, [*flags, *args.overrides])
+    cfg = load_config(DistillConfig, args.config, sft.steps_given_win([*flags, *args.overrides]))
     distill(cfg, resume=args.resume_from or ("latest" if args.resume else None))
     return 0

@@ -81,7 +81,7 @@ class SFTConfig(TrainConfig):
     data: list[str] = field(default_factory=list)  # jsonl files of messages, prompt/completion or text rows
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     packing: bool = True  # several examples per row, each attending only to itself
-    epochs: float = 0.0  # > 0: max_steps = epochs over the training rows (overrides max_steps)
+    epochs: float = 0.0  # > 0: max_steps = epochs over the training rows (a max_steps given on the CLI wins)
     val_fraction: float = 0.05  # share of prompts held out for the validation loss (all their examples)
     # objective
     teacher: str = ""  # checkpoint directory whose logits to distil (same tokenizer); "" = none
@@ -471,7 +471,15 @@ def add_arguments(parser) -> None:
                         help="config overrides, e.g. init=runs/pretrain/latest data=chats.jsonl max_steps=100")
 
 
+def steps_given_win(overrides: list[str]) -> list[str]:
+    """`max_steps=N` among the command-line overrides wins over a recipe's `epochs`, as every
+    override wins over the file. Left alone, the recipe's `epochs` would recompute max_steps and
+    silently discard the N the user asked for."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    return [*overrides, "epochs=0"] if "max_steps" in keys and "epochs" not in keys else list(overrides)
+
+
 def run(args) -> int:
-    cfg = load_config(SFTConfig, args.config, args.overrides)
+    cfg = load_config(SFTConfig, args.config, steps_given_win(args.overrides))
     train(cfg, resume=args.resume_from or ("latest" if args.resume else None))
     return 0
