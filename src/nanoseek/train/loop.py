@@ -722,7 +722,8 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     checkpoints = list_checkpoints(path)
     if not checkpoints:
-        raise CheckpointError(f"no checkpoint to resume from in {path} (expected {path}/checkpoint-<step>/)")
+        raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint directory (with config.json) "
+                              f"or a run directory holding {path}/checkpoint-<step>/")
     return checkpoints[-1]
 
 
