@@ -507,6 +507,21 @@ def test_cli_flags():
         "127.0.0.1", 8000, "k", "m", True)
 
 
+def test_cli_rejects_a_bad_port_and_a_taken_address(checkpoints, capsys):
+    from nanoseek import cli
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit 2, no traceback
+        cli.main(["serve", "--model", str(checkpoints / "random"), "--port", "99999"])
+    assert exit_info.value.code == 2 and "0 to 65535" in capsys.readouterr().err
+    with socket.socket() as holder:  # the address is held: a clear error before the model loads
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert cli.main(["serve", "--model", str(checkpoints / "random"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
 # ------------------------------------------------------------------ the splitter, unit tests
 
 SPLIT_CASES = [

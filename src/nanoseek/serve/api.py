@@ -743,7 +743,7 @@ class ServerThread:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free one)")
     parser.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY, else open)")
     parser.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
@@ -758,6 +758,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def port_number(text: str) -> int:
+    """argparse type for --port: an integer in 0-65535, or a usage error naming the range."""
+    import argparse
+
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give an integer from 0 to 65535")
+    return int(text)
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Fail before the model loads if the address cannot be bound (in use, or no such interface)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise NanoseekError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise NanoseekError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port "
+                                "(or stop what holds it)") from None
+
+
 def run(args) -> int:
     import uvicorn
 
@@ -766,6 +793,7 @@ def run(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise NanoseekError(f"--model {args.model}: no such directory; point it at a checkpoint directory")
+    check_bindable(args.host, args.port)
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp)
     name = args.served_model_name or model_dir.resolve().name
