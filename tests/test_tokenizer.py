@@ -114,3 +114,6 @@ def test_cli_train(tmp_path):
     assert cli_main(args) == 0
     assert Tokenizer.from_dir(out).vocab_size == 300
     assert cli_main(["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
+    (tmp_path / "empty.txt").write_text("")
+    assert cli_main(["tokenizer", "train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t2")]) == 2
+    assert not (tmp_path / "t2").exists()  # nothing written from no text

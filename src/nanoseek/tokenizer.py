@@ -245,6 +245,8 @@ def run(args) -> int:
 
     sources = load_sources(args.data, text_field=args.text_field, seed=args.seed)
     texts = [doc for _, docs in sources for doc in docs]
+    if not any(texts):
+        raise NanoseekError(f"no text to train on in {' '.join(args.data)}: every document is empty")
     t0 = time.perf_counter()
     tok = train_tokenizer(texts, args.vocab_size)
     seconds = time.perf_counter() - t0
