@@ -21,11 +21,13 @@ concurrent requests share its continuous batching.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -760,8 +762,6 @@ def add_arguments(parser) -> None:
 
 def port_number(text: str) -> int:
     """argparse type for --port: an integer in 0-65535, or a usage error naming the range."""
-    import argparse
-
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give an integer from 0 to 65535")
     return int(text)
@@ -769,8 +769,6 @@ def port_number(text: str) -> int:
 
 def check_bindable(host: str, port: int) -> None:
     """Fail before the model loads if the address cannot be bound (in use, or no such interface)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
