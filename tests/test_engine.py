@@ -1,5 +1,6 @@
 """The inference engine end to end on tiny random models: exactness against plain forwards and
-transformers, batching, preemption, prefix caching, sampling, speculation, streaming, errors."""
+transformers, batching, preemption, prefix caching, sampling, speculation, streaming, errors, and the
+generate and chat CLIs."""
 
 import os
 
@@ -323,3 +324,53 @@ def test_chat_template_prompt_gets_no_second_bos(text_llm):
     prompt = tok.apply_chat_template([{"role": "user", "content": "the dog"}])
     out = text_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3))[0]
     assert out.prompt_token_ids == tok.encode(prompt)
+
+
+# ---------------------------------------------------------------- the generate and chat CLIs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random checkpoint with a tokenizer, as `nanoseek generate` / `chat` load it."""
+    from nanoseek.checkpoint import save_model
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog. 12 + 3 = 15."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    save_model(Transformer(preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)), path, tokenizer=tok)
+    return path
+
+
+def test_generate_cli_prints_each_prompts_completion_the_same_as_the_api(checkpoint, capsys):
+    from nanoseek.cli import main
+
+    args = ["generate", "--model", str(checkpoint), "--prompt", "the fox", "--prompt", "12 +", "--max-tokens", "6",
+            "--temperature", "0"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = LLM(checkpoint).generate(["the fox", "12 +"], SamplingParams(temperature=0, max_tokens=6))
+    assert lines == [f"[{i}] {o.prompt}{o.outputs[0].text}  ({o.outputs[0].finish_reason})"
+                     for i, o in enumerate(expected)]
+    assert main(args[:5] + ["--max-tokens", "6", "--temperature", "0", "--stream"]) == 0
+    assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
+
+
+def test_chat_cli_replies_through_the_chat_template_resets_and_checks_flags_first(checkpoint, capsys, monkeypatch):
+    import io
+
+    from nanoseek.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nhello\n/exit\n"))
+    assert main(["chat", "--model", str(checkpoint), "--max-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    replies = [part for part in out.split("> ") if part.strip()]  # input() writes each "> " prompt
+    assert len(replies) == 2 and replies[0] == replies[1]  # after /reset, the same first turn: the same reply
+    llm = LLM(checkpoint)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert replies[0] == llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5))[0].outputs[0].text + "\n"
+    # a bad sampling flag fails before the (here missing) model is loaded
+    assert main(["chat", "--model", "no/such/dir", "--max-tokens", "0"]) == 2
+    assert "max_tokens=0" in capsys.readouterr().err
+    assert main(["generate", "--model", "no/such/dir", "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "temperature=-1" in capsys.readouterr().err

@@ -38,9 +38,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nanoseek.inference.sampling import SamplingParams
 
-    llm = build_engine(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens)
+    params.validate()  # a bad flag is reported before the model loads, not after the first message
+    llm = build_engine(args)
     tty = sys.stdout.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

@@ -47,9 +47,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nanoseek.inference.sampling import SamplingParams
 
-    llm = build_engine(args)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
+    params.validate()  # a bad flag is reported before the model loads
+    llm = build_engine(args)
     start = time.perf_counter()
     if args.stream:
         if len(args.prompt) != 1 or args.n != 1:
