@@ -2,6 +2,9 @@
 
     python benchmarks/generate_throughput.py            # a random `small`-preset model in a temp dir
     python benchmarks/generate_throughput.py --model DIR
+    python benchmarks/generate_throughput.py --device cuda --preset gpu --batches 1 64 --prompt-lens 128
+
+On a GPU both run in bf16 (--dtype) and the report adds each engine's peak GPU memory.
 
 Both run greedy, ignore eos, same prompts and max_new_tokens, at batch 1 and 32 and three prompt
 lengths, on 2 CPU threads (--threads). Decode tokens/s excludes prefill: each configuration is
@@ -11,14 +14,17 @@ The ratio grows with the context: at short prompts both engines spend a decode s
 matmuls (the model's weights times 32 tokens), while every new token of context costs transformers
 more (a multi-head K/V cache, 4x the latent's bytes at the `small` preset, grown by concatenation).
 Also printed: latent-cache bytes per token against the multi-head K/V cache transformers keeps for
-the same model, and MTP speculation's acceptance rate and speed-up at both batch sizes. A random
-model's MTP head rarely agrees with its main model (acceptance near 0, so speculation costs time);
-a trained checkpoint (--model) shows the real figure.
+the same model, and MTP speculation's acceptance rate and speed-up at each batch size, with the
+engine's default speculative_max_batch (above it speculation is off: "off", and about 1.0x).
+A random model's MTP head rarely agrees with its main model (acceptance near 0, so speculation
+costs time); a trained checkpoint (--model) shows the real figure. `--temperature 1` measures
+speculative sampling instead of greedy decoding.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -51,9 +57,16 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 256, 512])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled, seeded")
     ap.add_argument("--mtp", type=int, default=2, help="draft tokens for the speculation column (0: skip)")
+    ap.add_argument("--speculative-max-batch", type=int, default=None,
+                    help="largest batch that speculates (default: the engine's, by device)")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both engines")
+    ap.add_argument("--preset", default="small", help="preset of the random model made without --model")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -64,32 +77,51 @@ def main() -> None:
     from nanoseek import LLM, SamplingParams
     from nanoseek.checkpoint import save_model
     from nanoseek.config import preset
+    from nanoseek.device import resolve_device, resolve_dtype
     from nanoseek.model.transformer import Transformer
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
 
     hf_logging.set_verbosity_error()
     tmp = None
     if args.model is None:
         tmp = tempfile.TemporaryDirectory()
         torch.manual_seed(0)
-        args.model = os.path.join(tmp.name, "small")
-        save_model(Transformer(preset("small")), args.model)
-    hf = DeepseekV3ForCausalLM.from_pretrained(args.model).eval()  # ignores the MTP layer's keys
+        args.model = os.path.join(tmp.name, args.preset)
+        save_model(Transformer(preset(args.preset)), args.model)
+    # ignores the MTP layer's keys
+    hf = DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     cfg = hf.config
-    engines = {k: LLM(args.model, max_num_seqs=max(args.batches), enable_prefix_caching=False, speculative_mtp=k)
+    engines = {k: LLM(args.model, max_num_seqs=max(args.batches), enable_prefix_caching=False, speculative_mtp=k,
+                      speculative_max_batch=args.speculative_max_batch, device=device, dtype=dtype)
                for k in ([0, args.mtp] if args.mtp else [0])}
+    where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} threads"
     print(f"model: {args.model} ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters), "
-          f"{args.new_tokens} new tokens, greedy, ignore eos, {args.threads} threads, best of {args.repeats}")
+          f"{args.new_tokens} new tokens, "
+          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, ignore eos, {device} ({where}), {str(dtype).removeprefix('torch.')}, "
+          f"best of {args.repeats}")
 
     def ours(llm, prompts):
-        return lambda n: llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        def run(n):
+            llm.generate(prompts, SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True, seed=0))
+            sync()
+        return run
 
     def theirs(prompts):
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
 
         def run(n):
             with torch.inference_mode():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)
+                            do_sample=args.temperature > 0, temperature=args.temperature or None, top_k=None,
+                            top_p=None, pad_token_id=0)
+            sync()
         return run
 
     g = torch.Generator().manual_seed(0)
@@ -98,6 +130,7 @@ def main() -> None:
         ours(llm, warm)(4)
     theirs(warm)(4)
 
+    results = []
     header = f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14} | {'transformers tok/s':>18} | {'ratio':>6}"
     if args.mtp:
         header += f" | {'MTP k=' + str(args.mtp) + ' tok/s':>15} | {'accept':>6} | {'MTP speed-up':>12}"
@@ -105,17 +138,31 @@ def main() -> None:
     for prompt_len in args.prompt_lens:
         for batch in args.batches:
             prompts = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+            memory = {}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             rate = decode_rate(ours(engines[0], prompts), batch, args.new_tokens, args.repeats)
+            if cuda:
+                memory["nanoseek"] = torch.cuda.max_memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             hf_rate = decode_rate(theirs(prompts), batch, args.new_tokens, args.repeats)
+            if cuda:
+                memory["transformers"] = torch.cuda.max_memory_allocated(device)
+            record = {"batch": batch, "prompt_len": prompt_len, "nanoseek_tokens_per_s": rate,
+                      "transformers_tokens_per_s": hf_rate, "ratio": rate / hf_rate,
+                      **{f"{k}_peak_memory_bytes": v for k, v in memory.items()}}
             line = f"{batch:>5} {prompt_len:>6} | {rate:>14.1f} | {hf_rate:>18.1f} | {rate / hf_rate:>5.2f}x"
             if args.mtp:
                 spec = engines[args.mtp]
                 before = spec.stats()
                 mtp_rate = decode_rate(ours(spec, prompts), batch, args.new_tokens, args.repeats)
                 after = spec.stats()
-                accept = ((after["spec_accepted_tokens"] - before["spec_accepted_tokens"])
-                          / max(after["spec_draft_tokens"] - before["spec_draft_tokens"], 1))
-                line += f" | {mtp_rate:>15.1f} | {accept:>6.2f} | {mtp_rate / rate:>11.2f}x"
+                drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+                accept = (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / drafted if drafted else None
+                shown = f"{accept:>6.2f}" if drafted else f"{'off':>6}"  # above speculative_max_batch
+                line += f" | {mtp_rate:>15.1f} | {shown} | {mtp_rate / rate:>11.2f}x"
+                record.update(mtp_tokens_per_s=mtp_rate, mtp_acceptance=accept, mtp_speedup=mtp_rate / rate)
+            results.append(record)
             print(line, flush=True)
 
     # cache bytes per token: the latent cache vs the per-head K/V cache of the same model
@@ -125,6 +172,10 @@ def main() -> None:
     mha = L * H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * itemsize
     print(f"\nKV cache per token ({L} layers, {itemsize}-byte values): nanoseek latent {latent} B, "
           f"multi-head K/V (transformers) {mha} B: {mha / latent:.1f}x smaller")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "dtype": str(dtype), "new_tokens": args.new_tokens, "results": results,
+                       "latent_bytes_per_token": latent, "mha_bytes_per_token": mha}, f, indent=2)
     if tmp is not None:
         tmp.cleanup()
 

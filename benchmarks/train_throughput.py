@@ -7,6 +7,12 @@ The two models alternate in rounds so that noise from other processes hits both 
 median step time of each is reported.
 
     python benchmarks/train_throughput.py [--preset small] [--batch 16] [--seq 256] [--steps 6] [--threads 2]
+    python benchmarks/train_throughput.py --device cuda --preset gpu --batch 8 --seq 2048 [--compile]
+
+On a GPU both train in bf16 autocast with fp32 weights and optimizer state, and the report adds
+peak GPU memory and MFU: model FLOPs (6 per activated weight per token, plus causal attention;
+nanoseek.info.training_flops_per_token) per second over the GPU's dense bf16 peak (--peak-tflops;
+989 for an H100 or H200 SXM).
 
 On a machine shared with other busy processes, wall-clock times mostly measure the contention
 (two OpenMP threads wait for each other whenever one is descheduled). `--clock cpu --threads 1`
@@ -16,6 +22,8 @@ times the CPU time of the one compute thread instead, which contention barely mo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import time
@@ -53,21 +61,31 @@ def hf_model(config, nanoseek_model, experts_implementation: str):
     return model.train()
 
 
-def make_step(model, ids, labels, hf: bool):
+def make_step(model, ids, labels, hf: bool, autocast):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step():
-        if hf:
-            # HF shifts labels itself: pass the unshifted sequence
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            loss = model(ids, labels=labels, logits=False).loss
+        with autocast():
+            if hf:
+                # HF shifts labels itself: pass the unshifted sequence
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                loss = model(ids, labels=labels, logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # waits for the GPU: the step's time is all of its work
 
     return step
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 tensor-core peak of the GPUs we know (TFLOP/s)."""
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0), ("L40S", 362.0)):
+        if key in name:
+            return peak
+    return None
 
 
 def main():
@@ -80,6 +98,10 @@ def main():
     p.add_argument("--experts", default="grouped_mm", help="transformers experts_implementation (its default: grouped_mm)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall-clock time, or CPU time of this thread (needs --threads 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast there)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.threads != 1:
@@ -88,26 +110,44 @@ def main():
 
     import transformers
 
+    from nanoseek.info import model_stats, training_flops_per_token
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     config = preset(args.preset, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     ours = Transformer(config).train()
-    theirs = hf_model(config, ours, args.experts)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1))
+    theirs = hf_model(config, ours, args.experts).to(device)
+    ours = ours.to(device)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1)).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    steps = {"nanoseek": make_step(ours, inputs, labels, hf=False),
-             "transformers": make_step(theirs, inputs, None, hf=True)}
-    with torch.no_grad():  # same weights, same loss: the comparison is like for like
-        a = ours(inputs, labels=labels).loss.item()
+    with torch.no_grad(), autocast():  # same weights, same loss: the comparison is like for like
+        a = ours(inputs, labels=labels, logits=False).loss.item()
         b = theirs(input_ids=inputs, labels=inputs).loss.item()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads | "
-          f"preset {args.preset} ({ours.num_parameters() / 1e6:.2f}M params, MTP off) | batch {args.batch} x "
-          f"{args.seq} tokens | transformers experts_implementation={args.experts}, sdpa | {args.clock} clock")
+    models = {"nanoseek": ours, "transformers": theirs}
+    if args.compile:
+        models = {name: torch.compile(m) for name, m in models.items()}
+    steps = {"nanoseek": make_step(models["nanoseek"], inputs, labels, hf=False, autocast=autocast),
+             "transformers": make_step(models["transformers"], inputs, None, hf=True, autocast=autocast)}
+    stats = model_stats(config)
+    precision = "bf16 autocast, fp32 weights" if cuda else "fp32"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} "
+          f"({torch.cuda.get_device_name(device) if cuda else f'{args.threads} threads'}) | preset {args.preset} "
+          f"({stats.total_params / 1e6:.1f}M params, {stats.active_params / 1e6:.1f}M activated, MTP off) | "
+          f"batch {args.batch} x {args.seq} tokens | {precision} | transformers experts_implementation={args.experts}, "
+          f"sdpa | {'compiled' if args.compile else 'eager'} | {args.clock} clock")
     print(f"initial loss: nanoseek {a:.5f}, transformers {b:.5f}")
 
     times = {name: [] for name in steps}
+    peak_memory = {}
     for name, step in steps.items():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):
             step()
+        if cuda:
+            peak_memory[name] = torch.cuda.max_memory_allocated(device)
     for _ in range(args.steps):  # alternate, so background load affects both alike
         for name, step in steps.items():
             t0 = clock()
@@ -115,10 +155,26 @@ def main():
             times[name].append(clock() - t0)
     tokens = args.batch * args.seq
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    flops = training_flops_per_token(config, args.seq)
+    peak = args.peak_tflops or (gpu_peak_tflops(device) if cuda else None)
+    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "preset": args.preset,
+              "batch": args.batch, "seq": args.seq, "compiled": args.compile, "flops_per_token": flops,
+              "ratio": rate["nanoseek"] / rate["transformers"]}
     for name, t in times.items():
+        mfu = rate[name] * flops / (peak * 1e12) if peak else None
+        result[name] = {"tokens_per_s": rate[name], "median_step_s": statistics.median(t),
+                        "mfu": mfu, "peak_memory_bytes": peak_memory.get(name)}
+        extra = ""
+        if mfu is not None:
+            extra += f", MFU {100 * mfu:.1f}%"
+        if name in peak_memory:
+            extra += f", peak memory {peak_memory[name] / 2**30:.1f} GiB"
         print(f"{name:>12}: {rate[name]:8.0f} tokens/s  (median step {statistics.median(t) * 1000:.0f} ms, "
-              f"min {min(t) * 1000:.0f} ms over {len(t)} steps)")
-    print(f"ratio nanoseek / transformers: {rate['nanoseek'] / rate['transformers']:.2f}x")
+              f"min {min(t) * 1000:.0f} ms over {len(t)} steps{extra})")
+    print(f"ratio nanoseek / transformers: {result['ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

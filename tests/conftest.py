@@ -12,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Run a test once per device: the CPU always, CUDA where there is a GPU (`-m cuda` selects those)."""
+    return request.param

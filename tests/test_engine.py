@@ -181,13 +181,67 @@ def test_mtp_speculation_accepts_agreeing_drafts(context_scale, min_rate, max_ra
     assert stats["spec_draft_tokens"] / 3 < stats["generation_tokens"] - len(PROMPTS)
 
 
-def test_speculation_with_mixed_sampling_batch(model):
-    """Sampled sequences ride along without drafts: same samples as with speculation off."""
+def test_speculation_with_mixed_batch(model):
+    """Greedy rows are exactly plain decoding; rows with penalties ride along without drafts (the
+    same samples as plain decoding); sampled rows speculate."""
     sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
-    params = [GREEDY, sampled, GREEDY, sampled]
+    penalized = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True, presence_penalty=0.5)
+    params = [GREEDY, penalized, GREEDY, sampled]
     plain = tokens(LLM(model, block_size=4).generate(PROMPTS, params))
-    spec = tokens(LLM(model, block_size=4, speculative_mtp=2).generate(PROMPTS, params))
-    assert spec == plain
+    spec = LLM(model, block_size=4, speculative_mtp=2)
+    out = tokens(spec.generate(PROMPTS, params))
+    assert out[:3] == plain[:3]
+    assert len(out[3]) == 10
+    assert spec.stats()["spec_draft_tokens"] > 0
+
+
+def test_speculative_accept_keeps_the_target_distribution():
+    """Rejection sampling: whatever the draft distribution, the emitted token follows the target,
+    and drafts are kept with probability sum_x min(p(x), q(x)) = 1 - TV(p, q)."""
+    from nanoseek.inference.sampling import draw, speculative_accept
+
+    n, V = 20000, 5
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.1, 0.0], [0.1, 0.1, 0.3, 0.3, 0.2]])  # target at positions 0, 1
+    q = torch.tensor([[0.1, 0.1, 0.2, 0.3, 0.3]])  # the draft's at position 0
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    draft_ids = draw(q.expand(n, V), gens).unsqueeze(1)  # (n, 1)
+    kept, extra = speculative_accept(p.expand(n, 2, V), q.expand(n, 1, V), draft_ids, gens)
+    kept = torch.tensor(kept)
+    first = torch.where(kept == 1, draft_ids[:, 0], torch.tensor(extra))
+    freq = torch.bincount(first, minlength=V).float() / n
+    assert (freq - p[0]).abs().sum() / 2 < 0.015  # TV to the target; a draft taken as is: 0.5
+    assert abs(kept.float().mean() - torch.minimum(p[0], q[0]).sum()) < 0.015
+    after = torch.tensor(extra)[kept == 1]  # the bonus token after a kept draft follows p_1
+    assert (torch.bincount(after, minlength=V).float() / len(after) - p[1]).abs().sum() / 2 < 0.03
+
+
+def test_speculative_sampling_matches_the_model_distribution(model):
+    """Three sampled tokens per prompt with MTP drafts (k=2): their joint frequency over many
+    samples equals the model's own distribution, computed exactly with full forwards."""
+    prompt, top_k, n = [5, 6, 7, 8], 3, 3000
+    params = SamplingParams(temperature=1.5, top_k=top_k, n=n, seed=0, max_tokens=3, ignore_eos=True)
+    spec = LLM(model, block_size=4, speculative_mtp=2, speculative_max_batch=512, max_num_seqs=512)
+    out = spec.generate(prompt, params)[0].outputs
+    assert spec.stats()["spec_accepted_tokens"] > 0
+
+    def next_probs(prefixes):  # the sampling distribution after each prefix: (len, V)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(t) for t in prefixes])).logits[:, -1] / 1.5
+        kth = logits.topk(top_k).values[:, -1:]
+        return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+
+    exact = {(): 1.0}
+    for _ in range(3):
+        prefixes = list(exact)
+        probs = next_probs(prefixes)
+        exact = {t + (int(x),): exact[t] * float(probs[i, x]) for i, t in enumerate(prefixes)
+                 for x in probs[i].nonzero().flatten()}
+    seen = {}
+    for o in out:
+        seen[tuple(o.token_ids)] = seen.get(tuple(o.token_ids), 0) + 1 / n
+    assert set(seen) <= set(exact)
+    tv = sum(abs(seen.get(t, 0) - p) for t, p in exact.items()) / 2
+    assert tv < 0.06, tv  # 27 outcomes, 3000 samples: sampling noise alone gives about 0.03
 
 
 def test_speculation_survives_preemption_and_prefix_hits():

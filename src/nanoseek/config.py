@@ -5,8 +5,9 @@ released DeepSeek config.json (V3, R1, V2-Lite) reads into a ModelConfig. Fields
 meanings so that nobody has to learn a second vocabulary; the few that HF lacks (the V2 router's
 `scoring_func` / `topk_method`, `moe_layer_freq`) are the ones DeepSeek's own config.json files carry.
 
-Presets: `tiny` (unit tests), `small` (the CPU demo model), `v2-lite` and `v3` (the released sizes,
-for counting parameters on the meta device and for loading real checkpoints).
+Presets: `tiny` (unit tests), `small` (the CPU demo model), `gpu` (a one-GPU model with V3's shape
+ratios), `v2-lite` and `v3` (the released sizes, for counting parameters on the meta device and for
+loading real checkpoints).
 """
 
 from __future__ import annotations
@@ -254,6 +255,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=64,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024,
+        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
+    ),
+    # One GPU: V3's shapes scaled down (~0.6B total, ~0.1B activated). Head dims keep V3's ratios
+    # (nope : rope : v = 2 : 1 : 2, kv_lora_rank = 4 x nope), 64 fine-grained experts in 8 groups,
+    # top-6 in the best 4 groups, one shared expert, a dense first layer, one MTP module.
+    "gpu": dict(
+        vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
+        num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=1, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
     ),
     # DeepSeek-V2-Lite (16B total, 2.4B active): softmax greedy router, no q compression.

@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, r1zero_prompt
+from nanoseek.device import add_device_arguments
 from nanoseek.errors import NanoseekError
 from nanoseek.rewards import format_reward
 
@@ -161,6 +162,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)")
+    add_device_arguments(parser)
 
 
 def _parse_difficulty(items: list[str]) -> dict:
@@ -180,8 +182,12 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from nanoseek.inference.engine import LLM
+
     task = get_task(args.task, **_parse_difficulty(args.difficulty))
-    report = evaluate(args.model, task=task, n=args.n, samples=args.samples, seed=args.seed,
+    llm = LLM(args.model, max_num_seqs=max(1, min(256, args.n * args.samples)), block_size=16,
+              device=args.device, dtype=args.dtype)
+    report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
                       max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                       split=args.split, return_samples=args.show > 0)
     for r in report.pop("results", [])[: args.show]:

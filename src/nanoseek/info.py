@@ -65,6 +65,23 @@ def model_stats(config: ModelConfig) -> ModelStats:
     )
 
 
+def training_flops_per_token(config: ModelConfig, seq_len: int, mtp: bool = False) -> float:
+    """Model FLOPs of one training token (forward + backward), for MFU.
+
+    6 per activated weight (2 forward, 4 backward; the input embedding is a lookup, not a matmul)
+    plus attention's scores and weighted sum: per layer and head, 2 * (qk_head_dim + v_head_dim)
+    multiply-adds against each earlier position, i.e. seq_len / 2 of them on average under the
+    causal mask, times 3 for the backward. Recomputation is not counted (none is done)."""
+    s = model_stats(config)
+    weights = s.active_params - config.vocab_size * config.hidden_size * (0 if config.tie_word_embeddings else 1)
+    layers = config.num_hidden_layers
+    if mtp:
+        weights += s.mtp_active_params
+        layers += config.num_nextn_predict_layers
+    attention = 6 * layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * seq_len / 2
+    return 6 * weights + attention
+
+
 def _human(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:

@@ -13,14 +13,21 @@ values per token and layer), for all running sequences in one forward.
 
 MTP speculative decoding (`speculative_mtp=k`): each decode step, the MTP module drafts k tokens
 per sequence (chained: draft j feeds draft j+1, as vLLM does with DeepSeek's single MTP layer),
-one main-model forward verifies all k+1 positions, and the longest prefix of drafts that equals
-the main model's argmax is kept, plus the main model's own next token. So greedy output is the
-same as plain decoding, and each step yields 1..k+1 tokens. The MTP layer's cache entry at
-position i needs the main model's hidden state at i and the token at i+1, so it is written one
-step late: every decode step starts by running the MTP module over the positions verified in the
-previous step (and, after a prefill, over the prompt), which also yields the first draft.
-Sequences that sample (temperature > 0) or use penalties ride along in the same batch but keep
-no drafts: their token is sampled from the first verified position, which is plain decoding.
+one main-model forward verifies all k+1 positions, and the accepted drafts plus one token of the
+main model's are kept, so each step yields 1..k+1 tokens. Greedy sequences keep the longest prefix
+of drafts equal to the main model's argmax: the output is that of plain decoding. Sampled
+sequences draw their drafts from the MTP head's distribution (with the request's temperature,
+top-k, top-p, min-p) and keep them by rejection sampling (`sampling.speculative_accept`): every
+token is distributed exactly as in plain decoding. Sequences with penalties ride along without
+drafts. The MTP layer's cache entry at position i needs the main model's hidden state at i and the
+token at i+1, so it is written one step late: every speculative step starts by running the MTP
+module over the positions verified since its last run (after a prefill: the prompt), which also
+yields the first draft.
+
+Speculation pays while verifying k+1 positions costs about as much as one, i.e. while a decode
+step is bound by reading the weights, not by arithmetic. With many sequences in the batch it is
+not, so above `speculative_max_batch` running sequences a decode step is plain (the MTP entries
+then wait, and are caught up by the next speculative step).
 
 Text prompts get the tokenizer's bos prepended unless they already start with it (the chat
 template writes it itself), matching how pretraining documents are stored. Token-id prompts are
@@ -35,10 +42,11 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.device import resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.inference.block_manager import BlockManager
 from nanoseek.inference.runner import ModelRunner
-from nanoseek.inference.sampling import Sampler, SamplingParams, top_logprobs
+from nanoseek.inference.sampling import Sampler, SamplingParams, draw, speculative_accept, top_logprobs
 from nanoseek.inference.scheduler import Scheduler
 from nanoseek.inference.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from nanoseek.model.transformer import Transformer
@@ -46,6 +54,10 @@ from nanoseek.model.transformer import Transformer
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
+# Above this many running sequences a decode step is plain even with speculative_mtp > 0: where
+# verifying k+1 positions per sequence stops being nearly free. Measured with
+# benchmarks/generate_throughput.py (the small preset; see the README's engine table).
+DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 8, "cuda": 32}
 
 
 class LLM:
@@ -53,24 +65,28 @@ class LLM:
     in-memory Transformer (RL: the trainer keeps updating its weights in place; call
     reset_prefix_cache() after each update, since cached latents were computed with the old ones).
 
-    `dtype` and `device` apply when loading a checkpoint directory. The cache holds
+    `device` and `dtype` apply when loading a checkpoint directory ("auto": a CUDA GPU in bfloat16
+    when there is one, else the CPU in float32; see nanoseek.device). The cache holds
     `num_cache_blocks` blocks of `block_size` tokens (in the model's dtype); by default as many as
     `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
     1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
-    can hold, so a sequence alone always fits.
+    can hold, so a sequence alone always fits. `speculative_max_batch` (default: by device, see
+    DEFAULT_SPECULATIVE_MAX_BATCH) is the largest decode batch that speculates.
     """
 
     def __init__(self, model: "str | Path | Transformer", tokenizer=None, *, max_num_seqs: int = 64,
                  max_model_len: int | None = None, block_size: int = 64, cache_memory_bytes: int | None = None,
                  num_cache_blocks: int | None = None, enable_prefix_caching: bool = True,
-                 speculative_mtp: int = 0, dtype=None, device: str = "cpu", max_num_batched_tokens: int = 4096):
+                 speculative_mtp: int = 0, speculative_max_batch: int | None = None, dtype="auto",
+                 device="auto", max_num_batched_tokens: int = 4096):
         if isinstance(model, (str, Path)):
             from nanoseek.checkpoint import load_model
 
             path = Path(model)
             if not (path / "config.json").is_file():
                 raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
-            model = load_model(path, dtype=dtype, device=device)
+            device = resolve_device(device)
+            model = load_model(path, dtype=resolve_dtype(dtype, device), device=device)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 from nanoseek.tokenizer import Tokenizer
 
@@ -81,9 +97,15 @@ class LLM:
                                 f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}); use 0 to turn it off")
         if block_size < 1 or max_num_seqs < 1:
             raise NanoseekError("block_size and max_num_seqs must be >= 1")
+        device_type = next(model.parameters()).device.type
+        if speculative_max_batch is None:
+            speculative_max_batch = DEFAULT_SPECULATIVE_MAX_BATCH.get(device_type, DEFAULT_SPECULATIVE_MAX_BATCH["cuda"])
+        if speculative_max_batch < 1:
+            raise NanoseekError(f"speculative_max_batch={speculative_max_batch} must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.speculative_mtp = speculative_mtp
+        self.speculative_max_batch = speculative_max_batch
         cache_dtype = next(model.parameters()).dtype  # the latents are stored as the model computes them
 
         max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -254,7 +276,7 @@ class LLM:
                 seqs, is_prefill = self.scheduler.schedule()
                 if not seqs:
                     return []
-                if is_prefill or not self.speculative_mtp:
+                if is_prefill or not self.speculative_mtp or len(seqs) > self.speculative_max_batch:
                     self._plain_step(seqs, is_prefill)
                 else:
                     self._speculative_step(seqs)
@@ -288,12 +310,26 @@ class LLM:
         for i, s in enumerate(seqs):
             s.num_computed = len(s)
             if self.speculative_mtp:
-                s.mtp_hidden = hidden[i, : len(tokens[i])]
+                rows = hidden[i, : len(tokens[i])]
+                # a plain decode step (batch too large to speculate) adds to the pending MTP rows
+                s.mtp_hidden = rows if is_prefill or s.mtp_hidden is None else torch.cat([s.mtp_hidden, rows])
             self._append(s, ids[i], None if logprobs is None else logprobs[i])
 
     def _speculative_step(self, seqs: list[Sequence]) -> None:
         """Draft k tokens per sequence with the MTP module, verify them in one main forward."""
         k, B = self.speculative_mtp, len(seqs)
+        sampled = [i for i, s in enumerate(seqs) if s.can_speculate() and not s.params.greedy]
+        draft_probs = []  # per draft step, (len(sampled), V): what the sampled rows' drafts were drawn from
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            """The drafts of one step from the MTP logits (B, V): argmax, or drawn for sampled rows."""
+            ids = logits.argmax(dim=-1)
+            if sampled:
+                q = self.sampler.probs(logits[sampled].float(), [seqs[i].params for i in sampled])
+                ids[sampled] = draw(q, [seqs[i].generator for i in sampled])
+                draft_probs.append(q)
+            return ids
+
         # 1. MTP over the positions whose MTP-cache entries are pending; its last row drafts token 1
         pending = [s.mtp_hidden.shape[0] for s in seqs]
         starts = [s.num_computed - p for s, p in zip(seqs, pending)]
@@ -302,13 +338,13 @@ class LLM:
             hidden_in[i, : pending[i]] = s.mtp_hidden
         next_tokens = [s.token_ids[st + 1: s.num_computed + 1] for s, st in zip(seqs, starts)]
         h, logits = self.runner.mtp_forward(seqs, hidden_in, next_tokens, starts)
-        drafts = [logits.argmax(dim=-1)]  # each (B,)
+        drafts = [pick(logits)]  # each (B,)
         # 2. chain: draft j+1 from the MTP's own hidden state and draft j, one position further
         for j in range(1, k):
             step_starts = [s.num_computed + j - 1 for s in seqs]
             h, logits = self.runner.mtp_forward(seqs, h.unsqueeze(1), [[t] for t in drafts[-1].tolist()],
                                                 step_starts)
-            drafts.append(logits.argmax(dim=-1))
+            drafts.append(pick(logits))
         draft_ids = torch.stack(drafts, dim=1)  # (B, k)
         # 3. verify: the pending token and the k drafts at positions n..n+k in one forward
         tokens = [[s.token_ids[-1]] + d for s, d in zip(seqs, draft_ids.tolist())]
@@ -316,26 +352,28 @@ class LLM:
         logits = self.model.lm_head(hidden).float()  # (B, k+1, V)
         target = logits.argmax(dim=-1)  # (B, k+1)
         accepted = (draft_ids == target[:, :k]).long().cumprod(dim=1).sum(dim=1).tolist()  # (B,)
+        new_tokens = [row[: a + 1] for row, a in zip(target.tolist(), accepted)]  # greedy: target a is the bonus
+        if sampled:
+            params = [seqs[i].params for i in sampled for _ in range(k + 1)]
+            target_probs = self.sampler.probs(logits[sampled].flatten(0, 1), params).view(len(sampled), k + 1, -1)
+            kept, extra = speculative_accept(target_probs, torch.stack(draft_probs, dim=1), draft_ids[sampled],
+                                             [seqs[i].generator for i in sampled])
+            for i, a, token in zip(sampled, kept, extra):
+                accepted[i], new_tokens[i] = a, draft_ids[i, :a].tolist() + [token]
+        plain = [i for i, s in enumerate(seqs) if not s.can_speculate()]  # penalties: no drafts
+        if plain:
+            ids, _ = self.sampler(logits[plain, 0], [seqs[i] for i in plain])
+            for i, token in zip(plain, ids):
+                accepted[i], new_tokens[i] = 0, [token]
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
-
-        sampled = [i for i, s in enumerate(seqs) if not s.can_speculate()]
-        sampled_ids = {}
-        if sampled:
-            ids, _ = self.sampler(logits[sampled, 0], [seqs[i] for i in sampled])
-            sampled_ids = dict(zip(sampled, ids))
-        target = target.tolist()
         for i, s in enumerate(seqs):
-            if i in sampled_ids:
-                a, new = 0, [sampled_ids[i]]
-            else:
-                a = accepted[i]
-                new = target[i][: a + 1]  # drafts 1..a equal targets 0..a-1; target a is the bonus token
+            if s.can_speculate():
                 self._stats["spec_draft_tokens"] += k
-                self._stats["spec_accepted_tokens"] += a
-            s.num_computed += 1 + a
-            s.mtp_hidden = hidden[i, : a + 1]
-            for j, token in enumerate(new):
+                self._stats["spec_accepted_tokens"] += accepted[i]
+            s.num_computed += 1 + accepted[i]
+            s.mtp_hidden = hidden[i, : accepted[i] + 1]
+            for j, token in enumerate(new_tokens[i]):
                 self._append(s, token, None if logprobs is None else logprobs[i, j])
                 if s.finished:
                     break

@@ -7,7 +7,9 @@ per sequence for a whole decode batch at once.
 Reproducibility: each sequence owns a `torch.Generator`. A sampled token consumes exactly one draw
 of V exponential variates from it (the "exponential race": argmax p_i / E_i with E_i ~ Exp(1) is a
 draw from p), so the samples of a seeded request depend on its seed only, never on which other
-requests share the batch, on preemption, or on speculative decoding being on.
+requests share the batch or on preemption. Speculative decoding (`speculative_accept`) keeps the
+distribution of every sampled token exact but draws differently (drafts, acceptance tests), so a
+seeded request gives other samples with speculation on than off.
 
 Logprobs are those of the model's raw distribution, log_softmax(logits), before penalties,
 temperature and truncation (vLLM's default "raw_logprobs"); that is the policy the RL trainer scores.
@@ -131,15 +133,12 @@ class Sampler:
         for i, t in zip(greedy_rows, greedy_ids):
             tokens[i] = t
         if rows:
-            probs = self._probs(logits[rows], [params[i] for i in rows])  # (b, V)
-            # One Exp(1) draw per vocabulary entry from each sequence's own generator.
-            noise = torch.stack([torch.empty(self.vocab_size).exponential_(generator=seqs[i].generator)
-                                 for i in rows]).to(probs.device)
-            for i, t in zip(rows, (probs / noise).argmax(dim=-1).tolist()):
+            probs = self.probs(logits[rows], [params[i] for i in rows])  # (b, V)
+            for i, t in zip(rows, draw(probs, [seqs[i].generator for i in rows]).tolist()):
                 tokens[i] = t
         return tokens, logprobs
 
-    def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """logits (b, V) of non-greedy rows -> the truncated, renormalised sampling distribution (b, V)."""
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
@@ -172,6 +171,43 @@ class Sampler:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (b, V), each from its own generator -> (b,) on probs' device.
+
+    The exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p. One draw consumes
+    V exponential variates of the row's generator, whatever the batch, which keeps seeded
+    requests independent of their neighbours."""
+    noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=g) for g in generators])
+    return (probs / noise.to(probs.device)).argmax(dim=-1)
+
+
+def speculative_accept(target: torch.Tensor, draft: torch.Tensor, draft_ids: torch.Tensor,
+                       generators: list[torch.Generator]) -> tuple[list[int], list[int]]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): k drafted tokens per row,
+    drawn from the draft distributions, checked against the target model's distributions.
+
+    target (b, k+1, V): the target's sampling distributions at the k draft positions and one past
+    them; draft (b, k, V): the distributions the drafts were drawn from; draft_ids (b, k).
+    Draft j is kept with probability min(1, p_j(x) / q_j(x)) while all before it were kept. At the
+    first rejection the next token is drawn from the residual max(0, p_j - q_j), renormalised;
+    when all k are kept, from p_k. Every emitted token is then distributed exactly as if drawn
+    from the target alone. Returns, per row, the number of drafts kept and the token after them.
+    """
+    b, k, V = draft.shape
+    p = target[:, :k].gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # (b, k)
+    q = draft.gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # (b, k), > 0: the drafts were drawn from it
+    u = torch.stack([torch.rand(k, generator=g) for g in generators]).to(p.device)  # (b, k)
+    accepted = (u * q < p).long().cumprod(dim=1).sum(dim=1)  # (b,) u < p/q, without dividing
+    # a zero draft distribution after the last draft makes "all kept" draw from p_k itself
+    q_padded = torch.cat([draft, draft.new_zeros(b, 1, V)], dim=1)  # (b, k+1, V)
+    rows = torch.arange(b, device=target.device)
+    p_next, q_next = target[rows, accepted], q_padded[rows, accepted]  # (b, V) each
+    residual = (p_next - q_next).clamp(min=0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)  # p == q leaves no residual
+    return accepted.tolist(), draw(residual, generators).tolist()
 
 
 def top_logprobs(logprobs_row: torch.Tensor, token_id: int, k: int) -> dict:

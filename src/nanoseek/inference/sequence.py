@@ -83,8 +83,9 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def can_speculate(self) -> bool:
-        """Greedy without penalties: verification by argmax is then exactly plain decoding."""
-        return self.params.greedy and not self.params.has_penalties
+        """No penalties: the target distribution of a drafted position must not depend on the
+        drafts before it (penalties count the tokens generated so far)."""
+        return not self.params.has_penalties
 
 
 class Request:

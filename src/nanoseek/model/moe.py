@@ -12,6 +12,11 @@ during training; after every optimizer step `update_expert_bias` nudges b_i down
 overloaded experts and up for underloaded ones (the sign rule of eq. 16). The sequence-wise balance
 loss (eqs. 17-20) is optional via `aux_loss_alpha`.
 
+Expert compute has two equivalent forms: a loop over experts (fastest on CPU) and one grouped
+GEMM per projection over all experts at once (`F.grouped_mm`, the default on CUDA in bf16: no
+host sync, no per-expert kernel launches). Both read the same per-expert `nn.Linear` weights, so checkpoint
+keys stay those of the released files.
+
 Shape legend: N tokens (B*T flattened), D hidden size, E routed experts, K experts per token,
 G expert groups.
 """
@@ -25,6 +30,12 @@ import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.layers import MLP
+
+# torch >= 2.10 spells it F.grouped_mm; 2.8-2.9 have the same op as torch._grouped_mm
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# The grouped GEMM kernels want each expert's rows to start 16-byte aligned: groups are padded
+# to a multiple of this many rows (padding rows are zeros and never read back).
+GROUP_ALIGN = 16
 
 
 class Gate(nn.Module):
@@ -79,6 +90,8 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last bias update (training forwards only)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # set by training forwards when aux_loss_alpha > 0
+        # None: grouped GEMM on CUDA, the expert loop elsewhere; True / False force one form
+        self.grouped_gemm: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
@@ -90,7 +103,13 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts.detach().float()
             if self.aux_loss_alpha > 0:
                 self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1))
-        y = self._dispatch(flat, weights, expert_ids, counts)
+        grouped = self.grouped_gemm
+        if grouped is None:  # the CUDA grouped-GEMM kernels are bf16 ones
+            grouped = flat.is_cuda and _compute_dtype(flat) == torch.bfloat16
+        if grouped and _grouped_mm is None:
+            raise RuntimeError(f"grouped_gemm needs torch >= 2.8 (F.grouped_mm); this is torch {torch.__version__}")
+        dispatch = self._dispatch_grouped if grouped else self._dispatch
+        y = dispatch(flat, weights, expert_ids, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, D)
@@ -115,6 +134,39 @@ class MoE(nn.Module):
         out = out.index_select(0, unsort).view(N, self.top_k, D)  # back to (token, k) order
         return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)  # (N, D)
 
+    def _dispatch_grouped(self, x, weights, expert_ids, counts) -> torch.Tensor:
+        """The same computation as `_dispatch`, as three grouped GEMMs over all experts.
+
+        The sorted rows are scattered into a buffer where expert e's rows start at a multiple of
+        GROUP_ALIGN. Its size is a static upper bound (N*K + E*(GROUP_ALIGN-1)), so no shape
+        depends on the routing and nothing waits for the GPU.
+        """
+        N, D = x.shape
+        E, A = self.n_experts, GROUP_ALIGN
+        dtype = _compute_dtype(x)
+        order = expert_ids.flatten().argsort(stable=True)  # (N*K,) pair indices grouped by expert
+        sorted_experts = expert_ids.flatten()[order]  # (N*K,) non-decreasing
+        padded = (counts + A - 1) // A * A  # (E,) rows per expert, aligned
+        padded_start = padded.cumsum(0) - padded  # (E,)
+        first = counts.cumsum(0) - counts  # (E,) first sorted pair of each expert
+        rank = torch.arange(order.numel(), device=x.device) - first[sorted_experts]  # place within its expert
+        dest = padded_start[sorted_experts] + rank  # (N*K,) row of each sorted pair in the buffer
+        rows = order.numel() + E * (A - 1)
+        buffer = x.new_zeros(rows, D, dtype=dtype).index_copy(0, dest, x.index_select(0, order // self.top_k).to(dtype))
+        offsets = padded.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+
+        def stacked(name: str) -> torch.Tensor:  # (E, in, out) view of the experts' (out, in) weights
+            return torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype).transpose(1, 2)
+
+        gate_up = torch.cat([stacked("gate_proj"), stacked("up_proj")], dim=2)  # (E, D, 2F)
+        gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
+        out = _grouped_mm(F.silu(gate) * up, stacked("down_proj"), offs=offsets)  # (rows, D)
+        out = out.index_select(0, dest)  # (N*K, D) sorted pairs
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        out = out.index_select(0, unsort).view(N, self.top_k, D)
+        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)  # (N, D)
+
     def _sequence_balance_loss(self, scores_BTE, ids_BTK) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20)."""
         B, T, E = scores_BTE.shape
@@ -122,6 +174,11 @@ class MoE(nn.Module):
         f = picked.sum(dim=1) * (E / (self.top_k * T))  # (B, E)
         p = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x computes in: autocast's when it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.device import add_device_arguments
 from nanoseek.errors import NanoseekError
 from nanoseek.serve.engine_loop import EngineDeadError, EngineLoop
 from nanoseek.serve.metrics import Metrics
@@ -757,6 +758,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the engine's prefix cache off")
     parser.add_argument("--speculative-mtp", type=int, default=0, help="draft tokens per step from the MTP heads")
+    add_device_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -793,7 +795,8 @@ def run(args) -> int:
         raise NanoseekError(f"--model {args.model}: no such directory; point it at a checkpoint directory")
     check_bindable(args.host, args.port)
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                 enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp)
+                 enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp,
+                 device=args.device, dtype=args.dtype)
     name = args.served_model_name or model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
                      max_waiting=args.max_waiting, max_running=args.max_num_seqs)

@@ -396,7 +396,8 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
 
     def held_out_eval():
         if env.is_main and eval_problems:
-            report = evaluate(llm, task=task, problems=eval_problems, max_tokens=cfg.max_completion_length)
+            with trainer.autocast():
+                report = evaluate(llm, task=task, problems=eval_problems, max_tokens=cfg.max_completion_length)
             trainer.log({"eval_pass@1": report["pass@1"], "eval_format": report["format"],
                          "eval_length": report["mean_length"], "eval_s": report["seconds"]}, console=True)
         barrier()
@@ -419,7 +420,9 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             while len(groups) < prompts_here and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
                 problems = task.problems(cfg.prompts_per_step, seed=derive_seed(cfg.seed, rollout_index, rounds),
                                          split="train")[env.rank:: env.world_size]
-                samples = sample_groups(llm, problems, cfg, seed=derive_seed(cfg.seed, rollout_index, rounds, "sample"))
+                with trainer.autocast():  # on a GPU the engine computes in bf16 like the update (fp32 weights)
+                    samples = sample_groups(llm, problems, cfg, seed=derive_seed(cfg.seed, rollout_index, rounds,
+                                                                                  "sample"))
                 # 2. reward
                 score(samples, reward_fn, cfg)
                 round_groups = [samples[i: i + cfg.num_generations] for i in range(0, len(samples), cfg.num_generations)]

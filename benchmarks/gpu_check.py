@@ -1,0 +1,233 @@
+"""One GPU run that checks and measures nanoseek on CUDA; `benchmarks/gpu_check.sh` runs it.
+
+    bash benchmarks/gpu_check.sh --out gpu_check.md            # on a GPU machine: about 5 minutes on an H100
+    bash benchmarks/gpu_check.sh --dry-run --out /tmp/dry.md    # anywhere: every section at toy size on the CPU
+
+Sections, each in its own process with its own time limit, so one that fails or hangs costs only
+itself (its error goes into the table and the full output into <out>.log):
+
+    tests    the CUDA cases of the test suite (`pytest -m cuda`): every stage on the GPU
+    train    training tokens/s, MFU and peak memory of the `gpu` preset, nanoseek against
+             transformers' DeepseekV3ForCausalLM on the same config, weights and batch (bf16 autocast)
+    decode   decode tokens/s at batch 1 and 64 against transformers `generate` (bf16), with MTP speculation
+    grpo     one GRPO step (engine rollouts on the GPU + the update) of `configs/rl_gpu.toml` at a reduced size
+    compile  the training comparison again with torch.compile
+
+It installs nothing: it runs nanoseek from src/ on whatever torch (>= 2.4) and transformers are
+there. Without a GPU it runs dry (toy sizes on the CPU), which checks the script, not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("tests", "train", "decode", "grpo", "compile")
+
+
+def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
+    """Each section's command and time limit (seconds); `dry`: toy sizes on the CPU."""
+    py = sys.executable
+    if dry:
+        return {
+            "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "--collect-only", "tests/test_devices.py"], 120),
+            "train": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "2",
+                       "--seq", "32", "--steps", "1", "--threads", "1", "--json", str(tmp / "train.json")], 120),
+            "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cpu", "--preset", "tiny", "--batches",
+                        "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
+                        "--threads", "1", "--json", str(tmp / "decode.json")], 120),
+            "grpo": ([py, __file__, "--grpo-step", "--device", "cpu", "--json", str(tmp / "grpo.json")], 180),
+        }
+    return {
+        "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 240),
+        "train": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
+                   "--seq", "2048", "--steps", "6", "--json", str(tmp / "train.json")], 180),
+        "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cuda", "--preset", "gpu", "--batches", "1",
+                    "64", "--prompt-lens", "128", "--new-tokens", "64", "--mtp", "1", "--repeats", "1",
+                    "--json", str(tmp / "decode.json")], 180),
+        "grpo": ([py, __file__, "--grpo-step", "--device", "cuda", "--json", str(tmp / "grpo.json")], 180),
+        "compile": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
+                     "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
+    }
+
+
+# ------------------------------------------------------------------ the GRPO step
+
+
+def grpo_step(device: str, json_path: str) -> None:
+    """Two steps of `nanoseek rl` (configs/rl_gpu.toml, reduced) from a random checkpoint; the
+    second step's times and the process's peak GPU memory go to json_path."""
+    import torch
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import main as cli_main
+    from nanoseek.config import preset
+    from nanoseek.data.synthetic import generate_documents
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import train_tokenizer
+
+    cuda = device == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(40) for b in range(40)]
+        (tmp / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tok = train_tokenizer(generate_documents(2000, seed=0), vocab_size=4096 if cuda else 400)
+        torch.manual_seed(0)
+        name = "gpu" if cuda else "tiny"
+        cfg = preset(name, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        save_model(Transformer(cfg), tmp / "base", tokenizer=tok)
+        sizes = (["batch_size=256", "micro_batch_size=64", "max_completion_length=256", "seq_len=320"] if cuda else
+                 ["batch_size=8", "micro_batch_size=4", "max_completion_length=8", "seq_len=96", "num_generations=4"])
+        code = cli_main(["rl", "--config", "configs/rl_gpu.toml", f"init={tmp / 'base'}", f"out_dir={tmp / 'rl'}",
+                         f"task=jsonl:{tmp / 'task.jsonl'}", "max_steps=2", "eval_every=0", "eval_n=0", "save_every=0",
+                         "sample_every=0", "tensorboard=false", f"device={device}", *sizes])
+        if code != 0:
+            raise SystemExit(f"nanoseek rl exited with {code}")
+        steps = [json.loads(line) for line in (tmp / "rl" / "metrics.jsonl").read_text().splitlines()]
+        last = [s for s in steps if "rollout_s" in s][-1]
+        result = {"preset": name, "config": " ".join(sizes),
+                  **{k: last.get(k) for k in ("rollout_s", "update_s", "completions_per_s", "len")},
+                  "step_time_s": last["rollout_s"] + last.get("reference_s", 0.0) + last["update_s"],
+                  "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+        Path(json_path).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result))
+
+
+# ------------------------------------------------------------------ the report
+
+
+def gib(n) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "-"
+
+
+def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]]:
+    """Table rows (what, result) for one section's JSON (None: it failed or was skipped)."""
+    if data is None:
+        return [(name, summary)]
+    if name in ("train", "compile"):
+        label = f"training{' (torch.compile)' if name == 'compile' else ''}, {data['preset']} preset, " \
+                f"{data['batch']} x {data['seq']} tokens"
+        parts = []
+        for who in ("nanoseek", "transformers"):
+            d = data[who]
+            mfu = f", MFU {100 * d['mfu']:.1f}%" if d.get("mfu") is not None else ""
+            parts.append(f"{who} {d['tokens_per_s']:,.0f} tok/s{mfu}, peak {gib(d.get('peak_memory_bytes'))}")
+        return [(label, " · ".join(parts) + f" · **{data['ratio']:.2f}x**")]
+    if name == "decode":
+        out = []
+        for r in data["results"]:
+            mtp = ""
+            if "mtp_tokens_per_s" in r:
+                accept = "off" if r["mtp_acceptance"] is None else f"acceptance {r['mtp_acceptance']:.2f}"
+                mtp = f" · MTP k=1 {r['mtp_tokens_per_s']:,.0f} tok/s ({accept}, {r['mtp_speedup']:.2f}x)"
+            out.append((f"decode, batch {r['batch']}, prompt {r['prompt_len']}, {data['new_tokens']} new tokens",
+                        f"nanoseek {r['nanoseek_tokens_per_s']:,.0f} tok/s, peak "
+                        f"{gib(r.get('nanoseek_peak_memory_bytes'))} · transformers "
+                        f"{r['transformers_tokens_per_s']:,.0f} tok/s, peak {gib(r.get('transformers_peak_memory_bytes'))}"
+                        f" · **{r['ratio']:.2f}x**{mtp}"))
+        return out
+    if name == "grpo":
+        return [(f"one GRPO step, {data['preset']} preset ({data['config']})",
+                 f"{data['step_time_s']:.2f} s (rollout {data['rollout_s']:.2f} s, update {data['update_s']:.2f} s), "
+                 f"{data['completions_per_s']:.0f} completions/s, peak {gib(data.get('peak_memory_bytes'))}")]
+    return [(name, summary)]
+
+
+def pytest_summary(output: str) -> str:
+    for line in reversed(output.strip().splitlines()):
+        if any(w in line for w in (" passed", " failed", " error", " skipped", "tests collected", " deselected")):
+            return line.strip("= ")
+    collected = [line for line in output.splitlines() if line.startswith("tests/") and ": " in line]
+    if collected:  # --collect-only -q: "tests/test_x.py: N"
+        return f"{sum(int(line.rsplit(': ', 1)[1]) for line in collected)} CUDA tests collected (not run)"
+    return "no pytest summary"
+
+
+def environment() -> str:
+    import torch
+
+    try:
+        import transformers
+        tf = transformers.__version__
+    except ImportError:
+        tf = "not installed"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return (f"{gpu} · torch {torch.__version__} · transformers {tf} · Python {platform.python_version()} · "
+            f"commit {commit.strip() or 'unknown'} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="gpu_check.md", help="the table (markdown); the full output goes to <out>.log")
+    ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (the default without a GPU)")
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--grpo-step", action="store_true", help=argparse.SUPPRESS)  # the grpo section's own process
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.grpo_step:
+        grpo_step(args.device, args.json)
+        return 0
+
+    import torch
+
+    dry = args.dry_run or not torch.cuda.is_available()
+    if dry and not args.dry_run:
+        print("gpu_check: no CUDA device here; running dry (toy sizes on the CPU: checks the script, not a GPU)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_name(out.name + ".log")
+    rows, failed = [], 0
+    header = f"nanoseek GPU check{' (DRY RUN: toy sizes on the CPU)' if dry else ''}\n\n{environment()}\n"
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmp, log.open("w") as log_file:
+        commands = section_commands(dry, Path(tmp))
+        for name in args.sections:
+            if name not in commands:
+                rows.append((name, "skipped in a dry run"))
+                continue
+            cmd, limit = commands[name]
+            start = time.perf_counter()
+            print(f"[{name}] {' '.join(cmd)} (limit {limit} s)", flush=True)
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+                output, code = proc.stdout + proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as e:
+                output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                code = None
+            seconds = time.perf_counter() - start
+            log_file.write(f"===== {name}: exit {code}, {seconds:.0f} s\n{output}\n")
+            log_file.flush()
+            json_file = Path(tmp) / f"{name}.json"
+            data = json.loads(json_file.read_text()) if code == 0 and json_file.is_file() else None
+            if name == "tests":
+                summary = pytest_summary(output)
+                ok = code == 0
+            else:
+                last = output.strip().splitlines()[-1] if output.strip() else ""
+                summary = "timed out" if code is None else f"FAILED (exit {code}): {last[-200:]}"
+                ok = data is not None
+            failed += not ok
+            for what, result in rows_for(name, data, summary):
+                rows.append((what, result))
+            print(f"[{name}] {'ok' if ok else 'FAILED'} in {seconds:.0f} s: {rows[-1][1]}", flush=True)
+    table = "| check | result |\n|---|---|\n" + "".join(f"| {w} | {r} |\n" for w, r in rows)
+    text = f"{header}\n{table}"
+    out.write_text(text)
+    print("\n" + text + f"\n(table in {out}, full output in {log})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The same checks on every device: CPU always, CUDA when there is a GPU (`pytest -m cuda` runs only
+the CUDA cases; `benchmarks/gpu_check.sh` does that on a GPU machine).
+
+On CUDA the defaults change in the ways a GPU user expects, and these tests pin them: bf16 autocast
+for training (fp32 weights and optimizer state), bf16 weights and latent cache for inference, and
+the MoE experts as grouped GEMMs. Every CLI stage runs end to end with `device=` set.
+"""
+
+import contextlib
+import json
+import random
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import LLM, SamplingParams
+from nanoseek.checkpoint import save_model
+from nanoseek.cli import main as cli_main
+from nanoseek.config import preset
+from nanoseek.data.synthetic import generate_documents
+from nanoseek.data.tasks import get_task, r1zero_completion, r1zero_prompt
+from nanoseek.model.moe import MoE
+from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.sft import tokenize_prompt_completion
+from test_distill import memorise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(device, seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny", **overrides)).to(device)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def test_forward_and_backward_match_the_cpu_in_fp32_and_bf16_autocast(device):
+    cpu = tiny_model("cpu").train()
+    model = tiny_model(device).train()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, dims=1)
+    reference = cpu(ids, labels=labels)
+    (reference.loss + reference.mtp_loss).backward()
+    out = model(ids.to(device), labels=labels.to(device))
+    (out.loss + out.mtp_loss).backward()
+    assert abs(out.loss.item() - reference.loss.item()) < 1e-4
+    assert abs(out.mtp_loss.item() - reference.mtp_loss.item()) < 1e-4
+    for (name, p), q in zip(model.named_parameters(), cpu.parameters()):
+        if q.grad is not None and q.grad.norm() > 0:
+            assert relative_error(p.grad.cpu(), q.grad) < 1e-3, name
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        bf16 = model(ids.to(device), labels=labels.to(device))
+    assert bf16.logits.dtype == torch.bfloat16
+    assert abs(bf16.loss.item() - reference.loss.item()) < 0.05
+
+
+def test_grouped_gemm_experts_equal_the_expert_loop(device):
+    """The grouped form (default on CUDA in bf16) and the loop (default elsewhere) compute the same
+    MoE, in value and gradient, with uneven routing (some experts get no token)."""
+    torch.manual_seed(0)
+    moe = MoE(preset("tiny", n_routed_experts=16, num_experts_per_tok=3, n_group=1, topk_group=1)).to(device)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 5, 64, device=device, requires_grad=True)
+    # the CUDA kernels are bf16 ones: compare there under autocast, at bf16's precision
+    cuda = torch.device(device).type == "cuda"
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    tolerance = 2e-2 if cuda else 1e-4
+    results = []
+    for grouped in (False, True):
+        moe.grouped_gemm = grouped
+        with precision:
+            y = moe(x)
+        grads = torch.autograd.grad(y.float().square().sum(), [x, *moe.parameters()], allow_unused=True)
+        results.append((y, grads))
+    (y_loop, g_loop), (y_grouped, g_grouped) = results
+    assert relative_error(y_grouped, y_loop) < tolerance
+    for a, b in zip(g_grouped, g_loop):
+        if b is not None and b.norm() > 0:
+            assert relative_error(a, b) < 2 * tolerance
+    moe.grouped_gemm = None
+    with precision:
+        assert moe(x).dtype == (torch.bfloat16 if cuda else torch.float32)
+
+
+def test_engine_greedy_equals_full_forward_on_device(device):
+    model = tiny_model(device).eval()
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(8):
+                ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    assert [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, params)] == expected
+    spec = LLM(model, block_size=4, speculative_mtp=2)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == expected
+    assert spec.runner.cache.pool.device.type == torch.device(device).type
+
+
+def test_checkpoint_loads_in_the_devices_default_dtype(device, tmp_path):
+    """`LLM(dir)` picks bf16 weights and cache on a GPU and fp32 on the CPU; bf16 logits stay close."""
+    model = tiny_model("cpu").eval()
+    save_model(model, tmp_path / "ckpt")
+    llm = LLM(tmp_path / "ckpt", device=device)
+    expected_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    assert next(llm.model.parameters()).dtype == expected_dtype and llm.runner.cache.pool.dtype == expected_dtype
+    bf16 = LLM(tmp_path / "ckpt", device=device, dtype="bfloat16")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = bf16.model(ids.to(device)).logits
+    assert relative_error(got.cpu(), ref) < 0.05
+    out = bf16.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6
+
+
+# ------------------------------------------------------------ every CLI stage on the device
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory):
+    """A jsonl task of sums, a tokenizer for it, and a chat jsonl (no reasoning-gym needed)."""
+    d = tmp_path_factory.mktemp("devices")
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    (d / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rng = random.Random(0)
+    chats = [{"messages": [{"role": "user", "content": r["question"]},
+                           {"role": "assistant", "content": f"<think> sum </think> <answer>{r['answer']}</answer>"}]}
+             for r in rng.sample(rows, 40)]
+    (d / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    texts = [r1zero_prompt(r["question"]) + r1zero_completion("sum", r["answer"]) for r in rows]
+    tok = train_tokenizer(texts + generate_documents(100, seed=0), vocab_size=400)
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
+    tok.save(d / "tok")
+    # a teacher that has memorised worked solutions of the train split: distillation keeps traces
+    problems = get_task(f"jsonl:{d / 'task.jsonl'}").problems(4, seed=0, split="train")
+    lessons = [(r1zero_prompt(p.question), r1zero_completion("sum", p.answer)) for p in problems]
+    torch.manual_seed(0)
+    teacher = Transformer(preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                 eos_token_id=tok.eos_id, n_routed_experts=0, num_nextn_predict_layers=0))
+    memorise(teacher, [tokenize_prompt_completion(p, c, tok) for p, c in lessons])
+    save_model(teacher, d / "teacher", tokenizer=tok)
+    return d
+
+
+def test_every_stage_runs_on_the_device(device, arithmetic, tmp_path, capsys):
+    d, dev = arithmetic, str(device)
+    task = f"jsonl:{d / 'task.jsonl'}"
+    common = ["tensorboard=false", "threads=1", f"device={dev}"]
+    assert cli_main(["pretrain", "--config", "configs/pretrain_tiny.toml", f"out_dir={tmp_path / 'base'}",
+                     f"data={json.dumps([str(d / 'corpus.jsonl')])}", "max_steps=2", "vocab_size=400", *common]) == 0
+    base = tmp_path / "base" / "latest"
+    assert cli_main(["eval", "--model", str(base), "--task", task, "--n", "4", "--max-tokens", "8",
+                     "--device", dev, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n"] == 4
+    assert cli_main(["generate", "--model", str(base), "--prompt", "What is", "--max-tokens", "5",
+                     "--speculative-mtp", "1", "--device", dev]) == 0
+    assert cli_main(["rl", "--config", "configs/rl_r1zero_tiny.toml", f"init={base}", f"task={task}",
+                     f"out_dir={tmp_path / 'rl'}", "max_steps=1", "eval_every=0", *common]) == 0
+    assert cli_main(["sft", "--config", "configs/sft_tiny.toml", f"tokenizer={d / 'tok'}",
+                     f"data={json.dumps([str(d / 'chats.jsonl')])}", f"out_dir={tmp_path / 'sft'}",
+                     "max_steps=2", *common]) == 0
+    assert cli_main(["distill", "--teacher", str(d / "teacher"), "--student", "student-tiny", "--task", task,
+                     f"out_dir={tmp_path / 'distill'}", "num_prompts=4", "samples_per_prompt=2", "temperature=0.5",
+                     "max_new_tokens=24", "max_steps=1", "batch_size=2", "seq_len=128", "val_fraction=0",
+                     "warmup_steps=1", *common]) == 0
+    for run in ("base", "rl", "sft", "distill"):
+        metrics = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert all(all(v == v for v in m.values() if isinstance(v, float)) for m in metrics), run  # no NaN
+    student = nanoseek.load_model(tmp_path / "sft" / "latest")
+    assert student.config.vocab_size > 0
+
+
+def test_server_answers_on_the_device(device, arithmetic, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from nanoseek.serve.api import create_app
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(arithmetic / "tok")
+    model = tiny_model(device, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id).eval()
+    with TestClient(create_app(LLM(model, tok), model_name="tiny")) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+            "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 6
+
+
+def test_gpu_recipe_runs_two_steps_on_cpu_at_a_reduced_size(arithmetic, tmp_path):
+    """configs/pretrain_gpu.toml as a GPU user runs it, shrunk to seconds on the CPU."""
+    small = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+             "model.num_key_value_heads=2", "model.intermediate_size=128", "model.moe_intermediate_size=32",
+             "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.n_routed_experts=8", "model.n_group=2",
+             "model.topk_group=1", "model.num_experts_per_tok=2"]
+    assert cli_main(["pretrain", "--config", "configs/pretrain_gpu.toml", f"out_dir={tmp_path / 'gpu'}",
+                     f"data={json.dumps([str(arithmetic / 'corpus.jsonl')])}", "vocab_size=400", "max_steps=2",
+                     "batch_size=2", "micro_batch_size=2", "seq_len=64", "device=cpu", "dtype=float32",
+                     "compile=false", "eval_every=0", "sample_every=0", "threads=1", *small]) == 0
+    cfg = json.loads((tmp_path / "gpu" / "latest" / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1 and cfg["n_shared_experts"] == 1 and cfg["qk_rope_head_dim"] == 32

@@ -1,0 +1,20 @@
+"""benchmarks/gpu_check.sh runs where there is no GPU: dry, every section at toy size on the CPU, and
+writes its table. (On a GPU machine the same script checks and measures the real thing.)"""
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_dry_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = out.read_text()
+    assert "DRY RUN" in table and "CUDA tests collected" in table
+    for row in ("training, tiny preset", "decode, batch 1", "decode, batch 2", "one GRPO step", "compile"):
+        assert row in table, row
+    assert "FAILED" not in table
+    assert (tmp_path / "gpu_check.md.log").read_text().count("=====") == 4
