@@ -41,8 +41,11 @@ def hf_model(config, nanoseek_model, experts_implementation: str):
 
     d = config.to_dict()
     hf_config = DeepseekV3Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
-    model = DeepseekV3ForCausalLM._from_config(hf_config, experts_implementation=experts_implementation,
-                                               attn_implementation="sdpa")
+    try:
+        model = DeepseekV3ForCausalLM._from_config(hf_config, experts_implementation=experts_implementation,
+                                                   attn_implementation="sdpa")
+    except (TypeError, ValueError):  # a transformers release without selectable expert kernels
+        model = DeepseekV3ForCausalLM._from_config(hf_config, attn_implementation="sdpa")
     # same weights: HF stores each layer's experts stacked as gate_up_proj (E, 2F, D) / down_proj (E, D, F)
     sd = nanoseek_model.state_dict()
     hf_sd = model.state_dict()
