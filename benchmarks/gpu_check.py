@@ -44,16 +44,16 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
             "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cpu", "--preset", "tiny", "--batches",
                         "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
                         "--threads", "1", "--json", str(tmp / "decode.json")], 120),
-            "grpo": ([py, __file__, "--grpo-step", "--device", "cpu", "--json", str(tmp / "grpo.json")], 180),
+            "grpo": ([py, __file__, "--grpo-step", "--device", "cpu", "--json", str(tmp / "grpo.json")], 150),
         }
     return {
-        "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 240),
+        "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 200),
         "train": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
-                   "--seq", "2048", "--steps", "6", "--json", str(tmp / "train.json")], 180),
+                   "--seq", "2048", "--steps", "6", "--json", str(tmp / "train.json")], 150),
         "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cuda", "--preset", "gpu", "--batches", "1",
                     "64", "--prompt-lens", "128", "--new-tokens", "64", "--mtp", "1", "--repeats", "1",
-                    "--json", str(tmp / "decode.json")], 180),
-        "grpo": ([py, __file__, "--grpo-step", "--device", "cuda", "--json", str(tmp / "grpo.json")], 180),
+                    "--json", str(tmp / "decode.json")], 150),
+        "grpo": ([py, __file__, "--grpo-step", "--device", "cuda", "--json", str(tmp / "grpo.json")], 150),
         "compile": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                      "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
     }
@@ -141,6 +141,12 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
     return [(name, summary)]
 
 
+def write_table(out: Path, header: str, rows: list[tuple[str, str]]) -> str:
+    text = f"{header}\n| check | result |\n|---|---|\n" + "".join(f"| {w} | {r} |\n" for w, r in rows)
+    out.write_text(text)
+    return text
+
+
 def pytest_summary(output: str) -> str:
     for line in reversed(output.strip().splitlines()):
         if any(w in line for w in (" passed", " failed", " error", " skipped", "tests collected", " deselected")):
@@ -188,7 +194,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_name(out.name + ".log")
-    rows, failed = [], 0
+    rows, failed, text = [], 0, ""
     header = f"nanoseek GPU check{' (DRY RUN: toy sizes on the CPU)' if dry else ''}\n\n{environment()}\n"
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp, log.open("w") as log_file:
@@ -222,9 +228,7 @@ def main() -> int:
             for what, result in rows_for(name, data, summary):
                 rows.append((what, result))
             print(f"[{name}] {'ok' if ok else 'FAILED'} in {seconds:.0f} s: {rows[-1][1]}", flush=True)
-    table = "| check | result |\n|---|---|\n" + "".join(f"| {w} | {r} |\n" for w, r in rows)
-    text = f"{header}\n{table}"
-    out.write_text(text)
+            text = write_table(out, header, rows)  # after every section: a run cut short keeps what it measured
     print("\n" + text + f"\n(table in {out}, full output in {log})")
     return 1 if failed else 0
 
