@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,7 @@ def grpo_step(device: str, json_path: str) -> None:
     from nanoseek.checkpoint import save_model
     from nanoseek.cli import main as cli_main
     from nanoseek.config import preset
-    from nanoseek.data.synthetic import generate_documents
+    from nanoseek.data.tasks import r1zero_completion, r1zero_prompt
     from nanoseek.model.transformer import Transformer
     from nanoseek.tokenizer import train_tokenizer
 
@@ -79,7 +80,9 @@ def grpo_step(device: str, json_path: str) -> None:
         tmp = Path(tmp)
         rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(40) for b in range(40)]
         (tmp / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tok = train_tokenizer(generate_documents(2000, seed=0), vocab_size=4096 if cuda else 400)
+        texts = [r1zero_prompt(r["question"]) + r1zero_completion(f"{r['question']} is {r['answer']}.", r["answer"])
+                 for r in rows]
+        tok = train_tokenizer(texts, vocab_size=4096 if cuda else 400)
         torch.manual_seed(0)
         name = "gpu" if cuda else "tiny"
         cfg = preset(name, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
@@ -151,9 +154,9 @@ def pytest_summary(output: str) -> str:
     for line in reversed(output.strip().splitlines()):
         if any(w in line for w in (" passed", " failed", " error", " skipped", "tests collected", " deselected")):
             return line.strip("= ")
-    collected = [line for line in output.splitlines() if line.startswith("tests/") and ": " in line]
-    if collected:  # --collect-only -q: "tests/test_x.py: N"
-        return f"{sum(int(line.rsplit(': ', 1)[1]) for line in collected)} CUDA tests collected (not run)"
+    collected = re.findall(r"^tests/\S+\.py: (\d+)$", output, flags=re.M)  # --collect-only -q
+    if collected:
+        return f"{sum(map(int, collected))} CUDA tests collected (not run)"
     return "no pytest summary"
 
 

@@ -18,7 +18,6 @@ from nanoseek import LLM, SamplingParams
 from nanoseek.checkpoint import save_model
 from nanoseek.cli import main as cli_main
 from nanoseek.config import preset
-from nanoseek.data.synthetic import generate_documents
 from nanoseek.data.tasks import get_task, r1zero_completion, r1zero_prompt
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
@@ -137,7 +136,7 @@ def arithmetic(tmp_path_factory):
              for r in rng.sample(rows, 40)]
     (d / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     texts = [r1zero_prompt(r["question"]) + r1zero_completion("sum", r["answer"]) for r in rows]
-    tok = train_tokenizer(texts + generate_documents(100, seed=0), vocab_size=400)
+    tok = train_tokenizer(texts + [json.dumps(c) for c in chats], vocab_size=400)
     (d / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
     tok.save(d / "tok")
     # a teacher that has memorised worked solutions of the train split: distillation keeps traces

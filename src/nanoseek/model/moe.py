@@ -158,9 +158,11 @@ class MoE(nn.Module):
         def stacked(name: str) -> torch.Tensor:  # (E, in, out) view of the experts' (out, in) weights
             return torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype).transpose(1, 2)
 
-        gate_up = torch.cat([stacked("gate_proj"), stacked("up_proj")], dim=2)  # (E, D, 2F)
-        gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
-        out = _grouped_mm(F.silu(gate) * up, stacked("down_proj"), offs=offsets)  # (rows, D)
+        # autocast would run the grouped GEMMs in fp32: the inputs are already in its dtype
+        with torch.autocast(x.device.type, enabled=False):
+            gate_up = torch.cat([stacked("gate_proj"), stacked("up_proj")], dim=2)  # (E, D, 2F)
+            gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
+            out = _grouped_mm(F.silu(gate) * up, stacked("down_proj"), offs=offsets)  # (rows, D)
         out = out.index_select(0, dest)  # (N*K, D) sorted pairs
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(order.numel(), device=order.device)
