@@ -68,12 +68,14 @@ def test_grouped_gemm_experts_equal_the_expert_loop(device):
     x = torch.randn(3, 5, 64, device=device, requires_grad=True)
     # the CUDA kernels are bf16 ones: compare there under autocast, at bf16's precision
     cuda = torch.device(device).type == "cuda"
-    precision = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    def precision():  # a fresh context each time: an autocast object is not re-entrant
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
     tolerance = 2e-2 if cuda else 1e-4
     results = []
     for grouped in (False, True):
         moe.grouped_gemm = grouped
-        with precision:
+        with precision():
             y = moe(x)
         grads = torch.autograd.grad(y.float().square().sum(), [x, *moe.parameters()], allow_unused=True)
         results.append((y, grads))
@@ -83,7 +85,7 @@ def test_grouped_gemm_experts_equal_the_expert_loop(device):
         if b is not None and b.norm() > 0:
             assert relative_error(a, b) < 2 * tolerance
     moe.grouped_gemm = None
-    with precision:
+    with precision():
         assert moe(x).dtype == (torch.bfloat16 if cuda else torch.float32)
 
 

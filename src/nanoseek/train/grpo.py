@@ -294,9 +294,10 @@ def samples_to_train(batch: list[Sample], beta: float, fsdp: bool = False) -> li
     return [s for s in batch if s.advantage != 0] or batch[:1]
 
 
-def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded prompt+completion rows with per-position tensors aligned to the logits:
-    position t predicts token t+1, so a completion token at index p is scored at t = p - 1."""
+def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
+                       device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Right-padded prompt+completion rows with per-position tensors aligned to the logits, on
+    `device`: position t predicts token t+1, so a completion token at index p is scored at t = p - 1."""
     batches = []
     for start in range(0, len(samples), micro_batch_size):
         chunk = samples[start: start + micro_batch_size]
@@ -319,7 +320,7 @@ def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int
         batch = dict(input_ids=input_ids, targets=targets, mask=mask, weight=weight, advantages=adv, old_logp=old)
         if chunk[0].ref_logprobs is not None:
             batch["ref_logp"] = ref
-        batches.append(batch)
+        batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
 
@@ -346,9 +347,10 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], head=None) -> tup
 @torch.no_grad()
 def add_reference_logprobs(reference, samples: list[Sample], micro_batch_size: int, pad_id: int) -> None:
     """Fill each sample's ref_logprobs with the frozen reference model's log-probabilities."""
+    device = next(reference.parameters()).device
     for start in range(0, len(samples), micro_batch_size):
         chunk = samples[start: start + micro_batch_size]
-        batch = make_micro_batches(chunk, len(chunk), pad_id)[0]
+        batch = make_micro_batches(chunk, len(chunk), pad_id, device)[0]
         logp, _ = completion_logprobs(reference, batch, reference.lm_head)
         for s, values in zip(chunk, logp.split([len(s.completion_ids) for s in chunk])):
             s.ref_logprobs = values.tolist()
@@ -444,8 +446,11 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             trained = samples_to_train(batch, cfg.beta, trainer.fsdp)
             t1 = time.perf_counter()
             if reference is not None:
-                add_reference_logprobs(reference, trained, cfg.micro_batch_size or len(trained), tokenizer.pad_id)
-            micro_batches = make_micro_batches(trained, cfg.micro_batch_size or len(trained), tokenizer.pad_id)
+                with trainer.autocast():
+                    add_reference_logprobs(reference, trained, cfg.micro_batch_size or len(trained),
+                                           tokenizer.pad_id)
+            micro_batches = make_micro_batches(trained, cfg.micro_batch_size or len(trained), tokenizer.pad_id,
+                                               env.device)
             reference_s = time.perf_counter() - t1
 
             # 4. loss: sum_t weight_t l_t over the whole batch (train_step divides each micro-batch's
