@@ -12,6 +12,8 @@ itself (its error goes into the table and the full output into <out>.log):
     decode   decode tokens/s at batch 1 and 64 against transformers `generate` (bf16), with MTP speculation
     grpo     one GRPO step (engine rollouts on the GPU + the update) of `configs/rl_gpu.toml` at a reduced size
     compile  the training comparison again with torch.compile
+    profile  torch.profiler tables (top ops by GPU and by CPU time) of one training step and one
+             batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
 
 It installs nothing: it runs nanoseek from src/ on whatever torch (>= 2.4) and transformers are
 there. Without a GPU it runs dry (toy sizes on the CPU), which checks the script, not the GPU.
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("tests", "train", "decode", "grpo", "compile")
+SECTIONS = ("tests", "train", "decode", "grpo", "compile", "profile")
 
 
 def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
@@ -46,6 +48,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
                         "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
                         "--threads", "1", "--json", str(tmp / "decode.json")], 120),
             "grpo": ([py, __file__, "--grpo-step", "--device", "cpu", "--json", str(tmp / "grpo.json")], 150),
+            "profile": ([py, __file__, "--profile-step", "--device", "cpu", "--json", str(tmp / "profile.json")], 120),
         }
     return {
         "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 200),
@@ -57,6 +60,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
         "grpo": ([py, __file__, "--grpo-step", "--device", "cuda", "--json", str(tmp / "grpo.json")], 150),
         "compile": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                      "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
+        "profile": ([py, __file__, "--profile-step", "--device", "cuda", "--json", str(tmp / "profile.json")], 150),
     }
 
 
@@ -104,6 +108,60 @@ def grpo_step(device: str, json_path: str) -> None:
         print(json.dumps(result))
 
 
+# ------------------------------------------------------------------ the profile
+
+
+def profile_step(device: str, json_path: str) -> None:
+    """torch.profiler over one training step (8 x 2048, bf16 autocast) and one decode step (batch 64)
+    of the `gpu` preset (`tiny` on the CPU); the tables go next to the report, a summary to json_path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek import LLM, SamplingParams
+    from nanoseek.config import preset
+    from nanoseek.model.transformer import Transformer
+
+    cuda = device == "cuda"
+    cfg = preset("gpu" if cuda else "tiny", num_nextn_predict_layers=0)
+    batch, seq = (8, 2048) if cuda else (2, 32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+
+    def train_step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(ids[:, :-1], labels=ids[:, 1:], logits=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    train_step()  # warm-up
+    with profile(activities=activities) as train_prof:
+        train_step()
+    model.eval()
+    llm = LLM(model.to(torch.bfloat16 if cuda else torch.float32), max_num_seqs=64, enable_prefix_caching=False)
+    prompts = torch.randint(2, cfg.vocab_size, (64 if cuda else 4, 128 if cuda else 8)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate(prompts, params)  # warm-up
+    for p in prompts:
+        llm.add_request(p, params)
+    llm.step()  # the prefill
+    with profile(activities=activities) as decode_prof:
+        llm.step()  # one decode step of the whole batch
+    text = []
+    for name, prof in (("training step", train_prof), ("decode step, batch 64", decode_prof)):
+        for key in ([sort, "cpu_time_total"] if cuda else [sort]):
+            text.append(f"===== {name}, by {key}\n{prof.key_averages().table(sort_by=key, row_limit=25)}\n")
+    Path(json_path).with_suffix(".txt").write_text("\n".join(text))
+    Path(json_path).write_text(json.dumps({"kernels_per_decode_step": sum(
+        e.count for e in decode_prof.key_averages() if e.device_type.name == "CUDA") if cuda else None}))
+    print("\n".join(text))
+
+
 # ------------------------------------------------------------------ the report
 
 
@@ -137,6 +195,10 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
                         f"{r['transformers_tokens_per_s']:,.0f} tok/s, peak {gib(r.get('transformers_peak_memory_bytes'))}"
                         f" · **{r['ratio']:.2f}x**{mtp}"))
         return out
+    if name == "profile":
+        return [("profile (torch.profiler, one training step, one decode step)",
+                 f"tables in the .profile.txt beside this file; {data.get('kernels_per_decode_step')} "
+                 "GPU kernels per decode step")]
     if name == "grpo":
         return [(f"one GRPO step, {data['preset']} preset ({data['config']})",
                  f"{data['step_time_s']:.2f} s (rollout {data['rollout_s']:.2f} s, update {data['update_s']:.2f} s), "
@@ -180,11 +242,15 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (the default without a GPU)")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--grpo-step", action="store_true", help=argparse.SUPPRESS)  # the grpo section's own process
+    ap.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)  # the profile section's
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.grpo_step:
         grpo_step(args.device, args.json)
+        return 0
+    if args.profile_step:
+        profile_step(args.device, args.json)
         return 0
 
     import torch
@@ -219,6 +285,8 @@ def main() -> int:
             log_file.write(f"===== {name}: exit {code}, {seconds:.0f} s\n{output}\n")
             log_file.flush()
             json_file = Path(tmp) / f"{name}.json"
+            if json_file.with_suffix(".txt").is_file():  # the profile's tables
+                out.with_name(out.name + ".profile.txt").write_text(json_file.with_suffix(".txt").read_text())
             data = json.loads(json_file.read_text()) if code == 0 and json_file.is_file() else None
             if name == "tests":
                 summary = pytest_summary(output)

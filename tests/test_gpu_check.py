@@ -14,7 +14,8 @@ def test_gpu_check_runs_dry_without_a_gpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = out.read_text()
     assert "DRY RUN" in table and "CUDA tests collected" in table
-    for row in ("training, tiny preset", "decode, batch 1", "decode, batch 2", "one GRPO step", "compile"):
+    for row in ("training, tiny preset", "decode, batch 1", "decode, batch 2", "one GRPO step", "compile", "profile"):
         assert row in table, row
     assert "FAILED" not in table
-    assert (tmp_path / "gpu_check.md.log").read_text().count("=====") == 4
+    assert (tmp_path / "gpu_check.md.log").read_text().count("=====") == 5
+    assert "training step" in (tmp_path / "gpu_check.md.profile.txt").read_text()
