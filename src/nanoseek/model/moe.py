@@ -125,10 +125,13 @@ class MoE(nn.Module):
         N, D = x.shape
         order = expert_ids.flatten().argsort(stable=True)  # (N*K,) pair indices grouped by expert
         x_sorted = x.index_select(0, order // self.top_k)  # (N*K, D) the token of each sorted pair
-        # An expert without tokens still runs (on zero rows), so every expert weight gets a
-        # gradient, zeros included: DDP and FSDP2 need the same set of gradients on every rank.
+        # In training an expert without tokens still runs (on zero rows), so every expert weight gets
+        # a gradient, zeros included: DDP and FSDP2 need the same set of gradients on every rank.
+        # Without autograd it is skipped: a decode step of one sequence touches only K experts.
         chunks = x_sorted.split(counts.tolist())  # one host sync; the loop is over experts, not tokens
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N*K, D)
+        grad = torch.is_grad_enabled()
+        out = torch.cat([expert(chunk) if grad or len(chunk) else chunk
+                         for expert, chunk in zip(self.experts, chunks)])  # (N*K, D)
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(order.numel(), device=order.device)
         out = out.index_select(0, unsort).view(N, self.top_k, D)  # back to (token, k) order
