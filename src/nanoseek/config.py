@@ -5,9 +5,9 @@ released DeepSeek config.json (V3, R1, V2-Lite) reads into a ModelConfig. Fields
 meanings so that nobody has to learn a second vocabulary; the few that HF lacks (the V2 router's
 `scoring_func` / `topk_method`, `moe_layer_freq`) are the ones DeepSeek's own config.json files carry.
 
-Presets: `tiny` (unit tests), `small` (the CPU demo model), `gpu` (a one-GPU model with V3's shape
-ratios), `v2-lite` and `v3` (the released sizes, for counting parameters on the meta device and for
-loading real checkpoints).
+Presets: `tiny` (unit tests), `small` (the CPU demo model), `reasoning` (the R1-Zero demo's base),
+`gpu` (a one-GPU model with V3's shape ratios), `v2-lite` and `v3` (the released sizes, for counting
+parameters on the meta device and for loading real checkpoints).
 """
 
 from __future__ import annotations
@@ -267,6 +267,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
+    ),
+    # The R1-Zero demo's reasoning base (configs/pretrain_reasoning.toml): 1.4M parameters, sized by
+    # measurement to learn the digit-sum chain in 10 minutes on 2 cores. MLA with 32 rotary dims:
+    # position reaches attention only through the rotary part, and with 16 (the `small` preset's) the
+    # model never learned to fetch the digit a fixed distance back (cpu-rl-probe.md, probe 2b).
+    # No q compression, MoE in layers 2-4 (+ MTP), a wide init (0.08) that the probe needed.
+    "reasoning": dict(
+        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=32, v_head_dim=32, max_position_embeddings=256,
+        num_nextn_predict_layers=1, initializer_range=0.08, bos_token_id=0, eos_token_id=1,
     ),
     # DeepSeek-V2-Lite (16B total, 2.4B active): softmax greedy router, no q compression.
     "v2-lite": dict(

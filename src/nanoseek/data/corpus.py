@@ -122,14 +122,21 @@ def load_sources(
 ) -> list[tuple[str, list[str]]]:
     """Read every source into memory as (name, documents) pairs; empty documents are dropped.
 
-    specs: file or directory paths, or "default" for the embedded corpus (which contributes two
-    sources, "shakespeare" and, when available, "synthetic"). Holding the corpus in memory is fine
+    specs: file or directory paths, "default" for the embedded corpus (which contributes two
+    sources, "shakespeare" and, when available, "synthetic"), or a generated corpus
+    "synthetic:<name>[?key=value&...]" (`nanoseek.data.synthetic.corpus_from_spec`, e.g. the
+    reasoning base's "synthetic:digit_sum?documents=200000&worked_share=0.35"). Holding the corpus in memory is fine
     at the toy scale this runs at and keeps the seeded split simple.
     """
     sources = []
     for spec in specs:
         if str(spec) == "default":
             sources += list(default_sources(seed).items())
+            continue
+        if str(spec).startswith("synthetic:"):
+            from nanoseek.data.synthetic import corpus_from_spec
+
+            sources.append((str(spec).partition("?")[0], corpus_from_spec(str(spec), seed)))
             continue
         for file in _expand(Path(spec)):
             docs = [d for d in read_documents(file, text_field) if d.strip()]

@@ -1,5 +1,10 @@
 """Synthetic reasoning text for pretraining, in exactly the format the RL stage prompts with.
 
+Two corpora live here. The reasoning base's (`reasoning_base_documents`, data spec
+`synthetic:digit_sum`, configs/pretrain_reasoning.toml) is the R1-Zero base of the CPU demo: the
+same prompt answered directly in most documents and with a worked chain in a minority. The older
+chain-sum mix below (`generate_documents`) is the synthetic part of the default Shakespeare corpus.
+
 Each document is `r1zero_prompt(question) + r1zero_completion(reasoning, answer)`: the same template,
 the same prefilled "<think>", the same "</think> <answer>...</answer>" ending that the RL stage and
 `extract_answer` use. Pretraining on it teaches a tiny model the format and the arithmetic steps.
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanoseek.data.tasks import (
+    DigitSumTask,
     Problem,
     allocate_counts,
     derive_seed,
@@ -99,3 +105,54 @@ def describe(sources: tuple[Source, ...] = SOURCES) -> str:
     for s in sources:
         lines.append(f"  {100 * s.weight / total:5.1f}%  {s.label}: {s.dataset} {s.difficulty}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the reasoning base's corpus
+
+WORKED_SHARE = 0.35  # the measured share (probe 2b: 25% was not enough on the V3 model with MoE)
+
+
+def reasoning_base_documents(n: int, worked_share: float = WORKED_SHARE, seed: int = 0,
+                             length: int = 10) -> list[str]:
+    """`n` documents of the reasoning base: `DigitSumTask(length)` train-split questions, each in the
+    task's R1-Zero prompt, answered directly (" </think> <answer>7</answer>") in most documents and
+    with the worked chain (" sums 3127688290 </think> <answer>0</answer>") in exactly
+    round(worked_share * n) of them, chosen at random. Every question is distinct and none is in
+    the eval split, so `nanoseek eval` and the RL stage's held-out set never meet a question the
+    corpus answered. Deterministic for a seed.
+
+    This is R1-Zero's situation in miniature: the base has seen the procedure, worked, in a minority
+    of its documents; whether it chooses to use it is what RL can change.
+    """
+    if not 0.0 <= worked_share <= 1.0:
+        raise NanoseekError(f"worked_share={worked_share} must be in [0, 1]")
+    task = DigitSumTask(length)
+    problems = task.problems(n, seed=derive_seed("reasoning-base", seed), split="train")
+    worked = set(random.Random(derive_seed("reasoning-base-worked", seed)).sample(range(n), round(worked_share * n)))
+    return [task.prompt(p.question) + r1zero_completion(task.reasoning(p) if i in worked else "", p.answer)
+            for i, p in enumerate(problems)]
+
+
+# data specs for the corpus loader: "synthetic:<name>[?key=value&...]" -> documents
+CORPORA: dict[str, Callable[..., list[str]]] = {"digit_sum": reasoning_base_documents}
+CORPUS_ARGS = {"documents": int, "worked_share": float, "length": int}
+
+
+def corpus_from_spec(spec: str, seed: int = 0) -> list[str]:
+    """The documents a data spec such as `synthetic:digit_sum?documents=200000&worked_share=0.35`
+    names (defaults: 100,000 documents, the recipe's worked share, length 10), for `seed`."""
+    from urllib.parse import parse_qsl
+
+    name, _, query = spec.removeprefix("synthetic:").partition("?")
+    if name not in CORPORA:
+        raise NanoseekError(f"unknown synthetic corpus {name!r} in {spec!r}; available: {', '.join(CORPORA)}")
+    args = {"documents": 100_000}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in CORPUS_ARGS:
+            raise NanoseekError(f"{spec!r}: unknown setting {key!r}; valid: {', '.join(CORPUS_ARGS)}")
+        try:
+            args[key] = CORPUS_ARGS[key](value)
+        except ValueError:
+            raise NanoseekError(f"{spec!r}: {key}={value!r} is not a {CORPUS_ARGS[key].__name__}") from None
+    n = args.pop("documents")
+    return CORPORA[name](n, seed=seed, **args)

@@ -76,6 +76,21 @@ def r1zero_completion(reasoning: str, answer: str) -> str:
     return f"{think}{THINK_END} {ANSWER_START}{answer}{ANSWER_END}"
 
 
+def reasoning_of(completion: str) -> str:
+    """The reasoning a completion writes before its answer: the text before the first `</think>`
+    (without a leading `<think>`), stripped; "" for an answer-only completion or one that never
+    closes its reasoning (that one has no answer either)."""
+    head, sep, _ = completion.partition(THINK_END)
+    if not sep:
+        return ""
+    return head.strip().removeprefix(THINK_START).strip()
+
+
+def reasons(completion: str) -> bool:
+    """Whether a completion reasons: it writes something inside <think> </think> before answering."""
+    return bool(reasoning_of(completion))
+
+
 def extract_answer(completion: str) -> str | None:
     """The final answer in a completion, or None when there is none.
 
@@ -123,9 +138,20 @@ class Problem:
 
 
 class Task:
-    """A source of seeded problems with a scorer. Subclasses implement `problems` and `score`."""
+    """A source of seeded problems with a scorer. Subclasses implement `problems` and `score`.
+
+    `template` is the R1-Zero prompt the task's questions are asked with (`prompt`); a task whose
+    worked solutions open with a fixed text names it `chain_opening`, so that an evaluation can
+    prefill it and measure whether the model can carry the chain through (`nanoseek eval --prefill`).
+    """
 
     name: str
+    template: str = PROMPT_TEMPLATE
+    chain_opening: str | None = None
+
+    def prompt(self, question: str) -> str:
+        """The R1-Zero prompt of `question` in this task's template."""
+        return r1zero_prompt(question, self.template)
 
     def problems(self, n: int, seed: int = 0, split: str = "eval") -> list[Problem]:
         """`n` problems from `split`, the same list for the same seed."""
@@ -137,6 +163,64 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def prompt_of(problem: Problem) -> str:
+    """The prompt `problem` is asked with: its task's template (the default one for a bare problem)."""
+    return problem.task.prompt(problem.question) if problem.task is not None else r1zero_prompt(problem.question)
+
+
+# The reasoning base's task (`DigitSumTask`): a short R1-Zero-style prompt, "<think>" prefilled as
+# in PROMPT_TEMPLATE. The one-sentence instruction of the default template would triple the length
+# of every pretraining document; this base has never seen any other prompt, so it needs none.
+DIGIT_SUM_TEMPLATE = "User: {question}\nAssistant: <think>"
+
+
+class DigitSumTask(Task):
+    """The last digit of the sum of `length` random digits: "User: 3815920471" -> "0".
+
+    A parity-like function: a small model cannot compute it in one forward pass, yet it becomes a
+    chain of easy, local steps when written out as running sums mod 10, the reasoning base's worked
+    solution (`reasoning`): " sums 3127688290 </think> <answer>0</answer>". Each step adds the
+    previous running sum and one digit of the question, and with a fixed `length` and template that
+    digit sits at a fixed distance back, which rotary attention finds easily. The chain opens with
+    the fixed word `chain_opening` (" sums"), so prefilling it forces the chain without revealing
+    any step. Questions are split by hash like every task; the problem space (10^length) is large
+    enough that a seeded draw never runs short.
+    """
+
+    chain_opening = " sums"
+
+    def __init__(self, length: int = 10, name: str | None = None):
+        if not isinstance(length, int) or not 2 <= length <= 64:
+            raise NanoseekError(f"digit_sum length={length!r}: expected an integer in [2, 64]")
+        self.length, self.name = length, name or ("digit_sum" if length == 10 else f"digit_sum/{length}")
+        self.template = DIGIT_SUM_TEMPLATE
+
+    def problems(self, n: int, seed: int = 0, split: str = "eval") -> list[Problem]:
+        _check_split(split)
+        rng = random.Random(derive_seed("digit_sum", self.length, split, seed))
+        out, seen = [], set()
+        while len(out) < n:
+            question = "".join(rng.choice("0123456789") for _ in range(self.length))
+            if question in seen or split_of(question) != split:
+                continue
+            seen.add(question)
+            answer = str(sum(map(int, question)) % 10)
+            out.append(Problem(question, answer, {"length": self.length}, task=self))
+        return out
+
+    def score(self, answer: str | None, problem: Problem) -> float:
+        return float(answer is not None and answer.strip() == problem.answer)
+
+    @staticmethod
+    def reasoning(problem: Problem) -> str:
+        """The worked chain: the running sums mod 10, one digit per digit of the question."""
+        total, sums = 0, []
+        for digit in problem.question:
+            total = (total + int(digit)) % 10
+            sums.append(str(total))
+        return f"{DigitSumTask.chain_opening.strip()} {''.join(sums)}"
 
 
 class ReasoningGymTask(Task):
@@ -307,7 +391,7 @@ def _available() -> str:
     from reasoning_gym.factory import DATASETS
 
     return (
-        f"Available tasks: {', '.join(sorted(TASKS))}; 'jsonl:<path>'; or a reasoning-gym dataset "
+        f"Available tasks: {', '.join(sorted(TASKS))}; 'digit_sum'; 'jsonl:<path>'; or a reasoning-gym dataset "
         f"('rg:<name>' or '<name>'): {', '.join(sorted(DATASETS))}"
     )
 
@@ -315,9 +399,14 @@ def _available() -> str:
 def get_task(name: str, **difficulty) -> Task:
     """The task called `name`; `difficulty` goes to reasoning-gym's dataset config.
 
-    Names: a registered task ("default"), "jsonl:<path>", "rg:<dataset>" or a bare reasoning-gym
+    Names: a registered task ("default"), "digit_sum" (difficulty: length), "jsonl:<path>", "rg:<dataset>" or a bare reasoning-gym
     dataset name. Unknown names raise NanoseekError listing what exists.
     """
+    if name == "digit_sum":
+        unknown = sorted(set(difficulty) - {"length"})
+        if unknown:
+            raise NanoseekError(f"digit_sum takes only length=N; got {unknown}")
+        return DigitSumTask(**difficulty)
     if name in TASKS:
         if difficulty:
             raise NanoseekError(f"task {name!r} fixes its own difficulty; got {difficulty}")

@@ -7,7 +7,7 @@ DeepSeek-R1 §2.3.3 and §2.4, at toy scale:
 
 1. Rejection sampling. The teacher (an R1-Zero checkpoint, run by the inference engine) answers
    `num_prompts` training-split problems of `task`, `samples_per_prompt` times each, in the R1-Zero
-   prompt format (`nanoseek.data.tasks.r1zero_prompt`). A trace is kept only if the verifier
+   prompt format (the task's, `nanoseek.data.tasks.prompt_of`). A trace is kept only if the verifier
    accepts it: accuracy reward 1 (the task's scorer gives full credit to the extracted answer) and
    format reward 1 (`<think> ... </think> <answer> ... </answer>`, nothing else). Identical traces
    of one prompt are kept once (`dedupe`).
@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from nanoseek.data.tasks import THINK_START, Problem, Task, derive_seed, get_task, r1zero_prompt
+from nanoseek.data.tasks import THINK_START, Problem, Task, derive_seed, get_task, prompt_of
 from nanoseek.errors import ConfigError
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train.loop import load_config
@@ -116,7 +116,7 @@ def sample_traces(cfg: DistillConfig) -> dict:
     from nanoseek.inference.sampling import SamplingParams
 
     task, problems = distill_problems(cfg)
-    prompts = [r1zero_prompt(p.question) for p in problems]
+    prompts = [prompt_of(p) for p in problems]
     params = [SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_new_tokens, seed=derive_seed("distill", cfg.seed, i))
               for i in range(len(problems))]

@@ -73,11 +73,12 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.checkpoint import load_model
-from nanoseek.data.tasks import Problem, derive_seed, get_task, r1zero_prompt
+from nanoseek.data.tasks import Problem, derive_seed, get_task, prompt_of, reasons
 from nanoseek.errors import ConfigError
 from nanoseek.eval import evaluate
 from nanoseek.inference.engine import LLM
 from nanoseek.inference.sampling import SamplingParams
+from nanoseek.plots import save_r1zero_figure
 from nanoseek.rewards import combine_rewards
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import (
@@ -258,7 +259,7 @@ def sample_groups(llm: LLM, problems: list[Problem], cfg: GRPOConfig, seed: int)
     params = [SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_completion_length, seed=derive_seed(seed, i), logprobs=0)
               for i in range(len(problems))]
-    outputs = llm.generate([r1zero_prompt(p.question) for p in problems], params)
+    outputs = llm.generate([prompt_of(p) for p in problems], params)
     return [Sample(problem, out.prompt_token_ids, c.token_ids, [lp["logprob"] for lp in c.logprobs], c.text,
                    c.finish_reason == "length")
             for problem, out in zip(problems, outputs) for c in out.outputs]
@@ -382,7 +383,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     task = get_task(cfg.task, **cfg.task_args)
     reward_fn = combine_rewards(cfg.rewards)
     eval_problems = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="eval") if cfg.eval_n else []
-    longest = max(len(tokenizer.encode(r1zero_prompt(p.question))) + 1  # + bos
+    longest = max(len(tokenizer.encode(prompt_of(p))) + 1  # + bos
                   for p in eval_problems or task.problems(8, seed=cfg.seed, split="train"))
     if longest + cfg.max_completion_length > cfg.seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} cannot hold a {longest}-token prompt and max_completion_length="
@@ -401,7 +402,8 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             with trainer.autocast():
                 report = evaluate(llm, task=task, problems=eval_problems, max_tokens=cfg.max_completion_length)
             trainer.log({"eval_pass@1": report["pass@1"], "eval_format": report["format"],
-                         "eval_length": report["mean_length"], "eval_s": report["seconds"]}, console=True)
+                         "eval_reasoning": report["reasoning"], "eval_length": report["mean_length"],
+                         "eval_s": report["seconds"]}, console=True)
         barrier()
 
     def due(every: int) -> bool:  # a multiple of `every` was passed during the last rollout's mu steps
@@ -494,7 +496,10 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             if trainer.should_stop():
                 break
 
-        return trainer.save_checkpoint()
+        final = trainer.save_checkpoint()
+    if env.is_main:
+        save_r1zero_figure(cfg.out_dir)  # held-out accuracy and response length against step, as a PNG
+    return final
 
 
 def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, seconds: float,
@@ -509,6 +514,7 @@ def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, se
         "reward_std": rewards.std().item() if len(samples) > 1 else 0.0,
         "acc": sum(s.parts.get("accuracy", 0.0) == 1.0 for s in samples) / len(samples),
         "format": sum(s.parts.get("format", 0.0) == 1.0 for s in samples) / len(samples),
+        "reasoning": sum(reasons(s.text) for s in samples) / len(samples),
         "len": sum(lengths) / len(lengths),
         "truncated": sum(s.truncated for s in samples) / len(samples),
         "zero_std_groups": sum(not informative(g) for g in seen) / len(seen),

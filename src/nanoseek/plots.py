@@ -1,0 +1,111 @@
+"""The R1-Zero figure: held-out accuracy and mean response length against RL step, as a PNG.
+
+    python -m nanoseek.plots runs/rl_r1zero_reasoning [--control 0.07] [--out fig.png]
+
+`nanoseek rl` calls `save_r1zero_figure(out_dir)` when it ends, which reads the run's
+`metrics.jsonl` and writes `r1zero.png` beside it: the toy-scale counterpart of the R1 paper's
+Figures 2 and 3 (accuracy and response length rising together during RL). Left panel: held-out
+greedy pass@1 and the share of held-out responses that reason (logged every `eval_every` steps),
+with the sampled training accuracy per step; right panel: mean response length in tokens, held-out
+and sampled. `control` marks the final held-out accuracy of the control run (the same base given
+the same time of continued pretraining) as a dashed line.
+
+matplotlib is optional (the `rl` extra lists it): without it the figure is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+FIGURE_NAME = "r1zero.png"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (a run directory or the file itself), in order."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of every record that has `key`; a later record of the same step wins."""
+    points = {r["step"]: r[key] for r in records if key in r and r[key] is not None}
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def r1zero_figure(records: list[dict], out: str | Path, control: float | None = None,
+                  title: str = "R1-Zero at toy scale") -> Path:
+    """Draw the figure from metrics records into `out` (PNG); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps, acc = series(records, "acc")
+    if steps:
+        acc_ax.plot(steps, acc, color="tab:blue", alpha=0.3, lw=1, label="sampled accuracy (T=1, training)")
+    steps, acc = series(records, "eval_pass@1")
+    acc_ax.plot(steps, acc, "o-", color="tab:blue", label="held-out greedy pass@1")
+    steps, share = series(records, "eval_reasoning")
+    if steps:
+        acc_ax.plot(steps, share, "s--", color="tab:green", ms=4, label="held-out share that reasons")
+    if control is not None:
+        acc_ax.axhline(control, color="tab:red", ls=":", label=f"control (more pretraining): {control:.1%}")
+    acc_ax.set(xlabel="RL step", ylabel="share", ylim=(-0.02, 1.02), title="accuracy")
+    acc_ax.legend(fontsize=8, loc="center right")
+
+    steps, length = series(records, "len")
+    if steps:
+        len_ax.plot(steps, length, color="tab:orange", alpha=0.3, lw=1, label="sampled (training)")
+    steps, length = series(records, "eval_length")
+    len_ax.plot(steps, length, "o-", color="tab:orange", label="held-out greedy")
+    len_ax.set(xlabel="RL step", ylabel="tokens", title="mean response length")
+    len_ax.set_ylim(bottom=0)
+    len_ax.legend(fontsize=8, loc="lower right")
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def save_r1zero_figure(run_dir: str | Path, control: float | None = None) -> Path | None:
+    """Write `r1zero.png` beside the run's metrics.jsonl; None (with a note) without matplotlib
+    or without held-out evaluations to plot."""
+    run_dir = Path(run_dir)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("rl: matplotlib is not installed, so no r1zero.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    if not any("eval_pass@1" in r for r in records):
+        return None
+    path = r1zero_figure(records, run_dir / FIGURE_NAME, control)
+    print(f"rl: figure {path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nanoseek.plots", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="RL run directory (or its metrics.jsonl)")
+    parser.add_argument("--control", type=float, help="the control's final held-out pass@1, marked as a line")
+    parser.add_argument("--out", help=f"PNG path (default: {FIGURE_NAME} beside metrics.jsonl)")
+    parser.add_argument("--title", default="R1-Zero at toy scale")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / FIGURE_NAME
+    print(r1zero_figure(read_metrics(run), out, args.control, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
