@@ -6,7 +6,7 @@
 `metrics.jsonl` and writes `r1zero.png` beside it: the toy-scale counterpart of the R1 paper's
 Figures 2 and 3 (accuracy and response length rising together during RL). Left panel: held-out
 greedy pass@1 and the share of held-out responses that reason (logged every `eval_every` steps),
-with the sampled training accuracy per step; right panel: mean response length in tokens, held-out
+with the sampled training accuracy and reasoning share per step; right panel: mean response length in tokens, held-out
 and sampled. `control` marks the final held-out accuracy of the control run (the same base given
 the same time of continued pretraining) as a dashed line.
 
@@ -50,6 +50,9 @@ def r1zero_figure(records: list[dict], out: str | Path, control: float | None = 
     steps, acc = series(records, "acc")
     if steps:
         acc_ax.plot(steps, acc, color="tab:blue", alpha=0.3, lw=1, label="sampled accuracy (T=1, training)")
+    steps, share = series(records, "reasoning")
+    if steps:
+        acc_ax.plot(steps, share, color="tab:green", alpha=0.3, lw=1, label="sampled share that reasons (training)")
     steps, acc = series(records, "eval_pass@1")
     acc_ax.plot(steps, acc, "o-", color="tab:blue", label="held-out greedy pass@1")
     steps, share = series(records, "eval_reasoning")
@@ -58,7 +61,7 @@ def r1zero_figure(records: list[dict], out: str | Path, control: float | None = 
     if control is not None:
         acc_ax.axhline(control, color="tab:red", ls=":", label=f"control (more pretraining): {control:.1%}")
     acc_ax.set(xlabel="RL step", ylabel="share", ylim=(-0.02, 1.02), title="accuracy")
-    acc_ax.legend(fontsize=8, loc="center right")
+    acc_ax.legend(fontsize=7, loc="best")
 
     steps, length = series(records, "len")
     if steps:

@@ -1,6 +1,6 @@
 """R1-Zero reinforcement learning: GRPO, Dr. GRPO and DAPO with rule-based rewards.
 
-    nanoseek rl --config configs/rl_r1zero_small.toml init=runs/pretrain_small/latest [key=value ...]
+    nanoseek rl --config configs/rl_r1zero_reasoning.toml [init=runs/pretrain_reasoning/latest key=value ...]
     nanoseek rl --config ... --resume            # continue exactly where the last checkpoint left off
 
 Starting from a base checkpoint, each step reads top to bottom (`_train` below):
@@ -547,7 +547,7 @@ def _print_sample(env: DistEnv, step: int, batch: list[Sample]) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML recipe, e.g. configs/rl_r1zero_small.toml (defaults apply without)")
+    parser.add_argument("--config", help="TOML recipe, e.g. configs/rl_r1zero_reasoning.toml (defaults apply without)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
