@@ -104,7 +104,7 @@ def test_engine_greedy_equals_full_forward_on_device(device):
                 ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
             expected.append(ids[len(prompt):])
     assert [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, params)] == expected
-    spec = LLM(model, block_size=4, speculative_mtp=2)
+    spec = LLM(model, block_size=4, speculative_mtp=2, speculative_max_batch=8)
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == expected
     assert spec.runner.cache.pool.device.type == torch.device(device).type
 

@@ -162,7 +162,7 @@ def agreeing_mtp_model(context_scale=0.02):
 @pytest.mark.parametrize("k", [1, 3])
 def test_mtp_speculation_equals_plain_greedy(model, llm, k):
     expected = tokens(llm.generate(PROMPTS, GREEDY))
-    spec = LLM(model, block_size=4, speculative_mtp=k)
+    spec = LLM(model, block_size=4, speculative_mtp=k, speculative_max_batch=8)
     assert tokens(spec.generate(PROMPTS, GREEDY)) == expected
     assert spec.stats()["spec_draft_tokens"] > 0
 
@@ -173,7 +173,7 @@ def test_mtp_speculation_accepts_agreeing_drafts(context_scale, min_rate, max_ra
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expected = tokens(LLM(m, block_size=4).generate(PROMPTS, params))
     assert expected == [reference_greedy(m, p, 24) for p in PROMPTS]
-    spec = LLM(m, block_size=4, speculative_mtp=3)
+    spec = LLM(m, block_size=4, speculative_mtp=3, speculative_max_batch=8)
     assert tokens(spec.generate(PROMPTS, params)) == expected
     stats = spec.stats()
     assert min_rate <= stats["spec_acceptance_rate"] <= max_rate
@@ -188,7 +188,7 @@ def test_speculation_with_mixed_batch(model):
     penalized = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True, presence_penalty=0.5)
     params = [GREEDY, penalized, GREEDY, sampled]
     plain = tokens(LLM(model, block_size=4).generate(PROMPTS, params))
-    spec = LLM(model, block_size=4, speculative_mtp=2)
+    spec = LLM(model, block_size=4, speculative_mtp=2, speculative_max_batch=8)
     out = tokens(spec.generate(PROMPTS, params))
     assert out[:3] == plain[:3]
     assert len(out[3]) == 10
@@ -244,12 +244,29 @@ def test_speculative_sampling_matches_the_model_distribution(model):
     assert tv < 0.06, tv  # 27 outcomes, 3000 samples: sampling noise alone gives about 0.03
 
 
+def test_speculation_turns_off_above_its_batch_size_and_catches_up():
+    """Above speculative_max_batch a decode step is plain; when the batch shrinks again the MTP
+    cache is caught up over the positions decoded meanwhile. Greedy output never changes."""
+    m = agreeing_mtp_model(0.5)
+    short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    params = [long, short, short, short]  # 4 sequences for 3 steps, then one alone
+    expected = tokens(LLM(m, block_size=4).generate(PROMPTS, params))
+    spec = LLM(m, block_size=4, speculative_mtp=2, speculative_max_batch=1)
+    assert tokens(spec.generate(PROMPTS, params)) == expected
+    assert spec.stats()["spec_draft_tokens"] > 0 and spec.stats()["spec_acceptance_rate"] > 0.2
+    off = LLM(m, block_size=4, speculative_mtp=2, speculative_max_batch=1)
+    off.generate(PROMPTS, short)  # never alone: never speculates
+    assert off.stats()["spec_draft_tokens"] == 0
+    assert LLM(m, speculative_mtp=2).speculative_max_batch == 1  # the CPU default: measured
+
+
 def test_speculation_survives_preemption_and_prefix_hits():
     m = agreeing_mtp_model(0.5)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = PROMPTS + [PROMPTS[2] + [9, 9]]
     expected = tokens(LLM(m, block_size=4).generate(prompts, params))
-    small = LLM(m, block_size=4, num_cache_blocks=12, speculative_mtp=2)
+    small = LLM(m, block_size=4, num_cache_blocks=12, speculative_mtp=2, speculative_max_batch=8)
     assert tokens(small.generate(prompts, params)) == expected
     assert small.stats()["num_preemptions"] > 0
 

@@ -55,9 +55,11 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # Above this many running sequences a decode step is plain even with speculative_mtp > 0: where
-# verifying k+1 positions per sequence stops being nearly free. Measured with
-# benchmarks/generate_throughput.py (the small preset; see the README's engine table).
-DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 8, "cuda": 32}
+# verifying k+1 positions per sequence stops being nearly free. On the CPU, for the pretrained
+# `small` MoE (benchmarks/generate_throughput.py, k=2): 1.04x at batch 1, 0.87x at 2, 0.78x at 8,
+# since each extra verified token wakes up to K more experts per MoE layer and the step is bound by
+# per-expert calls. On a GPU a step is bound by kernel launches, which verification barely adds to.
+DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32}
 
 
 class LLM:
