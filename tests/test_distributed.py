@@ -15,7 +15,8 @@ import torch
 
 from nanoseek.checkpoint import read_tensors
 from nanoseek.train import pretrain
-from nanoseek.train.loop import load_config, read_metrics
+from nanoseek.train.config import load_run_config
+from nanoseek.train.trainer import read_metrics
 from nanoseek.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def step_losses(run):
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    pretrain.train(load_config(PretrainConfig, TINY, overrides(out, corpus)))
+    pretrain.train(load_run_config(PretrainConfig, TINY, overrides(out, corpus)))
     return out
 
 

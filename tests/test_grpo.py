@@ -28,7 +28,8 @@ from nanoseek.train.grpo import (
     GRPOConfig, Sample, group_advantages, make_micro_batches, overlong_punishment, sequence_weights,
     token_losses, train,
 )
-from nanoseek.train.loop import load_config, read_metrics
+from nanoseek.train.config import load_run_config
+from nanoseek.train.trainer import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "rl_r1zero_tiny.toml"
@@ -58,7 +59,7 @@ def digits_reward():
 
 
 def rl_config(base, out_dir, *overrides) -> GRPOConfig:
-    return load_config(GRPOConfig, TINY, [f"init={base}", f"out_dir={out_dir}", "rewards.digits=1.0", *overrides])
+    return load_run_config(GRPOConfig, TINY, [f"init={base}", f"out_dir={out_dir}", "rewards.digits=1.0", *overrides])
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -138,7 +139,7 @@ def test_loss_defaults_per_variant():
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         GRPOConfig(init="x", batch_size=10, num_generations=4)
     with pytest.raises(ConfigError, match="loss"):
-        load_config(GRPOConfig, None, ["loss=ppo"])
+        load_run_config(GRPOConfig, None, ["loss=ppo"])
 
 
 def test_overlong_punishment():
@@ -250,7 +251,7 @@ def test_other_variants_run(base, tmp_path, loss_type):
 
 def test_config_errors(base, tmp_path):
     with pytest.raises(ConfigError, match="init"):
-        train(load_config(GRPOConfig, TINY, [f"out_dir={tmp_path}"]))
+        train(load_run_config(GRPOConfig, TINY, [f"out_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="seq_len"):
         train(rl_config(base, tmp_path, "seq_len=40"))
 

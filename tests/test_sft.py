@@ -4,6 +4,7 @@ under accumulation, logit distillation, and bit-exact resume of a packed, accumu
 import json
 import os
 import random
+import signal
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, train_tokenizer
 from nanoseek.train import sft
-from nanoseek.train.loop import load_config
+from nanoseek.train.config import load_run_config
 from nanoseek.train.sft import Example, SFTConfig, collate, forward_kl, pack, tokenize_messages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,7 +112,7 @@ def test_forward_kl_matches_the_definition():
 
 
 def config(data_dir, out_dir, *overrides) -> SFTConfig:
-    return load_config(SFTConfig, None, [
+    return load_run_config(SFTConfig, None, [
         "init=student-tiny", f"tokenizer={data_dir / 'tok'}", f"data={data_dir / 'data.jsonl'}", f"out_dir={out_dir}",
         "seq_len=64", "batch_size=4", "micro_batch_size=2", "lr=3e-3", "warmup_steps=2", "val_fraction=0.1",
         "eval_every=3", "eval_batches=2", "tensorboard=false", "threads=1", "keep_checkpoints=0", *overrides])
@@ -137,9 +138,9 @@ def test_max_steps_on_the_command_line_wins_over_the_recipes_epochs(data_dir, tm
               "save_every=0", "tensorboard=false", "threads=1"]
     assert cli_main([*common, f"out_dir={tmp_path / 'steps'}", "max_steps=2"]) == 0
     assert (tmp_path / "steps" / "checkpoint-2").is_dir() and not (tmp_path / "steps" / "checkpoint-3").exists()
-    cfg = load_config(SFTConfig, recipe, sft.steps_given_win(["lr=1e-3"]))
+    cfg = load_run_config(SFTConfig, recipe, sft.steps_given_win(["lr=1e-3"]))
     assert cfg.epochs == 3.0  # no max_steps given: the recipe's epochs stand
-    assert load_config(SFTConfig, recipe, sft.steps_given_win(["max_steps=2", "epochs=1"])).epochs == 1.0
+    assert load_run_config(SFTConfig, recipe, sft.steps_given_win(["max_steps=2", "epochs=1"])).epochs == 1.0
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path):
@@ -157,6 +158,40 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "full" / "checkpoint-12" / "trainer_state" / "state.pt", weights_only=True)
     assert state["loader"]["epoch"] >= 1  # the resumed stretch really crossed into a new epoch
+
+
+def test_sft_has_the_edges_every_stage_shares(data_dir, tmp_path, monkeypatch, capsys):
+    """Where the stages had drifted apart before they shared train/stage.py: Ctrl-C saves and exits
+    130 (pretrain's status), the Ctrl-C handler is given back however the loop ends, and an
+    unknown model.* key is a clear error (it was a TypeError traceback)."""
+    args = ["sft", "init=student-tiny", f"tokenizer={data_dir / 'tok'}", f"data={data_dir / 'data.jsonl'}",
+            "seq_len=64", "batch_size=4", "val_fraction=0.1", "eval_every=0", "tensorboard=false", "threads=1"]
+    handler_before = signal.getsignal(signal.SIGINT)
+    calls = []
+
+    def interrupt_at_step_2(model, gamma):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C delivers
+        return []
+
+    monkeypatch.setattr(sft, "update_expert_bias", interrupt_at_step_2)
+    assert cli_main([*args, f"out_dir={tmp_path / 'stopped'}", "max_steps=5"]) == 130
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGINT) == handler_before
+
+    def fail(model, gamma):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sft, "update_expert_bias", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        cli_main([*args, f"out_dir={tmp_path / 'failed'}", "max_steps=5"])
+    assert signal.getsignal(signal.SIGINT) == handler_before
+
+    capsys.readouterr()
+    assert cli_main([*args, f"out_dir={tmp_path / 'typo'}", "model.hidden_sise=8"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.hidden_sise'" in err and "hidden_size" in err and "Traceback" not in err
 
 
 def test_sft_fine_tunes_a_deepseek_checkpoint_with_logit_distillation(data_dir, tmp_path):

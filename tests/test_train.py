@@ -8,6 +8,9 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,10 +24,10 @@ from nanoseek.cli import main as cli_main
 from nanoseek.config import preset
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.model.transformer import Transformer
-from nanoseek.train import loop, pretrain
-from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, build_optimizer, list_checkpoints, load_config, lr_at, read_metrics,
-)
+from nanoseek.train import checkpointing, pretrain
+from nanoseek.train.checkpointing import list_checkpoints
+from nanoseek.train.config import TrainConfig, load_run_config
+from nanoseek.train.trainer import DistEnv, Trainer, batch_plan, build_optimizer, lr_at, read_metrics
 from nanoseek.train.pretrain import PretrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +52,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def tiny_config(out_dir, corpus, *overrides) -> PretrainConfig:
-    return load_config(PretrainConfig, TINY, [f"out_dir={out_dir}", f"data={json.dumps([str(corpus)])}",
+    return load_run_config(PretrainConfig, TINY, [f"out_dir={out_dir}", f"data={json.dumps([str(corpus)])}",
                                               f"data_dir={corpus.parent / 'shards'}", *overrides])
 
 
@@ -80,12 +83,12 @@ class DemoConfig(TrainConfig):
 def test_config_from_toml_and_overrides(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('name = "from-file"\nratio = 1\nmax_steps = 7\n[section]\nwidth = 8\n[table]\nhidden_size = 32\n')
-    cfg = load_config(DemoConfig, f, ["max_steps=9", "lr=3e-4", "flag=true", "mode=b", "files=one.txt",
+    cfg = load_run_config(DemoConfig, f, ["max_steps=9", "lr=3e-4", "flag=true", "mode=b", "files=one.txt",
                                       "limit=none", "section.width=16", "table.num_hidden_layers=2", "name=run 1"])
     assert (cfg.name, cfg.ratio, cfg.max_steps, cfg.lr, cfg.flag, cfg.mode) == ("run 1", 1.0, 9, 3e-4, True, "b")
     assert isinstance(cfg.ratio, float) and cfg.files == ["one.txt"] and cfg.limit is None
     assert cfg.section.width == 16 and cfg.table == {"hidden_size": 32, "num_hidden_layers": 2}
-    assert load_config(DemoConfig, None, ['files=["a", "b"]', "limit=3"]).files == ["a", "b"]
+    assert load_run_config(DemoConfig, None, ['files=["a", "b"]', "limit=3"]).files == ["a", "b"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -101,18 +104,18 @@ def test_config_from_toml_and_overrides(tmp_path):
 ])
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(DemoConfig, None, overrides)
+        load_run_config(DemoConfig, None, overrides)
 
 
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_config(DemoConfig, tmp_path / "missing.toml")
+        load_run_config(DemoConfig, tmp_path / "missing.toml")
     (tmp_path / "bad.toml").write_text("max_steps = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_config(DemoConfig, tmp_path / "bad.toml")
+        load_run_config(DemoConfig, tmp_path / "bad.toml")
     (tmp_path / "typo.toml").write_text("btach_size = 3")
     with pytest.raises(ConfigError, match="unknown config key 'btach_size'"):
-        load_config(DemoConfig, tmp_path / "typo.toml")
+        load_run_config(DemoConfig, tmp_path / "typo.toml")
 
 
 def test_recipes_load():
@@ -123,7 +126,7 @@ def test_recipes_load():
     stages = {"pretrain": PretrainConfig, "rl": GRPOConfig, "sft": SFTConfig, "distill": DistillConfig}
     paths = sorted((ROOT / "configs").glob("*.toml"))
     for path in paths:
-        cfg = load_config(stages[path.stem.split("_")[0]], path)  # every shipped recipe names a stage
+        cfg = load_run_config(stages[path.stem.split("_")[0]], path)  # every shipped recipe names a stage
         assert cfg.batch_size % (cfg.micro_batch_size or 1) == 0, path
     assert {p.stem.split("_")[0] for p in paths} == set(stages)
 
@@ -199,8 +202,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 def test_batch_plan_errors():
     with pytest.raises(ConfigError, match="not a multiple"):
-        loop.batch_plan(TrainConfig(batch_size=6, micro_batch_size=4), 1)
-    assert loop.batch_plan(TrainConfig(batch_size=8, micro_batch_size=2), 2) == (2, 2)
+        batch_plan(TrainConfig(batch_size=6, micro_batch_size=4), 1)
+    assert batch_plan(TrainConfig(batch_size=8, micro_batch_size=2), 2) == (2, 2)
 
 
 # ---------------------------------------------------------------- end to end
@@ -303,7 +306,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(corpus, tmp_path, mon
             raise OSError("disk full")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(loop.torch, "save", crash_at_step_4)
+    monkeypatch.setattr(checkpointing.torch, "save", crash_at_step_4)
     with pytest.raises(OSError, match="disk full"):
         pretrain.train(cfg)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
@@ -312,6 +315,58 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(corpus, tmp_path, mon
     nanoseek.load_model(tmp_path / "latest")
     state = torch.load(tmp_path / "latest" / "trainer_state" / "state.pt", weights_only=True)
     assert state["step"] == 2
+
+
+# The training process the next test kills: the CLI, with the step-4 save held open half-written
+# (weights on disk, trainer state not yet) until the test has killed it.
+KILLED_MID_SAVE = """
+import sys, time
+from pathlib import Path
+from nanoseek.cli import main
+from nanoseek.train import checkpointing
+
+real_save_model = checkpointing.save_model
+
+def save_model(model, path, tokenizer=None):
+    real_save_model(model, path, tokenizer=tokenizer)
+    if Path(path).name.startswith(".checkpoint-4."):
+        Path(sys.argv[1]).write_text(str(path))  # tell the test where the save is, then wait to be killed
+        time.sleep(600)
+
+checkpointing.save_model = save_model
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
+    """A run killed with SIGKILL (no handler, no cleanup runs) while it writes checkpoint-4 still
+    has checkpoint-2 as `latest`; --resume ignores and removes the half-written directory, and the
+    resumed run ends bit-exactly where the uninterrupted one did, metrics included."""
+    out, saving = tmp_path / "run", tmp_path / "saving"
+    args = ["pretrain", "--config", str(TINY), f"out_dir={out}", f"data={json.dumps([str(corpus)])}",
+            f"data_dir={corpus.parent / 'shards'}", "save_every=2", "keep_checkpoints=0"]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(saving), *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not saving.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its step-4 save"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    partial = Path(saving.read_text())
+    assert partial.is_dir() and (partial / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "latest").resolve().name == "checkpoint-2"
+
+    assert cli_main([*args, "--resume"]) == 0
+    assert not partial.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    expected, got = weights(full_run / "checkpoint-8"), weights(out / "latest")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+    assert losses(out) == losses(full_run)
 
 
 def test_resume_errors(corpus, tmp_path):

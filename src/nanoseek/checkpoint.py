@@ -235,20 +235,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     with torch.device("meta"):
         model = model_class(config)(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if strict and (missing or unexpected):
-        msg = [f"checkpoint {path} does not match its config.json:"]
-        if missing:
-            msg.append(f"  missing keys ({len(missing)}): {_abbrev(missing)}")
-        if unexpected:
-            msg.append(f"  unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
-        raise CheckpointError("\n".join(msg))
-    mismatched = [f"  {key}: checkpoint has {tuple(t.shape)}, config.json implies {tuple(expected[key].shape)}"
-                  for key, t in sd.items() if key in expected and tuple(t.shape) != tuple(expected[key].shape)]
-    if mismatched:
-        raise CheckpointError(f"checkpoint {path} has {len(mismatched)} shape mismatch(es) with its config.json:\n"
-                              + "\n".join(mismatched[:12]) + ("\n  ..." if len(mismatched) > 12 else ""))
+    check_state_dict(sd, expected, f"checkpoint {path}", "config.json", keys=strict)
     sd = {k: (v.to(device=device, dtype=torch.float32) if k.endswith("e_score_correction_bias")
               else v.to(device=device, dtype=dtype)) for k, v in sd.items() if k in expected}
     model.load_state_dict(sd, strict=strict, assign=True)
@@ -256,6 +243,26 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.eval()
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, against: str,
+                     keys: bool = True) -> None:
+    """Raise CheckpointError naming what differs between the tensors `sd` and a model's state dict
+    `expected`: missing or unexpected keys (unless keys=False), then shapes of the shared keys."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if keys and (missing or unexpected):
+        msg = [f"{what} does not match {against}:"]
+        if missing:
+            msg.append(f"  missing keys ({len(missing)}): {_abbrev(missing)}")
+        if unexpected:
+            msg.append(f"  unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
+        raise CheckpointError("\n".join(msg))
+    mismatched = [f"  {key}: checkpoint has {tuple(t.shape)}, {against} implies {tuple(expected[key].shape)}"
+                  for key, t in sd.items() if key in expected and tuple(t.shape) != tuple(expected[key].shape)]
+    if mismatched:
+        raise CheckpointError(f"{what} has {len(mismatched)} shape mismatch(es) with {against}:\n"
+                              + "\n".join(mismatched[:12]) + ("\n  ..." if len(mismatched) > 12 else ""))
 
 
 def _materialize_buffers(model: Transformer, device) -> None:

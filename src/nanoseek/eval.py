@@ -196,14 +196,14 @@ def add_arguments(parser) -> None:
 
 
 def _parse_difficulty(items: list[str]) -> dict:
-    from nanoseek.train.loop import _parse_literal
+    from nanoseek.train.config import parse_literal
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise NanoseekError(f"--difficulty {item!r} is not key=value")
-        out[key.strip()] = _parse_literal(value.strip())
+        out[key.strip()] = parse_literal(value.strip())
     return out
 
 

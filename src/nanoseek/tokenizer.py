@@ -131,6 +131,13 @@ class Tokenizer:
         ids = self.tk.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos else ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a text prompt as the models see one: bos first, as pretraining stores its
+        documents, unless the text already starts with it (the chat template writes it itself).
+        The engine, the server and SFT all prompt through here."""
+        ids = self.encode(text)
+        return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids
+
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """`encode` for many texts at once (parallel in Rust; what data preparation uses)."""
         encodings = self.tk.encode_batch(texts, add_special_tokens=False)

@@ -1,11 +1,16 @@
-"""Training stages, one readable loop each, on the shared machinery in `loop`:
+"""Training stages, one readable loop each, on machinery that exists once:
 
-    loop.py      run configs (TOML + key=value), distributed setup, optimizer and schedule,
-                 the Trainer (step, metrics, checkpoints, exact resume, Ctrl-C), eval and sampling
-    pretrain.py  next-token + MTP loss, aux-loss-free expert balancing     `nanoseek pretrain`
-    sft.py       supervised fine-tuning                                    `nanoseek sft`
-    distill.py   R1-Distill: verified teacher traces -> student SFT        `nanoseek distill`
-    grpo.py      R1-Zero: GRPO with verifiable rewards                      `nanoseek rl`
+    pretrain.py       next-token + MTP loss, aux-loss-free expert balancing    `nanoseek pretrain`
+    sft.py            supervised fine-tuning                                   `nanoseek sft`
+    distill.py        R1-Distill: verified teacher traces -> student SFT       `nanoseek distill`
+    grpo.py           R1-Zero: GRPO with verifiable rewards                     `nanoseek rl`
+
+    stage.py          what every stage shares at its edges: the CLI and exit status, torchrun,
+                      the model named by init=, text samples
+    trainer.py        the Trainer: optimizer step, accumulation, precision, schedule, metrics,
+                      end-of-step work, Ctrl-C; processes and cross-rank sums
+    checkpointing.py  run directories: checkpoint-<step>/ + trainer_state, latest, prune, RNG state
+    config.py         run configs: TOML + key=value overrides, validation
 
 Modules are imported on demand (`from nanoseek.train import pretrain`), so importing the package
 costs nothing.

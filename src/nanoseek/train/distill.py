@@ -43,9 +43,8 @@ import torch
 from nanoseek.data.tasks import THINK_START, Problem, Task, derive_seed, get_task, prompt_of
 from nanoseek.errors import ConfigError
 from nanoseek.rewards import accuracy_reward, format_reward
-from nanoseek.train.loop import load_config
+from nanoseek.train import sft, stage
 from nanoseek.train.sft import SFTConfig
-from nanoseek.train import sft
 
 
 @dataclass
@@ -233,16 +232,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--teacher", help="teacher checkpoint directory (an R1-Zero model); sets teacher=")
     parser.add_argument("--student", help="student: a preset (student-small) or a checkpoint directory; sets init=")
     parser.add_argument("--task", help="task to sample problems from (default: the RL mix); sets task=")
-    parser.add_argument("--config", help="TOML recipe, e.g. configs/distill_small.toml")
-    parser.add_argument("--resume", action="store_true", help="continue the student's SFT from out_dir's newest checkpoint")
-    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the student's SFT from this checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. num_prompts=500 samples_per_prompt=8 kd_weight=0.5")
+    stage.add_arguments(parser, "num_prompts=500 samples_per_prompt=8 kd_weight=0.5")
 
 
 def run(args) -> int:
     flags = [f"{key}={value}" for key, value in (("teacher", args.teacher), ("init", args.student), ("task", args.task))
              if value is not None]
-    cfg = load_config(DistillConfig, args.config, sft.steps_given_win([*flags, *args.overrides]))
-    distill(cfg, resume=args.resume_from or ("latest" if args.resume else None))
-    return 0
+    return stage.run_cli(args, DistillConfig, distill, sft.steps_given_win([*flags, *args.overrides]))

@@ -21,7 +21,7 @@ Starting from a base checkpoint, each step reads top to bottom (`_train` below):
                   grpo      (1/N) sum_i (1/|o_i|) sum_t l_it      (DeepSeekMath eq. 3)
                   dr_grpo   (1/(N L_max)) sum_i sum_t l_it        (Dr. GRPO: no length bias)
                   dapo      (1/sum_i |o_i|) sum_i sum_t l_it      (DAPO eq. 12: token level)
-5. step       `mu` optimizer steps on the batch (loop.Trainer: AdamW, schedule, clipping), then
+5. step       `mu` optimizer steps on the batch (trainer.Trainer: AdamW, schedule, clipping), then
               the engine's prefix cache is reset, since its latents came from the old weights.
               With beta = 0 the completions whose advantage is 0 are left out of the forward and
               backward (`samples_to_train`): the step is the same, and entropy, clip fraction
@@ -70,7 +70,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from nanoseek.checkpoint import load_model
 from nanoseek.data.tasks import Problem, derive_seed, get_task, prompt_of, reasons
@@ -81,9 +80,11 @@ from nanoseek.inference.sampling import SamplingParams
 from nanoseek.plots import save_r1zero_figure
 from nanoseek.rewards import combine_rewards
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, barrier, find_checkpoint, load_config, run_stage, seed_everything,
-)
+from nanoseek.train import stage
+from nanoseek.train.checkpointing import find_checkpoint
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.stage import run_stage
+from nanoseek.train.trainer import DistEnv, Trainer, barrier, seed_everything, sum_over_ranks
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 ADV_EPS = 1e-4  # added to the group std, as in TRL
@@ -377,7 +378,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     policy = load_model(base, device=env.device)
     policy.mtp_layers.requires_grad_(False)  # RL scores next tokens only: the MTP modules get no gradient
     reference = load_model(base, device=env.device).eval().requires_grad_(False) if cfg.beta or cfg.log_kl else None
-    trainer = Trainer(cfg, policy, env, tokenizer=tokenizer, resume=resume)
+    trainer = Trainer(cfg, policy, env, tokenizer=tokenizer, resume=resume)  # closed by the `with` below
     llm = LLM(trainer.raw_model, tokenizer, max_num_seqs=cfg.batch_size, max_model_len=cfg.seq_len,
               block_size=16, device=str(env.device))
     task = get_task(cfg.task, **cfg.task_args)
@@ -405,9 +406,6 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
                          "eval_reasoning": report["reasoning"], "eval_length": report["mean_length"],
                          "eval_s": report["seconds"]}, console=True)
         barrier()
-
-    def due(every: int) -> bool:  # a multiple of `every` was passed during the last rollout's mu steps
-        return every > 0 and trainer.step // every > (trainer.step - cfg.mu) // every
 
     with trainer:  # closes the metrics writer and restores the signal handlers, however the loop ends
         if trainer.step == 0:
@@ -442,7 +440,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             for s, a in zip(batch, group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).tolist()):
                 s.advantage = a
             lengths = [len(s.completion_ids) for s in batch]
-            n_seq, n_tok = _global_sum(env, len(batch)), _global_sum(env, sum(lengths))
+            n_seq, n_tok = (int(v) for v in sum_over_ranks(env, [len(batch), sum(lengths)]))
             for s, w in zip(batch, sequence_weights(lengths, cfg.loss, cfg.max_completion_length, n_seq, n_tok)):
                 s.weight = w
             trained = samples_to_train(batch, cfg.beta, trainer.fsdp)
@@ -486,14 +484,9 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
                     record["trained"] = len(trained) / len(batch)
                 trainer.log({**record, **stats})
 
-            last = trainer.step >= cfg.max_steps
-            if due(cfg.sample_every) or (last and cfg.sample_every):
-                _print_sample(env, trainer.step, batch)
-            if due(cfg.eval_every) or last:
-                held_out_eval()
-            if due(cfg.save_every) and not last:
-                trainer.save_checkpoint()
-            if trainer.should_stop():
+            # evaluation, samples, checkpoints and stopping only between rollouts: `steps=cfg.mu`
+            if trainer.end_of_step(validate=held_out_eval, sample=lambda: _print_sample(env, trainer.step, batch),
+                                   steps=cfg.mu):
                 break
 
         final = trainer.save_checkpoint()
@@ -528,14 +521,6 @@ def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, se
     return stats
 
 
-def _global_sum(env: DistEnv, value: int) -> int:
-    if not env.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=env.device)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 def _print_sample(env: DistEnv, step: int, batch: list[Sample]) -> None:
     if env.is_main:
         s = max(batch, key=lambda s: s.reward)
@@ -547,18 +532,9 @@ def _print_sample(env: DistEnv, step: int, batch: list[Sample]) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML recipe, e.g. configs/rl_r1zero_reasoning.toml (defaults apply without)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. init=runs/pretrain_small/latest loss=dapo lr=5e-5 "
-                             "rewards.format=0.5 task_args.min_terms=3")
+    stage.add_arguments(parser, "init=runs/pretrain_reasoning/latest loss=dapo lr=5e-5 rewards.format=0.5 "
+                                "task_args.min_terms=3")
 
 
 def run(args) -> int:
-    cfg = load_config(GRPOConfig, args.config, args.overrides)
-    resume = args.resume_from or ("latest" if args.resume else None)
-    train(cfg, resume=resume)
-    return 0
-
-
+    return stage.run_cli(args, GRPOConfig, train)

@@ -20,8 +20,9 @@ and tokenizes the data with the checkpoint's tokenizer (`data_dir=<its run>/data
 data and seed reuses its shards as they are).
 
 The loop below reads top to bottom: setup, then per step: batch -> optimizer step -> expert-bias
-update -> log -> (every so often) validation loss, a text sample, a checkpoint. The machinery
-(config, optimizer, schedule, checkpoints, resume, distributed) is in `nanoseek.train.loop`.
+update -> log -> (every so often) validation loss, a text sample, a checkpoint. The machinery is
+`nanoseek.train`'s: stage (CLI, model, samples), trainer (optimizer step, metrics, Ctrl-C),
+checkpointing (run directories, exact resume), config (the TOML recipe and overrides).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import load_model
-from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.config import PRESETS
 from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
-from nanoseek.model.moe import update_expert_bias
+from nanoseek.model.moe import moe_layers, update_expert_bias
 from nanoseek.model.transformer import Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
-from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, barrier, batch_plan, evaluate_loss, generate, load_config, run_stage,
-    seed_everything,
-)
+from nanoseek.train import stage
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.stage import run_stage, sample_text, stage_model
+from nanoseek.train.trainer import DistEnv, Trainer, barrier, batch_plan, evaluate_loss, seed_everything
 
 
 @dataclass
@@ -66,7 +65,7 @@ class PretrainConfig(TrainConfig):
     # objective
     document_mask: bool = True  # attention stays inside each packed document (which starts with bos)
     mtp_lambda: float = 0.3  # weight of the MTP loss (V3: 0.3, then 0.1 late in training)
-    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4); 0 = off
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4); 0 = off; sets the model's
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed (V3: 1e-3); 0 = off
     # samples
     sample_prompt: str = "ROMEO.\n"
@@ -117,15 +116,9 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
                 stats.update(imbalance=max(imbalance), imbalance_per_layer=imbalance)
             trainer.log(stats)
 
-            last = trainer.step == cfg.max_steps
-            if trainer.every(cfg.eval_every) or last:
-                validate(trainer, val_batches, bos_id)
-            if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
-                sample(trainer, tokenizer, cfg)
-            if trainer.every(cfg.save_every) and not last:
-                trainer.save_checkpoint()
-            if trainer.should_stop():  # Ctrl-C: the checkpoint below is where --resume picks up
-                break
+            if trainer.end_of_step(validate=lambda: validate(trainer, val_batches, bos_id),
+                                   sample=lambda: sample(trainer, tokenizer, cfg)):
+                break  # Ctrl-C: the checkpoint below is where --resume picks up
 
         return trainer.save_checkpoint()
 
@@ -154,9 +147,9 @@ def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:
 
 def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
     """Generate from cfg.sample_prompt; the text goes to metrics.jsonl and the console."""
-    new = generate(trainer.raw_model, tokenizer.encode(cfg.sample_prompt), cfg.sample_tokens,
-                   cfg.sample_temperature, cfg.sample_top_k, seed=cfg.seed + trainer.step, eos_id=tokenizer.eos_id)
-    text = cfg.sample_prompt + tokenizer.decode(new)
+    text = cfg.sample_prompt + sample_text(trainer.raw_model, tokenizer, tokenizer.encode(cfg.sample_prompt, add_bos=True),
+                                           cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
+                                           seed=cfg.seed + trainer.step)
     trainer.log({"sample": text}, console=False)
     if trainer.env.is_main:
         print(f"---- sample at step {trainer.step} ----\n{text}\n----", flush=True)
@@ -166,38 +159,22 @@ def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
 
 
 def initial_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
-    """A fresh model of the configured preset, or the `init` checkpoint to continue from."""
-    if not cfg.init:
-        return Transformer(model_config(cfg, tokenizer))
-    if cfg.model:
-        raise ConfigError("model.* overrides apply to a fresh preset only; init names a checkpoint")
-    model = load_model(cfg.init)
+    """A fresh model of the configured preset, or the `init` checkpoint to continue from; either
+    way its sequence-wise balance loss weight is the run's aux_loss_alpha."""
+    if not cfg.init and cfg.preset not in PRESETS:
+        raise ConfigError(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    model = stage_model(cfg.init or cfg.preset, tokenizer, cfg.model, cfg.seq_len, aux_loss_alpha=cfg.aux_loss_alpha)
     if not isinstance(model, Transformer):
-        raise ConfigError(f"init={cfg.init!r} is a dense model; pretrain continues DeepSeek-V3 checkpoints only")
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"init={cfg.init!r} has {model.config.vocab_size} token embeddings, "
-                          f"its tokenizer {tokenizer.vocab_size} ids")
+        raise ConfigError(f"init={cfg.init or cfg.preset!r} is a dense model; pretraining is for DeepSeek-V3 models")
+    set_aux_loss_alpha(model, cfg.aux_loss_alpha)
     return model
 
 
-def model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
-    """The preset, with the run's overrides and the tokenizer's vocabulary and special ids."""
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
-    fields = set(ModelConfig.__dataclass_fields__)
-    unknown = sorted(set(cfg.model) - fields)
-    if unknown:
-        raise ConfigError(f"unknown config key 'model.{unknown[0]}'; valid model keys: {', '.join(sorted(fields))}")
-    if "vocab_size" in cfg.model and cfg.model["vocab_size"] != tokenizer.vocab_size:
-        raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size (the BPE size) instead")
-    settings = {**PRESETS[cfg.preset], **cfg.model, "vocab_size": tokenizer.vocab_size,
-                "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                "aux_loss_alpha": cfg.aux_loss_alpha}
-    settings["max_position_embeddings"] = max(settings.get("max_position_embeddings", 0), cfg.seq_len)
-    try:
-        return ModelConfig(**settings)
-    except TypeError as e:
-        raise ConfigError(f"bad model settings: {e}") from None
+def set_aux_loss_alpha(model: Transformer, alpha: float) -> None:
+    """Give a (loaded) model the run's balance-loss weight, in its config (saved with it) and its MoE layers."""
+    model.config = model.config.replace(aux_loss_alpha=alpha)
+    for moe in moe_layers(model):
+        moe.aux_loss_alpha = alpha
 
 
 def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
@@ -245,18 +222,8 @@ def unigram_loss(data_dir: Path, targets: list[torch.Tensor] | None = None) -> f
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML recipe, e.g. configs/pretrain_small.toml (defaults apply without)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. out_dir=runs/x max_steps=100 seed=1 model.num_hidden_layers=2")
+    stage.add_arguments(parser, "out_dir=runs/x max_steps=100 seed=1 model.num_hidden_layers=2")
 
 
 def run(args) -> int:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    resume = args.resume_from or ("latest" if args.resume else None)
-    path = train(cfg, resume=resume)
-    if path.name != f"checkpoint-{cfg.max_steps}":  # stopped early by Ctrl-C / SIGTERM
-        print(f"stopped early; continue with: nanoseek pretrain ... --resume (from {path})", file=sys.stderr)
-        return 130
-    return 0
+    return stage.run_cli(args, PretrainConfig, train)

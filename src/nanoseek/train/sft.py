@@ -33,8 +33,9 @@ distillation (`teacher=DIR`, `kd_weight`) mixes in the forward KL from the teach
 distribution on the same target tokens; it needs the teacher's tokenizer.
 
 The loop reads like pretraining's: setup, then per step: batches -> optimizer step -> (MoE bias
-update) -> log -> every so often validation loss, a sample, a checkpoint. Optimizer, schedule,
-checkpoints, exact resume and distributed training are `nanoseek.train.loop`'s.
+update) -> log -> every so often validation loss, a sample, a checkpoint. The CLI, the model from
+`init`, optimizer, schedule, checkpoints, exact resume and distributed training are the shared
+machinery's (`nanoseek.train.stage`, `trainer`, `checkpointing`).
 """
 
 from __future__ import annotations
@@ -48,22 +49,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoseek.checkpoint import load_model
-from nanoseek.config import PRESETS, preset
 from nanoseek.data.tasks import derive_seed
 from nanoseek.errors import ConfigError, NanoseekError
-from nanoseek.model.dense import DENSE_PRESETS, DenseTransformer, dense_preset
 from nanoseek.model.moe import update_expert_bias
-from nanoseek.model.transformer import IGNORE_INDEX, Transformer, documents_of
+from nanoseek.model.transformer import IGNORE_INDEX, documents_of
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import (
-    DistEnv, Trainer, TrainConfig, batch_plan, evaluate_loss, generate, load_config, run_stage,
-    seed_everything,
-)
+from nanoseek.train import stage
+from nanoseek.train.checkpointing import find_checkpoint
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.stage import run_stage, sample_text, stage_model
+from nanoseek.train.trainer import DistEnv, Trainer, batch_plan, evaluate_loss, seed_everything, sum_over_ranks
 
 
 @dataclass
@@ -152,9 +151,7 @@ def _check_messages(messages) -> None:
 def tokenize_prompt_completion(prompt: str, completion: str, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
     """`bos prompt completion eos`, bos added the way the engine adds it to text prompts; the
     completion and eos are the targets."""
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids or prompt_ids[0] != tokenizer.bos_id:
-        prompt_ids = [tokenizer.bos_id] + prompt_ids
+    prompt_ids = tokenizer.encode_prompt(prompt)
     completion_ids = tokenizer.encode(completion) + [tokenizer.eos_id]
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
@@ -291,37 +288,10 @@ class PackedLoader:
 
 
 def load_tokenizer(cfg: SFTConfig) -> Tokenizer:
-    source = cfg.tokenizer or (cfg.init if Path(cfg.init).is_dir() else "")
+    source = cfg.tokenizer or (find_checkpoint(cfg.init) if Path(cfg.init).is_dir() else "")
     if not source:
         raise ConfigError(f"init={cfg.init!r} is a preset: name a tokenizer directory with tokenizer=DIR")
     return Tokenizer.from_dir(source)
-
-
-def build_model(cfg: SFTConfig, tokenizer: Tokenizer) -> Transformer | DenseTransformer:
-    """The model to fine-tune: `init` loaded from a checkpoint directory, or a fresh model of a
-    preset (a dense student such as "student-small", or a DeepSeek-V3 preset such as "small")
-    sized to the tokenizer."""
-    if Path(cfg.init).is_dir():
-        if cfg.model:
-            raise ConfigError("model.* overrides apply to presets only; init is a checkpoint directory")
-        model = load_model(cfg.init)
-    else:
-        settings = {**cfg.model, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
-                    "eos_token_id": tokenizer.eos_id}
-        if cfg.init in DENSE_PRESETS:
-            base = DENSE_PRESETS[cfg.init]
-            settings["max_position_embeddings"] = max(base["max_position_embeddings"], cfg.seq_len)
-            model = DenseTransformer(dense_preset(cfg.init, **settings))
-        elif cfg.init in PRESETS:
-            settings["max_position_embeddings"] = max(PRESETS[cfg.init].get("max_position_embeddings", 0), cfg.seq_len)
-            model = Transformer(preset(cfg.init, **settings))
-        else:
-            raise ConfigError(f"init={cfg.init!r} is neither a checkpoint directory nor a preset "
-                              f"({', '.join([*DENSE_PRESETS, *PRESETS])})")
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-                          f"({tokenizer.vocab_size})")
-    return model
 
 
 def load_teacher(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device) -> nn.Module:
@@ -369,9 +339,8 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
     val_rows = val_rows[env.rank: len(val_rows) - len(val_rows) % env.world_size: env.world_size]
     val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)
                    for i in range(0, len(val_rows), micro_batch)][: cfg.eval_batches]
-    model = build_model(cfg, tokenizer).to(env.device)
+    model = stage_model(cfg.init, tokenizer, cfg.model, cfg.seq_len).to(env.device)
     teacher = load_teacher(cfg, tokenizer, env.device) if cfg.kd_weight > 0 else None
-    trainer = Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume)
     if env.is_main:
         targets = sum(sum(ex.mask) for ex in train_examples)
         tokens = sum(len(ex.ids) for ex in train_examples)
@@ -414,61 +383,39 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
     def sample():
         example = (val_examples or train_examples)[0]
         prompt = example.ids[: example.mask.index(True)]
-        new = generate(trainer.raw_model, prompt, cfg.sample_tokens, cfg.sample_temperature, seed=cfg.seed + trainer.step,
-                       eos_id=tokenizer.eos_id)
-        text = tokenizer.decode(new)
+        text = sample_text(trainer.raw_model, tokenizer, prompt, cfg.sample_tokens, cfg.sample_temperature,
+                           seed=cfg.seed + trainer.step)
         trainer.log({"sample": text}, console=False)
         if env.is_main:
             print(f"---- sample at step {trainer.step} ----\n{tokenizer.decode(prompt)}{text}\n----", flush=True)
 
-    if trainer.step == 0:
-        validate()
-
-    # ---- the loop
-    while trainer.step < cfg.max_steps:
-        batches = [next(loader) for _ in range(accum)]
-        targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        tokens = sum(int((inputs != tokenizer.pad_id).sum()) for inputs, _ in batches)
-        targets, tokens = _sum_over_ranks(env, targets, tokens)
-        scale = accum * env.world_size / targets
-        stats = trainer.train_step([(i, l, scale) for i, l in batches], loss_fn, tokens=tokens)
-        imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # DeepSeek-V3 models only
-        if imbalance:
-            stats["imbalance"] = max(imbalance)
-        trainer.log(stats)
-
-        last = trainer.step == cfg.max_steps
-        if trainer.every(cfg.eval_every) or last:
+    with Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume) as trainer:
+        if trainer.step == 0:
             validate()
-        if trainer.every(cfg.sample_every) or (last and cfg.sample_every):
-            sample()
-        if trainer.every(cfg.save_every) and not last:
-            trainer.save_checkpoint()
-        if trainer.should_stop():
-            break
 
-    path = trainer.save_checkpoint()
-    trainer.close()
-    return path
+        # ---- the loop
+        while trainer.step < cfg.max_steps:
+            batches = [next(loader) for _ in range(accum)]
+            targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+            tokens = sum(int((inputs != tokenizer.pad_id).sum()) for inputs, _ in batches)
+            targets, tokens = (int(v) for v in sum_over_ranks(env, [targets, tokens]))
+            scale = accum * env.world_size / targets
+            stats = trainer.train_step([(i, l, scale) for i, l in batches], loss_fn, tokens=tokens)
+            imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # DeepSeek-V3 models only
+            if imbalance:
+                stats["imbalance"] = max(imbalance)
+            trainer.log(stats)
+            if trainer.end_of_step(validate=validate, sample=sample):
+                break
 
-
-def _sum_over_ranks(env: DistEnv, *values: int) -> list[int]:
-    if not env.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
+        return trainer.save_checkpoint()
 
 
 # ---------------------------------------------------------------- CLI
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML recipe, e.g. configs/sft_tiny.toml (defaults apply without)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. init=runs/pretrain/latest data=chats.jsonl max_steps=100")
+    stage.add_arguments(parser, "init=runs/pretrain/latest data=chats.jsonl max_steps=100")
 
 
 def steps_given_win(overrides: list[str]) -> list[str]:
@@ -480,6 +427,4 @@ def steps_given_win(overrides: list[str]) -> list[str]:
 
 
 def run(args) -> int:
-    cfg = load_config(SFTConfig, args.config, steps_given_win(args.overrides))
-    train(cfg, resume=args.resume_from or ("latest" if args.resume else None))
-    return 0
+    return stage.run_cli(args, SFTConfig, train, steps_given_win(args.overrides))

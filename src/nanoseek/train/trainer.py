@@ -1,36 +1,27 @@
-"""The machinery every training stage shares; the stages' loops (pretrain, SFT, distill, GRPO) use it.
+"""The Trainer and what it stands on: processes, precision, the optimizer and its schedule,
+one optimizer step, metrics, and the Ctrl-C stop signal. A stage's loop holds a Trainer:
 
-What lives here, in the order a loop meets it:
+    with Trainer(cfg, model, env, tokenizer=tok, loader=loader, resume=resume) as trainer:
+        while trainer.step < cfg.max_steps:
+            batches = [next(loader) for _ in range(trainer.grad_accum_steps)]
+            trainer.log(trainer.train_step(batches, loss_fn))
+            if trainer.end_of_step(validate=validate, sample=sample):  # eval, sample, save; Ctrl-C?
+                break
+        return trainer.save_checkpoint()
 
-1. Run configs: a dataclass per stage (`TrainConfig` holds the shared fields, a stage subclasses
-   it), loaded from TOML with `key=value` overrides (`model.hidden_size=128` for nested tables).
-   Values are parsed to the field's type; an unknown key or a bad value is a ConfigError that
-   lists the valid keys.
-2. Distributed setup from torchrun's environment (gloo on CPU, nccl on GPU; `run_stage` wraps a
-   stage's loop in it), seeding, precision (fp32 on CPU, bf16 autocast on GPU), DDP or FSDP2
-   wrapping, optional torch.compile.
-3. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
+In the order a loop meets it:
+
+1. Processes: torchrun's environment (gloo on CPU, nccl on GPU), seeding, precision (fp32 on CPU,
+   bf16 autocast on GPU), and `sum_over_ranks`, the one cross-rank reduction the stages use.
+2. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
    schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr), a pure
    function of the step, so resuming needs only the step.
-4. `Trainer`: one optimizer step over micro-batches (gradient accumulation, clipping), metrics
-   (metrics.jsonl, console lines, TensorBoard when installed), checkpoints and exact resume,
-   and a Ctrl-C (SIGINT/SIGTERM) that finishes the current step and saves before exiting.
-5. `evaluate_loss` and `generate` (greedy / top-k sampling with the no-cache forward) for the
-   periodic validation loss and text samples.
-
-Checkpoint layout (one directory per save, written atomically):
-
-    <out_dir>/checkpoint-<step>/     an HF DeepseekV3ForCausalLM directory: config.json,
-        model.safetensors, ...          model.safetensors, generation_config.json, tokenizer files
-        trainer_state/state.pt       optimizer, step, RNG states of every rank, data-loader
-                                     position, counters; read with torch.load(weights_only=True)
-    <out_dir>/latest -> checkpoint-<step>    symlink to the newest complete checkpoint
-    <out_dir>/metrics.jsonl          one JSON object per line, each with its "step"
-    <out_dir>/run_config.json        the resolved run config
-
-Only the newest `keep_checkpoints` checkpoints are kept. A new one is complete before the old
-ones are pruned, and each is renamed into place only once fully written, so a crash mid-save
-leaves the previous checkpoint intact.
+3. `Trainer`: DDP or FSDP2 wrapping and torch.compile, one optimizer step over micro-batches
+   (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
+   stop), exact resume (the files are `checkpointing`'s), metrics (metrics.jsonl, console
+   lines, TensorBoard when installed), and a Ctrl-C (SIGINT/SIGTERM) that finishes the current
+   step and saves before exiting.
+4. `evaluate_loss`, the periodic validation loss.
 """
 
 from __future__ import annotations
@@ -41,18 +32,14 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
+import threading
 import time
-import tomllib
-import types
-import typing
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,213 +49,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
-from nanoseek.checkpoint import atomic_directory, convert_checkpoint_tensors, read_tensors, save_model
-from nanoseek.errors import CheckpointError, ConfigError
+from nanoseek.checkpoint import check_state_dict
+from nanoseek.errors import ConfigError
+from nanoseek.train import checkpointing
+from nanoseek.train.config import TrainConfig, config_to_dict
 
-STATE_DIR = "trainer_state"
-STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-# ============================================================================ 1. run configs
-
-
-@dataclass
-class TrainConfig:
-    """The settings every stage shares. A stage subclasses it (`PretrainConfig(TrainConfig)`)
-    and adds its own fields; `load_config` fills it from TOML and `key=value` overrides."""
-
-    # run
-    out_dir: str = "runs/run"  # checkpoints, metrics.jsonl, run_config.json
-    seed: int = 0  # model init, data order and sampling all derive from it
-    max_steps: int = 1000  # optimizer steps
-    # batch
-    batch_size: int = 32  # sequences per optimizer step, summed over ranks and micro-steps
-    micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / world_size
-    seq_len: int = 256
-    # optimizer and schedule
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # wsd only: the last fraction of the steps decays linearly
-    weight_decay: float = 0.1  # on matrices only (not norms, biases, embeddings)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
-    # hardware
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the model
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate (DDP) or shard (FSDP2)
-    threads: int = 0  # CPU threads per process; 0 = torch's default
-    # logging, evaluation, checkpoints
-    log_every: int = 10  # console line every N steps (metrics.jsonl gets every step)
-    eval_every: int = 100  # validation loss every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 8  # validation micro-batches per evaluation
-    sample_every: int = 0  # print/log a generated text sample every N steps (and at the end); 0 = never
-    sample_tokens: int = 64
-    save_every: int = 0  # checkpoint every N steps; 0 = only at the end and on Ctrl-C
-    keep_checkpoints: int = 2  # newest checkpoints kept; 0 = keep all
-    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
-
-    def __post_init__(self):
-        positive = ("max_steps", "batch_size", "seq_len", "log_every", "eval_batches")
-        non_negative = ("micro_batch_size", "warmup_steps", "weight_decay", "grad_clip", "threads",
-                        "eval_every", "sample_every", "sample_tokens", "save_every", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={self.device!r}: expected one of auto, cpu, cuda")
-
-
-C = TypeVar("C")
-
-
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """Build a `cls` run config from a TOML file (optional) and `key=value` overrides.
-
-    Overrides win over the file, which wins over the dataclass defaults. Dotted keys reach into
-    nested tables (`model.hidden_size=128`). Override values are parsed to the field's type (TOML
-    literal syntax: `lr=3e-4`, `compile=true`, `data=["a.txt","b.txt"]`; plain words are strings).
-    An unknown key or a value of the wrong type raises ConfigError naming the valid keys.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not key=value; valid keys: {', '.join(config_keys(cls))}")
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a table")
-        node[leaf] = _CLIValue(value.strip())
-    return _build(cls, data, cls)
-
-
-def config_keys(cls: type) -> list[str]:
-    """Every valid key of a config dataclass, nested ones dotted (`model.<field>` for dict tables)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += [f"{f.name}.{k}" for k in config_keys(tp)]
-        elif typing.get_origin(tp) is dict or tp is dict:
-            keys.append(f"{f.name}.<field>")
-        else:
-            keys.append(f.name)
-    return keys
-
-
-def config_to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-class _CLIValue(str):
-    """A command-line value: a string still to be parsed to its field's type."""
-
-
-def _build(cls: type, data: dict, root: type, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(config_keys(root))}")
-    kwargs = {}
-    for name, value in data.items():
-        tp, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key} is a table: set its fields as {key}.<field>=value")
-            kwargs[name] = _build(tp, value, root, key + ".")
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` (from TOML, or a _CLIValue string) as an instance of type `tp`, or a ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if isinstance(value, _CLIValue):
-        if tp is str or (origin is Literal and all(isinstance(a, str) for a in args)):
-            value = str(value)
-        elif value.lower() in ("none", "null") and type(None) in args:
-            return None
-        else:
-            value = _parse_literal(value)
-    if origin in (types.UnionType, typing.Union):  # X | None
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg, key)
-                except ConfigError:
-                    pass
-        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}")
-        return value
-    if origin is list or tp is list:
-        if not isinstance(value, list):
-            value = [value]  # `data=notes.txt` means a one-element list
-        return [_coerce(v, args[0], key) if args else v for v in value]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} is a table: set its fields as {key}.<field>=value")
-        return {k: _parse_literal(v) if isinstance(v, _CLIValue) else v for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-
-
-def _parse_literal(text: str) -> Any:
-    """A TOML literal (`3`, `1e-3`, `true`, `"x"`, `[1, 2]`); anything else is the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return str(text)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-# ================================================================ 2. processes and precision
+# ============================================================================ 1. processes
 
 
 @dataclass
@@ -314,18 +102,6 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def run_stage(train_fn: Callable, cfg: TrainConfig, resume=None):
-    """Run a stage's `train_fn(cfg, env, resume)` in this process or as one rank under torchrun:
-    join the process group, set the CPU thread count, and always leave the group again."""
-    env = setup_distributed(cfg.device)
-    try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        return train_fn(cfg, env, resume)
-    finally:
-        teardown_distributed()
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -346,7 +122,26 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-# ============================================================== 3. optimizer and schedule
+def sum_over_ranks(env: DistEnv, values: Sequence[float | torch.Tensor]) -> list[float]:
+    """Each value summed over all ranks, in one all-reduce (float64, so counts stay exact);
+    the values themselves without torchrun."""
+    if not env.distributed:
+        return [float(v) for v in values]
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ============================================================== 2. optimizer and schedule
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -398,7 +193,7 @@ def batch_plan(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, cfg.batch_size // per_step
 
 
-# ============================================================== 4. trainer
+# ============================================================================ 3. trainer
 
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -406,17 +201,8 @@ LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 class Trainer:
     """What a stage's loop holds on to: the wrapped model, the optimizer, the step, the metrics
-    writer, checkpointing and the stop signal. The loop itself stays in the stage's file:
-
-        with Trainer(cfg, model, env, tokenizer=tok, loader=loader, resume=resume) as trainer:
-            while trainer.step < cfg.max_steps:
-                batches = [next(loader) for _ in range(trainer.grad_accum_steps)]
-                trainer.log(trainer.train_step(batches, loss_fn))
-                if trainer.every(cfg.save_every):
-                    trainer.save_checkpoint()
-                if trainer.should_stop():  # Ctrl-C
-                    break
-            trainer.save_checkpoint()
+    writer, checkpointing and the stop signal. The loop itself stays in the stage's file (see
+    the module docstring).
 
     `model` is the bare Transformer (on env.device); `trainer.model` is what to train through
     (compiled, DDP- or FSDP-wrapped) and `trainer.raw_model` the bare one (for saving, sampling,
@@ -442,6 +228,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, enabled=env.is_main, tensorboard=cfg.tensorboard)
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_partial_saves(self.out_dir)  # of a run killed mid-save
             (self.out_dir / "run_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         if resume is not None:
             self.resume(resume)
@@ -450,6 +237,7 @@ class Trainer:
         self._start_step = self.step
         self._t_start = time.perf_counter()
         self._stop = _StopSignal()
+        self.stopped = False  # set when should_stop() said yes
 
     # ---- wrapping
 
@@ -548,11 +336,8 @@ class Trainer:
         """Average scalar metrics over ranks (one all-reduce); a plain float() without torchrun."""
         if not values:
             return {}
-        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values.values()]).to(self.env.device)
-        if self.env.distributed:
-            dist.all_reduce(stacked)
-            stacked /= self.env.world_size
-        return dict(zip(values, stacked.tolist()))
+        sums = sum_over_ranks(self.env, [torch.as_tensor(v, dtype=torch.float32) for v in values.values()])
+        return {k: v / self.env.world_size for k, v in zip(values, sums)}
 
     # ---- bookkeeping
 
@@ -590,14 +375,32 @@ class Trainer:
             parts.append(f"eta {_duration(per_step * (self.cfg.max_steps - self.step))}")
         return " | ".join(parts)
 
+    def end_of_step(self, validate: Callable[[], None] | None = None, sample: Callable[[], None] | None = None,
+                    steps: int = 1) -> bool:
+        """The every-so-often work after a step, the same in every stage: the validation every
+        eval_every steps and at the end, a sample every sample_every steps (and at the end unless
+        0), a checkpoint every save_every steps (the loop saves the last one itself). Returns True
+        when the loop should stop (Ctrl-C / SIGTERM; `trainer.stopped` then stays True).
+
+        `steps`: optimizer steps taken since the last call (GRPO takes mu per rollout); a period
+        is due when a multiple of it was passed during them.
+        """
+        def due(n: int) -> bool:
+            return n > 0 and self.step // n > (self.step - steps) // n
+
+        last = self.step >= self.cfg.max_steps
+        if validate is not None and (due(self.cfg.eval_every) or last):
+            validate()
+        if sample is not None and self.cfg.sample_every and (due(self.cfg.sample_every) or last):
+            sample()
+        if due(self.cfg.save_every) and not last:
+            self.save_checkpoint()
+        return self.should_stop()
+
     def should_stop(self) -> bool:
         """True once Ctrl-C (SIGINT) or SIGTERM arrived on any rank; every rank agrees on it."""
-        stop = self._stop.requested
-        if self.env.distributed:
-            flag = torch.tensor([float(stop)], device=self.env.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+        self.stopped = sum_over_ranks(self.env, [float(self._stop.requested)])[0] > 0
+        return self.stopped
 
     def close(self) -> None:
         """Flush the metrics and give Ctrl-C back its usual meaning."""
@@ -615,10 +418,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write `<out_dir>/checkpoint-<step>` (HF weights + tokenizer + trainer_state/), point
         `latest` at it and prune old ones. Every rank must call it (states are gathered to rank 0)."""
-        path = self.out_dir / f"checkpoint-{self.step}"
         export_model = self._exportable_model()
         optim_state = self._optimizer_state()
-        rng = _gather(rng_state())
+        rng = gather_objects(checkpointing.rng_state())
+        path = self.out_dir / f"checkpoint-{self.step}"
         if self.env.is_main:
             state = {
                 "step": self.step,
@@ -630,12 +433,8 @@ class Trainer:
                 "extra": self.extra_state,
                 "config": json.dumps(config_to_dict(self.cfg)),
             }
-            with atomic_directory(path) as tmp:
-                save_model(export_model, tmp, tokenizer=self.tokenizer)
-                (tmp / STATE_DIR).mkdir()
-                torch.save(state, tmp / STATE_DIR / STATE_FILE)
-            _point_latest(self.out_dir, path)
-            self._prune_checkpoints()
+            checkpointing.write_checkpoint(self.out_dir, self.step, export_model, self.tokenizer, state,
+                                           self.cfg.keep_checkpoints)
             print(f"saved {path}", flush=True)
         barrier()
         return path
@@ -644,20 +443,15 @@ class Trainer:
         """Restore weights, optimizer, step, RNG states, loader position and counters from a
         checkpoint ("latest": the newest one in out_dir), so that training continues exactly as
         if it had never stopped. metrics.jsonl loses any records after the checkpoint's step."""
-        path = find_checkpoint(self.out_dir if str(checkpoint) == "latest" else checkpoint)
-        state_file = path / STATE_DIR / STATE_FILE
-        if not state_file.is_file():
-            raise CheckpointError(f"{path} has no {STATE_DIR}/{STATE_FILE}: it holds weights only and cannot be "
-                                  "resumed (start a new run from its weights instead)")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        tensors = convert_checkpoint_tensors(read_tensors(path), self.raw_model.config, None)
+        path, tensors, state = checkpointing.read_checkpoint(
+            self.out_dir if str(checkpoint) == "latest" else checkpoint, self.raw_model.config)
         self._load_model_state(tensors)
         self._load_optimizer_state(state["optimizer"])
         self.step = state["step"]
         if self.loader is not None and state["loader"] is not None:
             self.loader.load_state_dict(state["loader"])
         rngs = state["rng"]
-        set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
+        checkpointing.set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
         self.tokens_seen = state["counters"]["tokens_seen"]
         self.train_time = state["counters"]["train_time"]
         self.extra_state = state["extra"]
@@ -689,50 +483,12 @@ class Trainer:
         if self.fsdp:
             set_model_state_dict(self.raw_model, tensors, options=StateDictOptions(full_state_dict=True))
         else:
-            missing, unexpected = self.raw_model.load_state_dict(tensors, strict=False)
-            # the only keys a checkpoint may lack are non-persistent buffers, which state_dict skips
-            if missing or unexpected:
-                raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                                      f"unexpected {unexpected[:5]}")
+            check_state_dict(tensors, self.raw_model.state_dict(), "the checkpoint", "the model")
+            self.raw_model.load_state_dict(tensors)
 
     def _load_optimizer_state(self, optim_state: dict) -> None:
         set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state,
                                  options=StateDictOptions(full_state_dict=True))
-
-    def _prune_checkpoints(self) -> None:
-        if self.cfg.keep_checkpoints <= 0:
-            return
-        for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in out_dir, oldest first (temporary save directories are skipped)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    checkpoints = list_checkpoints(path)
-    if not checkpoints:
-        raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint directory (with config.json) "
-                              f"or a run directory holding {path}/checkpoint-<step>/")
-    return checkpoints[-1]
-
-
-def _point_latest(out_dir: Path, target: Path) -> None:
-    """Atomically repoint the `latest` symlink (a relative link, so the run directory can move)."""
-    tmp = out_dir / f".latest.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.name, target_is_directory=True)
-    os.replace(tmp, out_dir / "latest")
 
 
 def _duration(seconds: float) -> str:
@@ -740,40 +496,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-# ---- RNG state, in types torch.load(weights_only=True) accepts
-
-
-def rng_state() -> dict[str, Any]:
-    """The python, numpy and torch (CPU and CUDA) generator states."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (a one-element list without torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ---- metrics
+# ---- metrics and the stop signal
 
 
 class MetricsLogger:
@@ -858,12 +581,10 @@ class _StopSignal:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
-# ============================================================== 5. evaluation and samples
+# ============================================================== 4. evaluation
 
 
 @torch.no_grad()
@@ -883,38 +604,4 @@ def evaluate_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
         with autocast():
             total += model(inputs, labels=targets.to(env.device), logits=False, **extra).loss.float()
     model.train(was_training)
-    if env.distributed:
-        dist.all_reduce(total)
-        total /= env.world_size
-    return float(total) / max(1, len(batches))
-
-
-@torch.no_grad()
-def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 40, seed: int = 0, eos_id: int | None = None) -> list[int]:
-    """Sample a continuation with the plain no-cache forward (O(T^2), fine for short samples);
-    temperature 0 is greedy. Uses its own seeded generator, so sampling never moves the global RNG.
-    Returns the new token ids only."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    max_len = model.config.max_position_embeddings
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    new = []
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -max_len:]).logits[0, -1].float()  # (V,)
-        if temperature <= 0:
-            token = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-        new.append(token)
-        if token == eos_id:
-            break
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-    model.train(was_training)
-    return new
+    return sum_over_ranks(env, [total])[0] / env.world_size / max(1, len(batches))

@@ -1,0 +1,141 @@
+"""Run directories: where a training run keeps its checkpoints, and how it finds them again.
+
+    <out_dir>/checkpoint-<step>/     an HF DeepseekV3ForCausalLM (or Llama / Qwen2) directory:
+        config.json, model.safetensors, ...   config.json, weights, generation_config.json, tokenizer
+        trainer_state/state.pt       optimizer, step, RNG states of every rank, data-loader
+                                     position, counters; read with torch.load(weights_only=True)
+    <out_dir>/latest -> checkpoint-<step>    symlink to the newest complete checkpoint
+    <out_dir>/metrics.jsonl          one JSON object per line, each with its "step"
+    <out_dir>/run_config.json        the resolved run config
+
+A checkpoint is written into a hidden temporary directory and renamed into place only once
+complete, then `latest` is repointed, then old checkpoints beyond `keep_checkpoints` are pruned.
+So a run that dies at any moment (even SIGKILL mid-save) leaves its previous checkpoint intact;
+the half-written temporary directory is never listed and is removed when the run is resumed.
+
+The Trainer (`nanoseek.train.trainer`) decides what goes into the state; this file only puts it
+on disk and takes it off again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoseek.checkpoint import atomic_directory, convert_checkpoint_tensors, read_tensors, save_model
+from nanoseek.errors import CheckpointError
+
+STATE_DIR = "trainer_state"
+STATE_FILE = "state.pt"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# what a save leaves behind when it dies: atomic_directory's ".checkpoint-N.tmp-*" / ".old-*" and
+# the ".latest.tmp-PID" link made while repointing `latest`
+PARTIAL_RE = re.compile(r"^\.(checkpoint-\d+\.(tmp|old)-|latest\.tmp-)")
+
+
+def write_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    """Write `<out_dir>/checkpoint-<step>` (the model in HF format, the tokenizer, and `state` as
+    trainer_state/state.pt) atomically, point `latest` at it, then keep only the newest `keep`
+    checkpoints (0: all). Call on one process only."""
+    path = Path(out_dir) / f"checkpoint-{step}"
+    with atomic_directory(path) as tmp:
+        save_model(model, tmp, tokenizer=tokenizer)
+        (tmp / STATE_DIR).mkdir()
+        torch.save(state, tmp / STATE_DIR / STATE_FILE)
+    _point_latest(path.parent, path)
+    if keep > 0:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """(directory, model tensors, trainer state) of a resumable checkpoint: a checkpoint directory,
+    or a run directory (its newest). `config` is the model's, to map the tensors onto it."""
+    path = find_checkpoint(checkpoint)
+    state_file = path / STATE_DIR / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} has no {STATE_DIR}/{STATE_FILE}: it holds weights only and cannot be "
+                              "resumed (start a new run from its weights instead)")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    return path, convert_checkpoint_tensors(read_tensors(path), config, None), state
+
+
+def stopped_early(checkpoint: str | Path) -> bool:
+    """True when the run that wrote `checkpoint` stopped before its max_steps (Ctrl-C / SIGTERM)."""
+    state = torch.load(Path(checkpoint) / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+    return state["step"] < json.loads(state["config"])["max_steps"]
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first (temporary save directories are skipped)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint directory (with config.json) "
+                              f"or a run directory holding {path}/checkpoint-<step>/")
+    return checkpoints[-1]
+
+
+def remove_partial_saves(out_dir: str | Path) -> list[Path]:
+    """Delete what saves that died half-way left in out_dir (a process killed mid-save never ran
+    its cleanup); returns what was removed. Only call it while no save is in progress."""
+    out_dir = Path(out_dir)
+    removed = [p for p in out_dir.iterdir() if PARTIAL_RE.match(p.name)] if out_dir.is_dir() else []
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return removed
+
+
+def _point_latest(out_dir: Path, target: Path) -> None:
+    """Atomically repoint the `latest` symlink (a relative link, so the run directory can move)."""
+    tmp = out_dir / f".latest.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name, target_is_directory=True)
+    os.replace(tmp, out_dir / "latest")
+
+
+# ---- RNG state, in types torch.load(weights_only=True) accepts
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch (CPU and CUDA) generator states."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
