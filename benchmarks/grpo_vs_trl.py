@@ -107,7 +107,7 @@ def run_trl(model_dir: Path, args, problems, out_dir: Path) -> list[float]:
 def run_nanoseek(model_dir: Path, args, out_dir: Path) -> list[float]:
     """Seconds of each nanoseek RL step (rollout + scoring + update, from metrics.jsonl)."""
     from nanoseek.train.grpo import GRPOConfig, train
-    from nanoseek.train.trainer import read_metrics
+    from nanoseek.train.metrics import read_metrics
 
     cfg = GRPOConfig(init=str(model_dir), out_dir=str(out_dir), max_steps=args.steps, batch_size=args.batch,
                      micro_batch_size=args.batch, num_generations=args.G, max_completion_length=args.max_tokens,

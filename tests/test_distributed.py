@@ -16,7 +16,7 @@ import torch
 from nanoseek.checkpoint import read_tensors
 from nanoseek.train import pretrain
 from nanoseek.train.config import load_run_config
-from nanoseek.train.trainer import read_metrics
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

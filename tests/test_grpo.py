@@ -29,7 +29,7 @@ from nanoseek.train.grpo import (
     token_losses, train,
 )
 from nanoseek.train.config import load_run_config
-from nanoseek.train.trainer import read_metrics
+from nanoseek.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "rl_r1zero_tiny.toml"

@@ -27,7 +27,9 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.train import checkpointing, pretrain
 from nanoseek.train.checkpointing import list_checkpoints
 from nanoseek.train.config import TrainConfig, load_run_config
-from nanoseek.train.trainer import DistEnv, Trainer, batch_plan, build_optimizer, lr_at, read_metrics
+from nanoseek.train.distributed import DistEnv
+from nanoseek.train.metrics import read_metrics
+from nanoseek.train.trainer import Trainer, batch_plan, build_optimizer, lr_at
 from nanoseek.train.pretrain import PretrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

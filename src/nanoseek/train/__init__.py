@@ -7,10 +7,12 @@
 
     stage.py          what every stage shares at its edges: the CLI and exit status, torchrun,
                       the model named by init=, text samples
-    trainer.py        the Trainer: optimizer step, accumulation, precision, schedule, metrics,
-                      end-of-step work, Ctrl-C; processes and cross-rank sums
+    trainer.py        the Trainer: optimizer step, accumulation, precision, schedule, end-of-step
+                      work (validate, sample, save, stop), Ctrl-C, validation loss
     checkpointing.py  run directories: checkpoint-<step>/ + trainer_state, latest, prune, RNG state
     config.py         run configs: TOML + key=value overrides, validation
+    distributed.py    torchrun processes, seeding, the cross-rank sum
+    metrics.py        metrics.jsonl (+ TensorBoard)
 
 Modules are imported on demand (`from nanoseek.train import pretrain`), so importing the package
 costs nothing.

@@ -84,7 +84,8 @@ from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.stage import run_stage
-from nanoseek.train.trainer import DistEnv, Trainer, barrier, seed_everything, sum_over_ranks
+from nanoseek.train.distributed import DistEnv, barrier, seed_everything, sum_over_ranks
+from nanoseek.train.trainer import Trainer
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 ADV_EPS = 1e-4  # added to the group std, as in TRL

@@ -31,7 +31,7 @@ from nanoseek.errors import ConfigError
 from nanoseek.model.dense import DENSE_PRESETS, DenseConfig
 from nanoseek.train.checkpointing import find_checkpoint, stopped_early
 from nanoseek.train.config import TrainConfig, load_run_config
-from nanoseek.train.trainer import setup_distributed, teardown_distributed
+from nanoseek.train.distributed import setup_distributed, teardown_distributed
 
 STOPPED_EARLY = 130  # the exit status of a command interrupted by Ctrl-C (128 + SIGINT)
 

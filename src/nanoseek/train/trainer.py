@@ -1,5 +1,5 @@
-"""The Trainer and what it stands on: processes, precision, the optimizer and its schedule,
-one optimizer step, metrics, and the Ctrl-C stop signal. A stage's loop holds a Trainer:
+"""The Trainer: what a stage's loop holds on to. It owns the optimizer and its schedule, one
+optimizer step, precision, the end-of-step work, metrics and the Ctrl-C stop signal:
 
     with Trainer(cfg, model, env, tokenizer=tok, loader=loader, resume=resume) as trainer:
         while trainer.step < cfg.max_steps:
@@ -11,39 +11,33 @@ one optimizer step, metrics, and the Ctrl-C stop signal. A stage's loop holds a 
 
 In the order a loop meets it:
 
-1. Processes: torchrun's environment (gloo on CPU, nccl on GPU), seeding, precision (fp32 on CPU,
-   bf16 autocast on GPU), and `sum_over_ranks`, the one cross-rank reduction the stages use.
+1. Precision: fp32 on CPU, bf16 autocast on GPU (weights and optimizer state stay fp32).
 2. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
    schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr), a pure
    function of the step, so resuming needs only the step.
 3. `Trainer`: DDP or FSDP2 wrapping and torch.compile, one optimizer step over micro-batches
    (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
-   stop), exact resume (the files are `checkpointing`'s), metrics (metrics.jsonl, console
-   lines, TensorBoard when installed), and a Ctrl-C (SIGINT/SIGTERM) that finishes the current
-   step and saves before exiting.
+   stop), exact resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C
+   (SIGINT/SIGTERM) that finishes the current step and saves before exiting.
 4. `evaluate_loss`, the periodic validation loss.
+
+Processes and cross-rank sums are `distributed`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
-import os
-import random
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
@@ -53,66 +47,10 @@ from nanoseek.checkpoint import check_state_dict
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
+from nanoseek.train.distributed import DistEnv, barrier, gather_objects, sum_over_ranks
+from nanoseek.train.metrics import MetricsLogger
 
-METRICS_FILE = "metrics.jsonl"
-
-# ============================================================================ 1. processes
-
-
-@dataclass
-class DistEnv:
-    """Where this process sits in the job: its rank, the world size, and its device."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE and join the process group (gloo on CPU,
-    nccl on GPU). Without torchrun it is a single process and no process group is created."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank, local_rank, world_size, dev)
-
-
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices). Every rank uses the same seed: the model starts
-    identical everywhere, and the data loader, not the RNG, gives each rank different samples."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# ============================================================================ 1. precision
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -120,25 +58,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def sum_over_ranks(env: DistEnv, values: Sequence[float | torch.Tensor]) -> list[float]:
-    """Each value summed over all ranks, in one all-reduce (float64, so counts stay exact);
-    the values themselves without torchrun."""
-    if not env.distributed:
-        return [float(v) for v in values]
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(env.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (a one-element list without torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ============================================================== 2. optimizer and schedule
@@ -496,60 +415,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-# ---- metrics and the stop signal
-
-
-class MetricsLogger:
-    """metrics.jsonl (one JSON object per line), plus TensorBoard events when tensorboard is
-    installed. Disabled on ranks other than 0."""
-
-    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = True):
-        self.path = Path(out_dir) / METRICS_FILE
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key == "step":
-                    continue
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(key, value, step)
-                elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
-                    for i, v in enumerate(value):
-                        self.tb.add_scalar(f"{key}/{i}", v, step)
-                elif isinstance(value, str):
-                    self.tb.add_text(key, value, step)
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records with a step > `step` (a resumed run rewrites what came after its checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl."""
-    path = Path(out_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+# ---- the stop signal
 
 
 class _StopSignal:
