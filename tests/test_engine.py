@@ -390,6 +390,23 @@ def test_text_prompts_and_stop_strings(text_llm):
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:])) and texts[-1] == text[:cut]
 
 
+def test_streaming_decodes_only_the_new_tokens(text_llm, monkeypatch):
+    """Each step decodes a sequence's new tokens (with a few tokens of context, more while a
+    multi-byte character is incomplete), not its whole output again (40 * 41 / 2 = 820 token
+    decodes over 40 tokens); and the text, random bytes included, is the whole decode's."""
+    tok = text_llm.tokenizer
+    decoded = []
+    real_decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: decoded.append(len(ids)) or real_decode(ids, **kw))
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    outs = list(text_llm.stream("the cat", params))
+    final = outs[-1].outputs[0]
+    texts = [o.outputs[0].text for o in outs]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert final.text == real_decode(final.token_ids, skip_special_tokens=True)
+    assert len(final.token_ids) == 40 and sum(decoded) < 820 / 2
+
+
 def test_chat_template_prompt_gets_no_second_bos(text_llm):
     tok = text_llm.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "the dog"}])

@@ -25,9 +25,10 @@ from openai import OpenAI
 import nanoseek
 from nanoseek.config import preset
 from nanoseek.model.transformer import Transformer
-from nanoseek.serve.api import ServerThread, add_arguments, create_app
+from nanoseek.serve.api import add_arguments, create_app
 from nanoseek.serve.reasoning import Delta, ReasoningSplitter, prompt_opens_reasoning, split_reasoning
 from nanoseek.tokenizer import train_tokenizer
+from server_thread import ServerThread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -118,7 +119,7 @@ def checkpoints(tok, tmp_path_factory):
 def server(checkpoints):
     """The random model, with an API key; block_size 16 so short prompts can hit the prefix cache."""
     engine = nanoseek.LLM(checkpoints / "random", max_num_seqs=8, block_size=16)
-    app = create_app(engine, model_name="tiny", api_key=API_KEY, max_running=8)
+    app = create_app(engine, model_name="tiny", api_key=API_KEY)
     with ServerThread(app) as s:
         s.engine = engine
         s.state = app.state.server
@@ -129,7 +130,7 @@ def server(checkpoints):
 def thinker(checkpoints):
     """The scripted reasoning model, with no API key and room for one sequence and no queue."""
     engine = nanoseek.LLM(checkpoints / "thinker", max_num_seqs=1)
-    app = create_app(engine, model_name="thinker", max_running=1, max_waiting=0)
+    app = create_app(engine, model_name="thinker", max_waiting=0)
     with ServerThread(app) as s:
         s.engine = engine
         s.state = app.state.server
@@ -438,6 +439,11 @@ def test_overload_returns_503_and_recovers(thinker, thinker_client):
     wait_until(lambda: not thinker.engine.has_unfinished_requests())
     r = thinker_client.chat.completions.create(model="thinker", messages=USER, max_tokens=20, temperature=0)
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_admission_capacity_is_the_engines(checkpoints):
+    engine = nanoseek.LLM(checkpoints / "thinker", max_num_seqs=3)
+    assert create_app(engine).state.server.max_running == 3  # it was 64, whatever the engine ran
 
 
 def test_engine_failure_is_reported_not_hung(checkpoints):

@@ -14,3 +14,7 @@ class ConfigError(NanoseekError, ValueError):
 
 class CheckpointError(NanoseekError):
     """A checkpoint that cannot be loaded: missing files, missing/unexpected keys, shape mismatches."""
+
+
+class ContextLengthError(NanoseekError):
+    """A prompt (or prompt plus max_tokens) that does not fit the model's context window."""

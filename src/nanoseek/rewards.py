@@ -13,16 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from nanoseek.data.tasks import (
-    ANSWER_END,
-    ANSWER_START,
-    THINK_END,
-    THINK_START,
-    Problem,
-    extract_answer,
-    math_verify_score,
-)
+from nanoseek.data.tasks import ANSWER_END, ANSWER_START, Problem, extract_answer, math_verify_score
 from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import THINK_END, THINK_START
 
 Reward = Callable[[str, Problem], float]
 

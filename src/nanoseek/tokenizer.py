@@ -202,6 +202,38 @@ class Tokenizer:
         return self.token_id(THINK_END)
 
 
+class TokenText:
+    """Token id -> (text, UTF-8 bytes) for logprobs, cached.
+
+    With a byte-level BPE one token may be half of a multi-byte character, so decoding a single
+    token gives U+FFFD; OpenAI's `bytes` field exists for exactly that, and we recover the exact bytes
+    by inverting the byte-level alphabet (the GPT-2 bytes_to_unicode table).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+        printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+        chars, extra = dict(), 0
+        for b in range(256):
+            if b in printable:
+                chars[chr(b)] = b
+            else:
+                chars[chr(256 + extra)] = b
+                extra += 1
+        self.byte_of_char = chars
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        if token_id not in self.cache:
+            piece = self.tokenizer.tk.id_to_token(token_id) if hasattr(self.tokenizer, "tk") else None
+            if piece is not None and all(c in self.byte_of_char for c in piece):
+                raw = bytes(self.byte_of_char[c] for c in piece)
+            else:  # special and added tokens are stored as plain text
+                raw = self.tokenizer.decode([token_id]).encode()
+            self.cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return self.cache[token_id]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` ids (special tokens included) on an iterable of texts.
 

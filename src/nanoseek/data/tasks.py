@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import THINK_END, THINK_START
 
-THINK_START, THINK_END = "<think>", "</think>"
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
 
 # DeepSeek-R1 paper, Table 1, verbatim ("prompt" replaced by the question).

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 
 from nanoseek.inference.generate import add_engine_arguments, build_engine
+from nanoseek.tokenizer import THINK_END, THINK_START
 
-THINK_START, THINK_END = "<think>", "</think>"
 DIM, RESET = "\033[2m", "\033[0m"
 
 

@@ -30,8 +30,13 @@ not, so above `speculative_max_batch` running sequences a decode step is plain (
 then wait, and are caught up by the next speculative step).
 
 Text prompts get the tokenizer's bos prepended unless they already start with it (the chat
-template writes it itself), matching how pretraining documents are stored. Token-id prompts are
-used as given.
+template writes it itself), matching how pretraining documents are stored
+(`Tokenizer.encode_prompt`). Token-id prompts are used as given. Every request is checked here, in
+`_check` (prompt: `prompt_ids`; sampling: `SamplingParams.validate`), and only here: the server
+calls the same methods and maps their errors to HTTP.
+
+Output text is decoded incrementally: each step decodes only a sequence's new tokens (with a
+few tokens of context, as vLLM's detokenizer does), not its whole output again.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.device import resolve_device, resolve_dtype
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ContextLengthError, NanoseekError
 from nanoseek.inference.block_manager import BlockManager
 from nanoseek.inference.runner import ModelRunner
 from nanoseek.inference.sampling import Sampler, SamplingParams, draw, speculative_accept, top_logprobs
@@ -128,7 +133,7 @@ class LLM:
         self.sampler = Sampler(cfg.vocab_size)
         self.eos_ids = {tokenizer.eos_id} if tokenizer is not None else (
             {cfg.eos_token_id} if cfg.eos_token_id is not None else set())
-        self.bos_id = tokenizer.bos_id if tokenizer is not None else None
+        self._detokenizers: dict[int, IncrementalText] = {}  # seq_id -> its output text so far
         self.requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
         self._seq_counter = itertools.count()
@@ -168,6 +173,7 @@ class LLM:
         """Stop a request now (finish_reason "abort") and free its cache blocks; unknown ids are ignored."""
         req = self.requests.pop(request_id, None)
         for seq in req.seqs if req else []:
+            self._detokenizers.pop(seq.seq_id, None)
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
@@ -228,28 +234,31 @@ class LLM:
         params.validate()
         if params.stop_strings and self.tokenizer is None:
             raise NanoseekError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        return (prompt if isinstance(prompt, str) else None), self.prompt_ids(prompt), params
+
+    def prompt_ids(self, prompt: "str | list[int]") -> list[int]:
+        """The token ids a prompt runs as: a text prompt tokenized with bos in front, token ids as
+        given. Raises NanoseekError for an empty prompt or ids outside the vocabulary, and
+        ContextLengthError when no token would fit after it. Pure: safe from any thread."""
         if isinstance(prompt, str):
             if not prompt:
                 raise NanoseekError("empty prompt: give at least one token")
             if self.tokenizer is None:
                 raise NanoseekError("this engine has no tokenizer: pass prompts as token-id lists")
-            ids = self.tokenizer.encode(prompt)
-            if not ids or ids[0] != self.bos_id:
-                ids = [self.bos_id] + ids
-            text = prompt
+            ids = self.tokenizer.encode_prompt(prompt)
         elif isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise NanoseekError("empty prompt: give at least one token")
             vocab = self.model.config.vocab_size
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
                 raise NanoseekError(f"prompt token ids must be integers in [0, {vocab})")
-            ids, text = list(prompt), None
+            ids = list(prompt)
         else:
             raise NanoseekError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if len(ids) >= self.max_model_len:
-            raise NanoseekError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
-                                f"(prompt and at least one generated token); shorten the prompt")
-        return text, ids, params
+            raise ContextLengthError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
+                                     "(prompt and at least one generated token); shorten the prompt")
+        return ids
 
     def _enqueue(self, text, ids, params, request_id) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
@@ -407,19 +416,26 @@ class LLM:
         seq.final_text = text
 
     def _decode(self, seq: Sequence, ids: list[int]) -> str:
+        """Text of `ids`, a prefix of the sequence's output. The whole output so far comes from its
+        incremental detokenizer (new tokens only); a shorter prefix (the text before a stop token)
+        is decoded once, when the sequence finishes."""
         if self.tokenizer is None:
             return ""
+        if len(ids) == seq.num_output_tokens and not seq.finished:
+            detok = self._detokenizers.setdefault(seq.seq_id, IncrementalText(self.tokenizer,
+                                                                              seq.params.skip_special_tokens))
+            return detok.update(seq.output_ids)
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _text(self, seq: Sequence) -> str:
         """Output text so far. While running, an incomplete UTF-8 character at the end and any tail
         that could be the start of a stop string are held back, so streamed text only grows."""
-        if seq.final_text is not None:
+        if seq.finished:
+            self._detokenizers.pop(seq.seq_id, None)
+            if seq.final_text is None:  # decoded in full once, when it finishes
+                seq.final_text = self._decode(seq, seq.output_ids)
             return seq.final_text
         text = self._decode(seq, seq.output_ids)
-        if seq.finished:
-            return text
-        text = text.rstrip("\ufffd")
         for stop in seq.params.stop_strings:
             for n in range(min(len(stop) - 1, len(text)), 0, -1):
                 if text.endswith(stop[:n]):
@@ -436,3 +452,28 @@ class LLM:
                              outputs=outputs, finished=req.finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens or 0)
 
+
+class IncrementalText:
+    """A sequence's output text, extended by decoding only the tokens added since the last call.
+
+    Decoding a token alone can differ from its part of the whole text: a multi-byte character
+    split over tokens decodes to U+FFFD until its last byte arrives, and some decoders drop a
+    leading space. So, as vLLM's detokenizer does, new tokens are decoded together with a few
+    tokens before them, and the text grows by the difference, once it no longer ends in U+FFFD.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.text = ""
+        self.prefix_offset = 0  # the context tokens start here
+        self.read_offset = 0  # tokens before this are in self.text
+
+    def update(self, ids: list[int]) -> str:
+        if len(ids) > self.read_offset:
+            decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=self.skip_special_tokens)
+            before = decode(ids[self.prefix_offset: self.read_offset])
+            after = decode(ids[self.prefix_offset:])
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self.text += after[len(before):]
+                self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return self.text

@@ -1,4 +1,4 @@
-"""Request bodies of the OpenAI-compatible API, as pydantic models.
+"""The OpenAI-compatible API's wire types: request bodies as pydantic models, and its error shape.
 
 Field names, defaults and ranges follow OpenAI's API (and vLLM / DeepSeek where OpenAI is silent), so
 the official clients work unchanged. Validation happens here, before anything reaches the engine:
@@ -129,3 +129,22 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
+
+
+# ------------------------------------------------------------------ errors
+
+
+class APIError(Exception):
+    """An error to return in OpenAI's shape; raised anywhere in a handler before streaming starts."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)

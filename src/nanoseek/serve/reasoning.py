@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-THINK_START = "<think>"
-THINK_END = "</think>"
+from nanoseek.tokenizer import THINK_END, THINK_START
 
 
 @dataclass

@@ -40,9 +40,10 @@ from typing import Any, Literal
 
 import torch
 
-from nanoseek.data.tasks import THINK_START, Problem, Task, derive_seed, get_task, prompt_of
+from nanoseek.data.tasks import Problem, Task, derive_seed, get_task, prompt_of
 from nanoseek.errors import ConfigError
 from nanoseek.rewards import accuracy_reward, format_reward
+from nanoseek.tokenizer import THINK_START
 from nanoseek.train import sft, stage
 from nanoseek.train.sft import SFTConfig
 

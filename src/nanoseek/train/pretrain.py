@@ -148,7 +148,7 @@ def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:
 
 def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
     """Generate from cfg.sample_prompt; the text goes to metrics.jsonl and the console."""
-    text = cfg.sample_prompt + sample_text(trainer.raw_model, tokenizer, tokenizer.encode(cfg.sample_prompt, add_bos=True),
+    text = cfg.sample_prompt + sample_text(trainer.raw_model, tokenizer, tokenizer.encode_prompt(cfg.sample_prompt),
                                            cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
                                            seed=cfg.seed + trainer.step)
     trainer.log({"sample": text}, console=False)
