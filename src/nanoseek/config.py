@@ -77,10 +77,6 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
-    def num_mtp_layers(self) -> int:
-        return self.num_nextn_predict_layers
-
-    @property
     def yarn(self) -> dict | None:
         """The YaRN settings, or None when RoPE is unscaled."""
         rs = self.rope_scaling

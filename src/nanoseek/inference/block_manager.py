@@ -47,10 +47,6 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
     def num_free_blocks(self) -> int:
         return len(self.free)
 

@@ -1,7 +1,6 @@
 """Sampling parameters and the batched sampler.
 
-`SamplingParams` is the per-request knob set (the contract in contracts/engine_api.md; names and
-defaults follow vLLM / the OpenAI API). `Sampler` turns one logits row per sequence into one token
+`SamplingParams` is the per-request knob set (names and defaults follow vLLM / the OpenAI API). `Sampler` turns one logits row per sequence into one token
 per sequence for a whole decode batch at once.
 
 Reproducibility: each sequence owns a `torch.Generator`. A sampled token consumes exactly one draw

@@ -31,9 +31,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> tuple[list[Sequence], bool]:
         """The sequences of the next forward and whether it is a prefill (admission) step."""
         batch: list[Sequence] = []

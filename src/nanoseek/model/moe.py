@@ -190,11 +190,6 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def expert_load(model: nn.Module) -> list[torch.Tensor]:
-    """Per MoE layer, the tokens routed to each expert since the last bias update, (E,) each."""
-    return [m.tokens_per_expert.clone() for m in moe_layers(model)]
-
-
 def load_imbalance(loads: list[torch.Tensor]) -> list[float]:
     """max/mean expert load per layer: 1.0 is perfectly balanced, E/K is everything on K experts."""
     return [float(l.max() / l.mean().clamp(min=1e-9)) for l in loads]
@@ -213,7 +208,7 @@ def update_expert_bias(model: nn.Module, gamma: float = 1e-3) -> list[float]:
         counts = moe.tokens_per_expert
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
-        imbalance.append(float(counts.max() / counts.mean().clamp(min=1e-9)))
+        imbalance += load_imbalance([counts])
         bias = moe.gate.e_score_correction_bias
         if bias is not None and gamma > 0:
             bias += gamma * torch.sign(counts.mean() - counts)  # overloaded -> down, underloaded -> up
