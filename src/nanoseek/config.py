@@ -22,8 +22,40 @@ from typing import Any
 from nanoseek.errors import ConfigError
 
 
+class HFConfig:
+    """What both model configs do with an HF config.json (ModelConfig here, DenseConfig in
+    model/dense.py): read and write the file, refuse fields they do not model, copy with changes.
+    A subclass supplies from_dict / to_dict and the keys it accepts silently (_IGNORED_KEYS)."""
+
+    _IGNORED_KEYS: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The entries of `d` that are fields; any other key not in _IGNORED_KEYS is a ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in cls._IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+        return {k: v for k, v in d.items() if k in names}
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(HFConfig):
     # sizes
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -195,13 +227,10 @@ class ModelConfig:
             d["scoring_func"] = "softmax"
         if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = 0
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and k not in cls._IGNORED_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
-        if d.get("n_routed_experts") is None:  # V2/V3 configs of dense models write null
-            d["n_routed_experts"] = 0
-        return cls(**{k: v for k, v in d.items() if k in names})
+        fields = cls.known_fields(d)
+        if fields.get("n_routed_experts") is None:  # V2/V3 configs of dense models write null
+            fields["n_routed_experts"] = 0
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict: loadable by transformers' DeepseekV3Config and by from_dict."""
@@ -215,21 +244,6 @@ class ModelConfig:
         d["head_dim"] = self.qk_rope_head_dim  # what HF derives; vLLM reads it
         d["use_cache"] = True
         return d
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------ presets

@@ -7,12 +7,13 @@ DeepSeek weights), SwiGLU, RMSNorm, and q/k/v biases for Qwen2. Its checkpoint d
 valid `LlamaForCausalLM` / `Qwen2ForCausalLM` checkpoint (config.json model_type "llama" or
 "qwen2"), and HF Llama / Qwen2 checkpoints load into it.
 
-`DenseTransformer` answers the same calls as the DeepSeek-V3 `Transformer`, so the trainers,
-eval and the inference engine use either without knowing which: `forward(input_ids, positions,
-cache, labels) -> ModelOutput`, `config.num_nextn_predict_layers == 0` (no MTP), `lm_head`,
-`model.embed_tokens`, `model.layers`, and `cache_dims`. With a cache, each layer stores its
-rotated keys and its values (Hkv * head_dim values each per token) through the same
-`LatentCache.update(layer, positions, a, b)` call MLA uses for its latent and rotary key.
+`DenseTransformer` is the DeepSeek-V3 `Transformer`'s skeleton (decoder.py: block, stack, head,
+forward) around other parts, so the trainers, eval and the inference engine use either without
+knowing which: `forward(input_ids, positions, cache, labels) -> ModelOutput`,
+`config.num_nextn_predict_layers == 0` (no MTP), `lm_head`, `model.embed_tokens`, `model.layers`,
+and `cache_dims`. With a cache (a `KVCache`), each layer stores its rotated keys and its values
+(K * head_dim values each per token) through the same two-tensor `update` call MLA's
+`LatentCache` takes for its latent and rotary key, so the engine's paged cache serves both.
 
 Shape legend: B batch, T query positions, S cached positions, H query heads, K key/value heads,
 d head_dim, D hidden size, V vocabulary.
@@ -21,26 +22,23 @@ d head_dim, D hidden size, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoseek.config import HFConfig
 from nanoseek.errors import ConfigError
-from nanoseek.model.attention import LatentCache
-from nanoseek.model.layers import MLP, RMSNorm
-from nanoseek.model.transformer import ModelOutput, cross_entropy, document_layout
+from nanoseek.model.decoder import CausalLM, DecoderBlock, DecoderStack
+from nanoseek.model.layers import MLP
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclass
-class DenseConfig:
+class DenseConfig(HFConfig):
     """A Llama / Qwen2 decoder, with HF `LlamaConfig` / `Qwen2Config` field names."""
 
     model_type: str = "llama"  # "llama" or "qwen2": the HF architecture the checkpoint declares
@@ -130,11 +128,7 @@ class DenseConfig:
             raise ConfigError("use_sliding_window=true is not supported: students attend to the whole context")
         if d.get("dtype") and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and k not in cls._IGNORED_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**cls.known_fields(d))
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict: loadable by transformers' LlamaConfig / Qwen2Config and by from_dict."""
@@ -142,16 +136,6 @@ class DenseConfig:
         if self.model_type == "qwen2":
             del d["attention_bias"]  # not a Qwen2Config field: its biases are fixed
         return {"architectures": [MODEL_TYPES[self.model_type]], **d, "use_cache": True}
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DenseConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    def replace(self, **changes) -> "DenseConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------ presets
@@ -196,6 +180,19 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+class KVCache(Protocol):
+    """Where a forward with a cache reads and writes each layer's keys and values.
+
+    `update` stores the new tokens' rotated keys and values at their positions and returns every
+    cached one of each sequence in position order, from position 0, padded to a common length S
+    (MLA's `LatentCache` is the same call on latents)."""
+
+    def update(self, layer_idx: int, positions: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T), keys and values (B, T, K*d) -> keys, values (B, S, K*d)."""
+        ...
+
+
 class GQAttention(nn.Module):
     """Grouped-query attention: H query heads, K key/value heads, query head h reads K/V head h // (H/K)."""
 
@@ -209,7 +206,7 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(H * d, D, bias=config.o_bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None, layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D), positions (B, T), rope = cos/sin (B, T, d/2) -> (B, T, D). `mask` (B, 1, T, T):
         attention allowed (packed documents); default causal."""
         B, T, _ = x.shape
@@ -228,98 +225,29 @@ class GQAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
-class DenseBlock(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + SwiGLU(norm(x))."""
+class DenseBlock(DecoderBlock):
+    """A Llama / Qwen2 decoder layer: grouped-query attention, then SwiGLU."""
 
     def __init__(self, config: DenseConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = GQAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x, positions, rope, cache: LatentCache | None = None, mask=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attention = GQAttention(config)
+        super().__init__(config, attention, MLP(config.hidden_size, config.intermediate_size), layer_idx)
 
 
-class DenseModel(nn.Module):
-    """The decoder stack (HF's `model.` prefix)."""
-
-    def __init__(self, config: DenseConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DenseBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class DenseTransformer(nn.Module):
-    """`LlamaForCausalLM` / `Qwen2ForCausalLM`, called like `Transformer`: input_ids (B, T),
-    positions (default 0..T-1), an optional cache, optional labels (the next token at each
-    position, IGNORE_INDEX where there is none) -> ModelOutput (mtp_loss and aux_loss stay None)."""
+class DenseTransformer(CausalLM):
+    """`LlamaForCausalLM` / `Qwen2ForCausalLM`, called like `Transformer` (see CausalLM); it has no
+    MTP modules and no balance loss, so mtp_loss and aux_loss stay None."""
 
     def __init__(self, config: DenseConfig):
         super().__init__()
         self.config = config
-        self.model = DenseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        if self.lm_head.weight.device.type != "meta":
-            self.apply(self._init_weights)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def mtp_layers(self) -> nn.ModuleList:
-        return nn.ModuleList()
+        self.model = DecoderStack(config, [DenseBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.init_head()
 
     @property
     def cache_dims(self) -> tuple[int, int]:
-        """Per token and layer, the widths of the two tensors a cache stores: keys and values."""
+        """Per token and layer, the widths of the two tensors a KVCache stores: keys and values."""
         width = self.config.num_key_value_heads * self.config.head_dim
         return width, width
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        # residual-branch outputs shrink with depth, as in Transformer
-        for name in ("o_proj", "down_proj"):
-            proj = getattr(module, name, None)
-            if isinstance(proj, nn.Linear):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
-
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LatentCache | None = None, labels: torch.Tensor | None = None,
-                logits: bool = True, documents: torch.Tensor | None = None) -> ModelOutput:
-        """documents (B, T): as in `Transformer.forward`, attention stays inside each packed document."""
-        B, T = input_ids.shape
-        mask = None
-        if documents is not None:
-            positions, mask = document_layout(documents)
-        elif positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        rope = self.rope(positions)
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        for layer in self.model.layers:
-            x = layer(x, positions, rope, cache, mask)
-        hidden = self.model.norm(x)
-        out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
-        if labels is not None:
-            out.loss = cross_entropy(out.logits, labels)
-        return out
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
-        if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n

@@ -1,0 +1,163 @@
+"""The decoder skeleton both model families share: block, stack, head, forward, losses.
+
+A DeepSeek-V3 `Transformer` (transformer.py) and a Llama / Qwen2 `DenseTransformer` (dense.py) are
+the same causal LM around different parts: a pre-norm block of (attention, feed-forward), a stack
+of them under HF's `model.` prefix, a final norm and an output head (optionally tied to the
+embedding). What differs, and all that differs, is in their own files: MLA vs grouped-query
+attention, MoE vs a dense FFN, YaRN interleaved RoPE vs Llama's half-split RoPE, and V3's MTP
+modules and balance loss (`CausalLM.extra_losses`).
+
+Packed training rows (`documents=`) and the loss helpers live here too, used by both.
+
+Shape legend: B batch, T positions, D hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoseek.model.layers import RMSNorm
+
+IGNORE_INDEX = -100
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)). `cache` is the model's
+    per-layer cache (MLA: LatentCache; dense: KVCache), passed through to the attention."""
+
+    def __init__(self, config, attention: nn.Module, mlp: nn.Module, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x, positions, rope, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """HF's `model.` prefix: the embedding, the layers (V3 appends its MTP modules), the final norm."""
+
+    def __init__(self, config, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, T, V)
+    hidden: torch.Tensor  # (B, T, D) final-normed hidden state (the MTP modules' depth-0 input)
+    loss: torch.Tensor | None = None  # next-token cross-entropy
+    mtp_loss: torch.Tensor | None = None  # mean over MTP depths of their cross-entropies
+    aux_loss: torch.Tensor | None = None  # sum of the MoE layers' sequence-wise balance losses
+
+
+class CausalLM(nn.Module):
+    """`...ForCausalLM`: call it with input_ids (B, T); returns a ModelOutput.
+
+    positions default to 0..T-1 per row. With `labels` (B, T) (the next token at each position,
+    IGNORE_INDEX where there is none) it also returns the losses. With a `cache` it writes the new
+    tokens' entries and attends to everything cached (inference engine). A subclass builds
+    `self.model` (a DecoderStack) before calling `init_head()`, and supplies `rope(positions)`.
+    """
+
+    def init_head(self) -> None:
+        config = self.config
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":  # on meta (counting, loading) there is nothing to init
+            self.apply(self._init_weights)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The main decoder layers (V3's MTP modules follow them in model.layers)."""
+        return self.model.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return self.model.layers[self.config.num_hidden_layers:]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        # residual-branch outputs shrink with depth so the residual stream starts near unit scale
+        for name in ("o_proj", "down_proj"):
+            proj = getattr(module, name, None)
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                labels: torch.Tensor | None = None, logits: bool = True,
+                documents: torch.Tensor | None = None) -> ModelOutput:
+        """documents (B, T): for rows packed with several documents, the index of each token's
+        document; attention then stays inside a document and positions restart at each one."""
+        B, T = input_ids.shape
+        mask = None
+        if documents is not None:
+            positions, mask = document_layout(documents)
+        elif positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        rope = self.rope(positions)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, positions, rope, cache, mask)
+        hidden = self.model.norm(x)
+        out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
+        if labels is not None:
+            out.loss = cross_entropy(out.logits, labels)
+            self.extra_losses(out, labels, positions, rope, mask)
+        return out
+
+    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask) -> None:
+        """Losses beyond next-token prediction, set on `out` (V3: MTP and the balance loss)."""
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+
+def documents_of(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
+    """(B, T) document index of each token of packed rows whose documents start with bos
+    (None without a bos id: the row is one sequence)."""
+    return None if bos_id is None else (input_ids == bos_id).cumsum(dim=1)
+
+
+def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """documents (B, T) of non-decreasing document indices -> positions (B, T) counted from each
+    document's first token, and the attention mask (B, 1, T, T): causal and inside one document.
+
+    Packed training rows hold several documents; without the mask a token also attends to the
+    documents before it, a context inference never gives it (a prompt starts alone, at position 0).
+    """
+    T = documents.shape[1]
+    index = torch.arange(T, device=documents.device)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) index of the document's first token
+    same_document = documents.unsqueeze(2) == documents.unsqueeze(1)  # (B, T, T)
+    mask = same_document & (index.unsqueeze(1) >= index.unsqueeze(0))
+    return index - first, mask.unsqueeze(1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over positions whose label is not IGNORE_INDEX; computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
