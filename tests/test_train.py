@@ -371,6 +371,17 @@ def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
     assert losses(out) == losses(full_run)
 
 
+def test_partial_saves_are_cleaned_and_a_checkpoint_moved_aside_comes_back(tmp_path):
+    """What a kill mid-save can leave: a temporary directory (deleted), and, when it re-saved an
+    existing step, that checkpoint moved aside with its replacement unfinished (moved back)."""
+    for name in (".checkpoint-4.tmp-ab12", ".checkpoint-2.old-77", "checkpoint-1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".latest.tmp-77").symlink_to("checkpoint-1")
+    removed = checkpointing.remove_partial_saves(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint-4.tmp-ab12", ".latest.tmp-77"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
 def test_resume_errors(corpus, tmp_path):
     cfg = tiny_config(tmp_path, corpus)
     with pytest.raises(CheckpointError, match="no checkpoint in"):

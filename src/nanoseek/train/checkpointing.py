@@ -97,15 +97,23 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def remove_partial_saves(out_dir: str | Path) -> list[Path]:
-    """Delete what saves that died half-way left in out_dir (a process killed mid-save never ran
-    its cleanup); returns what was removed. Only call it while no save is in progress."""
+    """Clean up after saves that died half-way (a process killed mid-save never ran its cleanup):
+    delete their temporary directories, except that a checkpoint moved aside to be replaced
+    (`.checkpoint-N.old-*`) whose replacement never arrived is moved back. Returns what was
+    removed. Only call it while no save is in progress."""
     out_dir = Path(out_dir)
-    removed = [p for p in out_dir.iterdir() if PARTIAL_RE.match(p.name)] if out_dir.is_dir() else []
-    for p in removed:
+    partial = sorted(p for p in out_dir.iterdir() if PARTIAL_RE.match(p.name)) if out_dir.is_dir() else []
+    removed = []
+    for p in partial:
+        original = out_dir / p.name[1:].split(".")[0]  # ".checkpoint-8.old-123" -> checkpoint-8
+        if ".old-" in p.name and not original.exists():
+            os.replace(p, original)
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 

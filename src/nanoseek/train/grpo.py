@@ -83,8 +83,8 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.stage import run_stage
 from nanoseek.train.distributed import DistEnv, barrier, seed_everything, sum_over_ranks
+from nanoseek.train.stage import run_stage, stage_model
 from nanoseek.train.trainer import Trainer
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -376,7 +376,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     base = find_checkpoint(cfg.init)
     tokenizer = Tokenizer.from_dir(base)
     seed_everything(cfg.seed)
-    policy = load_model(base, device=env.device)
+    policy = stage_model(str(base), tokenizer, {}, cfg.seq_len).to(env.device)
     policy.mtp_layers.requires_grad_(False)  # RL scores next tokens only: the MTP modules get no gradient
     reference = load_model(base, device=env.device).eval().requires_grad_(False) if cfg.beta or cfg.log_kl else None
     trainer = Trainer(cfg, policy, env, tokenizer=tokenizer, resume=resume)  # closed by the `with` below

@@ -46,8 +46,8 @@ from nanoseek.model.transformer import Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train import stage
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.stage import run_stage, sample_text, stage_model
 from nanoseek.train.distributed import DistEnv, barrier, seed_everything
+from nanoseek.train.stage import run_stage, sample_text, stage_model
 from nanoseek.train.trainer import Trainer, batch_plan, evaluate_loss
 
 

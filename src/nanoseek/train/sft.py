@@ -61,8 +61,8 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.stage import run_stage, sample_text, stage_model
 from nanoseek.train.distributed import DistEnv, seed_everything, sum_over_ranks
+from nanoseek.train.stage import run_stage, sample_text, stage_model
 from nanoseek.train.trainer import Trainer, batch_plan, evaluate_loss
 
 

@@ -156,7 +156,6 @@ class Trainer:
         self._start_step = self.step
         self._t_start = time.perf_counter()
         self._stop = _StopSignal()
-        self.stopped = False  # set when should_stop() said yes
 
     # ---- wrapping
 
@@ -299,7 +298,7 @@ class Trainer:
         """The every-so-often work after a step, the same in every stage: the validation every
         eval_every steps and at the end, a sample every sample_every steps (and at the end unless
         0), a checkpoint every save_every steps (the loop saves the last one itself). Returns True
-        when the loop should stop (Ctrl-C / SIGTERM; `trainer.stopped` then stays True).
+        when the loop should stop (Ctrl-C / SIGTERM).
 
         `steps`: optimizer steps taken since the last call (GRPO takes mu per rollout); a period
         is due when a multiple of it was passed during them.
@@ -318,8 +317,7 @@ class Trainer:
 
     def should_stop(self) -> bool:
         """True once Ctrl-C (SIGINT) or SIGTERM arrived on any rank; every rank agrees on it."""
-        self.stopped = sum_over_ranks(self.env, [float(self._stop.requested)])[0] > 0
-        return self.stopped
+        return sum_over_ranks(self.env, [float(self._stop.requested)])[0] > 0
 
     def close(self) -> None:
         """Flush the metrics and give Ctrl-C back its usual meaning."""
