@@ -1,7 +1,8 @@
 """Sampling parameters and the batched sampler.
 
-`SamplingParams` is the per-request knob set (names and defaults follow vLLM / the OpenAI API). `Sampler` turns one logits row per sequence into one token
-per sequence for a whole decode batch at once.
+`SamplingParams` is the per-request knob set (names and defaults follow vLLM / the OpenAI API).
+`Sampler` turns one logits row per sequence into one token per sequence for a whole decode batch
+at once.
 
 Reproducibility: each sequence owns a `torch.Generator`. A sampled token consumes exactly one draw
 of V exponential variates from it (the "exponential race": argmax p_i / E_i with E_i ~ Exp(1) is a

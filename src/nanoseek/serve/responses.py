@@ -212,7 +212,8 @@ async def respond(request: Request, generation: Generation, fmt: ChatFormat | Co
     """The response to an admitted generation, in either endpoint's format (`fmt`): one JSON body,
     or an SSE stream of chunks (opening chunks, then one per piece of each update, an optional
     usage chunk, `[DONE]`). Errors after the 200 header went out are reported in band."""
-    request_id, created, model = f"{fmt.id_prefix}-{generation.id_prefix}", int(time.time()), generation.state.model_name
+    request_id, created = f"{fmt.id_prefix}-{generation.id_prefix}", int(time.time())
+    model = generation.state.model_name
 
     if not stream:
         try:

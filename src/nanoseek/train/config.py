@@ -207,7 +207,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def parse_literal(text: str) -> Any:
-    """A command-line value as TOML reads it: a TOML literal (`3`, `1e-3`, `true`, `"x"`, `[1, 2]`); anything else is the plain string."""
+    """A command-line value as TOML reads it: a TOML literal (`3`, `1e-3`, `true`, `"x"`, `[1, 2]`);
+    anything else is the plain string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
