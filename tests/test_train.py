@@ -8,8 +8,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,27 +317,6 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(corpus, tmp_path, mon
     assert state["step"] == 2
 
 
-# The training process the next test kills: the CLI, with the step-4 save held open half-written
-# (weights on disk, trainer state not yet) until the test has killed it.
-KILLED_MID_SAVE = """
-import sys, time
-from pathlib import Path
-from nanoseek.cli import main
-from nanoseek.train import checkpointing
-
-real_save_model = checkpointing.save_model
-
-def save_model(model, path, tokenizer=None):
-    real_save_model(model, path, tokenizer=tokenizer)
-    if Path(path).name.startswith(".checkpoint-4."):
-        Path(sys.argv[1]).write_text(str(path))  # tell the test where the save is, then wait to be killed
-        time.sleep(600)
-
-checkpointing.save_model = save_model
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
     """A run killed with SIGKILL (no handler, no cleanup runs) while it writes checkpoint-4 still
     has checkpoint-2 as `latest`; --resume ignores and removes the half-written directory, and the
@@ -347,16 +324,30 @@ def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
     out, saving = tmp_path / "run", tmp_path / "saving"
     args = ["pretrain", "--config", str(TINY), f"out_dir={out}", f"data={json.dumps([str(corpus)])}",
             f"data_dir={corpus.parent / 'shards'}", "save_every=2", "keep_checkpoints=0"]
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(saving), *args],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    pid = os.fork()  # a forked child needs no second interpreter start and torch import
+    if pid == 0:  # the training process: its step-4 save stops half-written (weights, no trainer
+        try:      # state) and waits to be killed
+            real_save_model = checkpointing.save_model
+
+            def save_model(model, path, tokenizer=None):
+                real_save_model(model, path, tokenizer=tokenizer)
+                if Path(path).name.startswith(".checkpoint-4."):
+                    saving.write_text(str(path))
+                    time.sleep(600)
+
+            checkpointing.save_model = save_model
+            cli_main(args)
+        finally:
+            os._exit(1)
     try:
         deadline = time.monotonic() + 120
         while not saving.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its step-4 save"
-            time.sleep(0.05)
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the run ended before its step-4 save"
+            assert time.monotonic() < deadline, "the run did not reach its step-4 save"
+            time.sleep(0.02)
     finally:
-        proc.kill()
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     partial = Path(saving.read_text())
     assert partial.is_dir() and (partial / "model.safetensors").is_file()
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
