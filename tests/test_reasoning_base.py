@@ -198,7 +198,8 @@ def test_toy_rl_raises_the_reasoning_share(tmp_path):
     from nanoseek.rewards import REWARDS, register_reward
     from nanoseek.train.grpo import GRPOConfig
     from nanoseek.train.grpo import train as rl_train
-    from nanoseek.train.loop import load_config, read_metrics
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.metrics import read_metrics
     from nanoseek.train.pretrain import PretrainConfig
     from nanoseek.train.pretrain import train as pretrain
 
@@ -208,7 +209,7 @@ def test_toy_rl_raises_the_reasoning_share(tmp_path):
         eval_every=0, eval_batches=1, log_every=20, tensorboard=False, threads=1, model={"initializer_range": 0.08}))
     register_reward("reasons", reasoning_reward)
     try:
-        cfg = load_config(GRPOConfig, None, [
+        cfg = load_run_config(GRPOConfig, None, [
             f"init={base}", f"out_dir={tmp_path / 'rl'}", "task=digit_sum", "task_args.length=4",
             "rewards.reasons=1.0", "max_steps=12", "num_generations=8", "batch_size=64", "micro_batch_size=64",
             "max_completion_length=16", "seq_len=48", "lr=5e-3", "warmup_steps=0", "beta=0.0", "log_kl=false",
