@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanoseek.errors import ConfigError
+from nanoseek.device import resolve_device
+
 
 
 @dataclass
@@ -43,15 +44,10 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
-        dev = torch.device("cuda", local_rank)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)  # one GPU per rank
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, local_rank, world_size, dev)

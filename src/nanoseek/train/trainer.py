@@ -47,6 +47,7 @@ from nanoseek.checkpoint import check_state_dict
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
+from nanoseek.device import resolve_dtype
 from nanoseek.train.distributed import DistEnv, barrier, gather_objects, sum_over_ranks
 from nanoseek.train.metrics import MetricsLogger
 
@@ -54,10 +55,10 @@ from nanoseek.train.metrics import MetricsLogger
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU (weights and optimizer stay fp32), plain fp32 on CPU, unless set."""
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype of training (None: plain fp32). Weights and optimizer state stay fp32;
+    `dtype` "auto" is bf16 on a GPU and fp32 on the CPU, as for inference (nanoseek.device)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    return None if dtype == torch.float32 else dtype
 
 
 # ============================================================== 2. optimizer and schedule
