@@ -65,6 +65,7 @@ DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # since each extra verified token wakes up to K more experts per MoE layer and the step is bound by
 # per-expert calls. On a GPU a step is bound by kernel launches, which verification barely adds to.
 DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32}
+MAX_PENDING_MTP = 256  # positions whose MTP-cache entries wait while speculation is off, per sequence
 
 
 class LLM:
@@ -322,8 +323,12 @@ class LLM:
             s.num_computed = len(s)
             if self.speculative_mtp:
                 rows = hidden[i, : len(tokens[i])]
-                # a plain decode step (batch too large to speculate) adds to the pending MTP rows
-                s.mtp_hidden = rows if is_prefill or s.mtp_hidden is None else torch.cat([s.mtp_hidden, rows])
+                # a plain decode step (batch too large to speculate) adds to the pending MTP rows,
+                # keeping the latest MAX_PENDING_MTP: older positions then keep stale MTP-cache
+                # entries, which can only cost draft acceptance, never correctness
+                if not is_prefill and s.mtp_hidden is not None:
+                    rows = torch.cat([s.mtp_hidden, rows])[-MAX_PENDING_MTP:]
+                s.mtp_hidden = rows
             self._append(s, ids[i], None if logprobs is None else logprobs[i])
 
     def _speculative_step(self, seqs: list[Sequence]) -> None:
