@@ -18,3 +18,7 @@ class CheckpointError(NanoseekError):
 
 class ContextLengthError(NanoseekError):
     """A prompt (or prompt plus max_tokens) that does not fit the model's context window."""
+
+
+class ChatTemplateError(NanoseekError):
+    """A chat template that is missing, does not compile or fails to render (400 in the server)."""

@@ -1,7 +1,20 @@
-"""Byte-level BPE tokenizer with DeepSeek's special tokens and DeepSeek-R1's chat template.
+"""Tokenizers: any Hugging Face tokenizer directory, nanoseek's own BPE training, chat templates.
 
-We train our own small BPE with HF `tokenizers` (no pretrained tokenizer can be downloaded at run
-time, and a toy model wants a toy vocabulary). The design mirrors DeepSeek-V3's tokenizer:
+A tokenizer directory is what Hugging Face checkpoints carry: tokenizer.json, plus
+tokenizer_config.json / special_tokens_map.json (bos, eos, pad and the `chat_template`) and, in a
+checkpoint, generation_config.json (its `eos_token_id`, an int or a list, adds stop tokens).
+`Tokenizer.from_dir` loads any such directory, DeepSeek's, Qwen's or Llama's, and takes the special
+tokens from those files; DeepSeek's spellings are the default only where the files name none.
+
+Chat templates are Jinja2, rendered in a sandbox (`ImmutableSandboxedEnvironment`, as transformers
+does: a template is untrusted input) with the variables and helpers released templates use:
+`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, `unk_token`,
+`tools` / `documents` (left empty), `raise_exception`, `strftime_now`, `namespace`, a `tojson` that
+keeps non-ASCII text, and `{% break %}` / `{% continue %}`. The template is the checkpoint's own; a
+nanoseek tokenizer saves DeepSeek-R1's format (`CHAT_TEMPLATE`) in its tokenizer_config.json.
+
+nanoseek's own BPE (`train_tokenizer`; no pretrained tokenizer can be downloaded at run time, and a
+toy model wants a toy vocabulary) mirrors DeepSeek-V3's:
 
 - byte-level BPE, so every UTF-8 string round-trips exactly and there is no unknown token;
 - digits are split one per token before BPE (DeepSeek splits numbers into short runs too). A small
@@ -13,10 +26,8 @@ time, and a toy model wants a toy vocabulary). The design mirrors DeepSeek-V3's 
 - `<think>` / `</think>` are single ids but *not* special: like DeepSeek-R1, decoding with
   `skip_special_tokens=True` keeps them, because the reasoning markers are part of the text.
 
-A saved tokenizer directory (tokenizer.json + tokenizer_config.json + special_tokens_map.json) is
-what Hugging Face checkpoints carry: `transformers.AutoTokenizer.from_pretrained(dir)` loads it
-offline and gives the same ids, and its `apply_chat_template` renders the same string as
-`Tokenizer.apply_chat_template` here.
+The reasoning markers of any tokenizer are found in its vocabulary (`think_start` / `think_end`);
+a tokenizer without them has no reasoning to split, and the server returns plain content.
 
 CLI: `nanoseek tokenizer train --data PATH [PATH ...] --vocab-size N --out DIR`
 (PATH: text files, jsonl/parquet with a text field, directories of those, or `default`).
@@ -24,15 +35,17 @@ CLI: `nanoseek tokenizer train --data PATH [PATH ...] --vocab-size N --out DIR`
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ChatTemplateError, NanoseekError
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -70,101 +83,148 @@ CHAT_TEMPLATE = (
 )
 
 
+_DEFAULT = object()  # "not given": Tokenizer(tk) takes nanoseek's own (DeepSeek's) special tokens
+
+
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the ids and chat format the stack needs.
 
     The inference engine, the trainers and the server all talk to this class; checkpoints carry it
-    (`save(dir)` next to the weights, `Tokenizer.from_dir(dir)` to load).
+    (`save(dir)` next to the weights, `Tokenizer.from_dir(dir)` to load). `Tokenizer(tk)` is a
+    nanoseek BPE (DeepSeek's special tokens, `CHAT_TEMPLATE`); `from_dir` reads what a directory's
+    files say. bos may be absent (Qwen2.5 has none); eos may not: generation needs a stop token.
     """
 
-    def __init__(self, tk: HFTokenizer):
+    def __init__(self, tk: HFTokenizer, *, bos_token=_DEFAULT, eos_token=_DEFAULT, pad_token=_DEFAULT,
+                 eos_token_ids: Iterable[int] = (), chat_template=_DEFAULT, config: dict | None = None):
         self.tk = tk
-        missing = [t for t in (BOS, EOS) if tk.token_to_id(t) is None]
-        if missing:
-            raise NanoseekError(
-                f"tokenizer has no {' / '.join(missing)} token; nanoseek needs DeepSeek's special tokens "
-                "(train one with `nanoseek tokenizer train`)"
-            )
+        own = bos_token is _DEFAULT and eos_token is _DEFAULT
+        self.bos_token = BOS if bos_token is _DEFAULT else bos_token
+        self.eos_token = EOS if eos_token is _DEFAULT else eos_token
+        self.pad_token = (PAD if tk.token_to_id(PAD) is not None else None) if pad_token is _DEFAULT else pad_token
+        for name in ("bos_token", "eos_token", "pad_token"):
+            token = getattr(self, name)
+            if token is not None and tk.token_to_id(token) is None:
+                hint = " (train one with `nanoseek tokenizer train`)" if own else ""
+                raise NanoseekError(f"the tokenizer's {name} {token!r} is not in its vocabulary{hint}")
+        ids = [tk.token_to_id(self.eos_token)] if self.eos_token is not None else []
+        self.eos_token_ids = list(dict.fromkeys(ids + [int(i) for i in eos_token_ids]))  # eos first, no repeats
+        if not self.eos_token_ids:
+            raise NanoseekError("the tokenizer names no eos token (tokenizer_config.json eos_token, or "
+                                "generation_config.json eos_token_id): generation would never stop")
+        if chat_template is _DEFAULT:  # a DeepSeek vocabulary without a template of its own speaks R1's format
+            deepseek = all(tk.token_to_id(t) is not None for t in (USER, ASSISTANT)) and self.bos_token == BOS
+            chat_template = CHAT_TEMPLATE if deepseek else None
+        self.chat_template: str | None = chat_template
+        self.config = config  # tokenizer_config.json as loaded (None: a nanoseek BPE); save() writes it back
+        # The reasoning markers, where the vocabulary has them as single tokens (R1 and its distills do).
+        has_think = all(tk.token_to_id(t) is not None for t in (THINK_START, THINK_END))
+        self.think_start, self.think_end = (THINK_START, THINK_END) if has_think else (None, None)
 
     # ---- construction and persistence ----
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
-        """Load `tokenizer.json` from a tokenizer or checkpoint directory."""
-        file = Path(path) / "tokenizer.json"
+        """Load a tokenizer or checkpoint directory: tokenizer.json, and the special tokens and chat
+        template of tokenizer_config.json / special_tokens_map.json / chat_template.jinja and the
+        stop tokens of generation_config.json, where present."""
+        path = Path(path)
+        file = path / "tokenizer.json"
         if not file.is_file():
             raise NanoseekError(
                 f"no tokenizer.json in {path}; point at a checkpoint or tokenizer directory, "
                 "or train one with `nanoseek tokenizer train --data default --vocab-size 4096 --out DIR`"
             )
-        return cls(HFTokenizer.from_file(str(file)))
+        config, special_map, generation = (_read_json(path / name) for name in (
+            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"))
+        kwargs = {}
+        if any(f"{name}_token" in src for name in ("bos", "eos") for src in (config, special_map)):
+            for name in ("bos_token", "eos_token", "pad_token"):
+                kwargs[name] = next((_content(src[name]) for src in (config, special_map) if src.get(name)), None)
+        eos = generation.get("eos_token_id")
+        kwargs["eos_token_ids"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (path / "chat_template.jinja").is_file():  # transformers >= 4.50 saves the template here
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None:
+            kwargs["chat_template"] = template
+        return cls(HFTokenizer.from_file(str(file)), config=config or None, **kwargs)
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`.
+        """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json.
 
-        The config uses the spellings both transformers 4 and 5 read (PreTrainedTokenizerFast,
-        additional_special_tokens) rather than 5's own (TokenizersBackend, extra_special_tokens, which
-        4.x would reject), so vLLM and SGLang load the directory as well.
+        A nanoseek BPE's config uses the spellings both transformers 4 and 5 read
+        (PreTrainedTokenizerFast, additional_special_tokens) rather than 5's own (TokenizersBackend,
+        extra_special_tokens, which 4.x would reject), so vLLM and SGLang load the directory as well.
+        A loaded tokenizer writes its own config back, its template inline.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(directory / "tokenizer.json"))
-        extra = [t for t in (USER, ASSISTANT) if self.tk.token_to_id(t) is not None]
-        special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": self.tk.id_to_token(self.pad_id),
-                       "additional_special_tokens": extra}
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **special_map,
-            "unk_token": None,
-            "add_bos_token": False,  # the chat template writes bos itself; encode(add_bos=True) otherwise
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,  # decode must be exact
-            "chat_template": CHAT_TEMPLATE,
-        }
+        special_map = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                          ("pad_token", self.tk.id_to_token(self.pad_id))) if v is not None}
+        if self.config is None:
+            special_map["additional_special_tokens"] = [t for t in (USER, ASSISTANT) if self.tk.token_to_id(t) is not None]
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **special_map,
+                "unk_token": None,
+                "add_bos_token": False,  # the chat template writes bos itself; encode(add_bos=True) otherwise
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,  # decode must be exact
+                "chat_template": self.chat_template,
+            }
+        else:
+            config = {**self.config, **({"chat_template": self.chat_template} if self.chat_template else {})}
         for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
             (directory / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (directory / "chat_template.jinja").unlink(missing_ok=True)  # the inline template is the one
 
     # ---- encoding ----
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; special-token spellings inside the text become their single ids."""
         ids = self.tk.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if add_bos else ids
+        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a text prompt as the models see one: bos first, as pretraining stores its
-        documents, unless the text already starts with it (the chat template writes it itself).
-        The engine, the server and SFT all prompt through here."""
+        documents (and as transformers' tokenizers add it), unless the text already starts with it
+        or the tokenizer has none. The engine, the server and SFT all prompt through here."""
         ids = self.encode(text)
-        return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids
+        return ids if self.bos_id is None or ids[:1] == [self.bos_id] else [self.bos_id] + ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """`encode` for many texts at once (parallel in Rust; what data preparation uses)."""
         encodings = self.tk.encode_batch(texts, add_special_tokens=False)
-        return [([self.bos_id] if add_bos else []) + e.ids for e in encodings]
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return [bos + e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Skipping special tokens keeps <think>/</think> (they are not special)."""
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation in DeepSeek-R1's format (the same string as `CHAT_TEMPLATE`).
+        """Render a conversation with the tokenizer's chat template (sandboxed Jinja2).
 
-        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. Encode the
-        result with `encode(text)` (not add_bos: the template already starts with bos).
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. The text is
+        the prompt as transformers' `apply_chat_template` renders it; encode it with `encode(text)`
+        (the template writes bos itself where the format has one). Raises ChatTemplateError naming
+        the problem when there is no template or it fails.
         """
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts = [BOS, system]
-        for m in messages:
-            if m["role"] == "user":
-                parts.append(USER + m["content"])
-            elif m["role"] == "assistant":
-                parts.append(ASSISTANT + m["content"] + EOS)
-            elif m["role"] != "system":
-                raise NanoseekError(f"unknown chat role {m['role']!r}; use system, user or assistant")
-        if add_generation_prompt:
-            parts.append(ASSISTANT)
-        return "".join(parts)
+        if self.chat_template is None:
+            raise ChatTemplateError("this tokenizer has no chat_template (tokenizer_config.json names none): "
+                                    "use plain-text prompts (/v1/completions, `nanoseek generate`)")
+        special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                   "pad_token": self.pad_token, "unk_token": None}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, **special)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation, exactly as transformers' `apply_chat_template(tokenize=True)`:
+        the template's text encoded as is (no bos added: the template writes it where it wants one)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
     # ---- vocabulary ----
 
@@ -180,26 +240,103 @@ class Tokenizer:
         return i
 
     @property
-    def bos_id(self) -> int:
-        return self.token_id(BOS)
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
-        return self.token_id(EOS)
+        """The primary stop token; `eos_token_ids` has all of them (generation_config's list too)."""
+        return self.eos_token_ids[0]
 
     @property
     def pad_id(self) -> int:
-        """The pad token if the vocabulary has one, else eos (as in DeepSeek's own configs)."""
-        i = self.tk.token_to_id(PAD)
-        return self.eos_id if i is None else i
+        """The pad token if the tokenizer has one, else eos (as in DeepSeek's own configs)."""
+        return self.eos_id if self.pad_token is None else self.token_id(self.pad_token)
 
     @property
-    def think_start_id(self) -> int:
-        return self.token_id(THINK_START)
+    def think_start_id(self) -> int | None:
+        return None if self.think_start is None else self.token_id(self.think_start)
 
     @property
-    def think_end_id(self) -> int:
-        return self.token_id(THINK_END)
+    def think_end_id(self) -> int | None:
+        return None if self.think_end is None else self.token_id(self.think_end)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise NanoseekError(f"{path} is not valid JSON: {e}") from None
+
+
+def _content(token) -> str | None:
+    """A special token as the config files write it: a string, or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+# ---- chat templates: sandboxed Jinja2, as transformers renders them ----
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         **variables) -> str:
+    """Render a Hugging Face chat template. Templates are untrusted input (they come with a
+    checkpoint), so they run in Jinja2's immutable sandbox and see plain JSON data only. Every
+    failure, a syntax error, `raise_exception(...)` or a runtime error, is a ChatTemplateError
+    that says what went wrong."""
+    import jinja2
+
+    compiled = _compile_chat_template(template)
+    plain = json.loads(json.dumps(messages))  # plain dicts, lists and strings: nothing with methods to abuse
+    try:
+        return compiled.render(messages=plain, add_generation_prompt=add_generation_prompt, tools=None,
+                               documents=None, **variables)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a template's runtime error (e.g. None + str) is the template's
+        raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(template: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; templates expect plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Namespace(jinja2.utils.Namespace):
+        # namespace(...) attributes that start with "_" could reach Python internals: refuse them
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from None
 
 
 class TokenText:

@@ -225,7 +225,8 @@ def prepare_data(
     parts = {"train": [], "val": []}
     mix = {name: {"documents": 0, "chars": 0, "tokens": 0} for name, _ in loaded}
     for (name, doc), doc_ids, val in zip(docs, ids, is_val):
-        parts["val" if val else "train"].append(np.array([bos, *doc_ids, eos], dtype=dtype))
+        head = [] if bos is None else [bos]  # a tokenizer may have no bos (Qwen2.5's)
+        parts["val" if val else "train"].append(np.array([*head, *doc_ids, eos], dtype=dtype))
         mix[name]["documents"] += 1
         mix[name]["chars"] += len(doc)
         mix[name]["tokens"] += len(doc_ids)

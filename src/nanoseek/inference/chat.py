@@ -60,9 +60,10 @@ def run(args) -> int:
         if not user:
             continue
         history.append({"role": "user", "content": user})
-        prompt = llm.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        # the checkpoint's own template; its text tokenized as it is (it writes bos itself)
+        prompt_ids = llm.tokenizer.encode_chat(system + history, add_generation_prompt=True)
         shown, reply = "", ""
-        for out in llm.stream(prompt, params):
+        for out in llm.stream(prompt_ids, params):
             reply = out.outputs[0].text
             now = styled(reply, tty)
             sys.stdout.write(now[len(shown):])

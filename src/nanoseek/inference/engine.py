@@ -132,7 +132,8 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, speculative_mtp)
         self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, next(model.parameters()).device)
         self.sampler = Sampler(cfg.vocab_size)
-        self.eos_ids = {tokenizer.eos_id} if tokenizer is not None else (
+        # every stop token: the tokenizer's eos and generation_config.json's eos_token_id list
+        self.eos_ids = set(tokenizer.eos_token_ids) if tokenizer is not None else (
             {cfg.eos_token_id} if cfg.eos_token_id is not None else set())
         self._detokenizers: dict[int, IncrementalText] = {}  # seq_id -> its output text so far
         self.requests: dict[str, Request] = {}

@@ -11,8 +11,11 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET 
 (Prometheus text) and a chat page at /. The wire format is OpenAI's (vLLM's where OpenAI is silent):
 SSE chunks that start with a role delta, end with a finish_reason chunk, an optional usage chunk and
 `data: [DONE]`; errors are `{"error": {"message", "type", "param", "code"}}` with 400 / 401 / 404 / 503.
-Like DeepSeek's API, reasoning (`<think>...</think>`) is returned as `reasoning_content`, and usage
-carries `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` from the engine's prefix cache.
+Chat prompts are rendered with the checkpoint's own chat template (sandboxed Jinja2; a template
+that fails is a 400 with code `chat_template_error`). Like DeepSeek's API, reasoning
+(`<think>...</think>`) is returned as `reasoning_content` when the tokenizer has those markers (a
+tokenizer without them serves plain content), and usage carries `prompt_cache_hit_tokens` /
+`prompt_cache_miss_tokens` from the engine's prefix cache.
 
 This module is only the HTTP layer: the endpoints, the app and the CLI. The engine (`nanoseek.LLM`)
 checks requests and generates; a single background thread drives it (engine_loop.py), so all
@@ -37,7 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.device import add_device_arguments
-from nanoseek.errors import ContextLengthError, NanoseekError
+from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
@@ -92,13 +95,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_model(state, body.model)
     try:
         prompt_text = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "messages", "chat_template_error") from e
     except NanoseekError as e:
         raise bad_request(str(e), "messages") from e
-    prompt_ids = _prompt_ids(state, prompt_text, "messages")
+    # the template's text as it is (it writes bos itself), as transformers tokenizes a chat
+    prompt_ids = _prompt_ids(state, state.tokenizer.encode(prompt_text), "messages")
     max_tokens = _max_tokens(state, prompt_ids, body.max_completion_tokens or body.max_tokens, None)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs())
     split = state.separate_reasoning if body.separate_reasoning is None else body.separate_reasoning
+    split = split and state.tokenizer.think_end is not None  # no reasoning markers: plain content
 
     generation = Generation(state, "chat", [prompt_ids], params)
     await generation.start()

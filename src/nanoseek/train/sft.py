@@ -8,9 +8,10 @@ Used for R1's cold start (a DeepSeek-V3 model on a few long reasoning traces) an
 Data: jsonl files, one example per line, in the layouts TRL's SFTTrainer reads:
 
 - `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`: rendered with
-  the tokenizer's chat template (DeepSeek-R1's). The loss covers the content of every assistant
-  turn (`<think>` reasoning included) and the `<｜end▁of▁sentence｜>` that closes it; bos, system
-  prompt, user turns and the `<｜User｜>` / `<｜Assistant｜>` markers are context only.
+  the tokenizer's chat template (the checkpoint's own; DeepSeek-R1's format for a nanoseek BPE).
+  The loss covers the content of every assistant turn (with nanoseek's template, `<think>`
+  reasoning included) and the `<｜end▁of▁sentence｜>` that closes it; bos, system prompt, user
+  turns and the `<｜User｜>` / `<｜Assistant｜>` markers are context only.
 - `{"prompt": ..., "completion": ...}`: plain text, `bos prompt completion eos`, as the inference
   engine sees a text prompt; the loss covers the completion and its eos. Distillation trains on
   this view, the R1-Zero prompt the teacher answered and `nanoseek eval` asks.
@@ -114,25 +115,27 @@ class Example:
 
 
 def tokenize_messages(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
-    """Render a conversation with the chat template; mark the tokens of each assistant turn's
-    content and its closing eos as targets.
+    """Render a conversation with the tokenizer's chat template (the checkpoint's own); mark the
+    tokens of each assistant turn, as the template renders it, and what closes it as targets.
 
-    The template is prefix-stable (rendering the first i messages plus a generation prompt gives a
-    prefix of the whole), and every boundary falls on a special token, where BPE never merges. So
-    assistant turn i spans exactly from the end of "messages[:i] + <｜Assistant｜>" to the end of
-    "messages[:i+1]", in tokens as in text.
+    Assistant turn i ends where the rendering of messages[:i+1] ends (a prefix of the whole: a
+    template that renders earlier turns differently once later ones follow cannot be trained this
+    way, and is an error) and starts where it parts from messages[:i] plus the generation prompt.
+    A generation prompt the turn does not repeat (DeepSeek-R1's "<think>\\n", when the template
+    strips past reasoning) is context, not a target.
     """
     _check_messages(messages)
-
-    def length(msgs, generation_prompt):
-        return len(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt)))
-
-    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     mask = [False] * len(ids)
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start, end = length(messages[:i], True), length(messages[: i + 1], False)
-            mask[start:end] = [True] * (end - start)
+        if message["role"] != "assistant":
+            continue
+        prompt, turn = tokenizer.encode_chat(messages[:i], True), tokenizer.encode_chat(messages[: i + 1], False)
+        if ids[: len(turn)] != turn:
+            raise NanoseekError(f"the chat template renders assistant turn {i} differently once later turns follow; "
+                                "split the conversation into one example per assistant turn")
+        start = next((j for j, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
+        mask[start: len(turn)] = [True] * (len(turn) - start)
     return ids, mask
 
 
