@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+import torch.nn as nn
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
@@ -151,26 +151,71 @@ def model_class(config: ModelConfig | DenseConfig) -> type[Transformer] | type[D
     return DenseTransformer if isinstance(config, DenseConfig) else Transformer
 
 
+# safetensors dtype names -> torch dtypes
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+             "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsIndex:
+    """The tensors of a checkpoint directory (single file or shards), read one at a time.
+
+    `safe_open` maps a whole file, and the pages a read touches stay resident until the file is
+    closed: loading a 3.5 GB single-file 1.5B checkpoint through it adds 3.5 GB to the peak. Here
+    the header gives each tensor's place, and `read(key)` copies just its bytes with a plain read,
+    so loading holds the model plus one tensor, never two copies of the weights. Only the
+    safetensors format is read (never pickle).
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if (path / INDEX_NAME).exists():
+            files = sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))
+        elif (path / WEIGHTS_NAME).exists():
+            files = [WEIGHTS_NAME]
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{path} holds no *.safetensors weights (only safetensors are loaded, never pickle)")
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}  # key -> file, dtype, shape, start, end
+        for name in files:
+            file = path / name
+            if not file.exists():
+                raise CheckpointError(f"{file} is listed in {INDEX_NAME} but missing")
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in ST_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {key} has dtype {info['dtype']}, which nanoseek does not load")
+                start, end = info["data_offsets"]
+                self.entries[key] = (file, ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, 8 + n + end)
+
+    def keys(self) -> list[str]:
+        """Every key, in file order (reading them in this order reads each file front to back)."""
+        return list(self.entries)
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor of the key's dtype and shape (for checks, without reading anything)."""
+        _, dtype, shape, _, _ = self.entries[key]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def read(self, key: str) -> torch.Tensor:
+        file, dtype, shape, start, end = self.entries[key]
+        out = torch.empty(shape, dtype=dtype)
+        if end > start:
+            with open(file, "rb") as f:
+                f.seek(start)
+                f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (single file or sharded), by key."""
-    path = Path(path)
-    if (path / INDEX_NAME).exists():
-        weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (path / WEIGHTS_NAME).exists():
-        files = [WEIGHTS_NAME]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path} holds no *.safetensors weights (only safetensors are loaded, never pickle)")
-    tensors = {}
-    for name in files:
-        if not (path / name).exists():
-            raise CheckpointError(f"{path / name} is listed in {INDEX_NAME} but missing")
-        with safe_open(path / name, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
+    index = SafetensorsIndex(path)
+    return {key: index.read(key) for key in index.keys()}
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
@@ -210,22 +255,32 @@ def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelCo
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               strict: bool = True) -> Transformer | DenseTransformer:
+               strict: bool = True, quantize: str | None = None) -> Transformer | DenseTransformer:
     """Load an HF-format DeepSeek-V3/V2 checkpoint directory into a nanoseek Transformer, or a
     Llama / Qwen2 one (config.json model_type "llama" / "qwen2") into a DenseTransformer.
 
     dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.
+    The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
+    to dtype) and put in place one at a time, so the peak is the loaded model plus one tensor.
+    `quantize="int8"` (CPU) turns each linear layer into a dynamic int8 one as soon as its weights
+    are in, so the fp32 copy of the whole model never exists either (`nanoseek.device.quantize_model`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
     """
+    from nanoseek.device import check_quantize, quantizable, quantize_linear
+
     path = Path(path)
-    raw = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).exists() else None
     config = load_config(path)
+    raw = json.loads((path / CONFIG_NAME).read_text())
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     if dtype not in DTYPES.values():
         raise CheckpointError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
-    sd = convert_checkpoint_tensors(read_tensors(path), config, raw.get("quantization_config"))
+    check_quantize(quantize, torch.device(device), dtype)
+    index = SafetensorsIndex(path)
+    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
-    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in sd):
+    copies = {p + name for p in mtp_prefixes for name in ("embed_tokens.weight", "shared_head.head.weight")}
+    keys = [k for k in index.keys() if not k.endswith("weight_scale_inv") and k not in copies]
+    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in keys):
         # config.json names MTP modules but the file has none (e.g. saved by transformers, which
         # drops them): load the main model alone rather than fail.
         warnings.warn(f"{path}: config has {len(mtp_prefixes)} MTP module(s) but the checkpoint holds no MTP "
@@ -235,11 +290,31 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     with torch.device("meta"):
         model = model_class(config)(config)
     expected = model.state_dict()
-    check_state_dict(sd, expected, f"checkpoint {path}", "config.json", keys=strict)
-    sd = {k: (v.to(device=device, dtype=torch.float32) if k.endswith("e_score_correction_bias")
-              else v.to(device=device, dtype=dtype)) for k, v in sd.items() if k in expected}
-    model.load_state_dict(sd, strict=strict, assign=True)
-    if config.tie_word_embeddings:  # assign=True gave the head a Parameter of its own: share the embedding's again
+    if config.tie_word_embeddings and "lm_head.weight" not in keys:
+        expected.pop("lm_head.weight", None)
+    check_state_dict({k: index.meta(k) for k in keys}, expected, f"checkpoint {path}", "config.json", keys=strict)
+    modules = dict(model.named_modules())
+    for key in keys:
+        if key not in expected:
+            continue
+        t = index.read(key)
+        scale_key = key[: -len("weight")] + "weight_scale_inv"
+        if scale_key in index.entries:
+            t = dequantize_fp8(t, index.read(scale_key), block)
+        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointError(f"{key} is FP8 but has no {scale_key} to dequantize it with")
+        t = t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+        module_name, _, name = key.rpartition(".")
+        module = modules[module_name]
+        if isinstance(getattr(module, name), nn.Parameter):
+            setattr(module, name, nn.Parameter(t, requires_grad=getattr(module, name).requires_grad))
+        else:
+            setattr(module, name, t)
+        if quantize and quantizable(module_name, module, config) and not any(
+                p.is_meta for p in module.parameters(recurse=False)):
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_linear(module))
+    if config.tie_word_embeddings:  # the head shares the embedding's parameter
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.eval()

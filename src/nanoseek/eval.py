@@ -43,7 +43,7 @@ from collections import Counter
 from pathlib import Path
 
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, prompt_of, reasons
-from nanoseek.device import add_device_arguments
+from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import NanoseekError
 from nanoseek.rewards import format_reward
 
@@ -193,6 +193,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)")
     add_device_arguments(parser)
+    add_quantize_argument(parser)
 
 
 def _parse_difficulty(items: list[str]) -> dict:
@@ -222,7 +223,7 @@ def run(args) -> int:
                                 "give the text: --prefill 'TEXT'")
         prefill = task.chain_opening
     llm = LLM(args.model, max_num_seqs=max(1, min(256, args.n * args.samples)), block_size=16,
-              device=args.device, dtype=args.dtype)
+              device=args.device, dtype=args.dtype, quantize=args.quantize)
     report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
                       max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                       split=args.split, return_samples=args.show > 0, prefill=prefill)

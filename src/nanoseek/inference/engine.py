@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.device import resolve_device, resolve_dtype
+from nanoseek.device import quantize_model, resolve_device, resolve_dtype
 from nanoseek.errors import ContextLengthError, NanoseekError
 from nanoseek.inference.block_manager import BlockManager
 from nanoseek.inference.runner import ModelRunner
@@ -74,7 +74,8 @@ class LLM:
     reset_prefix_cache() after each update, since cached latents were computed with the old ones).
 
     `device` and `dtype` apply when loading a checkpoint directory ("auto": a CUDA GPU in bfloat16
-    when there is one, else the CPU in float32; see nanoseek.device). The cache holds
+    when there is one, else the CPU in float32; see nanoseek.device), and so does `quantize`
+    ("int8": dynamic int8 linear layers on the CPU, `nanoseek.device.quantize_model`). The cache holds
     `num_cache_blocks` blocks of `block_size` tokens (in the model's dtype); by default as many as
     `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
     1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
@@ -86,7 +87,7 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 64, cache_memory_bytes: int | None = None,
                  num_cache_blocks: int | None = None, enable_prefix_caching: bool = True,
                  speculative_mtp: int = 0, speculative_max_batch: int | None = None, dtype="auto",
-                 device="auto", max_num_batched_tokens: int = 4096):
+                 device="auto", quantize: str | None = None, max_num_batched_tokens: int = 4096):
         if isinstance(model, (str, Path)):
             from nanoseek.checkpoint import load_model
 
@@ -94,11 +95,13 @@ class LLM:
             if not (path / "config.json").is_file():
                 raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
             device = resolve_device(device)
-            model = load_model(path, dtype=resolve_dtype(dtype, device), device=device)
+            model = load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize)
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 from nanoseek.tokenizer import Tokenizer
 
                 tokenizer = Tokenizer.from_dir(path)
+        elif quantize not in (None, "none"):
+            model = quantize_model(model, quantize)
         cfg = model.config
         if speculative_mtp < 0 or (speculative_mtp and cfg.num_nextn_predict_layers < 1):
             raise NanoseekError(f"speculative_mtp={speculative_mtp} needs a model with MTP modules "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from nanoseek.device import add_device_arguments
+from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import NanoseekError
 
 
@@ -28,13 +28,14 @@ def add_engine_arguments(parser) -> None:
                         help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     add_device_arguments(parser)
+    add_quantize_argument(parser)
 
 
 def build_engine(args):
     from nanoseek.inference.engine import LLM
 
     llm = LLM(args.model, max_model_len=args.max_model_len, speculative_mtp=args.speculative_mtp,
-              device=args.device, dtype=args.dtype)
+              device=args.device, dtype=args.dtype, quantize=args.quantize)
     if llm.tokenizer is None:
         raise NanoseekError(f"{args.model} has no tokenizer.json; save the checkpoint with its tokenizer")
     return llm

@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.device import add_device_arguments
+from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
@@ -252,6 +252,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the engine's prefix cache off")
     parser.add_argument("--speculative-mtp", type=int, default=0, help="draft tokens per step from the MTP heads")
     add_device_arguments(parser)
+    add_quantize_argument(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -289,7 +290,7 @@ def run(args) -> int:
     check_bindable(args.host, args.port)
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp,
-                 device=args.device, dtype=args.dtype)
+                 device=args.device, dtype=args.dtype, quantize=args.quantize)
     name = args.served_model_name or model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
                      max_waiting=args.max_waiting)
