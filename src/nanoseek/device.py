@@ -11,8 +11,10 @@ Training keeps fp32 weights and optimizer state and computes under bf16 autocast
                      `torch.ao` dynamic quantization: int8 weights, per output channel, activations
                      quantized per batch on the fly, fbgemm/oneDNN kernels). A quarter of the fp32
                      weight bytes to read per decoded token, which is what bounds CPU decode.
-                     MLA's `kv_b_proj` stays in float: the absorbed decode path folds its weight
-                     into the query and the output, so it is read as a matrix, not called.
+                     Two layers stay in float: MLA's `kv_b_proj` (the absorbed decode path folds
+                     its weight into the query and the output, so it is read as a matrix, not
+                     called) and the output head, whose error would go straight into the token
+                     ranking (GPTQ and AWQ checkpoints keep it unquantized for the same reason).
 """
 
 from __future__ import annotations
@@ -82,12 +84,10 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
         raise NanoseekError(f"--quantize {method} quantizes float32 layers; use --dtype float32 (auto on the CPU)")
 
 
-def quantizable(name: str, module: nn.Module, config=None) -> bool:
+def quantizable(name: str, module: nn.Module) -> bool:
     """Whether `quantize_model` turns this module into an int8 one: a plain nn.Linear, except MLA's
-    kv_b_proj (its weight is read directly by the absorbed path) and a head tied to the embedding."""
-    if type(module) is not nn.Linear or name.endswith("kv_b_proj"):
-        return False
-    return not (name == "lm_head" and config is not None and config.tie_word_embeddings)
+    kv_b_proj (its weight is read directly by the absorbed path) and the output head."""
+    return type(module) is nn.Linear and not name.endswith(("kv_b_proj", "lm_head", "shared_head.head"))
 
 
 def quantize_linear(module: nn.Linear) -> nn.Module:
@@ -108,9 +108,8 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
     check_quantize(method, param.device, param.dtype)
     if method in (None, "none"):
         return model
-    config = getattr(model, "config", None)
     for name, module in list(model.named_modules()):
-        if quantizable(name, module, config):
+        if quantizable(name, module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantize_linear(module))
     return model.eval()
