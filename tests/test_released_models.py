@@ -391,3 +391,13 @@ def test_generate_cli_quantize_flag(dirs, capsys):
     assert capsys.readouterr().out.startswith("[0] What is two")
     assert main(args + ["--quantize", "int8", "--dtype", "bfloat16"]) == 2
     assert "--dtype float32" in capsys.readouterr().err
+
+
+def test_a_fine_tuned_released_model_saves_its_own_tokenizer_files(dirs, tmp_path):
+    tok = Tokenizer.from_dir(dirs["deepseek"])
+    nanoseek.save_model(load_model(dirs["deepseek"]), tmp_path / "ckpt", tokenizer=tok)
+    again = Tokenizer.from_dir(tmp_path / "ckpt")
+    assert again.eos_token_ids == tok.eos_token_ids and again.chat_template == R1_TEMPLATE
+    hf = hf_tokenizer(tmp_path / "ckpt")
+    assert hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == \
+        again.apply_chat_template(CONVERSATIONS[1])

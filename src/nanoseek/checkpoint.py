@@ -101,6 +101,8 @@ def save_model(model: Transformer | DenseTransformer, path: str | Path, tokenize
         config = model.config.replace(torch_dtype=str(next(iter(sd.values())).dtype).removeprefix("torch."))
         config.to_json(tmp / CONFIG_NAME)
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        if tokenizer is not None and len(tokenizer.eos_token_ids) > 1:  # keep a released model's stop tokens
+            gen["eos_token_id"] = tokenizer.eos_token_ids
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         shards = _shard(sd, max_shard_bytes)
         if len(shards) == 1:

@@ -1,4 +1,4 @@
-"""`nanoseek chat`: a terminal chat with a checkpoint, streamed through the chat template.
+"""`nanoseek chat`: a terminal chat with a checkpoint, streamed through its own chat template.
 
     nanoseek chat --model runs/r1-zero --temperature 0.6
 
@@ -13,17 +13,20 @@ from __future__ import annotations
 import sys
 
 from nanoseek.inference.generate import add_engine_arguments, build_engine
+from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def styled(text: str, tty: bool) -> str:
-    """The reply as printed: the think part dimmed on a terminal. Growing text gives growing output
-    (the think tags are single tokens, so they never arrive split), so deltas can be printed."""
+def styled(text: str, tty: bool, in_reasoning: bool = False) -> str:
+    """The reply as printed: the think part dimmed on a terminal (from the start when the prompt
+    opened the think block, as R1's template does). Growing text gives growing output (the think
+    tags are single tokens, so they never arrive split), so deltas can be printed."""
     if not tty:
         return text
-    return text.replace(THINK_START, DIM + THINK_START).replace(THINK_END, THINK_END + RESET)
+    return (DIM if in_reasoning else "") + text.replace(THINK_START, DIM + THINK_START).replace(
+        THINK_END, THINK_END + RESET)
 
 
 def final_answer(reply: str) -> str:
@@ -61,13 +64,14 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": user})
         # the checkpoint's own template; its text tokenized as it is (it writes bos itself)
-        prompt_ids = llm.tokenizer.encode_chat(system + history, add_generation_prompt=True)
+        prompt = llm.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
+        in_reasoning = prompt_opens_reasoning(prompt)
         shown, reply = "", ""
-        for out in llm.stream(prompt_ids, params):
+        for out in llm.stream(llm.tokenizer.encode(prompt), params):
             reply = out.outputs[0].text
-            now = styled(reply, tty)
+            now = styled(reply, tty, in_reasoning)
             sys.stdout.write(now[len(shown):])
             sys.stdout.flush()
             shown = now
-        print(RESET if tty and THINK_START in reply and THINK_END not in reply else "")
+        print(RESET if tty and (in_reasoning or THINK_START in reply) and THINK_END not in reply else "")
         history.append({"role": "assistant", "content": final_answer(reply)})
