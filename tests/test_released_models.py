@@ -243,6 +243,9 @@ def test_a_tokenizer_without_eos_is_an_error(dirs, tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
     with pytest.raises(NanoseekError, match="not in its vocabulary"):
         Tokenizer.from_dir(directory)
+    (directory / "tokenizer_config.json").unlink()
+    with pytest.raises(NanoseekError, match="names the special tokens"):
+        Tokenizer.from_dir(directory)
 
 
 def test_sft_masks_the_assistant_turns_the_template_renders(dirs):

@@ -138,9 +138,14 @@ class Tokenizer:
         config, special_map, generation = (_read_json(path / name) for name in (
             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"))
         kwargs = {}
+        tk = HFTokenizer.from_file(str(file))
         if any(f"{name}_token" in src for name in ("bos", "eos") for src in (config, special_map)):
             for name in ("bos_token", "eos_token", "pad_token"):
                 kwargs[name] = next((_content(src[name]) for src in (config, special_map) if src.get(name)), None)
+        elif tk.token_to_id(BOS) is None:
+            raise NanoseekError(f"{path}: no tokenizer_config.json or special_tokens_map.json names the special "
+                                "tokens (bos_token, eos_token), and the vocabulary has none of DeepSeek's; add the "
+                                "files the tokenizer came with")
         eos = generation.get("eos_token_id")
         kwargs["eos_token_ids"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         template = config.get("chat_template")
@@ -150,7 +155,7 @@ class Tokenizer:
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if template is not None:
             kwargs["chat_template"] = template
-        return cls(HFTokenizer.from_file(str(file)), config=config or None, **kwargs)
+        return cls(tk, config=config or None, **kwargs)
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json.
