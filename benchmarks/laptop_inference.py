@@ -70,9 +70,10 @@ def make_checkpoint(args) -> dict:
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # initialise in bf16: the fp32 model never exists here
+    vocab = SHAPES[args.shape]["vocab_size"]
     cfg = transformers.Qwen2Config(**SHAPES[args.shape], max_position_embeddings=131072, rope_theta=10000.0,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151646 % SHAPES[
-                                       args.shape]["vocab_size"], eos_token_id=151643 % SHAPES[args.shape]["vocab_size"])
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151646 % vocab,
+                                   eos_token_id=151643 % vocab)
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     model.save_pretrained(args.dir, max_shard_size="8GB")
     return {"parameters": sum(p.numel() for p in model.parameters())}
@@ -198,13 +199,14 @@ def main() -> None:
     if not (args.dir / "config.json").exists():
         t = time.perf_counter()
         made = subprocess_phase(args, "make")
-        print(f"made {args.dir}: {made['parameters'] / 1e9:.2f}B random bf16 parameters in {time.perf_counter() - t:.0f}s",
-              file=sys.stderr)
+        print(f"made {args.dir}: {made['parameters'] / 1e9:.2f}B random bf16 parameters "
+              f"in {time.perf_counter() - t:.0f}s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.dir.glob("*.safetensors")) / 1024**3
     results = {}
     for phase in ENGINES:
         print(f"running {phase} ...", file=sys.stderr, flush=True)
-        results[phase] = subprocess_phase(args, phase, results.get("nanoseek-fp32") if phase == "nanoseek-int8" else None)
+        reference = results.get("nanoseek-fp32") if phase == "nanoseek-int8" else None
+        results[phase] = subprocess_phase(args, phase, reference)
 
     tf, fp32, int8 = (results[e] for e in ENGINES)
     agree, prefixes = agreement(fp32["greedy_agree"], int8["greedy_agree"])

@@ -39,7 +39,8 @@ from server_thread import ServerThread  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 
 # DeepSeek-R1 style: bos + system, <｜User｜> / <｜Assistant｜> turns, reasoning dropped from past
 # assistant turns, and a generation prompt that opens the think block.

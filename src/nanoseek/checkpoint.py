@@ -178,8 +178,10 @@ class SafetensorsIndex:
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
             if not files:
-                raise CheckpointError(f"{path} holds no *.safetensors weights (only safetensors are loaded, never pickle)")
-        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}  # key -> file, dtype, shape, start, end
+                raise CheckpointError(f"{path} holds no *.safetensors weights "
+                                      "(only safetensors are loaded, never pickle)")
+        # key -> (file, dtype, shape, first byte, end byte)
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
         for name in files:
             file = path / name
             if not file.exists():
@@ -191,7 +193,8 @@ class SafetensorsIndex:
                 if key == "__metadata__":
                     continue
                 if info["dtype"] not in ST_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {key} has dtype {info['dtype']}, which nanoseek does not load")
+                    raise CheckpointError(f"{file}: tensor {key} has dtype {info['dtype']}, "
+                                          "which nanoseek does not load")
                 start, end = info["data_offsets"]
                 self.entries[key] = (file, ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, 8 + n + end)
 
@@ -265,7 +268,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
     to dtype) and put in place one at a time, so the peak is the loaded model plus one tensor.
     `quantize="int8"` (CPU) turns each linear layer into a dynamic int8 one as soon as its weights
-    are in, so the fp32 copy of the whole model never exists either (`nanoseek.device.quantize_model`).
+    are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
     """
     from nanoseek.device import check_quantize, quantizable, quantize_linear

@@ -171,7 +171,8 @@ class Tokenizer:
         special_map = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                           ("pad_token", self.tk.id_to_token(self.pad_id))) if v is not None}
         if self.config is None:
-            special_map["additional_special_tokens"] = [t for t in (USER, ASSISTANT) if self.tk.token_to_id(t) is not None]
+            extra = [t for t in (USER, ASSISTANT) if self.tk.token_to_id(t) is not None]
+            special_map["additional_special_tokens"] = extra
             config = {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 **special_map,
