@@ -405,3 +405,48 @@ def test_a_fine_tuned_released_model_saves_its_own_tokenizer_files(dirs, tmp_pat
     hf = hf_tokenizer(tmp_path / "ckpt")
     assert hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == \
         again.apply_chat_template(CONVERSATIONS[1])
+
+
+# ------------------------------------------------------------------ loading memory
+
+
+MEASURE_LOAD = """
+import sys
+from pathlib import Path
+from nanoseek.checkpoint import load_model
+
+def status(field):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+load_model(sys.argv[1])  # the first load in a process also sets up torch's own state: not measured
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+before = status("VmRSS")
+model = load_model(sys.argv[2], quantize=sys.argv[3] if len(sys.argv) > 3 else None)
+print(status("VmHWM") - before, status("VmRSS") - before)
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's peak-RSS reset")
+def test_loading_holds_the_model_plus_one_tensor(dirs, tmp_path):
+    """A bf16 file loaded as fp32 peaks at the model plus a tensor, not the model plus the file; as int8 lower."""
+    import subprocess
+    import sys
+
+    from nanoseek.model.dense import DenseConfig, DenseTransformer
+
+    torch.manual_seed(0)
+    config = DenseConfig(model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=2048,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    nanoseek.save_model(DenseTransformer(config).to(torch.bfloat16), tmp_path / "bf16")  # one 78 MB file
+    fp32_bytes = 2 * (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    measured = {}
+    for quantize in ("", "int8"):
+        out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(dirs["llama"]), str(tmp_path / "bf16"),
+                              *([quantize] if quantize else [])], capture_output=True, text=True, check=True)
+        measured[quantize] = [int(x) for x in out.stdout.split()]
+    (peak, kept), (int8_peak, _) = measured[""], measured["int8"]
+    largest = 8192 * 512 * 4  # the biggest tensor in fp32: the embedding (or the head)
+    assert fp32_bytes < kept < 1.2 * fp32_bytes, measured  # the loaded model (and the process's odds and ends)
+    assert peak - kept < 2 * largest, measured  # and at no time more than it plus a tensor or two
+    assert int8_peak < 0.6 * peak, measured

@@ -318,7 +318,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         if quantize and quantizable(module_name, module) and not any(
                 p.is_meta for p in module.parameters(recurse=False)):
             parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_linear(module))
+            # replaced everywhere it is held, so the float layer is freed now
+            modules[module_name] = quantize_linear(module)
+            setattr(model.get_submodule(parent), child, modules[module_name])
     if config.tie_word_embeddings:  # the head shares the embedding's parameter
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
