@@ -385,6 +385,8 @@ def test_chat_cli_uses_the_checkpoints_template_and_reports_a_broken_one(dirs, t
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", "--model", str(broken), "--max-tokens", "2"]) == 2
     assert "chat template does not compile" in capsys.readouterr().err
+    assert main(["serve", "--model", str(broken), "--port", "0"]) == 2  # before the model loads
+    assert "chat template does not compile" in capsys.readouterr().err
 
 
 def test_generate_cli_quantize_flag(dirs, capsys):

@@ -227,6 +227,12 @@ class Tokenizer:
                    "pad_token": self.pad_token, "unk_token": None}
         return render_chat_template(self.chat_template, messages, add_generation_prompt, **special)
 
+    def check_chat_template(self) -> None:
+        """Compile the chat template, if there is one: a syntax error is a ChatTemplateError now
+        (the CLIs check before loading a model), not at the first request."""
+        if self.chat_template is not None:
+            _compile_chat_template(self.chat_template)
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a rendered conversation, exactly as transformers' `apply_chat_template(tokenize=True)`:
         the template's text encoded as is (no bos added: the template writes it where it wants one)."""

@@ -11,9 +11,11 @@ Ctrl-D) to leave.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from nanoseek.inference.generate import add_engine_arguments, build_engine
 from nanoseek.serve.reasoning import prompt_opens_reasoning
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -44,6 +46,8 @@ def run(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens)
     params.validate()  # a bad flag is reported before the model loads, not after the first message
+    if (Path(args.model) / "tokenizer.json").is_file():  # so is a chat template that cannot render
+        Tokenizer.from_dir(args.model).apply_chat_template([{"role": "user", "content": "hi"}])
     llm = build_engine(args)
     tty = sys.stdout.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -94,12 +94,12 @@ class LLM:
             path = Path(model)
             if not (path / "config.json").is_file():
                 raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
-            device = resolve_device(device)
-            model = load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize)
-            if tokenizer is None and (path / "tokenizer.json").is_file():
+            if tokenizer is None and (path / "tokenizer.json").is_file():  # first: its errors come at once
                 from nanoseek.tokenizer import Tokenizer
 
                 tokenizer = Tokenizer.from_dir(path)
+            device = resolve_device(device)
+            model = load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize)
         elif quantize not in (None, "none"):
             model = quantize_model(model, quantize)
         cfg = model.config

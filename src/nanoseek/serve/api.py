@@ -47,6 +47,7 @@ from nanoseek.serve.generation import Generation, ServerState
 from nanoseek.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.serve.responses import ChatFormat, CompletionFormat, respond
+from nanoseek.tokenizer import Tokenizer
 
 logger = logging.getLogger("nanoseek.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -288,6 +289,8 @@ def run(args) -> int:
     if not model_dir.is_dir():
         raise NanoseekError(f"--model {args.model}: no such directory; point it at a checkpoint directory")
     check_bindable(args.host, args.port)
+    if (model_dir / "tokenizer.json").is_file():  # a chat template that does not compile fails before the model loads
+        Tokenizer.from_dir(model_dir).check_chat_template()
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp,
                  device=args.device, dtype=args.dtype, quantize=args.quantize)
