@@ -332,6 +332,9 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
 
     # ---- data, model
     tokenizer = load_tokenizer(cfg)
+    if cfg.packing and tokenizer.bos_id is None:
+        raise ConfigError("packing marks each example's start with bos, and this tokenizer has none (Qwen2.5's "
+                          "has no bos): set packing=false")
     examples, counts = load_examples(cfg.data, tokenizer, cfg.format, max_len=cfg.seq_len + 1)
     train_examples, val_examples = split_examples(examples, cfg.val_fraction, cfg.seed)
     micro_batch, accum = batch_plan(cfg, env.world_size)
