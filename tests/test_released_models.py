@@ -449,6 +449,7 @@ def test_loading_holds_the_model_plus_one_tensor(dirs, tmp_path):
         measured[quantize] = [int(x) for x in out.stdout.split()]
     (peak, kept), (int8_peak, _) = measured[""], measured["int8"]
     largest = 8192 * 512 * 4  # the biggest tensor in fp32: the embedding (or the head)
-    assert fp32_bytes < kept < 1.2 * fp32_bytes, measured  # the loaded model (and the process's odds and ends)
+    # the loaded model stays, plus some tens of MB of the process's own (allocator arenas, torch state)
+    assert fp32_bytes < kept < fp32_bytes + 64 * 2**20, measured
     assert peak - kept < 2 * largest, measured  # and at no time more than it plus a tensor or two
     assert int8_peak < 0.6 * peak, measured
