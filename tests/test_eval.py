@@ -14,6 +14,7 @@ from nanoseek.data.tasks import get_task, r1zero_completion
 from nanoseek.eval import evaluate, majority_answer, pass_at_k
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import train_tokenizer
+from scripted_engine import ScriptedEngine
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -33,30 +34,6 @@ def test_majority_answer():
 # ---------------------------------------------------------------- scripted completions
 
 
-@dataclass
-class _Completion:
-    text: str
-    token_ids: list
-    finish_reason: str = "stop"
-
-
-@dataclass
-class _Output:
-    outputs: list
-
-
-class ScriptedEngine:
-    """Stands in for `LLM`: answers each prompt with the completions `script(problem_index, params)` gives."""
-
-    def __init__(self, script):
-        self.script, self.calls = script, []
-
-    def generate(self, prompts, params):
-        self.calls.append(params)
-        return [_Output([_Completion(t, [0] * 5) for t in self.script(i, p)]) for i, (_, p) in
-                enumerate(zip(prompts, params))]
-
-
 @pytest.fixture(scope="module")
 def task():
     return get_task("default")
@@ -65,7 +42,7 @@ def task():
 def test_greedy_pass_at_1_counts_only_full_credit(task):
     problems = task.problems(4, seed=0)
     answers = [problems[0].answer, problems[1].answer + "1", "nonsense", problems[3].answer]  # #1 earns part credit
-    engine = ScriptedEngine(lambda i, p: [r1zero_completion("r", answers[i])])
+    engine = ScriptedEngine(lambda i: [r1zero_completion("r", answers[i])])
     report = evaluate(engine, task=task, n=4, seed=0)
     assert report["pass@1"] == 0.5 and report["format"] == 1.0 and report["n"] == 4
     assert all(p.temperature == 0 and p.n == 1 for p in engine.calls[0])  # K = 1 is greedy
@@ -78,7 +55,7 @@ def test_sampled_pass_at_k_and_majority(task):
     wrong = r1zero_completion("", "12345")
     script = {0: [right[0], wrong, wrong, wrong],  # 1 of 4 right, the majority wrong
               1: [right[1], right[1], wrong, " no answer"]}  # 2 of 4 right, the majority right
-    engine = ScriptedEngine(lambda i, p: script[i])
+    engine = ScriptedEngine(lambda i: script[i])
     report = evaluate(engine, task=task, n=2, samples=4, seed=0, temperature=0.7)
     assert report["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
     assert report["pass@2"] == pytest.approx((pass_at_k(4, 1, 2) + pass_at_k(4, 2, 2)) / 2)

@@ -17,6 +17,7 @@ from nanoseek.data.tasks import (
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import evaluate
 from nanoseek.plots import r1zero_figure, save_r1zero_figure
+from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,37 +107,13 @@ def test_corpus_spec():
 # ---------------------------------------------------------------- eval: reasoning share and prefill
 
 
-@dataclass
-class _Completion:
-    text: str
-    token_ids: list
-    finish_reason: str = "stop"
-
-
-@dataclass
-class _Output:
-    outputs: list
-
-
-class ScriptedEngine:
-    """Stands in for `LLM`, recording the prompts; `script(i, prompt)` gives problem i's completions."""
-
-    def __init__(self, script):
-        self.script, self.prompts = script, []
-
-    def generate(self, prompts, params):
-        self.prompts += prompts
-        return [_Output([_Completion(t, [0] * len(t)) for t in self.script(i, prompt)])
-                for i, prompt in enumerate(prompts)]
-
-
 def test_eval_reports_the_reasoning_share_and_length():
     task = DigitSumTask()
     problems = task.problems(4, seed=0)
     chain = [r1zero_completion(task.reasoning(p), p.answer) for p in problems]
     direct = [r1zero_completion("", str((int(p.answer) + 1) % 10)) for p in problems]  # wrong
     script = {0: [chain[0], direct[0]], 1: [chain[1], chain[1]], 2: [direct[2], direct[2]], 3: [direct[3], "x"]}
-    engine = ScriptedEngine(lambda i, prompt: script[i])
+    engine = ScriptedEngine(lambda i: script[i])
     report = evaluate(engine, task=task, n=4, samples=2, seed=0)
     assert report["reasoning"] == pytest.approx(3 / 8) and report["pass@1"] == pytest.approx(3 / 8)
     assert report["reasoning_length"] == pytest.approx(len(chain[0]))  # scripted: one token per character
@@ -156,7 +133,7 @@ def test_eval_prefill_grades_the_prefilled_response():
     problems = task.problems(3, seed=0)
     # the model continues the chain after the prefilled " sums"
     rest = [r1zero_completion(task.reasoning(p), p.answer).removeprefix(task.chain_opening) for p in problems]
-    engine = ScriptedEngine(lambda i, prompt: [rest[i]])
+    engine = ScriptedEngine(lambda i: [rest[i]])
     report = evaluate(engine, task=task, n=3, seed=0, prefill=task.chain_opening)
     assert engine.prompts == [prompt_of(p) + " sums" for p in problems]
     assert report["pass@1"] == 1.0 and report["reasoning"] == 1.0 and report["format"] == 1.0
