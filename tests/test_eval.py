@@ -1,7 +1,6 @@
 """Task evaluation: the pass@k / maj@k arithmetic on scripted completions, and determinism through
 the real engine on a tiny random model (same seed -> same problems -> same score)."""
 
-from dataclasses import dataclass
 
 import pytest
 import torch

@@ -3,10 +3,8 @@ the hash split), eval's reasoning share and prefill, the R1-Zero figure, and a t
 (pretrain a tiny base on the corpus, then RL) in which RL raises the share of responses that reason.
 """
 
-from dataclasses import dataclass
 
 import pytest
-import torch
 
 from nanoseek import cli
 from nanoseek.data.corpus import load_sources
