@@ -289,7 +289,7 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
         table.add_column(col)
     for s in stages:
         r = st.get(s.name, {})
-        table.add_row(s.name, r.get("status", "not run") + (f": {r['reason']}" if r.get("reason") else ""),
+        table.add_row(s.name, r.get("status", "not run") + (f": {r['reason']}" if r.get("status") == "skipped" else ""),
                       _duration(r.get("seconds")), _duration(r.get("cpu_seconds")), _headline(s.name, out, results, ev, grm))
     table.add_row("total", "", _duration(state.get("wall_seconds")), "", f"{_num(total_flops)} FLOPs trained")
     return Report(path, table)

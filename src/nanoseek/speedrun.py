@@ -87,10 +87,11 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
         base = [*cli, "pretrain", "--config", cfg("pretrain_tiny.toml"), f'data=["{corpus}"]', t]
         small = [*base, f"tokenizer={o('tokenizer')}"]
         reasoning = [*base, "vocab_size=320", "seq_len=64", "max_steps=60", "eval_every=30", "log_every=10"]
-        rl_recipe = [*cli, "rl", "--config", cfg("rl_r1zero_tiny.toml"), "task=digit_sum", "max_steps=2", "eval_n=8"]
+        rl_recipe = [*cli, "rl", "--config", cfg("rl_r1zero_tiny.toml"), "task=digit_sum", "max_steps=2", "eval_n=8",
+                     "lr=5e-5"]
         student_docs, student = 300, [*cli, "sft", "--config", cfg("sft_tiny.toml"), "max_steps=4", t]
-        distill_args = ["num_prompts=16", "samples_per_prompt=4", "max_new_tokens=16", "seq_len=64", "max_steps=2",
-                        "epochs=0", "batch_size=4", "eval_every=0"]
+        distill_args = ["num_prompts=48", "samples_per_prompt=2", "temperature=0.3", "max_new_tokens=16",
+                        "seq_len=64", "max_steps=2", "epochs=0", "batch_size=4", "eval_every=0"]
         evals = ["--n", "16", "--max-tokens", "16"]
         grm_config = "grm_tiny.toml"
         bench = ["--prompt-lens", "16", "--batches", "4", "--new-tokens", "8", "--repeats", "1", "--mtp", "0"]
@@ -280,7 +281,7 @@ class Runner:
                             progress.console.print(f"[yellow]- {stage.name}: skipped ({why})")
                             continue
                         if self.is_done(stage):
-                            self.record(stage.name, status="done")
+                            self.record(stage.name, status="done", reason=None)
                             prev = self.state["stages"][stage.name].get("seconds")
                             progress.console.print(f"[green]= {stage.name}: already done"
                                                    + (f" ({prev:.0f}s)" if prev else "") + ", skipped")
@@ -353,7 +354,7 @@ class Runner:
         job.reader = threading.Thread(target=self.read, args=(job,), daemon=True)
         job.reader.start()
         self.running[stage.name] = job
-        self.record(stage.name, status="running", started=time.time())
+        self.record(stage.name, status="running", started=time.time(), reason=None, exit_status=None)
 
     def read(self, job: Job) -> None:
         """Copy the stage's output to its log; the "step N/M" lines of training stages drive its bar."""
