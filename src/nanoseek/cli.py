@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("nanoseek.train.distill", "R1-Distill: rejection-sample a teacher's verified traces, fine-tune a student on them"),
     "rl": ("nanoseek.train.grpo", "R1-Zero RL: GRPO / Dr. GRPO / DAPO with rule-based rewards, from a base checkpoint"),
     "eval": ("nanoseek.eval", "pass@1 / pass@k / maj@k of a checkpoint on a task's held-out problems"),
+    "speedrun": ("nanoseek.speedrun", "the whole recipe in one command (every stage, resumable) and its report card"),
 }
 
 

@@ -7,6 +7,7 @@ Counts come from blocks built on the meta device, so even V3's 671B parameters c
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", help="tiny, small, v2-lite or v3")
     src.add_argument("--model", help="a checkpoint directory (reads its config.json)")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,5 +136,16 @@ def run(args: argparse.Namespace) -> int:
         name, config = args.model, load_config(args.model)
     if args.dtype_bytes < 1:
         raise NanoseekError("--dtype-bytes must be a positive integer (2 for bf16, 4 for fp32)")
-    print(format_stats(name, config, model_stats(config), args.dtype_bytes))
+    s = model_stats(config)
+    print(json.dumps(stats_json(name, s, args.dtype_bytes)) if args.json
+          else format_stats(name, config, s, args.dtype_bytes))
     return 0
+
+
+def stats_json(name: str, s: ModelStats, dtype_bytes: int = 2) -> dict:
+    """The figures `format_stats` prints, as a JSON-ready dict (cache bytes per token over all layers)."""
+    latent, mha = s.latent_cache_elems * dtype_bytes * s.num_layers, s.mha_cache_elems * dtype_bytes * s.num_layers
+    return {"model": name, "total_params": s.total_params, "active_params": s.active_params,
+            "mtp_params": s.mtp_params, "mtp_active_params": s.mtp_active_params, "num_layers": s.num_layers,
+            "dtype_bytes": dtype_bytes, "mla_cache_bytes_per_token": latent, "mha_cache_bytes_per_token": mha,
+            "mla_vs_mha": mha / latent}

@@ -97,6 +97,81 @@ def save_r1zero_figure(run_dir: str | Path, control: float | None = None) -> Pat
     return path
 
 
+# ---------------------------------------------------------------- the speedrun's report card
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_figure(runs: dict[str, list[dict]], out: str | Path) -> Path:
+    """Pretraining loss curves: per run, the training loss, the MTP loss and the validation loss."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+    for ax, (name, records) in zip(axes[0], runs.items()):
+        for key, style, label in (("loss", "-", "next-token loss"), ("mtp_loss", "-", "MTP loss (depth 1)"),
+                                  ("val_loss", "o--", "validation loss")):
+            steps, values = series(records, key)
+            if steps:
+                ax.plot(steps, values, style, ms=3, lw=1, label=label)
+        steps, values = series(records, "unigram_val_loss")
+        if values:
+            ax.axhline(values[0], color="gray", ls=":", lw=1, label="unigram baseline")
+        ax.set(xlabel="step", ylabel="nats / token", title=name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def expert_load_figure(runs: dict[str, list[dict]], out: str | Path) -> Path:
+    """Expert load imbalance (max / mean tokens per routed expert, worst MoE layer) against step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, records in runs.items():
+        steps, values = series(records, "imbalance")
+        if steps:
+            ax.plot(steps, values, lw=1, label=name)
+    ax.axhline(1.0, color="gray", ls=":", lw=1, label="perfect balance")
+    ax.set(xlabel="step", ylabel="max / mean expert load", title="expert load")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def grm_figure(report: dict, out: str | Path) -> Path:
+    """The GRM's accuracy against k (voting and meta-RM), and best-of-N against maj@k, from a
+    grm_report.json."""
+    plt = _pyplot()
+    fig, (k_ax, n_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, style in (("voting", "o-"), ("meta", "s--")):
+        points = sorted((int(k), v) for k, v in (report.get(key) or {}).items())
+        if points:
+            k_ax.plot([k for k, _ in points], [v for _, v in points], style, label=key)
+    if report.get("single_sample") is not None:
+        k_ax.axhline(report["single_sample"], color="gray", ls=":", label="single sample")
+    k_ax.set(xlabel="k (sampled judgements)", ylabel="accuracy", title="reward accuracy against k")
+    k_ax.set_xscale("log", base=2)
+    k_ax.legend(fontsize=8)
+    best = report.get("best_of_n") or {}
+    names = list(best)
+    n_ax.bar(names, [best[n] for n in names], color=["tab:gray", "tab:blue", "tab:green", "tab:orange"][:len(names)])
+    n_ax.set(ylabel="accuracy", title="best-of-N", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanoseek.plots", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="RL run directory (or its metrics.jsonl)")

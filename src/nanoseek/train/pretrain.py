@@ -15,6 +15,9 @@ Data: `data` lists text/jsonl/parquet sources or `default` (Shakespeare + synthe
 text). A byte-level BPE of `vocab_size` is trained on them and they are tokenized into shards
 under `data_dir` (default `<out_dir>/data`), reused on the next run with the same recipe.
 
+A trained tokenizer: `tokenizer=<dir>` (from `nanoseek tokenizer train`) tokenizes the data with
+it instead of training a BPE here (vocab_size is then the tokenizer's).
+
 Continued pretraining: `init=<checkpoint dir>` starts from that model instead of a fresh `preset`
 and tokenizes the data with the checkpoint's tokenizer (`data_dir=<its run>/data` with the same
 data and seed reuses its shards as they are).
@@ -61,6 +64,7 @@ class PretrainConfig(TrainConfig):
     # data
     data: list[str] = field(default_factory=lambda: ["default"])  # files, directories, or "default"
     data_dir: str = ""  # token shards and tokenizer; "" = <out_dir>/data
+    tokenizer: str = ""  # a tokenizer directory (`nanoseek tokenizer train`) to use instead of training a BPE
     vocab_size: int = 4096  # of the BPE trained on `data` (with init: the checkpoint's tokenizer instead)
     val_fraction: float = 0.05  # share of documents held out
     # objective
@@ -183,7 +187,12 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
     continuing a checkpoint (`init`), with that checkpoint's tokenizer; skipped when a previous run
     already prepared data_dir with the same recipe. Every rank then loads the result."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
-    init_tokenizer = Tokenizer.from_dir(cfg.init) if cfg.init else None
+    if cfg.init and cfg.tokenizer:
+        raise ConfigError("set init= or tokenizer=, not both: a checkpoint brings its own tokenizer")
+    source = cfg.init or cfg.tokenizer
+    if source and not (Path(source) / "tokenizer.json").is_file():
+        raise ConfigError(f"tokenizer={source!r} is not a tokenizer directory (no tokenizer.json)")
+    init_tokenizer = Tokenizer.from_dir(source) if source else None
     recipe = {"data": cfg.data, "vocab_size": cfg.vocab_size, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
     if init_tokenizer is not None:
         recipe.update(vocab_size=init_tokenizer.vocab_size,

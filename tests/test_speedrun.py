@@ -1,0 +1,89 @@
+"""`nanoseek speedrun --tiny`: every stage runs (or is skipped with its reason), the report card
+and its plots are written, a second run skips what is done, and bad input is a clear error."""
+
+import json
+import os
+
+import pytest
+
+from nanoseek import cli
+from nanoseek.speedrun import plan
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def test_speedrun_tiny_end_to_end(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    out = tmp_path / "sr"
+    code = cli.main(["speedrun", "--tiny", "--out", str(out)])
+    printed = capsys.readouterr().out
+    state = json.loads((out / "speedrun.json").read_text())["stages"]
+    names = [s.name for s in plan(out, tiny=True)]
+    failed = {n: (out / "logs" / f"{n}.log").read_text()[-2000:] for n in names if state[n]["status"] == "failed"}
+    assert code == 0 and not failed, failed
+    for name in names:
+        assert state[name]["status"] in ("done", "skipped"), (name, state[name])
+        if state[name]["status"] == "skipped":
+            assert state[name]["reason"]
+        else:
+            assert (out / "logs" / f"{name}.log").is_file() and state[name]["seconds"] > 0
+    for must in ("tokenizer", "pretrain_small", "pretrain_reasoning", "rl", "control", "student", "distill",
+                 "eval_rl", "info_pretrain_small"):
+        assert state[must]["status"] == "done", must
+    report = (out / "report.md").read_text()
+    for section in ("## Stages", "## Cost", "## Pretraining", "## R1-Zero", "## Distillation",
+                    "## Generative reward model", "## Engine and serving", "## Environment"):
+        assert section in report
+    # the report's numbers are the stages' own: eval's JSON line
+    rl = json.loads((out / "results" / "eval_rl.json").read_text())
+    assert f"| + R1-Zero RL | {100 * rl['pass@1']:.1f}% |" in report
+    images = [line[line.index("(") + 1:-1] for line in report.splitlines() if line.startswith("![")]
+    assert {"pretrain_loss.png", "expert_load.png", "r1zero.png"} <= set(images)
+    for image in images:
+        assert (out / image).read_bytes()[:8] == PNG, image
+        assert matplotlib.image.imread(out / image).ndim == 3, image
+    assert "nanoseek speedrun --tiny" in printed and "report:" in printed
+
+    # a second run skips every completed stage
+    code = cli.main(["speedrun", "--tiny", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for name in names:
+        if state[name]["status"] == "done":
+            assert f"= {name}: already done" in printed, name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--skip", "nosuchstage"], "unknown stage 'nosuchstage'"),
+    (["--jobs", "0"], "--jobs 0"),
+])
+def test_speedrun_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
+    code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "sr"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_speedrun_unwritable_out_is_a_clear_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code = cli.main(["speedrun", "--tiny", "--out", str(locked / "sr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to --out" in err and "Traceback" not in err
+
+
+def test_speedrun_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "file" / "sr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to --out" in err and "Traceback" not in err
