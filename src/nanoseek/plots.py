@@ -97,6 +97,39 @@ def save_r1zero_figure(run_dir: str | Path, control: float | None = None) -> Pat
     return path
 
 
+def grm_scaling_figure(report: dict, out: str | Path, title: str = "DeepSeek-GRM at toy scale") -> Path:
+    """The GRM's inference-time scaling (`nanoseek grm`'s grm_report.json): held-out accuracy
+    against the number of sampled judgments k, for plain voting and meta-RM guided voting, with
+    the ablations as horizontal lines. Raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ks = sorted(int(k) for k in report["voting"])
+    ax.plot(ks, [report["voting"][str(k)] for k in ks], "o-", color="tab:blue", label="GRM Voting@k")
+    meta_ks = sorted(int(k) for k in report.get("meta", {}))
+    if meta_ks:
+        ax.plot(meta_ks, [report["meta"][str(k)] for k in meta_ks], "s-", color="tab:red",
+                label="GRM MetaRM@k (top k/2)")
+    styles = ["--", ":", "-.", (0, (3, 1, 1, 1)), (0, (5, 2))]
+    for i, (name, value) in enumerate(sorted((n, v) for n, v in report.get("ablations", {}).items()
+                                               if "@1" not in n and "parse" not in n)):
+        ax.axhline(value, color="gray", ls=styles[i % len(styles)], lw=1, label=f"{name}: {value:.1%}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set(xlabel="sampled judgments k (T = %.1f, shuffled)" % report.get("eval_temperature", 0.5),
+           ylabel="accuracy (right response strictly highest)",
+           title=f"{title}: {report['items']} held-out items")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanoseek.plots", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="RL run directory (or its metrics.jsonl)")
