@@ -111,7 +111,7 @@ class GRMConfig(TrainConfig):
     # 6. evaluation
     eval_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     eval_temperature: float = 0.5
-    judge_max_tokens: int = 64
+    judge_max_tokens: int = 96  # a judgment of 4 responses is ~70 tokens (about one per character)
     best_of_n_k: int = 2  # judgments summed per response when reranking the policy's samples
     ablations: list[str] = field(default_factory=lambda: ["no_principles", "bt", "solve"])
     ablation_k: int = 8
@@ -514,7 +514,9 @@ class Recipe:
         report["meta"] = {str(k): voting_accuracy(items, samples, k, ratings) for k in cfg.eval_k if k >= 2}
         report["ties"] = {str(k): tie_rate(items, samples, k) for k in cfg.eval_k}
         report["best_of_n"] = self.best_of_n(judge)
+        self.ablation_parse_rates = {}
         report["ablations"] = self.ablations(items)
+        report["ablation_parse_rate"] = self.ablation_parse_rates
         report["rft"] = self._read(self.out / "data" / "rft_stats.json", {})
         self.timings_into(report)
         self._write(self.out / REPORT, report)
@@ -553,7 +555,7 @@ class Recipe:
                                        temperature=cfg.eval_temperature)
                 out[f"{name}@1"] = voting_accuracy(items, samples, 1)
                 out[f"{name}@{k}"] = voting_accuracy(items, samples, k)
-                out[f"{name}_parse_rate"] = sum(j.parsed for js in samples for j in js) / (k * len(items))
+                self.ablation_parse_rates[name] = sum(j.parsed for js in samples for j in js) / (k * len(items))
         if "bt" in cfg.ablations:
             out["bt_scalar_rm"] = self.bradley_terry(items)
         if "solve" in cfg.ablations:
