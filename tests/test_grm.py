@@ -6,10 +6,9 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanoseek.cli import main
-from nanoseek.data.tasks import get_task, split_of
+from nanoseek.data.tasks import split_of
 from nanoseek.errors import NanoseekError
 from nanoseek.grm import (GRM, Judgment, format_judgment, judge_prompt, judgment_correct, meta_select,
                           parse_judgment, pick_best, rule_reward, strictly_best, summed_scores)
@@ -19,7 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "grm_tiny.toml"
 
-CHAIN = " sums 3127688290 </think> <answer>0</answer>"  # the running sums of 3215923471 ... see below
 Q = "3815920471"
 
 

@@ -50,7 +50,7 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from nanoseek.data.tasks import DigitSumTask, derive_seed, extract_answer, get_task, prompt_of, reasoning_of, split_of
 from nanoseek.errors import ConfigError, NanoseekError
 from nanoseek.eval import majority_answer
-from nanoseek.grm import (GRM, Judgment, ScalarRM, format_judgment, judge_prompt, judgment_correct, meta_text,
+from nanoseek.grm import (GRM, Judgment, ScalarRM, encode_batch, format_judgment, judge_prompt, judgment_correct, meta_text,
                           rule_reward, strictly_best, summed_scores)
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train import stage
@@ -631,7 +631,7 @@ def train_scalar(rm: ScalarRM, tokenizer, examples: list[tuple[str, float]], los
     limit = rm.backbone.config.max_position_embeddings
     for step in range(steps):
         chosen = [e for g in rng.sample(groups, min(batch_size // unit, len(groups))) for e in g]
-        ids, lengths = encode_batch_for(tokenizer, [t for t, _ in chosen], limit)
+        ids, lengths = encode_batch(tokenizer, [t for t, _ in chosen], limit)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         loss = loss_fn(rm(ids, lengths), torch.tensor([y for _, y in chosen]))
@@ -642,12 +642,6 @@ def train_scalar(rm: ScalarRM, tokenizer, examples: list[tuple[str, float]], los
         if step % 50 == 0 or step == steps - 1:
             print(f"grm: scalar RM step {step} loss {loss.item():.4f}", flush=True)
     rm.eval()
-
-
-def encode_batch_for(tokenizer, texts, limit):
-    from nanoseek.grm import encode_batch
-
-    return encode_batch(tokenizer, texts, limit)
 
 
 def voting_accuracy(items: list[Item], samples: list[list[Judgment]], k: int,
@@ -728,5 +722,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["GRMConfig", "Item", "build_items", "verdict_of", "program_judgment", "voting_accuracy", "train",
-           "replace"]
+__all__ = ["GRMConfig", "Item", "build_items", "verdict_of", "program_judgment", "voting_accuracy", "train"]
