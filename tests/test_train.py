@@ -120,10 +120,12 @@ def test_config_file_errors(tmp_path):
 
 def test_recipes_load():
     from nanoseek.train.distill import DistillConfig
+    from nanoseek.train.grm import GRMConfig
     from nanoseek.train.grpo import GRPOConfig
     from nanoseek.train.sft import SFTConfig
 
-    stages = {"pretrain": PretrainConfig, "rl": GRPOConfig, "sft": SFTConfig, "distill": DistillConfig}
+    stages = {"pretrain": PretrainConfig, "rl": GRPOConfig, "sft": SFTConfig, "distill": DistillConfig,
+              "grm": GRMConfig}
     paths = sorted((ROOT / "configs").glob("*.toml"))
     for path in paths:
         cfg = load_run_config(stages[path.stem.split("_")[0]], path)  # every shipped recipe names a stage

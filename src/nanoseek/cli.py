@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat / prompt-completion jsonl (loss on assistant tokens, packing)"),
     "distill": ("nanoseek.train.distill", "R1-Distill: rejection-sample a teacher's verified traces, fine-tune a student on them"),
     "rl": ("nanoseek.train.grpo", "R1-Zero RL: GRPO / Dr. GRPO / DAPO with rule-based rewards, from a base checkpoint"),
+    "grm": ("nanoseek.train.grm", "DeepSeek-GRM: train a generative reward model (cold start, RFT, +1/-1 RL, meta RM) and measure voting"),
+    "judge": ("nanoseek.grm", "judge responses with a generative reward model: principles, critique, scores; k votes, meta RM"),
     "eval": ("nanoseek.eval", "pass@1 / pass@k / maj@k of a checkpoint on a task's held-out problems"),
     "speedrun": ("nanoseek.speedrun", "the whole recipe in one command (every stage, resumable) and its report card"),
 }

@@ -159,7 +159,7 @@ def format_report(report: dict) -> str:
     prefill = f", prefill {report['prefill']!r}" if report.get("prefill") else ""
     head = (f"{report['task']} ({report['split']}, n={report['n']}, samples={report['samples']}, "
             f"seed={report['seed']}{prefill})")
-    metrics = [k for k in report if k.startswith(("pass@", "maj@"))] + ["format", "reasoning", "reasoning_length",
+    metrics = [k for k in report if k.startswith(("pass@", "maj@", "grm@"))] + ["rerank_parse_rate", "format", "reasoning", "reasoning_length",
                                                                         "mean_length", "truncated"]
     parts = [f"{k} {report[k]:.1f}" if k.endswith("length") else f"{k} {report[k]:.4f}"
              for k in metrics if k in report]
@@ -188,6 +188,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill", nargs="?", const=CHAIN_OPENING, default=None, metavar="TEXT",
                         help="end every prompt with TEXT (alone: the task's chain opening, e.g. ' sums' for "
                              "digit_sum) and grade prefill + completion: can the model carry the chain through?")
+    parser.add_argument("--rerank", metavar="GRM", default=None,
+                        help="with --samples K: also grm@K, the sample a generative reward model (nanoseek grm) "
+                             "scores highest, beside pass@k and maj@K")
+    parser.add_argument("--rerank-k", type=int, default=1, help="judgments summed per sample when reranking")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print the first N problems' completions")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--threads", type=int, default=0,
@@ -224,9 +228,19 @@ def run(args) -> int:
         prefill = task.chain_opening
     llm = LLM(args.model, max_num_seqs=max(1, min(256, args.n * args.samples)), block_size=16,
               device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if args.rerank and args.samples < 2:
+        raise NanoseekError("--rerank picks one of several samples: give --samples K with K >= 2")
     report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
                       max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                      split=args.split, return_samples=args.show > 0, prefill=prefill)
+                      split=args.split, return_samples=args.show > 0 or bool(args.rerank), prefill=prefill)
+    if args.rerank:
+        from nanoseek.grm import GRM, rerank
+
+        results = report["results"]
+        picks, parse_rate = rerank(GRM(args.rerank, device=args.device), [r["question"] for r in results],
+                                   [r["completions"] for r in results], k=args.rerank_k, seed=args.seed)
+        report[f"grm@{args.samples}"] = sum(r["scores"][p] == 1.0 for r, p in zip(results, picks)) / len(results)
+        report["rerank_parse_rate"] = parse_rate
     for r in report.pop("results", [])[: args.show]:
         print(f"Q: {r['question']}  (answer {r['answer']})")
         for text, score in zip(r["completions"], r["scores"]):

@@ -148,28 +148,33 @@ def expert_load_figure(runs: dict[str, list[dict]], out: str | Path) -> Path:
     return Path(out)
 
 
-def grm_figure(report: dict, out: str | Path) -> Path:
-    """The GRM's accuracy against k (voting and meta-RM), and best-of-N against maj@k, from a
-    grm_report.json."""
+def grm_scaling_figure(report: dict, out: str | Path, title: str = "DeepSeek-GRM at toy scale") -> Path:
+    """The GRM's inference-time scaling (`nanoseek grm`'s grm_report.json): held-out accuracy
+    against the number of sampled judgments k, for plain voting and meta-RM guided voting, with
+    the ablations as horizontal lines. Raises ImportError without matplotlib."""
     plt = _pyplot()
-    fig, (k_ax, n_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, style in (("voting", "o-"), ("meta", "s--")):
-        points = sorted((int(k), v) for k, v in (report.get(key) or {}).items())
-        if points:
-            k_ax.plot([k for k, _ in points], [v for _, v in points], style, label=key)
-    if report.get("single_sample") is not None:
-        k_ax.axhline(report["single_sample"], color="gray", ls=":", label="single sample")
-    k_ax.set(xlabel="k (sampled judgements)", ylabel="accuracy", title="reward accuracy against k")
-    k_ax.set_xscale("log", base=2)
-    k_ax.legend(fontsize=8)
-    best = report.get("best_of_n") or {}
-    names = list(best)
-    n_ax.bar(names, [best[n] for n in names], color=["tab:gray", "tab:blue", "tab:green", "tab:orange"][:len(names)])
-    n_ax.set(ylabel="accuracy", title="best-of-N", ylim=(0, 1))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ks = sorted(int(k) for k in report["voting"])
+    ax.plot(ks, [report["voting"][str(k)] for k in ks], "o-", color="tab:blue", label="GRM Voting@k")
+    meta_ks = sorted(int(k) for k in report.get("meta", {}))
+    if meta_ks:
+        ax.plot(meta_ks, [report["meta"][str(k)] for k in meta_ks], "s-", color="tab:red",
+                label="GRM MetaRM@k (top k/2)")
+    styles = ["--", ":", "-.", (0, (3, 1, 1, 1)), (0, (5, 2))]
+    for i, (name, value) in enumerate(sorted((n, v) for n, v in report.get("ablations", {}).items()
+                                               if "@1" not in n and "parse" not in n)):
+        ax.axhline(value, color="gray", ls=styles[i % len(styles)], lw=1, label=f"{name}: {value:.1%}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set(xlabel="sampled judgments k (T = %.1f, shuffled)" % report.get("eval_temperature", 0.5),
+           ylabel="accuracy (right response strictly highest)",
+           title=f"{title}: {report['items']} held-out items")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return Path(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,18 +232,20 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     grm = _json(out / "grm" / "grm_report.json")
     lines += ["## Generative reward model", ""]
     if grm:
-        try:
-            plots.grm_figure(grm, out / "grm_accuracy.png")
-            lines += ["![GRM](grm_accuracy.png)", ""]
-        except Exception as e:  # the report must not depend on the GRM's exact shape
-            lines += [f"(plot failed: {e})", ""]
-        if (out / "grm" / "grm_scaling.png").is_file():
+        if (out / "grm" / "grm_scaling.png").is_file():  # the grm stage draws its own figure
             lines += ["![GRM scaling](grm/grm_scaling.png)", ""]
-        lines += [f"parse rate {_pct(grm.get('parse_rate'))}; single sample {_pct(grm.get('single_sample'))}", ""]
-        for key in ("voting", "meta", "ablations", "best_of_n"):
-            if grm.get(key):
-                lines.append(f"- {key}: " + ", ".join(f"{k} {_pct(v)}" for k, v in grm[key].items()))
-        lines.append("")
+        ks = sorted(grm.get("voting") or {}, key=int)
+        lines += [f"{grm.get('items')} held-out items; parse rate {_pct(grm.get('parse_rate'))}; "
+                  f"one sample {_pct(grm.get('single_sample'))}.", "",
+                  "| k | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
+                  "| Voting@k | " + " | ".join(_pct(grm["voting"][k]) for k in ks) + " |",
+                  "| MetaRM@k | " + " | ".join(_pct((grm.get("meta") or {}).get(k)) for k in ks) + " |", ""]
+        if grm.get("ablations"):
+            lines += ["Ablations: " + ", ".join(f"{k} {_pct(v)}" for k, v in grm["ablations"].items()) + ".", ""]
+        best = grm.get("best_of_n") or {}
+        lines += [f"Best-of-{best.get('n', 8)} on {best.get('questions')} held-out questions: the policy's pass@1 "
+                  f"{_pct(best.get('policy_pass1'))}, maj@8 {_pct(best.get('maj@8'))}, "
+                  f"GRM@8 {_pct(best.get('grm@8'))}.", ""]
     else:
         lines += [f"Not run: {st.get('grm', {}).get('reason', 'no grm/grm_report.json')}.", ""]
 
@@ -319,7 +321,8 @@ def _headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -
         s = results["serve"]
         return f"{s['requests_per_s']} req/s, TTFT p50 {s['ttft_p50_ms']} ms"
     if name == "grm" and grm:
-        return "best-of-N " + ", ".join(f"{k} {_pct(v)}" for k, v in (grm.get("best_of_n") or {}).items())
+        best = grm.get("best_of_n") or {}
+        return f"Voting@8 {_pct(grm['voting'].get('8'))}, best-of-8 {_pct(best.get('grm@8'))} vs maj@8 {_pct(best.get('maj@8'))}"
     return ""
 
 

@@ -78,7 +78,7 @@ from nanoseek.eval import evaluate
 from nanoseek.inference.engine import LLM
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.plots import save_r1zero_figure
-from nanoseek.rewards import combine_rewards
+from nanoseek.rewards import accuracy_reward, combine_rewards
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
@@ -102,6 +102,8 @@ class GRPOConfig(TrainConfig):
     task: str = "default"  # a nanoseek.data.tasks name
     task_args: dict[str, Any] = field(default_factory=dict)  # reasoning-gym difficulty: task_args.min_terms=3
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # name -> weight
+    grm_model: str = ""  # the generative reward model `rewards.grm` judges with (a `nanoseek grm` run)
+    grm_samples: int = 1  # judgments summed per completion for `rewards.grm`
     # rollout
     num_generations: int = 8  # G, samples per prompt
     max_completion_length: int = 128
@@ -167,6 +169,10 @@ class GRPOConfig(TrainConfig):
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
         if not self.rewards:
             raise ConfigError("rewards is empty: give at least one, e.g. rewards.accuracy=1.0")
+        if "grm" in self.rewards and not self.grm_model:
+            raise ConfigError("rewards.grm needs the judge: set grm_model=runs/grm_small/latest")
+        if self.grm_samples < 1:
+            raise ConfigError(f"grm_samples={self.grm_samples} must be >= 1")
 
     @property
     def prompts_per_step(self) -> int:
@@ -267,8 +273,23 @@ def sample_groups(llm: LLM, problems: list[Problem], cfg: GRPOConfig, seed: int)
             for problem, out in zip(problems, outputs) for c in out.outputs]
 
 
+def configured_rewards(cfg: GRPOConfig) -> dict:
+    """The run's rewards for `combine_rewards`: names, except `grm`, which becomes the generative
+    reward model at cfg.grm_model (the task's rule checker then serves the evaluation only)."""
+    if "grm" not in cfg.rewards:
+        return dict(cfg.rewards)
+    from nanoseek.grm import GRMReward
+
+    judge = GRMReward(cfg.grm_model, k=cfg.grm_samples, seed=cfg.seed)
+    return {judge if name == "grm" else name: weight for name, weight in cfg.rewards.items()}
+
+
 def score(samples: list[Sample], reward_fn, cfg: GRPOConfig) -> None:
-    """Fill each sample's reward (weighted rule rewards + overlong punishment) and its parts."""
+    """Fill each sample's reward (weighted rule rewards + overlong punishment) and its parts.
+    A reward with `prepare` (the GRM) first sees the whole rollout, to judge it in one batch."""
+    for fn in reward_fn.fns.values():
+        if hasattr(fn, "prepare"):
+            fn.prepare([(s.text, s.problem) for s in samples])
     for s in samples:
         s.parts = reward_fn.breakdown(s.text, s.problem)
         s.reward = sum(reward_fn.weights[k] * v for k, v in s.parts.items())
@@ -359,6 +380,51 @@ def add_reference_logprobs(reference, samples: list[Sample], micro_batch_size: i
             s.ref_logprobs = values.tolist()
 
 
+# ============================================================== one update (shared with nanoseek grm)
+
+
+def prepare_update(batch: list[Sample], cfg: GRPOConfig, env: DistEnv, trainer: Trainer, reference,
+                   pad_id: int) -> tuple[list[Sample], list[dict[str, torch.Tensor]], float]:
+    """Steps 3 and the inputs of 4 for a rolled-out, rewarded batch (G consecutive samples per
+    group): each sample's advantage and per-token loss weight, the reference log-probabilities,
+    and the micro-batches. Returns (the samples trained on, their micro-batches, reference seconds)."""
+    rewards = torch.tensor([s.reward for s in batch])
+    for s, a in zip(batch, group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).tolist()):
+        s.advantage = a
+    lengths = [len(s.completion_ids) for s in batch]
+    n_seq, n_tok = (int(v) for v in sum_over_ranks(env, [len(batch), sum(lengths)]))
+    for s, w in zip(batch, sequence_weights(lengths, cfg.loss, cfg.max_completion_length, n_seq, n_tok)):
+        s.weight = w
+    trained = samples_to_train(batch, cfg.beta, trainer.fsdp)
+    t0 = time.perf_counter()
+    if reference is not None:
+        with trainer.autocast():
+            add_reference_logprobs(reference, trained, cfg.micro_batch_size or len(trained), pad_id)
+    micro_batches = make_micro_batches(trained, cfg.micro_batch_size or len(trained), pad_id, env.device)
+    return trained, micro_batches, time.perf_counter() - t0
+
+
+def policy_loss(cfg: GRPOConfig, head, scale: float):
+    """Step 4 as the Trainer's loss_fn: sum_t weight_t l_t over the micro-batch's completion tokens.
+    train_step divides each micro-batch's objective by their count and DDP averages over ranks, so
+    `scale` (micro-batches x ranks) multiplies both back."""
+
+    def loss_fn(model, mb):
+        sel = mb["mask"].bool()  # the completion tokens; every per-token tensor below is (N,)
+        logp, entropy = completion_logprobs(model, mb, head)
+        old_logp = mb["old_logp"][sel]
+        losses, info = token_losses(logp, old_logp, mb["advantages"][sel], cfg.epsilon, cfg.epsilon_high,
+                                    cfg.beta, mb["ref_logp"][sel] if "ref_logp" in mb else None)
+        objective = (losses * mb["weight"][sel]).sum()
+        metrics = {"loss": objective.detach(), "clip_frac": info["clipped"].mean(),
+                   "entropy": entropy.mean(), "logprob_gap": (logp.detach() - old_logp).abs().mean()}
+        if "kl" in info:
+            metrics["kl"] = info["kl"].mean()
+        return objective * scale, metrics
+
+    return loss_fn
+
+
 # ============================================================== the loop
 
 
@@ -383,7 +449,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     llm = LLM(trainer.raw_model, tokenizer, max_num_seqs=cfg.batch_size, max_model_len=cfg.seq_len,
               block_size=16, device=str(env.device))
     task = get_task(cfg.task, **cfg.task_args)
-    reward_fn = combine_rewards(cfg.rewards)
+    reward_fn = combine_rewards(configured_rewards(cfg))
     eval_problems = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="eval") if cfg.eval_n else []
     longest = max(len(tokenizer.encode(prompt_of(p))) + 1  # + bos
                   for p in eval_problems or task.problems(8, seed=cfg.seed, split="train"))
@@ -436,40 +502,10 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             batch = [s for g in groups for s in g]
             rollout_s = time.perf_counter() - t0
 
-            # 3. advantage, and each token's weight in the loss
-            rewards = torch.tensor([s.reward for s in batch])
-            for s, a in zip(batch, group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).tolist()):
-                s.advantage = a
-            lengths = [len(s.completion_ids) for s in batch]
-            n_seq, n_tok = (int(v) for v in sum_over_ranks(env, [len(batch), sum(lengths)]))
-            for s, w in zip(batch, sequence_weights(lengths, cfg.loss, cfg.max_completion_length, n_seq, n_tok)):
-                s.weight = w
-            trained = samples_to_train(batch, cfg.beta, trainer.fsdp)
-            t1 = time.perf_counter()
-            if reference is not None:
-                with trainer.autocast():
-                    add_reference_logprobs(reference, trained, cfg.micro_batch_size or len(trained),
-                                           tokenizer.pad_id)
-            micro_batches = make_micro_batches(trained, cfg.micro_batch_size or len(trained), tokenizer.pad_id,
-                                               env.device)
-            reference_s = time.perf_counter() - t1
-
-            # 4. loss: sum_t weight_t l_t over the whole batch (train_step divides each micro-batch's
-            #    objective by their count and DDP averages over ranks, so both are multiplied back)
-            scale = len(micro_batches) * env.world_size
-
-            def loss_fn(model, mb):
-                sel = mb["mask"].bool()  # the completion tokens; every per-token tensor below is (N,)
-                logp, entropy = completion_logprobs(model, mb, head)
-                old_logp = mb["old_logp"][sel]
-                losses, info = token_losses(logp, old_logp, mb["advantages"][sel], cfg.epsilon, cfg.epsilon_high,
-                                            cfg.beta, mb["ref_logp"][sel] if "ref_logp" in mb else None)
-                objective = (losses * mb["weight"][sel]).sum()
-                metrics = {"loss": objective.detach(), "clip_frac": info["clipped"].mean(),
-                           "entropy": entropy.mean(), "logprob_gap": (logp.detach() - old_logp).abs().mean()}
-                if "kl" in info:
-                    metrics["kl"] = info["kl"].mean()
-                return objective * scale, metrics
+            # 3. advantage and per-token weights; 4. the loss over the batch (both shared with nanoseek grm)
+            trained, micro_batches, reference_s = prepare_update(batch, cfg, env, trainer, reference,
+                                                                 tokenizer.pad_id)
+            loss_fn = policy_loss(cfg, head, scale=len(micro_batches) * env.world_size)
 
             # 5. optimizer steps; the engine's cached latents are stale after each
             for iteration in range(cfg.mu):
@@ -506,7 +542,7 @@ def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, se
     stats = {
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(samples) > 1 else 0.0,
-        "acc": sum(s.parts.get("accuracy", 0.0) == 1.0 for s in samples) / len(samples),
+        "acc": sum(s.parts.get("accuracy", accuracy_reward(s.text, s.problem)) == 1.0 for s in samples) / len(samples),
         "format": sum(s.parts.get("format", 0.0) == 1.0 for s in samples) / len(samples),
         "reasoning": sum(reasons(s.text) for s in samples) / len(samples),
         "len": sum(lengths) / len(lengths),

@@ -1,0 +1,227 @@
+"""DeepSeek-GRM: the judgment format, voting, the meta RM's selection, the +1/-1 rule, the data
+builder, the judge API and CLI, the recipe end to end (tiny), eval --rerank and the grm reward."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.data.tasks import split_of
+from nanoseek.errors import NanoseekError
+from nanoseek.grm import (GRM, Judgment, format_judgment, judge_prompt, judgment_correct, meta_select,
+                          parse_judgment, pick_best, rule_reward, strictly_best, summed_scores)
+from nanoseek.train.grm import Item, build_items, program_judgment, verdict_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "grm_tiny.toml"
+
+Q = "3815920471"
+
+
+def chain_of(q: str) -> str:
+    total, out = 0, ""
+    for d in q:
+        total = (total + int(d)) % 10
+        out += str(total)
+    return out
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_parse_good_judgment():
+    text = " work 7 form 3\nC: [1] ok [2] none\n\\boxed{10, 6}"
+    principles, critique, scores = parse_judgment(text, 2)
+    assert principles == [("work", 7), ("form", 3)]
+    assert critique == "[1] ok [2] none"
+    assert scores == [10, 6]
+    assert format_judgment([("work", 7), ("form", 3)], ["ok", "none"], [10, 6]) == text
+
+
+def test_parse_malformed_and_clamped():
+    assert parse_judgment(" work 7\nC: [1] ok", 2)[2] is None  # cut off before the boxed line
+    assert parse_judgment("\\boxed{10}", 2)[2] is None  # wrong count
+    assert parse_judgment("\\boxed{10, x}", 2)[2] is None  # not integers
+    assert parse_judgment("\\boxed{1, 2} then \\boxed{0, 99}", 2)[2] == [1, 10]  # the last box, clamped
+    assert parse_judgment("", 1)[2] is None
+
+
+def test_single_response_uses_the_same_format():
+    prompt = judge_prompt(Q, ["x"])
+    assert prompt == f"Judge: {Q}\n[1] x\nP:"
+    assert parse_judgment(" work 6 form 4\nC: [1] none\n\\boxed{6}", 1)[2] == [6]
+    assert judgment_correct([6], -1, label=1) and not judgment_correct([5], -1, label=1)
+    assert judgment_correct([5], -1, label=0)
+    with pytest.raises(NanoseekError):
+        judge_prompt(Q, [])
+
+
+# ---------------------------------------------------------------- voting, ties, meta RM, reward
+
+
+def test_voting_sums_parsed_judgments_and_ties_miss():
+    js = [Judgment("a", scores=[8, 3]), Judgment("b", scores=[3, 9]), Judgment("c", scores=None),
+          Judgment("d", scores=[7, 5])]
+    assert summed_scores(js, 2) == [18, 17]
+    assert strictly_best([18, 17]) == 0
+    assert strictly_best([9, 9, 1]) is None  # a tie for the top is a miss
+    assert not judgment_correct([9, 9], 0) and judgment_correct([9, 8], 0) and not judgment_correct(None, 0)
+    picks = {pick_best([5, 5, 1], seed) for seed in range(30)}
+    assert picks == {0, 1}  # ties broken at random, never to a lower score
+    assert pick_best([5, 5, 1], 7) == pick_best([5, 5, 1], 7)  # with a seed
+
+
+def test_meta_select_keeps_the_top_k():
+    js = [Judgment(str(i), scores=[i, 0]) for i in range(6)]
+    kept = meta_select(js, [0.1, 0.9, 0.5, 0.2, 0.8, 0.0], 3)
+    assert [j.text for j in kept] == ["1", "2", "4"]
+    assert [j.text for j in meta_select(js, [1.0] * 6, 2)] == ["0", "1"]  # ties: earlier samples
+
+
+def test_rule_reward_plus_minus_one():
+    assert rule_reward([9, 2], 0) == 1.0
+    assert rule_reward([2, 9], 0) == -1.0
+    assert rule_reward([9, 9], 0) == -1.0
+    assert rule_reward(None, 0) == -1.0
+    assert rule_reward([8], -1, label=1) == 1.0 and rule_reward([8], -1, label=0) == -1.0
+
+
+# ---------------------------------------------------------------- data and the program's critique
+
+
+def test_verdicts_read_only_the_response():
+    ok = f" sums {chain_of(Q)} </think> <answer>{chain_of(Q)[-1]}</answer>"
+    assert verdict_of(Q, ok) == "ok"
+    wrong_step = " sums " + chain_of(Q)[:4] + "0" + chain_of(Q)[5:] + f" </think> <answer>{chain_of(Q)[-1]}</answer>"
+    assert verdict_of(Q, wrong_step) == "bad"
+    assert verdict_of(Q, f" sums {chain_of(Q)} </think> <answer>5</answer>") in ("bad", "ok")
+    assert verdict_of(Q, " </think> <answer>7</answer>") == "none"
+    assert verdict_of(Q, " sums 12") == "void"
+    item = Item(Q, [" </think> <answer>7</answer>", ok], 1)
+    principles, critique, scores = parse_judgment(program_judgment(item, random.Random(0)), 2)
+    assert critique == "[1] none [2] ok" and scores[1] == 10 and scores[0] < 10
+    assert sum(w for _, w in principles) == 10
+
+
+def test_items_have_exactly_one_right_response():
+    rng = random.Random(0)
+    samples = ["r1", "w1", "w2", "w3", "r2"]
+    labels = [1, 0, 0, 0, 1]
+    for kind in ("pair", "group"):
+        for _ in range(20):
+            item = build_items(Q, samples, labels, kind, 4, rng)
+            right = [r for r in item.responses if r.startswith("r")]
+            assert len(right) == 1 and item.responses[item.best] == right[0]
+            assert len(item.responses) == (2 if kind == "pair" else 4)
+    assert build_items(Q, ["w1", "w2"], [0, 0], "pair", 4, rng) is None
+    assert build_items(Q, ["r1", "w1"], [1, 0], "group", 4, rng) is None  # too few wrong ones
+    single = build_items(Q, samples, labels, "single", 4, rng)
+    assert len(single.responses) == 1 and single.label in (0, 1)
+
+
+# ---------------------------------------------------------------- the judge on a tiny model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny model pretrained for seconds on 4-digit digit_sum documents: it writes the answer
+    format (sometimes a chain), so its samples make items with right and wrong responses."""
+    from nanoseek.train.pretrain import PretrainConfig
+    from nanoseek.train.pretrain import train as pretrain
+
+    out = tmp_path_factory.mktemp("grm") / "base"
+    return pretrain(PretrainConfig(
+        out_dir=str(out), preset="tiny", data=["synthetic:digit_sum?documents=2000&worked_share=0.3&length=4"],
+        vocab_size=300, val_fraction=0.02, batch_size=8, seq_len=64, max_steps=40, lr=1e-2, warmup_steps=5,
+        eval_every=0, eval_batches=1, log_every=40, tensorboard=False, threads=1,
+        model={"initializer_range": 0.08, "max_position_embeddings": 256}))
+
+
+def test_judge_api_on_a_tiny_model(base):
+    grm = GRM(base, max_tokens=12)
+    v = grm.judge(Q, ["a", "b", "c"], k=4, seed=3)
+    assert len(v.scores) == 3 and len(v.samples) == 4 and 0 <= v.best < 3
+    assert 0.0 <= v.parse_rate <= 1.0  # an untrained judge rarely parses: counted, never raised
+    assert v.kept == [0, 1, 2, 3]
+    assert sorted(v.samples[0].order) == [0, 1, 2]
+    assert len({tuple(j.order) for j in v.samples}) > 1  # shuffled per sample
+    again = grm.judge(Q, ["a", "b", "c"], k=4, seed=3)
+    assert [j.text for j in again.samples] == [j.text for j in v.samples]  # seeded
+    assert len(grm.judge(Q, "only one", k=2).scores) == 1
+    with pytest.raises(NanoseekError, match="meta RM"):
+        grm.judge(Q, ["a", "b"], k=2, meta=True)
+
+
+def test_recipe_end_to_end_then_judge_eval_and_rl(base, tmp_path, capsys):
+    out = tmp_path / "grm"
+    assert main(["grm", "--config", str(TINY), f"init={base}", f"out_dir={out}"]) == 0
+    report = json.loads((out / "grm_report.json").read_text())
+    for key in ("parse_rate", "voting", "meta", "single_sample", "ablations", "best_of_n", "seconds"):
+        assert key in report, key
+    assert set(report["voting"]) == {"1", "2", "4"} and set(report["meta"]) == {"2", "4"}
+    assert {"no_principles@2", "bt_scalar_rm", "solve_and_compare"} <= set(report["ablations"])
+    assert {"policy_pass1", "maj@8", "grm@8"} <= set(report["best_of_n"])
+    assert set(report["seconds"]) == {"data", "cold_start", "rft", "rl", "meta", "evaluate"}
+    assert (out / "grm_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "latest" / "config.json").is_file() and (out / "meta" / "score_head.safetensors").is_file()
+
+    # no eval-split question in training
+    train_items = [json.loads(line) for line in (out / "data" / "items_train.jsonl").read_text().splitlines()]
+    eval_items = [json.loads(line) for line in (out / "data" / "items_eval.jsonl").read_text().splitlines()]
+    assert train_items and eval_items
+    assert all(split_of(i["question"]) == "train" for i in train_items)
+    assert all(split_of(i["question"]) == "eval" for i in eval_items)
+
+    # a re-run skips every finished step
+    capsys.readouterr()
+    assert main(["grm", "--config", str(TINY), f"init={base}", f"out_dir={out}"]) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 6
+
+    # nanoseek judge: one judgment per line; a bad file exits 2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"question": "1234", "responses": [" </think> <answer>0</answer>", "x"]}) + "\n"
+                     + json.dumps({"question": "5678", "response": " </think> <answer>6</answer>"}) + "\n")
+    judged = tmp_path / "judged.jsonl"
+    assert main(["judge", "--model", str(out / "latest"), "--input", str(pairs), "--output", str(judged),
+                 "--k", "2", "--meta"]) == 0
+    rows = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["scores"]) == 2 and len(rows[1]["scores"]) == 1
+    assert len(rows[0]["votes"]) == 2 and len(rows[0]["kept"]) == 1  # the meta RM keeps k/2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": 1}\n')
+    assert main(["judge", "--model", str(out / "latest"), "--input", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+    # eval --rerank: best-of-K by the GRM beside pass@k and maj@k
+    capsys.readouterr()
+    assert main(["eval", "--model", str(base), "--task", "digit_sum", "--difficulty", "length=4", "--n", "6",
+                 "--samples", "4", "--max-tokens", "16", "--rerank", str(out / "latest"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"pass@1", "maj@4", "grm@4", "rerank_parse_rate"} <= set(result)
+    assert main(["eval", "--model", str(base), "--task", "digit_sum", "--n", "2", "--rerank", str(out)]) == 2
+
+    # the grm reward in rl: the judge scores, the task's checker only evaluates
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.grpo import train as rl_train
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.metrics import read_metrics
+
+    cfg = load_run_config(GRPOConfig, None, [
+        f"init={base}", f"out_dir={tmp_path / 'rl'}", "task=digit_sum", "task_args.length=4", "rewards={grm=1.0}",
+        f"grm_model={out / 'latest'}", "max_steps=1", "num_generations=2", "batch_size=4",
+        "micro_batch_size=4", "max_completion_length=8", "seq_len=64", "eval_n=2", "eval_every=1", "save_every=0", "log_every=1",
+        "tensorboard=false", "threads=1"])
+    rl_train(cfg)
+    record = next(r for r in read_metrics(tmp_path / "rl") if "reward_grm" in r)
+    assert 0.0 <= record["reward_grm"] <= 1.0 and "eval_pass@1" in json.dumps(read_metrics(tmp_path / "rl"))
+    with pytest.raises(NanoseekError, match="grm_model"):
+        load_run_config(GRPOConfig, None, [f"init={base}", "rewards={grm=1.0}"])
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    assert main(["grm", "--config", str(TINY), "steps=[\"nope\"]", f"out_dir={tmp_path}"]) == 2
+    assert "unknown" in capsys.readouterr().err
+    assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path}", "init="]) == 2
