@@ -349,6 +349,8 @@ class LLM:
         # 1. draft: the MTP state at each sequence's last computed position gives draft 1; chain
         # the rest, each from the MTP's own hidden state and the draft before, one position on
         sampled = [i for i, s in enumerate(seqs) if s.can_speculate() and not s.params.greedy]
+        # the sampled rows, as an index: all of them (the usual sampling batch) without a gather
+        rows = slice(None) if len(sampled) == len(seqs) else sampled
         h = torch.stack([s.mtp_last[0] for s in seqs])  # (B, D)
         logits = torch.stack([s.mtp_last[1] for s in seqs])  # (B, V)
         drafts, draft_probs = [], []  # per draft: ids (B,), and (len(sampled), V) the sampled ones were drawn from
@@ -356,11 +358,17 @@ class LLM:
             if j:
                 positions = self.runner.prepare(seqs, [s.num_computed + j - 1 for s in seqs], [1] * len(seqs))
                 h, logits = self.runner.mtp_forward(h.unsqueeze(1), drafts[-1].unsqueeze(1), positions)
-            ids = logits.argmax(dim=-1)
             if sampled:
-                q = self.sampler.probs(logits[sampled].float(), [seqs[i].params for i in sampled])
-                ids[sampled] = draw(q, [seqs[i].generator for i in sampled])
+                q = self.sampler.probs(logits[rows].float(), [seqs[i].params for i in sampled])
                 draft_probs.append(q)
+                picked = draw(q, [seqs[i].generator for i in sampled])
+                if rows != slice(None):
+                    ids = logits.argmax(dim=-1)
+                    ids[sampled] = picked
+                else:
+                    ids = picked
+            else:
+                ids = logits.argmax(dim=-1)
             drafts.append(ids)
         draft_ids = torch.stack(drafts, dim=1)  # (B, k)
         draft_rows = draft_ids.tolist()
@@ -376,8 +384,8 @@ class LLM:
         new_tokens = [t[: a + 1] for t, a in zip(target, accepted)]
         if sampled:
             params = [seqs[i].params for i in sampled for _ in range(k + 1)]
-            target_probs = self.sampler.probs(logits[sampled].flatten(0, 1), params).view(len(sampled), k + 1, -1)
-            kept, extra = speculative_accept(target_probs, torch.stack(draft_probs, dim=1), draft_ids[sampled],
+            target_probs = self.sampler.probs(logits[rows].flatten(0, 1), params).view(len(sampled), k + 1, -1)
+            kept, extra = speculative_accept(target_probs, torch.stack(draft_probs, dim=1), draft_ids[rows],
                                              [seqs[i].generator for i in sampled])
             for i, a, token in zip(sampled, kept, extra):
                 accepted[i], new_tokens[i] = a, draft_rows[i][:a] + [token]

@@ -210,10 +210,12 @@ def speculative_accept(target: torch.Tensor, draft: torch.Tensor, draft_ids: tor
     from the target alone. Returns, per row, the number of drafts kept and the token after them.
     """
     b, k, V = draft.shape
-    p = target[:, :k].gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # (b, k)
-    q = draft.gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # (b, k), > 0: the drafts were drawn from it
-    u = torch.stack([torch.rand(k, generator=g) for g in generators]).to(p.device)  # (b, k)
-    kept = (u * q < p).tolist()  # u < p/q, without dividing
+    index = draft_ids.unsqueeze(-1)  # (b, k, 1)
+    p = target[:, :k].gather(2, index)  # (b, k, 1)
+    q = draft.gather(2, index)  # (b, k, 1), > 0: the drafts were drawn from it
+    u = torch.stack([torch.rand(k, 1, generator=g) for g in generators]) if b > 1 \
+        else torch.rand(1, k, 1, generator=generators[0])  # (b, k, 1)
+    kept = (u.to(p.device) * q < p).view(b, k).tolist()  # u < p/q, without dividing
     accepted = [next((j for j in range(k) if not row[j]), k) for row in kept]
     rows, at = torch.arange(b, device=target.device), torch.tensor(accepted, device=target.device)
     p_next = target[rows, at]  # (b, V)
