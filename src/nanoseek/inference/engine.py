@@ -64,10 +64,12 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # Above this many running sequences a decode step is plain even with speculative_mtp > 0: where
-# verifying k+1 positions per sequence stops being nearly free. On the CPU, for the pretrained
-# `small` MoE (benchmarks/generate_throughput.py, k=2): 1.04x at batch 1, 0.87x at 2, 0.78x at 8,
-# since each extra verified token wakes up to K more experts per MoE layer and the step is bound by
-# per-expert calls. On a GPU a step is bound by kernel launches, which verification barely adds to.
+# verifying k+1 positions per sequence stops being nearly free. Measured on the CPU (1 thread,
+# CPU-time clock, plain and speculative timed in turn): the `small` MoE (7M, 100 pretraining steps,
+# sampled, k=1/2) breaks even at batch 2-4 (0.94-1.03x) and loses at 8 (0.83-0.97x), since each
+# extra verified token wakes up to K more experts per MoE layer and the step is bound by per-expert
+# calls; the 1.42M reasoning model still gains at 2-8 (1.05-1.12x), loses at 32 (0.83-0.92x). So 1.
+# On a GPU a step is bound by kernel launches, which verification barely adds to.
 DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32}
 
 
@@ -349,8 +351,8 @@ class LLM:
         # 1. draft: the MTP state at each sequence's last computed position gives draft 1; chain
         # the rest, each from the MTP's own hidden state and the draft before, one position on
         sampled = [i for i, s in enumerate(seqs) if s.can_speculate() and not s.params.greedy]
-        # the sampled rows, as an index: all of them (the usual sampling batch) without a gather
-        rows = slice(None) if len(sampled) == len(seqs) else sampled
+        all_sampled = len(sampled) == len(seqs)  # the usual sampling batch: no row gathers then
+        rows = slice(None) if all_sampled else sampled
         h = torch.stack([s.mtp_last[0] for s in seqs])  # (B, D)
         logits = torch.stack([s.mtp_last[1] for s in seqs])  # (B, V)
         drafts, draft_probs = [], []  # per draft: ids (B,), and (len(sampled), V) the sampled ones were drawn from
@@ -362,11 +364,11 @@ class LLM:
                 q = self.sampler.probs(logits[rows].float(), [seqs[i].params for i in sampled])
                 draft_probs.append(q)
                 picked = draw(q, [seqs[i].generator for i in sampled])
-                if rows != slice(None):
+                if all_sampled:
+                    ids = picked
+                else:
                     ids = logits.argmax(dim=-1)
                     ids[sampled] = picked
-                else:
-                    ids = picked
             else:
                 ids = logits.argmax(dim=-1)
             drafts.append(ids)
