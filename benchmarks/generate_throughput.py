@@ -16,9 +16,12 @@ more (a multi-head K/V cache, 4x the latent's bytes at the `small` preset, grown
 Also printed: latent-cache bytes per token against the multi-head K/V cache transformers keeps for
 the same model, and MTP speculation's acceptance rate and speed-up at each batch size, with the
 engine's default speculative_max_batch (above it speculation is off: "off", and about 1.0x).
-A random model's MTP head rarely agrees with its main model (acceptance near 0, so speculation
-costs time); a trained checkpoint (--model) shows the real figure. `--temperature 1` measures
-speculative sampling instead of greedy decoding.
+Plain and speculative decoding are timed in turn within each repeat and compared by their median
+times. A random model's MTP head rarely agrees with its main model (acceptance near 0, so
+speculation costs time); a trained checkpoint (--model) shows the real figure, best with a prompt
+like its training data (--prompt: every row of the batch runs it, in place of random tokens).
+`--temperature 1` measures speculative sampling instead of greedy decoding. For speculation
+alone: --clock cpu --threads 1 --no-transformers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -54,6 +58,20 @@ def decode_rate(generate, batch: int, new_tokens: int, repeats: int) -> float:
     return batch * (new_tokens - 1) / (full - prefill)
 
 
+def interleaved_decode_rates(generates: list, batch: int, new_tokens: int, repeats: int) -> list[tuple[float, float]]:
+    """Decode tokens/s of each generate, timed in turn within every repeat (so that a load change
+    on a shared machine hits all of them alike): (from the best decode time, from the median)."""
+    times = [[] for _ in generates]
+    for _ in range(repeats):
+        for t, generate in zip(times, generates):
+            start = CLOCK()
+            generate(new_tokens)
+            middle = CLOCK()
+            generate(1)
+            t.append((middle - start) - (CLOCK() - middle))
+    return [(batch * (new_tokens - 1) / min(t), batch * (new_tokens - 1) / statistics.median(t)) for t in times]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint directory (default: a random small-preset model)")
@@ -70,6 +88,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--prompt", default=None, help="a text prompt for every row (default: random tokens)")
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers column")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall-clock time, or CPU time of this thread (with --threads 1: what contention barely moves)")
     args = ap.parse_args()
@@ -115,7 +135,7 @@ def main() -> None:
     print(f"model: {args.model} ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters), "
           f"{args.new_tokens} new tokens, "
           f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, ignore eos, {device} ({where}), {str(dtype).removeprefix('torch.')}, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}" + (", MTP speed-up from median times" if args.mtp else ""))
 
     def ours(llm, prompts):
         def run(n):
@@ -138,24 +158,38 @@ def main() -> None:
     warm = torch.randint(2, cfg.vocab_size, (2, 8), generator=g).tolist()
     for llm in engines.values():
         ours(llm, warm)(4)
-    theirs(warm)(4)
+    if not args.no_transformers:
+        theirs(warm)(4)
 
     results = []
     header = f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14} | {'transformers tok/s':>18} | {'ratio':>6}"
     if args.mtp:
-        header += f" | {'MTP k=' + str(args.mtp) + ' tok/s':>15} | {'accept':>6} | {'MTP speed-up':>12}"
+        header += f" | {'MTP k=' + str(args.mtp) + ' accept':>15} | {'MTP speed-up':>12}"
     print("\n" + header + "\n" + "-" * len(header))
+    if args.prompt is not None:
+        args.prompt_lens = [len(engines[0].prompt_ids(args.prompt))]
     for prompt_len in args.prompt_lens:
         for batch in args.batches:
-            prompts = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+            if args.prompt is not None:
+                prompts = [engines[0].prompt_ids(args.prompt)] * batch
+            else:
+                prompts = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
             memory = {}
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            rate = decode_rate(ours(engines[0], prompts), batch, args.new_tokens, args.repeats)
+            if args.mtp:  # plain and speculative in turn, for a fair speed-up on a shared machine
+                spec = engines[args.mtp]
+                before = spec.stats()
+                (rate, median_rate), (_, median_mtp_rate) = interleaved_decode_rates(
+                    [ours(engines[0], prompts), ours(spec, prompts)], batch, args.new_tokens, args.repeats)
+                after = spec.stats()
+            else:
+                rate = decode_rate(ours(engines[0], prompts), batch, args.new_tokens, args.repeats)
             if cuda:
                 memory["nanoseek"] = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            hf_rate = decode_rate(theirs(prompts), batch, args.new_tokens, args.repeats)
+            hf_rate = float("nan") if args.no_transformers else decode_rate(theirs(prompts), batch, args.new_tokens,
+                                                                              args.repeats)
             if cuda:
                 memory["transformers"] = torch.cuda.max_memory_allocated(device)
             record = {"batch": batch, "prompt_len": prompt_len, "nanoseek_tokens_per_s": rate,
@@ -163,15 +197,12 @@ def main() -> None:
                       **{f"{k}_peak_memory_bytes": v for k, v in memory.items()}}
             line = f"{batch:>5} {prompt_len:>6} | {rate:>14.1f} | {hf_rate:>18.1f} | {rate / hf_rate:>5.2f}x"
             if args.mtp:
-                spec = engines[args.mtp]
-                before = spec.stats()
-                mtp_rate = decode_rate(ours(spec, prompts), batch, args.new_tokens, args.repeats)
-                after = spec.stats()
                 drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
                 accept = (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / drafted if drafted else None
-                shown = f"{accept:>6.2f}" if drafted else f"{'off':>6}"  # above speculative_max_batch
-                line += f" | {mtp_rate:>15.1f} | {shown} | {mtp_rate / rate:>11.2f}x"
-                record.update(mtp_tokens_per_s=mtp_rate, mtp_acceptance=accept, mtp_speedup=mtp_rate / rate)
+                shown = f"{accept:.2f}" if drafted else "off"  # above speculative_max_batch
+                speedup = median_mtp_rate / median_rate  # medians: the best of few runs is noisier
+                line += f" | {shown:>15} | {speedup:>11.2f}x"
+                record.update(mtp_tokens_per_s=median_mtp_rate, mtp_acceptance=accept, mtp_speedup=speedup)
             results.append(record)
             print(line, flush=True)
 

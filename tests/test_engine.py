@@ -215,6 +215,23 @@ def test_speculative_accept_keeps_the_target_distribution():
     assert (torch.bincount(after, minlength=V).float() / len(after) - p[1]).abs().sum() / 2 < 0.03
 
 
+def test_speculative_accept_of_a_batch_is_that_of_each_row_alone():
+    """A row's acceptances and token depend on its own generator only, not on its neighbours (a
+    one-row call takes a shortcut, which must draw the same numbers)."""
+    from nanoseek.inference.sampling import speculative_accept
+
+    torch.manual_seed(0)
+    b, k, V = 6, 3, 7
+    target = torch.rand(b, k + 1, V).softmax(-1)
+    draft = torch.rand(b, k, V).softmax(-1)
+    draft_ids = torch.randint(V, (b, k))
+    draft_ids[0] = target[0, :k].argmax(-1)  # some rows keep drafts
+    batch = speculative_accept(target, draft, draft_ids, [torch.Generator().manual_seed(i) for i in range(b)])
+    alone = [speculative_accept(target[i: i + 1], draft[i: i + 1], draft_ids[i: i + 1],
+                                [torch.Generator().manual_seed(i)]) for i in range(b)]
+    assert batch == ([a for (a,), _ in alone], [t for _, (t,) in alone])
+
+
 def test_speculative_sampling_matches_the_model_distribution(model):
     """Three sampled tokens per prompt with MTP drafts (k=2): their joint frequency over many
     samples equals the model's own distribution, computed exactly with full forwards."""

@@ -20,14 +20,18 @@ sequences draw their drafts from the MTP head's distribution (with the request's
 top-k, top-p, min-p) and keep them by rejection sampling (`sampling.speculative_accept`): every
 token is distributed exactly as in plain decoding. Sequences with penalties ride along without
 drafts. The MTP layer's cache entry at position i needs the main model's hidden state at i and the
-token at i+1, so it is written one step late: every speculative step starts by running the MTP
-module over the positions verified since its last run (after a prefill: the prompt), which also
-yields the first draft.
+token at i+1, so it can only be written once i+1 is known: every speculative step ends by running
+the MTP module over the positions it verified, on the cache slots of the verify forward, and the
+row at the last accepted position yields the next step's first draft. So a step costs one main
+forward of k+1 tokens and k MTP-module forwards, never a second main forward. After plain forwards
+(a prefill; decode steps with speculation off) the next speculative step first runs the MTP module
+over the positions they computed.
 
 Speculation pays while verifying k+1 positions costs about as much as one, i.e. while a decode
 step is bound by reading the weights, not by arithmetic. With many sequences in the batch it is
 not, so above `speculative_max_batch` running sequences a decode step is plain (the MTP entries
-then wait, and are caught up by the next speculative step).
+then wait, and are caught up by the next speculative step; meanwhile a step costs no more than
+with speculation off).
 
 Text prompts get the tokenizer's bos prepended unless they already start with it (the chat
 template writes it itself), matching how pretraining documents are stored
@@ -60,12 +64,13 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # Above this many running sequences a decode step is plain even with speculative_mtp > 0: where
-# verifying k+1 positions per sequence stops being nearly free. On the CPU, for the pretrained
-# `small` MoE (benchmarks/generate_throughput.py, k=2): 1.04x at batch 1, 0.87x at 2, 0.78x at 8,
-# since each extra verified token wakes up to K more experts per MoE layer and the step is bound by
-# per-expert calls. On a GPU a step is bound by kernel launches, which verification barely adds to.
+# verifying k+1 positions per sequence stops being nearly free. Measured on the CPU (1 thread,
+# CPU-time clock, plain and speculative timed in turn): the `small` MoE (7M, 100 pretraining steps,
+# sampled, k=1/2) breaks even at batch 2-4 (0.94-1.03x) and loses at 8 (0.83-0.97x), since each
+# extra verified token wakes up to K more experts per MoE layer and the step is bound by per-expert
+# calls; the 1.42M reasoning model still gains at 2-8 (1.05-1.12x), loses at 32 (0.83-0.92x). So 1.
+# On a GPU a step is bound by kernel launches, which verification barely adds to.
 DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32}
-MAX_PENDING_MTP = 256  # positions whose MTP-cache entries wait while speculation is off, per sequence
 
 
 class LLM:
@@ -326,60 +331,66 @@ class LLM:
         for i, s in enumerate(seqs):
             s.num_computed = len(s)
             if self.speculative_mtp:
-                rows = hidden[i, : len(tokens[i])]
-                # a plain decode step (batch too large to speculate) adds to the pending MTP rows,
-                # keeping the latest MAX_PENDING_MTP: older positions then keep stale MTP-cache
-                # entries, which can only cost draft acceptance, never correctness
-                if not is_prefill and s.mtp_hidden is not None:
-                    rows = torch.cat([s.mtp_hidden, rows])[-MAX_PENDING_MTP:]
-                s.mtp_hidden = rows
+                # These positions' MTP-cache entries wait for the next speculative step, which
+                # needs their hidden states: kept as (this forward's hidden, row, count) and sliced
+                # only then, so that a decode step with speculation off (batch too large) costs no
+                # tensor op per sequence. The deque keeps the latest MAX_PENDING_MTP forwards:
+                # older positions then keep stale MTP-cache entries, which can only cost draft
+                # acceptance, never correctness.
+                s.mtp_last = None
+                s.mtp_pending.append((hidden, i, len(tokens[i])))
             self._append(s, ids[i], None if logprobs is None else logprobs[i])
 
     def _speculative_step(self, seqs: list[Sequence]) -> None:
-        """Draft k tokens per sequence with the MTP module, verify them in one main forward."""
-        k, B = self.speculative_mtp, len(seqs)
+        """Draft k tokens per sequence with the MTP module, verify them in one main forward, then
+        run the MTP module once over the verified positions: what the next step drafts from."""
+        k = self.speculative_mtp
+        behind = [s for s in seqs if s.mtp_last is None]
+        if behind:  # after a prefill or plain decode steps
+            self._mtp_catch_up(behind)
+        # 1. draft: the MTP state at each sequence's last computed position gives draft 1; chain
+        # the rest, each from the MTP's own hidden state and the draft before, one position on
         sampled = [i for i, s in enumerate(seqs) if s.can_speculate() and not s.params.greedy]
-        draft_probs = []  # per draft step, (len(sampled), V): what the sampled rows' drafts were drawn from
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            """The drafts of one step from the MTP logits (B, V): argmax, or drawn for sampled rows."""
-            ids = logits.argmax(dim=-1)
+        all_sampled = len(sampled) == len(seqs)  # the usual sampling batch: no row gathers then
+        rows = slice(None) if all_sampled else sampled
+        h = torch.stack([s.mtp_last[0] for s in seqs])  # (B, D)
+        logits = torch.stack([s.mtp_last[1] for s in seqs])  # (B, V)
+        drafts, draft_probs = [], []  # per draft: ids (B,), and (len(sampled), V) the sampled ones were drawn from
+        for j in range(k):
+            if j:
+                positions = self.runner.prepare(seqs, [s.num_computed + j - 1 for s in seqs], [1] * len(seqs))
+                h, logits = self.runner.mtp_forward(h.unsqueeze(1), drafts[-1].unsqueeze(1), positions)
             if sampled:
-                q = self.sampler.probs(logits[sampled].float(), [seqs[i].params for i in sampled])
-                ids[sampled] = draw(q, [seqs[i].generator for i in sampled])
+                q = self.sampler.probs(logits[rows].float(), [seqs[i].params for i in sampled])
                 draft_probs.append(q)
-            return ids
-
-        # 1. MTP over the positions whose MTP-cache entries are pending; its last row drafts token 1
-        pending = [s.mtp_hidden.shape[0] for s in seqs]
-        starts = [s.num_computed - p for s, p in zip(seqs, pending)]
-        hidden_in = seqs[0].mtp_hidden.new_zeros(B, max(pending), seqs[0].mtp_hidden.shape[-1])  # (B, P, D)
-        for i, s in enumerate(seqs):
-            hidden_in[i, : pending[i]] = s.mtp_hidden
-        next_tokens = [s.token_ids[st + 1: s.num_computed + 1] for s, st in zip(seqs, starts)]
-        h, logits = self.runner.mtp_forward(seqs, hidden_in, next_tokens, starts)
-        drafts = [pick(logits)]  # each (B,)
-        # 2. chain: draft j+1 from the MTP's own hidden state and draft j, one position further
-        for j in range(1, k):
-            step_starts = [s.num_computed + j - 1 for s in seqs]
-            h, logits = self.runner.mtp_forward(seqs, h.unsqueeze(1), [[t] for t in drafts[-1].tolist()],
-                                                step_starts)
-            drafts.append(pick(logits))
+                picked = draw(q, [seqs[i].generator for i in sampled])
+                if all_sampled:
+                    ids = picked
+                else:
+                    ids = logits.argmax(dim=-1)
+                    ids[sampled] = picked
+            else:
+                ids = logits.argmax(dim=-1)
+            drafts.append(ids)
         draft_ids = torch.stack(drafts, dim=1)  # (B, k)
-        # 3. verify: the pending token and the k drafts at positions n..n+k in one forward
-        tokens = [[s.token_ids[-1]] + d for s, d in zip(seqs, draft_ids.tolist())]
-        hidden = self.runner.forward(seqs, tokens, [s.num_computed for s in seqs])  # (B, k+1, D)
+        draft_rows = draft_ids.tolist()
+        # 2. verify: the pending token and the k drafts at positions n..n+k in one forward
+        tokens = [[s.token_ids[-1]] + d for s, d in zip(seqs, draft_rows)]
+        starts = [s.num_computed for s in seqs]
+        hidden = self.runner.forward(seqs, tokens, starts)  # (B, k+1, D)
+        positions = self.runner.positions
         logits = self.model.lm_head(hidden).float()  # (B, k+1, V)
-        target = logits.argmax(dim=-1)  # (B, k+1)
-        accepted = (draft_ids == target[:, :k]).long().cumprod(dim=1).sum(dim=1).tolist()  # (B,)
-        new_tokens = [row[: a + 1] for row, a in zip(target.tolist(), accepted)]  # greedy: target a is the bonus
+        target = logits.argmax(dim=-1).tolist()  # (B, k+1)
+        # greedy: keep drafts while they equal the main model's argmax; its next argmax is the bonus
+        accepted = [next((j for j in range(k) if d[j] != t[j]), k) for d, t in zip(draft_rows, target)]
+        new_tokens = [t[: a + 1] for t, a in zip(target, accepted)]
         if sampled:
             params = [seqs[i].params for i in sampled for _ in range(k + 1)]
-            target_probs = self.sampler.probs(logits[sampled].flatten(0, 1), params).view(len(sampled), k + 1, -1)
-            kept, extra = speculative_accept(target_probs, torch.stack(draft_probs, dim=1), draft_ids[sampled],
+            target_probs = self.sampler.probs(logits[rows].flatten(0, 1), params).view(len(sampled), k + 1, -1)
+            kept, extra = speculative_accept(target_probs, torch.stack(draft_probs, dim=1), draft_ids[rows],
                                              [seqs[i].generator for i in sampled])
             for i, a, token in zip(sampled, kept, extra):
-                accepted[i], new_tokens[i] = a, draft_ids[i, :a].tolist() + [token]
+                accepted[i], new_tokens[i] = a, draft_rows[i][:a] + [token]
         plain = [i for i, s in enumerate(seqs) if not s.can_speculate()]  # penalties: no drafts
         if plain:
             ids, _ = self.sampler(logits[plain, 0], [seqs[i] for i in plain])
@@ -392,11 +403,44 @@ class LLM:
                 self._stats["spec_draft_tokens"] += k
                 self._stats["spec_accepted_tokens"] += accepted[i]
             s.num_computed += 1 + accepted[i]
-            s.mtp_hidden = hidden[i, : accepted[i] + 1]
             for j, token in enumerate(new_tokens[i]):
                 self._append(s, token, None if logprobs is None else logprobs[i, j])
                 if s.finished:
                     break
+        # 3. the MTP module over the verified positions n..n+accepted, now that the token after
+        # each is known (the accepted drafts, then the new token), on the slots the verify forward
+        # used: it writes their MTP-cache entries, and its row at n+accepted drafts the next step.
+        # Rows past it (rejected drafts) write entries that the next step overwrites before any read.
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        if not live:
+            return
+        if len(live) < len(seqs):  # a finished sequence's blocks are freed: prepare the others' slots
+            hidden = hidden[live]
+            positions = self.runner.prepare([seqs[i] for i in live], [starts[i] for i in live], [k + 1] * len(live))
+        next_ids = torch.tensor([new_tokens[i] + [0] * (k - accepted[i]) for i in live])  # (b, k+1)
+        h, logits = self.runner.mtp_forward(hidden, next_ids, positions, torch.tensor([accepted[i] for i in live]))
+        for row, i in enumerate(live):
+            seqs[i].mtp_last = (h[row], logits[row])
+
+    def _mtp_catch_up(self, seqs: list[Sequence]) -> None:
+        """Run the MTP module over the positions that plain forwards (a prefill, decode steps with
+        speculation off) computed since its last run: the MTP-cache entry at position i needs the
+        main model's hidden state at i and the token at i+1, known only once i+1 was sampled. The
+        last row gives each sequence's MTP state for drafting."""
+        rows = [torch.cat([h[i, :n] for h, i, n in s.mtp_pending]) for s in seqs]  # (P_i, D) each
+        pending = [len(r) for r in rows]
+        starts = [s.num_computed - p for s, p in zip(seqs, pending)]
+        hidden = rows[0].new_zeros(len(seqs), max(pending), rows[0].shape[-1])  # (b, P, D)
+        for i, r in enumerate(rows):
+            hidden[i, : len(r)] = r
+        P = max(pending)
+        next_ids = torch.tensor([s.token_ids[st + 1: s.num_computed + 1] + [0] * (P - p)
+                                 for s, st, p in zip(seqs, starts, pending)])  # (b, P)
+        positions = self.runner.prepare(seqs, starts, pending)
+        h, logits = self.runner.mtp_forward(hidden, next_ids, positions, torch.tensor(pending) - 1)
+        for row, s in enumerate(seqs):
+            s.mtp_pending.clear()
+            s.mtp_last = (h[row], logits[row])
 
     # ------------------------------------------------------ tokens and text
 

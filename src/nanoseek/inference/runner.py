@@ -61,6 +61,9 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.cache = PagedLatentCache(num_layers, (num_blocks + 1) * block_size, *model.cache_dims, dtype, device)
         self._offsets = torch.arange(block_size, device=device)
+        # looked up once: model.mtp_layers slices a ModuleList, building a new one per call
+        self.mtp_layer = model.mtp_layers[0] if cfg.num_nextn_predict_layers else None
+        self.positions: torch.Tensor | None = None  # (B, T) of the last prepare()
 
     @staticmethod
     def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -68,9 +71,10 @@ class ModelRunner:
         layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         return block_size * layers * sum(model.cache_dims) * dtype.itemsize
 
-    def _prepare(self, seqs: list[Sequence], starts: list[int], lengths: list[int]) -> torch.Tensor:
+    def prepare(self, seqs: list[Sequence], starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Set the cache's write/read slots for runs of `lengths` new tokens at positions from
-        `starts`; returns the positions (B, T), 0 for padding."""
+        `starts`; returns the positions (B, T), 0 for padding. Every forward until the next call
+        uses these slots: the MTP run after a verify forward reuses the verify's."""
         dev, bs = self.device, self.block_size
         B, T = len(seqs), max(lengths)
         S = max(s + n for s, n in zip(starts, lengths))
@@ -79,34 +83,35 @@ class ModelRunner:
                                for s in seqs], device=dev)  # (B, blocks)
         slots = (tables.unsqueeze(-1) * bs + self._offsets).flatten(1)  # (B, blocks*bs): slot of each position
         positions = torch.tensor(starts, device=dev).unsqueeze(1) + torch.arange(T, device=dev)  # (B, T)
-        valid = torch.arange(T, device=dev) < torch.tensor(lengths, device=dev).unsqueeze(1)  # (B, T)
-        positions = positions.masked_fill(~valid, 0)
-        write = slots.gather(1, positions).masked_fill(~valid, self.scratch_block * bs)
+        if min(lengths) < T:  # padding: position 0, written to the scratch block
+            valid = torch.arange(T, device=dev) < torch.tensor(lengths, device=dev).unsqueeze(1)  # (B, T)
+            positions = positions.masked_fill(~valid, 0)
+            write = slots.gather(1, positions).masked_fill(~valid, self.scratch_block * bs)
+        else:
+            write = slots.gather(1, positions)
         self.cache.write_slots = write.flatten()
         self.cache.read_slots = slots[:, :S]
+        self.positions = positions
         return positions
 
     def forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Main model on tokens[i] at positions starts[i].. of each sequence -> hidden (B, T, D)
         (final-normed; rows past len(tokens[i]) are padding)."""
         lengths = [len(t) for t in tokens]
-        positions = self._prepare(seqs, starts, lengths)
+        positions = self.prepare(seqs, starts, lengths)
         T = max(lengths)
         ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=self.device)  # (B, T)
         return self.model(ids, positions, cache=self.cache, logits=False).hidden
 
-    def mtp_forward(self, seqs: list[Sequence], hidden: torch.Tensor, next_tokens: list[list[int]],
-                    starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP module 0 at positions starts[i].. : hidden (B, T, D) of the main model (or of the
-        previous draft step) and the tokens one position ahead -> the last valid row's MTP hidden
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                    last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module 0 on the slots of the last `prepare`: hidden (B, T, D) of the main model (or
+        of the previous draft step) at `positions` (B, T) and next_ids (B, T), the tokens one
+        position ahead -> at row last[i] of each sequence (default: the last row) the MTP hidden
         (B, D) and its logits (B, V), which predict the token two positions ahead."""
-        lengths = [len(t) for t in next_tokens]
-        positions = self._prepare(seqs, starts, lengths)
-        T = max(lengths)
-        ids = torch.tensor([t + [0] * (T - len(t)) for t in next_tokens], device=self.device)  # (B, T)
-        # Transformer.mtp_forward, with the head applied to the last rows only (prefill runs are long)
-        layer = self.model.mtp_layers[0]
-        x = mtp_inputs(layer, self.model.model.embed_tokens(ids), hidden)
+        # Transformer.mtp_forward, with the head applied to one row per sequence (prefill runs are long)
+        layer = self.mtp_layer
+        x = mtp_inputs(layer, self.model.model.embed_tokens(next_ids.to(self.device)), hidden)
         h = layer(x, positions, self.model.rope(positions), self.cache)  # (B, T, D)
-        last = h[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        return last, self.model.lm_head(layer.shared_head.norm(last))
+        h = h[:, -1] if last is None else h[torch.arange(len(h), device=self.device), last.to(self.device)]
+        return h, self.model.lm_head(layer.shared_head.norm(h))

@@ -121,10 +121,11 @@ class Sampler:
         if all(p.greedy and not p.has_penalties for p in params):
             return logits.argmax(dim=-1).tolist(), logprobs
 
-        logits = logits.clone()
-        for i, s in enumerate(seqs):
-            if s.params.has_penalties:
-                self._apply_penalties(logits[i], s)
+        if any(p.has_penalties for p in params):
+            logits = logits.clone()  # penalties work in place; the caller's logits stay as they are
+            for i, s in enumerate(seqs):
+                if s.params.has_penalties:
+                    self._apply_penalties(logits[i], s)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         greedy_ids = logits[greedy_rows].argmax(dim=-1).tolist() if greedy_rows else []
 
@@ -139,11 +140,19 @@ class Sampler:
         return tokens, logprobs
 
     def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """logits (b, V) of non-greedy rows -> the truncated, renormalised sampling distribution (b, V)."""
+        """logits (b, V) of non-greedy rows -> the truncated, renormalised sampling distribution (b, V).
+
+        Only what the rows ask for is computed: untruncated rows at one temperature cost a
+        division and a softmax (this runs several times per speculative step)."""
         dev = logits.device
-        temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-        probs = (logits / temps).softmax(dim=-1)
+        temps = {p.temperature for p in params}
+        if len(temps) == 1:
+            temp = temps.pop()
+            probs = (logits if temp == 1 else logits / temp).softmax(dim=-1)
+        else:
+            probs = (logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)).softmax(dim=-1)
         top_k = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
+        truncated = False
         if any(k < self.vocab_size for k in top_k) or any(p.top_p < 1 for p in params):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             rank = torch.arange(self.vocab_size, device=dev).unsqueeze(0)  # (1, V)
@@ -154,10 +163,12 @@ class Sampler:
             drop |= mass_before >= torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
-        if (min_p > 0).any():
+            truncated = True
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
             probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        return probs / probs.sum(dim=-1, keepdim=True)
+            truncated = True
+        return probs / probs.sum(dim=-1, keepdim=True) if truncated else probs
 
     def _apply_penalties(self, logits: torch.Tensor, seq: "Sequence") -> None:
         """In place on one row (V,): presence/frequency over generated tokens (OpenAI), repetition
@@ -175,11 +186,14 @@ class Sampler:
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs (b, V), each from its own generator -> (b,) on probs' device.
+    The rows need not be normalised (only their ratios matter).
 
     The exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p. One draw consumes
     V exponential variates of the row's generator, whatever the batch, which keeps seeded
     requests independent of their neighbours."""
-    noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=g) for g in generators])
+    V = probs.shape[-1]
+    noise = torch.stack([torch.empty(V).exponential_(generator=g) for g in generators]) if len(generators) > 1 \
+        else torch.empty(1, V).exponential_(generator=generators[0])
     return (probs / noise.to(probs.device)).argmax(dim=-1)
 
 
@@ -196,18 +210,20 @@ def speculative_accept(target: torch.Tensor, draft: torch.Tensor, draft_ids: tor
     from the target alone. Returns, per row, the number of drafts kept and the token after them.
     """
     b, k, V = draft.shape
-    p = target[:, :k].gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # (b, k)
-    q = draft.gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # (b, k), > 0: the drafts were drawn from it
-    u = torch.stack([torch.rand(k, generator=g) for g in generators]).to(p.device)  # (b, k)
-    accepted = (u * q < p).long().cumprod(dim=1).sum(dim=1)  # (b,) u < p/q, without dividing
-    # a zero draft distribution after the last draft makes "all kept" draw from p_k itself
-    q_padded = torch.cat([draft, draft.new_zeros(b, 1, V)], dim=1)  # (b, k+1, V)
-    rows = torch.arange(b, device=target.device)
-    p_next, q_next = target[rows, accepted], q_padded[rows, accepted]  # (b, V) each
-    residual = (p_next - q_next).clamp(min=0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_next)  # p == q leaves no residual
-    return accepted.tolist(), draw(residual, generators).tolist()
+    index = draft_ids.unsqueeze(-1)  # (b, k, 1)
+    p = target[:, :k].gather(2, index)  # (b, k, 1)
+    q = draft.gather(2, index)  # (b, k, 1), > 0: the drafts were drawn from it
+    u = torch.stack([torch.rand(k, 1, generator=g) for g in generators]) if b > 1 \
+        else torch.rand(1, k, 1, generator=generators[0])  # (b, k, 1)
+    kept = (u.to(p.device) * q < p).view(b, k).tolist()  # u < p/q, without dividing
+    accepted = [next((j for j in range(k) if not row[j]), k) for row in kept]
+    rows, at = torch.arange(b, device=target.device), torch.tensor(accepted, device=target.device)
+    p_next = target[rows, at]  # (b, V)
+    # after a rejection at j: the residual max(0, p_j - q_j); when all k are kept: p_k itself
+    residual = (p_next - draft[rows, at.clamp(max=k - 1)]).clamp(min=0).masked_fill((at == k).unsqueeze(1), 0)
+    # where p == q no residual is left (and no rejection can happen): p_next keeps draw() defined
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_next)
+    return accepted, draw(residual, generators).tolist()  # draw() needs no normalised residual
 
 
 def top_logprobs(logprobs_row: torch.Tensor, token_id: int, k: int) -> dict:

@@ -68,7 +68,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.block_manager.free_blocks(seq)
         seq.status = Status.WAITING
-        seq.mtp_hidden = None
+        seq.mtp_last = None  # recomputed from scratch: its prefill is pending for the MTP cache again
+        seq.mtp_pending.clear()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -9,11 +9,15 @@ after preemption one and the same operation (prefill computes many tokens, decod
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from nanoseek.inference.sampling import SamplingParams
+
+
+MAX_PENDING_MTP = 256  # plain forwards whose hidden states a sequence keeps for its MTP cache
 
 
 class Status(enum.Enum):
@@ -59,9 +63,13 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
         self.prefix_hash: int | None = None  # chained content hash of those blocks
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
-        # MTP speculation: main-model hidden states (P, D) of the last P computed positions, whose
-        # MTP-layer cache entries still have to be written (they need the token that followed).
-        self.mtp_hidden: torch.Tensor | None = None
+        # MTP speculation (engine.py). mtp_last: the MTP module's hidden state (D,) and logits (V,)
+        # at the last computed position, what the next drafts come from; None while the MTP cache
+        # lags behind the main one. mtp_pending: the plain forwards since the MTP's last run, as
+        # (hidden (B, T, D), row, count): the main model's hidden states of the positions whose
+        # MTP-cache entries still have to be written (they need the token that followed).
+        self.mtp_last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.mtp_pending: deque[tuple[torch.Tensor, int, int]] = deque(maxlen=MAX_PENDING_MTP)
         # outputs
         self.logprobs: list[dict] | None = [] if self.params.logprobs is not None else None
         self.cumulative_logprob = 0.0
