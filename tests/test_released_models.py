@@ -349,16 +349,17 @@ def test_serve_splits_reasoning_on_the_real_think_tokens(dirs):
 
 def test_serve_without_think_markers_gives_plain_content_and_template_errors_are_400(dirs):
     engine = nanoseek.LLM(dirs["llama"], max_num_seqs=2)
+    # the expected text first: once the server runs, its engine loop owns the engine
+    prompt = engine.tokenizer.encode_chat(CONVERSATIONS[0])
+    expected = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].text
     with ServerThread(create_app(engine, model_name="llama")) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
         r = client.chat.completions.create(model="llama", messages=CONVERSATIONS[0], temperature=0, max_tokens=6,
                                            extra_body={"ignore_eos": True})
         message = r.choices[0].message
         assert getattr(message, "reasoning_content", None) is None and message.content
-        prompt = engine.tokenizer.encode_chat(CONVERSATIONS[0])
         assert r.usage.prompt_tokens == len(prompt)
-        assert message.content == engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6,
-                                                                           ignore_eos=True))[0].outputs[0].text
+        assert message.content == expected
         engine.tokenizer.chat_template = "{{ raise_exception('this model takes no system prompt') }}"
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="llama", messages=CONVERSATIONS[0])
