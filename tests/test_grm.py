@@ -225,3 +225,15 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["grm", "--config", str(TINY), "steps=[\"nope\"]", f"out_dir={tmp_path}"]) == 2
     assert "unknown" in capsys.readouterr().err
     assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path}", "init="]) == 2
+    assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path}", "meta_loss=listwise"]) == 2
+
+
+def test_data_without_a_right_and_a_wrong_sample(base, tmp_path, capsys):
+    """One sample per question never makes a pair: a clear error naming the fixes; fill_right (toy
+    runs) puts the gold answer beside an under-trained policy's samples so every question makes one."""
+    args = ["grm", "--config", str(TINY), f"init={base}", "steps=[\"data\"]"]
+    assert main([*args, f"out_dir={tmp_path / 'a'}", "policy_samples=1"]) == 2
+    assert "fill_right" in capsys.readouterr().err
+    assert main([*args, f"out_dir={tmp_path / 'b'}", "task_args.length=10", "fill_right=true"]) == 0
+    items = [json.loads(line) for line in (tmp_path / "b" / "data" / "items_eval.jsonl").read_text().splitlines()]
+    assert len(items) == 24 and all(0 <= i["best"] < len(i["responses"]) for i in items)

@@ -38,12 +38,16 @@ def test_speedrun_tiny_end_to_end(tmp_path, capsys):
         else:
             assert (out / "logs" / f"{name}.log").is_file() and state[name]["seconds"] > 0
     for must in ("tokenizer", "pretrain_small", "pretrain_reasoning", "rl", "control", "student", "distill",
-                 "eval_rl", "info_pretrain_small"):
+                 "eval_rl", "info_pretrain_small", "grm"):
         assert state[must]["status"] == "done", must
     report = (out / "report.md").read_text()
     for section in ("## Stages", "## Cost", "## Pretraining", "## R1-Zero", "## Distillation",
                     "## Generative reward model", "## Engine and serving", "## Environment"):
         assert section in report
+    # the GRM stage judged from the speedrun's own reasoning base; its table and figure are in the report
+    grm = json.loads((out / "grm" / "grm_report.json").read_text())
+    assert f"| Voting@k | {100 * grm['voting']['1']:.1f}% |" in report
+    assert "![GRM scaling](grm/grm_scaling.png)" in report
     # the report's numbers are the stages' own: eval's JSON line
     rl = json.loads((out / "results" / "eval_rl.json").read_text())
     assert f"| + R1-Zero RL | {100 * rl['pass@1']:.1f}% |" in report

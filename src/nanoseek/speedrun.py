@@ -94,6 +94,9 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
                         "seq_len=64", "max_steps=2", "epochs=0", "batch_size=4", "eval_every=0"]
         evals = ["--n", "16", "--max-tokens", "16"]
         grm_config = "grm_tiny.toml"
+        # the tiny reasoning base answers 10-digit questions, mostly wrong: fill_right puts a right answer
+        # beside its samples so every question makes an item (configs/grm_tiny.toml is for a length-4 base)
+        grm_args = ["task_args.length=10", "fill_right=true", "policy_max_tokens=16"]
         bench = ["--prompt-lens", "16", "--batches", "4", "--new-tokens", "8", "--repeats", "1", "--mtp", "0"]
         serve = ["--requests", "4", "--concurrency", "2", "--max-tokens", "8"]
         tokenizer = [*cli, "tokenizer", "train", "--data", corpus, "--vocab-size", "320", "--out", o("tokenizer")]
@@ -107,6 +110,7 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
         distill_args = ["num_prompts=500", "samples_per_prompt=4", "max_new_tokens=32", "seq_len=128", "epochs=2"]
         evals = ["--n", "300", "--max-tokens", "32"]
         grm_config = "grm_small.toml"
+        grm_args = []
         bench = ["--prompt-lens", "64", "--batches", "8", "--new-tokens", "32", "--repeats", "2", "--mtp", "0"]
         serve = ["--requests", "32", "--concurrency", "8", "--max-tokens", "32"]
         tokenizer = [*cli, "tokenizer", "train", "--data", "default", "--vocab-size", "4096", "--out", o("tokenizer")]
@@ -164,9 +168,10 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
               after=("rl", "student"), run_dir="distill",
               variant="configs/distill_small.toml " + " ".join(distill_args)),
         Stage("grm", "generative reward model: accuracy against k, best-of-N against maj@k",
-              [*cli, "grm", "--config", cfg(grm_config), f"out_dir={o('grm')}"],
-              after=("rl",), result="grm/grm_report.json", needs=("command:grm", f"configs/{grm_config}"),
-              variant=f"configs/{grm_config}"),
+              [*cli, "grm", "--config", cfg(grm_config), f"init={o('pretrain_reasoning', 'latest')}", *grm_args,
+               f"out_dir={o('grm')}", t],
+              after=("pretrain_reasoning",), result="grm/grm_report.json", needs=("command:grm", f"configs/{grm_config}"),
+              variant=" ".join([f"configs/{grm_config}", *grm_args])),
         evaluate("pretrain_small", "pretrain_small", task="default"),
         evaluate("pretrain_reasoning", "pretrain_reasoning"),
         evaluate("pretrain_reasoning_prefill", "pretrain_reasoning", "--prefill",

@@ -25,8 +25,13 @@ that exists, so a re-run (or a run after Ctrl-C) continues with the first unfini
                mixes general data in the same way).
 4. rl          Rule-based online RL: GRPO on judge prompts with the +1/-1 reward of eq. 11 (the
                update is `grpo.prepare_update` / `policy_loss` on the shared `Trainer`).
-5. meta        The meta RM: a scalar head on a copy of the judge's backbone, trained with BCE to
-               predict whether a sampled judgment is right (eq. 10), for meta-RM guided voting.
+5. meta        The meta RM: a scalar head on a copy of the judge's backbone that rates a sampled
+               judgment (its prompt as the judge saw it plus its text), for meta-RM guided voting.
+               The paper trains it with BCE on "is this judgment right" (eq. 10, meta_loss="bce");
+               here most items' judgments all agree, so BCE learns which *items* are hard. The
+               default (meta_loss="pairwise") trains on the within-item contrast instead: only
+               items whose meta_samples judgments disagree, -log sigmoid(r(right) - r(wrong)) for
+               a right and a wrong judgment of the same item; still one scalar per judgment.
 6. evaluate    On the held-out items: k = 16 judgments per item at T = 0.5, responses shuffled per
                sample; Voting@k for k = 1, 2, 4, 8, 16 sums the first k, MetaRM@k keeps the k/2 the
                meta RM rates highest. Best-of-8 reranking of the policy's own samples against its
@@ -87,6 +92,7 @@ class GRMConfig(TrainConfig):
     item_mix: dict[str, float] = field(default_factory=lambda: {"pair": 0.4, "group": 0.4, "single": 0.2})
     eval_mix: dict[str, float] = field(default_factory=lambda: {"pair": 0.5, "group": 0.5})
     group_size: int = 4
+    fill_right: bool = False  # toy runs: a question with no right sample gets the gold answer as one (see data)
     # 2. cold start (SFT on program-written judgments)
     cold_steps: int = 150
     cold_lr: float = 1e-3
@@ -104,9 +110,10 @@ class GRMConfig(TrainConfig):
     rl_beta: float = 0.04
     rl_temperature: float = 1.0
     # 5. meta RM
-    meta_items: int = 500
-    meta_samples: int = 4
-    meta_steps: int = 150
+    meta_items: int = 1000
+    meta_samples: int = 8  # judgments per item: items whose judgments disagree are what the pairwise loss uses
+    meta_steps: int = 60
+    meta_loss: str = "pairwise"  # "pairwise": a right vs a wrong judgment of the same item; "bce": eq. 10
     meta_lr: float = 1e-3
     # 6. evaluation
     eval_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -147,6 +154,8 @@ class GRMConfig(TrainConfig):
                      "meta_samples", "best_of_n_k", "ablation_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.meta_loss not in ("pairwise", "bce"):
+            raise ConfigError(f"meta_loss={self.meta_loss!r}: pairwise or bce")
         if self.rl_generations < 2:
             raise ConfigError(f"rl_generations={self.rl_generations}: GRPO needs at least 2 samples per prompt")
 
@@ -331,6 +340,11 @@ class Recipe:
                 assert split_of(p.question) == split  # the task's hash split: no eval question in training
                 samples = [c.text for c in out.outputs]
                 labels = [int(accuracy_reward(t, p)) for t in samples]
+                if cfg.fill_right and not any(labels) and len(samples) > 1:
+                    # an under-trained policy may never be right: a bare right answer in place of one
+                    # sample, so the toy run still has items with a right and a wrong response
+                    at = rng.randrange(len(samples))
+                    samples[at], labels[at] = f" </think> <answer>{p.answer}</answer>", 1
                 rows.append({"question": p.question, "answer": p.answer, "samples": samples, "labels": labels})
                 kind = rng.choices(kinds, [mix[k] for k in kinds])[0]
                 item = build_items(p.question, samples, labels, kind, cfg.group_size, rng)
@@ -341,6 +355,10 @@ class Recipe:
             self._write_jsonl(self.out / "data" / f"policy_{split}.jsonl", rows)
             self._write_jsonl(self.out / "data" / f"items_{split}.jsonl", [item.__dict__ for item in items])
             right = sum(sum(r["labels"]) for r in rows) / (len(rows) * cfg.policy_samples)
+            if not any(it.kind != "single" for it in items):
+                raise NanoseekError(f"grm data: the policy's {split} samples never had a right and a wrong response "
+                                    f"for one question, so there is no {split} item; raise {split}_questions, use a "
+                                    "stronger policy, or (toy runs only) fill_right=true")
             print(f"grm: {split}: {len(rows)} questions x {cfg.policy_samples} samples ({right:.1%} right) -> "
                   f"{len(items)} items {dict(Counter(i.kind for i in items))}", flush=True)
 
@@ -473,21 +491,39 @@ class Recipe:
         items = [it for it in self.items("items_train") if it.kind != "single"][-cfg.meta_items:]
         samples = judge.sample([it.pair for it in items], cfg.meta_samples, seed=derive_seed(cfg.seed, "meta"),
                                temperature=cfg.eval_temperature)
-        texts, labels = [], []
-        for it, js in zip(items, samples):
-            for j in js:
-                texts.append(meta_text(it.question, it.responses, j))
-                labels.append(float(item_correct(it, j.scores)))
+        per_item = [[(meta_text(it.question, it.responses, j), float(item_correct(it, j.scores))) for j in js]
+                    for it, js in zip(items, samples)]
+        # selection happens within an item, so what the meta RM must learn is which judgment of an item to
+        # trust: the items whose judgments disagree carry that (the others only say which items are hard)
+        mixed = [ex for ex in per_item if 0 < sum(y for _, y in ex) < len(ex)]
+        right = sum(y for ex in per_item for _, y in ex) / max(1, sum(map(len, per_item)))
+        stats = {"items": len(items), "judgments": sum(map(len, per_item)), "right": right, "mixed_items": len(mixed),
+                 "loss": cfg.meta_loss if mixed else "bce"}  # no item with both: BCE is all there is to learn
+        print(f"grm: meta RM data {stats}", flush=True)
         rm = ScalarRM(load_model(judge_dir))
-        positive = sum(labels) / len(labels)
-        print(f"grm: meta RM on {len(texts)} judgments, {positive:.1%} right", flush=True)
-        pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6))
+        rng = random.Random(derive_seed(cfg.seed, "meta-pairs"))
+        if cfg.meta_loss == "pairwise" and mixed:
+            # within-item contrast: -log sigmoid(r(right judgment) - r(wrong judgment of the same item))
+            examples = []
+            for ex in mixed:
+                good, bad = [e for e in ex if e[1]], [e for e in ex if not e[1]]
+                for _ in range(max(1, cfg.meta_samples // 2)):
+                    examples += [rng.choice(good), rng.choice(bad)]
 
-        def loss(scores, batch_labels):
-            return F.binary_cross_entropy_with_logits(scores, batch_labels, pos_weight=pos_weight)
+            def loss(scores, _):
+                return -F.logsigmoid(scores[0::2] - scores[1::2]).mean()
 
-        train_scalar(rm, judge.tokenizer, [(t, l) for t, l in zip(texts, labels)], loss, cfg.meta_steps,
-                     cfg.meta_lr, cfg.seed)
+            train_scalar(rm, judge.tokenizer, examples, loss, cfg.meta_steps, cfg.meta_lr, cfg.seed, paired=True)
+        else:  # eq. 10: BCE on every judgment, the classes balanced
+            examples = [e for ex in per_item for e in ex]
+            positive = sum(y for _, y in examples) / len(examples)
+            pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6))
+
+            def loss(scores, batch_labels):
+                return F.binary_cross_entropy_with_logits(scores, batch_labels, pos_weight=pos_weight)
+
+            train_scalar(rm, judge.tokenizer, examples, loss, cfg.meta_steps, cfg.meta_lr, cfg.seed)
+        self._write(self.out / "data" / "meta_stats.json", stats)
         rm.save(self.out / "meta", judge.tokenizer)
 
     # ---- 6. evaluation
@@ -518,6 +554,7 @@ class Recipe:
         report["ablations"] = self.ablations(items)
         report["ablation_parse_rate"] = self.ablation_parse_rates
         report["rft"] = self._read(self.out / "data" / "rft_stats.json", {})
+        report["meta_rm"] = self._read(self.out / "data" / "meta_stats.json", {})
         self.timings_into(report)
         self._write(self.out / REPORT, report)
         save_grm_figure(report, self.out / FIGURE)
