@@ -23,15 +23,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from nanoseek.serve.check import free_port, start_server, stop_server
 
 SYSTEM = ("You are nanoseek, a small reasoning model. Think step by step inside <think> tags, check your "
           "arithmetic twice, then give a short final answer. If a question is ambiguous, say which reading "
@@ -56,31 +56,6 @@ def make_checkpoint(preset_name: str, out: Path) -> Path:
     model = Transformer(preset(preset_name, vocab_size=tok.vocab_size))
     nanoseek.save_model(model, out, tokenizer=tok)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, port: int, max_num_seqs: int, timeout: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--served-model-name", "bench",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.terminate()
-    raise SystemExit("the server did not become healthy in time")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
@@ -191,18 +166,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_checkpoint(args.preset, Path(tmp) / args.preset)
         port = free_port()
-        server = start_server(model, port, args.max_num_seqs, timeout=120)
+        server = start_server(model, port, extra_args=("--max-num-seqs", str(args.max_num_seqs),
+                                                       "--served-model-name", "bench"))
         try:
             base = f"http://127.0.0.1:{port}"
             asyncio.run(run_load(base, 4, 1, 4, 60))  # warm up (first forward, allocator)
             run = asyncio.run(run_load(base, args.clients, args.requests_per_client, args.max_tokens, args.timeout))
             summary = {"model": str(args.model or f"random {args.preset}"), "max_tokens": args.max_tokens, **run}
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
         if args.offline:
             offline = offline_tokens_per_s(model, args.clients, args.requests_per_client, args.max_tokens,
                                            args.max_num_seqs)

@@ -116,11 +116,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, threads: int, timeout: float = 120) -> subprocess.Popen:
-    """`nanoseek serve` in its own process; returns once /health answers."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    server = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", model, "--port", str(port),
-                               "--log-level", "warning"], env=env)
+def start_server(model: str, port: int, threads: int | None = None, extra_args: tuple[str, ...] = (),
+                 timeout: float = 120) -> subprocess.Popen:
+    """`nanoseek serve` in its own process (on `threads` CPU threads, with `extra_args`); returns
+    once /health answers."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    server = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model), "--host",
+                               "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra_args], env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -132,6 +134,15 @@ def start_server(model: str, port: int, threads: int, timeout: float = 120) -> s
             time.sleep(0.3)
     server.terminate()
     raise RuntimeError(f"nanoseek serve did not answer within {timeout:.0f}s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Ask the server to stop (SIGTERM), and kill it if it has not within 20 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def client_load(base_url: str, question: str, requests: int, concurrency: int, max_tokens: int) -> dict:
@@ -205,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["browser"] = {"skipped": str(e)}
                 print(f"chat page: skipped ({e})", flush=True)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
