@@ -112,9 +112,13 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("weight", (w / scale[:, None]).round().to(torch.int8))  # (out, in)
+        w = linear.weight.detach()
+        low, high = torch.aminmax(w, dim=1)
+        scale = torch.maximum(-low, high).float().clamp(min=1e-12) / 127  # (out,)
+        # in slices of rows: float temporaries the size of w would outlive it in the heap (RSS)
+        q = torch.cat([(rows.float() / s[:, None]).round().to(torch.int8)
+                       for rows, s in zip(w.split(256), scale.split(256))])
+        self.register_buffer("weight", q)  # (out, in)
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.bias = linear.bias
 
