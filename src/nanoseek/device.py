@@ -152,11 +152,17 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
     check_quantize(method, param.device, param.dtype)
     if method in (None, "none"):
         return model
-    for name, module in list(model.named_modules()):
-        if quantizable(name, module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_linear(module, method))
+    replace_linears(model, [name for name, module in model.named_modules() if quantizable(name, module)],
+                    lambda module: quantize_linear(module, method))
     return model.eval()
+
+
+def replace_linears(model: nn.Module, names: list[str], convert) -> None:
+    """Swap each named layer for convert(layer), one at a time: each float weight is freed as soon
+    as its replacement exists (holding the old layers until the end would double the peak)."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, convert(model.get_submodule(name)))
 
 
 # oneDNN packs a weight for a typical number of rows; any number runs. Decode batches are small.
@@ -193,8 +199,6 @@ def pack_linears(model: nn.Module) -> nn.Module:
     training or updating them in place (RL) needs the plain model. A no-op without oneDNN."""
     if not torch.backends.mkldnn.is_available():
         return model
-    for name, module in list(model.named_modules()):
-        if packable(name, module, model):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, PackedLinear(module))
+    replace_linears(model, [name for name, module in model.named_modules() if packable(name, module, model)],
+                    PackedLinear)
     return model.eval()
