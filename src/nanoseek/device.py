@@ -26,8 +26,11 @@ Float32 inference on the CPU (`pack_linears`, which `LLM` applies to the checkpo
 float linear layer keeps its weight in oneDNN's blocked layout, packed once, and runs through
 oneDNN's linear (what torch.compile's CPU "freezing" does). torch's default fp32 path (MKL sgemm
 on the plain weight) is markedly slower at the few rows a decode step has: per 1536x8960 matrix,
-measured single-threaded, 1.8x slower at 1 row and 2.7x at 8 (benchmarks/laptop_inference.py).
-The math is the same fp32; only the order of the sums differs.
+measured single-threaded with weights beyond the cache, 1.8x slower at 1 row and 2.7x at 8 (whole
+model: README, "Run a released DeepSeek model"). The math is the same fp32; only the order of the
+sums differs. The torch ops used here (`torch.ops.mkldnn._reorder_linear_weight` /
+`_linear_pointwise`, `torch._weight_int8pack_mm`) are torch's own CPU kernels, underscore-named:
+tests/test_quantize.py checks them against F.linear.
 """
 
 from __future__ import annotations
