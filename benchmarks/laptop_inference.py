@@ -1,24 +1,36 @@
 """A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32 vs nanoseek int8.
 
-    python benchmarks/laptop_inference.py [--dir /tmp/nanoseek-r1-distill-1.5b-shape] [--threads 2]
+    python benchmarks/laptop_inference.py [--dir /tmp/nanoseek-r1-distill-1.5b-shape] [--threads 1]
     python benchmarks/laptop_inference.py --small     # toy shapes: checks the script in seconds
+    python benchmarks/laptop_inference.py --trained runs/student_long/latest   # + agreement on a trained model
 
 The model is a random-weight Qwen2 with DeepSeek-R1-Distill-Qwen-1.5B's shapes (hidden 1536, 28
 layers, 12 heads, 2 KV heads, intermediate 8960, vocabulary 151936, untied head: 1.78B parameters),
 saved by transformers in bfloat16 as one 3.5 GB model.safetensors, as the released checkpoint is
 (made once, then reused). No network: the weights are random, the prompts are seeded token ids.
 
+Engines: transformers fp32 (`generate`), nanoseek fp32 (`LLM`: oneDNN-packed linear layers),
+nanoseek fp32 as before the packing (`LLM` on the in-memory model: plain F.linear, for the
+before/after), nanoseek `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao).
 Each engine runs in a fresh process (so its peak memory is its own, and two models are never in
 memory at once) and reports:
 - load time: from nothing to a model ready to generate (the bf16 file upcast to fp32, or quantized);
 - peak resident memory of the process (VmHWM: weights, cache, activations, the Python runtime);
 - decode tokens/s at batch 1 and batch 8: greedy generation of n tokens minus a 1-token run (the
-  prefill), over n - 1 decode steps, after a warm-up;
+  prefill), over n - 1 decode steps, after a warm-up; the median of --repeats such measurements,
+  timed by --clock: "cpu" (default) is the process's CPU time (time.process_time), which on a
+  machine shared with other jobs counts only this process's work; with --threads 1 it is the
+  decode time the process would take alone, short of the memory bandwidth the others take;
 - the greedy tokens, to compare: int8 against fp32 (8 prompts x the first 64 tokens: the share of
   positions that agree, how far each prompt goes before the first difference, and, teacher-forced,
   how often int8 picks fp32's next token on fp32's own text: free-running text diverges for good
   at the first different pick, so the positional share mostly measures where that happens), and
-  nanoseek fp32 against transformers.
+  nanoseek fp32 against transformers;
+- for fp32, the margin between its top two logits at each of those positions (teacher-forced): how
+  close to a tie its picks are, i.e. how small an error flips them.
+With --trained DIR, the same agreement figures on a trained checkpoint (fp32 vs each int8), with
+prompts sampled from the model itself (8 x 32 tokens, seeded), since a random-weight model's
+nearly flat logits make any quantization flip its picks.
 
 Targets (issue 15): nanoseek fp32 >= transformers at batch 1 and >= 1.5x at batch 8; int8 >= 1.5x
 nanoseek fp32 at batch 1 with <= 0.6x its peak memory; int8 greedy agrees with fp32 on >= 90% of
@@ -31,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +55,8 @@ SHAPES = {
     "small": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
 }
-ENGINES = ("transformers-fp32", "nanoseek-fp32", "nanoseek-int8")
+ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-int8", "nanoseek-int8-dynamic")
+INT8 = ("nanoseek-int8", "nanoseek-int8-dynamic")
 
 
 def peak_rss_gib() -> float:
@@ -85,6 +99,7 @@ def run_engine(args) -> dict:
     torch.set_num_threads(args.threads)
     vocab = SHAPES[args.shape]["vocab_size"]
     batch_prompts = prompts(args, vocab)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     t0 = time.perf_counter()
     if args.phase == "transformers-fp32":
         import transformers
@@ -101,9 +116,13 @@ def run_engine(args) -> dict:
         import nanoseek
         from nanoseek.inference.sampling import SamplingParams
 
-        llm = nanoseek.LLM(args.dir, max_num_seqs=8, max_model_len=args.prompt_len + args.agree_tokens + 16,
-                           enable_prefix_caching=False, device="cpu", dtype="float32",
-                           quantize="int8" if args.phase == "nanoseek-int8" else None)
+        from nanoseek.checkpoint import load_model
+
+        quantize = args.phase.removeprefix("nanoseek-") if args.phase in INT8 else None
+        # an in-memory model is not packed: the fp32 path as it was before PackedLinear
+        model = load_model(args.dir) if args.phase == "nanoseek-fp32-unpacked" else args.dir
+        llm = nanoseek.LLM(model, max_num_seqs=8, max_model_len=args.prompt_len + args.agree_tokens + 16,
+                           enable_prefix_caching=False, device="cpu", dtype="float32", quantize=quantize)
 
         def generate(batch: int, n: int) -> list[list[int]]:
             params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -113,27 +132,78 @@ def run_engine(args) -> dict:
     result = {"engine": args.phase, "load_s": load_s}
     for batch, n in ((1, args.decode_tokens), (8, args.decode_tokens)):
         generate(batch, 2)  # warm-up
-        t = time.perf_counter()
-        generate(batch, 1)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        tokens = generate(batch, n)
-        total = time.perf_counter() - t
-        result[f"decode_tok_s_b{batch}"] = batch * (n - 1) / max(total - prefill, 1e-9)
+        rates = []
+        for _ in range(args.repeats):
+            t = clock()
+            generate(batch, 1)
+            prefill = clock() - t
+            t = clock()
+            tokens = generate(batch, n)
+            total = clock() - t
+            rates.append(batch * (n - 1) / max(total - prefill, 1e-9))
+        result[f"decode_tok_s_b{batch}"] = statistics.median(rates)
+        result[f"decode_tok_s_b{batch}_all"] = rates
         if batch == 1:
             result["greedy_b1"] = tokens[0]
     if args.phase != "transformers-fp32":
         result["greedy_agree"] = generate(8, args.agree_tokens)  # the 8 prompts, batch 8
-    result["peak_rss_gib"] = peak_rss_gib()  # before the check below, which holds a prompt's logits
+    result["peak_rss_gib"] = peak_rss_gib()  # before the checks below, which hold a prompt's logits
+    if args.phase == "nanoseek-fp32":  # how close to a tie fp32's picks are, on its own text
+        result["margins"] = [m for prompt, tokens in zip(batch_prompts, result["greedy_agree"])
+                             for m in top2_margins(llm.model, prompt, tokens)]
     if args.reference:  # int8: its next-token choice on fp32's greedy text, position by position
         reference = json.loads(Path(args.reference).read_text())["greedy_agree"]
-        same = total = 0
-        for prompt, tokens in zip(batch_prompts, reference):
-            with torch.inference_mode():
-                logits = llm.model(torch.tensor([prompt + tokens])).logits[0]
-            picks = logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].argmax(dim=-1).tolist()
-            same, total = same + sum(a == b for a, b in zip(picks, tokens)), total + len(tokens)
-        result["teacher_forced_agree"] = same / total
+        result["teacher_forced_agree"] = teacher_forced(llm.model, batch_prompts, reference)
+    return result
+
+
+def next_token_logits(model, prompt: list[int], tokens: list[int]):
+    """The model's logits (len(tokens), V) for each of `tokens`, fed prompt + tokens (teacher-forced)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + tokens])).logits[0]
+    return logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].float()
+
+
+def top2_margins(model, prompt: list[int], tokens: list[int]) -> list[float]:
+    top2 = next_token_logits(model, prompt, tokens).topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def teacher_forced(model, prompts_: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of positions where the model's next token on the reference text is the reference's."""
+    same = total = 0
+    for prompt, tokens in zip(prompts_, reference):
+        picks = next_token_logits(model, prompt, tokens).argmax(dim=-1).tolist()
+        same, total = same + sum(a == b for a, b in zip(picks, tokens)), total + len(tokens)
+    return same / total
+
+
+def trained_agreement(args) -> dict:
+    """fp32 vs each int8 on a trained checkpoint, prompts sampled from the model (in one process: it is small)."""
+    import torch
+
+    import nanoseek
+    from nanoseek.checkpoint import load_model
+    from nanoseek.inference.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    fp32 = nanoseek.LLM(args.trained, max_num_seqs=8, enable_prefix_caching=False, device="cpu", dtype="float32")
+    bos = fp32.model.config.bos_token_id or 0
+    prompt_list = [[bos] + o.outputs[0].token_ids for o in fp32.generate(
+        [[bos]] * 8, [SamplingParams(temperature=1.0, max_tokens=args.prompt_len - 1, ignore_eos=True, seed=i)
+                      for i in range(8)])]
+    greedy = SamplingParams(temperature=0, max_tokens=args.agree_tokens, ignore_eos=True)
+    reference = [o.outputs[0].token_ids for o in fp32.generate(prompt_list, greedy)]
+    margins = [m for p, t in zip(prompt_list, reference) for m in top2_margins(fp32.model, p, t)]
+    result = {"margins": margins}
+    for method in ("int8", "int8-dynamic"):
+        llm = nanoseek.LLM(load_model(args.trained, quantize=method), max_num_seqs=8, enable_prefix_caching=False)
+        out = [o.outputs[0].token_ids for o in llm.generate(prompt_list, greedy)]
+        agree, prefixes = agreement(reference, out)
+        result[method] = {"agree": agree, "prefixes": prefixes,
+                          "teacher_forced_agree": teacher_forced(llm.model, prompt_list, reference)}
     return result
 
 
@@ -143,7 +213,9 @@ def run_engine(args) -> dict:
 def subprocess_phase(args, phase: str, reference: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--phase", phase, "--dir", str(args.dir), "--threads", str(args.threads),
            "--shape", args.shape, "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
-           "--agree-tokens", str(args.agree_tokens)]
+           "--agree-tokens", str(args.agree_tokens), "--repeats", str(args.repeats), "--clock", args.clock]
+    if args.trained:
+        cmd += ["--trained", str(args.trained)]
     if reference is not None:
         file = args.dir / "fp32_greedy.json"
         file.write_text(json.dumps(reference))
@@ -177,12 +249,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="where the bf16 checkpoint is (made if missing)")
     parser.add_argument("--small", action="store_true", help="toy shapes instead of the 1.5B ones (a quick check)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per engine")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                        help="decode timing: the process's CPU time (default) or wall-clock time")
+    parser.add_argument("--repeats", type=int, default=3, help="decode timings per batch size (the median is kept)")
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="a trained checkpoint to also measure int8 agreement on (small: one process)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per timed generation")
     parser.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared, int8 vs fp32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--phase", default=None, choices=("make", *ENGINES), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default=None, choices=("make", "trained", *ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, choices=SHAPES, help=argparse.SUPPRESS)
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,6 +268,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.phase == "make":
         print(json.dumps(make_checkpoint(args)))
+        return
+    if args.phase == "trained":
+        print(json.dumps(trained_agreement(args)))
         return
     if args.phase:
         print(json.dumps(run_engine(args)))
@@ -205,16 +285,17 @@ def main() -> None:
     results = {}
     for phase in ENGINES:
         print(f"running {phase} ...", file=sys.stderr, flush=True)
-        reference = results.get("nanoseek-fp32") if phase == "nanoseek-int8" else None
+        reference = results.get("nanoseek-fp32") if phase in INT8 else None
         results[phase] = subprocess_phase(args, phase, reference)
+    trained = subprocess_phase(args, "trained") if args.trained else None
 
-    tf, fp32, int8 = (results[e] for e in ENGINES)
-    agree, prefixes = agreement(fp32["greedy_agree"], int8["greedy_agree"])
+    tf, before, fp32 = results["transformers-fp32"], results["nanoseek-fp32-unpacked"], results["nanoseek-fp32"]
     n_ref = min(len(tf["greedy_b1"]), len(fp32["greedy_b1"]))
     vs_hf = sum(a == b for a, b in zip(tf["greedy_b1"], fp32["greedy_b1"]))
-    print(f"\n{cpu_name()}, {args.threads} threads, torch {__import__('torch').__version__}; "
+    clock = "CPU time (time.process_time)" if args.clock == "cpu" else "wall-clock time"
+    print(f"\n{cpu_name()}, {args.threads} thread(s), torch {__import__('torch').__version__}; "
           f"{args.shape} Qwen2 shapes, {size:.2f} GiB of bf16 safetensors; prompts of {args.prompt_len} tokens, "
-          f"{args.decode_tokens} generated per timing\n")
+          f"{args.decode_tokens} generated per timing; decode timed by {clock}, median of {args.repeats}\n")
     print("| engine | load s | peak RSS GiB | decode tok/s, batch 1 | decode tok/s, batch 8 |")
     print("|---|---|---|---|---|")
     for e in ENGINES:
@@ -224,23 +305,46 @@ def main() -> None:
     ratios = {
         "nanoseek fp32 / transformers, batch 1 (target >= 1.0)": fp32["decode_tok_s_b1"] / tf["decode_tok_s_b1"],
         "nanoseek fp32 / transformers, batch 8 (target >= 1.5)": fp32["decode_tok_s_b8"] / tf["decode_tok_s_b8"],
-        "int8 / nanoseek fp32, batch 1 (target >= 1.5)": int8["decode_tok_s_b1"] / fp32["decode_tok_s_b1"],
-        "int8 / nanoseek fp32, batch 8": int8["decode_tok_s_b8"] / fp32["decode_tok_s_b8"],
-        "int8 / nanoseek fp32, peak memory (target <= 0.6)": int8["peak_rss_gib"] / fp32["peak_rss_gib"],
+        "nanoseek fp32 unpacked (before) / transformers, batch 1": before["decode_tok_s_b1"] / tf["decode_tok_s_b1"],
+        "nanoseek fp32 unpacked (before) / transformers, batch 8": before["decode_tok_s_b8"] / tf["decode_tok_s_b8"],
         "nanoseek fp32 / transformers, peak memory": fp32["peak_rss_gib"] / tf["peak_rss_gib"],
         "nanoseek fp32 / transformers, load time": fp32["load_s"] / tf["load_s"],
-        f"int8 greedy agrees with fp32 (8 prompts x {args.agree_tokens} tokens; target >= 0.90)": agree,
     }
+    for e in INT8:
+        r = results[e]
+        ratios.update({
+            f"{e} / nanoseek fp32, batch 1 (target >= 1.5)": r["decode_tok_s_b1"] / fp32["decode_tok_s_b1"],
+            f"{e} / nanoseek fp32, batch 8": r["decode_tok_s_b8"] / fp32["decode_tok_s_b8"],
+            f"{e} / nanoseek fp32, peak memory (target <= 0.6)": r["peak_rss_gib"] / fp32["peak_rss_gib"],
+            f"{e} greedy agrees with fp32 (8 prompts x {args.agree_tokens} tokens; target >= 0.90)":
+                agreement(fp32["greedy_agree"], r["greedy_agree"])[0],
+            f"{e} teacher-forced: its next token on fp32's greedy text is fp32's": r["teacher_forced_agree"],
+        })
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    print(f"int8 vs fp32, tokens before the first difference per prompt: {prefixes}")
-    print(f"int8's next token on fp32's greedy text (teacher-forced) equals fp32's: "
-          f"{int8['teacher_forced_agree']:.3f} of {len(prefixes) * args.agree_tokens} positions")
+    for e in INT8:
+        print(f"{e} vs fp32, tokens before the first difference per prompt: "
+              f"{agreement(fp32['greedy_agree'], results[e]['greedy_agree'])[1]}")
+    print(f"fp32's top-1 minus top-2 logit on its own greedy text: {quantiles(fp32['margins'])}")
     print(f"nanoseek fp32 greedy equals transformers' on {vs_hf}/{n_ref} tokens (prompt 0, batch 1)")
+    if trained:
+        print(f"\ntrained checkpoint {args.trained}: fp32's top-1 minus top-2 logit: {quantiles(trained['margins'])}")
+        for e in ("int8", "int8-dynamic"):
+            t = trained[e]
+            print(f"  {e}: greedy agrees with fp32 on {t['agree']:.2f} of 8 x {args.agree_tokens} positions "
+                  f"(first difference per prompt {t['prefixes']}); teacher-forced {t['teacher_forced_agree']:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "ratios": ratios, "prefixes": prefixes,
-                                         "cpu": cpu_name(), "threads": args.threads}, indent=2))
+        args.json.write_text(json.dumps({"results": results, "ratios": ratios, "trained": trained,
+                                         "cpu": cpu_name(), "threads": args.threads, "clock": args.clock},
+                                        indent=2))
+
+
+def quantiles(values: list[float]) -> str:
+    import torch
+
+    q = torch.tensor(values).quantile(torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
+    return "10% {:.3f}, 25% {:.3f}, median {:.3f}, 75% {:.3f}, 90% {:.3f}".format(*q)
 
 
 if __name__ == "__main__":

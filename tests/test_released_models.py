@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 import nanoseek  # noqa: E402
 from nanoseek.checkpoint import load_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.device import quantize_model  # noqa: E402
+from nanoseek.device import PackedLinear, quantize_model  # noqa: E402
 from nanoseek.errors import ChatTemplateError, NanoseekError  # noqa: E402
 from nanoseek.inference.sampling import SamplingParams  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
@@ -297,7 +297,8 @@ def test_eos_list_from_generation_config_stops(dirs):
 def test_int8_dense_and_mla_write_the_same_script(dirs):
     # dense: loaded quantized, every linear layer but the head int8; the scripted model answers the same
     llm = nanoseek.LLM(dirs["thinker"], max_num_seqs=1, quantize="int8")
-    float_linears = [name for name, m in llm.model.named_modules() if type(m) is torch.nn.Linear]
+    float_linears = [name for name, m in llm.model.named_modules()
+                     if type(m) in (torch.nn.Linear, PackedLinear)]
     assert float_linears == ["lm_head"]  # every other linear layer is int8
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "2+2?"}])
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
@@ -394,8 +395,9 @@ def test_generate_cli_quantize_flag(dirs, capsys):
     from nanoseek.cli import main
 
     args = ["generate", "--model", str(dirs["llama"]), "--prompt", "What is two", "--max-tokens", "4"]
-    assert main(args + ["--quantize", "int8"]) == 0
-    assert capsys.readouterr().out.startswith("[0] What is two")
+    for method in ("int8", "int8-dynamic"):
+        assert main(args + ["--quantize", method]) == 0
+        assert capsys.readouterr().out.startswith("[0] What is two")
     assert main(args + ["--quantize", "int8", "--dtype", "bfloat16"]) == 2
     assert "--dtype float32" in capsys.readouterr().err
 

@@ -267,8 +267,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.
     The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
     to dtype) and put in place one at a time, so the peak is the loaded model plus one tensor.
-    `quantize="int8"` (CPU) turns each linear layer into a dynamic int8 one as soon as its weights
-    are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
+    `quantize="int8"` / `"int8-dynamic"` (CPU) turns each linear layer into an int8 one as soon as
+    its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
     """
     from nanoseek.device import check_quantize, quantizable, quantize_linear
@@ -280,6 +280,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if dtype not in DTYPES.values():
         raise CheckpointError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
     check_quantize(quantize, torch.device(device), dtype)
+    quantize = None if quantize == "none" else quantize
     index = SafetensorsIndex(path)
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
@@ -319,7 +320,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                 p.is_meta for p in module.parameters(recurse=False)):
             parent, _, child = module_name.rpartition(".")
             # replaced everywhere it is held, so the float layer is freed now
-            modules[module_name] = quantize_linear(module)
+            modules[module_name] = quantize_linear(module, quantize)
             setattr(model.get_submodule(parent), child, modules[module_name])
     if config.tie_word_embeddings:  # the head shares the embedding's parameter
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -7,14 +7,30 @@
 Training keeps fp32 weights and optimizer state and computes under bf16 autocast on a GPU
 (`autocast_dtype`); inference stores the weights and the latent cache in the resolved dtype.
 
-    quantize "int8": on the CPU, every linear layer becomes a dynamic int8 one (torch's own
-                     `torch.ao` dynamic quantization: int8 weights, per output channel, activations
-                     quantized per batch on the fly, fbgemm/oneDNN kernels). A quarter of the fp32
-                     weight bytes to read per decoded token, which is what bounds CPU decode.
-                     Two layers stay in float: MLA's `kv_b_proj` (the absorbed decode path folds
-                     its weight into the query and the output, so it is read as a matrix, not
-                     called) and the output head, whose error would go straight into the token
+    quantize "int8": on the CPU, every linear layer becomes a weight-only int8 one (`Int8Linear`):
+                     int8 weights with one float scale per output channel, activations kept in
+                     float and rounded to bfloat16 for torch's own int8-weight kernel
+                     (`torch._weight_int8pack_mm`, AVX-512 / AVX2). A quarter of the fp32 weight
+                     bytes to read per decoded token, which is what bounds CPU decode, and an error
+                     of about 1% per layer from the weights alone (the released models compute
+                     in bf16, so the activation rounding is their native precision).
+    quantize "int8-dynamic": torch.ao's dynamic int8 linear layers (fbgemm): the activations too
+                     are quantized, per tensor, on the fly, and the matmul runs in int8. Faster
+                     still, but its error is several times larger (see the README's table).
+                     Both keep two layers in float: MLA's `kv_b_proj` (the absorbed decode path
+                     folds its weight into the query and the output, so it is read as a matrix,
+                     not called) and the output head, whose error would go straight into the token
                      ranking (GPTQ and AWQ checkpoints keep it unquantized for the same reason).
+
+Float32 inference on the CPU (`pack_linears`, which `LLM` applies to the checkpoints it loads): each
+float linear layer keeps its weight in oneDNN's blocked layout, packed once, and runs through
+oneDNN's linear (what torch.compile's CPU "freezing" does). torch's default fp32 path (MKL sgemm
+on the plain weight) is markedly slower at the few rows a decode step has: per 1536x8960 matrix,
+measured single-threaded with weights beyond the cache, 1.8x slower at 1 row and 2.7x at 8 (whole
+model: README, "Run a released DeepSeek model"). The math is the same fp32; only the order of the
+sums differs. The torch ops used here (`torch.ops.mkldnn._reorder_linear_weight` /
+`_linear_pointwise`, `torch._weight_int8pack_mm`) are torch's own CPU kernels, underscore-named:
+tests/test_quantize.py checks them against F.linear.
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ from nanoseek.errors import NanoseekError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", *DTYPES)
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 
 def resolve_device(device: "str | torch.device" = "auto") -> torch.device:
@@ -68,8 +84,9 @@ def add_device_arguments(parser) -> None:
 def add_quantize_argument(parser) -> None:
     """--quantize for the inference commands (generate, chat, eval, serve)."""
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
-                        help="int8: dynamic int8 linear layers (CPU, float32): a quarter of the weight memory "
-                             "and faster decode")
+                        help="int8: weight-only int8 linear layers (CPU, float32): a quarter of the weight "
+                             "memory and faster decode; int8-dynamic: activations quantized too (faster, less "
+                             "accurate)")
 
 
 def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype) -> None:
@@ -90,8 +107,38 @@ def quantizable(name: str, module: nn.Module) -> bool:
     return type(module) is nn.Linear and not name.endswith(("kv_b_proj", "lm_head", "shared_head.head"))
 
 
-def quantize_linear(module: nn.Linear) -> nn.Module:
-    """A float32 nn.Linear -> torch's dynamic int8 Linear (per-channel int8 weights)."""
+class Int8Linear(nn.Module):
+    """Weight-only int8 nn.Linear for CPU inference: W ~= scale[:, None] * int8 weight, one scale per
+    output channel (absmax / 127); y = x W^T + b with x rounded to bfloat16 for the kernel and y
+    returned in x's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        low, high = torch.aminmax(w, dim=1)
+        scale = torch.maximum(-low, high).float().clamp(min=1e-12) / 127  # (out,)
+        # in slices of rows: float temporaries the size of w would outlive it in the heap (RSS)
+        q = torch.cat([(rows.float() / s[:, None]).round().to(torch.int8)
+                       for rows, s in zip(w.split(256), scale.split(256))])
+        self.register_buffer("weight", q)  # (out, in)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.in_features % 32 == 0:  # the kernel's tested shapes (it reads past the end for some others)
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scale)
+        else:  # tiny models: dequantize
+            y = rows @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).T
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_linear(module: nn.Linear, method: str = "int8") -> nn.Module:
+    """A float32 nn.Linear -> an Int8Linear ("int8") or torch's dynamic int8 Linear ("int8-dynamic")."""
+    if method == "int8":
+        return Int8Linear(module)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
@@ -108,8 +155,53 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
     check_quantize(method, param.device, param.dtype)
     if method in (None, "none"):
         return model
-    for name, module in list(model.named_modules()):
-        if quantizable(name, module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantize_linear(module))
+    replace_linears(model, [name for name, module in model.named_modules() if quantizable(name, module)],
+                    lambda module: quantize_linear(module, method))
+    return model.eval()
+
+
+def replace_linears(model: nn.Module, names: list[str], convert) -> None:
+    """Swap each named layer for convert(layer), one at a time: each float weight is freed as soon
+    as its replacement exists (holding the old layers until the end would double the peak)."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, convert(model.get_submodule(name)))
+
+
+# oneDNN packs a weight for a typical number of rows; any number runs. Decode batches are small.
+PACK_ROWS_HINT = 64
+
+
+class PackedLinear(nn.Module):
+    """A float nn.Linear for CPU inference whose weight is kept in oneDNN's blocked layout (packed
+    once) and run by oneDNN's linear: the same fp32 math as F.linear, faster at few rows."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def packable(name: str, module: nn.Module, model: nn.Module) -> bool:
+    """A float32 nn.Linear on the CPU that is only ever called (not MLA's kv_b_proj, not a MoE expert,
+    whose weights the grouped path stacks) and owns its weight (not a head tied to the embedding)."""
+    if type(module) is not nn.Linear or name.endswith("kv_b_proj") or ".experts." in name:
+        return False
+    if module.weight.device.type != "cpu" or module.weight.dtype != torch.float32:
+        return False
+    return all(module.weight is not p for n, p in model.named_parameters() if not n.startswith(name + "."))
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """CPU float32 inference: every packable linear layer becomes a PackedLinear, one at a time (the
+    peak is the model plus one weight). Inference only: the packed weights are no parameters, and
+    training or updating them in place (RL) needs the plain model. A no-op without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    replace_linears(model, [name for name, module in model.named_modules() if packable(name, module, model)],
+                    PackedLinear)
     return model.eval()

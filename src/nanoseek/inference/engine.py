@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.device import quantize_model, resolve_device, resolve_dtype
+from nanoseek.device import pack_linears, quantize_model, resolve_device, resolve_dtype
 from nanoseek.errors import ContextLengthError, NanoseekError
 from nanoseek.inference.block_manager import BlockManager
 from nanoseek.inference.runner import ModelRunner
@@ -80,7 +80,9 @@ class LLM:
 
     `device` and `dtype` apply when loading a checkpoint directory ("auto": a CUDA GPU in bfloat16
     when there is one, else the CPU in float32; see nanoseek.device), and so does `quantize`
-    ("int8": dynamic int8 linear layers on the CPU, `nanoseek.device.quantize_model`). The cache holds
+    ("int8": weight-only int8 linear layers on the CPU, "int8-dynamic": torch.ao's dynamic ones;
+    `nanoseek.device.quantize_model`); on the CPU in float32 the loaded model's linear layers are
+    packed for oneDNN (`nanoseek.device.pack_linears`). The cache holds
     `num_cache_blocks` blocks of `block_size` tokens (in the model's dtype); by default as many as
     `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
     1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
@@ -105,6 +107,7 @@ class LLM:
                 tokenizer = Tokenizer.from_dir(path)
             device = resolve_device(device)
             model = load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize)
+            model = pack_linears(model)  # CPU float32: oneDNN-packed linear layers (nanoseek.device)
         elif quantize not in (None, "none"):
             model = quantize_model(model, quantize)
         cfg = model.config

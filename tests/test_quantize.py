@@ -1,0 +1,123 @@
+"""CPU inference precision: weight-only int8 (`--quantize int8`), torch.ao's dynamic int8
+(`int8-dynamic`), and fp32 linear layers packed for oneDNN (what `LLM` does to a checkpoint it loads)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nanoseek
+from nanoseek.checkpoint import load_model
+from nanoseek.device import Int8Linear, PackedLinear, pack_linears, quantize_model
+from nanoseek.errors import NanoseekError
+from nanoseek.inference.sampling import SamplingParams
+from nanoseek.model.dense import DenseConfig, DenseTransformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("in_features, out_features, bias", [(64, 48, True), (96, 7, False), (40, 33, True)])
+def test_int8_linear_is_within_a_percent_of_float(in_features, out_features, bias):
+    # 64 and 96 run torch's int8-weight kernel; 40 (not a multiple of 32) the dequantizing fallback
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    int8 = Int8Linear(linear)
+    assert int8.weight.dtype == torch.int8 and int8.weight.shape == (out_features, in_features)
+    x = torch.randn(2, 5, in_features)
+    with torch.no_grad():
+        y, ref = int8(x), linear(x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert rel_error(y, ref) < 0.01
+
+
+def test_packed_linear_is_the_same_fp32_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    packed = PackedLinear(linear)
+    for shape in ((1, 64), (8, 64), (3, 7, 64)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def tiny_dense(tie: bool = False) -> DenseTransformer:
+    torch.manual_seed(0)
+    return DenseTransformer(DenseConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=tie))
+
+
+def test_pack_linears_keeps_the_outputs_and_leaves_a_tied_head(tmp_path):
+    model = tiny_dense().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        packed = pack_linears(model)
+        assert type(packed.lm_head) is PackedLinear and type(packed.model.layers[0].mlp.up_proj) is PackedLinear
+        torch.testing.assert_close(packed(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    tied = pack_linears(tiny_dense(tie=True))
+    assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
+    # the engine packs the checkpoints it loads (CPU, float32), not an in-memory model (RL updates it)
+    nanoseek.save_model(tiny_dense(), tmp_path / "ckpt")
+    assert type(nanoseek.LLM(tmp_path / "ckpt", max_num_seqs=1).model.lm_head) is PackedLinear
+    assert type(nanoseek.LLM(tiny_dense(), max_num_seqs=1).model.lm_head) is nn.Linear
+
+
+def trained_toy() -> DenseTransformer:
+    """A tiny model trained until it is confident: next token = (3 * token + 1) mod 64, a few hundred steps."""
+    model = tiny_dense()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        start = torch.randint(0, 64, (16, 1), generator=g)
+        seq = [start]
+        for _ in range(23):
+            seq.append((3 * seq[-1] + 1) % 64)
+        ids = torch.cat(seq, dim=1)
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    return model.eval()
+
+
+def test_weight_only_int8_greedy_agrees_with_fp32_on_a_trained_model():
+    model = trained_toy()
+    prompts = [[p, (3 * p + 1) % 64] for p in range(0, 64, 8)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    fp32 = [o.outputs[0].token_ids for o in nanoseek.LLM(model, max_num_seqs=8).generate(prompts, params)]
+    int8_model = quantize_model(trained_toy(), "int8")
+    assert all(type(m) is not nn.Linear for n, m in int8_model.named_modules() if n.endswith("_proj"))
+    int8 = [o.outputs[0].token_ids for o in nanoseek.LLM(int8_model, max_num_seqs=8).generate(prompts, params)]
+    same = sum(a == b for x, y in zip(fp32, int8) for a, b in zip(x, y))
+    assert same / (8 * 32) >= 0.9
+
+
+def test_quantize_choices_and_none(tmp_path):
+    nanoseek.save_model(tiny_dense(), tmp_path / "ckpt")
+    assert type(load_model(tmp_path / "ckpt", quantize="none").model.layers[0].mlp.up_proj) is nn.Linear
+    assert type(load_model(tmp_path / "ckpt", quantize="int8").model.layers[0].mlp.up_proj) is Int8Linear
+    dynamic = load_model(tmp_path / "ckpt", quantize="int8-dynamic").model.layers[0].mlp.up_proj
+    assert type(dynamic).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    with pytest.raises(NanoseekError, match="unknown quantization"):
+        load_model(tmp_path / "ckpt", quantize="int4")
+
+
+def test_cli_quantize_choices(capsys):
+    import argparse
+
+    from nanoseek.device import add_quantize_argument
+
+    parser = argparse.ArgumentParser()
+    add_quantize_argument(parser)
+    assert parser.parse_args([]).quantize == "none"
+    for method in ("none", "int8", "int8-dynamic"):
+        assert parser.parse_args(["--quantize", method]).quantize == method
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantize", "int4"])
+    assert "invalid choice" in capsys.readouterr().err
