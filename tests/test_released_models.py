@@ -455,4 +455,7 @@ def test_loading_holds_the_model_plus_one_tensor(dirs, tmp_path):
     # the loaded model stays, plus some tens of MB of the process's own (allocator arenas, torch state)
     assert fp32_bytes < kept < fp32_bytes + 64 * 2**20, measured
     assert peak - kept < 2 * largest, measured  # and at no time more than it plus a tensor or two
-    assert int8_peak < 0.6 * peak, measured
+    # int8 never holds the float weights of the layers it quantizes; at this toy size the float
+    # embedding and head are 40% of the model and the process's own memory counts, so the ratio is
+    # about 0.55-0.65 (benchmarks/laptop_inference.py measures the 1.5B: 0.52); fp32 layers would give > 0.9
+    assert int8_peak < 0.75 * peak, measured
