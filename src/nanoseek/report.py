@@ -311,6 +311,9 @@ def _headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -
     if name.startswith("info_") and results.get(name):
         m = results[name]
         return f"{_num(m['total_params'])} params, {_num(m['active_params'])} active, MLA {m['mla_vs_mha']:.1f}x smaller"
+    if name == "rl":  # its loss says nothing; its held-out pass@1 (logged every eval_every steps) does
+        vals = series(_records(out / name), "eval_pass@1")[1]
+        return f"held-out pass@1 {_pct(vals[-1])}" if vals else ""
     if name in TRAINING:
         vals = series(_records(out / name), "val_loss")[1] or series(_records(out / name), "loss")[1]
         return f"loss {vals[-1]:.3f}" if vals else ""
