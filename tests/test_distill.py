@@ -10,7 +10,7 @@ import torch
 import nanoseek
 from nanoseek.cli import main as cli_main
 from nanoseek.config import preset
-from nanoseek.data.tasks import Problem, get_task, r1zero_completion, r1zero_prompt
+from nanoseek.data.tasks import get_task, r1zero_completion, r1zero_prompt
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.tokenizer import train_tokenizer

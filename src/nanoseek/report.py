@@ -122,7 +122,6 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     from nanoseek import plots
 
     out = Path(out)
-    info = {s.name: s for s in stages}
     st = state.get("stages", {})
     results = {p.stem: _json(p) for p in sorted((out / "results").glob("*.json"))}
     ev = {k.removeprefix("eval_"): v for k, v in results.items() if k.startswith("eval_") and v}
@@ -281,7 +280,7 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     # ---- environment
     env = environment()
     lines += ["## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
-    lines += [f"| threads | 1 per stage, stages two at a time; timing stages (engine, serve) alone on 2 |", ""]
+    lines += ["| threads | 1 per stage, stages two at a time; timing stages (engine, serve) alone on 2 |", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
 

@@ -76,7 +76,7 @@ class ModelRunner:
         `starts`; returns the positions (B, T), 0 for padding. Every forward until the next call
         uses these slots: the MTP run after a verify forward reuses the verify's."""
         dev, bs = self.device, self.block_size
-        B, T = len(seqs), max(lengths)
+        T = max(lengths)
         S = max(s + n for s, n in zip(starts, lengths))
         num_table = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [self.scratch_block] * (num_table - len(s.block_table))
