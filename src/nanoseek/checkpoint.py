@@ -42,6 +42,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------- writing
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and a rename: a reader (or a re-run after
+    Ctrl-C) sees the old file or the whole new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_directory(path: str | Path):
     """Context manager yielding a temporary directory that replaces `path` on success."""
     return _AtomicDir(Path(path))

@@ -314,7 +314,8 @@ def _headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -
         vals = series(_records(out / name), "eval_pass@1")[1]
         return f"held-out pass@1 {_pct(vals[-1])}" if vals else ""
     if name in TRAINING:
-        vals = series(_records(out / name), "val_loss")[1] or series(_records(out / name), "loss")[1]
+        records = _records(out / name)
+        vals = series(records, "val_loss")[1] or series(records, "loss")[1]
         return f"loss {vals[-1]:.3f}" if vals else ""
     if name == "engine" and results.get("engine"):
         r = results["engine"]["results"][0]

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from nanoseek.checkpoint import atomic_write_text
 from nanoseek.errors import NanoseekError
 
 REPO = Path(__file__).resolve().parents[2]  # configs/ and benchmarks/ (an editable install or a checkout)
@@ -231,9 +232,7 @@ class Runner:
     def record(self, name: str, **values) -> None:
         with self.lock:
             self.state["stages"].setdefault(name, {}).update(values)
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-            os.replace(tmp, self.state_path)
+            atomic_write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
 
     def status(self, name: str) -> str:
         return self.state["stages"].get(name, {}).get("status", "")
@@ -416,7 +415,7 @@ class Runner:
             if text is None:
                 ok, code = False, -1
             else:
-                (self.out / stage.result).write_text(text.strip() + "\n")
+                atomic_write_text(self.out / stage.result, text.strip() + "\n")  # its existence means done
         if ok and stage.result and not (self.out / stage.result).is_file():
             ok, code = False, -1
         if ok:
@@ -483,7 +482,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         code = 130
     runner.state["wall_seconds"] = runner.state.get("wall_seconds", 0.0) + time.monotonic() - t0
-    runner.state_path.write_text(json.dumps(runner.state, indent=2) + "\n")
+    atomic_write_text(runner.state_path, json.dumps(runner.state, indent=2) + "\n")
     report = write_report(out, stages, runner.state, tiny=args.tiny)
     console.print(report.summary)
     console.print(f"report: {out / 'report.md'}")

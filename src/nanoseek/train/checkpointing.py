@@ -50,7 +50,7 @@ def write_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str
         save_model(model, tmp, tokenizer=tokenizer)
         (tmp / STATE_DIR).mkdir()
         torch.save(state, tmp / STATE_DIR / STATE_FILE)
-    _point_latest(path.parent, path)
+    point_latest(path.parent, path)
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -117,11 +117,12 @@ def remove_partial_saves(out_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _point_latest(out_dir: Path, target: Path) -> None:
-    """Atomically repoint the `latest` symlink (a relative link, so the run directory can move)."""
+def point_latest(out_dir: Path, target: Path) -> None:
+    """Atomically repoint out_dir's `latest` symlink at `target` (a checkpoint in out_dir or below it),
+    as a relative link, so the run directory can move."""
     tmp = out_dir / f".latest.tmp-{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.name, target_is_directory=True)
+    tmp.symlink_to(os.path.relpath(Path(target).resolve(), Path(out_dir).resolve()), target_is_directory=True)
     os.replace(tmp, out_dir / "latest")
 
 

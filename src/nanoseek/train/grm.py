@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.checkpoint import atomic_write_text
 from nanoseek.data.tasks import DigitSumTask, derive_seed, extract_answer, get_task, prompt_of, reasoning_of, split_of
 from nanoseek.errors import ConfigError, NanoseekError
 from nanoseek.eval import majority_answer
@@ -68,7 +69,7 @@ from nanoseek.grm import (GRM, Judgment, ScalarRM, encode_batch, format_judgment
                           rule_reward, strictly_best, summed_scores)
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train import stage
-from nanoseek.train.checkpointing import find_checkpoint
+from nanoseek.train.checkpointing import find_checkpoint, point_latest
 from nanoseek.train.config import TrainConfig
 
 STEPS = ("data", "cold_start", "rft", "rl", "meta", "evaluate")
@@ -269,10 +270,9 @@ class Recipe:
     def _read(path: Path, default):
         return json.loads(path.read_text()) if path.is_file() else default
 
-    def _write(self, path: Path, obj) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        tmp.replace(path)  # atomic: a Ctrl-C never leaves half a file that looks complete
+    @staticmethod
+    def _write(path: Path, obj) -> None:
+        atomic_write_text(path, json.dumps(obj, indent=1) + "\n")  # a Ctrl-C never leaves half a file
 
     def done(self, step: str) -> bool:
         return step in self.timings
@@ -352,8 +352,9 @@ class Recipe:
                     item = build_items(p.question, samples, labels, "single", cfg.group_size, rng)
                 if item is not None:
                     items.append(item)
-            self._write_jsonl(self.out / "data" / f"policy_{split}.jsonl", rows)
-            self._write_jsonl(self.out / "data" / f"items_{split}.jsonl", [item.__dict__ for item in items])
+            atomic_write_text(self.out / "data" / f"policy_{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(self.out / "data" / f"items_{split}.jsonl",
+                              "".join(json.dumps(item.__dict__) + "\n" for item in items))
             right = sum(sum(r["labels"]) for r in rows) / (len(rows) * cfg.policy_samples)
             if not any(it.kind != "single" for it in items):
                 raise NanoseekError(f"grm data: the policy's {split} samples never had a right and a wrong response "
@@ -361,12 +362,6 @@ class Recipe:
                                     "stronger policy, or (toy runs only) fill_right=true")
             print(f"grm: {split}: {len(rows)} questions x {cfg.policy_samples} samples ({right:.1%} right) -> "
                   f"{len(items)} items {dict(Counter(i.kind for i in items))}", flush=True)
-
-    @staticmethod
-    def _write_jsonl(path: Path, rows: list[dict]) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
 
     # ---- 2. cold start
 
@@ -472,13 +467,7 @@ class Recipe:
                 return trainer.save_checkpoint()
 
         run_stage(loop, rl_cfg)
-        final = self.judge_dir("rl")
-        link = self.out / "latest"
-        tmp = self.out / ".latest.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(final.relative_to(self.out.resolve()) if final.is_absolute() else final.relative_to(self.out),
-                       target_is_directory=True)
-        tmp.replace(link)
+        point_latest(self.out, self.judge_dir("rl"))  # the recipe's judge: the RL-trained one
 
     # ---- 5. the meta RM
 
@@ -510,10 +499,7 @@ class Recipe:
                 for _ in range(max(1, cfg.meta_samples // 2)):
                     examples += [rng.choice(good), rng.choice(bad)]
 
-            def loss(scores, _):
-                return -F.logsigmoid(scores[0::2] - scores[1::2]).mean()
-
-            train_scalar(rm, judge.tokenizer, examples, loss, cfg.meta_steps, cfg.meta_lr, cfg.seed, paired=True)
+            train_scalar(rm, judge.tokenizer, examples, pairwise_loss, cfg.meta_steps, cfg.meta_lr, cfg.seed, paired=True)
         else:  # eq. 10: BCE on every judgment, the classes balanced
             examples = [e for ex in per_item for e in ex]
             positive = sum(y for _, y in examples) / len(examples)
@@ -614,12 +600,8 @@ class Recipe:
             pairs = [(bt_text(it.question, it.responses[it.best]), bt_text(it.question, r))
                      for it in self.items("items_train") if it.kind != "single"
                      for i, r in enumerate(it.responses) if i != it.best]
-
-            def loss(scores, _):
-                return -F.logsigmoid(scores[0::2] - scores[1::2]).mean()
-
             examples = [(t, 0.0) for pair in pairs for t in pair]  # right, wrong, right, wrong, ...
-            train_scalar(rm, tokenizer, examples, loss, self.cfg.bt_steps, self.cfg.meta_lr, self.cfg.seed, paired=True)
+            train_scalar(rm, tokenizer, examples, pairwise_loss, self.cfg.bt_steps, self.cfg.meta_lr, self.cfg.seed, paired=True)
             rm.save(path, tokenizer)
         right = 0
         for it in items:
@@ -649,6 +631,11 @@ class Recipe:
 
 def bt_text(question: str, response: str) -> str:
     return judge_prompt(question, [response], principles=False)
+
+
+def pairwise_loss(scores: torch.Tensor, _targets=None) -> torch.Tensor:
+    """Bradley-Terry on (right, wrong) pairs laid out as consecutive scores: -log sigmoid(r_right - r_wrong)."""
+    return -F.logsigmoid(scores[0::2] - scores[1::2]).mean()
 
 
 def train_scalar(rm: ScalarRM, tokenizer, examples: list[tuple[str, float]], loss_fn, steps: int, lr: float,
