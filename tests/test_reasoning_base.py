@@ -3,6 +3,8 @@ the hash split), eval's reasoning share and prefill, the R1-Zero figure, and a t
 (pretrain a tiny base on the corpus, then RL) in which RL raises the share of responses that reason.
 """
 
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -10,14 +12,16 @@ from nanoseek import cli
 from nanoseek.data.corpus import load_sources
 from nanoseek.data.synthetic import corpus_from_spec, reasoning_base_documents
 from nanoseek.data.tasks import (
-    DigitSumTask, extract_answer, get_task, prompt_of, r1zero_completion, reasoning_of, reasons, split_of,
+    DIGIT_SUM_TEMPLATE, DigitSumTask, extract_answer, get_task, prompt_of, r1zero_completion, reasoning_of, reasons, split_of,
 )
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import evaluate
 from nanoseek.plots import r1zero_figure, save_r1zero_figure
+from nanoseek.tokenizer import Tokenizer
 from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 # ---------------------------------------------------------------- the task
@@ -181,7 +185,8 @@ def test_toy_rl_raises_the_reasoning_share(tmp_path):
     base = pretrain(PretrainConfig(
         out_dir=str(tmp_path / "base"), preset="tiny", data=["synthetic:digit_sum?documents=3000&worked_share=0.3&length=4"],
         vocab_size=300, val_fraction=0.02, batch_size=8, seq_len=64, max_steps=60, lr=1e-2, warmup_steps=5,
-        eval_every=0, eval_batches=1, log_every=20, tensorboard=False, threads=1, model={"initializer_range": 0.08}))
+        eval_every=0, eval_batches=1, log_every=20, tensorboard=False, threads=1, model={"initializer_range": 0.08},
+        chat_template=tomllib.loads((CONFIGS / "pretrain_reasoning.toml").read_text())["chat_template"]))
     register_reward("reasons", reasoning_reward)
     try:
         cfg = load_run_config(GRPOConfig, None, [
@@ -201,3 +206,7 @@ def test_toy_rl_raises_the_reasoning_share(tmp_path):
     assert held_out[0] == 0.0  # ... and greedy decoding never does
     assert sampled[-1] > 0.9 and held_out[-1] == 1.0, (sampled, held_out)
     assert (tmp_path / "rl" / "r1zero.png").is_file()
+    # chat and serve ask the trained model in its corpus's format (the base's template travels with it)
+    tokenizer = Tokenizer.from_dir(tmp_path / "rl" / "latest")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "3815"}])
+    assert prompt == tokenizer.bos_token + DIGIT_SUM_TEMPLATE.format(question="3815")

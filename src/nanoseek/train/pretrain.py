@@ -66,6 +66,7 @@ class PretrainConfig(TrainConfig):
     data_dir: str = ""  # token shards and tokenizer; "" = <out_dir>/data
     tokenizer: str = ""  # a tokenizer directory (`nanoseek tokenizer train`) to use instead of training a BPE
     vocab_size: int = 4096  # of the BPE trained on `data` (with init: the checkpoint's tokenizer instead)
+    chat_template: str = ""  # Jinja chat template the checkpoints carry; "" keeps the tokenizer's (R1's format)
     val_fraction: float = 0.05  # share of documents held out
     # objective
     document_mask: bool = True  # attention stays inside each packed document (which starts with bos)
@@ -213,7 +214,11 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
         print(f"data: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, vocab "
               f"{tokenizer.vocab_size}, in {data_dir} ({time.perf_counter() - t0:.0f}s)", flush=True)
     barrier()
-    return Tokenizer.from_dir(data_dir), data_dir
+    tokenizer = Tokenizer.from_dir(data_dir)
+    if cfg.chat_template:  # the format the corpus speaks, so chat and serve prompt the model in it
+        tokenizer.chat_template = cfg.chat_template
+        tokenizer.check_chat_template()
+    return tokenizer, data_dir
 
 
 def unigram_loss(data_dir: Path, targets: list[torch.Tensor] | None = None) -> float:
