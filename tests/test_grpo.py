@@ -188,17 +188,22 @@ def test_combined_reward_with_a_user_callable(problem):
 # ---------------------------------------------------------------- real updates on a tiny model
 
 
-def test_one_rl_step_changes_the_parameters(base, tmp_path):
-    cfg = rl_config(base, tmp_path, "max_steps=1", "eval_every=0", "save_every=0", "beta=0.0", "log_kl=false")
+@pytest.mark.parametrize("freeze_router", [False, True])
+def test_one_rl_step_changes_the_parameters(base, tmp_path, freeze_router):
+    cfg = rl_config(base, tmp_path, "max_steps=1", "eval_every=0", "save_every=0", "beta=0.0", "log_kl=false",
+                    f"freeze_router={str(freeze_router).lower()}")
     before = weights(load_model(base))
     after = weights(load_model(train(cfg)))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     n_main = preset("tiny").num_hidden_layers
-    # everything the policy forward touches moves; routed experts only if routed to, MTP never (not trained in RL)
+    # everything the policy forward touches moves; routed experts only if routed to, MTP never (not trained
+    # in RL), the routers not when frozen
+    router = [k for k in before if k.endswith("mlp.gate.weight") and not k.startswith(f"model.layers.{n_main}.")]
     trained = [k for k in before if "experts." not in k and "e_score_correction_bias" not in k
-               and not k.startswith(f"model.layers.{n_main}.")]
-    assert set(trained) <= changed
+               and not k.startswith(f"model.layers.{n_main}.") and not (freeze_router and k in router)]
+    assert router and set(trained) <= changed
     assert not any(k.startswith(f"model.layers.{n_main}.") for k in changed)
+    assert not (freeze_router and set(router) & changed)
     record = next(r for r in read_metrics(tmp_path) if "grad_norm" in r)
     assert record["grad_norm"] > 0 and record["reward_std"] > 0
 

@@ -53,6 +53,9 @@ def r1zero_figure(records: list[dict], out: str | Path, control: float | None = 
     steps, share = series(records, "reasoning")
     if steps:
         acc_ax.plot(steps, share, color="tab:green", alpha=0.3, lw=1, label="sampled share that reasons (training)")
+    steps, judged = series(records, "reward_grm")  # under a generative RM the checker only watches:
+    if steps:  # the two curves parting would be reward hacking
+        acc_ax.plot(steps, judged, color="tab:purple", lw=1, label="GRM reward of the samples (training)")
     steps, acc = series(records, "eval_pass@1")
     acc_ax.plot(steps, acc, "o-", color="tab:blue", label="held-out greedy pass@1")
     steps, share = series(records, "eval_reasoning")

@@ -77,8 +77,9 @@ from nanoseek.errors import ConfigError
 from nanoseek.eval import evaluate
 from nanoseek.inference.engine import LLM
 from nanoseek.inference.sampling import SamplingParams
+from nanoseek.model.moe import moe_layers
 from nanoseek.plots import save_r1zero_figure
-from nanoseek.rewards import accuracy_reward, combine_rewards
+from nanoseek.rewards import accuracy_reward, combine_rewards, format_reward
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
@@ -109,6 +110,7 @@ class GRPOConfig(TrainConfig):
     max_completion_length: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    freeze_router: bool = False  # keep the MoE routers' weights as the base's (routing then moves only with the hidden states)
     # objective
     loss: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     mu: int = 1  # optimizer steps per rollout batch
@@ -444,6 +446,9 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     seed_everything(cfg.seed)
     policy = stage_model(str(base), tokenizer, {}, cfg.seq_len).to(env.device)
     policy.mtp_layers.requires_grad_(False)  # RL scores next tokens only: the MTP modules get no gradient
+    if cfg.freeze_router:
+        for moe in moe_layers(policy):
+            moe.gate.requires_grad_(False)
     reference = load_model(base, device=env.device).eval().requires_grad_(False) if cfg.beta or cfg.log_kl else None
     trainer = Trainer(cfg, policy, env, tokenizer=tokenizer, resume=resume)  # closed by the `with` below
     llm = LLM(trainer.raw_model, tokenizer, max_num_seqs=cfg.batch_size, max_model_len=cfg.seq_len,
@@ -535,7 +540,8 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
 def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, seconds: float,
                   cfg: GRPOConfig) -> dict[str, float]:
     """What the rollout looked like: rewards, accuracy, format, lengths over every sampled
-    completion (before dynamic sampling's filter), and the share of uninformative groups."""
+    completion (before dynamic sampling's filter), and the share of uninformative groups. Accuracy
+    and format are the rule checkers' even when they are not rewards (e.g. under the GRM)."""
     samples = [s for g in seen for s in g]
     rewards = torch.tensor([s.reward for s in samples])
     lengths = [len(s.completion_ids) for s in samples]
@@ -543,7 +549,7 @@ def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, se
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(samples) > 1 else 0.0,
         "acc": sum(s.parts.get("accuracy", accuracy_reward(s.text, s.problem)) == 1.0 for s in samples) / len(samples),
-        "format": sum(s.parts.get("format", 0.0) == 1.0 for s in samples) / len(samples),
+        "format": sum(s.parts.get("format", format_reward(s.text, s.problem)) == 1.0 for s in samples) / len(samples),
         "reasoning": sum(reasons(s.text) for s in samples) / len(samples),
         "len": sum(lengths) / len(lengths),
         "truncated": sum(s.truncated for s in samples) / len(samples),
