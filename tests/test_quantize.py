@@ -5,13 +5,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek.checkpoint import load_model
-from nanoseek.device import Int8Linear, PackedLinear, pack_linears, quantize_model
+from nanoseek.config import preset
+from nanoseek.device import Int8Linear, PackedLinear, pack_linears, quantizable, quantize_model
 from nanoseek.errors import NanoseekError
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.model.dense import DenseConfig, DenseTransformer
+from nanoseek.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,10 +95,62 @@ def test_weight_only_int8_greedy_agrees_with_fp32_on_a_trained_model():
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     fp32 = [o.outputs[0].token_ids for o in nanoseek.LLM(model, max_num_seqs=8).generate(prompts, params)]
     int8_model = quantize_model(trained_toy(), "int8")
-    assert all(type(m) is not nn.Linear for n, m in int8_model.named_modules() if n.endswith("_proj"))
+    assert not [n for n, m in int8_model.named_modules() if type(m) is nn.Linear]  # the untied head too
     int8 = [o.outputs[0].token_ids for o in nanoseek.LLM(int8_model, max_num_seqs=8).generate(prompts, params)]
     same = sum(a == b for x, y in zip(fp32, int8) for a, b in zip(x, y))
     assert same / (8 * 32) >= 0.9
+
+
+def test_the_head_is_int8_when_untied_and_stays_float_when_tied(tmp_path):
+    assert type(quantize_model(tiny_dense(), "int8").lm_head) is Int8Linear
+    dynamic = quantize_model(tiny_dense(), "int8-dynamic").lm_head
+    assert type(dynamic).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    for method in ("int8", "int8-dynamic"):
+        tied = quantize_model(tiny_dense(tie=True), method)
+        assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert quantizable("lm_head", nn.Linear(8, 8), tied_head=False)
+    assert not quantizable("lm_head", nn.Linear(8, 8), tied_head=True)
+    # loading quantized decides by the config's tie_word_embeddings, also where a tied checkpoint
+    # stores the head's copy of the embedding (as some do)
+    nanoseek.save_model(tiny_dense(), tmp_path / "untied")
+    assert type(load_model(tmp_path / "untied", quantize="int8").lm_head) is Int8Linear
+    nanoseek.save_model(tiny_dense(tie=True), tmp_path / "tied")
+    file = tmp_path / "tied" / "model.safetensors"
+    tensors = load_file(file)
+    assert "lm_head.weight" not in tensors
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, file,
+              metadata={"format": "pt"})
+    tied = load_model(tmp_path / "tied", quantize="int8")
+    assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_int8_head_logits_stay_close_to_fp32():
+    model = tiny_dense().eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, hidden = model(ids).logits, model(ids, logits=False).hidden
+        assert rel_error(Int8Linear(model.lm_head)(hidden), ref) < 0.01  # the head's own error
+        assert rel_error(quantize_model(model)(ids).logits, ref) < 0.03  # every layer's
+
+
+def test_deepseek_model_int8_head_and_mtp_with_speculation():
+    # MLA + MoE + MTP: the head (which the MTP module shares) and the MTP projection are int8,
+    # kv_b_proj stays float; speculative decoding on the quantized model is its own plain greedy
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        quantize_model(model)
+        assert rel_error(model(ids).logits, ref) < 0.03
+    assert type(model.lm_head) is Int8Linear and type(model.mtp_layers[0].eh_proj) is Int8Linear
+    assert type(model.model.layers[0].self_attn.kv_b_proj) is nn.Linear
+    prompts = [[3, 5, 7], [11, 13]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in nanoseek.LLM(model, max_num_seqs=2).generate(prompts, params)]
+    spec = nanoseek.LLM(model, max_num_seqs=2, speculative_mtp=1, speculative_max_batch=8)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == plain
+    assert spec.stats()["spec_draft_tokens"] > 0
 
 
 def test_quantize_choices_and_none(tmp_path):

@@ -17,10 +17,13 @@ Training keeps fp32 weights and optimizer state and computes under bf16 autocast
     quantize "int8-dynamic": torch.ao's dynamic int8 linear layers (fbgemm): the activations too
                      are quantized, per tensor, on the fly, and the matmul runs in int8. Faster
                      still, but its error is several times larger (see the README's table).
-                     Both keep two layers in float: MLA's `kv_b_proj` (the absorbed decode path
-                     folds its weight into the query and the output, so it is read as a matrix,
-                     not called) and the output head, whose error would go straight into the token
-                     ranking (GPTQ and AWQ checkpoints keep it unquantized for the same reason).
+                     Both quantize the output head too when it has its own weight (an untied
+                     head: R1-Distill-Qwen-1.5B's is 151936x1536, 0.9 GB in float32, 40% of the
+                     int8 model's bytes per step if left in float) and keep in float MLA's
+                     `kv_b_proj` (the absorbed decode path folds its weight into the query and the
+                     output, so it is read as a matrix, not called) and a head tied to the
+                     embedding (`quantizable`). The head's error goes straight into the token
+                     ranking; measured, weight-only int8 keeps a trained model's greedy picks (README).
 
 Float32 inference on the CPU (`pack_linears`, which `LLM` applies to the checkpoints it loads): each
 float linear layer keeps its weight in oneDNN's blocked layout, packed once, and runs through
@@ -101,16 +104,29 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
         raise NanoseekError(f"--quantize {method} quantizes float32 layers; use --dtype float32 (auto on the CPU)")
 
 
-def quantizable(name: str, module: nn.Module) -> bool:
-    """Whether `quantize_model` turns this module into an int8 one: a plain nn.Linear, except MLA's
-    kv_b_proj (its weight is read directly by the absorbed path) and the output head."""
-    return type(module) is nn.Linear and not name.endswith(("kv_b_proj", "lm_head", "shared_head.head"))
+# Linear layers quantization leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
+# absorbed decode path reads as a matrix (it is never called). (V3's MTP modules have no head of
+# their own here: they call the main model's lm_head.)
+FLOAT_LAYERS = ("kv_b_proj",)
+
+
+def quantizable(name: str, module: nn.Module, tied_head: bool) -> bool:
+    """Whether `quantize_model` turns this module into an int8 one: a plain nn.Linear not in
+    FLOAT_LAYERS, the output head included unless `tied_head` (config.tie_word_embeddings).
+
+    A tied head stays in float: its weight is the embedding's, which the embedding lookup reads
+    as float rows. Quantizing it in place would round every input embedding as well, and an int8
+    copy beside the float embedding would add memory (a quarter of the matrix) instead of saving it."""
+    if type(module) is not nn.Linear or name.endswith(FLOAT_LAYERS):
+        return False
+    return not (tied_head and name == "lm_head")
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 nn.Linear for CPU inference: W ~= scale[:, None] * int8 weight, one scale per
     output channel (absmax / 127); y = x W^T + b with x rounded to bfloat16 for the kernel and y
-    returned in x's dtype."""
+    returned in x's dtype. The kernel sums in float32 and returns bfloat16: as the output head,
+    its logits carry bf16's precision (steps of 0.06 at a logit of 10), as the released models' own."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -155,7 +171,8 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
     check_quantize(method, param.device, param.dtype)
     if method in (None, "none"):
         return model
-    replace_linears(model, [name for name, module in model.named_modules() if quantizable(name, module)],
+    tied_head = model.config.tie_word_embeddings
+    replace_linears(model, [name for name, module in model.named_modules() if quantizable(name, module, tied_head)],
                     lambda module: quantize_linear(module, method))
     return model.eval()
 
