@@ -1,4 +1,4 @@
-"""A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32 vs nanoseek int8.
+"""A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32, bf16 and int8.
 
     python benchmarks/laptop_inference.py [--dir /tmp/nanoseek-r1-distill-1.5b-shape] [--threads 1]
     python benchmarks/laptop_inference.py --small     # toy shapes: checks the script in seconds
@@ -11,7 +11,11 @@ saved by transformers in bfloat16 as one 3.5 GB model.safetensors, as the releas
 
 Engines: transformers fp32 (`generate`), nanoseek fp32 (`LLM`: oneDNN-packed linear layers),
 nanoseek fp32 as before the packing (`LLM` on the in-memory model: plain F.linear, for the
-before/after), nanoseek `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao).
+before/after), nanoseek bf16 (`--dtype bfloat16`: the checkpoint's own precision, computed in
+bf16 throughout; the calibration for the agreement figures: how far from fp32 a precision everyone
+accepts lands), nanoseek `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao),
+each also with the output head left in float32 (`*-float-head`: int8 as it was before the head
+was quantized too; the benchmark adds "lm_head" to nanoseek.device.FLOAT_LAYERS for them).
 Each engine runs in a fresh process (so its peak memory is its own, and two models are never in
 memory at once) and reports:
 - load time: from nothing to a model ready to generate (the bf16 file upcast to fp32, or quantized);
@@ -21,16 +25,18 @@ memory at once) and reports:
   timed by --clock: "cpu" (default) is the process's CPU time (time.process_time), which on a
   machine shared with other jobs counts only this process's work; with --threads 1 it is the
   decode time the process would take alone, short of the memory bandwidth the others take;
-- the greedy tokens, to compare: int8 against fp32 (8 prompts x the first 64 tokens: the share of
-  positions that agree, how far each prompt goes before the first difference, and, teacher-forced,
-  how often int8 picks fp32's next token on fp32's own text: free-running text diverges for good
-  at the first different pick, so the positional share mostly measures where that happens), and
-  nanoseek fp32 against transformers;
+- the greedy tokens, to compare: bf16 and int8 against fp32 (8 prompts x the first 64 tokens: the
+  share of positions that agree, how far each prompt goes before the first difference, and,
+  teacher-forced, how often each picks fp32's next token on fp32's own text: free-running text
+  diverges for good at the first different pick, so the positional share mostly measures where
+  that happens), and nanoseek fp32 against transformers;
 - for fp32, the margin between its top two logits at each of those positions (teacher-forced): how
   close to a tie its picks are, i.e. how small an error flips them.
-With --trained DIR, the same agreement figures on a trained checkpoint (fp32 vs each int8), with
-prompts sampled from the model itself (8 x 32 tokens, seeded), since a random-weight model's
-nearly flat logits make any quantization flip its picks.
+With --trained DIR [DIR ...], the same agreement figures on trained checkpoints (fp32 vs bf16 and
+each int8, with the head in int8 and in float), with prompts sampled from the model itself (8 x 32
+tokens, seeded), since a random-weight model's nearly flat logits make any quantization flip its
+picks. nanoseek leaves a head tied to the embedding in float; on a tied checkpoint the "int8 head"
+figures quantize an untied copy of it (what an int8 head would do to the picks).
 
 Targets (issue 15): nanoseek fp32 >= transformers at batch 1 and >= 1.5x at batch 8; int8 >= 1.5x
 nanoseek fp32 at batch 1 with <= 0.6x its peak memory; int8 greedy agrees with fp32 on >= 90% of
@@ -55,8 +61,9 @@ SHAPES = {
     "small": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
 }
-ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-int8", "nanoseek-int8-dynamic")
-INT8 = ("nanoseek-int8", "nanoseek-int8-dynamic")
+ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-bf16", "nanoseek-int8",
+           "nanoseek-int8-float-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
+COMPARED = ENGINES[3:]  # against nanoseek fp32: speed, memory, greedy agreement
 
 
 def peak_rss_gib() -> float:
@@ -118,11 +125,16 @@ def run_engine(args) -> dict:
 
         from nanoseek.checkpoint import load_model
 
-        quantize = args.phase.removeprefix("nanoseek-") if args.phase in INT8 else None
+        quantize = args.phase.removeprefix("nanoseek-").removesuffix("-float-head") if "int8" in args.phase else None
+        if args.phase.endswith("-float-head"):  # int8 as before the head was quantized too
+            import nanoseek.device
+
+            nanoseek.device.FLOAT_LAYERS += ("lm_head",)
         # an in-memory model is not packed: the fp32 path as it was before PackedLinear
         model = load_model(args.dir) if args.phase == "nanoseek-fp32-unpacked" else args.dir
+        dtype = "bfloat16" if args.phase == "nanoseek-bf16" else "float32"
         llm = nanoseek.LLM(model, max_num_seqs=8, max_model_len=args.prompt_len + args.agree_tokens + 16,
-                           enable_prefix_caching=False, device="cpu", dtype="float32", quantize=quantize)
+                           enable_prefix_caching=False, device="cpu", dtype=dtype, quantize=quantize)
 
         def generate(batch: int, n: int) -> list[list[int]]:
             params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -151,7 +163,7 @@ def run_engine(args) -> dict:
     if args.phase == "nanoseek-fp32":  # how close to a tie fp32's picks are, on its own text
         result["margins"] = [m for prompt, tokens in zip(batch_prompts, result["greedy_agree"])
                              for m in top2_margins(llm.model, prompt, tokens)]
-    if args.reference:  # int8: its next-token choice on fp32's greedy text, position by position
+    if args.reference:  # bf16, int8: its next-token choice on fp32's greedy text, position by position
         reference = json.loads(Path(args.reference).read_text())["greedy_agree"]
         result["teacher_forced_agree"] = teacher_forced(llm.model, batch_prompts, reference)
     return result
@@ -181,30 +193,61 @@ def teacher_forced(model, prompts_: list[list[int]], reference: list[list[int]])
 
 
 def trained_agreement(args) -> dict:
-    """fp32 vs each int8 on a trained checkpoint, prompts sampled from the model (in one process: it is small)."""
+    """fp32 vs bf16 and each int8 (head in int8 and in float) on each trained checkpoint, prompts
+    sampled from the model (in one process: they are small)."""
     import torch
 
     import nanoseek
-    from nanoseek.checkpoint import load_model
     from nanoseek.inference.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
-    fp32 = nanoseek.LLM(args.trained, max_num_seqs=8, enable_prefix_caching=False, device="cpu", dtype="float32")
-    bos = fp32.model.config.bos_token_id or 0
-    prompt_list = [[bos] + o.outputs[0].token_ids for o in fp32.generate(
-        [[bos]] * 8, [SamplingParams(temperature=1.0, max_tokens=args.prompt_len - 1, ignore_eos=True, seed=i)
-                      for i in range(8)])]
-    greedy = SamplingParams(temperature=0, max_tokens=args.agree_tokens, ignore_eos=True)
-    reference = [o.outputs[0].token_ids for o in fp32.generate(prompt_list, greedy)]
-    margins = [m for p, t in zip(prompt_list, reference) for m in top2_margins(fp32.model, p, t)]
-    result = {"margins": margins}
-    for method in ("int8", "int8-dynamic"):
-        llm = nanoseek.LLM(load_model(args.trained, quantize=method), max_num_seqs=8, enable_prefix_caching=False)
-        out = [o.outputs[0].token_ids for o in llm.generate(prompt_list, greedy)]
-        agree, prefixes = agreement(reference, out)
-        result[method] = {"agree": agree, "prefixes": prefixes,
-                          "teacher_forced_agree": teacher_forced(llm.model, prompt_list, reference)}
-    return result
+    results = {}
+    for path in args.trained:
+        fp32 = nanoseek.LLM(path, max_num_seqs=8, enable_prefix_caching=False, device="cpu", dtype="float32")
+        bos = fp32.model.config.bos_token_id or 0
+        prompt_list = [[bos] + o.outputs[0].token_ids for o in fp32.generate(
+            [[bos]] * 8, [SamplingParams(temperature=1.0, max_tokens=args.prompt_len - 1, ignore_eos=True, seed=i)
+                          for i in range(8)])]
+        greedy = SamplingParams(temperature=0, max_tokens=args.agree_tokens, ignore_eos=True)
+        reference = [o.outputs[0].token_ids for o in fp32.generate(prompt_list, greedy)]
+        margins = [m for p, t in zip(prompt_list, reference) for m in top2_margins(fp32.model, p, t)]
+        result = {"margins": margins, "tied_head": fp32.model.config.tie_word_embeddings}
+        for variant in TRAINED_VARIANTS:
+            if variant == "bf16":
+                llm = nanoseek.LLM(path, max_num_seqs=8, enable_prefix_caching=False, device="cpu", dtype="bfloat16")
+            else:
+                method, head = variant.removesuffix("-float-head"), not variant.endswith("-float-head")
+                llm = nanoseek.LLM(quantized(path, method, head), max_num_seqs=8, enable_prefix_caching=False)
+            out = [o.outputs[0].token_ids for o in llm.generate(prompt_list, greedy)]
+            agree, prefixes = agreement(reference, out)
+            result[variant] = {"agree": agree, "prefixes": prefixes,
+                               "teacher_forced_agree": teacher_forced(llm.model, prompt_list, reference)}
+        results[str(path)] = result
+    return results
+
+
+TRAINED_VARIANTS = ("bf16", "int8", "int8-float-head", "int8-dynamic", "int8-dynamic-float-head")
+
+
+def quantized(path, method: str, head: bool):
+    """`load_model(path, quantize=method)` with the output head in int8 (head) or left in float. On
+    a tied head, which nanoseek leaves in float, an int8 head is an untied quantized copy of it."""
+    import torch.nn as nn
+
+    import nanoseek.device
+    from nanoseek.checkpoint import load_model
+
+    float_layers = nanoseek.device.FLOAT_LAYERS
+    nanoseek.device.FLOAT_LAYERS = float_layers + (() if head else ("lm_head",))
+    try:
+        model = load_model(path, quantize=method)
+    finally:
+        nanoseek.device.FLOAT_LAYERS = float_layers
+    if head and type(model.lm_head) is nn.Linear:
+        copy = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+        copy.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+        model.lm_head = nanoseek.device.quantize_linear(copy, method)
+    return model
 
 
 # ------------------------------------------------------------------ driver
@@ -215,7 +258,7 @@ def subprocess_phase(args, phase: str, reference: dict | None = None) -> dict:
            "--shape", args.shape, "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
            "--agree-tokens", str(args.agree_tokens), "--repeats", str(args.repeats), "--clock", args.clock]
     if args.trained:
-        cmd += ["--trained", str(args.trained)]
+        cmd += ["--trained", *map(str, args.trained)]
     if reference is not None:
         file = args.dir / "fp32_greedy.json"
         file.write_text(json.dumps(reference))
@@ -253,11 +296,11 @@ def main() -> None:
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                         help="decode timing: the process's CPU time (default) or wall-clock time")
     parser.add_argument("--repeats", type=int, default=3, help="decode timings per batch size (the median is kept)")
-    parser.add_argument("--trained", type=Path, default=None,
-                        help="a trained checkpoint to also measure int8 agreement on (small: one process)")
+    parser.add_argument("--trained", type=Path, nargs="+", default=None,
+                        help="trained checkpoints to also measure bf16 and int8 agreement on (small: one process)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per timed generation")
-    parser.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared, int8 vs fp32")
+    parser.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared, bf16 / int8 vs fp32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--phase", default=None, choices=("make", "trained", *ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, choices=SHAPES, help=argparse.SUPPRESS)
@@ -285,7 +328,7 @@ def main() -> None:
     results = {}
     for phase in ENGINES:
         print(f"running {phase} ...", file=sys.stderr, flush=True)
-        reference = results.get("nanoseek-fp32") if phase in INT8 else None
+        reference = results.get("nanoseek-fp32") if phase in COMPARED else None
         results[phase] = subprocess_phase(args, phase, reference)
     trained = subprocess_phase(args, "trained") if args.trained else None
 
@@ -310,28 +353,35 @@ def main() -> None:
         "nanoseek fp32 / transformers, peak memory": fp32["peak_rss_gib"] / tf["peak_rss_gib"],
         "nanoseek fp32 / transformers, load time": fp32["load_s"] / tf["load_s"],
     }
-    for e in INT8:
+    for e in COMPARED:
         r = results[e]
+        target = lambda t: f" (target {t})" if e == "nanoseek-int8" else ""  # noqa: E731 (issue 15's targets)
         ratios.update({
-            f"{e} / nanoseek fp32, batch 1 (target >= 1.5)": r["decode_tok_s_b1"] / fp32["decode_tok_s_b1"],
+            f"{e} / nanoseek fp32, batch 1{target('>= 1.5')}": r["decode_tok_s_b1"] / fp32["decode_tok_s_b1"],
             f"{e} / nanoseek fp32, batch 8": r["decode_tok_s_b8"] / fp32["decode_tok_s_b8"],
-            f"{e} / nanoseek fp32, peak memory (target <= 0.6)": r["peak_rss_gib"] / fp32["peak_rss_gib"],
-            f"{e} greedy agrees with fp32 (8 prompts x {args.agree_tokens} tokens; target >= 0.90)":
+            f"{e} / nanoseek fp32, peak memory{target('<= 0.6')}": r["peak_rss_gib"] / fp32["peak_rss_gib"],
+            f"{e} greedy agrees with fp32 (8 prompts x {args.agree_tokens} tokens){target('>= 0.90')}":
                 agreement(fp32["greedy_agree"], r["greedy_agree"])[0],
             f"{e} teacher-forced: its next token on fp32's greedy text is fp32's": r["teacher_forced_agree"],
         })
+    for e in ("nanoseek-int8", "nanoseek-int8-dynamic"):  # what quantizing the output head too gives
+        r, before_head = results[e], results[f"{e}-float-head"]
+        ratios.update({f"{e} / its float head, batch {b}": r[f"decode_tok_s_b{b}"] / before_head[f"decode_tok_s_b{b}"]
+                       for b in (1, 8)})
+        ratios[f"{e} / its float head, peak memory"] = r["peak_rss_gib"] / before_head["peak_rss_gib"]
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    for e in INT8:
+    for e in COMPARED:
         print(f"{e} vs fp32, tokens before the first difference per prompt: "
               f"{agreement(fp32['greedy_agree'], results[e]['greedy_agree'])[1]}")
     print(f"fp32's top-1 minus top-2 logit on its own greedy text: {quantiles(fp32['margins'])}")
     print(f"nanoseek fp32 greedy equals transformers' on {vs_hf}/{n_ref} tokens (prompt 0, batch 1)")
-    if trained:
-        print(f"\ntrained checkpoint {args.trained}: fp32's top-1 minus top-2 logit: {quantiles(trained['margins'])}")
-        for e in ("int8", "int8-dynamic"):
-            t = trained[e]
+    for path, result in (trained or {}).items():
+        print(f"\ntrained checkpoint {path} ({'tied' if result['tied_head'] else 'untied'} head): "
+              f"fp32's top-1 minus top-2 logit: {quantiles(result['margins'])}")
+        for e in TRAINED_VARIANTS:
+            t = result[e]
             print(f"  {e}: greedy agrees with fp32 on {t['agree']:.2f} of 8 x {args.agree_tokens} positions "
                   f"(first difference per prompt {t['prefixes']}); teacher-forced {t['teacher_forced_agree']:.2f}")
     if args.json:
