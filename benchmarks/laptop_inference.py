@@ -14,8 +14,9 @@ nanoseek fp32 as before the packing (`LLM` on the in-memory model: plain F.linea
 before/after), nanoseek bf16 (`--dtype bfloat16`: the checkpoint's own precision, computed in
 bf16 throughout; the calibration for the agreement figures: how far from fp32 a precision everyone
 accepts lands), nanoseek `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao),
-each also with the output head left in float32 (`*-float-head`: int8 as it was before the head
-was quantized too; the benchmark adds "lm_head" to nanoseek.device.FLOAT_LAYERS for them).
+each also with the untied output head the other way than nanoseek's default (nanoseek.device.
+FLOAT_LAYERS): `int8-quantized-head` (weight-only int8 keeps the head in float) and
+`int8-dynamic-float-head` (int8-dynamic quantizes it), for what quantizing the head gives.
 Each engine runs in a fresh process (so its peak memory is its own, and two models are never in
 memory at once) and reports:
 - load time: from nothing to a model ready to generate (the bf16 file upcast to fp32, or quantized);
@@ -33,10 +34,10 @@ memory at once) and reports:
 - for fp32, the margin between its top two logits at each of those positions (teacher-forced): how
   close to a tie its picks are, i.e. how small an error flips them.
 With --trained DIR [DIR ...], the same agreement figures on trained checkpoints (fp32 vs bf16 and
-each int8, with the head in int8 and in float), with prompts sampled from the model itself (8 x 32
-tokens, seeded), since a random-weight model's nearly flat logits make any quantization flip its
-picks. nanoseek leaves a head tied to the embedding in float; on a tied checkpoint the "int8 head"
-figures quantize an untied copy of it (what an int8 head would do to the picks).
+each int8, with the head quantized and in float), with prompts sampled from the model itself (8 x
+32 tokens, seeded), since a random-weight model's nearly flat logits make any quantization flip
+its picks. nanoseek leaves a head tied to the embedding in float; on a tied checkpoint the
+quantized-head figures quantize an untied copy of it (what an int8 head would do to the picks).
 
 Targets (issue 15): nanoseek fp32 >= transformers at batch 1 and >= 1.5x at batch 8; int8 >= 1.5x
 nanoseek fp32 at batch 1 with <= 0.6x its peak memory; int8 greedy agrees with fp32 on >= 90% of
@@ -62,8 +63,12 @@ SHAPES = {
                   num_attention_heads=4, num_key_value_heads=2),
 }
 ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-bf16", "nanoseek-int8",
-           "nanoseek-int8-float-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
+           "nanoseek-int8-quantized-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
 COMPARED = ENGINES[3:]  # against nanoseek fp32: speed, memory, greedy agreement
+# per method, its engines with the output head quantized and in float (one is nanoseek's default)
+HEAD_PAIRS = {"int8": ("nanoseek-int8-quantized-head", "nanoseek-int8"),
+              "int8-dynamic": ("nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")}
+HEADS = {"-quantized-head": True, "-float-head": False}  # a name's suffix: whether the head is quantized
 
 
 def peak_rss_gib() -> float:
@@ -125,11 +130,10 @@ def run_engine(args) -> dict:
 
         from nanoseek.checkpoint import load_model
 
-        quantize = args.phase.removeprefix("nanoseek-").removesuffix("-float-head") if "int8" in args.phase else None
-        if args.phase.endswith("-float-head"):  # int8 as before the head was quantized too
-            import nanoseek.device
-
-            nanoseek.device.FLOAT_LAYERS += ("lm_head",)
+        quantize, head = split_variant(args.phase.removeprefix("nanoseek-"))
+        quantize = quantize if "int8" in quantize else None
+        if head is not None:
+            set_head(quantize, head)
         # an in-memory model is not packed: the fp32 path as it was before PackedLinear
         model = load_model(args.dir) if args.phase == "nanoseek-fp32-unpacked" else args.dir
         dtype = "bfloat16" if args.phase == "nanoseek-bf16" else "float32"
@@ -216,8 +220,7 @@ def trained_agreement(args) -> dict:
             if variant == "bf16":
                 llm = nanoseek.LLM(path, max_num_seqs=8, enable_prefix_caching=False, device="cpu", dtype="bfloat16")
             else:
-                method, head = variant.removesuffix("-float-head"), not variant.endswith("-float-head")
-                llm = nanoseek.LLM(quantized(path, method, head), max_num_seqs=8, enable_prefix_caching=False)
+                llm = nanoseek.LLM(quantized(path, *split_variant(variant)), max_num_seqs=8, enable_prefix_caching=False)
             out = [o.outputs[0].token_ids for o in llm.generate(prompt_list, greedy)]
             agree, prefixes = agreement(reference, out)
             result[variant] = {"agree": agree, "prefixes": prefixes,
@@ -226,23 +229,43 @@ def trained_agreement(args) -> dict:
     return results
 
 
-TRAINED_VARIANTS = ("bf16", "int8", "int8-float-head", "int8-dynamic", "int8-dynamic-float-head")
+TRAINED_VARIANTS = ("bf16", "int8-quantized-head", "int8-float-head", "int8-dynamic-quantized-head",
+                    "int8-dynamic-float-head")
 
 
-def quantized(path, method: str, head: bool):
-    """`load_model(path, quantize=method)` with the output head in int8 (head) or left in float. On
-    a tied head, which nanoseek leaves in float, an int8 head is an untied quantized copy of it."""
+def split_variant(name: str) -> tuple[str, bool | None]:
+    """"int8-dynamic-float-head" -> ("int8-dynamic", False): the rest of the name, and whether the
+    output head is quantized (None: as nanoseek's default for the method)."""
+    for suffix, head in HEADS.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), head
+    return name, None
+
+
+def set_head(method: str, head: bool) -> tuple[str, ...]:
+    """Make `method` quantize an untied output head (head) or leave it in float, whatever nanoseek's
+    default; returns the FLOAT_LAYERS entry it replaced."""
+    import nanoseek.device
+
+    old = nanoseek.device.FLOAT_LAYERS[method]
+    nanoseek.device.FLOAT_LAYERS[method] = tuple(n for n in old if n != "lm_head") + (() if head else ("lm_head",))
+    return old
+
+
+def quantized(path, method: str, head: bool | None):
+    """`load_model(path, quantize=method)` with the output head quantized (head) or left in float. On
+    a tied head, which nanoseek leaves in float, a quantized head is an untied quantized copy of it."""
     import torch.nn as nn
 
     import nanoseek.device
     from nanoseek.checkpoint import load_model
 
-    float_layers = nanoseek.device.FLOAT_LAYERS
-    nanoseek.device.FLOAT_LAYERS = float_layers + (() if head else ("lm_head",))
+    old = set_head(method, head) if head is not None else None
     try:
         model = load_model(path, quantize=method)
     finally:
-        nanoseek.device.FLOAT_LAYERS = float_layers
+        if old is not None:
+            nanoseek.device.FLOAT_LAYERS[method] = old
     if head and type(model.lm_head) is nn.Linear:
         copy = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
         copy.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
@@ -364,11 +387,11 @@ def main() -> None:
                 agreement(fp32["greedy_agree"], r["greedy_agree"])[0],
             f"{e} teacher-forced: its next token on fp32's greedy text is fp32's": r["teacher_forced_agree"],
         })
-    for e in ("nanoseek-int8", "nanoseek-int8-dynamic"):  # what quantizing the output head too gives
-        r, before_head = results[e], results[f"{e}-float-head"]
-        ratios.update({f"{e} / its float head, batch {b}": r[f"decode_tok_s_b{b}"] / before_head[f"decode_tok_s_b{b}"]
-                       for b in (1, 8)})
-        ratios[f"{e} / its float head, peak memory"] = r["peak_rss_gib"] / before_head["peak_rss_gib"]
+    for method, (q, f) in HEAD_PAIRS.items():  # what quantizing the output head gives
+        ratios.update({f"{method}, quantized head / float head, batch {b}":
+                       results[q][f"decode_tok_s_b{b}"] / results[f][f"decode_tok_s_b{b}"] for b in (1, 8)})
+        ratios[f"{method}, quantized head / float head, peak memory"] = \
+            results[q]["peak_rss_gib"] / results[f]["peak_rss_gib"]
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 import nanoseek  # noqa: E402
 from nanoseek.checkpoint import load_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.device import Int8Linear, PackedLinear, quantize_model  # noqa: E402
+from nanoseek.device import PackedLinear, quantize_model  # noqa: E402
 from nanoseek.errors import ChatTemplateError, NanoseekError  # noqa: E402
 from nanoseek.inference.sampling import SamplingParams  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
@@ -295,11 +295,11 @@ def test_eos_list_from_generation_config_stops(dirs):
 
 
 def test_int8_dense_and_mla_write_the_same_script(dirs):
-    # dense: loaded quantized, every linear layer int8, the untied head too; the scripted model answers the same
+    # dense: loaded quantized, every linear layer but the head int8; the scripted model answers the same
     llm = nanoseek.LLM(dirs["thinker"], max_num_seqs=1, quantize="int8")
     float_linears = [name for name, m in llm.model.named_modules()
                      if type(m) in (torch.nn.Linear, PackedLinear)]
-    assert float_linears == []
+    assert float_linears == ["lm_head"]  # every other linear layer is int8
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "2+2?"}])
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
     assert out.text == f"{THOUGHT}</think>\n\n{ANSWER}"
@@ -310,7 +310,6 @@ def test_int8_dense_and_mla_write_the_same_script(dirs):
     plain = nanoseek.LLM(model, max_num_seqs=1).generate([chain[:2]], SamplingParams(temperature=0, max_tokens=8))
     quantized = nanoseek.LLM(model, max_num_seqs=1, quantize="int8")
     assert type(quantized.model.model.layers[0].self_attn.kv_b_proj) is torch.nn.Linear
-    assert type(quantized.model.lm_head) is Int8Linear
     int8 = quantized.generate([chain[:2]], SamplingParams(temperature=0, max_tokens=8))
     assert int8[0].outputs[0].token_ids == plain[0].outputs[0].token_ids == chain[2:10]
 
@@ -457,6 +456,6 @@ def test_loading_holds_the_model_plus_one_tensor(dirs, tmp_path):
     assert fp32_bytes < kept < fp32_bytes + 64 * 2**20, measured
     assert peak - kept < 2 * largest, measured  # and at no time more than it plus a tensor or two
     # int8 never holds the float weights of the layers it quantizes; at this toy size the float
-    # embedding is 20% of the model and the process's own memory counts, so the ratio is about
-    # 0.4-0.55 (benchmarks/laptop_inference.py measures the 1.5B); fp32 layers would give > 0.9
+    # embedding and head are 40% of the model and the process's own memory counts, so the ratio is
+    # about 0.55-0.65 (benchmarks/laptop_inference.py measures the 1.5B: 0.52); fp32 layers would give > 0.9
     assert int8_peak < 0.75 * peak, measured

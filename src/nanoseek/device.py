@@ -17,13 +17,10 @@ Training keeps fp32 weights and optimizer state and computes under bf16 autocast
     quantize "int8-dynamic": torch.ao's dynamic int8 linear layers (fbgemm): the activations too
                      are quantized, per tensor, on the fly, and the matmul runs in int8. Faster
                      still, but its error is several times larger (see the README's table).
-                     Both quantize the output head too when it has its own weight (an untied
-                     head: R1-Distill-Qwen-1.5B's is 151936x1536, 0.9 GB in float32, 40% of the
-                     int8 model's bytes per step if left in float) and keep in float MLA's
-                     `kv_b_proj` (the absorbed decode path folds its weight into the query and the
-                     output, so it is read as a matrix, not called) and a head tied to the
-                     embedding (`quantizable`). The head's error goes straight into the token
-                     ranking; measured, weight-only int8 keeps a trained model's greedy picks (README).
+                     Both keep MLA's `kv_b_proj` in float (the absorbed decode path folds its
+                     weight into the query and the output, so it is read as a matrix, not called)
+                     and a head tied to the embedding; int8-dynamic quantizes an untied output head
+                     too, weight-only int8 keeps it in float (`FLOAT_LAYERS`, `quantizable`).
 
 Float32 inference on the CPU (`pack_linears`, which `LLM` applies to the checkpoints it loads): each
 float linear layer keeps its weight in oneDNN's blocked layout, packed once, and runs through
@@ -104,20 +101,26 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
         raise NanoseekError(f"--quantize {method} quantizes float32 layers; use --dtype float32 (auto on the CPU)")
 
 
-# Linear layers quantization leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
-# absorbed decode path reads as a matrix (it is never called). (V3's MTP modules have no head of
-# their own here: they call the main model's lm_head.)
-FLOAT_LAYERS = ("kv_b_proj",)
+# The linear layers each method leaves in float, by name suffix. Both: MLA's kv_b_proj, whose
+# weight the absorbed decode path reads as a matrix (it is never called). Weight-only int8 also the
+# output head: R1-Distill-Qwen-1.5B's untied 151936x1536 head is 0.9 GB in float32, yet torch's
+# int8-weight kernel reads it only 1.6x faster than oneDNN's fp32 at 1 row and 1.2x at 8, and in
+# whole-model decode the int8 head gained nothing measurable over run-to-run noise (while saving
+# 1.1 GiB; README, "Run a released DeepSeek model"). fbgemm's dynamic kernel reads it 3-4x faster:
+# int8-dynamic decodes 1.4x faster with it, its greedy picks unchanged. (V3's MTP modules have no
+# head of their own here: they call the main model's lm_head.)
+FLOAT_LAYERS = {"int8": ("kv_b_proj", "lm_head"), "int8-dynamic": ("kv_b_proj",)}
 
 
-def quantizable(name: str, module: nn.Module, tied_head: bool) -> bool:
-    """Whether `quantize_model` turns this module into an int8 one: a plain nn.Linear not in
-    FLOAT_LAYERS, the output head included unless `tied_head` (config.tie_word_embeddings).
+def quantizable(name: str, module: nn.Module, method: str, tied_head: bool) -> bool:
+    """Whether `quantize_model(model, method)` turns this module into an int8 one: a plain
+    nn.Linear not in FLOAT_LAYERS[method], nor the output head where it is tied to the embedding
+    (`tied_head`: config.tie_word_embeddings).
 
     A tied head stays in float: its weight is the embedding's, which the embedding lookup reads
     as float rows. Quantizing it in place would round every input embedding as well, and an int8
     copy beside the float embedding would add memory (a quarter of the matrix) instead of saving it."""
-    if type(module) is not nn.Linear or name.endswith(FLOAT_LAYERS):
+    if type(module) is not nn.Linear or name.endswith(FLOAT_LAYERS[method]):
         return False
     return not (tied_head and name == "lm_head")
 
@@ -125,8 +128,7 @@ def quantizable(name: str, module: nn.Module, tied_head: bool) -> bool:
 class Int8Linear(nn.Module):
     """Weight-only int8 nn.Linear for CPU inference: W ~= scale[:, None] * int8 weight, one scale per
     output channel (absmax / 127); y = x W^T + b with x rounded to bfloat16 for the kernel and y
-    returned in x's dtype. The kernel sums in float32 and returns bfloat16: as the output head,
-    its logits carry bf16's precision (steps of 0.06 at a logit of 10), as the released models' own."""
+    returned in x's dtype (the kernel sums in float32 and returns bfloat16)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -172,7 +174,8 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
     if method in (None, "none"):
         return model
     tied_head = model.config.tie_word_embeddings
-    replace_linears(model, [name for name, module in model.named_modules() if quantizable(name, module, tied_head)],
+    replace_linears(model, [name for name, module in model.named_modules()
+                            if quantizable(name, module, method, tied_head)],
                     lambda module: quantize_linear(module, method))
     return model.eval()
 
