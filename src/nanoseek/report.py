@@ -126,7 +126,8 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     results = {p.stem: _json(p) for p in sorted((out / "results").glob("*.json"))}
     ev = {k.removeprefix("eval_"): v for k, v in results.items() if k.startswith("eval_") and v}
     lines = [f"# nanoseek speedrun{' --tiny' if tiny else ''}", ""]
-    lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} from `{out}`; speedrun wall time "
+    shown = os.path.relpath(out) if out.resolve().is_relative_to(Path.cwd()) else out  # no home paths in a shared card
+    lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')} from `{shown}`; speedrun wall time "
               f"{_duration(state.get('wall_seconds'))} over all its runs. Every number below is read from the "
               "stages' own outputs (see `nanoseek/report.py`); logs are in `logs/`.", ""]
     if tiny:
