@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -168,7 +169,12 @@ def main() -> None:
     print("\n" + header + "\n" + "-" * len(header))
     if args.prompt is not None:
         args.prompt_lens = [len(engines[0].prompt_ids(args.prompt))]
-    for prompt_len in args.prompt_lens:
+    context = engines[0].max_model_len
+    too_long = [n for n in args.prompt_lens if n + args.new_tokens > context]
+    if too_long:  # a small model's context (the reasoning base: 256) cannot hold the default lengths
+        print(f"skipping prompt lengths {too_long}: with {args.new_tokens} new tokens they exceed the "
+              f"model's context of {context} tokens", file=sys.stderr)
+    for prompt_len in [n for n in args.prompt_lens if n + args.new_tokens <= context]:
         for batch in args.batches:
             if args.prompt is not None:
                 prompts = [engines[0].prompt_ids(args.prompt)] * batch
