@@ -3,6 +3,7 @@
     python benchmarks/laptop_inference.py [--dir /tmp/nanoseek-r1-distill-1.5b-shape] [--threads 1]
     python benchmarks/laptop_inference.py --small     # toy shapes: checks the script in seconds
     python benchmarks/laptop_inference.py --trained runs/student_long/latest   # + agreement on a trained model
+    python benchmarks/laptop_inference.py --paired 7 [--threads 2 --clock wall]   # only int8 vs fp32, in turn
 
 The model is a random-weight Qwen2 with DeepSeek-R1-Distill-Qwen-1.5B's shapes (hidden 1536, 28
 layers, 12 heads, 2 KV heads, intermediate 8960, vocabulary 151936, untied head: 1.78B parameters),
@@ -173,6 +174,41 @@ def run_engine(args) -> dict:
     return result
 
 
+def paired_speed(args) -> dict:
+    """int8 against fp32 timed in turn in one process (both models loaded: about 13 GB for the 1.5B):
+    on a machine whose memory bandwidth moves from minute to minute (a shared VM), separate processes
+    minutes apart see different machines; alternating the two, `--paired N` rounds per batch size,
+    gives each round's ratio on the same machine state and the median of them."""
+    import torch
+
+    import nanoseek
+    from nanoseek.inference.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    batch_prompts = prompts(args, SHAPES[args.shape]["vocab_size"])
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    engines = {q or "fp32": nanoseek.LLM(args.dir, max_num_seqs=8, max_model_len=args.prompt_len + args.decode_tokens + 8,
+                                         enable_prefix_caching=False, device="cpu", quantize=q)
+               for q in (None, "int8")}
+
+    def decode_rate(llm, batch: int) -> float:
+        def run(n):
+            t = clock()
+            llm.generate(batch_prompts[:batch], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            return clock() - t
+        prefill, total = run(1), run(args.decode_tokens)
+        return batch * (args.decode_tokens - 1) / max(total - prefill, 1e-9)
+
+    result = {}
+    for batch in (1, 8):
+        for llm in engines.values():
+            decode_rate(llm, batch)  # warm-up
+        rounds = [{name: decode_rate(llm, batch) for name, llm in engines.items()} for _ in range(args.paired)]
+        ratios = [r["int8"] / r["fp32"] for r in rounds]
+        result[f"b{batch}"] = {"rounds": rounds, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+    return result
+
+
 def next_token_logits(model, prompt: list[int], tokens: list[int]):
     """The model's logits (len(tokens), V) for each of `tokens`, fed prompt + tokens (teacher-forced)."""
     import torch
@@ -279,7 +315,8 @@ def quantized(path, method: str, head: bool | None):
 def subprocess_phase(args, phase: str, reference: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--phase", phase, "--dir", str(args.dir), "--threads", str(args.threads),
            "--shape", args.shape, "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
-           "--agree-tokens", str(args.agree_tokens), "--repeats", str(args.repeats), "--clock", args.clock]
+           "--agree-tokens", str(args.agree_tokens), "--repeats", str(args.repeats), "--clock", args.clock,
+           "--paired", str(args.paired)]
     if args.trained:
         cmd += ["--trained", *map(str, args.trained)]
     if reference is not None:
@@ -325,7 +362,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per timed generation")
     parser.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared, bf16 / int8 vs fp32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--phase", default=None, choices=("make", "trained", *ENGINES), help=argparse.SUPPRESS)
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="only time int8 against fp32 in turn in one process, N rounds per batch size")
+    parser.add_argument("--phase", default=None, choices=("make", "trained", "paired", *ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, choices=SHAPES, help=argparse.SUPPRESS)
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -338,6 +377,9 @@ def main() -> None:
     if args.phase == "trained":
         print(json.dumps(trained_agreement(args)))
         return
+    if args.phase == "paired":
+        print(json.dumps(paired_speed(args)))
+        return
     if args.phase:
         print(json.dumps(run_engine(args)))
         return
@@ -348,6 +390,18 @@ def main() -> None:
         print(f"made {args.dir}: {made['parameters'] / 1e9:.2f}B random bf16 parameters "
               f"in {time.perf_counter() - t:.0f}s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.dir.glob("*.safetensors")) / 1024**3
+    if args.paired:
+        paired = subprocess_phase(args, "paired")
+        print(f"{cpu_name()}, {args.threads} thread(s), {args.clock} clock: int8 / fp32 decode speed, "
+              f"{args.paired} rounds in turn in one process")
+        for batch, r in paired.items():
+            print(f"batch {batch[1:]}: rounds {' '.join(f'{x:.2f}' for x in r['ratios'])}; median {r['median_ratio']:.2f}x "
+                  f"(fp32 {statistics.median(x['fp32'] for x in r['rounds']):.2f}, "
+                  f"int8 {statistics.median(x['int8'] for x in r['rounds']):.2f} tok/s)")
+        if args.json:
+            args.json.write_text(json.dumps({"paired": paired, "cpu": cpu_name(), "threads": args.threads,
+                                             "clock": args.clock}, indent=2))
+        return
     results = {}
     for phase in ENGINES:
         print(f"running {phase} ...", file=sys.stderr, flush=True)
