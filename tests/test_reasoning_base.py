@@ -147,6 +147,13 @@ def test_eval_cli_prefill_needs_an_opening(tmp_path, capsys):
     assert code == 2 and "chain opening" in capsys.readouterr().err
 
 
+def test_pretrain_rejects_a_chat_template_that_does_not_compile(tmp_path, capsys):
+    code = cli.main(["pretrain", "--config", str(CONFIGS / "pretrain_tiny.toml"), f"out_dir={tmp_path}",
+                     "chat_template={% if %}"])
+    assert code == 2 and "chat template" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # before any data is prepared
+
+
 # ---------------------------------------------------------------- the figure
 
 

@@ -46,7 +46,7 @@ from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_
 from nanoseek.errors import ConfigError
 from nanoseek.model.moe import moe_layers, update_expert_bias
 from nanoseek.model.transformer import Transformer, documents_of
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
 from nanoseek.train import stage
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.distributed import DistEnv, barrier, seed_everything
@@ -188,6 +188,8 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
     continuing a checkpoint (`init`), with that checkpoint's tokenizer; skipped when a previous run
     already prepared data_dir with the same recipe. Every rank then loads the result."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
+    if cfg.chat_template:  # a template that does not render fails now, not after tokenizing the data
+        render_chat_template(cfg.chat_template, [{"role": "user", "content": "1+1?"}], bos_token="", eos_token="")
     if cfg.init and cfg.tokenizer:
         raise ConfigError("set init= or tokenizer=, not both: a checkpoint brings its own tokenizer")
     source = cfg.init or cfg.tokenizer
@@ -217,7 +219,6 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
     tokenizer = Tokenizer.from_dir(data_dir)
     if cfg.chat_template:  # the format the corpus speaks, so chat and serve prompt the model in it
         tokenizer.chat_template = cfg.chat_template
-        tokenizer.check_chat_template()
     return tokenizer, data_dir
 
 
