@@ -151,13 +151,8 @@ def run_engine(args) -> dict:
         generate(batch, 2)  # warm-up
         rates = []
         for _ in range(args.repeats):
-            t = clock()
-            generate(batch, 1)
-            prefill = clock() - t
-            t = clock()
-            tokens = generate(batch, n)
-            total = clock() - t
-            rates.append(batch * (n - 1) / max(total - prefill, 1e-9))
+            rate, tokens = timed_decode(generate, batch, n, clock)
+            rates.append(rate)
         result[f"decode_tok_s_b{batch}"] = statistics.median(rates)
         result[f"decode_tok_s_b{batch}_all"] = rates
         if batch == 1:
@@ -172,6 +167,18 @@ def run_engine(args) -> dict:
         reference = json.loads(Path(args.reference).read_text())["greedy_agree"]
         result["teacher_forced_agree"] = teacher_forced(llm.model, batch_prompts, reference)
     return result
+
+
+def timed_decode(generate, batch: int, n: int, clock) -> tuple[float, list[list[int]]]:
+    """Decode tokens/s of `generate(batch, n)`: n tokens minus a 1-token run (the prefill), over the
+    n - 1 decode steps; and the tokens of the n-token run."""
+    t = clock()
+    generate(batch, 1)
+    prefill = clock() - t
+    t = clock()
+    tokens = generate(batch, n)
+    total = clock() - t
+    return batch * (n - 1) / max(total - prefill, 1e-9), tokens
 
 
 def paired_speed(args) -> dict:
@@ -192,12 +199,9 @@ def paired_speed(args) -> dict:
                for q in (None, "int8")}
 
     def decode_rate(llm, batch: int) -> float:
-        def run(n):
-            t = clock()
-            llm.generate(batch_prompts[:batch], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            return clock() - t
-        prefill, total = run(1), run(args.decode_tokens)
-        return batch * (args.decode_tokens - 1) / max(total - prefill, 1e-9)
+        def generate(batch: int, n: int):
+            return llm.generate(batch_prompts[:batch], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return timed_decode(generate, batch, args.decode_tokens, clock)[0]
 
     result = {}
     for batch in (1, 8):
