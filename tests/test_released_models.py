@@ -450,12 +450,13 @@ def test_loading_holds_the_model_plus_one_tensor(dirs, tmp_path):
         out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(dirs["llama"]), str(tmp_path / "bf16"),
                               *([quantize] if quantize else [])], capture_output=True, text=True, check=True)
         measured[quantize] = [int(x) for x in out.stdout.split()]
-    (peak, kept), (int8_peak, _) = measured[""], measured["int8"]
+    (peak, kept), (int8_peak, int8_kept) = measured[""], measured["int8"]
     largest = 8192 * 512 * 4  # the biggest tensor in fp32: the embedding (or the head)
-    # the loaded model stays, plus some tens of MB of the process's own (allocator arenas, torch state)
+    # the loaded model stays, plus some MB of the process's own (allocator arenas, torch state)
     assert fp32_bytes < kept < fp32_bytes + 64 * 2**20, measured
     assert peak - kept < 2 * largest, measured  # and at no time more than it plus a tensor or two
-    # int8 never holds the float weights of the layers it quantizes; at this toy size the float
-    # embedding and head are 40% of the model and the process's own memory counts, so the ratio is
-    # about 0.55-0.65 (benchmarks/laptop_inference.py measures the 1.5B: 0.52); fp32 layers would give > 0.9
-    assert int8_peak < 0.75 * peak, measured
+    # int8 never holds the float weights of the layers it quantizes: its layers are a quarter of
+    # their fp32 size, the float embedding and head (40% of this toy model) stay, so about 0.44 of
+    # fp32 is kept (the 1.5B: 0.52, benchmarks/laptop_inference.py); float layers would keep > 0.9
+    assert int8_kept < 0.5 * kept, measured
+    assert int8_peak - int8_kept < 2 * largest, measured

@@ -276,12 +276,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
 
     dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.
     The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
-    to dtype) and put in place one at a time, so the peak is the loaded model plus one tensor.
+    to dtype) and put in place one at a time, its temporaries' pages handed back to the OS as it
+    goes (`return_free_memory`), so the peak is the loaded model plus one tensor.
     `quantize="int8"` / `"int8-dynamic"` (CPU) turns each linear layer into an int8 one as soon as
     its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
     """
-    from nanoseek.device import check_quantize, quantizable, quantize_linear
+    from nanoseek.device import check_quantize, quantizable, quantize_linear, return_free_memory
 
     path = Path(path)
     config = load_config(path)
@@ -332,6 +333,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             # replaced everywhere it is held, so the float layer is freed now
             modules[module_name] = quantize_linear(module, quantize)
             setattr(model.get_submodule(parent), child, modules[module_name])
+        del t, module  # the temporaries' (and a quantized float layer's) last references
+        return_free_memory()
     if config.tie_word_embeddings:  # the head shares the embedding's parameter
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
