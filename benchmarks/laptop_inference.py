@@ -1,9 +1,9 @@
-"""A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32, bf16 and int8.
+"""A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32, bf16, fp16 and int8.
 
     python benchmarks/laptop_inference.py [--dir /tmp/nanoseek-r1-distill-1.5b-shape] [--threads 1]
     python benchmarks/laptop_inference.py --small     # toy shapes: checks the script in seconds
     python benchmarks/laptop_inference.py --trained runs/student_long/latest   # + agreement on a trained model
-    python benchmarks/laptop_inference.py --paired 7 [--threads 2 --clock wall]   # only int8 vs fp32, in turn
+    python benchmarks/laptop_inference.py --paired 7 [--threads 2 --clock wall]   # only int8, fp16 vs fp32, in turn
 
 The model is a random-weight Qwen2 with DeepSeek-R1-Distill-Qwen-1.5B's shapes (hidden 1536, 28
 layers, 12 heads, 2 KV heads, intermediate 8960, vocabulary 151936, untied head: 1.78B parameters),
@@ -14,7 +14,8 @@ Engines: transformers fp32 (`generate`), nanoseek fp32 (`LLM`: oneDNN-packed lin
 nanoseek fp32 as before the packing (`LLM` on the in-memory model: plain F.linear, for the
 before/after), nanoseek bf16 (`--dtype bfloat16`: the checkpoint's own precision, computed in
 bf16 throughout; the calibration for the agreement figures: how far from fp32 a precision everyone
-accepts lands), nanoseek `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao),
+accepts lands), nanoseek `--quantize fp16` (float16 weights, float32 math: exact for a bf16
+checkpoint), `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao),
 each also with the untied output head the other way than nanoseek's default (nanoseek.device.
 FLOAT_LAYERS): `int8-quantized-head` (weight-only int8 keeps the head in float) and
 `int8-dynamic-float-head` (int8-dynamic quantizes it), for what quantizing the head gives.
@@ -27,7 +28,7 @@ memory at once) and reports:
   timed by --clock: "cpu" (default) is the process's CPU time (time.process_time), which on a
   machine shared with other jobs counts only this process's work; with --threads 1 it is the
   decode time the process would take alone, short of the memory bandwidth the others take;
-- the greedy tokens, to compare: bf16 and int8 against fp32 (8 prompts x the first 64 tokens: the
+- the greedy tokens, to compare: bf16, fp16 and int8 against fp32 (8 prompts x the first 64 tokens: the
   share of positions that agree, how far each prompt goes before the first difference, and,
   teacher-forced, how often each picks fp32's next token on fp32's own text: free-running text
   diverges for good at the first different pick, so the positional share mostly measures where
@@ -63,7 +64,8 @@ SHAPES = {
     "small": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
 }
-ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-bf16", "nanoseek-int8",
+ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-bf16", "nanoseek-fp16",
+           "nanoseek-int8",
            "nanoseek-int8-quantized-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
 COMPARED = ENGINES[3:]  # against nanoseek fp32: speed, memory, greedy agreement
 # per method, its engines with the output head quantized and in float (one is nanoseek's default)
@@ -132,7 +134,7 @@ def run_engine(args) -> dict:
         from nanoseek.checkpoint import load_model
 
         quantize, head = split_variant(args.phase.removeprefix("nanoseek-"))
-        quantize = quantize if "int8" in quantize else None
+        quantize = None if quantize in ("fp32", "fp32-unpacked", "bf16") else quantize
         if head is not None:
             set_head(quantize, head)
         # an in-memory model is not packed: the fp32 path as it was before PackedLinear
@@ -181,8 +183,12 @@ def timed_decode(generate, batch: int, n: int, clock) -> tuple[float, list[list[
     return batch * (n - 1) / max(total - prefill, 1e-9), tokens
 
 
+PAIRED = ("int8", "fp16")
+
+
 def paired_speed(args) -> dict:
-    """int8 against fp32 timed in turn in one process (both models loaded: about 13 GB for the 1.5B):
+    """int8 and fp16 against fp32 timed in turn in one process (the three models loaded: about 17 GB
+    for the 1.5B):
     on a machine whose memory bandwidth moves from minute to minute (a shared VM), separate processes
     minutes apart see different machines; alternating the two, `--paired N` rounds per batch size,
     gives each round's ratio on the same machine state and the median of them."""
@@ -196,7 +202,7 @@ def paired_speed(args) -> dict:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     engines = {q or "fp32": nanoseek.LLM(args.dir, max_num_seqs=8, max_model_len=args.prompt_len + args.decode_tokens + 8,
                                          enable_prefix_caching=False, device="cpu", quantize=q)
-               for q in (None, "int8")}
+               for q in (None, *PAIRED)}
 
     def decode_rate(llm, batch: int) -> float:
         def generate(batch: int, n: int):
@@ -208,8 +214,9 @@ def paired_speed(args) -> dict:
         for llm in engines.values():
             decode_rate(llm, batch)  # warm-up
         rounds = [{name: decode_rate(llm, batch) for name, llm in engines.items()} for _ in range(args.paired)]
-        ratios = [r["int8"] / r["fp32"] for r in rounds]
-        result[f"b{batch}"] = {"rounds": rounds, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+        ratios = {q: [r[q] / r["fp32"] for r in rounds] for q in PAIRED}
+        result[f"b{batch}"] = {"rounds": rounds, "ratios": ratios,
+                               "median_ratio": {q: statistics.median(x) for q, x in ratios.items()}}
     return result
 
 
@@ -237,7 +244,7 @@ def teacher_forced(model, prompts_: list[list[int]], reference: list[list[int]])
 
 
 def trained_agreement(args) -> dict:
-    """fp32 vs bf16 and each int8 (head in int8 and in float) on each trained checkpoint, prompts
+    """fp32 vs bf16, fp16 and each int8 (head in int8 and in float) on each trained checkpoint, prompts
     sampled from the model (in one process: they are small)."""
     import torch
 
@@ -269,7 +276,7 @@ def trained_agreement(args) -> dict:
     return results
 
 
-TRAINED_VARIANTS = ("bf16", "int8-quantized-head", "int8-float-head", "int8-dynamic-quantized-head",
+TRAINED_VARIANTS = ("bf16", "fp16", "int8-quantized-head", "int8-float-head", "int8-dynamic-quantized-head",
                     "int8-dynamic-float-head")
 
 
@@ -396,12 +403,13 @@ def main() -> None:
     size = sum(f.stat().st_size for f in args.dir.glob("*.safetensors")) / 1024**3
     if args.paired:
         paired = subprocess_phase(args, "paired")
-        print(f"{cpu_name()}, {args.threads} thread(s), {args.clock} clock: int8 / fp32 decode speed, "
-              f"{args.paired} rounds in turn in one process")
+        print(f"{cpu_name()}, {args.threads} thread(s), {args.clock} clock: {' and '.join(PAIRED)} / fp32 decode "
+              f"speed, {args.paired} rounds in turn in one process")
         for batch, r in paired.items():
-            print(f"batch {batch[1:]}: rounds {' '.join(f'{x:.2f}' for x in r['ratios'])}; median {r['median_ratio']:.2f}x "
-                  f"(fp32 {statistics.median(x['fp32'] for x in r['rounds']):.2f}, "
-                  f"int8 {statistics.median(x['int8'] for x in r['rounds']):.2f} tok/s)")
+            for q in PAIRED:
+                print(f"batch {batch[1:]}, {q}: rounds {' '.join(f'{x:.2f}' for x in r['ratios'][q])}; median "
+                      f"{r['median_ratio'][q]:.2f}x (fp32 {statistics.median(x['fp32'] for x in r['rounds']):.2f}, "
+                      f"{q} {statistics.median(x[q] for x in r['rounds']):.2f} tok/s)")
         if args.json:
             args.json.write_text(json.dumps({"paired": paired, "cpu": cpu_name(), "threads": args.threads,
                                              "clock": args.clock}, indent=2))

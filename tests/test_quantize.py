@@ -1,5 +1,6 @@
 """CPU inference precision: weight-only int8 (`--quantize int8`), torch.ao's dynamic int8
-(`int8-dynamic`), and fp32 linear layers packed for oneDNN (what `LLM` does to a checkpoint it loads)."""
+(`int8-dynamic`) and float16-weight (`fp16`) layers, and fp32 linear layers packed for oneDNN (what
+`LLM` does to a checkpoint it loads)."""
 
 import copy
 
@@ -163,11 +164,50 @@ def test_deepseek_model_quantized_with_mtp_speculation():
     assert spec.stats()["spec_draft_tokens"] > 0
 
 
+def test_fp16_of_a_bf16_checkpoint_computes_what_fp32_does(tmp_path):
+    # float16 holds every bf16 weight of this model exactly, and fbgemm sums in float32: the logits
+    # are fp32's up to the order of the sums, and the greedy text is fp32's
+    nanoseek.save_model(tiny_dense().to(torch.bfloat16), tmp_path / "bf16")
+    fp32, fp16 = load_model(tmp_path / "bf16"), load_model(tmp_path / "bf16", quantize="fp16")
+    linears = [m for n, m in fp16.named_modules() if n.endswith(("proj", "lm_head"))]
+    assert len(linears) == 2 * 7 + 1 and all(is_dynamic(m) and m._packed_params.dtype == torch.float16
+                                             for m in linears)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fp16(ids).logits, fp32(ids).logits, rtol=1e-4, atol=1e-5)
+    prompts = [[p, (3 * p + 1) % 64] for p in range(0, 64, 8)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    texts = [[o.outputs[0].token_ids for o in nanoseek.LLM(m, max_num_seqs=8).generate(prompts, params)]
+             for m in (fp32, fp16)]
+    assert texts[0] == texts[1]
+
+
+def test_fp16_keeps_a_layer_beyond_its_range_in_float():
+    linear = nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight[3, 5] = 1e5  # float16's largest is 65504
+    assert quantize_linear(linear, "fp16") is linear
+    assert is_dynamic(quantize_linear(nn.Linear(16, 8), "fp16"))
+
+
+def test_fp16_deepseek_model_keeps_kv_b_proj_float():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        quantize_model(model, "fp16")
+        assert rel_error(model(ids).logits, ref) < 1e-3  # fp32 weights: float16 rounds them, 2^-11
+    assert is_dynamic(model.lm_head) and is_dynamic(model.mtp_layers[0].eh_proj)
+    assert type(model.model.layers[0].self_attn.kv_b_proj) is nn.Linear
+
+
 def test_quantize_choices_and_none(tmp_path):
     nanoseek.save_model(tiny_dense(), tmp_path / "ckpt")
     assert type(load_model(tmp_path / "ckpt", quantize="none").model.layers[0].mlp.up_proj) is nn.Linear
     assert type(load_model(tmp_path / "ckpt", quantize="int8").model.layers[0].mlp.up_proj) is Int8Linear
     assert is_dynamic(load_model(tmp_path / "ckpt", quantize="int8-dynamic").model.layers[0].mlp.up_proj)
+    assert is_dynamic(load_model(tmp_path / "ckpt", quantize="fp16").model.layers[0].mlp.up_proj)
     with pytest.raises(NanoseekError, match="unknown quantization"):
         load_model(tmp_path / "ckpt", quantize="int4")
 
@@ -180,7 +220,7 @@ def test_cli_quantize_choices(capsys):
     parser = argparse.ArgumentParser()
     add_quantize_argument(parser)
     assert parser.parse_args([]).quantize == "none"
-    for method in ("none", "int8", "int8-dynamic"):
+    for method in ("none", "int8", "int8-dynamic", "fp16"):
         assert parser.parse_args(["--quantize", method]).quantize == method
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantize", "int4"])

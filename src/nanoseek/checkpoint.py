@@ -278,7 +278,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
     to dtype) and put in place one at a time, its temporaries' pages handed back to the OS as it
     goes (`return_free_memory`), so the peak is the loaded model plus one tensor.
-    `quantize="int8"` / `"int8-dynamic"` (CPU) turns each linear layer into an int8 one as soon as
+    `quantize="int8"` / `"int8-dynamic"` / `"fp16"` (CPU) converts each linear layer as soon as
     its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
     """

@@ -80,7 +80,8 @@ class LLM:
 
     `device` and `dtype` apply when loading a checkpoint directory ("auto": a CUDA GPU in bfloat16
     when there is one, else the CPU in float32; see nanoseek.device), and so does `quantize`
-    ("int8": weight-only int8 linear layers on the CPU, "int8-dynamic": torch.ao's dynamic ones;
+    ("fp16": float16-weight linear layers on the CPU, "int8": weight-only int8 ones, "int8-dynamic":
+    torch.ao's dynamic int8 ones;
     `nanoseek.device.quantize_model`); on the CPU in float32 the loaded model's linear layers are
     packed for oneDNN (`nanoseek.device.pack_linears`). The cache holds
     `num_cache_blocks` blocks of `block_size` tokens (in the model's dtype); by default as many as
