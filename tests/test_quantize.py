@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 from nanoseek.checkpoint import load_model
 from nanoseek.config import preset
-from nanoseek.device import Int8Linear, PackedLinear, pack_linears, quantizable, quantize_linear, quantize_model
+from nanoseek.device import Fp16Linear, Int8Linear, PackedLinear, pack_linears, quantizable, quantize_linear, quantize_model
 from nanoseek.errors import NanoseekError
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.model.dense import DenseConfig, DenseTransformer
@@ -170,8 +170,7 @@ def test_fp16_of_a_bf16_checkpoint_computes_what_fp32_does(tmp_path):
     nanoseek.save_model(tiny_dense().to(torch.bfloat16), tmp_path / "bf16")
     fp32, fp16 = load_model(tmp_path / "bf16"), load_model(tmp_path / "bf16", quantize="fp16")
     linears = [m for n, m in fp16.named_modules() if n.endswith(("proj", "lm_head"))]
-    assert len(linears) == 2 * 7 + 1 and all(is_dynamic(m) and m._packed_params.dtype == torch.float16
-                                             for m in linears)
+    assert len(linears) == 2 * 7 + 1 and all(type(m) is Fp16Linear for m in linears)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fp16(ids).logits, fp32(ids).logits, rtol=1e-4, atol=1e-5)
@@ -187,10 +186,10 @@ def test_fp16_keeps_a_layer_beyond_its_range_in_float():
     with torch.no_grad():
         linear.weight[3, 5] = 1e5  # float16's largest is 65504
     assert quantize_linear(linear, "fp16") is linear
-    assert is_dynamic(quantize_linear(nn.Linear(16, 8), "fp16"))
+    assert type(quantize_linear(nn.Linear(16, 8), "fp16")) is Fp16Linear
 
 
-def test_fp16_deepseek_model_keeps_kv_b_proj_float():
+def test_fp16_deepseek_model_keeps_kv_b_proj_float_and_speculates():
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=64)).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -198,8 +197,12 @@ def test_fp16_deepseek_model_keeps_kv_b_proj_float():
         ref = model(ids).logits
         quantize_model(model, "fp16")
         assert rel_error(model(ids).logits, ref) < 1e-3  # fp32 weights: float16 rounds them, 2^-11
-    assert is_dynamic(model.lm_head) and is_dynamic(model.mtp_layers[0].eh_proj)
+    assert type(model.lm_head) is Fp16Linear and type(model.mtp_layers[0].eh_proj) is Fp16Linear
     assert type(model.model.layers[0].self_attn.kv_b_proj) is nn.Linear
+    prompts, params = [[3, 5, 7], [11, 13]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in nanoseek.LLM(model, max_num_seqs=2).generate(prompts, params)]
+    spec = nanoseek.LLM(model, max_num_seqs=2, speculative_mtp=1, speculative_max_batch=8)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == plain
 
 
 def test_quantize_choices_and_none(tmp_path):
@@ -207,7 +210,7 @@ def test_quantize_choices_and_none(tmp_path):
     assert type(load_model(tmp_path / "ckpt", quantize="none").model.layers[0].mlp.up_proj) is nn.Linear
     assert type(load_model(tmp_path / "ckpt", quantize="int8").model.layers[0].mlp.up_proj) is Int8Linear
     assert is_dynamic(load_model(tmp_path / "ckpt", quantize="int8-dynamic").model.layers[0].mlp.up_proj)
-    assert is_dynamic(load_model(tmp_path / "ckpt", quantize="fp16").model.layers[0].mlp.up_proj)
+    assert type(load_model(tmp_path / "ckpt", quantize="fp16").model.layers[0].mlp.up_proj) is Fp16Linear
     with pytest.raises(NanoseekError, match="unknown quantization"):
         load_model(tmp_path / "ckpt", quantize="int4")
 

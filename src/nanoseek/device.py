@@ -21,8 +21,8 @@ Training keeps fp32 weights and optimizer state and computes under bf16 autocast
                      weight into the query and the output, so it is read as a matrix, not called)
                      and a head tied to the embedding; int8-dynamic quantizes an untied output head
                      too, weight-only int8 keeps it in float (`FLOAT_LAYERS`, `quantizable`).
-    quantize "fp16": torch.ao's dynamic float16 linear layers (fbgemm): weights stored in float16,
-                     activations and sums in float32. Half the fp32 weight bytes, and for a bf16
+    quantize "fp16": float16-weight linear layers (`Fp16Linear`: fbgemm's float16 GEMM, torch's own
+                     kernel): weights stored in float16, activations and sums in float32. Half the fp32 weight bytes, and for a bf16
                      checkpoint no rounding at all: float16 holds every bf16 value of magnitude
                      6.1e-5 to 65504 exactly, so it computes what fp32 does (the released 1.5B's
                      shapes: greedy text identical to fp32's, decode 1.5-1.7x faster). Like
@@ -166,20 +166,36 @@ class Int8Linear(nn.Module):
 FP16_MAX = torch.finfo(torch.float16).max
 
 
+class Fp16Linear(nn.Module):
+    """nn.Linear for CPU inference with its weight stored in float16 and the math in float32: fbgemm's
+    float16 GEMM (`quantized::linear_dynamic_fp16`, the kernel behind torch.ao's dynamic float16
+    Linear) widens the packed weight block by block as it multiplies. (torch.ao's module packs a
+    zero weight of the full size in its constructor before the real one: twice the load time.)"""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
 def quantize_linear(module: nn.Linear, method: str = "int8") -> nn.Module:
-    """A float32 nn.Linear -> an Int8Linear ("int8"), or torch's dynamic int8 ("int8-dynamic") or
-    float16 ("fp16") Linear; under "fp16" a layer with a weight beyond float16's range is returned
-    as it is (fbgemm would clip it)."""
+    """A float32 nn.Linear -> an Int8Linear ("int8"), torch's dynamic int8 Linear ("int8-dynamic") or
+    an Fp16Linear ("fp16"); under "fp16" a layer with a weight beyond float16's range is returned as
+    it is (the packing would clip it)."""
     if method == "int8":
         return Int8Linear(module)
-    if method == "fp16" and module.weight.detach().abs().max() > FP16_MAX:
-        return module
+    if method == "fp16":
+        return module if module.weight.detach().abs().max() > FP16_MAX else Fp16Linear(module)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig
+    from torch.ao.quantization import per_channel_dynamic_qconfig
 
     with warnings.catch_warnings():  # torch.ao warns it will move to torchao; its kernels are torch's own
         warnings.simplefilter("ignore")
-        module.qconfig = float16_dynamic_qconfig if method == "fp16" else per_channel_dynamic_qconfig
+        module.qconfig = per_channel_dynamic_qconfig
         return DynamicLinear.from_float(module)
 
 
