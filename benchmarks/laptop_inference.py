@@ -16,9 +16,8 @@ before/after), nanoseek bf16 (`--dtype bfloat16`: the checkpoint's own precision
 bf16 throughout; the calibration for the agreement figures: how far from fp32 a precision everyone
 accepts lands), nanoseek `--quantize fp16` (float16 weights, float32 math: exact for a bf16
 checkpoint), `--quantize int8` (weight-only) and `--quantize int8-dynamic` (torch.ao),
-each also with the untied output head the other way than nanoseek's default (nanoseek.device.
-FLOAT_LAYERS): `int8-quantized-head` (weight-only int8 keeps the head in float) and
-`int8-dynamic-float-head` (int8-dynamic quantizes it), for what quantizing the head gives.
+each also with the untied output head in float32 (`int8-float-head`, `int8-dynamic-float-head`;
+nanoseek quantizes it: nanoseek.device.FLOAT_LAYERS), for what quantizing the head gives.
 Each engine runs in a fresh process (so its peak memory is its own, and two models are never in
 memory at once) and reports:
 - load time: from nothing to a model ready to generate (the bf16 file upcast to fp32, or quantized);
@@ -66,10 +65,10 @@ SHAPES = {
 }
 ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-bf16", "nanoseek-fp16",
            "nanoseek-int8",
-           "nanoseek-int8-quantized-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
+           "nanoseek-int8-float-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
 COMPARED = ENGINES[3:]  # against nanoseek fp32: speed, memory, greedy agreement
 # per method, its engines with the output head quantized and in float (one is nanoseek's default)
-HEAD_PAIRS = {"int8": ("nanoseek-int8-quantized-head", "nanoseek-int8"),
+HEAD_PAIRS = {"int8": ("nanoseek-int8", "nanoseek-int8-float-head"),
               "int8-dynamic": ("nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")}
 HEADS = {"-quantized-head": True, "-float-head": False}  # a name's suffix: whether the head is quantized
 

@@ -17,17 +17,16 @@ Training keeps fp32 weights and optimizer state and computes under bf16 autocast
     quantize "int8-dynamic": torch.ao's dynamic int8 linear layers (fbgemm): the activations too
                      are quantized, per tensor, on the fly, and the matmul runs in int8. Faster
                      still, but its error is several times larger (see the README's table).
-                     Both keep MLA's `kv_b_proj` in float (the absorbed decode path folds its
-                     weight into the query and the output, so it is read as a matrix, not called)
-                     and a head tied to the embedding; int8-dynamic quantizes an untied output head
-                     too, weight-only int8 keeps it in float (`FLOAT_LAYERS`, `quantizable`).
     quantize "fp16": float16-weight linear layers (`Fp16Linear`: fbgemm's float16 GEMM, torch's own
-                     kernel): weights stored in float16, activations and sums in float32. Half the fp32 weight bytes, and for a bf16
-                     checkpoint no rounding at all: float16 holds every bf16 value of magnitude
-                     6.1e-5 to 65504 exactly, so it computes what fp32 does (the released 1.5B's
-                     shapes: greedy text identical to fp32's, decode 1.5-1.7x faster). Like
-                     int8-dynamic it quantizes an untied head and keeps kv_b_proj in float; a layer
-                     with a weight beyond float16's range stays in float.
+                     kernel): weights stored in float16, activations and sums in float32. Half
+                     the fp32 weight bytes, and for a bf16 checkpoint no rounding at all: float16
+                     holds every bf16 value of magnitude 6.1e-5 to 65504 exactly, so it computes
+                     what fp32 does (the released 1.5B's shapes: greedy text identical to fp32's,
+                     decode 1.4-1.8x faster). A layer with a weight beyond float16's range stays
+                     in float.
+    All three convert an untied output head too and keep MLA's `kv_b_proj` in float (the absorbed
+    decode path folds its weight into the query and the output, so it is read as a matrix, not
+    called) and a head tied to the embedding (`FLOAT_LAYERS`, `quantizable`).
 
 Float32 inference on the CPU (`pack_linears`, which `LLM` applies to the checkpoints it loads): each
 float linear layer keeps its weight in oneDNN's blocked layout, packed once, and runs through
@@ -111,15 +110,13 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
         raise NanoseekError(f"--quantize {method} quantizes float32 layers; use --dtype float32 (auto on the CPU)")
 
 
-# The linear layers each method leaves in float, by name suffix. Both: MLA's kv_b_proj, whose
-# weight the absorbed decode path reads as a matrix (it is never called). Weight-only int8 also the
-# output head: R1-Distill-Qwen-1.5B's untied 151936x1536 head is 0.9 GB in float32, yet torch's
-# int8-weight kernel reads it only 1.6x faster than oneDNN's fp32 at 1 row and 1.2x at 8, and in
-# whole-model decode the int8 head gained nothing measurable over run-to-run noise (while saving
-# 1.1 GiB; README, "Run a released DeepSeek model"). fbgemm's dynamic kernel reads it 3-4x faster:
-# int8-dynamic decodes 1.4x faster with it, its greedy picks unchanged; fbgemm's float16 kernel
-# likewise. (V3's MTP modules have no head of their own here: they call the main model's lm_head.)
-FLOAT_LAYERS = {"int8": ("kv_b_proj", "lm_head"), "int8-dynamic": ("kv_b_proj",), "fp16": ("kv_b_proj",)}
+# The linear layers each method leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
+# absorbed decode path reads as a matrix (it is never called). An untied output head is converted:
+# R1-Distill-Qwen-1.5B's 151936x1536 head is 0.9 GB in float32; in int8 the model decodes 1.08x
+# faster at batch 1 (1.01x at 8; timed in turn against the oneDNN-packed float head) in 1.1 GiB
+# less, and int8-dynamic 1.37x faster, greedy picks unchanged in both (README, "Run a released
+# DeepSeek model"). (V3's MTP modules have no head of their own here: they call the main model's lm_head.)
+FLOAT_LAYERS = {"int8": ("kv_b_proj",), "int8-dynamic": ("kv_b_proj",), "fp16": ("kv_b_proj",)}
 
 
 def quantizable(name: str, module: nn.Module, method: str, tied_head: bool) -> bool:
