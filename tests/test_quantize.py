@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 from nanoseek.checkpoint import load_model
 from nanoseek.config import preset
-from nanoseek.device import Fp16Linear, Int8Linear, PackedLinear, pack_linears, quantizable, quantize_linear, quantize_model
+from nanoseek.device import (Fp16Embedding, Fp16Linear, Int8Linear, PackedLinear, pack_linears, quantizable,
+                             quantize_layer, quantize_linear, quantize_model)
 from nanoseek.errors import NanoseekError
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.model.dense import DenseConfig, DenseTransformer
@@ -113,8 +114,11 @@ def test_an_untied_head_is_quantized_and_a_tied_head_stays_float(tmp_path):
     assert type(quantize_model(tiny_dense(), "int8").lm_head) is Int8Linear
     assert type(quantize_model(tiny_dense(), "fp16").lm_head) is Fp16Linear
     for method in ("int8", "int8-dynamic", "fp16"):
+        # an untied embedding is stored in float16; a tied one stays the head's float matrix
+        assert type(quantize_model(tiny_dense(), method).model.embed_tokens) is Fp16Embedding
         tied = quantize_model(tiny_dense(tie=True), method)
         assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
+        assert type(tied.model.embed_tokens) is nn.Embedding
         assert not quantizable("lm_head", nn.Linear(8, 8), method, tied_head=True)
         assert quantizable("lm_head", nn.Linear(8, 8), method, tied_head=False)
     # loading quantized decides by the config's tie_word_embeddings, also where a tied checkpoint
@@ -170,6 +174,7 @@ def test_fp16_of_a_bf16_checkpoint_computes_what_fp32_does(tmp_path):
     fp32, fp16 = load_model(tmp_path / "bf16"), load_model(tmp_path / "bf16", quantize="fp16")
     linears = [m for n, m in fp16.named_modules() if n.endswith(("proj", "lm_head"))]
     assert len(linears) == 2 * 7 + 1 and all(type(m) is Fp16Linear for m in linears)
+    assert type(fp16.model.embed_tokens) is Fp16Embedding
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fp16(ids).logits, fp32(ids).logits, rtol=1e-4, atol=1e-5)
@@ -181,10 +186,11 @@ def test_fp16_of_a_bf16_checkpoint_computes_what_fp32_does(tmp_path):
 
 
 def test_fp16_keeps_a_layer_beyond_its_range_in_float():
-    linear = nn.Linear(16, 8)
+    linear, embedding = nn.Linear(16, 8), nn.Embedding(8, 16)
     with torch.no_grad():
-        linear.weight[3, 5] = 1e5  # float16's largest is 65504
-    assert quantize_linear(linear, "fp16") is linear
+        linear.weight[3, 5] = embedding.weight[3, 5] = 1e5  # float16's largest is 65504
+    assert quantize_linear(linear, "fp16") is linear and quantize_layer(embedding, "int8") is embedding
+    assert type(quantize_layer(nn.Embedding(8, 16), "int8")) is Fp16Embedding
     assert type(quantize_linear(nn.Linear(16, 8), "fp16")) is Fp16Linear
 
 

@@ -278,11 +278,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
     to dtype) and put in place one at a time, its temporaries' pages handed back to the OS as it
     goes (`return_free_memory`), so the peak is the loaded model plus one tensor.
-    `quantize="int8"` / `"int8-dynamic"` / `"fp16"` (CPU) converts each linear layer as soon as
-    its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
+    `quantize="int8"` / `"int8-dynamic"` / `"fp16"` (CPU) converts each linear layer (and an untied
+    embedding) as soon as its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
     """
-    from nanoseek.device import check_quantize, quantizable, quantize_linear, return_free_memory
+    from nanoseek.device import check_quantize, quantizable, quantize_layer, return_free_memory
 
     path = Path(path)
     config = load_config(path)
@@ -331,7 +331,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                 p.is_meta for p in module.parameters(recurse=False)):
             parent, _, child = module_name.rpartition(".")
             # replaced everywhere it is held, so the float layer is freed now
-            modules[module_name] = quantize_linear(module, quantize)
+            modules[module_name] = quantize_layer(module, quantize)
             setattr(model.get_submodule(parent), child, modules[module_name])
         del t, module  # the temporaries' (and a quantized float layer's) last references
         return_free_memory()
