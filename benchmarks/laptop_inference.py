@@ -64,8 +64,7 @@ SHAPES = {
                   num_attention_heads=4, num_key_value_heads=2),
 }
 ENGINES = ("transformers-fp32", "nanoseek-fp32-unpacked", "nanoseek-fp32", "nanoseek-bf16", "nanoseek-fp16",
-           "nanoseek-int8",
-           "nanoseek-int8-float-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
+           "nanoseek-int8", "nanoseek-int8-float-head", "nanoseek-int8-dynamic", "nanoseek-int8-dynamic-float-head")
 COMPARED = ENGINES[3:]  # against nanoseek fp32: speed, memory, greedy agreement
 # per method, its engines with the output head quantized and in float (one is nanoseek's default)
 HEAD_PAIRS = {"int8": ("nanoseek-int8", "nanoseek-int8-float-head"),
@@ -135,7 +134,7 @@ def run_engine(args) -> dict:
         quantize, head = split_variant(args.phase.removeprefix("nanoseek-"))
         quantize = None if quantize in ("fp32", "fp32-unpacked", "bf16") else quantize
         if head is not None:
-            set_head(quantize, head)
+            set_head(head)
         # an in-memory model is not packed: the fp32 path as it was before PackedLinear
         model = load_model(args.dir) if args.phase == "nanoseek-fp32-unpacked" else args.dir
         dtype = "bfloat16" if args.phase == "nanoseek-bf16" else "float32"
@@ -288,13 +287,13 @@ def split_variant(name: str) -> tuple[str, bool | None]:
     return name, None
 
 
-def set_head(method: str, head: bool) -> tuple[str, ...]:
-    """Make `method` quantize an untied output head (head) or leave it in float, whatever nanoseek's
-    default; returns the FLOAT_LAYERS entry it replaced."""
+def set_head(head: bool) -> tuple[str, ...]:
+    """Make quantization convert an untied output head (head) or leave it in float, whatever
+    nanoseek's default; returns the FLOAT_LAYERS it replaced."""
     import nanoseek.device
 
-    old = nanoseek.device.FLOAT_LAYERS[method]
-    nanoseek.device.FLOAT_LAYERS[method] = tuple(n for n in old if n != "lm_head") + (() if head else ("lm_head",))
+    old = nanoseek.device.FLOAT_LAYERS
+    nanoseek.device.FLOAT_LAYERS = tuple(n for n in old if n != "lm_head") + (() if head else ("lm_head",))
     return old
 
 
@@ -306,12 +305,12 @@ def quantized(path, method: str, head: bool | None):
     import nanoseek.device
     from nanoseek.checkpoint import load_model
 
-    old = set_head(method, head) if head is not None else None
+    old = set_head(head) if head is not None else None
     try:
         model = load_model(path, quantize=method)
     finally:
         if old is not None:
-            nanoseek.device.FLOAT_LAYERS[method] = old
+            nanoseek.device.FLOAT_LAYERS = old
     if head and type(model.lm_head) is nn.Linear:
         copy = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
         copy.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)

@@ -119,8 +119,8 @@ def test_an_untied_head_is_quantized_and_a_tied_head_stays_float(tmp_path):
         tied = quantize_model(tiny_dense(tie=True), method)
         assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
         assert type(tied.model.embed_tokens) is nn.Embedding
-        assert not quantizable("lm_head", nn.Linear(8, 8), method, tied_head=True)
-        assert quantizable("lm_head", nn.Linear(8, 8), method, tied_head=False)
+    assert not quantizable("lm_head", nn.Linear(8, 8), tied_head=True)
+    assert quantizable("lm_head", nn.Linear(8, 8), tied_head=False)
     # loading quantized decides by the config's tie_word_embeddings, also where a tied checkpoint
     # stores the head's copy of the embedding (as some do)
     nanoseek.save_model(tiny_dense(), tmp_path / "untied")

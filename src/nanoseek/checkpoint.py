@@ -327,7 +327,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             setattr(module, name, nn.Parameter(t, requires_grad=getattr(module, name).requires_grad))
         else:
             setattr(module, name, t)
-        if quantize and quantizable(module_name, module, quantize, config.tie_word_embeddings) and not any(
+        if quantize and quantizable(module_name, module, config.tie_word_embeddings) and not any(
                 p.is_meta for p in module.parameters(recurse=False)):
             parent, _, child = module_name.rpartition(".")
             # replaced everywhere it is held, so the float layer is freed now

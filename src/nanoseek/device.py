@@ -113,18 +113,18 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
         raise NanoseekError(f"--quantize {method} quantizes float32 layers; use --dtype float32 (auto on the CPU)")
 
 
-# The linear layers each method leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
+# The linear layers every method leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
 # absorbed decode path reads as a matrix (it is never called). An untied output head is converted:
 # R1-Distill-Qwen-1.5B's 151936x1536 head is 0.9 GB in float32; in int8 the model decodes 1.08x
 # faster at batch 1 (1.01x at 8; timed in turn against the oneDNN-packed float head) in 1.1 GiB
-# less, and int8-dynamic 1.37x faster, greedy picks unchanged in both (README, "Run a released
+# less, and int8-dynamic 1.3-1.4x faster, greedy picks unchanged in both (README, "Run a released
 # DeepSeek model"). (V3's MTP modules have no head of their own here: they call the main model's lm_head.)
-FLOAT_LAYERS = {"int8": ("kv_b_proj",), "int8-dynamic": ("kv_b_proj",), "fp16": ("kv_b_proj",)}
+FLOAT_LAYERS = ("kv_b_proj",)
 
 
-def quantizable(name: str, module: nn.Module, method: str, tied_head: bool) -> bool:
-    """Whether `quantize_model(model, method)` converts this module (`quantize_layer`): a plain
-    nn.Linear not in FLOAT_LAYERS[method], or the embedding, unless the output head is tied to it
+def quantizable(name: str, module: nn.Module, tied_head: bool) -> bool:
+    """Whether `quantize_model` converts this module (`quantize_layer`): a plain nn.Linear not in
+    FLOAT_LAYERS, or the embedding, unless the output head is tied to it
     (`tied_head`: config.tie_word_embeddings).
 
     A tied head and its embedding stay in float: they are one matrix, which the embedding lookup
@@ -133,7 +133,7 @@ def quantizable(name: str, module: nn.Module, method: str, tied_head: bool) -> b
     saving it."""
     if type(module) is nn.Embedding:
         return not tied_head
-    if type(module) is not nn.Linear or name.endswith(FLOAT_LAYERS[method]):
+    if type(module) is not nn.Linear or name.endswith(FLOAT_LAYERS):
         return False
     return not (tied_head and name == "lm_head")
 
@@ -166,7 +166,8 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-FP16_MAX = torch.finfo(torch.float16).max
+def fits_float16(weight: torch.Tensor) -> bool:
+    return bool(weight.detach().abs().max() <= torch.finfo(torch.float16).max)
 
 
 class Fp16Linear(nn.Module):
@@ -204,7 +205,7 @@ def quantize_layer(module: nn.Module, method: str) -> nn.Module:
     """A layer `quantizable` chose, converted: an nn.Embedding -> Fp16Embedding (under every method;
     as it is where a weight is beyond float16's range), an nn.Linear -> `quantize_linear`."""
     if type(module) is nn.Embedding:
-        return module if module.weight.detach().abs().max() > FP16_MAX else Fp16Embedding(module)
+        return Fp16Embedding(module) if fits_float16(module.weight) else module
     return quantize_linear(module, method)
 
 
@@ -215,7 +216,7 @@ def quantize_linear(module: nn.Linear, method: str = "int8") -> nn.Module:
     if method == "int8":
         return Int8Linear(module)
     if method == "fp16":
-        return module if module.weight.detach().abs().max() > FP16_MAX else Fp16Linear(module)
+        return Fp16Linear(module) if fits_float16(module.weight) else module
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
@@ -235,7 +236,7 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
         return model
     tied_head = model.config.tie_word_embeddings
     replace_linears(model, [name for name, module in model.named_modules()
-                            if quantizable(name, module, method, tied_head)],
+                            if quantizable(name, module, tied_head)],
                     lambda module: quantize_layer(module, method))
     return model.eval()
 
