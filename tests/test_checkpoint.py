@@ -204,6 +204,12 @@ def test_unsupported_config_value_and_missing_config(tmp_path):
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(nanoseek.NanoseekError, match="hidden_act"):
         nanoseek.load_model(ck)
+    (ck / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    with pytest.raises(CheckpointError, match="model_type 'mistral' is not supported; .* deepseek_v3, "):
+        nanoseek.load_model(ck)
+    (ck / "config.json").write_text('{"model_type":')
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        nanoseek.load_model(ck)
     (ck / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         nanoseek.load_model(ck)

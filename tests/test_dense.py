@@ -11,7 +11,7 @@ from nanoseek import LLM, SamplingParams
 from nanoseek.config import preset
 from nanoseek.errors import ConfigError
 from nanoseek.info import model_stats
-from nanoseek.model.dense import DenseConfig, DenseTransformer, dense_preset
+from nanoseek.model.dense import DenseConfig, DenseTransformer, dense_preset, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,6 +23,10 @@ VARIANTS = {
                                 num_key_value_heads=4),
     "qwen2_gqa": dict(model_type="qwen2"),
     "qwen2_tied_mqa": dict(model_type="qwen2", tie_word_embeddings=True, num_key_value_heads=1),
+    # R1-Distill-Llama's Llama 3.1 scaling; with head_dim 16 and theta 500 the wavelengths (6 to
+    # 1,440 positions) fall in all three bands around 64 / 4 and 64 / 1
+    "llama3_rope_scaling": dict(model_type="llama", rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
 }
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -100,12 +104,57 @@ def test_config_round_trip_and_errors():
     assert DenseConfig.from_dict(hf5).rope_theta == 1234.0
     with pytest.raises(ConfigError, match="hidden_dims"):
         DenseConfig.from_dict({**cfg.to_dict(), "hidden_dims": 3})
-    with pytest.raises(ConfigError, match="rope scaling"):
-        DenseConfig.from_dict({**cfg.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConfigError, match="'yarn' is not supported"):
+        DenseConfig.from_dict({**cfg.to_dict(), "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="needs numbers for .'low_freq_factor'"):
+        DenseConfig.from_dict({**cfg.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                                  "high_freq_factor": 4.0,
+                                                                  "original_max_position_embeddings": 64}})
+    with pytest.raises(ConfigError, match="use_mrope"):
+        DenseConfig.from_dict({**cfg.to_dict(), "use_mrope": True})
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         DenseConfig(**{**SMALL, "num_key_value_heads": 3})
     with pytest.raises(ConfigError, match="attention_bias"):
         DenseConfig(**SMALL, model_type="qwen2", attention_bias=True)
+
+
+# config.json of DeepSeek-R1-Distill-Qwen-7B and -Llama-8B as released (written by transformers
+# 4.44 / 4.43: use_mrope, an unused sliding window, Llama 3.1's rope_scaling)
+R1_DISTILL_QWEN_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+    "intermediate_size": 18944, "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "qwen2",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 10000, "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.44.0", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+R1_DISTILL_LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
+}
+
+
+@pytest.mark.parametrize("released", [R1_DISTILL_QWEN_7B, R1_DISTILL_LLAMA_8B], ids=["qwen-7b", "llama-8b"])
+def test_released_r1_distill_configs_read_like_transformers(released):
+    """The released config.json files parse, and to the rotary frequencies transformers computes."""
+    ours = DenseConfig.from_dict(released)
+    hf = transformers.AutoConfig.for_model(**released)
+    assert (ours.hidden_size, ours.num_key_value_heads, ours.rope_theta) == (
+        hf.hidden_size, hf.num_key_value_heads, hf.rope_parameters["rope_theta"])
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope_type = hf.rope_parameters["rope_type"]
+    hf_inv_freq = (ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")[0] if rope_type != "default" else
+                   1.0 / hf.rope_parameters["rope_theta"] ** (torch.arange(0, ours.head_dim, 2).float() / ours.head_dim))
+    torch.testing.assert_close(rope_inv_freq(ours), hf_inv_freq)
+    assert DenseConfig.from_dict(ours.to_dict()) == ours
 
 
 def test_engine_decodes_a_student_like_the_plain_forward():

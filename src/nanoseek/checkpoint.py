@@ -31,6 +31,8 @@ from nanoseek.model.dense import MODEL_TYPES as DENSE_MODEL_TYPES
 from nanoseek.model.dense import DenseConfig, DenseTransformer
 from nanoseek.model.transformer import Transformer
 
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -153,9 +155,17 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not (path / CONFIG_NAME).exists():
         raise CheckpointError(f"{path} has no config.json: is it a Hugging Face-format checkpoint directory?")
-    if json.loads((path / CONFIG_NAME).read_text()).get("model_type") in DENSE_MODEL_TYPES:
-        return DenseConfig.from_json(path / CONFIG_NAME)
-    return ModelConfig.from_json(path / CONFIG_NAME)
+    try:
+        d = json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON: {e}") from None
+    model_type = d.get("model_type") if isinstance(d, dict) else None
+    if model_type in DENSE_MODEL_TYPES:
+        return DenseConfig.from_dict(d)
+    if model_type not in DEEPSEEK_MODEL_TYPES:
+        raise CheckpointError(f"{path / CONFIG_NAME}: model_type {model_type!r} is not supported; nanoseek "
+                              f"loads {', '.join(DEEPSEEK_MODEL_TYPES + tuple(DENSE_MODEL_TYPES))} checkpoints")
+    return ModelConfig.from_dict(d)
 
 
 def model_class(config: ModelConfig | DenseConfig) -> type[Transformer] | type[DenseTransformer]:

@@ -3,7 +3,8 @@
 DeepSeek distils R1 into off-the-shelf dense models (Qwen2.5, Llama-3); a nanoseek student is
 such a model, small: GQA attention with rotary embeddings in HF Llama's half-split layout
 (`rotate_half`: dims j and j + d/2 form a pair, unlike the interleaved pairs of the released
-DeepSeek weights), SwiGLU, RMSNorm, and q/k/v biases for Qwen2. Its checkpoint directory is a
+DeepSeek weights; plain, or with Llama 3.1's "llama3" frequency scaling, which R1-Distill-Llama
+uses), SwiGLU, RMSNorm, and q/k/v biases for Qwen2. Its checkpoint directory is a
 valid `LlamaForCausalLM` / `Qwen2ForCausalLM` checkpoint (config.json model_type "llama" or
 "qwen2"), and HF Llama / Qwen2 checkpoints load into it.
 
@@ -22,6 +23,7 @@ d head_dim, D hidden size, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +37,7 @@ from nanoseek.model.decoder import CausalLM, DecoderBlock, DecoderStack
 from nanoseek.model.layers import MLP
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -51,6 +54,9 @@ class DenseConfig(HFConfig):
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
+    # None: plain RoPE. Llama 3.1's long-context scaling (R1-Distill-Llama): {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -100,6 +106,14 @@ class DenseConfig(HFConfig):
             bad("hidden_act", 'only "silu" (SwiGLU) is supported')
         if self.model_type == "qwen2" and self.attention_bias:
             bad("attention_bias", "Qwen2 has fixed biases (q, k, v yes, o no); use model_type=llama for o_proj bias")
+        if self.rope_scaling is not None:
+            if self.rope_scaling.get("rope_type") != "llama3":
+                bad("rope_scaling", 'dense models support plain RoPE and "llama3" scaling only')
+            missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(self.rope_scaling.get(k), (int, float))]
+            if missing:
+                bad("rope_scaling", f"llama3 scaling needs numbers for {missing}")
+            if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
+                bad("rope_scaling", "high_freq_factor must be above low_freq_factor")
 
     # -------------------------------------------------------- HF config.json
 
@@ -110,18 +124,27 @@ class DenseConfig(HFConfig):
         "name_or_path", "rope_parameters", "rope_scaling", "mlp_bias", "use_sliding_window", "sliding_window",
         "max_window_layers", "layer_types", "return_dict", "output_hidden_states", "output_attentions",
         "tokenizer_class", "_attn_implementation_autoset", "id2label", "label2id", "problem_type",
-        "chunk_size_feed_forward", "is_encoder_decoder", "num_nextn_predict_layers",
+        "chunk_size_feed_forward", "is_encoder_decoder", "num_nextn_predict_layers", "use_mrope",
     })
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DenseConfig":
         """Read an HF Llama / Qwen2 config dict; unsupported features and unknown fields are errors."""
         d = dict(d)
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ConfigError(f"rope scaling {rope} is not supported by dense students (plain RoPE only)")
+        # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_scaling
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         if "rope_theta" in rope:
-            d.setdefault("rope_theta", rope["rope_theta"])
+            d.setdefault("rope_theta", rope.pop("rope_theta"))
+        rope_type = rope.pop("type", None) or rope.get("rope_type", "default")
+        if rope_type == "llama3":
+            d["rope_scaling"] = {"rope_type": "llama3", **{k: rope.get(k) for k in LLAMA3_ROPE_KEYS}}
+        elif rope_type == "default":
+            d["rope_scaling"] = None
+        else:
+            raise ConfigError(f"rope scaling {rope_type!r} is not supported: dense models have plain RoPE or "
+                              f"Llama 3.1's \"llama3\" scaling")
+        if d.get("use_mrope"):
+            raise ConfigError("use_mrope=true (Qwen2-VL's multimodal RoPE) is not supported: text models only")
         if d.get("mlp_bias"):
             raise ConfigError("mlp_bias=true is not supported: student MLPs have no biases")
         if d.get("use_sliding_window"):
@@ -135,6 +158,8 @@ class DenseConfig(HFConfig):
         d = dataclasses.asdict(self)
         if self.model_type == "qwen2":
             del d["attention_bias"]  # not a Qwen2Config field: its biases are fixed
+        if self.rope_scaling is None:
+            del d["rope_scaling"]
         return {"architectures": [MODEL_TYPES[self.model_type]], **d, "use_cache": True}
 
 
@@ -166,10 +191,25 @@ def dense_preset(name: str, **overrides) -> DenseConfig:
 # ------------------------------------------------------------------ model
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> cos, sin (B, T, d/2) in fp32; the same frequencies as HF Llama's default RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, d/2)
+def rope_inv_freq(config: DenseConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary frequencies (d/2,) in fp32: HF Llama's default, or with Llama 3.1's scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if config.rope_scaling is None:
+        return inv_freq
+    # llama3: a rotation slower than the original context (wavelength > L / low_freq_factor) is
+    # slowed by `factor`, one faster than L / high_freq_factor is kept, and the band between them
+    # blends the two linearly in L / wavelength.
+    rs = config.rope_scaling
+    context_per_wavelength = rs["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+    keep = ((context_per_wavelength - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"]))
+    keep = keep.clamp(0.0, 1.0)  # 0: slowed by factor, 1: unchanged
+    return inv_freq * (keep + (1 - keep) / rs["factor"])
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T), inv_freq (d/2,) -> cos, sin (B, T, d/2) in fp32."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # (B, T, d/2)
     return freqs.cos(), freqs.sin()
 
 
@@ -250,4 +290,4 @@ class DenseTransformer(CausalLM):
         return width, width
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        return rope_cos_sin(positions, rope_inv_freq(self.config, positions.device))
