@@ -410,6 +410,108 @@ def test_a_fine_tuned_released_model_saves_its_own_tokenizer_files(dirs, tmp_pat
         again.apply_chat_template(CONVERSATIONS[1])
 
 
+# ------------------------------------------------------------------ think markers registered as special tokens
+
+# ChatML (Qwen2.5 style): content verbatim, so a past turn's <think>...</think> is in the prompt.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_THOUGHT, SPECIAL_ANSWER = "adding", "Four"
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    """A ChatML checkpoint whose tokenizer registers <think> / </think> as *special* tokens (through
+    additional_special_tokens, "special": true in tokenizer.json), with a model that greedily writes
+    <think>adding</think>Four<|im_end|>. Decoding with skip_special_tokens=True drops such markers."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = ["user assistant system", "What is two plus two? adding Four", "Hello there."] * 20
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                              additional_special_tokens=["<think>", "</think>"])
+    hf.chat_template = CHATML_TEMPLATE
+    prompt = hf.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=True, add_generation_prompt=True,
+                                    return_dict=True)["input_ids"]
+    eos = hf.convert_tokens_to_ids("<|im_end|>")
+    chain = [prompt[-1]] + hf.encode(f"<think>{SPECIAL_THOUGHT}</think>{SPECIAL_ANSWER}",
+                                     add_special_tokens=False) + [eos]
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    model = _make_script_model(transformers.Qwen2ForCausalLM(cfg).eval(), chain)
+    directory = _save_checkpoint(tmp_path_factory.mktemp("chatml") / "chatml", hf, model, CHATML_TEMPLATE,
+                                 [eos, hf.convert_tokens_to_ids("<|endoftext|>")])
+    return directory, hf
+
+
+def test_special_think_markers_survive_decoding_and_prompt_encoding(chatml):
+    directory, hf = chatml
+    added = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert {t["content"]: t["special"] for t in added if "think" in t["content"]} == {"<think>": True,
+                                                                                     "</think>": True}
+    tok = Tokenizer.from_dir(directory)
+    assert (tok.think_start_id, tok.think_end_id) == tuple(hf.convert_tokens_to_ids(["<think>", "</think>"]))
+    ids = ([hf.convert_tokens_to_ids("<|endoftext|>")] + hf.encode("<think>adding</think>Four", add_special_tokens=False)
+           + [tok.eos_id])
+    assert hf.decode(ids, skip_special_tokens=True) == "addingFour"  # transformers drops the special markers
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>adding</think>Four"  # only the others go
+    assert tok.decode(ids) == hf.decode(ids) == "<|endoftext|><think>adding</think>Four<|im_end|>"
+    # a prompt whose template writes the markers still encodes them as their single ids, as transformers does
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>adding</think>Four"},
+                {"role": "user", "content": "Hello there."}]
+    expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+    assert tok.encode_chat(messages) == list(expected)
+    assert tok.think_start_id in expected and tok.think_end_id in expected
+
+
+def test_serve_and_chat_split_reasoning_when_the_think_markers_are_special(chatml, capsys, monkeypatch):
+    import io
+
+    from nanoseek.cli import main
+
+    directory, _ = chatml
+    messages = [{"role": "user", "content": "2+2?"}]
+    engine = nanoseek.LLM(directory, max_num_seqs=2)
+    out = engine.generate([engine.tokenizer.encode_chat(messages)], SamplingParams(temperature=0, max_tokens=20))
+    assert out[0].outputs[0].text == f"<think>{SPECIAL_THOUGHT}</think>{SPECIAL_ANSWER}"  # the engine's detokenizer
+    with ServerThread(create_app(engine, model_name="chatml")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        r = client.chat.completions.create(model="chatml", messages=messages, temperature=0, max_tokens=20)
+        message = r.choices[0].message
+        assert (message.reasoning_content, message.content) == (SPECIAL_THOUGHT, SPECIAL_ANSWER)
+        assert r.usage.completion_tokens_details.reasoning_tokens == len(engine.tokenizer.encode(SPECIAL_THOUGHT)) + 2
+        reasoning, content = "", ""
+        for chunk in client.chat.completions.create(model="chatml", messages=messages, temperature=0, max_tokens=20,
+                                                    stream=True):
+            delta = chunk.choices[0].delta if chunk.choices else None
+            reasoning += (getattr(delta, "reasoning_content", None) or "") if delta else ""
+            content += (delta.content or "") if delta else ""
+        assert (reasoning, content) == (SPECIAL_THOUGHT, SPECIAL_ANSWER)
+    # --no-reasoning-split: the markers stay in content (and eos stays out of it)
+    engine = nanoseek.LLM(directory, max_num_seqs=2)
+    with ServerThread(create_app(engine, model_name="chatml", separate_reasoning=False)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        r = client.chat.completions.create(model="chatml", messages=messages, temperature=0, max_tokens=20)
+        message = r.choices[0].message
+        assert getattr(message, "reasoning_content", None) is None
+        assert message.content == f"<think>{SPECIAL_THOUGHT}</think>{SPECIAL_ANSWER}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("2+2?\n/exit\n"))
+    assert main(["chat", "--model", str(directory), "--max-tokens", "20"]) == 0
+    assert f"<think>{SPECIAL_THOUGHT}</think>{SPECIAL_ANSWER}" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ loading memory
 
 

@@ -59,6 +59,22 @@ def test_skip_special_tokens_keeps_think_markers(tok):
     assert tok.decode(ids, skip_special_tokens=True) == "q<think>r</think>a"
 
 
+def test_skip_special_tokens_keeps_think_markers_registered_as_special(tok):
+    """Some tokenizers (ChatML ones given additional_special_tokens) mark <think> / </think> special;
+    decoding still keeps them, and still skips the other special tokens."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tk = HFTokenizer.from_str(tok.tk.to_str())
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (THINK_START, THINK_END)])
+    special = Tokenizer(HFTokenizer.from_str(tk.to_str()))  # same ids, the markers now special
+    ids = tok.encode(f"{BOS}{USER}q{ASSISTANT}{THINK_START}r{THINK_END}a{EOS}{PAD}")
+    assert special.tk.decode(ids, skip_special_tokens=True) == "qra"  # what tokenizers alone does
+    assert special.decode(ids, skip_special_tokens=True) == "q<think>r</think>a"
+    assert special.decode(ids) == tok.decode(ids)
+    assert special.encode(f"{THINK_START}r{THINK_END}") == tok.encode(f"{THINK_START}r{THINK_END}")
+
+
 def test_training_is_deterministic(tok):
     assert train_tokenizer(TEXTS, vocab_size=320).tk.to_str() == tok.tk.to_str()
 

@@ -27,7 +27,9 @@ toy model wants a toy vocabulary) mirrors DeepSeek-V3's:
   `skip_special_tokens=True` keeps them, because the reasoning markers are part of the text.
 
 The reasoning markers of any tokenizer are found in its vocabulary (`think_start` / `think_end`);
-a tokenizer without them has no reasoning to split, and the server returns plain content.
+a tokenizer without them has no reasoning to split, and the server returns plain content. Where a
+tokenizer registers them as special tokens (some ChatML ones do, through `additional_special_tokens`),
+`decode(skip_special_tokens=True)` still keeps them and skips only the other special tokens.
 
 CLI: `nanoseek tokenizer train --data PATH [PATH ...] --vocab-size N --out DIR`
 (PATH: text files, jsonl/parquet with a text field, directories of those, or `default`).
@@ -120,6 +122,13 @@ class Tokenizer:
         # The reasoning markers, where the vocabulary has them as single tokens (R1 and its distills do).
         has_think = all(tk.token_to_id(t) is not None for t in (THINK_START, THINK_END))
         self.think_start, self.think_end = (THINK_START, THINK_END) if has_think else (None, None)
+        # Where the markers are registered as *special* added tokens (e.g. through
+        # additional_special_tokens), skip_special_tokens would drop them and the reasoning split
+        # would see no tags. decode keeps them: it drops the other special ids itself (None: the
+        # markers are plain tokens, or absent, and tokenizers' own skipping is already right).
+        special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        kept = {tk.token_to_id(t) for t in (THINK_START, THINK_END) if has_think} & special
+        self._skipped_special_ids: frozenset[int] | None = frozenset(special - kept) if kept else None
 
     # ---- construction and persistence ----
 
@@ -209,8 +218,14 @@ class Tokenizer:
         return [bos + e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`. Skipping special tokens keeps <think>/</think> (they are not special)."""
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. Skipping special tokens (bos, eos, pad, ...) always keeps <think>/</think>,
+        even where the tokenizer registers them as special: they are part of the text, and the
+        reasoning split (engine, server, chat CLI: all decode through here) needs them."""
+        ids = list(ids)
+        if skip_special_tokens and self._skipped_special_ids is not None:
+            ids = [i for i in ids if i not in self._skipped_special_ids]
+            skip_special_tokens = False
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the tokenizer's chat template (sandboxed Jinja2).
