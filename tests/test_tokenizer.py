@@ -6,7 +6,7 @@ import os
 import pytest
 
 from nanoseek.cli import main as cli_main
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ChatTemplateError, NanoseekError
 from nanoseek.tokenizer import (
     ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, USER, Tokenizer,
     train_tokenizer,
@@ -100,6 +100,19 @@ def test_chat_template_format(tok):
     assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False) == f"{BOS}{USER}What is 2+2?"
     with pytest.raises(NanoseekError, match="unknown chat role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_a_chat_template_that_is_not_a_template_is_a_clear_error(tok, tmp_path):
+    """42 (or a list of non-entries) once reached Jinja as `TypeError: Can't compile non template nodes`."""
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for bad in (42, [{"name": "default", "template": 42}], ["x"]):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": bad}))
+        with pytest.raises(ChatTemplateError, match="chat_template is .* not a template"):
+            Tokenizer.from_dir(tmp_path)
+    named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHAT_TEMPLATE}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    assert Tokenizer.from_dir(tmp_path).chat_template == CHAT_TEMPLATE
 
 
 def test_transformers_loads_it_offline_with_same_ids_and_template(tok, tmp_path):

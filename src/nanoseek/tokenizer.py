@@ -157,9 +157,7 @@ class Tokenizer:
                                 "files the tokenizer came with")
         eos = generation.get("eos_token_id")
         kwargs["eos_token_ids"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        template = config.get("chat_template")
-        if isinstance(template, list):  # several named templates: the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = _config_template(config.get("chat_template"), path)
         if (path / "chat_template.jinja").is_file():  # transformers >= 4.50 saves the template here
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if template is not None:
@@ -296,6 +294,22 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise NanoseekError(f"{path} is not valid JSON: {e}") from None
+
+
+def _config_template(template, path: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} entries
+    (several named templates: the default one). Anything else is a ChatTemplateError now, not a
+    Jinja crash at the first chat."""
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        for t in template)
+    if template is not None and not isinstance(template, str) and not named:
+        raise ChatTemplateError(f"{path / 'tokenizer_config.json'}: chat_template is {template!r:.80}, which is not "
+                                'a template: give a Jinja string or a list of {"name": ..., "template": ...} '
+                                "entries, or remove the key")
+    if named:
+        return next((t["template"] for t in template if t["name"] == "default"), None)
+    return template
 
 
 def _content(token) -> str | None:
