@@ -1,5 +1,7 @@
 """`nanoseek info`: what a model costs. Parameters (total and activated per token, MTP apart) and
-KV-cache bytes per token for MLA's latent cache against the multi-head cache it replaces.
+KV-cache bytes per token for MLA's latent cache against the multi-head cache it replaces. A dense
+Llama / Qwen2 checkpoint (a distilled student) has no experts and no MTP, and its cache is
+grouped-query attention's keys and values, set against the same multi-head cache.
 
 Counts come from blocks built on the meta device, so even V3's 671B parameters cost no memory.
 """
@@ -14,6 +16,7 @@ import torch
 
 from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import NanoseekError
+from nanoseek.model.dense import DenseConfig
 
 
 @dataclass
@@ -22,14 +25,17 @@ class ModelStats:
     active_params: int  # main model, per token: everything but the routed experts not chosen
     mtp_params: int  # the MTP modules (their embedding and head are shared, so not counted)
     mtp_active_params: int
-    latent_cache_elems: int  # per token per layer: kv_lora_rank + qk_rope_head_dim
+    cache_elems: int  # per token per layer, what the model caches: MLA kv_lora_rank + qk_rope_head_dim, GQA 2 * K * d
     mha_cache_elems: int  # per token per layer: H * (qk_head_dim + v_head_dim)
     num_layers: int
+    attention: str = "MLA"  # "MLA" (DeepSeek) or "GQA" (dense Llama / Qwen2)
 
 
-def model_stats(config: ModelConfig) -> ModelStats:
+def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
     """Count one block of each kind on the meta device and multiply: V3's 61 layers of 256 experts
     would take seconds to build, one dense and one MoE block take milliseconds."""
+    if isinstance(config, DenseConfig):
+        return _dense_stats(config)
     from nanoseek.model.moe import MoE
     from nanoseek.model.mtp import make_mtp_layer
     from nanoseek.model.transformer import Block
@@ -60,10 +66,25 @@ def model_stats(config: ModelConfig) -> ModelStats:
             mtp_active += count(mtp, True)
     return ModelStats(
         total_params=total, active_params=active, mtp_params=mtp_total, mtp_active_params=mtp_active,
-        latent_cache_elems=config.kv_lora_rank + config.qk_rope_head_dim,
+        cache_elems=config.kv_lora_rank + config.qk_rope_head_dim,
         mha_cache_elems=config.num_attention_heads * (config.qk_head_dim + config.v_head_dim),
         num_layers=L,
     )
+
+
+def _dense_stats(config: DenseConfig) -> ModelStats:
+    """A Llama / Qwen2 model: every layer alike and every weight active; its cache is the rotated
+    keys and the values of K key/value heads, where multi-head attention would cache H of each."""
+    from nanoseek.model.dense import DenseBlock
+
+    with torch.device("meta"):
+        block = sum(p.numel() for p in DenseBlock(config, 0).parameters())
+    L, d = config.num_hidden_layers, config.head_dim
+    embed = config.vocab_size * config.hidden_size
+    total = embed * (1 if config.tie_word_embeddings else 2) + config.hidden_size + L * block  # + final norm
+    return ModelStats(total_params=total, active_params=total, mtp_params=0, mtp_active_params=0,
+                      cache_elems=2 * config.num_key_value_heads * d, mha_cache_elems=2 * config.num_attention_heads * d,
+                      num_layers=L, attention="GQA")
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int, mtp: bool = False) -> float:
@@ -97,9 +118,11 @@ def _bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def format_stats(name: str, config: ModelConfig, s: ModelStats, dtype_bytes: int = 2) -> str:
+def format_stats(name: str, config: ModelConfig | DenseConfig, s: ModelStats, dtype_bytes: int = 2) -> str:
+    if isinstance(config, DenseConfig):
+        return _format_dense(name, config, s, dtype_bytes)
     L = s.num_layers
-    latent, mha = s.latent_cache_elems * dtype_bytes, s.mha_cache_elems * dtype_bytes
+    latent, mha = s.cache_elems * dtype_bytes, s.mha_cache_elems * dtype_bytes
     moe_layers = sum(config.is_moe_layer(i) for i in range(L))
     lines = [
         f"model: {name}",
@@ -112,11 +135,28 @@ def format_stats(name: str, config: ModelConfig, s: ModelStats, dtype_bytes: int
         f"parameters (MTP, {config.num_nextn_predict_layers} module(s), embedding and head shared): "
         f"{_human(s.mtp_params)} total, {_human(s.mtp_active_params)} activated",
         f"KV cache per token ({dtype_bytes}-byte values):",
-        f"  MLA latent  {s.latent_cache_elems:>7,} values/layer = {_bytes(latent)}/layer, {_bytes(latent * L)} over {L} layers",
+        f"  MLA latent  {s.cache_elems:>7,} values/layer = {_bytes(latent)}/layer, {_bytes(latent * L)} over {L} layers",
         f"  MHA equiv.  {s.mha_cache_elems:>7,} values/layer = {_bytes(mha)}/layer, {_bytes(mha * L)} over {L} layers",
         f"  MLA is {mha / latent:.1f}x smaller ({100 * latent / mha:.2f}% of multi-head attention)",
     ]
     return "\n".join(lines)
+
+
+def _format_dense(name: str, config: DenseConfig, s: ModelStats, dtype_bytes: int) -> str:
+    L, H, K = s.num_layers, config.num_attention_heads, config.num_key_value_heads
+    kv, mha = s.cache_elems * dtype_bytes, s.mha_cache_elems * dtype_bytes
+    return "\n".join([
+        f"model: {name}",
+        f"  {config.model_type} (dense), layers {L}, hidden {config.hidden_size}, heads {H} "
+        f"({K} key/value heads), vocab {config.vocab_size}",
+        "  experts: none (a dense model activates every parameter for every token)",
+        f"parameters: {_human(s.total_params)} total, all activated per token ({s.total_params:,})",
+        "parameters (MTP): none (dense models have no MTP modules)",
+        f"KV cache per token ({dtype_bytes}-byte values; no MLA latent cache in a dense model):",
+        f"  GQA keys+values {s.cache_elems:>7,} values/layer = {_bytes(kv)}/layer, {_bytes(kv * L)} over {L} layers",
+        f"  MHA equiv.      {s.mha_cache_elems:>7,} values/layer = {_bytes(mha)}/layer, {_bytes(mha * L)} over {L} layers",
+        f"  GQA is {mha / kv:.1f}x smaller ({K} of {H} heads' keys and values)",
+    ])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,9 +183,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stats_json(name: str, s: ModelStats, dtype_bytes: int = 2) -> dict:
-    """The figures `format_stats` prints, as a JSON-ready dict (cache bytes per token over all layers)."""
-    latent, mha = s.latent_cache_elems * dtype_bytes * s.num_layers, s.mha_cache_elems * dtype_bytes * s.num_layers
-    return {"model": name, "total_params": s.total_params, "active_params": s.active_params,
-            "mtp_params": s.mtp_params, "mtp_active_params": s.mtp_active_params, "num_layers": s.num_layers,
-            "dtype_bytes": dtype_bytes, "mla_cache_bytes_per_token": latent, "mha_cache_bytes_per_token": mha,
-            "mla_vs_mha": mha / latent}
+    """The figures `format_stats` prints, as a JSON-ready dict (cache bytes per token over all layers).
+    `kv_cache_bytes_per_token` is what the model caches; the mla_* keys (read by the report card)
+    only exist for MLA models."""
+    kv, mha = s.cache_elems * dtype_bytes * s.num_layers, s.mha_cache_elems * dtype_bytes * s.num_layers
+    out = {"model": name, "total_params": s.total_params, "active_params": s.active_params,
+           "mtp_params": s.mtp_params, "mtp_active_params": s.mtp_active_params, "num_layers": s.num_layers,
+           "dtype_bytes": dtype_bytes, "attention": s.attention, "kv_cache_bytes_per_token": kv,
+           "mha_cache_bytes_per_token": mha, "kv_vs_mha": mha / kv}
+    if s.attention == "MLA":
+        out.update(mla_cache_bytes_per_token=kv, mla_vs_mha=mha / kv)
+    return out
