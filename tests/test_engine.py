@@ -479,3 +479,24 @@ def test_chat_cli_replies_through_the_chat_template_resets_and_checks_flags_firs
     assert "max_tokens=0" in capsys.readouterr().err
     assert main(["generate", "--model", "no/such/dir", "--prompt", "x", "--temperature", "-1"]) == 2
     assert "temperature=-1" in capsys.readouterr().err
+
+
+def test_max_model_len_flag_rejects_non_positive_values_and_says_when_it_is_clamped(checkpoint, model, capsys):
+    """-5 used to fail naming cache_memory_bytes / num_cache_blocks, 0 to mean the model's default,
+    and a value past the model's positions to be clamped without a word."""
+    from nanoseek.cli import main
+
+    for bad in ("-5", "0", "many"):
+        for command in (["generate", "--prompt", "x"], ["chat"], ["serve"]):
+            with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit 2, before the model loads
+                main([*command, "--model", str(checkpoint), "--max-model-len", bad])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and "--max-model-len" in err and "positive number of tokens" in err
+            assert "cache" not in err and "Traceback" not in err
+    with pytest.raises(NanoseekError, match="max_model_len=0 must be a positive"):  # Python callers too
+        LLM(model, max_model_len=0)
+
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--max-tokens", "2",
+                 "--max-model-len", "100000"]) == 0
+    assert ("nanoseek generate: --max-model-len 100000 is more than the model's 512 positions "
+            "(max_position_embeddings); using 512") in capsys.readouterr().err

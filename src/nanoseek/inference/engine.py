@@ -115,6 +115,9 @@ class LLM:
         if speculative_mtp < 0 or (speculative_mtp and cfg.num_nextn_predict_layers < 1):
             raise NanoseekError(f"speculative_mtp={speculative_mtp} needs a model with MTP modules "
                                 f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}); use 0 to turn it off")
+        if max_model_len is not None and max_model_len < 1:  # 0 would silently mean the model's
+            raise NanoseekError(f"max_model_len={max_model_len} must be a positive number of tokens "
+                                f"(None: the model's {cfg.max_position_embeddings})")
         if block_size < 1 or max_num_seqs < 1:
             raise NanoseekError("block_size and max_num_seqs must be >= 1")
         device_type = next(model.parameters()).device.type

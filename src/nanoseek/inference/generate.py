@@ -9,11 +9,36 @@ prompt with --stream prints tokens as they are produced.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import NanoseekError
+
+
+def context_length(text: str) -> int:
+    """argparse type for --max-model-len (generate, chat, serve): a positive number of tokens. A
+    usage error otherwise; -5 used to fail in the cache sizing and 0 to mean the model's default."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a context length: give a positive number of tokens, "
+                                         "or leave --max-model-len out for the model's own")
+    return n
+
+
+def note_max_model_len(llm, requested: int | None, command: str) -> None:
+    """Say (one stderr line) when the engine runs with a shorter context than --max-model-len asked for."""
+    if requested is None or llm.max_model_len >= requested:
+        return
+    positions = llm.model.config.max_position_embeddings
+    why = (f"the model's {positions} positions (max_position_embeddings)" if llm.max_model_len == positions
+           else f"the KV cache holds ({llm.max_model_len} tokens)")
+    print(f"nanoseek {command}: --max-model-len {requested} is more than {why}; using {llm.max_model_len}",
+          file=sys.stderr)
 
 
 def add_engine_arguments(parser) -> None:
@@ -26,7 +51,8 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
                         help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-model-len", type=context_length, default=None,
+                        help="context length in tokens (default, and at most: the model's)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
 
@@ -38,6 +64,7 @@ def build_engine(args):
               device=args.device, dtype=args.dtype, quantize=args.quantize)
     if llm.tokenizer is None:
         raise NanoseekError(f"{args.model} has no tokenizer.json; save the checkpoint with its tokenizer")
+    note_max_model_len(llm, args.max_model_len, args.command)
     return llm
 
 

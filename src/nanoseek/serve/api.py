@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
+from nanoseek.inference.generate import context_length, note_max_model_len
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
@@ -249,7 +250,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine batches at once")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="sequences that may queue beyond --max-num-seqs before requests get 503")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--max-model-len", type=context_length, default=None,
+                        help="context window in tokens (default, and at most: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the engine's prefix cache off")
     parser.add_argument("--speculative-mtp", type=int, default=0, help="draft tokens per step from the MTP heads")
     add_device_arguments(parser)
@@ -294,6 +296,7 @@ def run(args) -> int:
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp,
                  device=args.device, dtype=args.dtype, quantize=args.quantize)
+    note_max_model_len(engine, args.max_model_len, "serve")
     name = args.served_model_name or model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
                      max_waiting=args.max_waiting)
