@@ -126,6 +126,15 @@ def test_checkpoint_loads_in_the_devices_default_dtype(device, tmp_path):
     assert len(out[0].outputs[0].token_ids) == 6
 
 
+def test_cuda_without_a_gpu_names_the_cli_flag(monkeypatch, tmp_path, capsys):
+    """The fix the message gives is what a CLI user types (`--device cpu`), not `device=cpu` alone."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    save_model(tiny_model("cpu"), tmp_path / "ckpt")
+    assert cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "x", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is available" in err and "--device cpu" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------ every CLI stage on the device
 
 

@@ -66,7 +66,9 @@ def resolve_device(device: "str | torch.device" = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NanoseekError(f"device={device!r} but no CUDA device is available; use device=cpu (or auto)")
+        # one message for every caller: the inference commands' flag, the trainers' key=value, Python
+        raise NanoseekError(f"device {device!r} asked for, but no CUDA device is available; run on the CPU: "
+                            "--device cpu (device=cpu for the training commands, device='cpu' in Python), or auto")
     try:
         return torch.device(device)
     except RuntimeError:
