@@ -323,6 +323,9 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "messages": []}, 400, "messages"),
     ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
     ({**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ({**CHAT, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x"}, {"role": "system", "content": None}]}, 400,
+     "messages[1].content"),
     ({**CHAT, "temperature": "hot"}, 400, "temperature"),
     ({**CHAT, "temperature": 5}, 400, "temperature"),
     ({**CHAT, "top_p": 0}, 400, "top_p"),
@@ -346,6 +349,19 @@ def test_chat_errors(server, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert server.state.in_flight == 0  # a rejected request holds no capacity
+
+
+def test_missing_content_is_a_400_naming_the_message_but_an_assistant_may_omit_it(server):
+    """A user message without content used to be answered 200, as if it were empty."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, headers=headers,
+                   json={**CHAT, "messages": [*USER, {"role": "assistant", "content": "a"}, {"role": "user"}]})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Missing required parameter: 'messages[2].content'.", "type": "invalid_request_error",
+        "param": "messages[2].content", "code": "missing_required_parameter"}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, headers=headers,
+                   json={**CHAT, "messages": [*USER, {"role": "assistant"}, *USER]})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("body, param", [

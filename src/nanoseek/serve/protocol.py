@@ -106,12 +106,17 @@ class ChatCompletionRequest(SamplingFields):
         """Messages as the tokenizer's chat template takes them.
 
         `developer` is OpenAI's new name for `system`. Past assistant turns lose any reasoning the
-        client sends back (`reasoning_content` is simply not read), as DeepSeek's API does.
+        client sends back (`reasoning_content` is simply not read), as DeepSeek's API does. As in
+        OpenAI's API, user and system messages need content; an assistant message may omit it
+        (there it means an empty reply).
         """
         conversation = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             if m.role == "tool":
                 raise NanoseekError("tool messages are not supported: this server has no function calling")
+            if m.content is None and m.role != "assistant":  # OpenAI's own error for it, word for word
+                raise bad_request(f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content",
+                                  "missing_required_parameter")
             role = "system" if m.role == "developer" else m.role
             conversation.append({"role": role, "content": m.text()})
         return conversation
