@@ -500,3 +500,46 @@ def test_max_model_len_flag_rejects_non_positive_values_and_says_when_it_is_clam
                  "--max-model-len", "100000"]) == 0
     assert ("nanoseek generate: --max-model-len 100000 is more than the model's 512 positions "
             "(max_position_embeddings); using 512") in capsys.readouterr().err
+
+
+def test_chat_cli_reports_a_failed_turn_drops_it_and_goes_on(checkpoint, capsys, monkeypatch):
+    """A turn that does not fit the context used to end the session (exit 2, conversation lost)."""
+    import io
+
+    from nanoseek.cli import main
+
+    turn = "the quick brown fox jumps over the lazy dog"
+    lines = ["dog " * 60, *[turn] * 5, "/reset", turn, "/exit"]  # too long alone; then the history outgrows 48
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", "--model", str(checkpoint), "--max-tokens", "5", "--max-model-len", "48"]) == 0
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if "error: message not sent" in line]
+    assert "shorten the message" in errors[0] and "/reset" not in errors[0]  # no history to blame
+    full = errors[1:]
+    assert full and all("with the earlier turns" in e and "/reset to start a new conversation" in e for e in full)
+    assert len(set(full)) == 1  # the dropped message is not in the history: each retry is the same size
+    replies = [part for part in out.split("> ") if part.strip()]
+    assert len(replies) == 5 - len(full) + 1  # every turn that fit was answered, and one more after /reset
+    assert replies[-1] == replies[0]  # after /reset: the first turn's reply again
+
+
+def test_chat_cli_goes_on_after_the_template_refuses_a_turn(checkpoint, tmp_path, capsys, monkeypatch):
+    import io
+    import json
+    import shutil
+
+    from nanoseek.cli import main
+    from nanoseek.tokenizer import CHAT_TEMPLATE
+
+    directory = tmp_path / "one_turn"
+    shutil.copytree(checkpoint, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages | length > 1 %}{{ raise_exception('one message per conversation') }}"
+                               "{% endif %}" + CHAT_TEMPLATE)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhello\n/reset\nhello\n"))
+    assert main(["chat", "--model", str(directory), "--max-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert ("error: the chat template failed: one message per conversation; message not sent; "
+            "/reset starts a new conversation") in err
+    assert len([part for part in out.split("> ") if part.strip()]) == 2  # the first turn and the one after /reset

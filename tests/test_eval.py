@@ -91,3 +91,16 @@ def test_cli_prints_the_scores(checkpoint, capsys):
                      "--task", "chain_sum", "--difficulty", "min_terms=2", "max_terms=2"]) == 0
     out = capsys.readouterr().out
     assert "chain_sum" in out and "pass@1" in out and "pass@2" in out and "maj@2" in out
+
+
+def test_cli_prompt_longer_than_the_context_gets_a_hint_eval_users_can_follow(checkpoint, tmp_path, capsys):
+    """The engine's "shorten the prompt" is no fix here: eval writes the prompts."""
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(checkpoint)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                 max_position_embeddings=8)  # shorter than any task prompt
+    save_model(Transformer(cfg), tmp_path / "short", tokenizer=tok)
+    assert cli.main(["eval", "--model", str(tmp_path / "short"), "--n", "1", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 8" in err and "a model with a longer context" in err and "shorten the prompt" not in err

@@ -17,7 +17,14 @@ class CheckpointError(NanoseekError):
 
 
 class ContextLengthError(NanoseekError):
-    """A prompt (or prompt plus max_tokens) that does not fit the model's context window."""
+    """A prompt (or prompt plus max_tokens) that does not fit the model's context window.
+
+    `tokens` and `limit` (when known) say by how much, so a caller can word the fix its user has:
+    the chat REPL's is /reset, eval's a model with a longer context."""
+
+    def __init__(self, message: str, tokens: int | None = None, limit: int | None = None):
+        super().__init__(message)
+        self.tokens, self.limit = tokens, limit
 
 
 class ChatTemplateError(NanoseekError):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, prompt_of, reasons
 from nanoseek.device import add_device_arguments, add_quantize_argument
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ContextLengthError, NanoseekError
 from nanoseek.rewards import format_reward
 
 DEFAULT_MAX_TOKENS = 128
@@ -230,9 +230,15 @@ def run(args) -> int:
               device=args.device, dtype=args.dtype, quantize=args.quantize)
     if args.rerank and args.samples < 2:
         raise NanoseekError("--rerank picks one of several samples: give --samples K with K >= 2")
-    report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
-                      max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                      split=args.split, return_samples=args.show > 0 or bool(args.rerank), prefill=prefill)
+    try:
+        report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
+                          max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          split=args.split, return_samples=args.show > 0 or bool(args.rerank), prefill=prefill)
+    except ContextLengthError as e:  # the engine says "shorten the prompt", which eval's user cannot do
+        raise ContextLengthError(f"a {task.name} prompt has {e.tokens} tokens, but the context of {args.model} "
+                                 f"holds {e.limit} (prompt and at least one generated token); evaluate a model "
+                                 "with a longer context, or a task (--task, --difficulty) with shorter prompts",
+                                 tokens=e.tokens, limit=e.limit) from None
     if args.rerank:
         from nanoseek.grm import GRM, rerank
 

@@ -5,7 +5,8 @@
 Replies stream as they are generated. A reasoning model's `<think>...</think>` part is shown
 dimmed when stdout is a terminal. As DeepSeek-R1 recommends, earlier turns' reasoning is not sent
 back: the history keeps only each reply's final answer. Type /reset to start over, /exit (or
-Ctrl-D) to leave.
+Ctrl-D) to leave. A turn that fails (the conversation outgrows the context, the chat template
+refuses it) is reported and dropped; the conversation before it goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nanoseek.errors import ContextLengthError, NanoseekError
 from nanoseek.inference.generate import add_engine_arguments, build_engine
 from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.tokenizer import Tokenizer
@@ -33,6 +35,34 @@ def styled(text: str, tty: bool, in_reasoning: bool = False) -> str:
 
 def final_answer(reply: str) -> str:
     return reply.split(THINK_END, 1)[1].strip() if THINK_END in reply else reply.strip()
+
+
+def turn_error(e: NanoseekError, history: list[dict], system: bool = False) -> str:
+    """The one line a failed turn prints: what failed and what the user can do about it here.
+    `history` is the conversation before the failed message; `system`: a --system prompt is sent."""
+    if isinstance(e, ContextLengthError) and e.tokens is not None:
+        if history:  # the earlier turns are what fills the context
+            return (f"message not sent: with the earlier turns the prompt would be {e.tokens} tokens, but the "
+                    f"context holds {e.limit}; /reset to start a new conversation (or send a shorter message)")
+        return (f"message not sent: the prompt would be {e.tokens} tokens, but the context holds {e.limit}; "
+                "shorten the message" + (" or the --system prompt" if system else ""))
+    return f"{e}; message not sent" + ("; /reset starts a new conversation" if history else "")
+
+
+def stream_reply(llm, messages: list[dict], params, tty: bool) -> str:
+    """Stream the model's reply to `messages` to stdout; returns its text."""
+    # the checkpoint's own template; its text tokenized as it is (it writes bos itself)
+    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    in_reasoning = prompt_opens_reasoning(prompt)
+    shown, text = "", ""
+    for out in llm.stream(llm.tokenizer.encode(prompt), params):
+        text = out.outputs[0].text
+        now = styled(text, tty, in_reasoning)
+        sys.stdout.write(now[len(shown):])
+        sys.stdout.flush()
+        shown = now
+    print(RESET if tty and (in_reasoning or THINK_START in text) and THINK_END not in text else "")
+    return text
 
 
 def add_arguments(parser) -> None:
@@ -66,16 +96,10 @@ def run(args) -> int:
             continue
         if not user:
             continue
-        history.append({"role": "user", "content": user})
-        # the checkpoint's own template; its text tokenized as it is (it writes bos itself)
-        prompt = llm.tokenizer.apply_chat_template(system + history, add_generation_prompt=True)
-        in_reasoning = prompt_opens_reasoning(prompt)
-        shown, reply = "", ""
-        for out in llm.stream(llm.tokenizer.encode(prompt), params):
-            reply = out.outputs[0].text
-            now = styled(reply, tty, in_reasoning)
-            sys.stdout.write(now[len(shown):])
-            sys.stdout.flush()
-            shown = now
-        print(RESET if tty and (in_reasoning or THINK_START in reply) and THINK_END not in reply else "")
-        history.append({"role": "assistant", "content": final_answer(reply)})
+        message = {"role": "user", "content": user}
+        try:  # the engine and the template check before generating, so a failed turn printed nothing
+            text = stream_reply(llm, system + history + [message], params, tty)
+        except NanoseekError as e:  # this turn's problem, not the session's: report it and go on without it
+            print(f"nanoseek chat: error: {turn_error(e, history, bool(system))}", file=sys.stderr)
+            continue
+        history += [message, {"role": "assistant", "content": final_answer(text)}]

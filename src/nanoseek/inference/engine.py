@@ -274,7 +274,8 @@ class LLM:
             raise NanoseekError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if len(ids) >= self.max_model_len:
             raise ContextLengthError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
-                                     "(prompt and at least one generated token); shorten the prompt")
+                                     "(prompt and at least one generated token); shorten the prompt",
+                                     tokens=len(ids), limit=self.max_model_len)
         return ids
 
     def _enqueue(self, text, ids, params, request_id) -> str:
