@@ -182,7 +182,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, default=1, help="K samples per problem (1: greedy)")
     parser.add_argument("--seed", type=int, default=0, help="picks the problems and the sampling seeds")
     parser.add_argument("--split", default="eval", choices=["eval", "train"])
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="generated tokens per sample")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"generated tokens per sample (default {DEFAULT_MAX_TOKENS}, enough for the toy models; "
+                             "a released R1-Distill thinks for thousands: give it 2048 or more)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when K > 1")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when K > 1")
     parser.add_argument("--prefill", nargs="?", const=CHAIN_OPENING, default=None, metavar="TEXT",
