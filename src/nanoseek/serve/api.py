@@ -246,7 +246,9 @@ def add_arguments(parser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY, else open)")
     parser.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     parser.add_argument("--no-reasoning-split", action="store_true",
-                        help="return <think>...</think> inside content instead of as reasoning_content")
+                        help="return the generated text as it is, think tags included, as content instead of "
+                             "splitting it into reasoning_content (where the chat template opens the think block "
+                             "in the prompt, as R1's does, the text starts inside it: no opening <think>)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine batches at once")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="sequences that may queue beyond --max-num-seqs before requests get 503")
