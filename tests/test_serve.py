@@ -337,6 +337,7 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "top_logprobs": 2}, 400, None),
     ({**CHAT, "stream_options": {"include_usage": True}}, 400, None),
     ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     ({**CHAT, "messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages"),
     ({**CHAT, "model": "gpt-5"}, 404, "model"),
 ])
@@ -349,6 +350,14 @@ def test_chat_errors(server, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
     assert server.state.in_flight == 0  # a rejected request holds no capacity
+
+
+def test_tools_with_tool_choice_none_are_ignored(server):
+    """Only a request that could expect a tool call is refused (see test_chat_errors)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none"},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_missing_content_is_a_400_naming_the_message_but_an_assistant_may_omit_it(server):

@@ -95,6 +95,9 @@ def _max_tokens(state: ServerState, prompt_ids: list[int], requested: int | None
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.server
     _check_model(state, body.model)
+    if body.tools and body.tool_choice != "none":  # a client that offers tools waits for tool calls
+        raise bad_request("this server has no function calling: send the request without tools "
+                          '(or with tool_choice "none")', "tools", "unsupported_parameter")
     try:
         prompt_text = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
     except ChatTemplateError as e:

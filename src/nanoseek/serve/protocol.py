@@ -4,7 +4,9 @@ Field names, defaults and ranges follow OpenAI's API (and vLLM / DeepSeek where 
 the official clients work unchanged. Validation happens here, before anything reaches the engine:
 a wrong type or an out-of-range value becomes a 400 that names the field (the server maps pydantic's
 errors to OpenAI's error shape; FastAPI's default would be a 422). Unknown fields are accepted and
-ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `metadata`...) work.
+ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `metadata`...) work;
+`tools` are the exception: there is no function calling, and a client that offers tools would wait
+for a tool call, so they are a 400 unless `tool_choice` is "none".
 
 Extensions beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `stop_token_ids` (vLLM's names) and `separate_reasoning` (SGLang's name; false returns the raw text
@@ -95,6 +97,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     separate_reasoning: bool | None = None                 # None: the server's setting
+    # no function calling: tools are refused unless tool_choice is "none" (then they are ignored)
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
