@@ -91,3 +91,42 @@ def test_speedrun_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "file" / "sr")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot write to --out" in err and "Traceback" not in err
+
+
+class FakeProgress:
+    def __init__(self):
+        self.printed = []
+        self.console = self
+
+    def remove_task(self, task):
+        pass
+
+    def print(self, text):
+        self.printed.append(text)
+
+
+def test_a_stage_stopped_before_its_first_checkpoint_is_not_done(tmp_path):
+    """The control is stopped (Ctrl-C by the speedrun) once it ran as long as RL; the validation
+    line before training ("step 0/N") must not count as a step, and a stage stopped before it saved
+    is a failure, not "done" (the next stage would read a checkpoint that is not there)."""
+    import io
+    import threading
+    import types
+
+    from nanoseek.speedrun import Job, Runner
+
+    control = next(s for s in plan(tmp_path, tiny=True) if s.name == "control")
+    runner = Runner(tmp_path, [control], skip=set(), jobs=1)
+    lines = ["model: 1.00M parameters\n", "step 0/100000 | val_loss 1.273\n"]
+    job = Job(control, types.SimpleNamespace(stdout=iter(lines)), io.StringIO(), task=0, start=0.0)
+    runner.read(job)
+    assert job.progress == (0, 100000) and job.first_step is None  # not yet safe to stop
+    job.proc, job.log = types.SimpleNamespace(stdout=iter(["step 1/100000 | loss 5.1\n"])), io.StringIO()
+    runner.read(job)
+    assert job.first_step is not None
+
+    job.interrupted_by_us, job.reader, job.log = True, threading.Thread(target=lambda: None), io.StringIO()
+    job.reader.start()
+    progress = FakeProgress()
+    assert runner.finish(job, 130, progress) is False  # exit 130 as asked, but no checkpoint
+    assert runner.status("control") == "failed"

@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
+        # A training stage saves when Ctrl-C comes during a step; this is setup or a second Ctrl-C.
+        training = args._module.startswith("nanoseek.train.")
+        lost = "; nothing saved since the last checkpoint, if any" if training else ""
+        print(f"nanoseek {args.command}: interrupted{lost}", file=sys.stderr)
         return 130
     return int(code or 0)
 

@@ -252,7 +252,7 @@ class Runner:
             return not stopped_early(checkpoints[-1])
         return self.status(stage.name) == "done"
 
-    def can_resume(self, stage: Stage) -> bool:
+    def has_checkpoint(self, stage: Stage) -> bool:
         if not stage.run_dir:
             return False
         from nanoseek.train.checkpointing import list_checkpoints
@@ -342,7 +342,7 @@ class Runner:
         import subprocess
 
         argv = stage.argv(self) if callable(stage.argv) else list(stage.argv)
-        resume = self.can_resume(stage)
+        resume = self.has_checkpoint(stage)
         if resume:
             argv = argv[:argv.index("--config") + 2] + ["--resume"] + argv[argv.index("--config") + 2:]
         log = open(self.out / "logs" / f"{stage.name}.log", "a")
@@ -370,7 +370,8 @@ class Runner:
             m = STEP_RE.match(line)
             if m:
                 job.progress = int(m.group(1)), int(m.group(2))
-                if job.first_step is None:
+                # "step 0/N" is the validation before training: a step has not finished yet
+                if job.first_step is None and job.progress[0] > 0:
                     job.first_step = time.monotonic()
         job.lines = lines
 
@@ -417,6 +418,8 @@ class Runner:
             else:
                 atomic_write_text(self.out / stage.result, text.strip() + "\n")  # its existence means done
         if ok and stage.result and not (self.out / stage.result).is_file():
+            ok, code = False, -1
+        if ok and stage.run_dir and not self.has_checkpoint(stage):  # stopped before its first save
             ok, code = False, -1
         if ok:
             self.record(stage.name, status="done", seconds=seconds, cpu_seconds=cpu)
