@@ -77,6 +77,7 @@ class DemoConfig(TrainConfig):
     files: list[str] = field(default_factory=list)
     limit: int | None = None
     table: dict = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
     section: Section = field(default_factory=Section)
 
 
@@ -101,6 +102,7 @@ def test_config_from_toml_and_overrides(tmp_path):
     (["lr=-1"], r"lr=-1.0 must be positive"),
     (["max_steps"], r"not key=value"),
     (["section=3"], r"section is a table"),
+    (["weights.a=abc"], r"weights.a='abc': expected float"),  # a table's values are typed too
 ])
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -188,7 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is a table: set its fields as {key}.<field>=value")
-        return {k: parse_literal(v) if isinstance(v, _CLIValue) else v for k, v in value.items()}
+        # each value to the table's value type, as a top-level field is (`rewards.format=abc` is an error)
+        return {k: _coerce(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
