@@ -146,3 +146,12 @@ def test_cli_train(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     assert cli_main(["tokenizer", "train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t2")]) == 2
     assert not (tmp_path / "t2").exists()  # nothing written from no text
+
+
+def test_cli_train_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(TEXTS[0])
+    (tmp_path / "afile").write_text("")
+    assert cli_main(["tokenizer", "train", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'afile'} is a file, not a directory" in err and "Traceback" not in err
+

@@ -7,6 +7,7 @@ takes a second or two on CPU.
 import json
 import os
 import random
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -383,6 +384,31 @@ def test_resume_errors(corpus, tmp_path):
         pretrain.train(cfg, resume="latest")
     with pytest.raises(ConfigError, match="unknown config key 'model.hidden_sise'"):
         pretrain.train(tiny_config(tmp_path, corpus, "model.hidden_sise=8"))
+
+
+@pytest.mark.parametrize("command, config", [
+    ("pretrain", "pretrain_tiny.toml"), ("sft", "sft_tiny.toml"), ("rl", "rl_r1zero_tiny.toml"), ("grm", "grm_tiny.toml"),
+])
+def test_out_dir_that_is_a_file_is_a_clear_error(command, config, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out, message in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "run", "is inside")):
+        assert cli_main([command, "--config", str(ROOT / "configs" / config), f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: out_dir={out} {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["preset=huge"], "preset='huge': expected one of tiny"),
+    (["val_fraction=0"], r"val_fraction=0.0 must be in \(0, 1\)"),
+    (["--resume"], "--resume: no checkpoint in .*; run without --resume to start fresh"),
+    (["--resume-from", "nowhere"], "no checkpoint in nowhere"),
+])
+def test_pretrain_checks_its_settings_before_preparing_data(args, message, corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain, "prepare_corpus", lambda *a: pytest.fail("prepared data before the check"))
+    argv = ["pretrain", "--config", str(TINY), f"out_dir={tmp_path / 'run'}", f"data={json.dumps([str(corpus)])}"]
+    assert cli_main([*argv, *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
 
 
 def test_cli_reports_config_errors(capsys):

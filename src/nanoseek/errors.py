@@ -1,5 +1,7 @@
 """User-facing errors: the message names what is wrong and how to fix it."""
 
+from pathlib import Path
+
 
 class NanoseekError(Exception):
     """A problem with the user's input (config, file, checkpoint, request), not a bug.
@@ -29,3 +31,18 @@ class ContextLengthError(NanoseekError):
 
 class ChatTemplateError(NanoseekError):
     """A chat template that is missing, does not compile or fails to render (400 in the server)."""
+
+
+def check_out_dir(path: str | Path, option: str) -> None:
+    """Raise a NanoseekError, before any work is done, when `path` cannot become an output directory
+    because it or a folder above it is a file. `option` is how the user set it ("out_dir", "--out"),
+    so the message names what to change."""
+    path = Path(path)
+    spelled = f"{option} {path}" if option.startswith("-") else f"{option}={path}"
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is inside {p}, which is a file"
+                raise NanoseekError(f"{spelled} {what}, not a directory: point {option} at a directory "
+                                   "(a missing one is created)")
+            return

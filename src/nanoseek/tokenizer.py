@@ -47,7 +47,7 @@ from typing import Iterable
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanoseek.errors import ChatTemplateError, NanoseekError
+from nanoseek.errors import ChatTemplateError, NanoseekError, check_out_dir
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -460,6 +460,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nanoseek.data.corpus import load_sources
 
+    check_out_dir(args.out, "--out")  # before the corpus is read and the BPE trained
     sources = load_sources(args.data, text_field=args.text_field, seed=args.seed)
     texts = [doc for _, docs in sources for doc in docs]
     if not any(texts):

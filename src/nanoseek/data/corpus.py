@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, check_out_dir
 from nanoseek.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
@@ -383,6 +383,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_out_dir(args.out, "--out")  # before the data is read and tokenized
     meta = prepare_data(args.data, Tokenizer.from_dir(args.tokenizer), args.out,
                         val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field)
     s = meta["splits"]

@@ -60,13 +60,19 @@ def write_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str
 def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
     """(directory, model tensors, trainer state) of a resumable checkpoint: a checkpoint directory,
     or a run directory (its newest). `config` is the model's, to map the tensors onto it."""
+    path = resumable_checkpoint(checkpoint)
+    state = torch.load(path / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+    return path, convert_checkpoint_tensors(read_tensors(path), config, None), state
+
+
+def resumable_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint directory `checkpoint` names (itself, or a run directory's newest) if it
+    holds a trainer state to resume from; a CheckpointError otherwise. Cheap: reads nothing."""
     path = find_checkpoint(checkpoint)
-    state_file = path / STATE_DIR / STATE_FILE
-    if not state_file.is_file():
+    if not (path / STATE_DIR / STATE_FILE).is_file():
         raise CheckpointError(f"{path} has no {STATE_DIR}/{STATE_FILE}: it holds weights only and cannot be "
                               "resumed (start a new run from its weights instead)")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    return path, convert_checkpoint_tensors(read_tensors(path), config, None), state
+    return path
 
 
 def stopped_early(checkpoint: str | Path) -> bool:

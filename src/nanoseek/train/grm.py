@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from nanoseek.checkpoint import atomic_write_text
 from nanoseek.data.tasks import DigitSumTask, derive_seed, extract_answer, get_task, prompt_of, reasoning_of, split_of
-from nanoseek.errors import ConfigError, NanoseekError
+from nanoseek.errors import ConfigError, NanoseekError, check_out_dir
 from nanoseek.eval import majority_answer
 from nanoseek.grm import (GRM, Judgment, ScalarRM, encode_batch, format_judgment, judge_prompt, judgment_correct, meta_text,
                           rule_reward, strictly_best, summed_scores)
@@ -742,6 +742,7 @@ def run(args) -> int:
     from nanoseek.train.config import load_run_config
 
     cfg = load_run_config(GRMConfig, args.config, args.overrides)
+    check_out_dir(cfg.out_dir, "out_dir")
     train(cfg)
     return 0
 

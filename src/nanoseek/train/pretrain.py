@@ -78,6 +78,15 @@ class PretrainConfig(TrainConfig):
     sample_temperature: float = 0.8
     sample_top_k: int = 40
 
+    def __post_init__(self):
+        super().__post_init__()
+        # checked as the config loads, not after data preparation (minutes at real size)
+        if not self.init and self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r}: expected one of {', '.join(PRESETS)}")
+        if not 0 < self.val_fraction < 1:  # the validation loss needs held-out documents
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1): pretraining measures its "
+                              "validation loss on held-out documents")
+
 
 def train(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     """Run pretraining (in this process, or as one rank under torchrun); returns the final
@@ -167,8 +176,6 @@ def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
 def initial_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
     """A fresh model of the configured preset, or the `init` checkpoint to continue from; either
     way its sequence-wise balance loss weight is the run's aux_loss_alpha."""
-    if not cfg.init and cfg.preset not in PRESETS:
-        raise ConfigError(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
     model = stage_model(cfg.init or cfg.preset, tokenizer, cfg.model, cfg.seq_len, aux_loss_alpha=cfg.aux_loss_alpha)
     if not isinstance(model, Transformer):
         raise ConfigError(f"init={cfg.init or cfg.preset!r} is a dense model; pretraining is for DeepSeek-V3 models")

@@ -9,6 +9,7 @@ every stage behaves the same at its edges:
 - `add_arguments` / `run_cli`: that command line, and its exit status: 0 when the run reached
   max_steps, 130 (the shell's status for Ctrl-C) when it stopped early on Ctrl-C or SIGTERM
   after saving the checkpoint that `--resume` continues from, 2 for a user error (cli.py).
+  out_dir and the checkpoint to resume are checked first (`check_run_dir`), before any slow work.
 - `run_stage`: the stage's loop in this process, or as one rank under torchrun.
 - `stage_model`: the model a stage starts from, named by `init=` (a checkpoint directory, a run
   directory, or a preset), with `model.*` overrides checked once, for presets only.
@@ -27,9 +28,9 @@ import torch.nn as nn
 
 from nanoseek.checkpoint import load_model, model_class
 from nanoseek.config import PRESETS, ModelConfig
-from nanoseek.errors import ConfigError
+from nanoseek.errors import CheckpointError, ConfigError, check_out_dir
 from nanoseek.model.dense import DENSE_PRESETS, DenseConfig
-from nanoseek.train.checkpointing import find_checkpoint, stopped_early
+from nanoseek.train.checkpointing import find_checkpoint, list_checkpoints, resumable_checkpoint, stopped_early
 from nanoseek.train.config import TrainConfig, load_run_config
 from nanoseek.train.distributed import setup_distributed, teardown_distributed
 
@@ -53,11 +54,24 @@ def run_cli(args, config_class: type[C], train: Callable[..., Path], overrides: 
     """Load the stage's config from the command line, run `train(cfg, resume=...)`, and return the
     exit status: 0 when done, STOPPED_EARLY when Ctrl-C / SIGTERM stopped it (after saving)."""
     cfg = load_run_config(config_class, args.config, args.overrides if overrides is None else overrides)
-    path = train(cfg, resume=args.resume_from or ("latest" if args.resume else None))
+    resume = args.resume_from or ("latest" if args.resume else None)
+    check_run_dir(cfg.out_dir, resume)
+    path = train(cfg, resume=resume)
     if stopped_early(path):
         print(f"stopped early; continue with: nanoseek {args.command} ... --resume (from {path})", file=sys.stderr)
         return STOPPED_EARLY
     return 0
+
+
+def check_run_dir(out_dir: str, resume: str | None) -> None:
+    """Check the run's directories before the stage does any slow work (data preparation, teacher
+    sampling): out_dir can be a directory, and what `resume` names can be resumed."""
+    check_out_dir(out_dir, "out_dir")
+    if resume == "latest" and not list_checkpoints(out_dir):
+        raise CheckpointError(f"--resume: no checkpoint in {out_dir} to continue from; "
+                              "run without --resume to start fresh")
+    if resume is not None:
+        resumable_checkpoint(out_dir if resume == "latest" else resume)
 
 
 def run_stage(train_fn: Callable, cfg: TrainConfig, resume=None):
