@@ -218,3 +218,15 @@ def test_cli_prepare(tok, tmp_path):
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
     assert cli_main(["data", "prepare", "--data", str(tmp_path / "nope"), "--tokenizer", str(tmp_path / "tok"),
                      "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_cli_prepare_errors_name_its_own_flags(tok, tmp_path, capsys):
+    tok.save(tmp_path / "tok")
+    (tmp_path / "one.txt").write_text(DOCS[0])
+    (tmp_path / "afile").write_text("")
+    prepare = ["data", "prepare", "--data", str(tmp_path / "one.txt"), "--tokenizer", str(tmp_path / "tok")]
+    assert cli_main([*prepare, "--out", str(tmp_path / "afile")]) == 2
+    assert f"--out {tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
+    assert cli_main([*prepare, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be split" in err and "or --val-fraction 0" in err and "val_fraction=" not in err

@@ -200,11 +200,14 @@ def prepare_data(
     val_fraction: float = 0.05,
     seed: int = 0,
     text_field: str = "text",
+    no_val: str = "",
 ) -> dict:
     """Tokenize `sources` into `out_dir/{train,val}.bin` + `meta.json` (+ the tokenizer); returns the meta.
 
     The split is by document: a seeded permutation sends round(val_fraction * documents) of them
-    (at least one when val_fraction > 0) to val, so no document straddles the split.
+    (at least one when val_fraction > 0) to val, so no document straddles the split. `no_val` is
+    how the caller's user turns the val split off (`--val-fraction 0`), for the error that suggests
+    it; "" where the caller needs a val split.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise NanoseekError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -212,10 +215,9 @@ def prepare_data(
     docs = [(name, doc) for name, ds in loaded for doc in ds]
     n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
     if len(docs) - n_val < 1:
-        raise NanoseekError(
-            f"{len(docs)} document(s) cannot be split into train and val; a text file is one document, "
-            "so give more files, a jsonl with one document per line, or val_fraction=0"
-        )
+        fix = "give more files or a jsonl with one document per line" + (f", or {no_val}" if no_val else "")
+        raise NanoseekError(f"{len(docs)} document(s) cannot be split into train and val; a text file is "
+                            f"one document, so {fix}")
     is_val = np.zeros(len(docs), dtype=bool)
     is_val[np.random.default_rng(seed).permutation(len(docs))[:n_val]] = True
 
@@ -385,7 +387,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     check_out_dir(args.out, "--out")  # before the data is read and tokenized
     meta = prepare_data(args.data, Tokenizer.from_dir(args.tokenizer), args.out,
-                        val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field)
+                        val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
+                        no_val="--val-fraction 0")
     s = meta["splits"]
     print(f"wrote {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}) to {args.out}")
