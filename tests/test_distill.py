@@ -14,6 +14,7 @@ from nanoseek.data.tasks import get_task, r1zero_completion, r1zero_prompt
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train import distill
 from nanoseek.train.distill import DistillConfig, distill_problems, is_verified, sampling_recipe, verify
 from nanoseek.train.sft import tokenize_prompt_completion
 
@@ -99,6 +100,19 @@ def test_distill_end_to_end(tmp_path):
     assert isinstance(student, DenseTransformer) and student.config.vocab_size == tok.vocab_size
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in m for m in metrics)
+
+
+@pytest.mark.parametrize("student, data, message", [
+    ("nowhere", [], "--student nowhere is neither a checkpoint directory nor a preset"),
+    ("student-tiny", ["missing.jsonl"], "SFT data file missing.jsonl not found"),
+])
+def test_student_and_data_are_checked_before_the_teacher_is_sampled(student, data, message, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(distill, "sample_traces", lambda cfg: pytest.fail("sampled the teacher before the check"))
+    assert cli_main(["distill", "--teacher", str(tmp_path), "--student", student, f"out_dir={tmp_path / 'run'}",
+                     f"data={json.dumps(data)}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def memorise(model, examples, max_steps: int = 400):

@@ -198,6 +198,9 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
         raise ConfigError(f"teacher={cfg.teacher!r}: name the teacher's checkpoint directory (--teacher DIR)")
     if not cfg.init:
         raise ConfigError("name the student: --student PRESET_OR_DIR (e.g. student-small)")
+    # what SFT would find wrong only after the teacher has been sampled (minutes at real size)
+    stage.check_init(cfg.init, "--student")
+    sft.check_data_files(cfg.data)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 

@@ -160,16 +160,21 @@ def tokenize_prompt_completion(prompt: str, completion: str, tokenizer: Tokenize
     return prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids)
 
 
+def check_data_files(paths: list[str]) -> None:
+    """Every data file exists; distill checks them before it samples the teacher."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise NanoseekError(f"SFT data file {path} not found")
+
+
 def load_examples(paths: list[str], tokenizer: Tokenizer, fmt: str, max_len: int) -> tuple[list[Example], dict]:
     """Tokenize every row of the jsonl files; examples longer than `max_len` tokens are truncated,
     and those left with no target are dropped. Returns the examples and counts."""
     if not paths:
         raise ConfigError("no SFT data: set data=[\"file.jsonl\", ...]")
+    check_data_files(paths)
     examples, counts = [], {"rows": 0, "truncated": 0, "dropped": 0}
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise NanoseekError(f"SFT data file {path} not found")
+    for path in map(Path, paths):
         for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
