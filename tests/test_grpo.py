@@ -142,6 +142,14 @@ def test_loss_defaults_per_variant():
         load_run_config(GRPOConfig, None, ["loss=ppo"])
 
 
+def test_reward_errors_list_every_reward_and_check_weights():
+    with pytest.raises(ConfigError, match=r"unknown reward 'accurcy' in rewards; available: accuracy, digits, "
+                                          r"format, grm$"):
+        load_run_config(GRPOConfig, TINY, ["rewards={accurcy=1.0}"])
+    with pytest.raises(ConfigError, match=r"rewards.format='abc': expected float"):
+        load_run_config(GRPOConfig, TINY, ["rewards.format=abc"])
+
+
 def test_overlong_punishment():
     assert [overlong_punishment(n, 10, 4) for n in (5, 6, 8, 10, 11)] == pytest.approx([0, 0, -0.5, -1, -1])
     assert overlong_punishment(10, 10, 0) == 0.0

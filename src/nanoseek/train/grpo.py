@@ -79,7 +79,7 @@ from nanoseek.inference.engine import LLM
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.model.moe import moe_layers
 from nanoseek.plots import save_r1zero_figure
-from nanoseek.rewards import accuracy_reward, combine_rewards, format_reward
+from nanoseek.rewards import REWARDS, accuracy_reward, combine_rewards, format_reward
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
@@ -171,6 +171,11 @@ class GRPOConfig(TrainConfig):
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
         if not self.rewards:
             raise ConfigError("rewards is empty: give at least one, e.g. rewards.accuracy=1.0")
+        # the registered rule rewards, and `grm`, which configured_rewards turns into the judge
+        available = sorted({*REWARDS, "grm"})
+        for name in self.rewards:
+            if name not in available:
+                raise ConfigError(f"unknown reward {name!r} in rewards; available: {', '.join(available)}")
         if "grm" in self.rewards and not self.grm_model:
             raise ConfigError("rewards.grm needs the judge: set grm_model=runs/grm_small/latest")
         if self.grm_samples < 1:
