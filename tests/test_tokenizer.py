@@ -155,3 +155,14 @@ def test_cli_train_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'afile'} is a file, not a directory" in err and "Traceback" not in err
 
+
+def test_the_report_card_names_what_the_tokenizer_was_trained_on(tmp_path):
+    from nanoseek.report import tokenizer_trained_on
+
+    out = tmp_path / "tok"
+    spec = "synthetic:digit_sum?documents=40"  # what `speedrun --tiny` trains its tokenizer on, smaller
+    assert cli_main(["tokenizer", "train", "--data", spec, "--vocab-size", "300", "--out", str(out)]) == 0
+    assert json.loads((out / "training_data.json").read_text())["data"] == [spec]
+    ids = Tokenizer.from_dir(out).vocab_size  # fewer than asked for: the corpus has fewer merges to learn
+    assert tokenizer_trained_on(out) == f"byte-level BPE ({ids} ids) of synthetic:digit_sum (40 documents)"
+    assert tokenizer_trained_on(tmp_path) is None  # no record: the report keeps the plan's wording

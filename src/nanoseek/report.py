@@ -116,6 +116,18 @@ def training_cost(out: Path, name: str) -> dict | None:
     return {"tokens": tokens, "flops": flops, "steps": state["step"], "train_time": state["counters"]["train_time"]}
 
 
+def tokenizer_trained_on(directory: Path) -> str | None:
+    """What a tokenizer was trained on, from the record `nanoseek tokenizer train` wrote beside it
+    (the plan's wording is for the full run; --tiny trains on another corpus). None without one."""
+    from nanoseek.tokenizer import TRAINING_DATA
+
+    record = _json(directory / TRAINING_DATA)
+    if not record:
+        return None
+    sources = " + ".join(f"{name} ({s['documents']:,} documents)" for name, s in record["sources"].items())
+    return f"byte-level BPE ({record['vocab_size']} ids) of {sources}"
+
+
 def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     from rich.table import Table
 
@@ -143,8 +155,9 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
             status = f"skipped: {r.get('reason', '')}"
         elif status == "failed":
             status = f"**failed** (exit {r.get('exit_status')}, logs/{s.name}.log)"
+        what = (s.name == "tokenizer" and tokenizer_trained_on(out / "tokenizer")) or s.what
         lines.append(f"| {s.name} | {status} | {_duration(r.get('seconds'))} | {_duration(r.get('cpu_seconds'))} | "
-                     f"{s.variant} | {s.what} |")
+                     f"{s.variant} | {what} |")
     lines.append("")
 
     # ---- cost

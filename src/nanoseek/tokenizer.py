@@ -32,7 +32,8 @@ tokenizer registers them as special tokens (some ChatML ones do, through `additi
 `decode(skip_special_tokens=True)` still keeps them and skips only the other special tokens.
 
 CLI: `nanoseek tokenizer train --data PATH [PATH ...] --vocab-size N --out DIR`
-(PATH: text files, jsonl/parquet with a text field, directories of those, or `default`).
+(PATH: text files, jsonl/parquet with a text field, directories of those, or `default`). It also
+writes DIR/training_data.json: what the BPE was trained on (the speedrun's report card names it).
 """
 
 from __future__ import annotations
@@ -444,6 +445,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 # ---- CLI: nanoseek tokenizer train ----
 
 
+TRAINING_DATA = "training_data.json"  # beside tokenizer.json: the --data, and the documents of each source
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>")
     sub.required = True
@@ -470,6 +474,9 @@ def run(args) -> int:
     seconds = time.perf_counter() - t0
     tok.save(args.out)
     n_chars = sum(len(t) for t in texts)
+    record = {"data": args.data, "vocab_size": tok.vocab_size, "sources": {
+        name: {"documents": len(docs), "chars": sum(map(len, docs))} for name, docs in sources}}
+    (Path(args.out) / TRAINING_DATA).write_text(json.dumps(record, indent=2) + "\n")
     print(f"trained a {tok.vocab_size}-id BPE on {len(texts)} documents ({n_chars:,} chars) "
           f"in {seconds:.1f}s -> {args.out}")
     return 0
