@@ -63,6 +63,24 @@ def test_sampled_pass_at_k_and_majority(task):
     assert all(p.temperature == 0.7 and p.n == 4 for p in engine.calls[0]) and len(set(seeds)) == 2
 
 
+def test_chat_asks_in_the_template_and_grades_the_boxed_answer(task, checkpoint):
+    """A released chat model (R1-Distill) is asked in its own template and answers in \\boxed{}."""
+    from nanoseek.eval import CHAT_INSTRUCTION
+    from nanoseek.tokenizer import Tokenizer
+
+    problems = task.problems(2, seed=0)
+    replies = [f"adding up</think>\n\nSo the answer is $\\boxed{{{problems[0].answer}}}$.",
+               "adding up</think>\n\n\\boxed{12345}"]
+    engine = ScriptedEngine(lambda i: [replies[i]])
+    engine.tokenizer = Tokenizer.from_dir(checkpoint)
+    report = evaluate(engine, task=task, n=2, seed=0, chat=True)
+    assert report["pass@1"] == 0.5 and report["chat"]
+    prompt = engine.tokenizer.decode(engine.prompts[0])
+    expected = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{problems[0].question}\n{CHAT_INSTRUCTION}"}], add_generation_prompt=True)
+    assert prompt == expected and prompt.count(problems[0].question) == 1
+
+
 # ---------------------------------------------------------------- the real engine
 
 

@@ -127,6 +127,10 @@ def test_prompt_keeps_r1zero_structure():
         (" reasoning </think> <answer></answer>", None),
         (" reasoning </think>   ", None),
         ("", None),
+        # R1's released models: the last \\boxed{}, nested braces kept; the <answer> tag wins
+        (" reasoning </think> so $\\boxed{3}$, no: $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        (" reasoning </think> <answer>4</answer> \\boxed{5}", "4"),
+        (" reasoning </think> \\boxed{4", None),  # cut off inside the box
     ],
 )
 def test_extract_answer(completion, expected):

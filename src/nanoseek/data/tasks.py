@@ -32,6 +32,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import THINK_END, THINK_START
 
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
+BOXED = "\\boxed{"
 
 # DeepSeek-R1 paper, Table 1, verbatim ("prompt" replaced by the question).
 R1ZERO_TEMPLATE = (
@@ -95,16 +96,30 @@ def extract_answer(completion: str) -> str | None:
     """The final answer in a completion, or None when there is none.
 
     The answer is the text after the first `</think>`, narrowed to the inside of `<answer>...</answer>`
-    when that tag is present (up to the end of the text if the closing tag was cut off). A completion
-    that never closes its reasoning has no answer: partial thoughts must not be graded as answers.
+    when that tag is present (up to the end of the text if the closing tag was cut off), or else to
+    the last `\\boxed{...}`, where R1 and its distills put their final answer. A completion that
+    never closes its reasoning has no answer: partial thoughts must not be graded as answers.
     """
     _, sep, tail = completion.partition(THINK_END)
     if not sep:
         return None
     if ANSWER_START in tail:
         tail = tail.split(ANSWER_START, 1)[1].split(ANSWER_END, 1)[0]
+    elif BOXED in tail:
+        tail = last_boxed(tail)
     answer = tail.strip()
     return answer or None
+
+
+def last_boxed(text: str) -> str:
+    """The inside of the last `\\boxed{...}` in `text`, nested braces included ("" if unclosed)."""
+    start = text.rindex(BOXED) + len(BOXED)
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return ""
 
 
 def split_of(question: str) -> str:
