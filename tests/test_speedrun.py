@@ -130,3 +130,26 @@ def test_a_stage_stopped_before_its_first_checkpoint_is_not_done(tmp_path):
     progress = FakeProgress()
     assert runner.finish(job, 130, progress) is False  # exit 130 as asked, but no checkpoint
     assert runner.status("control") == "failed"
+
+
+def test_a_rewritten_report_keeps_the_recorded_environment(tmp_path, capsys):
+    """The speedrun records its environment in speedrun.json as it starts; `python -m nanoseek.report`
+    rewriting the card later shows that one (not today's HEAD), and marks live values for older runs."""
+    from nanoseek import report
+    from nanoseek.speedrun import STATE_FILE
+
+    out = tmp_path / "sr"
+    names = [s.name for s in plan(out, tiny=True)]
+    assert cli.main(["speedrun", "--tiny", "--out", str(out), "--skip", *names]) == 0  # records, runs nothing
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["environment"]["git commit"]
+    state["environment"]["git commit"] = "abc1234"  # the run's commit, not this checkout's
+    (out / STATE_FILE).write_text(json.dumps(state))
+    assert report.main([str(out)]) == 0
+    card = (out / "report.md").read_text()
+    assert "| git commit | abc1234 |" in card and "at report time" not in card
+
+    del state["environment"]  # a run from before the environment was recorded
+    (out / STATE_FILE).write_text(json.dumps(state))
+    assert report.main([str(out)]) == 0
+    assert "(at report time) |" in (out / "report.md").read_text()

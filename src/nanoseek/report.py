@@ -3,9 +3,10 @@
 Every number is read from what the stages themselves wrote, never recomputed another way: eval's
 and info's JSON (`OUT/results/*.json`, their last printed line), the training runs' metrics.jsonl
 and checkpoint counters (tokens trained), the engine benchmark's and the serving check's JSON, the
-GRM's grm_report.json, and the speedrun's own stage times (`OUT/speedrun.json`). FLOPs are the one
-estimate: tokens trained x `nanoseek.info.training_flops_per_token` (6 per activated weight plus
-attention; 6 per weight for a dense student).
+GRM's grm_report.json, and the speedrun's own stage times and environment (`OUT/speedrun.json`; the
+environment as the speedrun started, so rewriting a card does not restamp its git commit or load).
+FLOPs are the one estimate: tokens trained x `nanoseek.info.training_flops_per_token` (6 per
+activated weight plus attention; 6 per weight for a dense student).
 
     python -m nanoseek.report OUT      # rewrite the report of a speedrun directory
 """
@@ -62,7 +63,8 @@ def _num(x: float) -> str:
 
 
 def environment() -> dict:
-    """What two report cards need in common to be compared."""
+    """What two report cards need in common to be compared; the speedrun records it in speedrun.json
+    as it starts, so that the card shows what the run ran on, not what a later rewrite finds."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -81,7 +83,7 @@ def environment() -> dict:
         commit = "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "git commit": commit,
-            "load average (1 min) at the report": round(os.getloadavg()[0], 2)}
+            "load average (1 min) at the start": round(os.getloadavg()[0], 2)}
 
 
 def training_cost(out: Path, name: str) -> dict | None:
@@ -292,7 +294,9 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
         lines += [f"Serving: not run ({st.get('serve', {}).get('reason', st.get('serve', {}).get('status', ''))}).", ""]
 
     # ---- environment
-    env = environment()
+    env = state.get("environment")  # recorded as the speedrun started
+    if not env:  # a run from before speedrun.json recorded it: read now, and said so
+        env = {k.removesuffix(" at the start"): f"{v} (at report time)" for k, v in environment().items()}
     lines += ["## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["| threads | 1 per stage, stages two at a time; timing stages (engine, serve) alone on 2 |", ""]
     path = out / "report.md"

@@ -452,7 +452,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from nanoseek.report import write_report
+    from nanoseek.report import environment, write_report
 
     out = Path(args.out).resolve()
     names = [s.name for s in plan(out, args.tiny)]
@@ -475,7 +475,8 @@ def run(args) -> int:
     console = Console()
     stages = plan(out, args.tiny, threads=1 if args.jobs > 1 else 2)
     runner = Runner(out, stages, set(args.skip), args.jobs, console)
-    runner.state.update(tiny=args.tiny, started=runner.state.get("started", time.time()))
+    # what this invocation runs on (commit, torch, CPU, load): the report card reads it from here
+    runner.state.update(tiny=args.tiny, started=runner.state.get("started", time.time()), environment=environment())
     console.print(f"nanoseek speedrun{' --tiny' if args.tiny else ''}: {len(stages)} stages into {out} "
                   f"(logs in {out / 'logs'})")
     t0 = time.monotonic()
