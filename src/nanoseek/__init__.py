@@ -1,8 +1,11 @@
 """nanoseek: the DeepSeek recipe in one small, readable PyTorch codebase.
 
     import nanoseek
-    model = nanoseek.load_model("runs/small")          # a DeepseekV3ForCausalLM-format directory
+    model = nanoseek.load_model("runs/small")          # an HF-format DeepSeek-V3/V2, Llama or Qwen2 directory
     from nanoseek import LLM, SamplingParams           # the inference engine
+
+Bad input raises a NanoseekError (a bug does not): ConfigError, CheckpointError, ContextLengthError
+and ChatTemplateError say which kind.
 """
 
 from importlib import import_module
@@ -18,6 +21,10 @@ _EXPORTS = {
     "LLM": "nanoseek.inference.engine",
     "SamplingParams": "nanoseek.inference.sampling",
     "NanoseekError": "nanoseek.errors",
+    "ConfigError": "nanoseek.errors",
+    "CheckpointError": "nanoseek.errors",
+    "ContextLengthError": "nanoseek.errors",
+    "ChatTemplateError": "nanoseek.errors",
 }
 
 

@@ -56,6 +56,11 @@ class HFConfig:
 
 @dataclass
 class ModelConfig(HFConfig):
+    """A DeepSeek-V3 (or V2) model's shape: Hugging Face `DeepseekV3Config`'s field names and
+    meanings, defaults those of DeepSeek-V3 (671B). Checked as it is made (a ConfigError names the
+    bad field). `from_json` / `to_json` read and write an HF config.json; `nanoseek.config.preset(name)`
+    gives the named sizes (tiny, small, reasoning, gpu, v2-lite, v3)."""
+
     # sizes
     vocab_size: int = 129280
     hidden_size: int = 7168

@@ -201,6 +201,7 @@ class LLM:
         return [self._output(req) for req in self._step()]
 
     def has_unfinished_requests(self) -> bool:
+        """True while a queued request has not finished (run step() until it is False)."""
         return bool(self.requests)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -216,9 +217,11 @@ class LLM:
             self.abort_request(request_id)
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix: call it after changing the model's weights in place."""
         self.block_manager.reset_prefix_cache()
 
     def stats(self) -> dict:
+        """Counters so far: requests running and waiting, KV-cache usage, tokens, preemptions, MTP acceptance."""
         s = self._stats
         return {
             "num_running": len(self.scheduler.running),

@@ -32,20 +32,37 @@ if TYPE_CHECKING:
 
 @dataclass
 class SamplingParams:
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # 0 -> greedy
-    top_p: float = 1.0  # (0, 1]
-    top_k: int = 0  # 0 or -1: off
+    """How to sample one request; names and defaults follow vLLM and the OpenAI API.
+
+    - n: samples per prompt; max_tokens: new tokens at most (>= 1).
+    - temperature: 0 is greedy. top_p in (0, 1]; top_k: 0 or -1 is no limit; min_p: drop tokens
+      below min_p x the likeliest one's probability (0 is off).
+    - seed: reproducible sampling for this request, whatever else is in the batch (None: unseeded).
+    - stop: a stop string or a list of them, left out of the output text; stop_token_ids: stop
+      tokens besides the tokenizer's eos; ignore_eos: do not stop at eos.
+    - presence_penalty, frequency_penalty: OpenAI's, in [-2, 2], over generated tokens (0 is off);
+      repetition_penalty: HF's, > 0, over prompt and generated tokens (1 is off).
+    - logprobs: None for none, 0 for the chosen token's, k for the top k as well (of the raw
+      distribution, before penalties and temperature).
+    - skip_special_tokens: leave special tokens out of the output text.
+
+    `validate()` raises a NanoseekError naming the first bad field.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
     min_p: float = 0.0
-    seed: int | None = None  # per-request reproducible sampling
-    max_tokens: int = 16  # >= 1
-    stop: list[str] | str | None = None  # stop strings (not included in the output text)
-    stop_token_ids: list[int] | None = None  # in addition to the tokenizer's eos
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logprobs: int | None = None  # None: no logprobs; 0: chosen token only; k: also the top k
+    logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def validate(self) -> None:
