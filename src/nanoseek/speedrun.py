@@ -475,8 +475,10 @@ def run(args) -> int:
     console = Console()
     stages = plan(out, args.tiny, threads=1 if args.jobs > 1 else 2)
     runner = Runner(out, stages, set(args.skip), args.jobs, console)
-    # what this invocation runs on (commit, torch, CPU, load): the report card reads it from here
-    runner.state.update(tiny=args.tiny, started=runner.state.get("started", time.time()), environment=environment())
+    # what the run started on (commit, torch, CPU, load), like `started` kept from its first invocation:
+    # the report card reads it from here, so re-running or rewriting it does not restamp it
+    runner.state.update(tiny=args.tiny, started=runner.state.get("started", time.time()),
+                        environment=runner.state.get("environment") or environment())
     console.print(f"nanoseek speedrun{' --tiny' if args.tiny else ''}: {len(stages)} stages into {out} "
                   f"(logs in {out / 'logs'})")
     t0 = time.monotonic()
