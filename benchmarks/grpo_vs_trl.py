@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from optional import require  # noqa: E402
 
 from nanoseek.data.tasks import get_task, r1zero_prompt  # noqa: E402
 from nanoseek.rewards import accuracy_reward, format_reward  # noqa: E402
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
+    require("trl", "datasets", "transformers")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:

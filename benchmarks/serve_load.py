@@ -29,9 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from optional import require
 
-from nanoseek.serve.check import free_port, start_server, stop_server
+require("httpx", "fastapi", "uvicorn", extra="serve,bench")  # the client; the server it loads
+
+import httpx  # noqa: E402
+
+from nanoseek.serve.check import free_port, start_server, stop_server  # noqa: E402
 
 SYSTEM = ("You are nanoseek, a small reasoning model. Think step by step inside <think> tags, check your "
           "arithmetic twice, then give a short final answer. If a question is ambiguous, say which reading "

@@ -31,6 +31,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from optional import require  # noqa: E402
 
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
@@ -106,6 +107,7 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
+    require("transformers")
     torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu counts only this thread's CPU time: use it with --threads 1")
