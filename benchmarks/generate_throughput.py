@@ -36,6 +36,7 @@ import time
 import warnings
 
 import torch
+from optional import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,7 +91,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--prompt", default=None, help="a text prompt for every row (default: random tokens)")
-    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers column")
+    ap.add_argument("--no-transformers", action="store_true",
+                    help="skip the transformers column (and loading transformers: it need not be installed)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall-clock time, or CPU time of this thread (with --threads 1: what contention barely moves)")
     args = ap.parse_args()
@@ -101,14 +103,14 @@ def main() -> None:
         CLOCK = time.thread_time
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-
-    from transformers import DeepseekV3ForCausalLM
-    from transformers.utils import logging as hf_logging
+    if not args.no_transformers:
+        require("transformers")
 
     from nanoseek import LLM, SamplingParams
     from nanoseek.checkpoint import save_model
     from nanoseek.config import preset
     from nanoseek.device import resolve_device, resolve_dtype
+    from nanoseek.info import model_stats
     from nanoseek.model.transformer import Transformer
 
     device = resolve_device(args.device)
@@ -119,21 +121,26 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
-    hf_logging.set_verbosity_error()
     tmp = None
     if args.model is None:
         tmp = tempfile.TemporaryDirectory()
         torch.manual_seed(0)
         args.model = os.path.join(tmp.name, args.preset)
         save_model(Transformer(preset(args.preset)), args.model)
-    # ignores the MTP layer's keys
-    hf = DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    cfg = hf.config
+    hf = None
+    if not args.no_transformers:
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        # ignores the MTP layer's keys
+        hf = DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     engines = {k: LLM(args.model, max_num_seqs=max(args.batches), enable_prefix_caching=False, speculative_mtp=k,
                       speculative_max_batch=args.speculative_max_batch, device=device, dtype=dtype)
                for k in ([0, args.mtp] if args.mtp else [0])}
+    cfg = engines[0].model.config
     where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} threads"
-    print(f"model: {args.model} ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters), "
+    print(f"model: {args.model} ({model_stats(cfg).total_params / 1e6:.1f}M parameters), "
           f"{args.new_tokens} new tokens, "
           f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, ignore eos, {device} ({where}), {str(dtype).removeprefix('torch.')}, "
           f"best of {args.repeats}" + (", MTP speed-up from median times" if args.mtp else ""))
@@ -159,11 +166,13 @@ def main() -> None:
     warm = torch.randint(2, cfg.vocab_size, (2, 8), generator=g).tolist()
     for llm in engines.values():
         ours(llm, warm)(4)
-    if not args.no_transformers:
+    if hf is not None:
         theirs(warm)(4)
 
     results = []
-    header = f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14} | {'transformers tok/s':>18} | {'ratio':>6}"
+    header = f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14}"
+    if hf is not None:
+        header += f" | {'transformers tok/s':>18} | {'ratio':>6}"
     if args.mtp:
         header += f" | {'MTP k=' + str(args.mtp) + ' accept':>15} | {'MTP speed-up':>12}"
     print("\n" + header + "\n" + "-" * len(header))
@@ -194,14 +203,15 @@ def main() -> None:
             if cuda:
                 memory["nanoseek"] = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            hf_rate = float("nan") if args.no_transformers else decode_rate(theirs(prompts), batch, args.new_tokens,
-                                                                              args.repeats)
-            if cuda:
-                memory["transformers"] = torch.cuda.max_memory_allocated(device)
-            record = {"batch": batch, "prompt_len": prompt_len, "nanoseek_tokens_per_s": rate,
-                      "transformers_tokens_per_s": hf_rate, "ratio": rate / hf_rate,
-                      **{f"{k}_peak_memory_bytes": v for k, v in memory.items()}}
-            line = f"{batch:>5} {prompt_len:>6} | {rate:>14.1f} | {hf_rate:>18.1f} | {rate / hf_rate:>5.2f}x"
+            record = {"batch": batch, "prompt_len": prompt_len, "nanoseek_tokens_per_s": rate}
+            line = f"{batch:>5} {prompt_len:>6} | {rate:>14.1f}"
+            if hf is not None:
+                hf_rate = decode_rate(theirs(prompts), batch, args.new_tokens, args.repeats)
+                if cuda:
+                    memory["transformers"] = torch.cuda.max_memory_allocated(device)
+                record.update(transformers_tokens_per_s=hf_rate, ratio=rate / hf_rate)
+                line += f" | {hf_rate:>18.1f} | {rate / hf_rate:>5.2f}x"
+            record.update({f"{k}_peak_memory_bytes": v for k, v in memory.items()})
             if args.mtp:
                 drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
                 accept = (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / drafted if drafted else None
@@ -213,7 +223,7 @@ def main() -> None:
             print(line, flush=True)
 
     # cache bytes per token: the latent cache vs the per-head K/V cache of the same model
-    itemsize = next(hf.parameters()).element_size()
+    itemsize = dtype.itemsize
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     latent = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
     mha = L * H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * itemsize
