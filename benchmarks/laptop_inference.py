@@ -1,4 +1,4 @@
-"""A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32, bf16, fp16 and int8.
+"""A released small model on a laptop CPU: transformers fp32 vs nanoseek fp32, bf16, fp16, int8 and int8-dynamic.
 
     python benchmarks/laptop_inference.py [--dir /tmp/nanoseek-r1-distill-1.5b-shape] [--threads 1]
     python benchmarks/laptop_inference.py --small     # toy shapes: checks the script in seconds
@@ -34,8 +34,8 @@ memory at once) and reports:
   that happens), and nanoseek fp32 against transformers;
 - for fp32, the margin between its top two logits at each of those positions (teacher-forced): how
   close to a tie its picks are, i.e. how small an error flips them.
-With --trained DIR [DIR ...], the same agreement figures on trained checkpoints (fp32 vs bf16 and
-each int8, with the head quantized and in float), with prompts sampled from the model itself (8 x
+With --trained DIR [DIR ...], the same agreement figures on trained checkpoints (fp32 vs bf16, fp16
+and each int8, with the head quantized and in float), with prompts sampled from the model itself (8 x
 32 tokens, seeded), since a random-weight model's nearly flat logits make any quantization flip
 its picks. nanoseek leaves a head tied to the embedding in float; on a tied checkpoint the
 quantized-head figures quantize an untied copy of it (what an int8 head would do to the picks).
@@ -56,6 +56,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from optional import require
 
 SHAPES = {
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -366,13 +368,14 @@ def main() -> None:
                         help="decode timing: the process's CPU time (default) or wall-clock time")
     parser.add_argument("--repeats", type=int, default=3, help="decode timings per batch size (the median is kept)")
     parser.add_argument("--trained", type=Path, nargs="+", default=None,
-                        help="trained checkpoints to also measure bf16 and int8 agreement on (small: one process)")
+                        help="trained checkpoints to also measure agreement with fp32 on: bf16, fp16, int8 and "
+                             "int8-dynamic, each with the head quantized and in float (small: one process)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per timed generation")
-    parser.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared, bf16 / int8 vs fp32")
+    parser.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared against fp32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--paired", type=int, default=0, metavar="N",
-                        help="only time int8 against fp32 in turn in one process, N rounds per batch size")
+                        help="only time int8 and fp16 against fp32, in turn in one process, N rounds per batch size")
     parser.add_argument("--phase", default=None, choices=("make", "trained", "paired", *ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, choices=SHAPES, help=argparse.SUPPRESS)
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
@@ -393,11 +396,13 @@ def main() -> None:
         print(json.dumps(run_engine(args)))
         return
 
+    if not (args.dir / "config.json").exists() or not args.paired:  # the checkpoint and the transformers engine
+        require("transformers")
     if not (args.dir / "config.json").exists():
         t = time.perf_counter()
-        made = subprocess_phase(args, "make")
-        print(f"made {args.dir}: {made['parameters'] / 1e9:.2f}B random bf16 parameters "
-              f"in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        n = subprocess_phase(args, "make")["parameters"]
+        count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+        print(f"made {args.dir}: {count} random bf16 parameters in {time.perf_counter() - t:.0f}s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.dir.glob("*.safetensors")) / 1024**3
     if args.paired:
         paired = subprocess_phase(args, "paired")
