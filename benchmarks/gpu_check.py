@@ -196,8 +196,9 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
                         f" · **{r['ratio']:.2f}x**{mtp}"))
         return out
     if name == "profile":
+        kernels = data.get("kernels_per_decode_step")  # None on the CPU: no GPU kernels to count
         return [("profile (torch.profiler, one training step, one decode step)",
-                 f"tables in the .profile.txt beside this file; {data.get('kernels_per_decode_step')} "
+                 f"tables in the .profile.txt beside this file; {'-' if kernels is None else kernels} "
                  "GPU kernels per decode step")]
     if name == "grpo":
         return [(f"one GRPO step, {data['preset']} preset ({data['config']})",

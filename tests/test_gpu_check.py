@@ -18,6 +18,7 @@ def test_gpu_check_runs_dry_without_a_gpu(tmp_path):
     for row in ("training, tiny preset", "decode, batch 1", "decode, batch 2", "one GRPO step", "profile"):
         assert row in table, row
     assert "FAILED" not in table
+    assert "; - GPU kernels per decode step" in table  # not measured on the CPU (it once printed "None")
     log = (tmp_path / "gpu_check.md.log").read_text()
     assert re.findall(r"^===== (\w+): exit 0", log, flags=re.M) == ["tests", "train", "decode", "grpo", "profile"]
     assert "training step" in (tmp_path / "gpu_check.md.profile.txt").read_text()
