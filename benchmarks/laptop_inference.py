@@ -429,7 +429,8 @@ def main() -> None:
     vs_hf = sum(a == b for a, b in zip(tf["greedy_b1"], fp32["greedy_b1"]))
     clock = "CPU time (time.process_time)" if args.clock == "cpu" else "wall-clock time"
     print(f"\n{cpu_name()}, {args.threads} thread(s), torch {__import__('torch').__version__}; "
-          f"{args.shape} Qwen2 shapes, {size:.2f} GiB of bf16 safetensors; prompts of {args.prompt_len} tokens, "
+          f"{args.shape} Qwen2 shapes, {f'{size:.2f} GiB' if size >= 1 else f'{size * 1024:.1f} MiB'} of bf16 "
+          f"safetensors; prompts of {args.prompt_len} tokens, "
           f"{args.decode_tokens} generated per timing; decode timed by {clock}, median of {args.repeats}\n")
     print("| engine | load s | peak RSS GiB | decode tok/s, batch 1 | decode tok/s, batch 8 |")
     print("|---|---|---|---|---|")
