@@ -543,3 +543,34 @@ def test_chat_cli_goes_on_after_the_template_refuses_a_turn(checkpoint, tmp_path
     assert ("error: the chat template failed: one message per conversation; message not sent; "
             "/reset starts a new conversation") in err
     assert len([part for part in out.split("> ") if part.strip()]) == 2  # the first turn and the one after /reset
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
+    """R1-Distill ships temperature 0.6 / top_p 0.95 in generation_config.json: generate and chat
+    use them where no flag is given (a flag wins), the server for fields a request leaves out;
+    without them the CLIs stay greedy and the server keeps OpenAI's defaults."""
+    import argparse
+    import json
+
+    from nanoseek.checkpoint import generation_defaults
+    from nanoseek.inference.generate import sampling_settings
+    from nanoseek.serve.protocol import ChatCompletionRequest
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": [1, 2], "do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95}
+    assert generation_defaults(tmp_path / "nowhere") == {}
+
+    flags = dict(model=str(tmp_path), command="chat", temperature=None, top_p=None, top_k=None)
+    assert sampling_settings(argparse.Namespace(**flags)) == {"temperature": 0.6, "top_p": 0.95, "top_k": 0}
+    assert "temperature 0.6, top_p 0.95 from the checkpoint's generation_config.json" in capsys.readouterr().err
+    assert sampling_settings(argparse.Namespace(**{**flags, "temperature": 0.0}))["temperature"] == 0.0
+    bare = argparse.Namespace(**{**flags, "model": str(tmp_path / "nowhere")})
+    assert sampling_settings(bare) == {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+    messages = [{"role": "user", "content": "hi"}]
+    unset = ChatCompletionRequest(messages=messages).sampling_kwargs(generation_defaults(tmp_path))
+    assert (unset["temperature"], unset["top_p"]) == (0.6, 0.95)
+    explicit = ChatCompletionRequest(messages=messages, temperature=1.0).sampling_kwargs({"temperature": 0.6})
+    assert explicit["temperature"] == 1.0
+    assert ChatCompletionRequest(messages=messages).sampling_kwargs()["temperature"] == 1.0

@@ -168,6 +168,25 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
     return ModelConfig.from_dict(d)
 
 
+# generation_config.json fields that are sampling settings, with SamplingParams' names
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(path: str | Path) -> dict:
+    """The sampling settings a checkpoint ships in generation_config.json (R1-Distill's: temperature
+    0.6, top_p 0.95), for a request or command that sets none, as vLLM and transformers use them;
+    {} without the file. nanoseek's own checkpoints write none, so they keep the callers' defaults."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    return {k: d[k] for k in SAMPLING_FIELDS
+            if isinstance(d, dict) and isinstance(d.get(k), (int, float)) and not isinstance(d[k], bool)}
+
+
 def model_class(config: ModelConfig | DenseConfig) -> type[Transformer] | type[DenseTransformer]:
     """The model a config builds: DenseTransformer for a DenseConfig, else Transformer."""
     return DenseTransformer if isinstance(config, DenseConfig) else Transformer

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from nanoseek.errors import ContextLengthError, NanoseekError
-from nanoseek.inference.generate import add_engine_arguments, build_engine
+from nanoseek.inference.generate import add_engine_arguments, build_engine, sampling_settings
 from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -73,8 +73,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nanoseek.inference.sampling import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_tokens)
+    params = SamplingParams(**sampling_settings(args), seed=args.seed, max_tokens=args.max_tokens)
     params.validate()  # a bad flag is reported before the model loads, not after the first message
     if (Path(args.model) / "tokenizer.json").is_file():  # so is a chat template that cannot render
         Tokenizer.from_dir(args.model).apply_chat_template([{"role": "user", "content": "hi"}])

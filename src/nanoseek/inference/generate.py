@@ -45,9 +45,10 @@ def add_engine_arguments(parser) -> None:
     """The model and sampling flags `generate` and `chat` share."""
     parser.add_argument("--model", required=True, help="checkpoint directory (weights + tokenizer)")
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per completion")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    shipped = "default: the checkpoint's generation_config.json, else"
+    parser.add_argument("--temperature", type=float, default=None, help=f"0 is greedy ({shipped} 0)")
+    parser.add_argument("--top-p", type=float, default=None, help=f"({shipped} 1)")
+    parser.add_argument("--top-k", type=int, default=None, help=f"0: no limit ({shipped} 0)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
                         help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
@@ -55,6 +56,24 @@ def add_engine_arguments(parser) -> None:
                         help="context length in tokens (default, and at most: the model's)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
+
+
+# Without flags or a generation_config.json that sets them: greedy decoding.
+CLI_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
+def sampling_settings(args) -> dict:
+    """The SamplingParams fields --temperature / --top-p / --top-k give, the rest from the
+    checkpoint's generation_config.json (as vLLM and transformers read it: R1-Distill ships
+    temperature 0.6, top_p 0.95), else greedy; one stderr line names what came from the file."""
+    from nanoseek.checkpoint import generation_defaults
+
+    given = {k: getattr(args, k) for k in CLI_SAMPLING if getattr(args, k) is not None}
+    shipped = {k: v for k, v in generation_defaults(args.model).items() if k not in given}
+    if shipped:
+        print(f"nanoseek {args.command}: {', '.join(f'{k} {v}' for k, v in shipped.items())} "
+              "from the checkpoint's generation_config.json", file=sys.stderr)
+    return {**CLI_SAMPLING, **shipped, **given}
 
 
 def build_engine(args):
@@ -78,8 +97,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nanoseek.inference.sampling import SamplingParams
 
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed, max_tokens=args.max_tokens)
+    params = SamplingParams(n=args.n, **sampling_settings(args), seed=args.seed, max_tokens=args.max_tokens)
     params.validate()  # a bad flag is reported before the model loads
     llm = build_engine(args)
     start = time.perf_counter()

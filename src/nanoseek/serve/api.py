@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.checkpoint import generation_defaults
 from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
 from nanoseek.inference.generate import context_length, note_max_model_len
@@ -108,7 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_ids = _prompt_ids(state, state.tokenizer.encode(prompt_text), "messages")
     max_tokens = _max_tokens(state, prompt_ids, body.max_completion_tokens or body.max_tokens, None)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs())
+    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs(state.sampling_defaults))
     split = state.separate_reasoning if body.separate_reasoning is None else body.separate_reasoning
     split = split and state.tokenizer.think_end is not None  # no reasoning markers: plain content
 
@@ -127,7 +128,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompt_ids = [_prompt_ids(state, p, "prompt") for p in prompts]
     # OpenAI's default of 16 tokens is shrunk to fit the context; an explicit value must fit.
     max_tokens = min(_max_tokens(state, ids, body.max_tokens, 16) for ids in prompt_ids)
-    params = SamplingParams(max_tokens=max_tokens, logprobs=body.logprobs, **body.sampling_kwargs())
+    params = SamplingParams(max_tokens=max_tokens, logprobs=body.logprobs, **body.sampling_kwargs(state.sampling_defaults))
 
     generation = Generation(state, "completions", prompt_ids, params)
     await generation.start()
@@ -141,8 +142,10 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = None,
-               separate_reasoning: bool = True, max_waiting: int = 256, max_running: int | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (a `nanoseek.LLM` with a tokenizer).
+               separate_reasoning: bool = True, max_waiting: int = 256, max_running: int | None = None,
+               sampling_defaults: dict | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (a `nanoseek.LLM` with a tokenizer). `sampling_defaults`
+    (e.g. the checkpoint's generation_config.json) apply to the sampling fields a request leaves out.
 
     The engine is driven by a background thread that starts with the app (lifespan) and stops with
     it; the app must be the engine's only user while it runs.
@@ -154,6 +157,7 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
         engine_loop=engine_loop, tokenizer=engine.tokenizer, model_name=model_name,
         max_model_len=engine.max_model_len, api_key=api_key, separate_reasoning=separate_reasoning,
         max_running=max_running or engine.scheduler.max_num_seqs, max_waiting=max_waiting,
+        sampling_defaults=dict(sampling_defaults or {}),
     )
 
     @asynccontextmanager
@@ -258,6 +262,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-model-len", type=context_length, default=None,
                         help="context window in tokens (default, and at most: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the engine's prefix cache off")
+    parser.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
+                        help="defaults of the sampling fields a request leaves out: the checkpoint's "
+                             "generation_config.json where it sets them (auto), or OpenAI's (temperature 1)")
     parser.add_argument("--speculative-mtp", type=int, default=0, help="draft tokens per step from the MTP heads")
     add_device_arguments(parser)
     add_quantize_argument(parser)
@@ -303,9 +310,13 @@ def run(args) -> int:
                  device=args.device, dtype=args.dtype, quantize=args.quantize)
     note_max_model_len(engine, args.max_model_len, "serve")
     name = args.served_model_name or model_dir.resolve().name
+    defaults = generation_defaults(model_dir) if args.generation_config == "auto" else {}
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
-                     max_waiting=args.max_waiting)
+                     max_waiting=args.max_waiting, sampling_defaults=defaults)
     print(f"nanoseek serve: {name} (max_model_len {engine.max_model_len}) on http://{args.host}:{args.port}  "
           f"chat page at /, API at /v1{'  (API key required)' if args.api_key else ''}")
+    if defaults:
+        print("nanoseek serve: sampling defaults from generation_config.json: "
+              + ", ".join(f"{k} {v}" for k, v in defaults.items()))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -76,14 +76,18 @@ class SamplingFields(OpenAIModel):
             raise ValueError("stream_options can only be set when stream is true")
         return self
 
-    def sampling_kwargs(self) -> dict:
-        """The `SamplingParams` fields this request sets (max_tokens and logprobs come from the endpoint)."""
-        return dict(
+    def sampling_kwargs(self, defaults: dict | None = None) -> dict:
+        """The `SamplingParams` fields of this request (max_tokens and logprobs come from the
+        endpoint). `defaults` (the checkpoint's generation_config.json) replace OpenAI's defaults for
+        the fields the request leaves out, as vLLM does."""
+        kwargs = dict(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
         )
+        kwargs.update({k: v for k, v in (defaults or {}).items() if k not in self.model_fields_set})
+        return kwargs
 
     @property
     def include_usage(self) -> bool:
