@@ -193,6 +193,20 @@ def test_combined_reward_with_a_user_callable(problem):
     assert format_reward("no answer") == 0.0
 
 
+def test_the_logged_loss_and_the_update_do_not_depend_on_the_micro_batch_size(base, tmp_path):
+    """The step's objective is split over micro-batches for memory only: one step over all the
+    completions at once and one in micro-batches of 2 log the same loss and make the same update."""
+    # DAPO's token-level weights: at the first step (ratio 1, KL 0) the loss is -sum_i A_i |o_i| / sum |o|,
+    # not 0 as GRPO's mean over sequences of mean-zero advantages would be
+    args = ["max_steps=1", "eval_every=0", "save_every=0", "beta=0.04", "loss=dapo"]
+    whole = weights(load_model(train(rl_config(base, tmp_path / "whole", *args, "micro_batch_size=8"))))
+    split = weights(load_model(train(rl_config(base, tmp_path / "split", *args, "micro_batch_size=2"))))
+    losses = [next(r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r) for d in ("whole", "split")]
+    assert abs(losses[0]) > 1e-3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- real updates on a tiny model
 
 

@@ -423,7 +423,9 @@ def policy_loss(cfg: GRPOConfig, head, scale: float):
         losses, info = token_losses(logp, old_logp, mb["advantages"][sel], cfg.epsilon, cfg.epsilon_high,
                                     cfg.beta, mb["ref_logp"][sel] if "ref_logp" in mb else None)
         objective = (losses * mb["weight"][sel]).sum()
-        metrics = {"loss": objective.detach(), "clip_frac": info["clipped"].mean(),
+        # the loss logged is the whole step's objective (the Trainer averages metrics over
+        # micro-batches and ranks, so this micro-batch's share is scaled back, as for the gradient)
+        metrics = {"loss": objective.detach() * scale, "clip_frac": info["clipped"].mean(),
                    "entropy": entropy.mean(), "logprob_gap": (logp.detach() - old_logp).abs().mean()}
         if "kl" in info:
             metrics["kl"] = info["kl"].mean()
