@@ -29,6 +29,8 @@ HF_CONFIGS = {
     "no_q_lora": {"q_lora_rank": None},
     "groups_4": {"n_routed_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3},
     "yarn": {"rope_scaling": YARN, "rope_theta": 10000.0},
+    "half_split_rope": {"rope_interleave": False},  # rotary dims stored half-split, not as pairs
+    "norm_eps": {"rms_norm_eps": 1e-2},  # the q / kv latent norms keep 1e-6, as in transformers
 }
 
 
@@ -268,3 +270,26 @@ def test_deepseek_v2_lite_style_checkpoint_round_trips_with_transformers(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_deepseek_v2_config_with_transformers_defaults_reads_as_v2(tmp_path):
+    """A V2 config.json as transformers writes it by default (n_group / topk_group null, no
+    routed_scaling_factor override): it loads, routes as V2 (no renormalised top-k, scale 1, every
+    layer MoE), and gives transformers' logits. Fields left out mean V2's defaults, not V3's."""
+    torch.manual_seed(0)
+    kw = {k: v for k, v in HF_TINY.items() if k not in ("n_group", "topk_group", "first_k_dense_replace",
+                                                           "num_nextn_predict_layers")}
+    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw)).eval()
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.get("n_group") is None and saved.get("topk_group") is None
+    ours = nanoseek.load_model(tmp_path)
+    cfg = ours.config
+    assert (cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.first_k_dense_replace) \
+        == (1, 1, False, 1.0, 0)
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+    bare = {k: v for k, v in saved.items() if k not in ("norm_topk_prob", "routed_scaling_factor",
+                                                         "first_k_dense_replace", "n_group", "topk_group")}
+    assert nanoseek.ModelConfig.from_dict(bare) == cfg

@@ -54,6 +54,13 @@ class HFConfig:
         return {k: v for k, v in d.items() if k in names}
 
 
+# transformers' DeepseekV2Config defaults where they differ from a V3 config's: what a V2 config.json
+# means by leaving a routing field out (the released V2 files write them all)
+DEEPSEEK_V2_DEFAULTS = dict(topk_method="greedy", scoring_func="softmax", num_nextn_predict_layers=0,
+                            norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0,
+                            n_group=1, topk_group=1)
+
+
 @dataclass
 class ModelConfig(HFConfig):
     """A DeepSeek-V3 (or V2) model's shape: Hugging Face `DeepseekV3Config`'s field names and
@@ -226,15 +233,15 @@ class ModelConfig(HFConfig):
             d["n_routed_experts"] = d["num_local_experts"]
         if d.get("dtype") and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
-        if d.get("model_type") == "deepseek_v2" and "topk_method" not in d:
-            d["topk_method"] = "greedy"
-        if d.get("model_type") == "deepseek_v2" and "scoring_func" not in d:
-            d["scoring_func"] = "softmax"
-        if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
-            d["num_nextn_predict_layers"] = 0
+        if d.get("model_type") == "deepseek_v2":  # a field a V2 file leaves out has V2's default, not V3's
+            for key, value in DEEPSEEK_V2_DEFAULTS.items():
+                d.setdefault(key, value)
         fields = cls.known_fields(d)
         if fields.get("n_routed_experts") is None:  # V2/V3 configs of dense models write null
             fields["n_routed_experts"] = 0
+        for key in ("n_group", "topk_group"):  # null (transformers' V2 default): no expert groups
+            if key in fields and fields[key] is None:
+                fields[key] = 1
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,10 @@ import torch.nn.functional as F
 from nanoseek.config import ModelConfig
 from nanoseek.model.layers import RMSNorm, apply_rope
 
+# The norms of the compressed q and kv latents use 1e-6 whatever the config's rms_norm_eps, as in
+# DeepSeek's code and transformers' (they only differ for a config whose eps is not 1e-6)
+LATENT_NORM_EPS = 1e-6
+
 
 class LatentCache(Protocol):
     """Where a forward with a cache reads and writes each layer's latents.
@@ -73,6 +77,7 @@ class MLA(nn.Module):
         self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank
         self.softmax_scale = config.softmax_scale
+        self.rope_interleave = config.rope_interleave
         D, H, qk_dim = config.hidden_size, config.num_attention_heads, config.qk_head_dim
         bias = config.attention_bias
 
@@ -80,11 +85,11 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
         # one projection gives both the latent c (first C rows) and the shared rotary key (last R rows)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
         # per head h: rows [h*(N+V), h*(N+V)+N) up-project c to k_nope, the next V rows to v
         self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
@@ -98,11 +103,11 @@ class MLA(nn.Module):
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B,T,H,N), (B,T,H,R)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
 
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, C): what the cache stores, after the norm
-        k_pe = apply_rope(k_pe, cos, sin)  # (B, T, R): one rotary key shared by all heads
+        k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # (B, T, R): one rotary key for all heads
 
         if cache is None:
             out = self._expanded(q_nope, q_pe, latent, k_pe, mask)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from nanoseek.config import HFConfig
 from nanoseek.errors import ConfigError
 from nanoseek.model.decoder import CausalLM, DecoderBlock, DecoderStack
-from nanoseek.model.layers import MLP
+from nanoseek.model.layers import MLP, apply_rope
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -213,13 +213,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, d) by pairs (j, j + d/2): HF's `x * cos + rotate_half(x) * sin`."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class KVCache(Protocol):
     """Where a forward with a cache reads and writes each layer's keys and values.
 
@@ -251,8 +244,8 @@ class GQAttention(nn.Module):
         attention allowed (packed documents); default causal."""
         B, T, _ = x.shape
         H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope_half(self.q_proj(x).view(B, T, H, d), *rope)
-        k = apply_rope_half(self.k_proj(x).view(B, T, K, d), *rope)
+        q = apply_rope(self.q_proj(x).view(B, T, H, d), *rope, interleaved=False)
+        k = apply_rope(self.k_proj(x).view(B, T, K, d), *rope, interleaved=False)
         v = self.v_proj(x).view(B, T, K, d)
         if cache is not None:  # the cache holds rotated keys and values: (B, S, K*d) each
             k_all, v_all = cache.update(layer_idx, positions, k.flatten(2), v.flatten(2))

@@ -86,10 +86,11 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables indexed by absolute position, for the interleaved-pair RoPE layout.
+    """cos/sin tables indexed by absolute position.
 
     The released DeepSeek weights rotate adjacent pairs (x[2j], x[2j+1]) of the rotary dims (the
-    official code's complex multiply). HF's `rope_interleave=True` is the same rotation.
+    official code's complex multiply). HF's `rope_interleave=True` is the same rotation; with
+    `rope_interleave=false` a checkpoint stores them half-split (`apply_rope(..., interleaved=False)`).
     """
 
     def __init__(self, config: ModelConfig):
@@ -103,11 +104,15 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, [H,] R) by cos/sin (B, T, R/2); fp32 math, x's dtype out."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate x (B, T, [H,] R) by cos/sin (B, T, R/2); fp32 math, x's dtype out. The pairs are
+    adjacent dims (2j, 2j+1) when `interleaved` (the released DeepSeek weights), else dims j and
+    j + R/2 (HF Llama's rotate_half: the dense models, and DeepSeek configs with rope_interleave=false)."""
     if x.dim() == 4:  # per-head rotary part: broadcast over heads
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., R/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    if interleaved:
+        pairs = x.float().unflatten(-1, (-1, 2))  # (..., R/2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+    x0, x1 = x.float().chunk(2, dim=-1)  # (..., R/2) each
+    return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).to(x.dtype)

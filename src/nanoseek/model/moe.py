@@ -72,6 +72,8 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
         expert_ids = choice.topk(self.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(1, expert_ids)  # from the unbiased affinities
+        # top_k > 1: with one expert DeepSeek's code keeps its raw affinity (transformers 5 would
+        # renormalise it to 1); no released config routes to one expert
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, expert_ids, scores
