@@ -31,6 +31,8 @@ HF_CONFIGS = {
     "yarn": {"rope_scaling": YARN, "rope_theta": 10000.0},
     "half_split_rope": {"rope_interleave": False},  # rotary dims stored half-split, not as pairs
     "norm_eps": {"rms_norm_eps": 1e-2},  # the q / kv latent norms keep 1e-6, as in transformers
+    "v3_routing": {"n_routed_experts": 256, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8},  # V3's
+    "head_dims": {"v_head_dim": 12, "first_k_dense_replace": 2, "rope_theta": 5e4},  # v != nope, 2 dense layers
 }
 
 
@@ -253,11 +255,16 @@ def test_cli_user_error_exits_nonzero_without_traceback(capsys, tmp_path):
     assert "no config.json" in err and "Traceback" not in err
 
 
-def test_deepseek_v2_lite_style_checkpoint_round_trips_with_transformers(tmp_path):
-    """V2's softmax greedy router, uncompressed q_proj, two shared experts: both directions."""
+@pytest.mark.parametrize("routing", [
+    dict(topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0),  # V2-Lite
+    dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0,  # V2
+         n_routed_experts=16, num_experts_per_tok=3),
+], ids=["greedy", "group_limited_greedy"])
+def test_deepseek_v2_lite_style_checkpoint_round_trips_with_transformers(tmp_path, routing):
+    """V2's softmax routers (V2-Lite's greedy, V2's group-limited), uncompressed q_proj, two shared
+    experts: both directions."""
     torch.manual_seed(0)
-    kw = {**HF_TINY, "q_lora_rank": None, "n_group": 1, "topk_group": 1, "n_shared_experts": 2,
-          "topk_method": "greedy", "routed_scaling_factor": 1.0}
+    kw = {**HF_TINY, "q_lora_rank": None, "n_shared_experts": 2, **routing}
     kw.pop("num_nextn_predict_layers")
     hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw)).eval()
     hf.save_pretrained(tmp_path / "hf")
