@@ -252,6 +252,8 @@ def test_cli_run_writes_metrics_and_checkpoints_and_resumes_exactly(base, tmp_pa
     for key in ("reward", "reward_std", "acc", "format", "len", "clip_frac", "kl", "entropy", "rollout_s",
                 "update_s", "loss", "lr", "grad_norm"):
         assert all(math.isfinite(r[key]) for r in steps), key
+    # the reference is the starting policy, a separate copy: KL 0 before the first update, > 0 after it
+    assert abs(steps[0]["kl"]) < 1e-6 < steps[1]["kl"], [r["kl"] for r in steps]
     assert [r["step"] for r in records if "eval_pass@1" in r] == [0, 2]
     assert (run_dir / "checkpoint-2" / "config.json").is_file() and (run_dir / "latest").is_symlink()
     assert json.loads((run_dir / "run_config.json").read_text())["loss"] == "grpo"
