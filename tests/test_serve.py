@@ -479,6 +479,9 @@ def test_engine_failure_is_reported_not_hung(checkpoints):
         raise RuntimeError("simulated engine bug")
 
     engine.step = broken_step
+    polls = []
+    unfinished = engine.has_unfinished_requests
+    engine.has_unfinished_requests = lambda: polls.append(1) or unfinished()
     with ServerThread(create_app(engine, model_name="thinker")) as s:
         body = {"model": "thinker", "messages": USER, "max_tokens": 5}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
@@ -487,7 +490,11 @@ def test_engine_failure_is_reported_not_hung(checkpoints):
         assert events[-1] == "data: [DONE]"
         r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        before = len(polls)
         assert httpx.get(s.url + "/health").status_code == 503
+        assert httpx.get(s.url + "/health").status_code == 503
+        # the dead engine's thread waits for commands; it used to spin on the failed request, a core at 100%
+        assert len(polls) - before < 10, len(polls) - before
 
 
 # ------------------------------------------------------------------ reasoning, end to end

@@ -101,8 +101,10 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
-            # Block only when the engine is idle; otherwise take what has arrived and keep stepping.
-            idle = not self.engine.has_unfinished_requests()
+            # Block only when there is no step to take (idle, or dead after a failed step: its
+            # requests stay unfinished, and spinning on them would burn a core); otherwise take what
+            # has arrived and keep stepping.
+            idle = self.dead is not None or not self.engine.has_unfinished_requests()
             try:
                 commands = [self.commands.get(block=idle)]
             except queue.Empty:
