@@ -115,6 +115,27 @@ def test_presence_penalty_forbids_repeats(llm):
     assert 42 not in out and len(set(out)) == len(out)
 
 
+def test_a_tiny_temperature_is_greedy(model, llm):
+    """logits / 1e-39 overflow to inf and softmax to NaN (every token was id 0): below 1e-5, argmax."""
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=1e-39, max_tokens=10, seed=0))[0].outputs[0]
+    assert out.token_ids == reference_greedy(model, PROMPTS[0], 10)
+
+
+def test_penalties_apply_in_vllms_order():
+    """Repetition first (over prompt and output), then presence / frequency (over the output)."""
+    import types
+
+    from nanoseek.inference.sampling import Sampler
+
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=2.0, frequency_penalty=0.5)
+    seq = types.SimpleNamespace(params=params, output_ids=[0, 0], token_ids=[2, 0, 0])  # prompt [2]
+    logits = torch.tensor([3.0, -1.0, 0.5, 3.0])
+    Sampler(vocab_size=4)._apply_penalties(logits, seq)
+    # token 0: 3 / 2 = 1.5, then - 2 (presence) - 0.5 * 2 (frequency) = -1.5 (the other order: 0 x 2 = 0);
+    # token 2 (in the prompt only): 0.5 / 2
+    assert logits.tolist() == [-1.5, -1.0, 0.25, 3.0]
+
+
 def test_stop_token_ids_max_tokens_and_logprobs(model, llm):
     expected = reference_greedy(model, PROMPTS[0], 10)
     stop_at = expected[4]
@@ -349,6 +370,7 @@ def test_training_mode_model_is_left_untouched(model):
     ([1, 2], SamplingParams(top_p=1.5), "top_p"),
     ([1, 2], SamplingParams(stop=3), "stop"),
     ([1, 2], SamplingParams(temperature=-1), "temperature"),
+    ([1, 2], SamplingParams(logprobs=600), "logprobs"),  # topk past the vocabulary broke the engine for good
     ([1, 999], GREEDY, "token ids"),
     ("text", GREEDY, "no tokenizer"),
 ])

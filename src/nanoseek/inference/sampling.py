@@ -9,7 +9,9 @@ of V exponential variates from it (the "exponential race": argmax p_i / E_i with
 draw from p), so the samples of a seeded request depend on its seed only, never on which other
 requests share the batch or on preemption. Speculative decoding (`speculative_accept`) keeps the
 distribution of every sampled token exact but draws differently (drafts, acceptance tests), so a
-seeded request gives other samples with speculation on than off.
+seeded request gives other samples with speculation on than off; and since the engine speculates
+only while the batch is at most `speculative_max_batch`, with speculation on a seeded request's
+samples also depend on how many others run beside it. Greedy output never changes.
 
 Logprobs are those of the model's raw distribution, log_softmax(logits), before penalties,
 temperature and truncation (vLLM's default "raw_logprobs"); that is the policy the RL trainer scores.
@@ -30,19 +32,23 @@ if TYPE_CHECKING:
     from nanoseek.inference.sequence import Sequence
 
 
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily (vLLM's threshold)
+MAX_LOGPROBS = 20  # top logprobs per token at most (OpenAI's and vLLM's limit)
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request; names and defaults follow vLLM and the OpenAI API.
 
     - n: samples per prompt; max_tokens: new tokens at most (>= 1).
-    - temperature: 0 is greedy. top_p in (0, 1]; top_k: 0 or -1 is no limit; min_p: drop tokens
+    - temperature: 0 (or below 1e-5) is greedy. top_p in (0, 1]; top_k: 0 or -1 is no limit; min_p: drop tokens
       below min_p x the likeliest one's probability (0 is off).
     - seed: reproducible sampling for this request, whatever else is in the batch (None: unseeded).
     - stop: a stop string or a list of them, left out of the output text; stop_token_ids: stop
       tokens besides the tokenizer's eos; ignore_eos: do not stop at eos.
     - presence_penalty, frequency_penalty: OpenAI's, in [-2, 2], over generated tokens (0 is off);
       repetition_penalty: HF's, > 0, over prompt and generated tokens (1 is off).
-    - logprobs: None for none, 0 for the chosen token's, k for the top k as well (of the raw
+    - logprobs: None for none, 0 for the chosen token's, k <= 20 for the top k as well (of the raw
       distribution, before penalties and temperature).
     - skip_special_tokens: leave special tokens out of the output text.
 
@@ -93,8 +99,9 @@ class SamplingParams:
             bad("repetition_penalty", "must be > 0 (1 means off)")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad("logprobs", "must be None or an integer >= 0")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be None or an integer from 0 to {MAX_LOGPROBS}")
         if self.stop is not None and not isinstance(self.stop, str):
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 bad("stop", "must be a string, a list of strings, or None")
@@ -113,7 +120,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below GREEDY_TEMPERATURE, logits / temperature overflow to inf (and softmax to NaN): argmax
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -188,17 +196,18 @@ class Sampler:
         return probs / probs.sum(dim=-1, keepdim=True) if truncated else probs
 
     def _apply_penalties(self, logits: torch.Tensor, seq: "Sequence") -> None:
-        """In place on one row (V,): presence/frequency over generated tokens (OpenAI), repetition
-        over prompt and generated tokens (CTRL / HF: divide positive logits, multiply negative)."""
+        """In place on one row (V,), in vLLM's order: repetition over prompt and generated tokens
+        (CTRL / HF: divide positive logits, multiply negative), then presence/frequency over
+        generated tokens (OpenAI)."""
         p = seq.params
-        if p.presence_penalty or p.frequency_penalty:
-            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device),
-                                    minlength=self.vocab_size)[: self.vocab_size].float()
-            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if p.repetition_penalty != 1:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device),
+                                    minlength=self.vocab_size)[: self.vocab_size].float()
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -247,6 +256,6 @@ def top_logprobs(logprobs_row: torch.Tensor, token_id: int, k: int) -> dict:
     """The contract's per-token logprob record from one row of raw logprobs (V,)."""
     record = {"token_id": token_id, "logprob": float(logprobs_row[token_id]), "top_logprobs": []}
     if k > 0:
-        values, ids = logprobs_row.topk(k)
+        values, ids = logprobs_row.topk(min(k, logprobs_row.shape[-1]))  # a vocabulary smaller than k: all of it
         record["top_logprobs"] = list(zip(ids.tolist(), values.tolist()))
     return record
