@@ -285,6 +285,20 @@ def test_completions_batch_n_and_logprobs(client):
     assert r.usage.completion_tokens == 12
 
 
+def test_streamed_text_offsets_equal_the_whole_responses(client):
+    """A stop string that the text starts to match holds that text back for a chunk; the streamed
+    logprobs' text_offset must still follow the tokens, as the whole response's does."""
+    whole = client.completions.create(model="tiny", prompt="The sky", max_tokens=6, temperature=0, logprobs=0,
+                                      extra_body=LONG).choices[0].logprobs
+    stop = whole.tokens[2] + "\x00"  # never matched in full: held back at token 2, released at token 3
+    offsets = []
+    for chunk in client.completions.create(model="tiny", prompt="The sky", max_tokens=6, temperature=0, logprobs=0,
+                                           stop=[stop], stream=True, extra_body=LONG):
+        if chunk.choices and chunk.choices[0].logprobs:
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert offsets == whole.text_offset
+
+
 def test_default_max_tokens_is_16(client):
     r = client.completions.create(model="tiny", prompt="hello", temperature=0, extra_body=LONG)
     assert r.usage.completion_tokens == 16

@@ -177,8 +177,12 @@ class CompletionFormat:
         return [{"text": self.echo[choice.index]}] if self.echo[choice.index] else []
 
     def chunks(self, u: ChoiceUpdate) -> list[tuple[dict, dict | None, str | None]]:
-        logprobs = self._encode_logprobs(u.logprobs, self.offsets[u.index]) if self.logprobs is not None else None
-        self.offsets[u.index] += len(u.text)
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self._encode_logprobs(u.logprobs, self.offsets[u.index])
+            # the next offset follows these tokens' own texts, as in `whole`: the text released in
+            # this chunk lags them while a split character or a possible stop string is held back
+            self.offsets[u.index] += sum(map(len, logprobs["tokens"]))
         if u.text or u.finish_reason is not None or u.logprobs:
             return [({"text": u.text}, logprobs, u.finish_reason)]
         return []
