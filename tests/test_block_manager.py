@@ -116,3 +116,17 @@ def test_prefix_caching_off_never_hits():
     a, b = make_seq(range(9), 0), make_seq(range(9), 1)
     assert bm.allocate(a) and bm.allocate(b)
     assert b.num_computed == 0 and not set(a.block_table) & set(b.block_table)
+
+
+def test_prefix_keys_are_sha256_chained_over_the_whole_prefix():
+    """Cache keys name other requests' latents: a cryptographic digest (Python's hash() can be
+    collided on purpose), chained so that equal blocks after different prefixes differ."""
+    import hashlib
+    from array import array
+
+    from nanoseek.inference.block_manager import chain_hash
+
+    first = chain_hash(None, (1, 2))
+    assert first == hashlib.sha256(array("q", (1, 2)).tobytes()).digest()
+    assert chain_hash(first, (3, 4)) == hashlib.sha256(first + array("q", (3, 4)).tobytes()).digest()
+    assert chain_hash(first, (3, 4)) != chain_hash(chain_hash(None, (1, 5)), (3, 4))

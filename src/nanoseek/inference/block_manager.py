@@ -18,6 +18,8 @@ without a hash, and the deepest blocks of a prefix, are recycled first).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from nanoseek.inference.sequence import Sequence
@@ -29,13 +31,18 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None  # set while the block is in the prefix cache
-        self.token_ids: tuple[int, ...] = ()  # its content, to rule out hash collisions
+        self.hash: bytes | None = None  # set while the block is in the prefix cache
+        self.token_ids: tuple[int, ...] = ()  # its content, checked on a hit as well
 
 
-def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a block's tokens and (through `prev`, the previous block's hash) of all before it."""
-    return hash((prev, token_ids))
+def chain_hash(prev: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """SHA-256 of a block's tokens and (through `prev`, the previous block's digest) of all before
+    it. A cryptographic hash because the key names other requests' latents: Python's hash() can be
+    collided on purpose, so one client could craft a prompt that reads another's cached prefix
+    (vLLM moved to SHA-256 for that reason, CVE-2025-25183); a few microseconds per block."""
+    digest = hashlib.sha256(prev or b"")
+    digest.update(array("q", token_ids).tobytes())  # 8 bytes per id: no two token lists share bytes
+    return digest.digest()
 
 
 class BlockManager:
@@ -44,7 +51,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU first
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
 
     @property
     def num_free_blocks(self) -> int:

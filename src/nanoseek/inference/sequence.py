@@ -61,7 +61,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose latents are in the cache
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
-        self.prefix_hash: int | None = None  # chained content hash of those blocks
+        self.prefix_hash: bytes | None = None  # chained content digest of those blocks
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
         # MTP speculation (engine.py). mtp_last: the MTP module's hidden state (D,) and logits (V,)
         # at the last computed position, what the next drafts come from; None while the MTP cache
