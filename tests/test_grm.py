@@ -237,3 +237,66 @@ def test_data_without_a_right_and_a_wrong_sample(base, tmp_path, capsys):
     assert main([*args, f"out_dir={tmp_path / 'b'}", "task_args.length=10", "fill_right=true"]) == 0
     items = [json.loads(line) for line in (tmp_path / "b" / "data" / "items_eval.jsonl").read_text().splitlines()]
     assert len(items) == 24 and all(0 <= i["best"] < len(i["responses"]) for i in items)
+    # the filled answers make judge items only: best-of-N reads the policy's own samples
+    rows = {r["question"]: r for r in map(json.loads, (tmp_path / "b" / "data" / "policy_eval.jsonl").open())}
+    filled = [i for i in items if any(resp not in rows[i["question"]]["samples"] for resp in i["responses"])]
+    assert filled and all(not any(rows[i["question"]]["labels"]) for i in filled)
+
+
+# ---------------------------------------------------------------- best-of-N and the RL reward, on a scripted judge
+
+
+class ScriptedJudge:
+    """GRM.judge_many's shape with scripted single-response scores: `script[response]` is the list
+    of per-sample scores (None: that judgment did not parse). Records each call's size."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def judge_many(self, items, k=1, seed=0, meta=False):
+        from nanoseek.grm import Verdict
+
+        self.calls.append(len(items))
+        verdicts = []
+        for _, (response,) in items:
+            samples = [Judgment("x", scores=None if s is None else [s]) for s in self.script[response][:k]]
+            parsed = [j for j in samples if j.scores is not None]
+            verdicts.append(Verdict([sum(j.scores[0] for j in parsed)], 0, samples, list(range(k)),
+                                    len(parsed) / k))
+        return verdicts
+
+
+def test_rerank_averages_the_judgments_that_parse():
+    """A judgment that does not parse scores no candidate: 9 from the one that parsed beats 5 + 5
+    (summing would give 9 against 10)."""
+    from nanoseek.grm import rerank
+
+    judge = ScriptedJudge({"good": [9, None], "plain": [5, 5]})
+    picks, parse_rate = rerank(judge, [Q] * 5, [["plain", "good"]] * 5, k=2)
+    assert picks == [1] * 5 and parse_rate == pytest.approx(0.75)
+
+
+def test_grm_reward_judges_each_completion_once_duplicates_included():
+    """prepare() judges the whole rollout in one call; every completion, repeated ones too, then
+    takes its own prepared reward (duplicates used to be judged again, one call each)."""
+    from nanoseek.data.tasks import Problem
+    from nanoseek.grm import GRMReward
+
+    reward = GRMReward.__new__(GRMReward)
+    reward.grm, reward.k, reward.seed, reward.calls, reward.cache = ScriptedJudge({"A": [10], "B": [1]}), 1, 0, 0, {}
+    problem = Problem(Q, "0")
+    rollout = ["A"] * 4 + ["B"] * 4
+    reward.prepare([(c, problem) for c in rollout])
+    assert [reward(c, problem) for c in rollout] == [1.0] * 4 + [0.0] * 4
+    assert reward.grm.calls == [8] and reward.cache == {}
+
+
+def test_majority_is_graded_by_the_samples_labels():
+    """maj@N takes the grade of the samples that give the majority answer (the task's scorer), not
+    string equality with the gold answer."""
+    from nanoseek.train.grm import majority_is_right
+
+    samples = [" </think> <answer>1/2</answer>", " </think> <answer>1/2</answer>", " </think> <answer>3</answer>"]
+    assert majority_is_right(samples, [1, 1, 0])  # "1/2" is right by the scorer although the gold reads "0.5"
+    assert not majority_is_right(samples, [0, 0, 1])
+    assert not majority_is_right([" no answer"], [0])

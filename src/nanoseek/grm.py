@@ -394,13 +394,20 @@ def meta_text(question: str, responses: list[str], judgment: Judgment, principle
 def rerank(grm: GRM, questions: list[str], candidates: list[list[str]], k: int = 1, seed: int = 0
            ) -> tuple[list[int], float]:
     """Best-of-N: for each question, the index of the candidate the GRM scores highest, each
-    candidate judged alone (a pointwise judgment; k samples summed; identical texts judged once)
-    and ties broken at random with the seed. Returns (picks, parse rate of the judgments)."""
+    candidate judged alone (a pointwise judgment; the mean score of its k samples that parse, so a
+    judgment that does not parse scores no candidate rather than a 0 for one; identical texts
+    judged once), ties broken at random with the seed. Returns (picks, parse rate of the judgments)."""
     unique = sorted({(q, c) for q, cs in zip(questions, candidates) for c in cs})
     verdicts = grm.judge_many([(q, [c]) for q, c in unique], k=k, seed=derive_seed(seed, "rerank"), meta=False)
-    score_of = {key: v.scores[0] for key, v in zip(unique, verdicts)}
+    score_of = {key: mean_score(v) for key, v in zip(unique, verdicts)}
     picks = [pick_best([score_of[(q, c)] for c in cs], (seed, i)) for i, (q, cs) in enumerate(zip(questions, candidates))]
     return picks, sum(v.parse_rate for v in verdicts) / max(1, len(verdicts))
+
+
+def mean_score(verdict: Verdict) -> float:
+    """A single response's mean score over the judgments that parse (0, below the scale, if none)."""
+    parsed = sum(j.parsed for j in verdict.samples)
+    return verdict.scores[0] / parsed if parsed else 0.0
 
 
 # ============================================================== the GRM as an RL reward
@@ -416,22 +423,27 @@ class GRMReward:
 
     def __init__(self, path: str | Path, k: int = 1, seed: int = 0):
         self.grm = GRM(path)
-        self.k, self.seed, self.cache, self.calls = k, seed, {}, 0
+        self.k, self.seed, self.calls = k, seed, 0
+        self.cache: dict[tuple[str, str], list[float]] = {}  # one prepared reward per completion, duplicates too
 
     def prepare(self, pairs) -> None:
-        todo = [(p.question, c) for c, p in pairs if (p.question, c) not in self.cache]
+        todo = [(p.question, c) for c, p in pairs]
         if not todo:
             return
         self.calls += 1
         verdicts = self.grm.judge_many([(q, [c]) for q, c in todo], k=self.k, seed=derive_seed(self.seed, self.calls))
         for key, v in zip(todo, verdicts):
-            parsed = sum(j.parsed for j in v.samples)
-            self.cache[key] = (v.scores[0] / parsed - MIN_SCORE) / (MAX_SCORE - MIN_SCORE) if parsed else 0.0
+            reward = (mean_score(v) - MIN_SCORE) / (MAX_SCORE - MIN_SCORE) if any(j.parsed for j in v.samples) else 0.0
+            self.cache.setdefault(key, []).append(reward)
 
     def __call__(self, completion: str, problem) -> float:
-        if (problem.question, completion) not in self.cache:
+        key = (problem.question, completion)
+        if not self.cache.get(key):
             self.prepare([(completion, problem)])
-        return self.cache.pop((problem.question, completion))
+        reward = self.cache[key].pop()
+        if not self.cache[key]:
+            del self.cache[key]
+        return reward
 
 
 # ============================================================== CLI: nanoseek judge

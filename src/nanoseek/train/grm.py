@@ -180,6 +180,14 @@ class Item:
         return self.question, self.responses
 
 
+def majority_is_right(samples: list[str], labels: list[int]) -> bool:
+    """maj@N: whether the most frequent answer is right, graded as the samples that give it were
+    (by the task's own scorer, so "0.5" and "1/2" agree where it says so), not by string equality."""
+    answers = [extract_answer(s) for s in samples]
+    vote = majority_answer(answers)
+    return vote is not None and any(label for a, label in zip(answers, labels) if a is not None and a.strip() == vote)
+
+
 def build_items(question: str, samples: list[str], labels: list[int], kind: str, group_size: int,
                 rng: random.Random) -> Item | None:
     """One item of `kind` from a question's labelled policy samples: a pair or a group with
@@ -340,12 +348,14 @@ class Recipe:
                 assert split_of(p.question) == split  # the task's hash split: no eval question in training
                 samples = [c.text for c in out.outputs]
                 labels = [int(accuracy_reward(t, p)) for t in samples]
+                # the rows keep the policy's own samples: best-of-N is measured on what it wrote
+                rows.append({"question": p.question, "answer": p.answer, "samples": samples, "labels": labels})
                 if cfg.fill_right and not any(labels) and len(samples) > 1:
                     # an under-trained policy may never be right: a bare right answer in place of one
-                    # sample, so the toy run still has items with a right and a wrong response
+                    # sample, so the toy run still has judge items with a right and a wrong response
                     at = rng.randrange(len(samples))
+                    samples, labels = list(samples), list(labels)
                     samples[at], labels[at] = f" </think> <answer>{p.answer}</answer>", 1
-                rows.append({"question": p.question, "answer": p.answer, "samples": samples, "labels": labels})
                 kind = rng.choices(kinds, [mix[k] for k in kinds])[0]
                 item = build_items(p.question, samples, labels, kind, cfg.group_size, rng)
                 if item is None and kind != "single" and split == "train":
@@ -560,7 +570,7 @@ class Recipe:
         picks, parsed = rerank(judge, [r["question"] for r in rows], [r["samples"] for r in rows],
                                k=self.cfg.best_of_n_k, seed=self.cfg.seed)
         pass1 = sum(sum(r["labels"]) / n for r in rows) / len(rows)
-        maj = sum(float(majority_answer([extract_answer(s) for s in r["samples"]]) == r["answer"]) for r in rows)
+        maj = sum(majority_is_right(r["samples"], r["labels"]) for r in rows)
         grm = sum(r["labels"][pick] for r, pick in zip(rows, picks))
         return {"policy_pass1": pass1, f"maj@{n}": maj / len(rows), f"grm@{n}": grm / len(rows), "n": n,
                 "questions": len(rows), "parse_rate": parsed}
