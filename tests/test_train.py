@@ -332,15 +332,15 @@ def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
     pid = os.fork()  # a forked child needs no second interpreter start and torch import
     if pid == 0:  # the training process: its step-4 save stops half-written (weights, no trainer
         try:      # state) and waits to be killed
-            real_save_model = checkpointing.save_model
+            real_save_file = nanoseek.checkpoint.save_file
 
-            def save_model(model, path, tokenizer=None):
-                real_save_model(model, path, tokenizer=tokenizer)
-                if Path(path).name.startswith(".checkpoint-4."):
-                    saving.write_text(str(path))
+            def save_file(tensors, file, metadata=None):
+                real_save_file(tensors, file, metadata=metadata)
+                if ".checkpoint-4." in str(file):
+                    saving.write_text(str(Path(file).parent))
                     time.sleep(600)
 
-            checkpointing.save_model = save_model
+            nanoseek.checkpoint.save_file = save_file
             cli_main(args)
         finally:
             os._exit(1)
@@ -355,6 +355,7 @@ def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
         os.waitpid(pid, 0)
     partial = Path(saving.read_text())
     assert partial.is_dir() and (partial / "model.safetensors").is_file()
+    assert [p for p in out.iterdir() if p.name.startswith(".")] == [partial]  # one temporary directory
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert (out / "latest").resolve().name == "checkpoint-2"
 
@@ -370,11 +371,12 @@ def test_sigkill_mid_save_loses_nothing(full_run, corpus, tmp_path):
 def test_partial_saves_are_cleaned_and_a_checkpoint_moved_aside_comes_back(tmp_path):
     """What a kill mid-save can leave: a temporary directory (deleted), and, when it re-saved an
     existing step, that checkpoint moved aside with its replacement unfinished (moved back)."""
-    for name in (".checkpoint-4.tmp-ab12", ".checkpoint-2.old-77", "checkpoint-1"):
+    nested = ["..checkpoint-6.tmp-cd34.tmp-ef56", "..checkpoint-6.tmp-cd34.old-77"]  # older versions' save_model
+    for name in (".checkpoint-4.tmp-ab12", ".checkpoint-2.old-77", "checkpoint-1", *nested):
         (tmp_path / name).mkdir()
     (tmp_path / ".latest.tmp-77").symlink_to("checkpoint-1")
     removed = checkpointing.remove_partial_saves(tmp_path)
-    assert sorted(p.name for p in removed) == [".checkpoint-4.tmp-ab12", ".latest.tmp-77"]
+    assert sorted(p.name for p in removed) == sorted([".checkpoint-4.tmp-ab12", ".latest.tmp-77", *nested])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
 
 

@@ -108,29 +108,37 @@ def save_model(model: Transformer | DenseTransformer, path: str | Path, tokenize
     Tensors are sharded into model-0000i-of-0000n.safetensors with an index above max_shard_bytes.
     """
     path = Path(path)
-    sd = export_state_dict(model)
     with atomic_directory(path) as tmp:
-        config = model.config.replace(torch_dtype=str(next(iter(sd.values())).dtype).removeprefix("torch."))
-        config.to_json(tmp / CONFIG_NAME)
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        if tokenizer is not None and len(tokenizer.eos_token_ids) > 1:  # keep a released model's stop tokens
-            gen["eos_token_id"] = tokenizer.eos_token_ids
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        shards = _shard(sd, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write_model(model, tmp, tokenizer, max_shard_bytes)
     return path
+
+
+def write_model(model: Transformer | DenseTransformer, directory: str | Path, tokenizer=None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """save_model's files, written straight into the existing `directory` (not atomic): for a caller
+    that adds files of its own inside one atomic_directory (a training checkpoint)."""
+    directory = Path(directory)
+    sd = export_state_dict(model)
+    config = model.config.replace(torch_dtype=str(next(iter(sd.values())).dtype).removeprefix("torch."))
+    config.to_json(directory / CONFIG_NAME)
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if tokenizer is not None and len(tokenizer.eos_token_ids) > 1:  # keep a released model's stop tokens
+        gen["eos_token_id"] = tokenizer.eos_token_ids
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    shards = _shard(sd, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

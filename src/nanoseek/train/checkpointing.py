@@ -30,15 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import atomic_directory, convert_checkpoint_tensors, read_tensors, save_model
+from nanoseek.checkpoint import atomic_directory, convert_checkpoint_tensors, read_tensors, write_model
 from nanoseek.errors import CheckpointError
 
 STATE_DIR = "trainer_state"
 STATE_FILE = "state.pt"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# what a save leaves behind when it dies: atomic_directory's ".checkpoint-N.tmp-*" / ".old-*" and
-# the ".latest.tmp-PID" link made while repointing `latest`
-PARTIAL_RE = re.compile(r"^\.(checkpoint-\d+\.(tmp|old)-|latest\.tmp-)")
+# what a save leaves behind when it dies: atomic_directory's ".checkpoint-N.tmp-*" / ".old-*", the
+# ".latest.tmp-PID" link made while repointing `latest`, and (from versions that nested a second
+# atomic directory for the weights) "..checkpoint-N.tmp-*.tmp-*" / ".old-*"
+PARTIAL_RE = re.compile(r"^\.\.?(checkpoint-\d+\.(tmp|old)-|latest\.tmp-)")
 
 
 def write_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
@@ -46,8 +47,8 @@ def write_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str
     trainer_state/state.pt) atomically, point `latest` at it, then keep only the newest `keep`
     checkpoints (0: all). Call on one process only."""
     path = Path(out_dir) / f"checkpoint-{step}"
-    with atomic_directory(path) as tmp:
-        save_model(model, tmp, tokenizer=tokenizer)
+    with atomic_directory(path) as tmp:  # the one temporary directory: weights and state go in it directly
+        write_model(model, tmp, tokenizer=tokenizer)
         (tmp / STATE_DIR).mkdir()
         torch.save(state, tmp / STATE_DIR / STATE_FILE)
     point_latest(path.parent, path)
@@ -112,7 +113,7 @@ def remove_partial_saves(out_dir: str | Path) -> list[Path]:
     removed = []
     for p in partial:
         original = out_dir / p.name[1:].split(".")[0]  # ".checkpoint-8.old-123" -> checkpoint-8
-        if ".old-" in p.name and not original.exists():
+        if p.name.startswith(".checkpoint-") and ".old-" in p.name and not original.exists():
             os.replace(p, original)
             continue
         if p.is_dir() and not p.is_symlink():
