@@ -25,12 +25,12 @@ EVAL=(--task digit_sum --n 300 --seed 0 --threads 1)
 #    documents of the base's corpus (35% worked chains), with the teacher's tokenizer.
 python -c "import json; from nanoseek.data.synthetic import reasoning_base_documents as g; \
 open('runs/reasoning_corpus_40000.jsonl', 'w').writelines(json.dumps({'text': d}) + '\n' for d in g(40000))"
-nanoseek sft --config configs/sft_student_small.toml tokenizer=runs/rl_r1zero_reasoning/latest \
+[ -e runs/student_reasoning/latest ] || nanoseek sft --config configs/sft_student_small.toml tokenizer=runs/rl_r1zero_reasoning/latest \
   'data=["runs/reasoning_corpus_40000.jsonl"]' out_dir=runs/student_reasoning
 
 # 3. Distillation: 4 teacher samples for each of 2,000 train-split prompts, the verified ones kept
 #    (deduplicated), then SFT of the student on them.
-nanoseek distill --config configs/distill_small.toml --teacher runs/rl_r1zero_reasoning/latest \
+[ -e runs/distill_reasoning/latest ] || nanoseek distill --config configs/distill_small.toml --teacher runs/rl_r1zero_reasoning/latest \
   --student runs/student_reasoning/latest --task digit_sum num_prompts=2000 samples_per_prompt=4 \
   max_new_tokens=32 seq_len=128 out_dir=runs/distill_reasoning
 

@@ -380,6 +380,37 @@ def test_partial_saves_are_cleaned_and_a_checkpoint_moved_aside_comes_back(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
 
 
+def fake_checkpoints(out: Path, *steps: int, latest: int | None = None) -> None:
+    for step in steps:
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "config.json").write_text("{}")
+    if latest is not None:
+        checkpointing.point_latest(out, out / f"checkpoint-{latest}")
+
+
+def test_the_current_checkpoint_is_latest_not_the_highest_step(tmp_path):
+    """Resumed from checkpoint-4 of 8, a run saves checkpoint-6: --resume continues from it, and
+    pruning keeps it and its line, deleting the abandoned checkpoint-8 first."""
+    fake_checkpoints(tmp_path, 2, 4, 6, 8, latest=6)
+    assert checkpointing.find_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    checkpointing.prune_checkpoints(tmp_path, tmp_path / "checkpoint-6", keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    fake_checkpoints(tmp_path, 2, latest=2)  # a fresh run in this out_dir (through the API) saved step 2
+    checkpointing.prune_checkpoints(tmp_path, tmp_path / "checkpoint-2", keep=1)  # never the one just written
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    (tmp_path / "latest").unlink()
+    fake_checkpoints(tmp_path, 5)
+    assert checkpointing.find_checkpoint(tmp_path) == tmp_path / "checkpoint-5"  # no `latest`: the highest
+
+
+def test_a_fresh_run_in_a_used_out_dir_is_a_clear_error(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain, "prepare_corpus", lambda *a: pytest.fail("prepared data before the check"))
+    fake_checkpoints(tmp_path, 8, latest=8)
+    assert cli_main(["pretrain", "--config", str(TINY), f"out_dir={tmp_path}", f"data={json.dumps([str(corpus)])}"]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir={tmp_path} already holds" in err and "--resume" in err and "Traceback" not in err
+
+
 def test_resume_errors(corpus, tmp_path):
     cfg = tiny_config(tmp_path, corpus)
     with pytest.raises(CheckpointError, match="no checkpoint in"):

@@ -88,19 +88,19 @@ def environment() -> dict:
 
 def training_cost(out: Path, name: str) -> dict | None:
     """Tokens trained (the run's checkpoint counters) and estimated training FLOPs of a run."""
-    from nanoseek.train.checkpointing import STATE_DIR, STATE_FILE, list_checkpoints
+    from nanoseek.train.checkpointing import STATE_DIR, STATE_FILE, find_checkpoint, list_checkpoints
 
-    checkpoints = list_checkpoints(out / name)
-    if not checkpoints:
+    if not list_checkpoints(out / name):
         return None
     import torch
 
-    state = torch.load(checkpoints[-1] / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+    checkpoint = find_checkpoint(out / name)
+    state = torch.load(checkpoint / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)
     tokens = state["counters"]["tokens_seen"]
     run_config = json.loads(state["config"])
     from nanoseek.checkpoint import load_config
 
-    config = load_config(checkpoints[-1])
+    config = load_config(checkpoint)
     flops = None
     try:
         from nanoseek.config import ModelConfig
@@ -112,7 +112,7 @@ def training_cost(out: Path, name: str) -> dict | None:
         else:
             from nanoseek.checkpoint import load_model
 
-            flops = tokens * 6 * sum(p.numel() for p in load_model(checkpoints[-1]).parameters())
+            flops = tokens * 6 * sum(p.numel() for p in load_model(checkpoint).parameters())
     except Exception:  # an estimate only: never let it break the report
         pass
     return {"tokens": tokens, "flops": flops, "steps": state["step"], "train_time": state["counters"]["train_time"]}

@@ -242,14 +242,13 @@ class Runner:
         if stage.result:
             return (self.out / stage.result).is_file()
         if stage.run_dir:
-            from nanoseek.train.checkpointing import list_checkpoints, stopped_early
+            from nanoseek.train.checkpointing import find_checkpoint, list_checkpoints, stopped_early
 
-            checkpoints = list_checkpoints(self.out / stage.run_dir)
-            if not checkpoints:
+            if not list_checkpoints(self.out / stage.run_dir):
                 return False
             if stage.budget_of:  # stopped early on purpose: done once the speedrun said so
                 return self.status(stage.name) == "done"
-            return not stopped_early(checkpoints[-1])
+            return not stopped_early(find_checkpoint(self.out / stage.run_dir))
         return self.status(stage.name) == "done"
 
     def has_checkpoint(self, stage: Stage) -> bool:

@@ -13,6 +13,10 @@ complete, then `latest` is repointed, then old checkpoints beyond `keep_checkpoi
 So a run that dies at any moment (even SIGKILL mid-save) leaves its previous checkpoint intact;
 the half-written temporary directory is never listed and is removed when the run is resumed.
 
+`latest`, not the highest step, is the run's current checkpoint: a run resumed from an earlier
+checkpoint continues a new line, and the higher-step checkpoints of the line it left are the first
+to be pruned and never what `--resume` picks.
+
 The Trainer (`nanoseek.train.trainer`) decides what goes into the state; this file only puts it
 on disk and takes it off again.
 """
@@ -52,10 +56,22 @@ def write_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict[str
         (tmp / STATE_DIR).mkdir()
         torch.save(state, tmp / STATE_DIR / STATE_FILE)
     point_latest(path.parent, path)
-    if keep > 0:
-        for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out_dir, path, keep)
     return path
+
+
+def prune_checkpoints(out_dir: str | Path, current: Path, keep: int) -> None:
+    """Keep `current` (just written) and the newest `keep` - 1 checkpoints below its step; delete the
+    rest (keep = 0: delete nothing). Checkpoints above its step belong to a line abandoned by resuming
+    from an earlier checkpoint (or by a fresh run in this out_dir): they go first."""
+    if keep <= 0:
+        return
+    step = _step(current)
+    checkpoints = list_checkpoints(out_dir)
+    ranked = ([current] + [p for p in reversed(checkpoints) if _step(p) < step]
+              + [p for p in checkpoints if _step(p) > step])
+    for old in ranked[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
@@ -92,10 +108,14 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    """A checkpoint directory itself, or a run directory's current checkpoint: the one `latest`
+    points to (the highest step when `latest` is missing or broken)."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
+    latest = path / "latest"
+    if latest.is_symlink() and (latest / "config.json").is_file():
+        return path / os.readlink(latest)
     checkpoints = list_checkpoints(path)
     if not checkpoints:
         raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint directory (with config.json) "
@@ -122,6 +142,10 @@ def remove_partial_saves(out_dir: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def _step(checkpoint: Path) -> int:
+    return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
 
 
 def point_latest(out_dir: Path, target: Path) -> None:

@@ -46,7 +46,7 @@ C = TypeVar("C", bound=TrainConfig)
 def add_arguments(parser, example: str = "out_dir=runs/x max_steps=100 seed=1") -> None:
     """The options every training stage takes; `example` shows some of its overrides."""
     parser.add_argument("--config", help="TOML recipe, e.g. configs/<stage>_tiny.toml (defaults apply without)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint out_dir/latest points to")
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
@@ -66,11 +66,15 @@ def run_cli(args, config_class: type[C], train: Callable[..., Path], overrides: 
 
 def check_run_dir(out_dir: str, resume: str | None) -> None:
     """Check the run's directories before the stage does any slow work (data preparation, teacher
-    sampling): out_dir can be a directory, and what `resume` names can be resumed."""
+    sampling): out_dir can be a directory, what `resume` names can be resumed, and a fresh run does
+    not land in another run's directory (whose checkpoints it would mix with its own)."""
     check_out_dir(out_dir, "out_dir")
     if resume == "latest" and not list_checkpoints(out_dir):
         raise CheckpointError(f"--resume: no checkpoint in {out_dir} to continue from; "
                               "run without --resume to start fresh")
+    if resume is None and list_checkpoints(out_dir):
+        raise CheckpointError(f"out_dir={out_dir} already holds a run's checkpoints: continue it with --resume, "
+                              "or start fresh in another out_dir (or delete this one)")
     if resume is not None:
         resumable_checkpoint(out_dir if resume == "latest" else resume)
 

@@ -359,7 +359,7 @@ class Trainer:
 
     def resume(self, checkpoint: str | Path = "latest") -> Path:
         """Restore weights, optimizer, step, RNG states, loader position and counters from a
-        checkpoint ("latest": the newest one in out_dir), so that training continues exactly as
+        checkpoint ("latest": the one out_dir's `latest` points to), so that training continues exactly as
         if it had never stopped. metrics.jsonl loses any records after the checkpoint's step."""
         path, tensors, state = checkpointing.read_checkpoint(
             self.out_dir if str(checkpoint) == "latest" else checkpoint, self.raw_model.config)
