@@ -411,6 +411,24 @@ def test_a_fresh_run_in_a_used_out_dir_is_a_clear_error(corpus, tmp_path, monkey
     assert f"out_dir={tmp_path} already holds" in err and "--resume" in err and "Traceback" not in err
 
 
+def test_sigterm_on_a_save_step_writes_its_checkpoint_once(corpus, tmp_path, monkeypatch):
+    def terminate_at_step_2(model, gamma):
+        if len(steps) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        steps.append(1)
+        return original(model, gamma)
+
+    def count_writes(out_dir, step, *args, **kwargs):
+        writes.append(step)
+        return real_write(out_dir, step, *args, **kwargs)
+
+    steps, writes, original, real_write = [], [], pretrain.update_expert_bias, checkpointing.write_checkpoint
+    monkeypatch.setattr(pretrain, "update_expert_bias", terminate_at_step_2)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", count_writes)
+    final = pretrain.train(tiny_config(tmp_path, corpus, "save_every=2", "eval_every=0"))
+    assert writes == [2] and final == tmp_path / "checkpoint-2"
+
+
 def test_resume_errors(corpus, tmp_path):
     cfg = tiny_config(tmp_path, corpus)
     with pytest.raises(CheckpointError, match="no checkpoint in"):

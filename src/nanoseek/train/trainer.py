@@ -145,6 +145,7 @@ class Trainer:
         self.tokens_seen = 0
         self.train_time = 0.0  # seconds inside train_step, summed over resumes
         self.extra_state: dict[str, Any] = {}
+        self._saved_step = None  # the step of the checkpoint this trainer wrote last
         self.metrics = MetricsLogger(self.out_dir, enabled=env.is_main, tensorboard=cfg.tensorboard)
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,11 +336,15 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write `<out_dir>/checkpoint-<step>` (HF weights + tokenizer + trainer_state/), point
-        `latest` at it and prune old ones. Every rank must call it (states are gathered to rank 0)."""
+        `latest` at it and prune old ones. Every rank must call it (states are gathered to rank 0).
+        Returns at once when this step's checkpoint was just written (a Ctrl-C on a save_every
+        step: end_of_step saved it, then the loop's final save asks again)."""
+        path = self.out_dir / f"checkpoint-{self.step}"
+        if self._saved_step == self.step:
+            return path
         export_model = self._exportable_model()
         optim_state = self._optimizer_state()
         rng = gather_objects(checkpointing.rng_state())
-        path = self.out_dir / f"checkpoint-{self.step}"
         if self.env.is_main:
             state = {
                 "step": self.step,
@@ -355,6 +360,7 @@ class Trainer:
                                            self.cfg.keep_checkpoints)
             print(f"saved {path}", flush=True)
         barrier()
+        self._saved_step = self.step
         return path
 
     def resume(self, checkpoint: str | Path = "latest") -> Path:
