@@ -93,6 +93,12 @@ def test_config_from_toml_and_overrides(tmp_path):
     assert load_run_config(DemoConfig, None, ['files=["a", "b"]', "limit=3"]).files == ["a", "b"]
 
 
+def test_a_quoted_string_override_is_a_toml_string():
+    cfg = load_run_config(DemoConfig, None, ['out_dir="runs/x"', 'name="a\\nb"', "mode='b'", 'files="c.txt"'])
+    assert (cfg.out_dir, cfg.name, cfg.mode, cfg.files) == ("runs/x", "a\nb", "b", ["c.txt"])
+    assert load_run_config(DemoConfig, None, ['name="unterminated']).name == '"unterminated'  # kept as typed
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["max_stpes=3"], r"unknown config key 'max_stpes'; valid keys: out_dir, seed, max_steps.*section.width"),
     (["section.depth=3"], r"unknown config key 'section.depth'"),

@@ -162,7 +162,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if isinstance(value, _CLIValue):
         if tp is str or (origin is Literal and all(isinstance(a, str) for a in args)):
-            value = str(value)
+            # a quoted value is a TOML string (`out_dir="runs/x"`, `sample_prompt="a\n"`), as in a list
+            quoted = parse_literal(value) if value.startswith(('"', "'")) else None
+            value = quoted if isinstance(quoted, str) else str(value)
         elif value.lower() in ("none", "null") and type(None) in args:
             return None
         else:
