@@ -192,8 +192,15 @@ def test_resume_yields_exactly_the_next_batch(shards):
     for h in halves:
         h.load_state_dict(state)
     assert torch.equal(torch.cat([next(h)[0] for h in halves]), expected[k][0])
-    with pytest.raises(NanoseekError, match="global_batch_size"):
-        make(batch_size=8).load_state_dict(state)
+    # another global batch (2 ranks x micro 1 with accumulation -> 1 rank x 2) resumes when it cuts the
+    # epoch at the same window: 101 windows are 25 x 4 = 50 x 2 used ones
+    assert straight.num_windows == 101
+    smaller = make(batch_size=2)
+    smaller.load_state_dict(state)
+    assert torch.equal(torch.cat([next(smaller)[0] for _ in range(2)]), expected[k][0])
+    for batch_size in (8, 1):  # 96 or 101 windows an epoch, not 100: windows would be skipped or repeated
+        with pytest.raises(NanoseekError, match="global batch of 4 windows"):
+            make(batch_size=batch_size).load_state_dict(state)
 
 
 def test_loader_errors(shards, tmp_path):

@@ -294,9 +294,11 @@ class TokenLoader:
     token d steps further ahead of inputs[:, k] is targets[:, k + d]: MTP depth d trains on
     targets[:, d : d + T]. With D = 0 this is the plain (B, T) next-token pair.
 
-    The position is (epoch, step); `state_dict()` captures it in units of global batches, so a
-    resumed loader yields exactly the next batch, even with a different world_size as long as the
-    global batch size is unchanged. `shuffle=False` serves windows in order (for evaluation).
+    The position is (epoch, step); `state_dict()` captures it with the global batch size, so a
+    resumed loader yields exactly the next windows under another layout too (world_size, batch_size)
+    as long as the windows served so far fill whole global batches of the new layout and it cuts
+    the epoch at the same window (e.g. 2 ranks x 1 -> 1 rank x 2 or x 4 when num_windows % 4 < 2).
+    `shuffle=False` serves windows in order (for evaluation).
     """
 
     def __init__(
@@ -359,13 +361,23 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "global_batch_size", "extra_tokens", "shuffle", "num_tokens"):
+        for key in ("seed", "seq_len", "extra_tokens", "shuffle", "num_tokens"):
             if state[key] != mine[key]:
                 raise NanoseekError(
                     f"cannot resume the data loader: {key} was {state[key]} when saved and is {mine[key]} now; "
-                    "resume with the same data, seed, seq_len and global batch size"
+                    "resume with the same data, seed and seq_len"
                 )
-        self.epoch, self.step = state["epoch"], state["step"]
+        # the window stream is the same under another global batch size (micro-batch x ranks) when the
+        # windows served fill whole new batches and each epoch keeps as many windows as before
+        saved, new = state["global_batch_size"], self.global_batch_size
+        served = state["step"] * saved
+        if served % new or self.num_windows // saved * saved != self.num_windows // new * new:
+            raise NanoseekError(
+                f"cannot resume the data loader: it was saved with a global batch of {saved} windows "
+                f"(micro-batch x ranks) and is {new} now, which would repeat or skip windows of its "
+                f"{self.num_windows}; resume with a micro_batch_size x world size of {saved}"
+            )
+        self.epoch, self.step = state["epoch"], served // new
 
 
 # ---- CLI: nanoseek data prepare ----
