@@ -236,6 +236,22 @@ def test_packed_rows_train_each_example_as_if_alone():
         assert (crossing - alone).abs().max() > 1e-3  # without the documents, examples see each other
 
 
+def test_the_loader_resumes_under_another_world_size_with_the_same_global_batch():
+    """2 ranks x micro 2 stop after 4 micro-batches each; 1 rank x micro 4 serves the next rows of
+    the same epoch. Another global batch would cut the epochs elsewhere: a clear error."""
+    examples = [Example([1] + [10 + i] * 5 + [2], [False] + [True] * 6, str(i)) for i in range(40)]
+    make = lambda micro, rank, world: sft.PackedLoader(examples, 8, micro, 0, False, rank, world)  # noqa: E731
+    ranks, alone = [make(2, r, 2) for r in range(2)], make(4, 0, 1)
+    seen = {int(t) for _ in range(4) for loader in ranks for t in next(loader)[0][:, 1]}
+    served = {int(t) for _ in range(4) for t in next(alone)[0][:, 1]}
+    resumed = make(4, 0, 1)
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert {int(t) for t in next(resumed)[0][:, 1]} == {int(t) for t in next(alone)[0][:, 1]}
+    assert seen == served and len(seen) == 16
+    with pytest.raises(NanoseekError, match="rows per micro-batch over all ranks"):
+        make(2, 0, 1).load_state_dict(ranks[0].state_dict())
+
+
 def test_packing_leaves_the_training_loss_unchanged(data_dir, tmp_path):
     """SFT passes the documents to the model: one step over every training example gives the same
     loss packed (several examples per row) as one example per row."""

@@ -249,8 +249,10 @@ def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 class PackedLoader:
     """Micro-batches of packed rows, reshuffled and repacked every epoch (seeded). Each rank takes
-    every world_size-th row. Its position (epoch, row) is checkpointed, so a resumed run sees the
-    same batches as an uninterrupted one."""
+    every world_size-th row, so a step's micro-batches over all ranks are consecutive rows. Its
+    position (epoch, rows served over all ranks) is checkpointed, so a resumed run sees the same
+    batches as an uninterrupted one, under another world_size too as long as the global batch
+    (micro_batch x world_size) is the same: another one would cut the epochs elsewhere."""
 
     def __init__(self, examples: list[Example], row_len: int, micro_batch: int, pad_id: int, packing: bool = True,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
@@ -286,10 +288,18 @@ class PackedLoader:
         return collate(batch, self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        global_batch = self.micro_batch * self.world_size
+        return {"epoch": self.epoch, "rows": self.position * self.world_size, "global_batch": global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        global_batch = self.micro_batch * self.world_size
+        if "rows" not in state:  # saved before the layout was recorded: assume it is this one
+            state = {**state, "rows": state["position"] * self.world_size, "global_batch": global_batch}
+        if state["global_batch"] != global_batch:
+            raise ConfigError(f"cannot resume the SFT data: it was saved with {state['global_batch']} rows per "
+                              f"micro-batch over all ranks and is {global_batch} now (micro_batch_size x world "
+                              "size), which cuts the epochs elsewhere; resume with the same")
+        self.epoch, self.position = state["epoch"], state["rows"] // self.world_size
         self.rows = self._epoch_rows(self.epoch)
 
 
