@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nanoseek.checkpoint import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -50,7 +52,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a crash mid-write keeps the old file
 
     def close(self) -> None:
         if self.tb is not None:
