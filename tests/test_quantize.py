@@ -233,3 +233,53 @@ def test_cli_quantize_choices(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantize", "int4"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_model_packed_or_quantized_for_inference_is_not_saved_trained_or_requantized(tmp_path):
+    """Their weights are not parameters: saving wrote a checkpoint missing them (or crashed), and
+    training silently left the linear layers as they were."""
+    import nanoseek
+    from nanoseek.device import pack_linears, quantize_model
+    from nanoseek.errors import NanoseekError
+    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.distributed import DistEnv
+    from nanoseek.train.trainer import Trainer
+
+    for convert in (pack_linears, lambda m: quantize_model(m, "int8"), lambda m: quantize_model(m, "fp16"),
+                    lambda m: quantize_model(m, "int8-dynamic")):
+        model = convert(tiny_dense())
+        with pytest.raises(NanoseekError, match="cannot be saved"):
+            nanoseek.save_model(model, tmp_path / "ck")
+        with pytest.raises(NanoseekError, match="cannot be trained"):
+            Trainer(TrainConfig(out_dir=str(tmp_path / "run")), model, DistEnv())
+    with pytest.raises(NanoseekError, match="already packed or quantized"):
+        quantize_model(pack_linears(tiny_dense()), "int8")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_fp16_needs_fbgemm(monkeypatch):
+    """fbgemm's float16 GEMM is x86-only: elsewhere (qnnpack on ARM) a clear error before loading."""
+    from nanoseek.device import check_quantize
+    from nanoseek.errors import NanoseekError
+
+    monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack", raising=False)
+    with pytest.raises(NanoseekError, match="fbgemm"):
+        check_quantize("fp16", torch.device("cpu"), torch.float32)
+    check_quantize("int8", torch.device("cpu"), torch.float32)
+
+
+def test_returning_free_memory_is_a_no_op_off_linux(monkeypatch):
+    """malloc_trim is glibc's; ctypes.CDLL(None) itself raises on Windows, and loading calls this
+    after every tensor."""
+    import sys
+
+    from nanoseek import device
+
+    device._malloc_trim.cache_clear()
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(device.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(TypeError("no CDLL(None)")))
+    try:
+        device.return_free_memory()  # no error, nothing done
+        assert device._malloc_trim() is None
+    finally:
+        device._malloc_trim.cache_clear()

@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.device import check_trainable
 from nanoseek.errors import CheckpointError
 from nanoseek.model.dense import MODEL_TYPES as DENSE_MODEL_TYPES
 from nanoseek.model.dense import DenseConfig, DenseTransformer
@@ -90,6 +91,7 @@ class _AtomicDir:
 def export_state_dict(model: Transformer | DenseTransformer) -> dict[str, torch.Tensor]:
     """The model's tensors under HF checkpoint keys, MTP layers carrying their copies of the shared
     embedding and head as the released V3 files do."""
+    check_trainable(model, "saved")  # a packed / quantized layer's weight is not in its state_dict
     cfg = model.config
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:

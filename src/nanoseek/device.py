@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 import warnings
 
 import torch
@@ -113,6 +114,10 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
         raise NanoseekError(f"--quantize {method} runs on the CPU; on a GPU use --dtype bfloat16 instead")
     if dtype != torch.float32:
         raise NanoseekError(f"--quantize {method} quantizes float32 layers; use --dtype float32 (auto on the CPU)")
+    if method == "fp16" and torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        # fbgemm's float16 GEMM is x86-only; ARM CPUs (Apple silicon, Graviton) run qnnpack
+        raise NanoseekError(f"--quantize fp16 needs fbgemm (x86 CPUs), and torch's quantized engine here is "
+                            f"{torch.backends.quantized.engine!r}; use --quantize int8 or int8-dynamic")
 
 
 # The linear layers every method leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
@@ -236,6 +241,9 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
     check_quantize(method, param.device, param.dtype)
     if method in (None, "none"):
         return model
+    if any(isinstance(m, inference_only_layers()) for m in model.modules()):
+        raise NanoseekError("this model's layers are already packed or quantized for CPU inference: "
+                            "quantize the model as loaded (load_model(path, quantize=...))")
     tied_head = model.config.tie_word_embeddings
     replace_linears(model, [name for name, module in model.named_modules()
                             if quantizable(name, module, tied_head)],
@@ -245,7 +253,9 @@ def quantize_model(model: nn.Module, method: str | None = "int8") -> nn.Module:
 
 @functools.cache
 def _malloc_trim():
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if not sys.platform.startswith("linux"):  # glibc only (and CDLL(None) is an error on Windows)
+        return None
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # None on musl
 
 
 def return_free_memory() -> None:
@@ -304,3 +314,18 @@ def pack_linears(model: nn.Module) -> nn.Module:
     replace_linears(model, [name for name, module in model.named_modules() if packable(name, module, model)],
                     PackedLinear)
     return model.eval()
+
+
+def inference_only_layers() -> tuple[type, ...]:
+    """The layer types CPU inference converts to: their weights are no parameters (packed, int8,
+    float16), so a model holding one can neither be trained nor saved."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return (PackedLinear, Int8Linear, Fp16Linear, Fp16Embedding, DynamicLinear)
+
+
+def check_trainable(model: nn.Module, what: str) -> None:
+    """Raise where `model` was packed or quantized for CPU inference (`what`: "saved", "trained")."""
+    if any(isinstance(m, inference_only_layers()) for m in model.modules()):
+        raise NanoseekError(f"this model was packed or quantized for CPU inference and cannot be {what}: "
+                            "load the checkpoint again without --quantize (nanoseek.load_model(path))")

@@ -47,7 +47,7 @@ from nanoseek.checkpoint import check_state_dict
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
-from nanoseek.device import resolve_dtype
+from nanoseek.device import check_trainable, resolve_dtype
 from nanoseek.train.distributed import DistEnv, barrier, gather_objects, sum_over_ranks
 from nanoseek.train.metrics import MetricsLogger
 
@@ -134,6 +134,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, tokenizer=None, loader=None,
                  resume: str | Path | None = None):
+        check_trainable(model, "trained")  # packed / quantized layers hold no parameters to update
         self.cfg, self.env, self.tokenizer, self.loader = cfg, env, tokenizer, loader
         self.out_dir = Path(cfg.out_dir)
         self.raw_model = model
