@@ -80,3 +80,9 @@ def test_reward_registry_accepts_user_rewards(problem):
         get_reward("brevity")
     with pytest.raises(NanoseekError, match="at least one"):
         combine_rewards([])
+
+
+def test_two_callables_with_one_name_are_an_error():
+    """Two lambdas are both named "<lambda>": combined, one used to replace the other silently."""
+    with pytest.raises(NanoseekError, match="named '<lambda>'"):
+        combine_rewards({lambda c, p: 1.0: 1.0, lambda c, p: 10.0: 1.0})

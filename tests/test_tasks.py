@@ -17,6 +17,7 @@ from nanoseek.data.tasks import (
     split_of,
 )
 from nanoseek.errors import NanoseekError
+from nanoseek.rewards import accuracy_reward
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,8 @@ def test_prompt_keeps_r1zero_structure():
         (" reasoning </think> so $\\boxed{3}$, no: $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
         (" reasoning </think> <answer>4</answer> \\boxed{5}", "4"),
         (" reasoning </think> \\boxed{4", None),  # cut off inside the box
+        (" reasoning </think> <answer>\\boxed{7}</answer>", "7"),  # a box inside the answer tag
+        (" reasoning </think> $\\boxed{5}$ and \\boxed{", "5"),  # a cut-off box after a closed one
     ],
 )
 def test_extract_answer(completion, expected):
@@ -186,3 +189,21 @@ def test_worked_sources_do_not_overlap_rl_settings():
         for _, rl, _ in DEFAULT_MIX:
             rl_terms, rl_digits = box(rl)
             assert not (set(terms) & set(rl_terms) and set(digits) & set(rl_digits)), source.label
+
+
+def test_the_split_ignores_runs_of_whitespace():
+    assert split_of("What is 0 + 5?") == split_of("What is 0  + 5?") == split_of(" What is 0 +\n5? ")
+
+
+def test_digit_sum_asks_for_no_more_questions_than_its_split_holds():
+    """length 2 has 100 questions, about 80 of them in train: asking for 90 used to loop forever."""
+    with pytest.raises(NanoseekError, match="found only"):
+        get_task("digit_sum", length=2).problems(90, split="train")
+
+
+def test_a_scorer_that_raises_scores_zero():
+    """Some reasoning-gym scorers raise on junk answers; a reward must never crash RL."""
+    task = get_task("prime_factorization")
+    problem = task.problems(1, seed=0)[0]
+    assert task.score("I don't know", problem) == 0.0
+    assert accuracy_reward(" </think> <answer>I don't know</answer>", problem) == 0.0

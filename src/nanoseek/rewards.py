@@ -105,6 +105,8 @@ def combine_rewards(spec: Mapping[str | Reward, float] | Sequence[str | Reward])
     named = {}
     for key, w in weights.items():
         name = key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+        if name in fns:  # two callables named alike (two lambdas) would silently count as one
+            raise NanoseekError(f"two rewards are named {name!r}: give each callable its own __name__")
         fns[name] = get_reward(key) if isinstance(key, str) else key
         named[name] = float(w)
     return CombinedReward(named, fns)

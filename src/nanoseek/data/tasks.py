@@ -105,30 +105,35 @@ def extract_answer(completion: str) -> str | None:
         return None
     if ANSWER_START in tail:
         tail = tail.split(ANSWER_START, 1)[1].split(ANSWER_END, 1)[0]
-    elif BOXED in tail:
-        tail = last_boxed(tail)
-    answer = tail.strip()
+    boxed = last_boxed(tail)  # also inside <answer>: "<answer>\\boxed{7}</answer>" is 7
+    if boxed is None and BOXED in tail:  # cut off inside its only box
+        return None
+    answer = (tail if boxed is None else boxed).strip()
     return answer or None
 
 
-def last_boxed(text: str) -> str:
-    """The inside of the last `\\boxed{...}` in `text`, nested braces included ("" if unclosed)."""
-    start = text.rindex(BOXED) + len(BOXED)
-    depth = 1
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-    return ""
+def last_boxed(text: str) -> str | None:
+    """The inside of the last closed `\\boxed{...}` in `text`, nested braces included; None if none."""
+    end = len(text)
+    while (at := text.rfind(BOXED, 0, end)) >= 0:
+        start, depth = at + len(BOXED), 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i]
+        end = at  # cut off inside this box: an earlier, closed one is the answer
+    return None
 
 
 def split_of(question: str) -> str:
     """"eval" or "train": the split a question belongs to, fixed by a hash of its text.
 
     Hashing the text (rather than partitioning seeds) keeps the splits disjoint for every task,
-    seed and size, and lets any generator check that it stays out of the eval split.
+    seed and size, and lets any generator check that it stays out of the eval split. Whitespace is
+    normalised first, so near-duplicates that differ only in spacing never straddle the split.
     """
-    bucket = int.from_bytes(hashlib.sha256(question.strip().encode()).digest()[:4], "big") % 100
+    text = " ".join(question.split())  # runs of whitespace collapsed: "0 + 5" and "0  + 5" share a split
+    bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 100
     return "eval" if bucket < EVAL_BUCKETS else "train"
 
 
@@ -215,8 +220,13 @@ class DigitSumTask(Task):
     def problems(self, n: int, seed: int = 0, split: str = "eval") -> list[Problem]:
         _check_split(split)
         rng = random.Random(derive_seed("digit_sum", self.length, split, seed))
-        out, seen = [], set()
+        out, seen, draws = [], set(), 0
         while len(out) < n:
+            draws += 1
+            if draws > 50 * n + 1000:  # the split holds fewer distinct questions than asked for
+                raise NanoseekError(f"digit_sum length={self.length}: found only {len(out)} of {n} {split} "
+                                    f"questions among its {10 ** self.length:,} possible ones; ask for fewer or "
+                                    "use a longer length")
             question = "".join(rng.choice("0123456789") for _ in range(self.length))
             if question in seen or split_of(question) != split:
                 continue
@@ -285,7 +295,11 @@ class ReasoningGymTask(Task):
     def score(self, answer: str | None, problem: Problem) -> float:
         if answer is None:
             return 0.0
-        return float(min(1.0, max(0.0, self._scorer.score_answer(answer, problem.metadata["entry"]))))
+        try:  # some scorers raise on junk (prime_factorization, game_of_life, ...): a reward must not crash RL
+            credit = self._scorer.score_answer(answer, problem.metadata["entry"])
+        except Exception:
+            return 0.0
+        return float(min(1.0, max(0.0, credit)))
 
 
 def math_verify_score(answer: str | None, gold: str) -> float:
