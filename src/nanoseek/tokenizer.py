@@ -45,7 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.errors import ChatTemplateError, NanoseekError, check_out_dir
@@ -112,6 +112,14 @@ class Tokenizer:
                 raise NanoseekError(f"the tokenizer's {name} {token!r} is not in its vocabulary{hint}")
         ids = [tk.token_to_id(self.eos_token)] if self.eos_token is not None else []
         self.eos_token_ids = list(dict.fromkeys(ids + [int(i) for i in eos_token_ids]))  # eos first, no repeats
+        # A text prompt starts with bos where transformers' `tokenizer(text)` adds one: where
+        # tokenizer.json's post-processor writes it (Llama-3's, R1-Distill's and nanoseek's do;
+        # DeepSeek-V3's and Qwen2.5's don't). transformers 5 reads only that, never tokenizer_config.json's
+        # add_bos_token. A nanoseek BPE saved before its tokenizer.json carried bos (no post-processor,
+        # our reserved tokens at ids 0..6) was pretrained with bos all the same.
+        legacy = tk.post_processor is None and all(tk.id_to_token(i) == t for i, t in enumerate(RESERVED_TOKENS))
+        self.add_bos = self.bos_token is not None and (
+            legacy or tk.encode("", add_special_tokens=True).ids[:1] == [tk.token_to_id(self.bos_token)])
         if not self.eos_token_ids:
             raise NanoseekError("the tokenizer names no eos token (tokenizer_config.json eos_token, or "
                                 "generation_config.json eos_token_id): generation would never stop")
@@ -185,7 +193,7 @@ class Tokenizer:
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 **special_map,
                 "unk_token": None,
-                "add_bos_token": False,  # the chat template writes bos itself; encode(add_bos=True) otherwise
+                "add_bos_token": True,  # as tokenizer.json's post-processor does (transformers 4 reads this key)
                 "add_eos_token": False,
                 "clean_up_tokenization_spaces": False,  # decode must be exact
                 "chat_template": self.chat_template,
@@ -204,11 +212,12 @@ class Tokenizer:
         return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a text prompt as the models see one: bos first, as pretraining stores its
-        documents (and as transformers' tokenizers add it), unless the text already starts with it
-        or the tokenizer has none. The engine, the server and SFT all prompt through here."""
+        """Token ids of a text prompt as the models see one, as transformers' `tokenizer(text)` gives
+        them: bos first where the tokenizer adds it (`add_bos`; a nanoseek BPE does, as pretraining
+        stores its documents), unless the text already starts with it. The engine, the server and SFT
+        all prompt through here."""
         ids = self.encode(text)
-        return ids if self.bos_id is None or ids[:1] == [self.bos_id] else [self.bos_id] + ids
+        return [self.bos_id] + ids if self.add_bos and ids[:1] != [self.bos_id] else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """`encode` for many texts at once (parallel in Rust; what data preparation uses)."""
@@ -439,6 +448,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     # plain added tokens (same ids) so skip_special_tokens keeps them. The live object keeps its
     # old set of special ids until it is rebuilt from its serialized form, hence the round trip.
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
+    # bos before every text, as pretraining stores documents: transformers' `tokenizer(text)` (and
+    # vLLM's completions) add it from here, as our `encode_prompt` does
+    tk.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1",
+                                                      special_tokens=[(BOS, 0)])
     return Tokenizer(HFTokenizer.from_str(tk.to_str()))
 
 
