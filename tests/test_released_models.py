@@ -203,6 +203,15 @@ def test_text_prompt_ids_equal_transformers(dirs, chatml):
             assert ours.encode_prompt(text) == hf(text)["input_ids"], (directory, text)
 
 
+def test_special_tokens_map_wins_over_tokenizer_config_as_in_transformers(dirs, tmp_path):
+    directory = tmp_path / "conflict"
+    shutil.copytree(dirs["llama"], directory)  # tokenizer_config.json: eos <|eot_id|>, pad <|end_of_text|>
+    special = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|eot_id|>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special))
+    ours, hf = Tokenizer.from_dir(directory), hf_tokenizer(directory)
+    assert (ours.eos_token, ours.pad_token) == (hf.eos_token, hf.pad_token) == ("<|end_of_text|>", "<|eot_id|>")
+
+
 def test_rendered_prompt_equals_transformers(dirs):
     for name in ("deepseek", "llama"):
         ours = Tokenizer.from_dir(dirs[name])

@@ -149,6 +149,38 @@ def test_transformers_loads_it_offline_with_same_ids_and_template(tok, tmp_path)
     assert ids["input_ids"] == tok.encode(tok.apply_chat_template(CONVERSATIONS[1]))
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory):
+    """A Llama-2-style tokenizer: "▁" for spaces (Metaspace), byte fallback ("<0xC3>"), an <unk>
+    token and bos added to text, saved by transformers."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "h", "i", "▁h", "▁hi"]:
+        vocab.setdefault(piece, len(vocab))
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[("▁", "h"), ("▁h", "i")], unk_token="<unk>",
+                                byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                              unk_token="<unk>", add_bos_token=True)
+    hf.chat_template = "{{ bos_token }}|{{ unk_token }}|{{ pad_token }}|{{ messages[0]['content'] }}"
+    directory = tmp_path_factory.mktemp("sentencepiece")
+    hf.save_pretrained(directory)
+    return directory, transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def test_sentencepiece_style_prompts_and_template_variables_match_transformers(sentencepiece_dir):
+    directory, hf = sentencepiece_dir
+    tok = Tokenizer.from_dir(directory)
+    assert tok.encode_prompt("hi hi é") == hf("hi hi é")["input_ids"] == [tok.bos_id] + tok.encode("hi hi é")
+    assert tok.apply_chat_template(CONVERSATIONS[0]) == \
+        hf.apply_chat_template(CONVERSATIONS[0], tokenize=False) == "<s>|<unk>||What is 2+2?"  # unk, and no pad
+
+
 def test_cli_train(tmp_path):
     (tmp_path / "a.txt").write_text(TEXTS[0] * 5)
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in TEXTS))

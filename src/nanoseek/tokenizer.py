@@ -99,8 +99,10 @@ class Tokenizer:
     """
 
     def __init__(self, tk: HFTokenizer, *, bos_token=_DEFAULT, eos_token=_DEFAULT, pad_token=_DEFAULT,
-                 eos_token_ids: Iterable[int] = (), chat_template=_DEFAULT, config: dict | None = None):
+                 unk_token: str | None = None, eos_token_ids: Iterable[int] = (), chat_template=_DEFAULT,
+                 config: dict | None = None):
         self.tk = tk
+        self.unk_token = unk_token  # for chat templates only: a byte-level BPE has no unknown tokens
         own = bos_token is _DEFAULT and eos_token is _DEFAULT
         self.bos_token = BOS if bos_token is _DEFAULT else bos_token
         self.eos_token = EOS if eos_token is _DEFAULT else eos_token
@@ -158,8 +160,9 @@ class Tokenizer:
         kwargs = {}
         tk = HFTokenizer.from_file(str(file))
         if any(f"{name}_token" in src for name in ("bos", "eos") for src in (config, special_map)):
-            for name in ("bos_token", "eos_token", "pad_token"):
-                kwargs[name] = next((_content(src[name]) for src in (config, special_map) if src.get(name)), None)
+            # where the two files disagree, special_tokens_map.json wins, as in transformers
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                kwargs[name] = next((_content(src[name]) for src in (special_map, config) if src.get(name)), None)
         elif tk.token_to_id(BOS) is None:
             raise NanoseekError(f"{path}: no tokenizer_config.json or special_tokens_map.json names the special "
                                 "tokens (bos_token, eos_token), and the vocabulary has none of DeepSeek's; add the "
@@ -185,7 +188,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(directory / "tokenizer.json"))
         special_map = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
-                                          ("pad_token", self.tk.id_to_token(self.pad_id))) if v is not None}
+                                          ("pad_token", self.tk.id_to_token(self.pad_id)),
+                                          ("unk_token", self.unk_token)) if v is not None}
         if self.config is None:
             extra = [t for t in (USER, ASSISTANT) if self.tk.token_to_id(t) is not None]
             special_map["additional_special_tokens"] = extra
@@ -246,8 +250,9 @@ class Tokenizer:
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat_template (tokenizer_config.json names none): "
                                     "use plain-text prompts (/v1/completions, `nanoseek generate`)")
+        # pad and unk only where the tokenizer has them: transformers leaves the others undefined
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
-                   "pad_token": self.pad_token, "unk_token": None}
+                   **{k: v for k, v in (("pad_token", self.pad_token), ("unk_token", self.unk_token)) if v is not None}}
         return render_chat_template(self.chat_template, messages, add_generation_prompt, **special)
 
     def check_chat_template(self) -> None:
