@@ -106,6 +106,13 @@ def test_a_tokenizer_saved_before_bos_was_in_tokenizer_json_still_prompts_with_b
     assert Tokenizer.from_dir(tmp_path).encode_prompt("hi") == [tok.bos_id] + tok.encode("hi")
 
 
+def test_save_keeps_named_chat_templates(tok, tmp_path):
+    tok.save(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    named = [{"name": "default", "template": CHAT_TEMPLATE}, {"name": "tool_use", "template": "{{ tools }}"}]
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    Tokenizer.from_dir(tmp_path / "a").save(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"] == named
 
 
 def test_chat_template_format(tok):
@@ -147,6 +154,31 @@ def test_transformers_loads_it_offline_with_same_ids_and_template(tok, tmp_path)
             assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == ours
     ids = hf.apply_chat_template(CONVERSATIONS[1], tokenize=True, add_generation_prompt=True, return_dict=True)
     assert ids["input_ids"] == tok.encode(tok.apply_chat_template(CONVERSATIONS[1]))
+
+
+# TRL's assistant-mask style: the assistant's text inside {% generation %} ... {% endgeneration %}
+GENERATION_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{ '<｜Assistant｜>' }}"
+    "{%- generation %}{{ message['content'] + eos_token }}{% set x = 1 %}{%- endgeneration %}"
+    "{%- else %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{%- endif %}"
+)
+
+
+def test_a_template_with_generation_blocks_renders_as_in_transformers(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": GENERATION_TEMPLATE}))
+    ours, hf = Tokenizer.from_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            assert ours.apply_chat_template(messages, gen) == hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=gen)
+    ours.chat_template = "{% generation %}{{ messages.__class__.__mro__ }}{% endgeneration %}"
+    with pytest.raises(ChatTemplateError, match="failed"):  # still the sandbox
+        ours.apply_chat_template(CONVERSATIONS[0])
 
 
 @pytest.fixture(scope="module")

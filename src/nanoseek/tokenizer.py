@@ -10,8 +10,9 @@ Chat templates are Jinja2, rendered in a sandbox (`ImmutableSandboxedEnvironment
 does: a template is untrusted input) with the variables and helpers released templates use:
 `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, `unk_token`,
 `tools` / `documents` (left empty), `raise_exception`, `strftime_now`, `namespace`, a `tojson` that
-keeps non-ASCII text, and `{% break %}` / `{% continue %}`. The template is the checkpoint's own; a
-nanoseek tokenizer saves DeepSeek-R1's format (`CHAT_TEMPLATE`) in its tokenizer_config.json.
+keeps non-ASCII text, `{% break %}` / `{% continue %}`, and `{% generation %}` (TRL's assistant-mask
+marker, rendered as its body). The template is the checkpoint's own; a nanoseek tokenizer saves
+DeepSeek-R1's format (`CHAT_TEMPLATE`) in its tokenizer_config.json.
 
 nanoseek's own BPE (`train_tokenizer`; no pretrained tokenizer can be downloaded at run time, and a
 toy model wants a toy vocabulary) mirrors DeepSeek-V3's:
@@ -203,10 +204,21 @@ class Tokenizer:
                 "chat_template": self.chat_template,
             }
         else:
-            config = {**self.config, **({"chat_template": self.chat_template} if self.chat_template else {})}
+            config = {**self.config, **({"chat_template": self._config_template()} if self.chat_template else {})}
         for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
             (directory / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (directory / "chat_template.jinja").unlink(missing_ok=True)  # the inline template is the one
+
+    def _config_template(self) -> str | list[dict]:
+        """The template as tokenizer_config.json holds it: a list of named templates (default,
+        tool_use, ...) stays a list, the default one ours."""
+        named = self.config.get("chat_template") if self.config else None
+        if not isinstance(named, list):
+            return self.chat_template
+        default = {"name": "default", "template": self.chat_template}
+        if not any(t["name"] == "default" for t in named):
+            return [default] + named
+        return [default if t["name"] == "default" else t for t in named]
 
     # ---- encoding ----
 
@@ -385,7 +397,22 @@ def _compile_chat_template(template: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        # {% generation %}...{% endgeneration %} marks the assistant's text for transformers' assistant
+        # masks (TRL's templates have it). Rendered as its body in a call block, as transformers does
+        # (so variables set inside stay inside); sft computes the masks itself.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, namespace=Namespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
