@@ -8,7 +8,7 @@ import pytest
 from nanoseek.cli import main as cli_main
 from nanoseek.errors import ChatTemplateError, NanoseekError
 from nanoseek.tokenizer import (
-    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, USER, Tokenizer,
+    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, USER, Tokenizer, TokenText,
     train_tokenizer,
 )
 
@@ -211,6 +211,20 @@ def test_sentencepiece_style_prompts_and_template_variables_match_transformers(s
     assert tok.encode_prompt("hi hi é") == hf("hi hi é")["input_ids"] == [tok.bos_id] + tok.encode("hi hi é")
     assert tok.apply_chat_template(CONVERSATIONS[0]) == \
         hf.apply_chat_template(CONVERSATIONS[0], tokenize=False) == "<s>|<unk>||What is 2+2?"  # unk, and no pad
+
+
+def test_token_text_of_sentencepiece_pieces_keeps_spaces_and_bytes(sentencepiece_dir):
+    """Logprob tokens: "▁hi" is " hi" and byte-fallback "<0xC3>" the byte 0xC3, so the tokens' bytes
+    join into the text (transformers' decode strips the first token's leading space)."""
+    directory, hf = sentencepiece_dir
+    tok = Tokenizer.from_dir(directory)
+    ids = tok.encode("hi hi é")
+    assert hf.convert_ids_to_tokens(ids) == ["▁hi", "▁hi", "▁", "<0xC3>", "<0xA9>"]
+    text = TokenText(tok)
+    assert [text(i) for i in ids] == [(" hi", list(b" hi")), (" hi", list(b" hi")), (" ", [32]),
+                                      ("\ufffd", [0xC3]), ("\ufffd", [0xA9])]
+    assert b"".join(bytes(text(i)[1]) for i in ids).decode() == " " + hf.decode(ids)
+    assert text(tok.eos_id) == ("</s>", list(b"</s>"))
 
 
 def test_cli_train(tmp_path):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -427,7 +428,10 @@ class TokenText:
 
     With a byte-level BPE one token may be half of a multi-byte character, so decoding a single
     token gives U+FFFD; OpenAI's `bytes` field exists for exactly that, and we recover the exact bytes
-    by inverting the byte-level alphabet (the GPT-2 bytes_to_unicode table).
+    by inverting the byte-level alphabet (the GPT-2 bytes_to_unicode table). SentencePiece-style
+    vocabularies (Llama-2, Mistral, Gemma) write a space as "▁" and, with byte fallback, a byte as
+    "<0xC3>": a token's text keeps its leading space (decoding it alone would strip it), and a byte
+    token's bytes are that byte, so a completion's tokens join into its text.
     """
 
     def __init__(self, tokenizer):
@@ -442,13 +446,25 @@ class TokenText:
                 chars[chr(256 + extra)] = b
                 extra += 1
         self.byte_of_char = chars
+        # the decoder says which style the pieces are in (Metaspace or Replace("▁", " "); ByteFallback)
+        decoder = tokenizer.tk.decoder if hasattr(tokenizer, "tk") else None
+        self.metaspace = decoder is not None and decoder.decode(["a", "▁b"]) == "a b"
+        self.byte_fallback = decoder is not None and decoder.decode(["<0x41>"]) == "A"
+        self.added = set(tokenizer.tk.get_added_tokens_decoder()) if self.metaspace else set()
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
         if token_id not in self.cache:
             piece = self.tokenizer.tk.id_to_token(token_id) if hasattr(self.tokenizer, "tk") else None
-            if piece is not None and all(c in self.byte_of_char for c in piece):
+            byte = self.byte_fallback and piece is not None and re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            if piece is None or token_id in self.added:  # special and added tokens are stored as plain text
+                raw = self.tokenizer.decode([token_id]).encode()
+            elif byte:
+                raw = bytes([int(byte[1], 16)])
+            elif self.metaspace:
+                raw = piece.replace("▁", " ").encode()
+            elif all(c in self.byte_of_char for c in piece):
                 raw = bytes(self.byte_of_char[c] for c in piece)
-            else:  # special and added tokens are stored as plain text
+            else:
                 raw = self.tokenizer.decode([token_id]).encode()
             self.cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return self.cache[token_id]
