@@ -254,7 +254,10 @@ def test_cli_run_writes_metrics_and_loadable_checkpoints(full_run):
     ids = torch.tensor([tok.encode("the king speak")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-    assert transformers.AutoTokenizer.from_pretrained(full_run / "latest")("the king").input_ids == tok.encode("the king")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(full_run / "latest")
+    # a text prompt gets bos in both, as pretraining stored its documents; the text itself alike
+    assert hf_tok("the king").input_ids == tok.encode_prompt("the king") == [tok.bos_id] + tok.encode("the king")
+    assert hf_tok("the king", add_special_tokens=False).input_ids == tok.encode("the king")
 
 
 def test_resume_is_bit_exact(full_run, corpus, tmp_path):
