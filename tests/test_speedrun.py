@@ -153,3 +153,13 @@ def test_a_rewritten_report_keeps_the_recorded_environment(tmp_path, capsys):
     (out / STATE_FILE).write_text(json.dumps(state))
     assert report.main([str(out)]) == 0
     assert "(at report time) |" in (out / "report.md").read_text()
+
+
+def test_the_grm_headline_names_the_largest_k_it_measured(tmp_path):
+    """--tiny votes up to k = 4: the summary row said "Voting@8 ," with no number."""
+    from nanoseek.report import _headline
+
+    grm = {"voting": {"1": 0.5, "2": 0.6, "4": 0.7}, "best_of_n": {"n": 8, "grm@8": 0.9, "maj@8": 0.8}}
+    assert _headline("grm", tmp_path, {}, {}, grm) == "Voting@4 70.0%, best-of-8 90.0% vs maj@8 80.0%"
+    grm["voting"].update({"8": 0.72, "16": 0.75})
+    assert _headline("grm", tmp_path, {}, {}, grm).startswith("Voting@8 72.0%")  # the full recipe's headline k

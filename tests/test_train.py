@@ -471,6 +471,17 @@ def test_pretrain_checks_its_settings_before_preparing_data(args, message, corpu
     assert re.search(message, err) and "Traceback" not in err
 
 
+def test_overrides_may_follow_an_option(tmp_path, monkeypatch, capsys):
+    """`--resume max_steps=5`: argparse closes the override list at the option; the ones after it
+    still count (they used to be an 'unrecognized arguments' usage error)."""
+    monkeypatch.setattr(pretrain, "prepare_corpus", lambda *a: pytest.fail("prepared data before the check"))
+    assert cli_main(["pretrain", "--config", str(TINY), "max_steps=5", "--resume", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {tmp_path / 'run'} to continue from" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit):  # anything else left over is still argparse's usage error
+        cli_main(["pretrain", "--config", str(TINY), "--resume", "--bogus"])
+
+
 def test_cli_reports_config_errors(capsys):
     assert cli_main(["pretrain", "--config", str(TINY), "max_stepz=3"]) == 2
     err = capsys.readouterr().err

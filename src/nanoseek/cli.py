@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(_module=module)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # a training stage's key=value overrides may follow an option (`--resume max_steps=5`), where
+    # argparse has already closed the positional list: they are overrides all the same
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own usage error naming the unrecognized arguments
     try:
         code = importlib.import_module(args._module).run(args)
     except NanoseekError as e:

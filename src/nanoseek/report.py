@@ -258,9 +258,10 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
         if grm.get("ablations"):
             lines += ["Ablations: " + ", ".join(f"{k} {_pct(v)}" for k, v in grm["ablations"].items()) + ".", ""]
         best = grm.get("best_of_n") or {}
-        lines += [f"Best-of-{best.get('n', 8)} on {best.get('questions')} held-out questions: the policy's pass@1 "
-                  f"{_pct(best.get('policy_pass1'))}, maj@8 {_pct(best.get('maj@8'))}, "
-                  f"GRM@8 {_pct(best.get('grm@8'))}.", ""]
+        n = best.get("n", 8)
+        lines += [f"Best-of-{n} on {best.get('questions')} held-out questions: the policy's pass@1 "
+                  f"{_pct(best.get('policy_pass1'))}, maj@{n} {_pct(best.get(f'maj@{n}'))}, "
+                  f"GRM@{n} {_pct(best.get(f'grm@{n}'))}.", ""]
     else:
         lines += [f"Not run: {st.get('grm', {}).get('reason', 'no grm/grm_report.json')}.", ""]
 
@@ -330,7 +331,7 @@ def _headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -
         return f"{_num(m['total_params'])} params, {_num(m['active_params'])} active, MLA {m['mla_vs_mha']:.1f}x smaller"
     if name == "rl":  # its loss says nothing; its held-out pass@1 (logged every eval_every steps) does
         vals = series(_records(out / name), "eval_pass@1")[1]
-        return f"held-out pass@1 {_pct(vals[-1])}" if vals else ""
+        return f"held-out pass@1 {_pct(vals[-1])} (its own eval set)" if vals else ""
     if name in TRAINING:
         records = _records(out / name)
         vals = series(records, "val_loss")[1] or series(records, "loss")[1]
@@ -343,7 +344,10 @@ def _headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -
         return f"{s['requests_per_s']} req/s, TTFT p50 {s['ttft_p50_ms']} ms"
     if name == "grm" and grm:
         best = grm.get("best_of_n") or {}
-        return f"Voting@8 {_pct(grm['voting'].get('8'))}, best-of-8 {_pct(best.get('grm@8'))} vs maj@8 {_pct(best.get('maj@8'))}"
+        k = "8" if "8" in grm["voting"] else max(grm["voting"], key=int)  # Voting@8, or the largest k run (--tiny: 4)
+        n = best.get("n", 8)
+        return (f"Voting@{k} {_pct(grm['voting'][k])}, best-of-{n} {_pct(best.get(f'grm@{n}'))} "
+                f"vs maj@{n} {_pct(best.get(f'maj@{n}'))}")
     return ""
 
 

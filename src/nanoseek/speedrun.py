@@ -133,10 +133,11 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
                      [*cli, "info", "--model", o(model, "latest"), "--json"],
                      after=(model,), result=f"results/info_{model}.json", json_stdout=True)
 
+    first_base = "first base (a synthetic corpus at --tiny)" if tiny else "Shakespeare base"
     return [
-        Stage("tokenizer", "byte-level BPE of the Shakespeare base's corpus", tokenizer,
+        Stage("tokenizer", f"byte-level BPE of the {first_base}'s corpus", tokenizer,
               result="tokenizer/tokenizer.json"),
-        Stage("pretrain_small", "the Shakespeare base: pretraining (next-token + MTP, aux-loss-free balancing)",
+        Stage("pretrain_small", f"the {first_base}: pretraining (next-token + MTP, aux-loss-free balancing)",
               [*small, f"out_dir={o('pretrain_small')}"], after=("tokenizer",), run_dir="pretrain_small",
               variant="configs/pretrain_tiny.toml on a synthetic corpus" if tiny else "configs/pretrain_small.toml"),
         Stage("pretrain_nobias", "the same recipe without the bias update (bias_gamma=0): expert load for comparison",
