@@ -181,6 +181,19 @@ def test_a_template_with_generation_blocks_renders_as_in_transformers(tok, tmp_p
         ours.apply_chat_template(CONVERSATIONS[0])
 
 
+def test_a_message_field_that_is_none_is_left_out_as_in_transformers(tok, tmp_path):
+    """{"content": None} (an assistant turn that only called tools) renders as no content, not "None"."""
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = "{% for m in messages %}[{{ m.role }}:{{ m.content }}|{{ 'content' in m }}]{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    ours, hf = Tokenizer.from_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    rendered = ours.apply_chat_template(messages, False)
+    assert rendered == hf.apply_chat_template(messages, tokenize=False) and "None" not in rendered
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_dir(tmp_path_factory):
     """A Llama-2-style tokenizer: "▁" for spaces (Metaspace), byte fallback ("<0xC3>"), an <unk>

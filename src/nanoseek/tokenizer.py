@@ -358,6 +358,8 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
 
     compiled = _compile_chat_template(template)
     plain = json.loads(json.dumps(messages))  # plain dicts, lists and strings: nothing with methods to abuse
+    # a None field is left out, as transformers does ({"content": None} renders as no content, not "None")
+    plain = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in plain]
     try:
         return compiled.render(messages=plain, add_generation_prompt=add_generation_prompt, tools=None,
                                documents=None, **variables)
