@@ -282,6 +282,21 @@ def test_sft_masks_the_assistant_turns_the_template_renders(dirs):
     assert ids == tok.encode_chat(messages, add_generation_prompt=False)
 
 
+def test_sft_packing_refuses_examples_without_bos(dirs, tmp_path):
+    """DeepSeek-V3's tokenizer has a bos but adds none to text: packed prompt/completion rows would
+    run together as one document, each example attending to the one before it."""
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.sft import SFTConfig, train
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}?", "completion": str(2 * i)}) + "\n" for i in range(8)))
+    cfg = load_run_config(SFTConfig, None, [f"init={dirs['deepseek']}", f"data={json.dumps([str(data)])}",
+                                            f"out_dir={tmp_path / 'run'}", "format=prompt_completion", "seq_len=64"])
+    with pytest.raises(ConfigError, match="packing marks each example's start with bos"):
+        train(cfg)
+
+
 # ------------------------------------------------------------------ generation
 
 

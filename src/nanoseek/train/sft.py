@@ -351,6 +351,11 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         raise ConfigError("packing marks each example's start with bos, and this tokenizer has none (Qwen2.5's "
                           "has no bos): set packing=false")
     examples, counts = load_examples(cfg.data, tokenizer, cfg.format, max_len=cfg.seq_len + 1)
+    if cfg.packing and any(e.ids[:1] != [tokenizer.bos_id] for e in examples):
+        # the model finds a packed row's documents at their bos: without one, examples would attend to each other
+        raise ConfigError("packing marks each example's start with bos, and this tokenizer adds none to text "
+                          "(DeepSeek-V3's does not): set packing=false, or use messages rows whose chat template "
+                          "writes bos")
     train_examples, val_examples = split_examples(examples, cfg.val_fraction, cfg.seed)
     micro_batch, accum = batch_plan(cfg, env.world_size)
     loader = PackedLoader(train_examples, cfg.seq_len + 1, micro_batch, tokenizer.pad_id, cfg.packing,
