@@ -273,13 +273,28 @@ def test_a_tokenizer_without_eos_is_an_error(dirs, tmp_path):
         Tokenizer.from_dir(directory)
 
 
-def test_sft_masks_the_assistant_turns_the_template_renders(dirs):
+def test_sft_trains_the_reasoning_that_r1s_template_strips(dirs):
+    """R1's template drops the reasoning of every assistant turn, the trained one too: SFT trains the
+    last turn as the model writes it, after the generation prompt's "<think>\\n", reasoning included;
+    an earlier turn is context as the template shows it (its answer only), not a target."""
     tok = Tokenizer.from_dir(dirs["deepseek"])
-    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>\none\n</think>\n\n2"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
     ids, mask = tokenize_messages(messages, tok)
-    # R1's template drops past reasoning: the target is the answer and its eos
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == f"\n\n4{EOS}"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == f"add\n</think>\n\n4{EOS}"
+    prompt = tok.encode_chat(messages[:3], add_generation_prompt=True)
+    assert ids[: len(prompt)] == prompt and tok.decode(prompt).endswith("<｜Assistant｜><think>\n")
+    assert "one" not in tok.decode(ids)  # the earlier turn as inference sees it
+
+
+def test_sft_masks_the_assistant_turns_a_template_renders_verbatim(dirs):
+    tok = Tokenizer.from_dir(dirs["llama"])
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    ids, mask = tokenize_messages(messages, tok)
     assert ids == tok.encode_chat(messages, add_generation_prompt=False)
+    targets = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert targets.count("4") == 1 and targets.count("6") == 1  # every turn trained
 
 
 def test_sft_packing_refuses_examples_without_bos(dirs, tmp_path):

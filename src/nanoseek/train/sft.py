@@ -58,7 +58,7 @@ from nanoseek.data.tasks import derive_seed
 from nanoseek.errors import ConfigError, NanoseekError
 from nanoseek.model.moe import update_expert_bias
 from nanoseek.model.transformer import IGNORE_INDEX, documents_of
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.tokenizer import THINK_START, Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
 from nanoseek.train.config import TrainConfig
@@ -121,8 +121,12 @@ def tokenize_messages(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[
     Assistant turn i ends where the rendering of messages[:i+1] ends (a prefix of the whole: a
     template that renders earlier turns differently once later ones follow cannot be trained this
     way, and is an error) and starts where it parts from messages[:i] plus the generation prompt.
-    A generation prompt the turn does not repeat (DeepSeek-R1's "<think>\\n", when the template
-    strips past reasoning) is context, not a target.
+    A generation prompt the turn does not repeat (DeepSeek-R1's "<think>\\n") is context, not a target.
+
+    A template that drops part of an assistant message (DeepSeek-R1's and its distills' strip the
+    reasoning from every assistant turn, the last one too) would train the answer without its
+    reasoning: then the last assistant turn is trained as the model writes it at inference
+    (`_as_generated`), and earlier turns are context only, as the template shows them.
     """
     _check_messages(messages)
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
@@ -136,7 +140,28 @@ def tokenize_messages(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[
                                 "split the conversation into one example per assistant turn")
         start = next((j for j, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
         mask[start: len(turn)] = [True] * (len(turn) - start)
+        shown = tokenizer.decode(turn[start:])
+        if _without_opened(message["content"], tokenizer.decode(prompt)).strip() not in shown:
+            last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+            return _as_generated(messages[: last + 1], tokenizer)
     return ids, mask
+
+
+def _without_opened(content: str, prompt_text: str) -> str:
+    """`content` less the think tag the generation prompt already opened (R1's "<think>\\n")."""
+    for opened in (THINK_START + "\n", THINK_START):
+        if prompt_text.endswith(opened) and content.startswith(opened):
+            return content[len(opened):]
+    return content
+
+
+def _as_generated(messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """The conversation's last (assistant) turn as the model generates it: the template's prompt for
+    it, generation prompt included, then the message's own text and eos as the targets."""
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    prompt = tokenizer.encode(prompt_text)
+    target = tokenizer.encode(_without_opened(messages[-1]["content"], prompt_text)) + [tokenizer.eos_id]
+    return prompt + target, [False] * len(prompt) + [True] * len(target)
 
 
 def _check_messages(messages) -> None:
