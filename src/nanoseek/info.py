@@ -75,13 +75,11 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
 def _dense_stats(config: DenseConfig) -> ModelStats:
     """A Llama / Qwen2 model: every layer alike and every weight active; its cache is the rotated
     keys and the values of K key/value heads, where multi-head attention would cache H of each."""
-    from nanoseek.model.dense import DenseBlock
+    from nanoseek.model.dense import DenseTransformer
 
-    with torch.device("meta"):
-        block = sum(p.numel() for p in DenseBlock(config, 0).parameters())
+    with torch.device("meta"):  # the whole model costs no memory there, even at 70B
+        total = DenseTransformer(config).num_parameters()
     L, d = config.num_hidden_layers, config.head_dim
-    embed = config.vocab_size * config.hidden_size
-    total = embed * (1 if config.tie_word_embeddings else 2) + config.hidden_size + L * block  # + final norm
     return ModelStats(total_params=total, active_params=total, mtp_params=0, mtp_active_params=0,
                       cache_elems=2 * config.num_key_value_heads * d, mha_cache_elems=2 * config.num_attention_heads * d,
                       num_layers=L, attention="GQA")
