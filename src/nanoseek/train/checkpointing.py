@@ -83,7 +83,7 @@ def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, tor
 
 
 def resumable_checkpoint(checkpoint: str | Path) -> Path:
-    """The checkpoint directory `checkpoint` names (itself, or a run directory's newest) if it
+    """The checkpoint directory `checkpoint` names (itself, or a run directory's current one) if it
     holds a trainer state to resume from; a CheckpointError otherwise. Cheap: reads nothing."""
     path = find_checkpoint(checkpoint)
     if not (path / STATE_DIR / STATE_FILE).is_file():

@@ -98,7 +98,7 @@ class GRPOConfig(TrainConfig):
     prompts, each sampled num_generations times. `seq_len` caps prompt + completion tokens."""
 
     out_dir: str = "runs/rl"
-    init: str = ""  # the base checkpoint (a directory, or a run directory: its newest checkpoint)
+    init: str = ""  # the base checkpoint (a directory, or a run directory: the checkpoint its `latest` names)
     # task and rewards
     task: str = "default"  # a nanoseek.data.tasks name
     task_args: dict[str, Any] = field(default_factory=dict)  # reasoning-gym difficulty: task_args.min_terms=3

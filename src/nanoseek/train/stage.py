@@ -97,7 +97,7 @@ def run_stage(train_fn: Callable, cfg: TrainConfig, resume=None):
 def stage_model(init: str, tokenizer, overrides: dict[str, Any], seq_len: int, **settings) -> nn.Module:
     """The model a stage starts from.
 
-    `init` is a checkpoint directory, a run directory (its newest checkpoint), or a preset: a
+    `init` is a checkpoint directory, a run directory (the checkpoint its `latest` names), or a preset: a
     dense student ("student-small") or a DeepSeek-V3 one ("small"). A preset is built fresh with
     the `model.*` overrides, the tokenizer's vocabulary and special ids, `settings` (run-level
     fields that set model fields, e.g. aux_loss_alpha), and a context of at least seq_len.
