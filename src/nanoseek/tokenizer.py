@@ -102,7 +102,7 @@ class Tokenizer:
 
     def __init__(self, tk: HFTokenizer, *, bos_token=_DEFAULT, eos_token=_DEFAULT, pad_token=_DEFAULT,
                  unk_token: str | None = None, eos_token_ids: Iterable[int] = (), chat_template=_DEFAULT,
-                 config: dict | None = None):
+                 config: dict | None = None, generation_settings: dict | None = None):
         self.tk = tk
         self.unk_token = unk_token  # for chat templates only: a byte-level BPE has no unknown tokens
         own = bos_token is _DEFAULT and eos_token is _DEFAULT
@@ -132,6 +132,10 @@ class Tokenizer:
             chat_template = CHAT_TEMPLATE if deepseek else None
         self.chat_template: str | None = chat_template
         self.config = config  # tokenizer_config.json as loaded (None: a nanoseek BPE); save() writes it back
+        # generation_config.json's sampling settings (R1-Distill: temperature 0.6, top_p 0.95, do_sample),
+        # carried with the stop tokens so that a model fine-tuned from a released one keeps them when
+        # saved, as transformers keeps model.generation_config
+        self.generation_settings = dict(generation_settings or {})
         # The reasoning markers, where the vocabulary has them as single tokens (R1 and its distills do).
         has_think = all(tk.token_to_id(t) is not None for t in (THINK_START, THINK_END))
         self.think_start, self.think_end = (THINK_START, THINK_END) if has_think else (None, None)
@@ -171,6 +175,9 @@ class Tokenizer:
                                 "files the tokenizer came with")
         eos = generation.get("eos_token_id")
         kwargs["eos_token_ids"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        kwargs["generation_settings"] = sampling_settings(generation)
+        if isinstance(generation.get("do_sample"), bool):  # transformers samples only with it set
+            kwargs["generation_settings"]["do_sample"] = generation["do_sample"]
         template = _config_template(config.get("chat_template"), path)
         if (path / "chat_template.jinja").is_file():  # transformers >= 4.50 saves the template here
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
@@ -313,6 +320,18 @@ class Tokenizer:
     @property
     def think_end_id(self) -> int | None:
         return None if self.think_end is None else self.token_id(self.think_end)
+
+
+# generation_config.json fields that are sampling settings, with SamplingParams' names
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_settings(generation_config) -> dict:
+    """The sampling settings among a generation_config.json's fields (numbers only)."""
+    if not isinstance(generation_config, dict):
+        return {}
+    return {k: v for k, v in generation_config.items()
+            if k in SAMPLING_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _read_json(path: Path) -> dict:
