@@ -207,3 +207,15 @@ def test_a_scorer_that_raises_scores_zero():
     problem = task.problems(1, seed=0)[0]
     assert task.score("I don't know", problem) == 0.0
     assert accuracy_reward(" </think> <answer>I don't know</answer>", problem) == 0.0
+
+
+def test_jsonl_task_with_no_row_in_the_split_is_a_clear_error(tmp_path):
+    """3 rows that all hash to train: eval used to hand the engine no prompt at all and stop with
+    'prompts must be ... a non-empty list', which says nothing about the file."""
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps({"question": f"what is {i}+{i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(3)))
+    task = get_task(f"jsonl:{path}")
+    assert len(task.problems(5, split="train")) == 3 and task.problems(0) == []
+    with pytest.raises(NanoseekError, match="none of its 3 rows is in the eval split"):
+        task.problems(5, split="eval")

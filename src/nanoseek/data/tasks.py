@@ -348,6 +348,10 @@ class JsonlTask(Task):
     def problems(self, n: int, seed: int = 0, split: str = "eval") -> list[Problem]:
         _check_split(split)
         rows = [r for r in self.rows if split_of(r[0]) == split]
+        if n >= 1 and not rows:  # else eval and RL fail later with an engine error about empty prompts
+            raise NanoseekError(f"{self.path}: none of its {len(self.rows)} rows is in the {split} split (a hash of "
+                                f"the question picks each row's split, about {EVAL_BUCKETS}% of them eval); "
+                                "add rows to the file")
         random.Random(derive_seed(self.name, split, seed)).shuffle(rows)
         return [Problem(q, a, {"source": str(self.path)}, task=self) for q, a in rows[:n]]
 
