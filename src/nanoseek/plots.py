@@ -164,8 +164,9 @@ def grm_scaling_figure(report: dict, out: str | Path, title: str = "DeepSeek-GRM
         ax.plot(meta_ks, [report["meta"][str(k)] for k in meta_ks], "s-", color="tab:red",
                 label="GRM MetaRM@k (top k/2)")
     styles = ["--", ":", "-.", (0, (3, 1, 1, 1)), (0, (5, 2))]
+    # the ablations at ablation_k, not their single-judgment "@1" (a substring test dropped "@16" too)
     for i, (name, value) in enumerate(sorted((n, v) for n, v in report.get("ablations", {}).items()
-                                               if "@1" not in n and "parse" not in n)):
+                                               if not n.endswith("@1") and "parse" not in n)):
         ax.axhline(value, color="gray", ls=styles[i % len(styles)], lw=1, label=f"{name}: {value:.1%}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
