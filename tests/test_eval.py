@@ -122,3 +122,18 @@ def test_cli_prompt_longer_than_the_context_gets_a_hint_eval_users_can_follow(ch
     assert cli.main(["eval", "--model", str(tmp_path / "short"), "--n", "1", "--max-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "holds 8" in err and "a model with a longer context" in err and "shorten the prompt" not in err
+
+
+def test_cli_rerank_mistakes_are_refused_before_generating(checkpoint, tmp_path, capsys, monkeypatch):
+    """A mistyped GRM path or --rerank-k 0 used to surface only after every sample was generated."""
+    import nanoseek.eval as eval_module
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking --rerank")
+
+    monkeypatch.setattr(eval_module, "evaluate", no_generation)
+    base = ["eval", "--model", str(checkpoint), "--n", "1", "--samples", "2", "--max-tokens", "2"]
+    assert cli.main(base + ["--rerank", str(tmp_path / "no_grm")]) == 2
+    assert "GRM checkpoint" in capsys.readouterr().err
+    assert cli.main(base + ["--rerank", str(checkpoint), "--rerank-k", "0"]) == 2
+    assert "--rerank-k 0" in capsys.readouterr().err

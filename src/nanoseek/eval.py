@@ -250,10 +250,15 @@ def run(args) -> int:
             raise NanoseekError(f"task {task.name!r} has no fixed chain opening to prefill; "
                                 "give the text: --prefill 'TEXT'")
         prefill = task.chain_opening
+    if args.rerank:  # checked before generating, which can take hours, not after
+        if args.samples < 2:
+            raise NanoseekError("--rerank picks one of several samples: give --samples K with K >= 2")
+        if args.rerank_k < 1:
+            raise NanoseekError(f"--rerank-k {args.rerank_k}: sum at least one judgment per sample")
+        if not Path(args.rerank).exists():
+            raise NanoseekError(f"GRM checkpoint {args.rerank} not found (train one: nanoseek grm --config ...)")
     llm = LLM(args.model, max_num_seqs=max(1, min(256, args.n * args.samples)), block_size=16,
               device=args.device, dtype=args.dtype, quantize=args.quantize)
-    if args.rerank and args.samples < 2:
-        raise NanoseekError("--rerank picks one of several samples: give --samples K with K >= 2")
     try:
         report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
