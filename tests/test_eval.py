@@ -137,3 +137,19 @@ def test_cli_rerank_mistakes_are_refused_before_generating(checkpoint, tmp_path,
     assert "GRM checkpoint" in capsys.readouterr().err
     assert cli.main(base + ["--rerank", str(checkpoint), "--rerank-k", "0"]) == 2
     assert "--rerank-k 0" in capsys.readouterr().err
+
+
+def test_majority_groups_the_forms_the_task_scores_alike(tmp_path):
+    """Under math-verify "0.5" and "\\frac{1}{2}" are one answer: two votes beat the one "3" seen
+    first (string votes made it a three-way tie that "3" won, so maj@3 was 0 with 2 of 3 right)."""
+    import json
+    from fractions import Fraction
+
+    assert majority_answer(["3", "0.5", "1/2"], same=lambda a, b: Fraction(a) == Fraction(b)) == "0.5"
+    path = tmp_path / "half.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} divided by {2 * i}?", "answer": "1/2"}) + "\n"
+                            for i in range(1, 60)))
+    task = get_task(f"jsonl:{path}")
+    script = [r1zero_completion("", a) for a in ("3", "0.5", "\\frac{1}{2}")]
+    report = evaluate(ScriptedEngine(lambda i: script), task=task, problems=task.problems(2), samples=3)
+    assert report["pass@1"] == pytest.approx(2 / 3) and report["maj@3"] == 1.0

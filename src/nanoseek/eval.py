@@ -20,7 +20,8 @@ Metrics, following the R1 and Codex papers:
 - K > 1: K samples per problem at `temperature`; pass@1 is the mean correctness of all samples
   (R1's "pass@1 = (1/k) sum p_i"), pass@k for k = 1, 2, 4, ... <= K uses the unbiased estimator
   1 - C(K-c, k) / C(K, k) of Chen et al. (2021), and maj@K grades the most frequent extracted
-  answer (R1's cons@K; samples without an answer do not vote).
+  answer (R1's cons@K; samples without an answer do not vote; forms the task's scorer holds equal,
+  such as "0.5" and "1/2" under math-verify, vote as one answer).
 
 Beside accuracy, the report says whether the model reasons: "reasoning" is the share of samples
 that write something inside <think> </think> before the answer (`tasks.reasons`) and
@@ -43,6 +44,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, prompt_of, reasons
@@ -65,10 +67,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority_answer(answers: list[str | None]) -> str | None:
-    """The most frequent answer (first seen wins a tie); None when no sample gave one."""
-    votes = Counter(a.strip() for a in answers if a is not None and a.strip())
-    return votes.most_common(1)[0][0] if votes else None
+def majority_answer(answers: list[str | None], same: Callable[[str, str], bool] | None = None) -> str | None:
+    """The most frequent answer (first seen wins a tie, and speaks for its group); None when no
+    sample gave one. `same(a, b)` says when two texts are one answer (default: equal text), so
+    that "0.5" and "1/2" vote together where the task's scorer accepts both."""
+    same = same or (lambda a, b: a == b)
+    groups: list[list[str]] = []  # each group's first member stands for it
+    for answer in (a.strip() for a in answers if a is not None and a.strip()):
+        group = next((g for g in groups if same(g[0], answer)), None)
+        if group is None:
+            groups.append([answer])
+        else:
+            group.append(answer)
+    return max(groups, key=len)[0] if groups else None  # max keeps the first of equal sizes
 
 
 def chat_prompt(tokenizer, problem: Problem) -> str:
@@ -147,7 +158,7 @@ def evaluate(model_or_llm, tokenizer=None, task: str | Task = "default", n: int 
         for k in ks:
             totals[f"pass@{k}"] += pass_at_k(samples, correct, k)
         if samples > 1:
-            vote = majority_answer(answers)
+            vote = majority_answer(answers, lambda a, b: task.same_answer(a, b, problem))
             totals[f"maj@{samples}"] += float(vote is not None and task.score(vote, problem) == 1.0)
         totals["format"] += sum(format_reward(t) for t in texts) / samples
         thinking = [reasons(t) for t in texts]

@@ -181,6 +181,11 @@ class Task:
         """Credit in [0, 1] for an extracted answer (None scores 0)."""
         raise NotImplementedError
 
+    def same_answer(self, a: str, b: str, problem: Problem) -> bool:
+        """Whether two extracted answers to `problem` are one answer, for majority voting (maj@K):
+        the same text here; a task whose scorer accepts several forms of one answer says so."""
+        return a.strip() == b.strip()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -358,6 +363,10 @@ class JsonlTask(Task):
     def score(self, answer: str | None, problem: Problem) -> float:
         return math_verify_score(answer, problem.answer)
 
+    def same_answer(self, a: str, b: str, problem: Problem) -> bool:
+        """"0.5", "1/2" and "\\frac{1}{2}" are one answer, as the scorer sees them."""
+        return a.strip() == b.strip() or math_verify_score(a, b) == 1.0
+
 
 class MixTask(Task):
     """Several tasks sampled in fixed proportions; each problem is scored by the task that made it."""
@@ -377,6 +386,11 @@ class MixTask(Task):
         if problem.task is None or isinstance(problem.task, MixTask):
             raise NanoseekError(f"problem {problem.question[:60]!r} does not name the task that scores it")
         return problem.task.score(answer, problem)
+
+    def same_answer(self, a: str, b: str, problem: Problem) -> bool:
+        if problem.task is None or isinstance(problem.task, MixTask):
+            raise NanoseekError(f"problem {problem.question[:60]!r} does not name the task that scores it")
+        return problem.task.same_answer(a, b, problem)
 
     @property
     def tasks(self) -> list[Task]:
