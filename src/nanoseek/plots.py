@@ -49,7 +49,7 @@ def r1zero_figure(records: list[dict], out: str | Path, control: float | None = 
     fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps, acc = series(records, "acc")
     if steps:
-        acc_ax.plot(steps, acc, color="tab:blue", alpha=0.3, lw=1, label="sampled accuracy by the rule checker (T=1, training)")
+        acc_ax.plot(steps, acc, color="tab:blue", alpha=0.3, lw=1, label="sampled accuracy by the rule checker (training)")
     steps, share = series(records, "reasoning")
     if steps:
         acc_ax.plot(steps, share, color="tab:green", alpha=0.3, lw=1, label="sampled share that reasons (training)")
