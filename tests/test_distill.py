@@ -115,6 +115,27 @@ def test_student_and_data_are_checked_before_the_teacher_is_sampled(student, dat
     assert message in err and "Traceback" not in err
 
 
+def test_a_student_tokenizer_logit_distillation_cannot_use_is_an_error_before_the_teacher_is_sampled(
+        tmp_path, monkeypatch, capsys):
+    """kd_weight > 0 compares logits id by id: a student checkpoint with another vocabulary was found
+    out by SFT, after the teacher had been sampled (minutes at real size)."""
+    docs = [f"What is {a} + {b}? {a + b}" for a in range(10) for b in range(10)]
+    for name, extra in (("teacher", []), ("student", ["quokka zebra " * 20] * 50)):
+        tok = train_tokenizer(docs * 5 + extra, 300)
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny", vocab_size=tok.vocab_size, n_routed_experts=0, num_nextn_predict_layers=0))
+        nanoseek.save_model(model, tmp_path / name, tokenizer=tok)
+    monkeypatch.setattr(distill, "sample_traces", lambda cfg: pytest.fail("sampled the teacher before the check"))
+    argv = ["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+            f"out_dir={tmp_path / 'run'}", "task=digit_sum"]
+    assert cli_main([*argv, "kd_weight=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "logit distillation needs the teacher's tokenizer" in err and "Traceback" not in err
+    # without logit distillation the student reads the traces' text with its own tokenizer: no check
+    with pytest.raises(pytest.fail.Exception, match="sampled the teacher"):
+        cli_main([*argv, "kd_weight=0"])
+
+
 def memorise(model, examples, max_steps: int = 400):
     """Overfit `model` on the completions of a few (ids, mask) examples (~100 steps)."""
     T = max(len(ids) for ids, _ in examples)

@@ -201,6 +201,9 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
     # what SFT would find wrong only after the teacher has been sampled (minutes at real size)
     stage.check_init(cfg.init, "--student")
     sft.check_data_files(cfg.data)
+    sft_cfg = student_config(cfg)
+    if sft_cfg.kd_weight > 0:
+        sft.check_teacher_tokenizer(sft_cfg, sft.load_tokenizer(sft_cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -213,11 +216,6 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
         raise ConfigError(f"the teacher passed none of {summary['samples']} samples; nothing to distil "
                           "(raise num_prompts / samples_per_prompt, or check the teacher with `nanoseek eval`)")
 
-    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    sft_cfg = SFTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in sft_fields})
-    sft_cfg.data = [*cfg.data, str(cfg.dataset_path)]
-    if not cfg.tokenizer and not Path(cfg.init).is_dir():
-        sft_cfg.tokenizer = cfg.teacher  # a student built from a preset speaks the teacher's tokenizer
     path = sft.train(sft_cfg, resume=resume)
 
     if cfg.eval_n:
@@ -227,6 +225,16 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
         print("student: " + format_report(evaluate(path, task=task, n=cfg.eval_n, seed=cfg.seed,
                                                     max_tokens=cfg.max_new_tokens)), flush=True)
     return path
+
+
+def student_config(cfg: DistillConfig) -> SFTConfig:
+    """The SFT run of the student: the traces (plus any `data` files) and the student's tokenizer."""
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    sft_cfg = SFTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in sft_fields})
+    sft_cfg.data = [*cfg.data, str(cfg.dataset_path)]
+    if not cfg.tokenizer and not Path(cfg.init).is_dir():
+        sft_cfg.tokenizer = cfg.teacher  # a student built from a preset speaks the teacher's tokenizer
+    return sft_cfg
 
 
 # ---------------------------------------------------------------- CLI

@@ -338,12 +338,18 @@ def load_tokenizer(cfg: SFTConfig) -> Tokenizer:
     return Tokenizer.from_dir(source)
 
 
-def load_teacher(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device) -> nn.Module:
-    """The frozen model whose logits `kd_weight` distils; its tokenizer must be the student's."""
+def check_teacher_tokenizer(cfg: SFTConfig, tokenizer: Tokenizer) -> None:
+    """Logit distillation compares the teacher's and the student's logits id by id: one vocabulary.
+    Cheap, so distill checks it before it samples the teacher."""
     teacher_tok = Tokenizer.from_dir(cfg.teacher)
     if teacher_tok.tk.get_vocab() != tokenizer.tk.get_vocab():
         raise ConfigError(f"logit distillation needs the teacher's tokenizer; {cfg.teacher} has a different "
                           "vocabulary (set kd_weight=0 to train on its traces only)")
+
+
+def load_teacher(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device) -> nn.Module:
+    """The frozen model whose logits `kd_weight` distils; its tokenizer must be the student's."""
+    check_teacher_tokenizer(cfg, tokenizer)
     teacher = load_model(cfg.teacher, device=device).eval()
     teacher.requires_grad_(False)
     return teacher
