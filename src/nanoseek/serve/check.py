@@ -15,6 +15,9 @@ It starts `nanoseek serve` on a free loopback port as its own process, then
 
 The browser part is optional: without Playwright or Chromium it is skipped with the reason in the
 JSON (`browser.skipped`). The last line printed is the JSON summary.
+
+A failure (the server does not start, a request fails, the chat page shows an error) is one line
+on stderr and exit status 1, and writes no `--json`: the speedrun takes that file for a pass.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from pathlib import Path
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+
+
+class CheckFailed(RuntimeError):
+    """What the check found wrong with the served model: printed as one line, exit status 1."""
 
 
 class BrowserUnavailable(RuntimeError):
@@ -126,14 +133,14 @@ def start_server(model: str, port: int, threads: int | None = None, extra_args: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"nanoseek serve exited with status {server.returncode}")
+            raise CheckFailed(f"nanoseek serve exited with status {server.returncode} (its error is above)")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return server
         except OSError:
             time.sleep(0.3)
     server.terminate()
-    raise RuntimeError(f"nanoseek serve did not answer within {timeout:.0f}s")
+    raise CheckFailed(f"nanoseek serve did not answer within {timeout:.0f}s")
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -147,7 +154,7 @@ def stop_server(server: subprocess.Popen) -> None:
 
 def client_load(base_url: str, question: str, requests: int, concurrency: int, max_tokens: int) -> dict:
     """`requests` streaming chat completions through the official client, `concurrency` at a time."""
-    from openai import OpenAI
+    from openai import APIError, OpenAI
 
     client = OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
@@ -169,10 +176,13 @@ def client_load(base_url: str, question: str, requests: int, concurrency: int, m
         return {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "e2e": time.perf_counter() - t0,
                 "tokens": tokens, "reasoning": reasoning, "content": content}
 
-    one(-1)  # warm up: the first forward pass and the allocator
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(requests)))
+    try:
+        one(-1)  # warm up: the first forward pass and the allocator
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(one, range(requests)))
+    except APIError as e:  # the server answered with an error (or not at all)
+        raise CheckFailed(f"a streaming chat request failed: {e}") from None
     wall = time.perf_counter() - t0
     ttft = sorted(r["ttft"] for r in results)
     return {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens, "wall_s": round(wall, 3),
@@ -195,7 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screenshot", help="PNG of the chat page after the answer (omit: no browser check)")
     ap.add_argument("--json", help="also write the summary to this file")
     args = ap.parse_args(argv)
+    try:
+        summary = run_check(args)
+    except CheckFailed as e:
+        print(f"serve check: failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0
 
+
+def run_check(args) -> dict:
+    """Serve `args.model`, load it through the client, then (with --screenshot) the chat page."""
     port = free_port()
     server = start_server(args.model, port, args.threads)
     base = f"http://127.0.0.1:{port}"
@@ -210,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary["browser"] = browser_check(base + "/", args.question, args.screenshot,
                                                    max_tokens=args.max_tokens)
                 b = summary["browser"]
+                if b["error"]:  # the page caught a failed request and showed it in place of an answer
+                    raise CheckFailed(f"the chat page showed an error: {b['error']}")
                 print(f"chat page: {b['updates']} streamed updates, reasoning shown apart: "
                       f"{b['reasoning_shown_apart']}, answer {b['answer']!r} -> {args.screenshot}", flush=True)
             except BrowserUnavailable as e:
@@ -217,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"chat page: skipped ({e})", flush=True)
     finally:
         stop_server(server)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
