@@ -3,6 +3,7 @@ and its plots are written, a second run skips what is done, and bad input is a c
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,49 @@ def test_the_grm_headline_names_the_largest_k_it_measured(tmp_path):
     assert _headline("grm", tmp_path, {}, {}, grm) == "Voting@4 70.0%, best-of-8 90.0% vs maj@8 80.0%"
     grm["voting"].update({"8": 0.72, "16": 0.75})
     assert _headline("grm", tmp_path, {}, {}, grm).startswith("Voting@8 72.0%")  # the full recipe's headline k
+
+
+def test_sigterm_stops_the_speedrun_like_ctrl_c(tmp_path):
+    """`kill PID` reaches the speedrun alone (Ctrl-C reaches its whole process group): it died at
+    once, with no report, its stage unsignalled and left writing into a dead pipe. Now it passes
+    SIGTERM on to its running stages, waits for them, records them stopped and writes the report."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "sr"
+    driver = f"""
+import os, sys
+from nanoseek import cli, speedrun
+stage = speedrun.Stage("wait", "waits to be stopped", [sys.executable, "-c", "import time; time.sleep(600)"],
+                       result="never.txt")
+speedrun.plan = lambda out, tiny=False, threads=1: [stage]
+start = speedrun.Runner.start
+def start_and_say(self, stage, progress):  # tell the test the stage runs, and its pid
+    start(self, stage, progress)
+    os.write(2, f"started {{self.running[stage.name].proc.pid}}\\n".encode())
+speedrun.Runner.start = start_and_say
+sys.exit(cli.main(["speedrun", "--tiny", "--out", {str(out)!r}]))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    line = proc.stderr.readline()  # blocks until the stage runs (or the driver ended: "")
+    stage_pid = int(line.split()[1]) if line.startswith("started") else None
+    try:
+        assert stage_pid, line + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+        state = json.loads((out / "speedrun.json").read_text())["stages"]["wait"]
+        assert state["status"] == "stopped"
+        assert "| wait | stopped |" in (out / "report.md").read_text()
+        with pytest.raises(ProcessLookupError):  # the stage got SIGTERM and is gone (and reaped)
+            os.kill(stage_pid, 0)
+    finally:
+        proc.kill()
+        if stage_pid:
+            try:
+                os.kill(stage_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

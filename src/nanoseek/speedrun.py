@@ -13,7 +13,8 @@ Re-running the same command skips the stages that finished (a training stage is 
 run directory holds a checkpoint that reached max_steps; any other stage when its result file
 exists) and resumes an interrupted training stage with `--resume`. Ctrl-C is safe at any point: it
 reaches every running stage, the training stages save a checkpoint and exit 130, and the speedrun
-writes its report of what is done and exits 130.
+writes its report of what is done and exits 130. SIGTERM (`kill PID`) does the same: the speedrun
+passes it on to the running stages.
 
 At the end `OUT/report.md` (`nanoseek.report`) gathers the stages' own outputs (metrics.jsonl, the
 JSON that eval, info and the checks print, grm_report.json) into one report card with its plots,
@@ -271,6 +272,7 @@ class Runner:
         progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
                             TextColumn("{task.fields[info]:>16}"), TimeElapsedColumn(), TextColumn("eta"),
                             TimeRemainingColumn(), console=self.console, transient=False, refresh_per_second=4)
+        previous = self.take_sigterm()
         try:
             with progress:
                 while pending or self.running:
@@ -317,7 +319,26 @@ class Runner:
                 self.record(job.stage.name, status="stopped", seconds=self.elapsed(job))
                 job.log.close()
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return 1 if failed else 0
+
+    def take_sigterm(self):
+        """Make SIGTERM stop the speedrun as Ctrl-C does. Ctrl-C reaches the stages too (one process
+        group); `kill PID` (or `timeout`) reaches the speedrun alone, which died on it at once: no
+        report, and its stages, their output pipe gone, died without saving. Returns the handler
+        it replaced (None off the main thread, where signals cannot be taken)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def stop(signum, frame):
+            for job in self.running.values():
+                if job.proc.returncode is None:  # not reaped yet: the pid is still the stage's
+                    os.kill(job.proc.pid, signal.SIGTERM)  # a training stage saves, then exits 130
+            raise KeyboardInterrupt
+
+        return signal.signal(signal.SIGTERM, stop)
 
     def blocked(self, stage: Stage) -> str | None:
         """"wait" while a stage it needs has not settled; a reason when it cannot run; None to go."""
