@@ -2,6 +2,7 @@
 and its plots are written, a second run skips what is done, and bad input is a clear error."""
 
 import json
+import time
 import os
 from pathlib import Path
 
@@ -210,3 +211,29 @@ sys.exit(cli.main(["speedrun", "--tiny", "--out", {str(out)!r}]))
                 os.kill(stage_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_resumed_stage_counts_the_cpu_time_of_its_stopped_attempt(tmp_path):
+    """Wall time adds up over a stopped attempt and the one resuming it; CPU time did not: Ctrl-C
+    recorded no CPU time, so the card showed e.g. wall 11s, CPU 4s (the last attempt's alone)."""
+    import io
+    import threading
+    import types
+
+    from nanoseek.speedrun import Job, Runner, Stage
+
+    stage = Stage("x", "a stage", ["true"], result="x.txt")
+    runner = Runner(tmp_path, [stage], skip=set(), jobs=1)
+    first = Job(stage, types.SimpleNamespace(returncode=130), io.StringIO(), task=0, start=time.monotonic() - 6.0)
+    first.cpu = 4.0
+    runner.stopped(first)  # what Ctrl-C records
+    assert runner.state["stages"]["x"]["cpu_seconds"] == 4.0
+
+    spent = runner.state["stages"]["x"]["seconds"]
+    second = Job(stage, types.SimpleNamespace(returncode=0), io.StringIO(), task=0, start=time.monotonic(),
+                 spent_before=spent)  # as start() resumes it
+    second.cpu, second.reader = 3.0, threading.Thread(target=lambda: None)
+    second.reader.start()
+    (tmp_path / "x.txt").write_text("")
+    assert runner.finish(second, 0, FakeProgress())
+    assert runner.state["stages"]["x"]["cpu_seconds"] == 7.0 and runner.state["stages"]["x"]["seconds"] >= 6.0

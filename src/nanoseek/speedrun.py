@@ -316,7 +316,7 @@ class Runner:
                 if job.proc.returncode is None:
                     job.proc.kill()
                     self.poll(job, block=True)
-                self.record(job.stage.name, status="stopped", seconds=self.elapsed(job))
+                self.stopped(job)
                 job.log.close()
             raise
         finally:
@@ -412,6 +412,15 @@ class Runner:
     def elapsed(self, job: Job) -> float:
         return job.spent_before + time.monotonic() - job.start
 
+    def cpu_seconds(self, job: Job) -> float:
+        """The stage's CPU time, like its wall time (`elapsed`) over the attempts this one resumes."""
+        before = self.state["stages"].get(job.stage.name, {}).get("cpu_seconds", 0.0) if job.spent_before else 0.0
+        return before + getattr(job, "cpu", 0.0)
+
+    def stopped(self, job: Job) -> None:
+        """Record a stage Ctrl-C stopped, with its wall and CPU time so far: a resumed attempt adds to both."""
+        self.record(job.stage.name, status="stopped", seconds=self.elapsed(job), cpu_seconds=self.cpu_seconds(job))
+
     def poll(self, job: Job, block: bool = False):
         """The exit status once the stage ended (with its CPU time recorded), else None."""
         if job.proc.returncode is not None:
@@ -427,8 +436,7 @@ class Runner:
         """Record how the stage ended; False when it failed."""
         job.reader.join(timeout=10)
         stage, seconds = job.stage, self.elapsed(job)
-        cpu = self.state["stages"].get(stage.name, {}).get("cpu_seconds", 0.0) if job.spent_before else 0.0
-        cpu += getattr(job, "cpu", 0.0)
+        cpu = self.cpu_seconds(job)
         job.log.close()
         progress.remove_task(job.task)
         ok = code == 0 or (code == 130 and job.interrupted_by_us)
