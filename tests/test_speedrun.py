@@ -237,3 +237,13 @@ def test_a_resumed_stage_counts_the_cpu_time_of_its_stopped_attempt(tmp_path):
     (tmp_path / "x.txt").write_text("")
     assert runner.finish(second, 0, FakeProgress())
     assert runner.state["stages"]["x"]["cpu_seconds"] == 7.0 and runner.state["stages"]["x"]["seconds"] >= 6.0
+
+
+def test_rewriting_the_report_of_a_directory_without_a_speedrun_is_a_clear_error(tmp_path, capsys):
+    """`python -m nanoseek.report DIR` on a directory no speedrun wrote was a FileNotFoundError traceback."""
+    from nanoseek import report
+
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no readable {tmp_path / 'speedrun.json'}" in err and "Traceback" not in err
+    assert not (tmp_path / "report.md").exists()

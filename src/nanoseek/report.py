@@ -357,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     from nanoseek.speedrun import STATE_FILE, plan
 
     out = Path((argv or sys.argv[1:] or ["runs/speedrun"])[0]).resolve()
-    state = json.loads((out / STATE_FILE).read_text())
+    state = _json(out / STATE_FILE)
+    if not isinstance(state, dict):  # a wrong directory (or none given): one line, as the CLI's errors are
+        print(f"python -m nanoseek.report: error: no readable {out / STATE_FILE}; name the --out directory "
+              "of a `nanoseek speedrun`", file=sys.stderr)
+        return 2
     report = write_report(out, plan(out, state.get("tiny", False)), state, tiny=state.get("tiny", False))
     Console().print(report.summary)
     print(report.path)
