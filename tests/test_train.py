@@ -420,10 +420,14 @@ def test_a_fresh_run_in_a_used_out_dir_is_a_clear_error(corpus, tmp_path, monkey
     assert f"out_dir={tmp_path} already holds" in err and "--resume" in err and "Traceback" not in err
 
 
-def test_sigterm_on_a_save_step_writes_its_checkpoint_once(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigterms", [1, 2])
+def test_sigterm_on_a_save_step_writes_its_checkpoint_once(sigterms, corpus, tmp_path, monkeypatch):
+    # twice: a scheduler signals the whole process group and a parent (the speedrun, torchrun) passes
+    # its own on; a repeated SIGTERM must not turn into "stop at once, unsaved" as a second Ctrl-C does
     def terminate_at_step_2(model, gamma):
         if len(steps) == 1:
-            signal.raise_signal(signal.SIGTERM)
+            for _ in range(sigterms):
+                signal.raise_signal(signal.SIGTERM)
         steps.append(1)
         return original(model, gamma)
 

@@ -426,7 +426,9 @@ def _duration(seconds: float) -> str:
 
 class _StopSignal:
     """Turns the first SIGINT / SIGTERM into a request to stop after the current step (the loop
-    then saves a checkpoint); a second Ctrl-C interrupts at once."""
+    then saves a checkpoint); a second Ctrl-C interrupts at once. A repeated SIGTERM does not: a
+    scheduler signals the whole process group while a parent (the speedrun, torchrun) passes its
+    own on, so one stop request often arrives twice."""
 
     def __init__(self):
         self.requested = False
@@ -441,10 +443,12 @@ class _StopSignal:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
-              "(again to stop at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
