@@ -490,3 +490,17 @@ def test_cli_reports_config_errors(capsys):
     assert cli_main(["pretrain", "--config", str(TINY), "max_stepz=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'max_stepz'" in err and "max_steps" in err and "Traceback" not in err
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_read_and_resume(tmp_path):
+    from nanoseek.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.write({"step": step, "loss": 1.0 / step})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # killed in the middle of a write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    logger.truncate_after(2)  # a resume from checkpoint-2
+    logger.write({"step": 3, "loss": 0.3})
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]

@@ -16,19 +16,12 @@ matplotlib is optional (the `rl` extra lists it): without it the figure is skipp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from nanoseek.train.metrics import read_metrics
+
 FIGURE_NAME = "r1zero.png"
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl (a run directory or the file itself), in order."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -39,7 +39,7 @@ def _json(path: Path) -> dict | None:
 
 
 def _records(run: Path) -> list[dict]:
-    from nanoseek.plots import read_metrics
+    from nanoseek.train.metrics import read_metrics
 
     return read_metrics(run) if (run / "metrics.jsonl").is_file() else []
 

@@ -51,7 +51,7 @@ class MetricsLogger:
         """Drop records with a step > `step` (a resumed run rewrites what came after its checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [json.dumps(r) for r in parse_records(self.path.read_text()) if r["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a crash mid-write keeps the old file
 
     def close(self) -> None:
@@ -59,7 +59,21 @@ class MetricsLogger:
             self.tb.close()
 
 
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl."""
-    path = Path(out_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (the run directory or the file itself), in order."""
+    path = Path(path)
+    return parse_records((path / METRICS_FILE if path.is_dir() else path).read_text())
+
+
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """metrics.jsonl's records. A last line that does not parse is dropped: a run killed in the
+    middle of a write leaves one (its resume truncates the file back to its checkpoint)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
