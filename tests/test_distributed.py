@@ -41,9 +41,9 @@ def overrides(out_dir, corpus):
             "save_every=4", "keep_checkpoints=0", "threads=1"]
 
 
-def torchrun(*args: str) -> None:
+def torchrun(*args: str, stage: tuple[str, ...] = ("pretrain", "--config", str(TINY))) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "nanoseek.cli", "pretrain", "--config", str(TINY), *args]
+           "-m", "nanoseek.cli", *stage, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -76,5 +76,35 @@ def test_fsdp_resumes_a_checkpoint_and_matches(single, corpus, tmp_path):
     torchrun(*overrides(tmp_path, corpus), "parallel=fsdp", "--resume-from", str(single / "checkpoint-4"))
     assert step_losses(tmp_path) == pytest.approx(step_losses(single)[4:], rel=1e-4)
     a, b = read_tensors(single / "latest"), read_tensors(tmp_path / "latest")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_sft_of_a_deepseek_checkpoint_under_ddp_matches_one_process(tmp_path):
+    """mtp_lambda=0 (the default) computes the MTP loss without training it: DDP then waits for
+    gradients the MTP modules never get, unless they are frozen."""
+    import random
+
+    import nanoseek
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.train import sft
+    from nanoseek.train.sft import SFTConfig
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"{a} + {b} =", "completion": f" {a + b}"} for a, b in
+            ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(40))]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tokenizer([r["prompt"] + r["completion"] for r in rows], 300)
+    torch.manual_seed(0)
+    nanoseek.save_model(Transformer(nanoseek.config.preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "v3",
+                        tokenizer=tok)
+    args = [f"init={tmp_path / 'v3'}", f"data={tmp_path / 'data.jsonl'}", "seq_len=32", "batch_size=4",
+            "max_steps=3", "eval_every=0", "sample_every=0", "tensorboard=false", "threads=1",
+            "bias_gamma=0"]  # the expert-load counts include padding, which depends on the micro-batch
+    sft.train(load_run_config(SFTConfig, None, [*args, f"out_dir={tmp_path / 'one'}"]))
+    torchrun(*args, f"out_dir={tmp_path / 'two'}", stage=("sft",))
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-4)
+    a, b = read_tensors(tmp_path / "one" / "latest"), read_tensors(tmp_path / "two" / "latest")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)

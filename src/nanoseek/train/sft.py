@@ -398,6 +398,10 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
     val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)
                    for i in range(0, len(val_rows), micro_batch)][: cfg.eval_batches]
     model = stage_model(cfg.init, tokenizer, cfg.model, cfg.seq_len).to(env.device)
+    if cfg.mtp_lambda == 0:
+        # the MTP loss is computed but not trained: frozen, the modules stay as they are, and DDP does not
+        # wait for their gradients (it fails the second step when a parameter gets none)
+        model.mtp_layers.requires_grad_(False)
     teacher = load_teacher(cfg, tokenizer, env.device) if cfg.kd_weight > 0 else None
     if env.is_main:
         targets = sum(sum(ex.mask) for ex in train_examples)
