@@ -53,6 +53,10 @@ def step_losses(run):
     return [r["loss"] for r in read_metrics(run) if "loss" in r]
 
 
+def unigram_eval_loss(run):
+    return next(r["unigram_eval_loss"] for r in read_metrics(run) if "unigram_eval_loss" in r)
+
+
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
@@ -65,6 +69,8 @@ def test_two_ranks_ddp_match_one_process(single, corpus, tmp_path):
     one, two = step_losses(single), step_losses(tmp_path)
     assert len(one) == len(two) == 8
     assert two == pytest.approx(one, rel=1e-4)
+    # the unigram baseline of val_loss covers the same windows: both ranks' val batches
+    assert unigram_eval_loss(tmp_path) == pytest.approx(unigram_eval_loss(single), rel=1e-9)
     a, b = read_tensors(single / "latest"), read_tensors(tmp_path / "latest")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)

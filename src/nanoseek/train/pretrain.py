@@ -49,7 +49,7 @@ from nanoseek.model.transformer import Transformer, documents_of
 from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
 from nanoseek.train import stage
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.distributed import DistEnv, barrier, seed_everything
+from nanoseek.train.distributed import DistEnv, barrier, gather_objects, seed_everything
 from nanoseek.train.stage import run_stage, sample_text, stage_model
 from nanoseek.train.trainer import Trainer, batch_plan, evaluate_loss
 
@@ -117,9 +117,11 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
                   f"{len(model.mtp_layers)} MTP | batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} "
                   f"x {accum} accumulation x {env.world_size} ranks | {cfg.max_steps} steps", flush=True)
         if trainer.step == 0:
+            # the windows val_loss covers are every rank's val_batches, not rank 0's alone
+            eval_targets = [t for rank_targets in gather_objects([t for _, t in val_batches]) for t in rank_targets]
             if env.is_main:
                 trainer.log({"unigram_val_loss": unigram_loss(data_dir),  # over the whole val split
-                             "unigram_eval_loss": unigram_loss(data_dir, [t for _, t in val_batches])}, console=True)
+                             "unigram_eval_loss": unigram_loss(data_dir, eval_targets)}, console=True)
             validate(trainer, val_batches, bos_id)
 
         # ---- the loop
