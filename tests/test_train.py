@@ -22,13 +22,13 @@ from nanoseek.checkpoint import read_tensors
 from nanoseek.cli import main as cli_main
 from nanoseek.config import preset
 from nanoseek.errors import CheckpointError, ConfigError
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.train import checkpointing, pretrain
 from nanoseek.train.checkpointing import list_checkpoints
 from nanoseek.train.config import TrainConfig, load_run_config
 from nanoseek.train.distributed import DistEnv
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.trainer import Trainer, batch_plan, build_optimizer, lr_at
+from nanoseek.train.trainer import Trainer, batch_plan, build_optimizer, evaluate_loss, lr_at
 from nanoseek.train.pretrain import PretrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -209,6 +209,19 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_validation_loss_is_the_mean_over_all_target_tokens():
+    """SFT batches hold different numbers of targets: each target token weighs the same, so the
+    value does not depend on how the rows are cut into micro-batches (or ranks)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64)).eval()
+    inputs, labels = torch.randint(2, 64, (3, 8)), torch.randint(2, 64, (3, 8))
+    labels[0, 2:] = IGNORE_INDEX  # row 0 has 2 targets, rows 1 and 2 have 8 each
+    with torch.no_grad():
+        whole = model(inputs, labels=labels, logits=False).loss.item()  # the mean over all 18 targets
+    split = evaluate_loss(model, [(inputs[:1], labels[:1]), (inputs[1:], labels[1:])], DistEnv())
+    assert split == pytest.approx(whole, rel=1e-5)
 
 
 def test_batch_plan_errors():

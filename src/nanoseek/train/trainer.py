@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from nanoseek.checkpoint import check_state_dict
+from nanoseek.model.decoder import IGNORE_INDEX
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
@@ -466,18 +467,27 @@ def _in_main_thread() -> bool:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
                   autocast=nullcontext, documents: Callable | None = None) -> float:
-    """Mean next-token loss of `model` over (inputs, targets) batches, averaged over ranks.
-    `documents(inputs)`: the document index of each token, for models trained with document masks.
+    """Mean next-token loss of `model` over the target tokens (labels != IGNORE_INDEX) of all
+    ranks' (inputs, labels) batches. `documents(inputs)`: the document index of each token, for
+    models trained with document masks.
 
-    Run every rank with its own equal share of the batches (the loader's rank split does that).
+    A token mean, not a mean of batch means: SFT batches hold different numbers of targets, and a
+    mean of batch means would weigh a token by how many others share its batch, so the value would
+    change with micro_batch_size and the number of ranks. Run every rank with its own equal number
+    of batches (the loaders' rank splits do that): under FSDP each forward is a collective.
     """
     was_training = model.training
     model.eval()
-    total = torch.zeros((), device=env.device)
-    for inputs, targets in batches:
-        inputs = inputs.to(env.device)
+    total = torch.zeros((), dtype=torch.float64, device=env.device)  # summed loss of the targets
+    count = torch.zeros((), dtype=torch.float64, device=env.device)  # number of targets
+    for inputs, labels in batches:
+        inputs, labels = inputs.to(env.device), labels.to(env.device)
         extra = {"documents": documents(inputs)} if documents else {}
         with autocast():
-            total += model(inputs, labels=targets.to(env.device), logits=False, **extra).loss.float()
+            loss = model(inputs, labels=labels, logits=False, **extra).loss.double()  # mean over its targets
+        n = (labels != IGNORE_INDEX).sum()
+        total += torch.where(n > 0, loss * n, 0.0)  # a batch without targets has a NaN mean
+        count += n
     model.train(was_training)
-    return sum_over_ranks(env, [total])[0] / env.world_size / max(1, len(batches))
+    total, count = sum_over_ranks(env, [total, count])
+    return total / max(1.0, count)
