@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.checkpoint import read_tensors
 from nanoseek.cli import main as cli_main
 from nanoseek.config import preset
 from nanoseek.data.tasks import get_task, r1zero_completion, r1zero_prompt
@@ -56,10 +57,11 @@ def test_task_args_set_the_difficulty_of_the_distillation_prompts():
     assert sampling_recipe(cfg)["task_args"] == {"min_terms": 5, "max_terms": 5}
 
 
-def test_distill_end_to_end(tmp_path):
-    """A tiny DeepSeek-V3 teacher that has memorised worked solutions to a few problems (some of
-    them wrong), sampled by the engine; only verified traces reach the jsonl; a student-tiny is
-    fine-tuned on them with logit distillation; the result is a Llama checkpoint that loads."""
+@pytest.fixture(scope="module")
+def memorised_teacher(tmp_path_factory):
+    """A tiny DeepSeek-V3 teacher in <dir>/teacher that has memorised worked solutions to the
+    4 problems of a jsonl task, the last one's answer wrong. Returns (dir, task name, problems)."""
+    tmp_path = tmp_path_factory.mktemp("teacher")
     rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 5)]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task_name = f"jsonl:{tmp_path / 'task.jsonl'}"
@@ -74,11 +76,23 @@ def test_distill_end_to_end(tmp_path):
     torch.manual_seed(0)
     # MLA with dense FFNs: it memorises in a few seconds (routing makes tiny MoEs slow learners)
     teacher = Transformer(preset("tiny", vocab_size=tok.vocab_size, n_routed_experts=0, num_nextn_predict_layers=0))
-    memorise(teacher, [tokenize_prompt_completion(p, c, tok) for p, c in docs])
+    threads = torch.get_num_threads()  # a module fixture runs before the one_thread fixture
+    torch.set_num_threads(1)
+    try:
+        memorise(teacher, [tokenize_prompt_completion(p, c, tok) for p, c in docs])
+    finally:
+        torch.set_num_threads(threads)
     nanoseek.save_model(teacher, tmp_path / "teacher", tokenizer=tok)
+    return tmp_path, task_name, problems
 
+
+def test_distill_end_to_end(memorised_teacher, tmp_path):
+    """A tiny DeepSeek-V3 teacher that has memorised worked solutions to a few problems (some of
+    them wrong), sampled by the engine; only verified traces reach the jsonl; a student-tiny is
+    fine-tuned on them with logit distillation; the result is a Llama checkpoint that loads."""
+    teacher_dir, task_name, problems = memorised_teacher
     out = tmp_path / "run"
-    cli_main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", "student-tiny", "--task", task_name,
+    cli_main(["distill", "--teacher", str(teacher_dir / "teacher"), "--student", "student-tiny", "--task", task_name,
               f"out_dir={out}", "num_prompts=4", "samples_per_prompt=3", "temperature=0.5", "max_new_tokens=24",
               "kd_weight=0.5", "max_steps=3", "batch_size=2", "seq_len=128", "val_fraction=0", "warmup_steps=1",
               "tensorboard=false", "threads=1"])
@@ -97,7 +111,7 @@ def test_distill_end_to_end(tmp_path):
     assert problems[3].question not in {row["metadata"]["question"] for row in traces}
 
     student = nanoseek.load_model(out / "latest")
-    assert isinstance(student, DenseTransformer) and student.config.vocab_size == tok.vocab_size
+    assert isinstance(student, DenseTransformer) and student.config.vocab_size == student_vocab(teacher_dir)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in m for m in metrics)
 
@@ -108,7 +122,7 @@ def test_distill_end_to_end(tmp_path):
 ])
 def test_student_and_data_are_checked_before_the_teacher_is_sampled(student, data, message, tmp_path, monkeypatch,
                                                                     capsys):
-    monkeypatch.setattr(distill, "sample_traces", lambda cfg: pytest.fail("sampled the teacher before the check"))
+    monkeypatch.setattr(distill, "sample_traces", lambda *args: pytest.fail("sampled the teacher before the check"))
     assert cli_main(["distill", "--teacher", str(tmp_path), "--student", student, f"out_dir={tmp_path / 'run'}",
                      f"data={json.dumps(data)}"]) == 2
     err = capsys.readouterr().err
@@ -125,7 +139,7 @@ def test_a_student_tokenizer_logit_distillation_cannot_use_is_an_error_before_th
         torch.manual_seed(0)
         model = Transformer(preset("tiny", vocab_size=tok.vocab_size, n_routed_experts=0, num_nextn_predict_layers=0))
         nanoseek.save_model(model, tmp_path / name, tokenizer=tok)
-    monkeypatch.setattr(distill, "sample_traces", lambda cfg: pytest.fail("sampled the teacher before the check"))
+    monkeypatch.setattr(distill, "sample_traces", lambda *args: pytest.fail("sampled the teacher before the check"))
     argv = ["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
             f"out_dir={tmp_path / 'run'}", "task=digit_sum"]
     assert cli_main([*argv, "kd_weight=0.5"]) == 2
@@ -134,6 +148,10 @@ def test_a_student_tokenizer_logit_distillation_cannot_use_is_an_error_before_th
     # without logit distillation the student reads the traces' text with its own tokenizer: no check
     with pytest.raises(pytest.fail.Exception, match="sampled the teacher"):
         cli_main([*argv, "kd_weight=0"])
+
+
+def student_vocab(teacher_dir) -> int:
+    return nanoseek.tokenizer.Tokenizer.from_dir(teacher_dir / "teacher").vocab_size
 
 
 def memorise(model, examples, max_steps: int = 400):
@@ -151,3 +169,28 @@ def memorise(model, examples, max_steps: int = 400):
         opt.step()
         opt.zero_grad()
     raise AssertionError(f"the teacher did not memorise its lesson (loss {loss.item():.3f})")
+
+
+def test_ranks_share_the_teacher_sampling_and_train_the_same_student(memorised_teacher, tmp_path):
+    """Under torchrun each rank samples its share of the prompts, each with the prompt's own seed,
+    and rank 0 alone writes the dataset (it was every rank sampling every prompt, and writing)."""
+    import subprocess
+    import sys
+
+    teacher_dir, task_name, _ = memorised_teacher
+    args = ["distill", "--teacher", str(teacher_dir / "teacher"), "--student", "student-tiny", "--task", task_name,
+            "num_prompts=4", "samples_per_prompt=3", "temperature=0.5", "max_new_tokens=24", "max_steps=2",
+            "batch_size=2", "seq_len=128", "val_fraction=0", "warmup_steps=1", "tensorboard=false", "threads=1"]
+    cli_main([*args, f"out_dir={tmp_path / 'one'}"])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "nanoseek.cli", *args, f"out_dir={tmp_path / 'two'}"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("sampling 3 traces") == 1
+    assert (tmp_path / "two" / "traces.jsonl").read_text() == (tmp_path / "one" / "traces.jsonl").read_text()
+    one, two = (json.loads((tmp_path / run / "traces.summary.json").read_text()) for run in ("one", "two"))
+    for key in ("samples", "verified", "rows", "generated_tokens"):
+        assert one[key] == two[key]
+    a, b = read_tensors(tmp_path / "one" / "latest"), read_tensors(tmp_path / "two" / "latest")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)

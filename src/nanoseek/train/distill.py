@@ -45,6 +45,7 @@ from nanoseek.errors import ConfigError
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.tokenizer import THINK_START
 from nanoseek.train import sft, stage
+from nanoseek.train.distributed import DistEnv, barrier, gather_objects, setup_distributed, teardown_distributed
 from nanoseek.train.sft import SFTConfig
 
 
@@ -109,30 +110,36 @@ def distill_problems(cfg: DistillConfig) -> tuple[Task, list[Problem]]:
     return task, task.problems(cfg.num_prompts, seed=cfg.seed, split="train")
 
 
-def sample_traces(cfg: DistillConfig) -> dict:
+def sample_traces(cfg: DistillConfig, env: DistEnv | None = None) -> dict:
     """Sample the teacher, keep the verified traces, write them (and a summary) atomically.
-    Returns the summary: the recipe plus counts and timings."""
+    Returns the summary: the recipe plus counts and timings.
+
+    Under torchrun (`env`) each rank samples every world_size-th prompt on its own device, with
+    the prompt's own seed as one process would, and rank 0 writes what they all kept, in prompt order."""
     from nanoseek.inference.engine import LLM
     from nanoseek.inference.sampling import SamplingParams
 
+    env = env or DistEnv()
     task, problems = distill_problems(cfg)
-    prompts = [prompt_of(p) for p in problems]
+    mine = range(env.rank, len(problems), env.world_size)  # indices of this rank's prompts
+    prompts = [prompt_of(problems[i]) for i in mine]
     params = [SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_new_tokens, seed=derive_seed("distill", cfg.seed, i))
-              for i in range(len(problems))]
-    llm = LLM(cfg.teacher, max_num_seqs=cfg.max_num_seqs, block_size=16)
-    print(f"sampling {cfg.samples_per_prompt} traces for each of {len(problems)} {task.name} prompts "
-          f"from {cfg.teacher} (temperature {cfg.temperature}, at most {cfg.max_new_tokens} tokens)", flush=True)
+              for i in mine]
+    llm = LLM(cfg.teacher, max_num_seqs=cfg.max_num_seqs, block_size=16, device=str(env.device))
+    if env.is_main:
+        print(f"sampling {cfg.samples_per_prompt} traces for each of {len(problems)} {task.name} prompts "
+              f"from {cfg.teacher} (temperature {cfg.temperature}, at most {cfg.max_new_tokens} tokens)", flush=True)
 
     t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params) if prompts else []
     seconds = time.perf_counter() - t0
 
-    rows, verified, covered, generated_tokens = [], 0, 0, 0
-    for problem, prompt, out in zip(problems, prompts, outputs):
-        kept = set()
+    results = {}  # prompt index -> (its kept rows, verified samples, generated tokens)
+    for i, prompt, out in zip(mine, prompts, outputs):
+        problem, kept, rows, verified, tokens = problems[i], set(), [], 0, 0
         for sample in out.outputs:
-            generated_tokens += len(sample.token_ids)
+            tokens += len(sample.token_ids)
             rewards = verify(sample.text, problem)
             if not is_verified(rewards):
                 continue
@@ -145,7 +152,15 @@ def sample_traces(cfg: DistillConfig) -> dict:
                 "task": task_name, "question": problem.question, "answer": problem.answer,
                 "sample": sample.index, "teacher": str(cfg.teacher), "rewards": rewards,
                 "finish_reason": sample.finish_reason, "completion_tokens": len(sample.token_ids)}))
-        covered += bool(kept)
+        results[i] = (rows, verified, tokens)
+    gathered = gather_objects((results, seconds))
+    for other, _ in gathered:
+        results.update(other)
+    seconds = max(t for _, t in gathered)  # the ranks sample side by side
+    rows = [row for i in range(len(problems)) for row in results[i][0]]
+    verified = sum(v for _, v, _ in results.values())
+    generated_tokens = sum(t for _, _, t in results.values())
+    covered = sum(bool(r) for r, _, _ in results.values())
 
     total = len(problems) * cfg.samples_per_prompt
     summary = {
@@ -155,15 +170,17 @@ def sample_traces(cfg: DistillConfig) -> dict:
         "generated_tokens": generated_tokens, "seconds": round(seconds, 1),
         "tokens_per_s": round(generated_tokens / max(seconds, 1e-9), 1),
     }
-    path = cfg.dataset_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-    summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the dataset complete
-    print(f"kept {len(rows)} traces ({verified} of {total} samples verified, {covered} of {len(problems)} prompts "
-          f"covered) -> {path} | {generated_tokens:,} tokens in {seconds:.0f}s "
-          f"({summary['tokens_per_s']:.0f} tok/s)", flush=True)
+    if env.is_main:
+        path = cfg.dataset_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        tmp.replace(path)
+        summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the dataset complete
+        print(f"kept {len(rows)} traces ({verified} of {total} samples verified, {covered} of {len(problems)} prompts "
+              f"covered) -> {path} | {generated_tokens:,} tokens in {seconds:.0f}s "
+              f"({summary['tokens_per_s']:.0f} tok/s)", flush=True)
+    barrier()  # the dataset is on disk before any rank reads it
     return summary
 
 
@@ -207,18 +224,24 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    summary = existing_traces(cfg)
-    if summary is not None:
-        print(f"reusing {cfg.dataset_path}: {summary['rows']} traces of the same recipe", flush=True)
-    else:
-        summary = sample_traces(cfg)
-    if summary["rows"] == 0:
-        raise ConfigError(f"the teacher passed none of {summary['samples']} samples; nothing to distil "
-                          "(raise num_prompts / samples_per_prompt, or check the teacher with `nanoseek eval`)")
+    # under torchrun the ranks share the teacher's prompts; sft.train then trains in this process group
+    env = setup_distributed(cfg.device)
+    try:
+        summary = existing_traces(cfg)
+        if summary is not None:
+            if env.is_main:
+                print(f"reusing {cfg.dataset_path}: {summary['rows']} traces of the same recipe", flush=True)
+        else:
+            summary = sample_traces(cfg, env)
+        if summary["rows"] == 0:
+            raise ConfigError(f"the teacher passed none of {summary['samples']} samples; nothing to distil "
+                              "(raise num_prompts / samples_per_prompt, or check the teacher with `nanoseek eval`)")
 
-    path = sft.train(sft_cfg, resume=resume)
+        path = sft.train(sft_cfg, resume=resume)
+    finally:
+        teardown_distributed()
 
-    if cfg.eval_n:
+    if cfg.eval_n and env.is_main:
         from nanoseek.eval import evaluate, format_report
 
         task = get_task(cfg.task, **cfg.task_args)
