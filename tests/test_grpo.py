@@ -302,3 +302,22 @@ def test_completions_without_advantage_are_left_out_of_an_unchanged_update(base,
     assert all(0 < t < 1 for t in trained), trained
     for key in skipped:
         torch.testing.assert_close(skipped[key], everything[key], atol=1e-6, rtol=0)
+
+
+def test_two_ranks_sample_and_update_as_one_process(base, tmp_path):
+    """Under torchrun each rank samples its share of the step's prompts, each prompt seeded by its
+    index in the step as one process seeds it, so 2 ranks make one process's update. (A rule
+    reward on a random policy is 0 everywhere: the overlong punishment is what varies here.)"""
+    import os
+    import subprocess
+    import sys
+
+    args = [f"init={base}", "eval_every=0", "save_every=0", "overlong_buffer=12", "max_steps=2"]
+    grpo.train(load_run_config(GRPOConfig, TINY, [*args, f"out_dir={tmp_path / 'one'}"]))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "nanoseek.cli", "rl", "--config", str(TINY), *args, f"out_dir={tmp_path / 'two'}"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    a, b = (load_model(tmp_path / run / "latest").state_dict() for run in ("one", "two"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)

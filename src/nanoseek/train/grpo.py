@@ -67,7 +67,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -268,12 +268,16 @@ class Sample:
     ref_logprobs: list[float] | None = None
 
 
-def sample_groups(llm: LLM, problems: list[Problem], cfg: GRPOConfig, seed: int) -> list[Sample]:
+def sample_groups(llm: LLM, problems: list[Problem], cfg: GRPOConfig, seed: int,
+                  indices: Sequence[int] | None = None) -> list[Sample]:
     """G completions for each problem, in problem order (G consecutive samples per group).
-    Sampling is seeded per prompt from `seed`, so the same policy gives the same samples."""
+    Sampling is seeded per prompt from `seed` and the prompt's index in the step (`indices`: a
+    rank's share of the step's prompts; default 0, 1, ...), so the same policy gives the same
+    samples however the prompts are split over ranks."""
+    indices = range(len(problems)) if indices is None else indices
     params = [SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_completion_length, seed=derive_seed(seed, i), logprobs=0)
-              for i in range(len(problems))]
+              for i in indices]
     outputs = llm.generate([prompt_of(p) for p in problems], params)
     return [Sample(problem, out.prompt_token_ids, c.token_ids, [lp["logprob"] for lp in c.logprobs], c.text,
                    c.finish_reason == "length")
@@ -499,11 +503,12 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
             llm.reset_prefix_cache()
             groups, seen, rounds = [], [], 0
             while len(groups) < prompts_here and rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+                mine = range(env.rank, cfg.prompts_per_step, env.world_size)  # this rank's prompts of the step
                 problems = task.problems(cfg.prompts_per_step, seed=derive_seed(cfg.seed, rollout_index, rounds),
                                          split="train")[env.rank:: env.world_size]
                 with trainer.autocast():  # on a GPU the engine computes in bf16 like the update (fp32 weights)
                     samples = sample_groups(llm, problems, cfg, seed=derive_seed(cfg.seed, rollout_index, rounds,
-                                                                                  "sample"))
+                                                                                  "sample"), indices=mine)
                 # 2. reward
                 score(samples, reward_fn, cfg)
                 round_groups = [samples[i: i + cfg.num_generations] for i in range(0, len(samples), cfg.num_generations)]
