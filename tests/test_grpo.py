@@ -306,8 +306,9 @@ def test_completions_without_advantage_are_left_out_of_an_unchanged_update(base,
 
 def test_two_ranks_sample_and_update_as_one_process(base, tmp_path):
     """Under torchrun each rank samples its share of the step's prompts, each prompt seeded by its
-    index in the step as one process seeds it, so 2 ranks make one process's update. (A rule
-    reward on a random policy is 0 everywhere: the overlong punishment is what varies here.)"""
+    index in the step as one process seeds it, so 2 ranks make one process's update; and the
+    rollout metrics cover both ranks' completions. (A rule reward on a random policy is 0
+    everywhere: the overlong punishment is what varies here.)"""
     import os
     import subprocess
     import sys
@@ -321,3 +322,6 @@ def test_two_ranks_sample_and_update_as_one_process(base, tmp_path):
     a, b = (load_model(tmp_path / run / "latest").state_dict() for run in ("one", "two"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+    keys = ("reward", "reward_std", "len", "truncated", "zero_std_groups", "trained")
+    one, two = ([{k: r[k] for k in keys} for r in read_metrics(tmp_path / run) if "reward" in r] for run in ("one", "two"))
+    assert len(one) == 2 and two == [pytest.approx(r) for r in one]

@@ -84,7 +84,7 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.distributed import DistEnv, barrier, seed_everything, sum_over_ranks
+from nanoseek.train.distributed import DistEnv, barrier, gather_objects, seed_everything, sum_over_ranks
 from nanoseek.train.stage import run_stage, stage_model
 from nanoseek.train.trainer import Trainer
 
@@ -535,7 +535,8 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
                 if iteration == 0:
                     record = rollout_stats(seen, batch, rounds, rollout_s, cfg)
                     record["reference_s"] = reference_s
-                    record["trained"] = len(trained) / len(batch)
+                    trained_n, batch_n = sum_over_ranks(env, [len(trained), len(batch)])
+                    record["trained"] = trained_n / batch_n
                 trainer.log({**record, **stats})
 
             # evaluation, samples, checkpoints and stopping only between rollouts: `steps=cfg.mu`
@@ -551,28 +552,37 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
 
 def rollout_stats(seen: list[list[Sample]], batch: list[Sample], rounds: int, seconds: float,
                   cfg: GRPOConfig) -> dict[str, float]:
-    """What the rollout looked like: rewards, accuracy, format, lengths over every sampled
-    completion (before dynamic sampling's filter), and the share of uninformative groups. Accuracy
-    and format are the rule checkers' even when they are not rewards (e.g. under the GRM)."""
-    samples = [s for g in seen for s in g]
-    rewards = torch.tensor([s.reward for s in samples])
-    lengths = [len(s.completion_ids) for s in samples]
+    """What the rollout looked like over every rank's completions: rewards, accuracy, format,
+    lengths over every sampled completion (before dynamic sampling's filter), and the share of
+    uninformative groups. Accuracy and format are the rule checkers' even when they are not
+    rewards (e.g. under the GRM). Every rank must call it (a gather)."""
+    local = [{"reward": s.reward, "len": len(s.completion_ids), "truncated": s.truncated, "reasoning": reasons(s.text),
+              "acc": s.parts.get("accuracy", accuracy_reward(s.text, s.problem)) == 1.0,
+              "format": s.parts.get("format", format_reward(s.text, s.problem)) == 1.0,
+              **{f"reward_{name}": s.parts[name] for name in cfg.rewards}}
+             for g in seen for s in g]
+    groups = [(not informative(g)) for g in seen]
+    ranks = gather_objects((local, groups, len(batch) // cfg.num_generations, rounds))
+    samples = [row for rows, _, _, _ in ranks for row in rows]
+    zero_std = [z for _, flags, _, _ in ranks for z in flags]
+    rewards = torch.tensor([row["reward"] for row in samples])
+
+    def mean(key: str) -> float:
+        return sum(row[key] for row in samples) / len(samples)
+
     stats = {
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(samples) > 1 else 0.0,
-        "acc": sum(s.parts.get("accuracy", accuracy_reward(s.text, s.problem)) == 1.0 for s in samples) / len(samples),
-        "format": sum(s.parts.get("format", format_reward(s.text, s.problem)) == 1.0 for s in samples) / len(samples),
-        "reasoning": sum(reasons(s.text) for s in samples) / len(samples),
-        "len": sum(lengths) / len(lengths),
-        "truncated": sum(s.truncated for s in samples) / len(samples),
-        "zero_std_groups": sum(not informative(g) for g in seen) / len(seen),
+        "acc": mean("acc"), "format": mean("format"), "reasoning": mean("reasoning"),
+        "len": mean("len"), "truncated": mean("truncated"),
+        "zero_std_groups": sum(zero_std) / len(zero_std),
         "rollout_s": seconds,
-        "completions_per_s": len(samples) / seconds,
+        "completions_per_s": len(samples) / seconds,  # all ranks', sampling side by side
     }
     for name in cfg.rewards:
-        stats[f"reward_{name}"] = sum(s.parts[name] for s in samples) / len(samples)
+        stats[f"reward_{name}"] = mean(f"reward_{name}")
     if cfg.dynamic_sampling:
-        stats.update(sampling_rounds=rounds, groups_trained=len(batch) // cfg.num_generations)
+        stats.update(sampling_rounds=max(r for _, _, _, r in ranks), groups_trained=sum(g for _, _, g, _ in ranks))
     return stats
 
 
