@@ -325,3 +325,26 @@ def test_two_ranks_sample_and_update_as_one_process(base, tmp_path):
     keys = ("reward", "reward_std", "len", "truncated", "zero_std_groups", "trained")
     one, two = ([{k: r[k] for k in keys} for r in read_metrics(tmp_path / run) if "reward" in r] for run in ("one", "two"))
     assert len(one) == 2 and two == [pytest.approx(r) for r in one]
+
+
+def test_fsdp_is_refused_in_one_line(base, tmp_path):
+    """The rollout engine runs on each rank's policy: FSDP's sharded one hung (the rank-0 eval) or failed
+    its first forward under inference mode, with a traceback per rank."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "nanoseek.cli", "rl", "--config", str(TINY), f"init={base}", "parallel=fsdp",
+                             f"out_dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers (each in a session of its own)
+        proc.communicate()
+        pytest.fail("rl with parallel=fsdp hung")
+    assert proc.returncode != 0
+    assert "RL under torchrun runs with parallel=ddp" in stderr
+    assert "[rank0]: Traceback" not in stderr

@@ -450,6 +450,11 @@ def train(cfg: GRPOConfig, resume: str | Path | None = None) -> Path:
 def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     if not cfg.init:
         raise ConfigError("init is not set: give the base checkpoint, e.g. init=runs/pretrain_small/latest")
+    if env.distributed and cfg.parallel == "fsdp":
+        # the engine samples from trainer.raw_model on each rank (and the held-out eval on rank 0 alone): a sharded
+        # policy hangs there, or fails its first forward under inference mode
+        raise ConfigError("RL under torchrun runs with parallel=ddp: the rollout engine needs the whole policy on "
+                          "every rank, which FSDP shards")
 
     # ---- setup: policy (trained), reference (frozen), engine (shares the policy's weights)
     base = find_checkpoint(cfg.init)
