@@ -18,6 +18,7 @@ from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, train_tokenizer
 from nanoseek.train import sft
 from nanoseek.train.config import load_run_config
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.sft import Example, SFTConfig, collate, forward_kl, pack, tokenize_messages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,6 +127,9 @@ def test_accumulation_gives_the_token_mean_of_the_whole_step(data_dir, tmp_path)
     a, b = read_tensors(tmp_path / "a" / "checkpoint-1"), read_tensors(tmp_path / "b" / "checkpoint-1")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    # and the validation covers the same eval_batches x batch_size rows, not eval_batches micro-batches
+    val = [[r["val_loss"] for r in read_metrics(tmp_path / run) if "val_loss" in r] for run in "ab"]
+    assert len(val[0]) == len(val[1]) >= 1 and val[0] == pytest.approx(val[1], rel=1e-6)
 
 
 def test_max_steps_on_the_command_line_wins_over_the_recipes_epochs(data_dir, tmp_path):

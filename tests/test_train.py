@@ -224,6 +224,14 @@ def test_validation_loss_is_the_mean_over_all_target_tokens():
     assert split == pytest.approx(whole, rel=1e-5)
 
 
+def test_pretraining_validates_the_same_windows_under_accumulation(corpus, tmp_path):
+    # eval_batches counts batches of batch_size windows: 1 x 4 and 2 x 2 accumulated measure one val set
+    runs = {micro: pretrain.train(tiny_config(tmp_path / str(micro), corpus, "max_steps=1", "eval_batches=2",
+                                              f"micro_batch_size={micro}")) for micro in (4, 2)}
+    val = {micro: [r["val_loss"] for r in read_metrics(path.parent) if "val_loss" in r] for micro, path in runs.items()}
+    assert len(val[4]) >= 1 and val[4] == pytest.approx(val[2], rel=1e-6)
+
+
 def test_batch_plan_errors():
     with pytest.raises(ConfigError, match="not a multiple"):
         batch_plan(TrainConfig(batch_size=6, micro_batch_size=4), 1)

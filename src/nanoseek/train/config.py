@@ -55,7 +55,7 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     log_every: int = 10  # console line every N steps (metrics.jsonl gets every step)
     eval_every: int = 100  # validation loss every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 8  # validation micro-batches per evaluation
+    eval_batches: int = 8  # validation batches (of batch_size rows) per evaluation
     sample_every: int = 0  # print/log a generated text sample every N steps (and at the end); 0 = never
     sample_tokens: int = 64
     save_every: int = 0  # checkpoint every N steps; 0 = only at the end and on Ctrl-C

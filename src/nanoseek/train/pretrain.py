@@ -105,9 +105,11 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     model = initial_model(cfg, tokenizer).to(env.device)
     micro_batch, accum = batch_plan(cfg, env.world_size)
     loader = TokenLoader(data_dir, "train", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
-    # a fixed random sample of val windows, so the val loss covers the whole val mix, not its first documents
+    # a fixed random sample of val windows, so the val loss covers the whole val mix, not its first
+    # documents: eval_batches batches of batch_size windows, the same windows whatever the layout
+    # (micro-batches x accumulation x ranks)
     val_loader = TokenLoader(data_dir, "val", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
-    val_batches = [next(val_loader) for _ in range(min(cfg.eval_batches, val_loader.batches_per_epoch))]
+    val_batches = [next(val_loader) for _ in range(min(cfg.eval_batches * accum, val_loader.batches_per_epoch))]
     bos_id = tokenizer.bos_id if cfg.document_mask else None
     loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda, bos_id=bos_id)
 

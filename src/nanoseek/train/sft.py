@@ -395,8 +395,8 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * loader.rows_per_epoch / cfg.batch_size)))
     val_rows = pack(val_examples, cfg.seq_len + 1, cfg.packing)
     val_rows = val_rows[env.rank: len(val_rows) - len(val_rows) % env.world_size: env.world_size]
-    val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)
-                   for i in range(0, len(val_rows), micro_batch)][: cfg.eval_batches]
+    val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)  # eval_batches x batch_size rows
+                   for i in range(0, len(val_rows), micro_batch)][: cfg.eval_batches * accum]
     model = stage_model(cfg.init, tokenizer, cfg.model, cfg.seq_len).to(env.device)
     if cfg.mtp_lambda == 0:
         # the MTP loss is computed but not trained: frozen, the modules stay as they are, and DDP does not
