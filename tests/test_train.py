@@ -525,3 +525,13 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_read_and_resume(tmp_path):
     logger.truncate_after(2)  # a resume from checkpoint-2
     logger.write({"step": 3, "loss": 0.3})
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_a_stop_signal_is_announced_by_rank_0_alone(rank, lines, monkeypatch, capsys):
+    from nanoseek.train.trainer import _StopSignal
+
+    monkeypatch.setenv("RANK", rank)  # torchrun signals every rank; one of them says so
+    stop = _StopSignal()
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested and capsys.readouterr().err.count("finishing this step") == lines

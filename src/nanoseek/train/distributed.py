@@ -41,7 +41,7 @@ class DistEnv:
 def setup_distributed(device: str = "auto") -> DistEnv:
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE and join the process group (gloo on CPU,
     nccl on GPU). Without torchrun it is a single process and no process group is created."""
-    rank = int(os.environ.get("RANK", 0))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dev = resolve_device(device)
@@ -51,6 +51,12 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, local_rank, world_size, dev)
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun launched it (0 without torchrun): for what only one rank
+    should print, where no DistEnv is at hand."""
+    return int(os.environ.get("RANK", 0))
 
 
 def teardown_distributed() -> None:

@@ -33,7 +33,7 @@ from nanoseek.errors import CheckpointError, ConfigError, check_out_dir
 from nanoseek.model.dense import DENSE_PRESETS, DenseConfig
 from nanoseek.train.checkpointing import find_checkpoint, list_checkpoints, resumable_checkpoint, stopped_early
 from nanoseek.train.config import TrainConfig, load_run_config
-from nanoseek.train.distributed import setup_distributed, teardown_distributed
+from nanoseek.train.distributed import launch_rank, setup_distributed, teardown_distributed
 
 STOPPED_EARLY = 130  # the exit status of a command interrupted by Ctrl-C (128 + SIGINT)
 
@@ -59,7 +59,8 @@ def run_cli(args, config_class: type[C], train: Callable[..., Path], overrides: 
     check_run_dir(cfg.out_dir, resume)
     path = train(cfg, resume=resume)
     if stopped_early(path):
-        print(f"stopped early; continue with: nanoseek {args.command} ... --resume (from {path})", file=sys.stderr)
+        if launch_rank() == 0:
+            print(f"stopped early; continue with: nanoseek {args.command} ... --resume (from {path})", file=sys.stderr)
         return STOPPED_EARLY
     return 0
 

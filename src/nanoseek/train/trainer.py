@@ -49,7 +49,7 @@ from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
 from nanoseek.device import check_trainable, resolve_dtype
-from nanoseek.train.distributed import DistEnv, barrier, gather_objects, sum_over_ranks
+from nanoseek.train.distributed import DistEnv, barrier, gather_objects, launch_rank, sum_over_ranks
 from nanoseek.train.metrics import MetricsLogger
 
 # ============================================================================ 1. precision
@@ -448,8 +448,9 @@ class _StopSignal:
                 raise KeyboardInterrupt
             return
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if launch_rank() == 0:  # under torchrun every rank gets the signal: one line, not one per rank
+            print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
