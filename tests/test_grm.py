@@ -228,6 +228,12 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path}", "meta_loss=listwise"]) == 2
 
 
+def test_the_recipe_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each rank would run the whole recipe
+    assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path / 'run'}"]) == 2
+    assert "runs in one process" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_data_without_a_right_and_a_wrong_sample(base, tmp_path, capsys):
     """One sample per question never makes a pair: a clear error naming the fixes; fill_right (toy
     runs) puts the gold answer beside an under-trained policy's samples so every question makes one."""

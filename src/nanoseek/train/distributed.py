@@ -43,7 +43,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     nccl on GPU). Without torchrun it is a single process and no process group is created."""
     rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launch_world_size()
     dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)  # one GPU per rank
@@ -57,6 +57,11 @@ def launch_rank() -> int:
     """This process's rank as torchrun launched it (0 without torchrun): for what only one rank
     should print, where no DistEnv is at hand."""
     return int(os.environ.get("RANK", 0))
+
+
+def launch_world_size() -> int:
+    """How many processes torchrun launched (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def teardown_distributed() -> None:

@@ -71,6 +71,7 @@ from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint, point_latest
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.distributed import launch_world_size
 
 STEPS = ("data", "cold_start", "rft", "rl", "meta", "evaluate")
 REPORT, FIGURE = "grm_report.json", "grm_scaling.png"
@@ -729,6 +730,8 @@ def save_grm_figure(report: dict, out: Path) -> Path | None:
 def train(cfg: GRMConfig, resume=None) -> Path:
     """Run the recipe's configured steps (skipping finished ones); returns the run directory.
     Each step is resumable at step granularity: `resume` is accepted for the shared CLI."""
+    if launch_world_size() > 1:  # every rank would sample, judge and write the same files
+        raise ConfigError("nanoseek grm runs in one process: start it without torchrun")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     recipe = Recipe(cfg)
