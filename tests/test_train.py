@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -535,3 +536,16 @@ def test_a_stop_signal_is_announced_by_rank_0_alone(rank, lines, monkeypatch, ca
     stop = _StopSignal()
     stop._handle(signal.SIGTERM, None)
     assert stop.requested and capsys.readouterr().err.count("finishing this step") == lines
+
+
+def test_other_ranks_wait_for_rank_0s_data_outside_the_barrier(corpus, tmp_path):
+    # rank 1 must not read data_dir before rank 0 has written it, and waits for it without a
+    # collective (whose timeout a large corpus's tokenization could outlast); no process group here
+    cfg = tiny_config(tmp_path / "run", corpus, f"data_dir={tmp_path / 'data'}")
+    other = {}
+    rank_1 = threading.Thread(target=lambda: other.update(result=pretrain.prepare_corpus(cfg, DistEnv(rank=1, world_size=2))))
+    rank_1.start()
+    tokenizer, data_dir = pretrain.prepare_corpus(cfg, DistEnv())
+    rank_1.join(timeout=60)
+    assert not rank_1.is_alive() and other["result"][1] == data_dir
+    assert other["result"][0].tk.get_vocab() == tokenizer.tk.get_vocab()

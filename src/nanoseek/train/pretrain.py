@@ -212,8 +212,11 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
         recipe.update(vocab_size=init_tokenizer.vocab_size,
                       tokenizer=hashlib.sha256(init_tokenizer.tk.to_str().encode()).hexdigest())
     recipe_file = data_dir / "recipe.json"
-    ready = (data_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe
-    if env.is_main and not ready:
+
+    def ready() -> bool:
+        return (data_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe
+
+    if env.is_main and not ready():
         t0 = time.perf_counter()
         recipe_file.unlink(missing_ok=True)
         if init_tokenizer is not None:
@@ -226,6 +229,10 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
         s = meta["splits"]
         print(f"data: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, vocab "
               f"{tokenizer.vocab_size}, in {data_dir} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    while not env.is_main and not ready():
+        # the other ranks wait for the data here, not in the barrier: tokenizing a large corpus
+        # can outlast a collective's timeout (NCCL's is 10 minutes). An error on rank 0 ends the job.
+        time.sleep(1)
     barrier()
     tokenizer = Tokenizer.from_dir(data_dir)
     if cfg.chat_template:  # the format the corpus speaks, so chat and serve prompt the model in it
