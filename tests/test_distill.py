@@ -154,8 +154,19 @@ def student_vocab(teacher_dir) -> int:
     return nanoseek.tokenizer.Tokenizer.from_dir(teacher_dir / "teacher").vocab_size
 
 
-def memorise(model, examples, max_steps: int = 400):
-    """Overfit `model` on the completions of a few (ids, mask) examples (~100 steps)."""
+def memorise(model, examples, max_steps: int = 1000):
+    """Overfit `model` on the completions of a few (ids, mask) examples (~100 steps). One thread:
+    a multi-threaded BLAS may split its sums differently under load, and one run in a loaded CI
+    took a trajectory that stalled at loss 0.033 past 400 steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _memorise(model, examples, max_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _memorise(model, examples, max_steps: int):
     T = max(len(ids) for ids, _ in examples)
     inputs = torch.tensor([ids[:-1] + [2] * (T - len(ids)) for ids, _ in examples])
     labels = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX] * (T - len(ids))
