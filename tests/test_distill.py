@@ -116,6 +116,37 @@ def test_distill_end_to_end(memorised_teacher, tmp_path):
     assert any("kl" in m for m in metrics)
 
 
+def test_sampling_killed_midway_resumes_after_its_last_chunk(memorised_teacher, tmp_path, monkeypatch):
+    """Chunks of 2 prompts (max_num_seqs=1, 2 samples each): killed in the second chunk, the re-run
+    samples only the chunks left and writes the traces an uninterrupted run writes."""
+    teacher_dir, task_name, _ = memorised_teacher
+    settings = dict(teacher=str(teacher_dir / "teacher"), task=task_name, num_prompts=6, samples_per_prompt=2,
+                    max_num_seqs=1, temperature=0.5, max_new_tokens=24)
+    whole = distill.sample_traces(DistillConfig(out_dir=str(tmp_path / "whole"), **settings))
+
+    cfg = DistillConfig(out_dir=str(tmp_path / "killed"), **settings)
+    real, chunks, kill_at = distill.sample_prompts, [], [2]
+
+    def counted(llm, task, problems, indices, cfg):
+        chunks.append(indices)
+        if len(chunks) in kill_at:
+            raise RuntimeError("killed")  # as a kill would stop it: in the middle of a chunk
+        return real(llm, task, problems, indices, cfg)
+
+    monkeypatch.setattr(distill, "sample_prompts", counted)
+    with pytest.raises(RuntimeError, match="killed"):
+        distill.sample_traces(cfg)
+    assert distill.partial_path(cfg.dataset_path).is_file() and not cfg.dataset_path.exists()
+    chunks.clear()
+    kill_at.clear()
+    resumed = distill.sample_traces(cfg)
+    assert chunks == [[2, 3], [4, 5]]  # the first chunk was kept
+    assert (tmp_path / "killed" / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "tokens_per_s")} == \
+        {k: v for k, v in whole.items() if k not in ("seconds", "tokens_per_s")}
+    assert not distill.partial_path(cfg.dataset_path).exists()
+
+
 @pytest.mark.parametrize("student, data, message", [
     ("nowhere", [], "--student nowhere is neither a checkpoint directory nor a preset"),
     ("student-tiny", ["missing.jsonl"], "SFT data file missing.jsonl not found"),

@@ -15,7 +15,9 @@ DeepSeek-R1 §2.3.3 and §2.4, at toy scale:
    (`messages`: the question, then the assistant's `<think>` reasoning and answer), the verbatim
    prompt / completion the teacher saw and wrote, and `metadata` (task, gold answer, sample index,
    rewards). `traces.summary.json` records the recipe and the counts; a later run with the same
-   recipe (e.g. `--resume`) reuses the file instead of sampling again.
+   recipe (e.g. `--resume`) reuses the file instead of sampling again. Sampling saves its progress
+   chunk by chunk (`traces.partial.jsonl`), so a run killed while sampling re-runs only the chunks
+   it had not finished.
 3. SFT of the student (`nanoseek.train.sft`) on those rows, plus any `data` files given. By
    default on the prompt / completion view (`format`): the student learns to answer the exact prompt
    `nanoseek eval` asks; `format="messages"` trains the chat view instead. With `kd_weight > 0`
@@ -46,6 +48,7 @@ from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.tokenizer import THINK_START
 from nanoseek.train import sft, stage
 from nanoseek.train.distributed import DistEnv, barrier, gather_objects, setup_distributed, teardown_distributed
+from nanoseek.train.metrics import parse_records
 from nanoseek.train.sft import SFTConfig
 
 
@@ -114,29 +117,86 @@ def sample_traces(cfg: DistillConfig, env: DistEnv | None = None) -> dict:
     """Sample the teacher, keep the verified traces, write them (and a summary) atomically.
     Returns the summary: the recipe plus counts and timings.
 
-    Under torchrun (`env`) each rank samples every world_size-th prompt on its own device, with
-    the prompt's own seed as one process would, and rank 0 writes what they all kept, in prompt order."""
+    The prompts go to the engine in chunks of a few engine-fulls, and each finished chunk is
+    appended to `<dataset>.partial.jsonl`: a run killed while sampling (hours at real size) picks
+    up after its last chunk, with the same traces an uninterrupted run writes (each prompt has its
+    own seed). Under torchrun (`env`) each rank samples its share of every chunk on its own
+    device, and rank 0 writes what they all kept, in prompt order."""
     from nanoseek.inference.engine import LLM
-    from nanoseek.inference.sampling import SamplingParams
 
     env = env or DistEnv()
     task, problems = distill_problems(cfg)
-    mine = range(env.rank, len(problems), env.world_size)  # indices of this rank's prompts
-    prompts = [prompt_of(problems[i]) for i in mine]
+    llm = LLM(cfg.teacher, max_num_seqs=cfg.max_num_seqs, block_size=16, device=str(env.device))
+    partial = partial_path(cfg.dataset_path)
+    # prompt index -> (its kept rows, verified samples, generated tokens), and the seconds they took
+    results, seconds = gather_objects(read_partial(partial, cfg) if env.is_main else None)[0]
+    todo = [i for i in range(len(problems)) if i not in results]
+    if env.is_main:
+        again = f", {len(results)} already sampled ({partial})" if results else ""
+        print(f"sampling {cfg.samples_per_prompt} traces for each of {len(problems)} {task.name} prompts "
+              f"from {cfg.teacher} (temperature {cfg.temperature}, at most {cfg.max_new_tokens} tokens){again}",
+              flush=True)
+        if not results:  # a fresh start (or another recipe's leftovers): the file names its recipe first
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"recipe": sampling_recipe(cfg)}) + "\n", encoding="utf-8")
+
+    chunk = max(1, 4 * cfg.max_num_seqs // cfg.samples_per_prompt)  # prompts per saved chunk
+    t_start = time.perf_counter()
+    for first in range(0, len(todo), chunk):
+        t0 = time.perf_counter()
+        mine = sample_prompts(llm, task, problems, todo[first: first + chunk][env.rank:: env.world_size], cfg)
+        gathered = gather_objects(mine)
+        spent = time.perf_counter() - t0  # the ranks sample side by side
+        seconds += spent
+        for other in gathered:
+            results.update(other)
+        if env.is_main:
+            done = {i: r for other in gathered for i, r in other.items()}
+            with partial.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"seconds": spent, "prompts": done}, ensure_ascii=False) + "\n")
+            left = len(todo) - first - chunk
+            if left > 0:
+                eta = (time.perf_counter() - t_start) / (first + chunk) * left
+                print(f"  {len(results)}/{len(problems)} prompts sampled, ETA {eta:.0f}s", flush=True)
+
+    rows = [row for i in range(len(problems)) for row in results[i][0]]
+    verified = sum(v for _, v, _ in results.values())
+    generated_tokens = sum(t for _, _, t in results.values())
+    covered = sum(bool(r) for r, _, _ in results.values())
+    total = len(problems) * cfg.samples_per_prompt
+    summary = {
+        "recipe": sampling_recipe(cfg),
+        "prompts": len(problems), "samples": total, "verified": verified, "rows": len(rows),
+        "prompts_with_a_trace": covered, "teacher_pass_rate": verified / total,
+        "generated_tokens": generated_tokens, "seconds": round(seconds, 1),
+        "tokens_per_s": round(generated_tokens / max(seconds, 1e-9), 1),
+    }
+    if env.is_main:
+        path = cfg.dataset_path
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        tmp.replace(path)
+        summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")  # marks the dataset complete
+        partial.unlink(missing_ok=True)
+        print(f"kept {len(rows)} traces ({verified} of {total} samples verified, {covered} of {len(problems)} prompts "
+              f"covered) -> {path} | {generated_tokens:,} tokens in {seconds:.0f}s "
+              f"({summary['tokens_per_s']:.0f} tok/s)", flush=True)
+    barrier()  # the dataset is on disk before any rank reads it
+    return summary
+
+
+def sample_prompts(llm, task: Task, problems: list[Problem], indices: list[int], cfg: DistillConfig) -> dict:
+    """Sample the prompts `indices` of `problems` and filter their traces: prompt index -> (its
+    kept rows, verified samples, generated tokens)."""
+    from nanoseek.inference.sampling import SamplingParams
+
+    prompts = [prompt_of(problems[i]) for i in indices]
     params = [SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_tokens=cfg.max_new_tokens, seed=derive_seed("distill", cfg.seed, i))
-              for i in mine]
-    llm = LLM(cfg.teacher, max_num_seqs=cfg.max_num_seqs, block_size=16, device=str(env.device))
-    if env.is_main:
-        print(f"sampling {cfg.samples_per_prompt} traces for each of {len(problems)} {task.name} prompts "
-              f"from {cfg.teacher} (temperature {cfg.temperature}, at most {cfg.max_new_tokens} tokens)", flush=True)
-
-    t0 = time.perf_counter()
+              for i in indices]
     outputs = llm.generate(prompts, params) if prompts else []
-    seconds = time.perf_counter() - t0
-
-    results = {}  # prompt index -> (its kept rows, verified samples, generated tokens)
-    for i, prompt, out in zip(mine, prompts, outputs):
+    results = {}
+    for i, prompt, out in zip(indices, prompts, outputs):
         problem, kept, rows, verified, tokens = problems[i], set(), [], 0, 0
         for sample in out.outputs:
             tokens += len(sample.token_ids)
@@ -153,35 +213,22 @@ def sample_traces(cfg: DistillConfig, env: DistEnv | None = None) -> dict:
                 "sample": sample.index, "teacher": str(cfg.teacher), "rewards": rewards,
                 "finish_reason": sample.finish_reason, "completion_tokens": len(sample.token_ids)}))
         results[i] = (rows, verified, tokens)
-    gathered = gather_objects((results, seconds))
-    for other, _ in gathered:
-        results.update(other)
-    seconds = max(t for _, t in gathered)  # the ranks sample side by side
-    rows = [row for i in range(len(problems)) for row in results[i][0]]
-    verified = sum(v for _, v, _ in results.values())
-    generated_tokens = sum(t for _, _, t in results.values())
-    covered = sum(bool(r) for r, _, _ in results.values())
+    return results
 
-    total = len(problems) * cfg.samples_per_prompt
-    summary = {
-        "recipe": sampling_recipe(cfg),
-        "prompts": len(problems), "samples": total, "verified": verified, "rows": len(rows),
-        "prompts_with_a_trace": covered, "teacher_pass_rate": verified / total,
-        "generated_tokens": generated_tokens, "seconds": round(seconds, 1),
-        "tokens_per_s": round(generated_tokens / max(seconds, 1e-9), 1),
-    }
-    if env.is_main:
-        path = cfg.dataset_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        tmp.replace(path)
-        summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the dataset complete
-        print(f"kept {len(rows)} traces ({verified} of {total} samples verified, {covered} of {len(problems)} prompts "
-              f"covered) -> {path} | {generated_tokens:,} tokens in {seconds:.0f}s "
-              f"({summary['tokens_per_s']:.0f} tok/s)", flush=True)
-    barrier()  # the dataset is on disk before any rank reads it
-    return summary
+
+def partial_path(dataset: Path) -> Path:
+    return dataset.with_name(dataset.stem + ".partial.jsonl")
+
+
+def read_partial(path: Path, cfg: DistillConfig) -> tuple[dict, float]:
+    """The prompts an interrupted sampling of this recipe finished, and the seconds it spent on
+    them; nothing for another recipe's file (it is started afresh). A last line torn by the kill
+    is dropped."""
+    records = parse_records(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if not records or records[0].get("recipe") != sampling_recipe(cfg):
+        return {}, 0.0
+    results = {int(i): tuple(r) for record in records[1:] for i, r in record["prompts"].items()}
+    return results, sum(record["seconds"] for record in records[1:])
 
 
 def sampling_recipe(cfg: DistillConfig) -> dict:
