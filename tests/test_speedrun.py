@@ -46,6 +46,7 @@ def test_speedrun_tiny_end_to_end(tmp_path, capsys):
     for section in ("## Stages", "## Cost", "## Pretraining", "## R1-Zero", "## Distillation",
                     "## Generative reward model", "## Engine and serving", "## Environment"):
         assert section in report
+    assert "| rl | " in report and "The total leaves out rl:" in report  # RL counts no trained tokens
     # the GRM stage judged from the speedrun's own reasoning base; its table and figure are in the report
     grm = json.loads((out / "grm" / "grm_report.json").read_text())
     assert f"| Voting@k | {100 * grm['voting']['1']:.1f}% |" in report

@@ -164,15 +164,20 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
 
     # ---- cost
     lines += ["## Cost", "", "| run | steps | tokens trained | FLOPs (estimated) | wall |", "|---|---|---|---|---|"]
-    total_flops = 0.0
+    total_flops, uncounted = 0.0, []
     for name in TRAINING:
         c = training_cost(out, name)
         if c:
             total_flops += c["flops"] or 0
             tokens = f"{c['tokens']:,}" if c["tokens"] else "not counted"
+            if not c["tokens"]:
+                uncounted.append(name)
             lines.append(f"| {name} | {c['steps']} | {tokens} | {_num(c['flops']) if c['flops'] else ''} | "
                          f"{_duration(st.get(name, {}).get('seconds'))} |")
     lines.append(f"| **total** | | | {_num(total_flops)} | |")
+    if uncounted:  # RL: its cost is mostly sampling, which no token counter sees
+        lines += ["", f"The total leaves out {', '.join(uncounted)}: no trained-token count (RL's cost is mostly "
+                      "its rollouts' sampling); the wall column has its time."]
     lines.append("")
     models = [(k.removeprefix("info_"), v) for k, v in results.items() if k.startswith("info_") and v]
     if models:
