@@ -10,7 +10,8 @@ median step time of each is reported.
     python benchmarks/train_throughput.py --device cuda --preset gpu --batch 8 --seq 2048 [--compile]
 
 On a GPU both train in bf16 autocast with fp32 weights and optimizer state, and the report adds
-peak GPU memory and MFU: model FLOPs (6 per activated weight per token, plus causal attention;
+each model's own peak GPU memory (its weights, gradients, AdamW state and activations; not the
+other model's, which shares the GPU) and MFU: model FLOPs (6 per activated weight per token, plus causal attention;
 nanoseek.info.training_flops_per_token) per second over the GPU's dense bf16 peak (--peak-tflops;
 989 for an H100 or H200 SXM).
 
@@ -83,6 +84,13 @@ def make_step(model, ids, labels, hf: bool, autocast):
     return step
 
 
+def own_peak_bytes(peak: int, resident: int, model) -> int:
+    """One model's peak training memory, when both models share the GPU: the device's peak during
+    its steps, less what was resident before them (both models' weights, and the AdamW state of the
+    model that warmed up first, all of which stay allocated), plus its own weights."""
+    return peak - resident + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def gpu_peak_tflops(device: torch.device) -> float | None:
     """Dense bf16 tensor-core peak of the GPUs we know (TFLOP/s)."""
     name = torch.cuda.get_device_name(device)
@@ -149,10 +157,11 @@ def main():
     for name, step in steps.items():
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
         for _ in range(2):
             step()
         if cuda:
-            peak_memory[name] = torch.cuda.max_memory_allocated(device)
+            peak_memory[name] = own_peak_bytes(torch.cuda.max_memory_allocated(device), resident, models[name])
     for _ in range(args.steps):  # alternate, so background load affects both alike
         for name, step in steps.items():
             t0 = clock()

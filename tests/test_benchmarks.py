@@ -1,0 +1,35 @@
+"""Helpers of the benchmarks/ scripts (the scripts themselves run in test_gpu_check's dry run)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts import `optional`
+
+from train_throughput import own_peak_bytes  # noqa: E402
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def adam_step(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    return opt
+
+
+def test_train_peak_memory_leaves_out_the_other_models_weights_and_adam_state():
+    # the order of train_throughput on a GPU: model a warms up first and keeps its AdamW state
+    # while model b's peak is measured; b's figure must be b's alone, as a's is
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 32), torch.nn.Linear(8, 4)
+    opt_a = adam_step(a)
+    a_state = nbytes(v for s in opt_a.state.values() for v in s.values())
+    resident = nbytes(a.parameters()) + a_state + nbytes(b.parameters())  # before b's steps
+    opt_b = adam_step(b)
+    b_work = nbytes(p.grad for p in b.parameters()) + nbytes(v for s in opt_b.state.values() for v in s.values())
+    peak = resident + b_work  # the device's peak during b's steps
+    assert own_peak_bytes(peak, resident, b) == nbytes(b.parameters()) + b_work
