@@ -4,7 +4,9 @@
     python benchmarks/generate_throughput.py --model DIR
     python benchmarks/generate_throughput.py --device cuda --preset gpu --batches 1 64 --prompt-lens 128
 
-On a GPU both run in bf16 (--dtype) and the report adds each engine's peak GPU memory.
+On a GPU both run in bf16 (--dtype) and the report adds each engine's own peak GPU memory: its
+weights (and nanoseek's latent cache) plus the peak working memory of its runs, not the other
+models that stay resident beside it (transformers' and the speculative engine's).
 
 Both run greedy, ignore eos, same prompts and max_new_tokens, at batch 1 and 32 and three prompt
 lengths, on 2 CPU threads (--threads). Decode tokens/s excludes prefill: each configuration is
@@ -72,6 +74,16 @@ def interleaved_decode_rates(generates: list, batch: int, new_tokens: int, repea
             generate(1)
             t.append((middle - start) - (CLOCK() - middle))
     return [(batch * (new_tokens - 1) / min(t), batch * (new_tokens - 1) / statistics.median(t)) for t in times]
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a model's weights and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def engine_bytes(llm) -> int:
+    """What a nanoseek engine holds between requests: its model and its preallocated latent cache."""
+    return held_bytes(llm.model) + llm.runner.cache.pool.numel() * llm.runner.cache.pool.element_size()
 
 
 def main() -> None:
@@ -190,8 +202,9 @@ def main() -> None:
             else:
                 prompts = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
             memory = {}
-            if cuda:
+            if cuda:  # each engine's peak above what all three hold resident, plus what it holds itself
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             if args.mtp:  # plain and speculative in turn, for a fair speed-up on a shared machine
                 spec = engines[args.mtp]
                 before = spec.stats()
@@ -201,14 +214,15 @@ def main() -> None:
             else:
                 rate = decode_rate(ours(engines[0], prompts), batch, args.new_tokens, args.repeats)
             if cuda:
-                memory["nanoseek"] = torch.cuda.max_memory_allocated(device)
+                memory["nanoseek"] = torch.cuda.max_memory_allocated(device) - resident + engine_bytes(engines[0])
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             record = {"batch": batch, "prompt_len": prompt_len, "nanoseek_tokens_per_s": rate}
             line = f"{batch:>5} {prompt_len:>6} | {rate:>14.1f}"
             if hf is not None:
                 hf_rate = decode_rate(theirs(prompts), batch, args.new_tokens, args.repeats)
                 if cuda:
-                    memory["transformers"] = torch.cuda.max_memory_allocated(device)
+                    memory["transformers"] = torch.cuda.max_memory_allocated(device) - resident + held_bytes(hf)
                 record.update(transformers_tokens_per_s=hf_rate, ratio=rate / hf_rate)
                 line += f" | {hf_rate:>18.1f} | {rate / hf_rate:>5.2f}x"
             record.update({f"{k}_peak_memory_bytes": v for k, v in memory.items()})

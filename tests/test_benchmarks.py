@@ -33,3 +33,18 @@ def test_train_peak_memory_leaves_out_the_other_models_weights_and_adam_state():
     b_work = nbytes(p.grad for p in b.parameters()) + nbytes(v for s in opt_b.state.values() for v in s.values())
     peak = resident + b_work  # the device's peak during b's steps
     assert own_peak_bytes(peak, resident, b) == nbytes(b.parameters()) + b_work
+
+
+def test_decode_memory_counts_one_engine_its_weights_and_latent_cache():
+    from generate_throughput import engine_bytes, held_bytes
+
+    from nanoseek import LLM
+    from nanoseek.config import preset
+    from nanoseek.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    llm = LLM(model, max_num_seqs=2, max_model_len=64, enable_prefix_caching=False, device="cpu")
+    weights = nbytes([*model.parameters(), *model.buffers()])
+    assert held_bytes(model) == weights
+    assert engine_bytes(llm) == weights + nbytes([llm.runner.cache.pool])
