@@ -24,9 +24,11 @@ memory at once) and reports:
 - peak resident memory of the process (VmHWM: weights, cache, activations, the Python runtime);
 - decode tokens/s at batch 1 and batch 8: greedy generation of n tokens minus a 1-token run (the
   prefill), over n - 1 decode steps, after a warm-up; the median of --repeats such measurements,
-  timed by --clock: "cpu" (default) is the process's CPU time (time.process_time), which on a
-  machine shared with other jobs counts only this process's work; with --threads 1 it is the
-  decode time the process would take alone, short of the memory bandwidth the others take;
+  timed by --clock: "cpu" (the default on 1 thread) is the process's CPU time (time.process_time),
+  which on a machine shared with other jobs counts only this process's work: the decode time the
+  process would take alone, short of the memory bandwidth the others take; on more threads it
+  would add up every thread's time (tokens per CPU-second, not per second), so there the clock is
+  "wall" (the default) and "cpu" is refused;
 - the greedy tokens, to compare: bf16, fp16 and int8 against fp32 (8 prompts x the first 64 tokens: the
   share of positions that agree, how far each prompt goes before the first difference, and,
   teacher-forced, how often each picks fp32's next token on fp32's own text: free-running text
@@ -364,8 +366,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where the bf16 checkpoint is (made if missing)")
     parser.add_argument("--small", action="store_true", help="toy shapes instead of the 1.5B ones (a quick check)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
-    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
-                        help="decode timing: the process's CPU time (default) or wall-clock time")
+    parser.add_argument("--clock", default=None, choices=("cpu", "wall"),
+                        help="decode timing: the process's CPU time (default on 1 thread) or wall-clock time "
+                             "(default on more)")
     parser.add_argument("--repeats", type=int, default=3, help="decode timings per batch size (the median is kept)")
     parser.add_argument("--trained", type=Path, nargs="+", default=None,
                         help="trained checkpoints to also measure agreement with fp32 on: bf16, fp16, int8 and "
@@ -380,6 +383,9 @@ def main() -> None:
     parser.add_argument("--shape", default=None, choices=SHAPES, help=argparse.SUPPRESS)
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu adds up the CPU time of every thread: use it with --threads 1 (or --clock wall)")
     args.shape = args.shape or ("small" if args.small else "1.5b")
     args.dir = args.dir or Path(f"/tmp/nanoseek-r1-distill-{args.shape}-shape")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

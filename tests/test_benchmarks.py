@@ -48,3 +48,24 @@ def test_decode_memory_counts_one_engine_its_weights_and_latent_cache():
     weights = nbytes([*model.parameters(), *model.buffers()])
     assert held_bytes(model) == weights
     assert engine_bytes(llm) == weights + nbytes([llm.runner.cache.pool])
+
+
+def run_laptop(*args):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "laptop_inference.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_laptop_cpu_clock_is_refused_on_more_than_one_thread():
+    # time.process_time adds up every thread: on 2 threads it halved the printed "decode tok/s"
+    result = run_laptop("--small", "--threads", "2", "--clock", "cpu")
+    assert result.returncode == 2 and "use it with --threads 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_laptop_times_more_than_one_thread_by_the_wall_clock(tmp_path):
+    result = run_laptop("--small", "--dir", str(tmp_path / "ckpt"), "--threads", "2", "--paired", "1",
+                        "--decode-tokens", "4", "--prompt-len", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 thread(s), wall clock" in result.stdout
