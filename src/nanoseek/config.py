@@ -279,7 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024,
         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
     ),
-    # One GPU: V3's shapes scaled down (~0.6B total, ~0.1B activated). Head dims keep V3's ratios
+    # One GPU: V3's shapes scaled down (~0.56B total, ~0.15B activated). Head dims keep V3's ratios
     # (nope : rope : v = 2 : 1 : 2, kv_lora_rank = 4 x nope), 64 fine-grained experts in 8 groups,
     # top-6 in the best 4 groups, one shared expert, a dense first layer, one MTP module.
     "gpu": dict(

@@ -159,7 +159,7 @@ def _format_dense(name: str, config: DenseConfig, s: ModelStats, dtype_bytes: in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="tiny, small, v2-lite or v3")
+    src.add_argument("--preset", help="tiny, small, reasoning, gpu, v2-lite or v3")
     src.add_argument("--model", help="a checkpoint directory (reads its config.json)")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
