@@ -536,7 +536,7 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("train", help="train a byte-level BPE on text/jsonl/parquet files or the default corpus")
     p.add_argument("--data", nargs="+", required=True,
                    help="text, jsonl or parquet files, directories of them, "
-                        "or 'default' (Shakespeare + synthetic reasoning)")
+                        "'default' (Shakespeare + synthetic reasoning), or a 'synthetic:NAME?key=value' spec")
     p.add_argument("--vocab-size", type=int, default=4096, help="total ids, special tokens included")
     p.add_argument("--out", required=True, help="directory to write tokenizer.json and tokenizer_config.json")
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows")

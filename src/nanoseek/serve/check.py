@@ -9,9 +9,10 @@ It starts `nanoseek serve` on a free loopback port as its own process, then
 1. sends `--requests` streaming chat requests from `--concurrency` threads with `openai.OpenAI`,
    each generating up to `--max-tokens` tokens, and measures on the client requests/s, time to
    first token (the first chunk that carries text, reasoning or answer) and generated tokens/s;
-2. opens the chat page at `/` in Chromium (Playwright, the system's `chromium`), types a question,
-   watches the answer stream in (how many times the reasoning and answer text changed) and whether
-   the reasoning is shown apart (the page's <details> block), and saves a screenshot.
+2. with `--screenshot`, opens the chat page at `/` in Chromium (Playwright, the system's
+   `chromium`), types a question, watches the answer stream in (how many times the reasoning and
+   answer text changed) and whether the reasoning is shown apart (the page's <details> block), and
+   saves the screenshot.
 
 The browser part is optional: without Playwright or Chromium it is skipped with the reason in the
 JSON (`browser.skipped`). The last line printed is the JSON summary.

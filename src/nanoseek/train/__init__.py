@@ -4,6 +4,8 @@
     sft.py            supervised fine-tuning                                   `nanoseek sft`
     distill.py        R1-Distill: verified teacher traces -> student SFT       `nanoseek distill`
     grpo.py           R1-Zero: GRPO with verifiable rewards                     `nanoseek rl`
+    grm.py            DeepSeek-GRM: a recipe of steps (cold start, RFT, RL,     `nanoseek grm`
+                      meta RM, evaluation) on sft's and grpo's machinery
 
     stage.py          what every stage shares at its edges: the CLI and exit status, torchrun,
                       the model named by init=, text samples
