@@ -228,6 +228,13 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path}", "meta_loss=listwise"]) == 2
 
 
+def test_resume_from_is_refused_not_ignored(tmp_path, capsys):
+    """A re-run continues the recipe; --resume-from (the stages' shared option) has nothing to do here."""
+    assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path / 'run'}", "--resume-from", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume-from" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_the_recipe_refuses_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each rank would run the whole recipe
     assert main(["grm", "--config", str(TINY), f"out_dir={tmp_path / 'run'}"]) == 2

@@ -754,6 +754,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nanoseek.train.config import load_run_config
 
+    if args.resume_from:  # the shared option would otherwise be ignored without a word
+        raise ConfigError("--resume-from: nanoseek grm continues by running it again into the same out_dir "
+                          "(finished steps are skipped); it cannot start from another checkpoint")
     cfg = load_run_config(GRMConfig, args.config, args.overrides)
     check_out_dir(cfg.out_dir, "out_dir")
     train(cfg)
