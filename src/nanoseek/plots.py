@@ -10,7 +10,11 @@ with the sampled training accuracy and reasoning share per step; right panel: me
 and sampled. `control` marks the final held-out accuracy of the control run (the same base given
 the same time of continued pretraining) as a dashed line.
 
-matplotlib is optional (the `rl` extra lists it): without it the figure is skipped with a note.
+The other figures are drawn here too: `grm_scaling_figure` (`nanoseek grm`'s grm_scaling.png:
+accuracy against k) and, for the speedrun's report card, `loss_figure` (pretraining losses) and
+`expert_load_figure` (max / mean expert load with and without the bias update).
+
+matplotlib is optional (the `rl` extra lists it): without it the R1-Zero figure is skipped with a note.
 """
 
 from __future__ import annotations
