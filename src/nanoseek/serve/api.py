@@ -251,7 +251,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free one)")
     parser.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOSEEK_API_KEY, else open)")
-    parser.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id in the API (default: the directory's name after symlinks, so "
+                             "runs/x/latest serves as checkpoint-<step>; GET /v1/models lists it)")
     parser.add_argument("--no-reasoning-split", action="store_true",
                         help="return the generated text as it is, think tags included, as content instead of "
                              "splitting it into reasoning_content (where the chat template opens the think block "
