@@ -13,8 +13,8 @@ In the order a loop meets it:
 
 1. Precision: fp32 on CPU, bf16 autocast on GPU (weights and optimizer state stay fp32).
 2. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
-   schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr), a pure
-   function of the step, so resuming needs only the step.
+   schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr, or constant:
+   the RL recipes'), a pure function of the step, so resuming needs only the step.
 3. `Trainer`: DDP or FSDP2 wrapping and torch.compile, one optimizer step over micro-batches
    (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
    stop), exact resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C
