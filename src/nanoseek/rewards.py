@@ -2,7 +2,8 @@
 
 DeepSeek-R1-Zero uses two rules and no neural reward model: accuracy (the final answer is right)
 and format (reasoning inside <think> </think>, then the answer). Rewards are registered by name so
-an RL config can say `rewards = ["accuracy", "format"]`; add your own with `register_reward`.
+an RL config names them with their weights, `rewards = { accuracy = 1.0, format = 1.0 }` (a list
+is refused there; `combine_rewards` also takes one, weight 1 each); add your own with `register_reward`.
 
     reward = combine_rewards({"accuracy": 1.0, "format": 0.1})
     reward(" 3 + 4 = 7. </think> <answer>7</answer>", problem)   # -> 1.1 when 7 is right
