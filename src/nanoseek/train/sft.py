@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the loss on assistant tokens only, packed sequences, any nanoseek model.
 
-    nanoseek sft --config configs/sft_small.toml [--resume] [key=value ...]
+    nanoseek sft --config configs/sft_student_small.toml [--resume] [key=value ...]
 
 Used for R1's cold start (a DeepSeek-V3 model on a few long reasoning traces) and for R1-Distill
 (a dense student on the teacher's verified traces, see `nanoseek.train.distill`).
