@@ -1,7 +1,9 @@
 """Verifiable tasks for R1-Zero RL and evaluation: registry, prompts, answer extraction, scoring.
 
-A `Task` makes seeded `Problem`s and scores an extracted answer in [0, 1]. Three kinds exist:
+A `Task` makes seeded `Problem`s and scores an extracted answer in [0, 1]. Four kinds exist:
 
+- `"digit_sum"`: the last digit of the sum of `length` (default 10) random digits, the R1-Zero
+  demo's task (`DigitSumTask`), asked in its own short prompt (`DIGIT_SUM_TEMPLATE`).
 - reasoning-gym datasets, by name (`"chain_sum"` or `"rg:chain_sum"`), with difficulty keyword
   arguments passed to `reasoning_gym.create_dataset`; scored by the dataset's own `score_answer`.
 - jsonl files of {"question", "answer"} rows (`"jsonl:path/to/file.jsonl"`), scored with math-verify,
