@@ -205,9 +205,9 @@ CHAIN_OPENING = object()  # `--prefill` without text: the task's own chain openi
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/rl/latest)")
     parser.add_argument("--task", default="default",
-                        help="task name: 'default', a reasoning-gym dataset ('chain_sum'), or 'jsonl:PATH'")
+                        help="task name: 'default', 'digit_sum', a reasoning-gym dataset ('chain_sum'), or 'jsonl:PATH'")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="key=value",
-                        help="reasoning-gym dataset settings, e.g. min_terms=3 max_terms=3")
+                        help="the task's settings: a reasoning-gym dataset's (min_terms=3 max_terms=3) or digit_sum's length=12")
     parser.add_argument("--n", type=int, default=200, help="number of held-out problems")
     parser.add_argument("--samples", type=int, default=1, help="K samples per problem (1: greedy)")
     parser.add_argument("--seed", type=int, default=0, help="picks the problems and the sampling seeds")
