@@ -140,6 +140,17 @@ def base(tmp_path_factory) -> Path:
         model={"initializer_range": 0.08, "max_position_embeddings": 256}))
 
 
+def test_the_default_judge_length_holds_a_judgment_of_four_responses(base):
+    """`nanoseek judge` samples GRM's default max_tokens: a group of 4 responses must fit, \\boxed{} line
+    included (64 tokens cut it short, so every judgment of a group failed to parse)."""
+    from nanoseek.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(base)
+    text = format_judgment([("work", 10), ("form", 10)], ["void", "bad", "none", "ok"], [10, 10, 10, 10])
+    assert len(tokenizer.encode(text)) <= GRM.__init__.__kwdefaults__["max_tokens"]
+    assert parse_judgment(text, 4)[2] == [10, 10, 10, 10]
+
+
 def test_judge_api_on_a_tiny_model(base):
     grm = GRM(base, max_tokens=12)
     v = grm.judge(Q, ["a", "b", "c"], k=4, seed=3)

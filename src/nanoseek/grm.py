@@ -50,7 +50,9 @@ from nanoseek.errors import NanoseekError
 MIN_SCORE, MAX_SCORE = 1, 10
 HINT = "The best response is: Response {j}"  # hinted sampling (RFT), 1-based like the prompt
 DEFAULT_TEMPERATURE = 0.5
-JUDGE_MAX_TOKENS = 64
+# A judgment of 4 responses is ~70 tokens at about a token per character: `nanoseek judge` and the
+# recipe's judges (GRMConfig.judge_max_tokens) use this; 64 cut a group's \boxed{} line short
+JUDGE_MAX_TOKENS = 96
 META_HEAD = "score_head.safetensors"  # the scalar head beside a meta RM's (or BT RM's) backbone checkpoint
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

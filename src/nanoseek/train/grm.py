@@ -65,8 +65,8 @@ from nanoseek.checkpoint import atomic_write_text
 from nanoseek.data.tasks import DigitSumTask, derive_seed, extract_answer, get_task, prompt_of, reasoning_of, split_of
 from nanoseek.errors import ConfigError, NanoseekError, check_out_dir
 from nanoseek.eval import majority_answer
-from nanoseek.grm import (GRM, Judgment, ScalarRM, encode_batch, format_judgment, judge_prompt, judgment_correct, meta_text,
-                          rule_reward, strictly_best, summed_scores)
+from nanoseek.grm import (GRM, JUDGE_MAX_TOKENS, Judgment, ScalarRM, encode_batch, format_judgment, judge_prompt,
+                          judgment_correct, meta_text, rule_reward, strictly_best, summed_scores)
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint, point_latest
@@ -120,7 +120,7 @@ class GRMConfig(TrainConfig):
     # 6. evaluation
     eval_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     eval_temperature: float = 0.5
-    judge_max_tokens: int = 96  # a judgment of 4 responses is ~70 tokens (about one per character)
+    judge_max_tokens: int = JUDGE_MAX_TOKENS  # 96: a judgment of 4 responses is ~70 tokens (about one per character)
     best_of_n_k: int = 2  # judgments summed per response when reranking the policy's samples
     ablations: list[str] = field(default_factory=lambda: ["no_principles", "bt", "solve"])
     ablation_k: int = 8
