@@ -27,8 +27,9 @@ DeepSeek-R1 §2.3.3 and §2.4, at toy scale:
 The student is a dense preset (`student-small`, built with the teacher's tokenizer), a DeepSeek-V3
 preset, or any checkpoint directory. R1-Distill fine-tunes pretrained bases; here a fresh student
 can be warmed up on the corpus first (`nanoseek sft` on `{"text"}` rows, configs/sft_student_small.toml).
-configs/distill_small.toml is the CPU recipe, with the commands of the whole pipeline;
-scripts/distill_demo.sh is its measured run, on 3-term chain sums (`task=chain_sum task_args.min_terms=3 ...`).
+configs/distill_small.toml is the CPU recipe, with the commands of the whole pipeline (its settings
+were measured with an earlier teacher, on 3-term chain sums: `task=chain_sum task_args.min_terms=3 ...`);
+scripts/distill_demo.sh is its measured run from the R1-Zero demo's teacher, on digit_sum.
 """
 
 from __future__ import annotations
