@@ -308,6 +308,17 @@ def test_continued_pretraining_starts_from_init(full_run, corpus, tmp_path):
         pretrain.train(tiny_config(tmp_path / "y", corpus, f"init={tmp_path}"))
 
 
+def test_continued_pretraining_reuses_its_runs_shards(full_run, corpus, tmp_path, monkeypatch):
+    """init= with data_dir=<its run's data> and the same data and seed: the shards the run made with the
+    BPE it trained are the checkpoint tokenizer's, so they are reused, not tokenized again."""
+    monkeypatch.setattr(pretrain, "prepare_data", lambda *a, **k: pytest.fail("tokenized the data again"))
+    shards = corpus.parent / "shards"
+    recipe = (shards / "recipe.json").read_text()
+    pretrain.train(tiny_config(tmp_path / "more", corpus, f"init={full_run / 'latest'}", "max_steps=1",
+                               "save_every=0", "eval_every=0"))
+    assert (shards / "recipe.json").read_text() == recipe
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_exactly(full_run, corpus, tmp_path, monkeypatch):
     calls = []
 

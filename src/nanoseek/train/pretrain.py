@@ -208,13 +208,24 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
         raise ConfigError(f"tokenizer={source!r} is not a tokenizer directory (no tokenizer.json)")
     init_tokenizer = Tokenizer.from_dir(source) if source else None
     recipe = {"data": cfg.data, "vocab_size": cfg.vocab_size, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    tokenizer_hash = lambda tok: hashlib.sha256(tok.tk.to_str().encode()).hexdigest()  # noqa: E731
     if init_tokenizer is not None:
-        recipe.update(vocab_size=init_tokenizer.vocab_size,
-                      tokenizer=hashlib.sha256(init_tokenizer.tk.to_str().encode()).hexdigest())
+        recipe.update(vocab_size=init_tokenizer.vocab_size, tokenizer=tokenizer_hash(init_tokenizer))
     recipe_file = data_dir / "recipe.json"
 
     def ready() -> bool:
-        return (data_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe
+        if not ((data_dir / "meta.json").is_file() and recipe_file.is_file()):
+            return False
+        saved = json.loads(recipe_file.read_text())
+        if saved == recipe:
+            return True
+        # data_dir=<its run>/data when continuing a run: shards tokenized with the BPE that run trained,
+        # which is the checkpoint's tokenizer, so the same shards (its recipe names a vocab_size, not a hash)
+        if init_tokenizer is None or "tokenizer" in saved or not (data_dir / "tokenizer.json").is_file():
+            return False
+        same_data = {k: v for k, v in saved.items() if k != "vocab_size"} == {
+            k: v for k, v in recipe.items() if k not in ("vocab_size", "tokenizer")}
+        return same_data and tokenizer_hash(Tokenizer.from_dir(data_dir)) == recipe["tokenizer"]
 
     if env.is_main and not ready():
         t0 = time.perf_counter()
