@@ -45,7 +45,7 @@ C = TypeVar("C", bound=TrainConfig)
 
 def add_arguments(parser, example: str = "out_dir=runs/x max_steps=100 seed=1") -> None:
     """The options every training stage takes; `example` shows some of its overrides."""
-    parser.add_argument("--config", help="TOML recipe, e.g. configs/<stage>_tiny.toml (defaults apply without)")
+    parser.add_argument("--config", help="TOML recipe, one of configs/*.toml or your own (without: the stage's defaults)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint out_dir/latest points to")
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
