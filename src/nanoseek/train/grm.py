@@ -1,6 +1,6 @@
 """DeepSeek-GRM (SPCT) at toy scale: train a generative reward model, then measure its scaling.
 
-    nanoseek grm --config configs/grm_small.toml [steps=data,cold_start ...] [key=value ...]
+    nanoseek grm --config configs/grm_small.toml ['steps=["data","cold_start"]'] [key=value ...]
 
 The recipe, one step after the other; each writes its artifact under out_dir and is skipped when
 that exists, so a re-run (or a run after Ctrl-C) continues with the first unfinished step:
@@ -748,7 +748,7 @@ def train(cfg: GRMConfig, resume=None) -> Path:
 
 
 def add_arguments(parser) -> None:
-    stage.add_arguments(parser, "init=runs/pretrain_reasoning/latest steps=[data,cold_start] rl_steps=10")
+    stage.add_arguments(parser, """init=runs/pretrain_reasoning/latest 'steps=["data","cold_start"]' rl_steps=10""")
 
 
 def run(args) -> int:
