@@ -94,6 +94,21 @@ def test_config_from_toml_and_overrides(tmp_path):
     assert load_run_config(DemoConfig, None, ['files=["a", "b"]', "limit=3"]).files == ["a", "b"]
 
 
+@dataclass
+class TableConfig(TrainConfig):
+    weights: dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 1.0})
+
+
+def test_a_dotted_override_edits_a_default_table(tmp_path):
+    """`nanoseek rl rewards.format=0.5` without a recipe kept only {format: 0.5}, dropping the default
+    accuracy reward; a dotted key edits the table, a whole table still replaces it, as in a file."""
+    assert load_run_config(TableConfig, None, ["weights.b=0.5"]).weights == {"a": 1.0, "b": 0.5}
+    assert load_run_config(TableConfig, None, ["weights={b=0.5}"]).weights == {"b": 0.5}
+    f = tmp_path / "c.toml"
+    f.write_text("weights = { c = 2.0 }\n")
+    assert load_run_config(TableConfig, f, ["weights.b=0.5"]).weights == {"c": 2.0, "b": 0.5}
+
+
 def test_a_quoted_string_override_is_a_toml_string():
     cfg = load_run_config(DemoConfig, None, ['out_dir="runs/x"', 'name="a\\nb"', "mode='b'", 'files="c.txt"'])
     assert (cfg.out_dir, cfg.name, cfg.mode, cfg.files) == ("runs/x", "a\nb", "b", ["c.txt"])

@@ -108,12 +108,24 @@ def load_run_config(cls: type[C], path: str | Path | None = None, overrides: Seq
             raise ConfigError(f"override {item!r} is not key=value; valid keys: {', '.join(config_keys(cls))}")
         node = data
         *parents, leaf = key.strip().split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
+            if depth == 0 and part not in node:  # a dotted key edits the default table, not an empty one
+                node[part] = _default_table(cls, part)
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a table")
         node[leaf] = _CLIValue(value.strip())
     return _build(cls, data, cls)
+
+
+def _default_table(cls: type, name: str) -> dict:
+    """A copy of field `name`'s default when it is a table (else {}), for dotted overrides to edit:
+    `rewards.format=0.5` without a recipe keeps the default accuracy weight beside it."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            return dict(value) if isinstance(value, dict) else {}
+    return {}
 
 
 def config_keys(cls: type) -> list[str]:
