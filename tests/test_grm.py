@@ -191,7 +191,7 @@ def test_recipe_end_to_end_then_judge_eval_and_rl(base, tmp_path, capsys):
     assert main(["grm", "--config", str(TINY), f"init={base}", f"out_dir={out}"]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 6
 
-    # nanoseek judge: one judgment per line; a bad file exits 2
+    # nanoseek judge: one JSON line per item (its k judgments); a bad file exits 2
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"question": "1234", "responses": [" </think> <answer>0</answer>", "x"]}) + "\n"
                      + json.dumps({"question": "5678", "response": " </think> <answer>6</answer>"}) + "\n")
