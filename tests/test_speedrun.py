@@ -248,3 +248,6 @@ def test_rewriting_the_report_of_a_directory_without_a_speedrun_is_a_clear_error
     err = capsys.readouterr().err
     assert f"no readable {tmp_path / 'speedrun.json'}" in err and "Traceback" not in err
     assert not (tmp_path / "report.md").exists()
+    with pytest.raises(SystemExit) as exit_:  # --help is help, not a directory named "--help"
+        report.main(["--help"])
+    assert exit_.value.code == 0 and "speedrun's --out directory" in capsys.readouterr().out

@@ -293,7 +293,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The R1-Zero demo's reasoning base (configs/pretrain_reasoning.toml): 1.4M parameters, sized by
     # measurement to learn the digit-sum chain in 10 minutes on 2 cores. MLA with 32 rotary dims:
     # position reaches attention only through the rotary part, and with 16 (the `small` preset's) the
-    # model never learned to fetch the digit a fixed distance back (cpu-rl-probe.md, probe 2b).
+    # model never learned to fetch the digit a fixed distance back (measured in a probe before the demo).
     # No q compression, MoE in layers 2-4 (+ MTP), a wide init (0.08) that the probe needed.
     "reasoning": dict(
         vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,

@@ -22,7 +22,7 @@ Training keeps fp32 weights and optimizer state and computes under bf16 autocast
                      the fp32 weight bytes, and for a bf16 checkpoint no rounding at all: float16
                      holds every bf16 value of magnitude 6.1e-5 to 65504 exactly, so it computes
                      what fp32 does (the released 1.5B's shapes: greedy text identical to fp32's,
-                     decode 1.4-1.8x faster). A layer with a weight beyond float16's range stays
+                     decode 1.4-1.9x faster). A layer with a weight beyond float16's range stays
                      in float.
     All three convert an untied output head too, store an untied embedding in float16
     (`Fp16Embedding`: rows widened to float32 as they are looked up; exact for a bf16 checkpoint),

@@ -13,6 +13,7 @@ activated weight plus attention; 6 per weight for a dense student).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -361,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from nanoseek.speedrun import STATE_FILE, plan
 
-    out = Path((argv or sys.argv[1:] or ["runs/speedrun"])[0]).resolve()
+    parser = argparse.ArgumentParser(prog="python -m nanoseek.report",
+                                     description="Rewrite the report card (report.md) of a speedrun directory.")
+    parser.add_argument("out", nargs="?", default="runs/speedrun", help="the speedrun's --out directory")
+    out = Path(parser.parse_args(argv).out).resolve()
     state = _json(out / STATE_FILE)
     if not isinstance(state, dict):  # a wrong directory (or none given): one line, as the CLI's errors are
         print(f"python -m nanoseek.report: error: no readable {out / STATE_FILE}; name the --out directory "
