@@ -79,6 +79,8 @@ def test_meta_select_keeps_the_top_k():
     kept = meta_select(js, [0.1, 0.9, 0.5, 0.2, 0.8, 0.0], 3)
     assert [j.text for j in kept] == ["1", "2", "4"]
     assert [j.text for j in meta_select(js, [1.0] * 6, 2)] == ["0", "1"]  # ties: earlier samples
+    js[1].scores = None  # rated highest, but it did not parse: it would be a vote left out
+    assert [j.text for j in meta_select(js, [0.1, 0.9, 0.5, 0.2, 0.8, 0.0], 3)] == ["2", "3", "4"]
 
 
 def test_rule_reward_plus_minus_one():

@@ -175,10 +175,17 @@ def rule_reward(scores: list[int] | None, best: int, label: int | None = None) -
 
 
 def meta_select(judgments: list[Judgment], meta_scores: list[float], k_meta: int) -> list[Judgment]:
-    """Meta-RM guided voting: the k_meta judgments the meta RM rates highest (stable: earlier
-    samples win ties), to be summed instead of all k."""
-    order = sorted(range(len(judgments)), key=lambda i: -meta_scores[i])
-    return [judgments[i] for i in sorted(order[:k_meta])]
+    """Meta-RM guided voting: the k_meta judgments the meta RM rates highest, to be summed instead
+    of all k (`meta_kept`)."""
+    return [judgments[i] for i in meta_kept(judgments, meta_scores, k_meta)]
+
+
+def meta_kept(judgments: list[Judgment], meta_scores: list[float], k_meta: int) -> list[int]:
+    """The indices of the k_meta judgments the meta RM rates highest, in sample order (stable:
+    earlier samples win ties). Judgments that parse come first: one that does not scores no
+    response, so keeping it would only leave a vote out."""
+    order = sorted(range(len(judgments)), key=lambda i: (not judgments[i].parsed, -meta_scores[i]))
+    return sorted(order[:k_meta])
 
 
 # ============================================================== the scalar head (meta RM, BT RM)
@@ -367,7 +374,7 @@ class GRM:
         ratings = self.meta_scores(items, judgments) if use_meta else None
         verdicts = []
         for i, ((_, responses), js) in enumerate(zip(items, judgments)):
-            kept = list(range(k)) if ratings is None else meta_select(list(range(k)), ratings[i], k_meta)
+            kept = list(range(k)) if ratings is None else meta_kept(js, ratings[i], k_meta)
             scores = summed_scores([js[c] for c in kept], len(responses))
             verdicts.append(Verdict(scores, pick_best(scores, (seed, i)), js, kept,
                                     sum(j.parsed for j in js) / k))
