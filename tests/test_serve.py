@@ -574,6 +574,12 @@ def test_cli_rejects_a_bad_port_and_a_taken_address(checkpoints, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
 
 
+def test_port_0_is_resolved_to_the_port_the_server_will_name():
+    from nanoseek.serve.api import check_bindable
+
+    assert 0 < check_bindable("127.0.0.1", 0) <= 65535  # `serve --port 0` prints it, not ":0"
+
+
 # ------------------------------------------------------------------ the splitter, unit tests
 
 SPLIT_CASES = [

@@ -280,8 +280,9 @@ def port_number(text: str) -> int:
     return int(text)
 
 
-def check_bindable(host: str, port: int) -> None:
-    """Fail before the model loads if the address cannot be bound (in use, or no such interface)."""
+def check_bindable(host: str, port: int) -> int:
+    """Fail before the model loads if the address cannot be bound (in use, or no such interface).
+    Returns the port: the one the system picks for port 0, so the server can say where it listens."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -294,6 +295,7 @@ def check_bindable(host: str, port: int) -> None:
         except OSError as e:
             raise NanoseekError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port "
                                 "(or stop what holds it)") from None
+        return sock.getsockname()[1]
 
 
 def run(args) -> int:
@@ -304,7 +306,7 @@ def run(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise NanoseekError(f"--model {args.model}: no such directory; point it at a checkpoint directory")
-    check_bindable(args.host, args.port)
+    args.port = check_bindable(args.host, args.port)  # --port 0: a free one, named in the line below
     if (model_dir / "tokenizer.json").is_file():  # a chat template that does not compile fails before the model loads
         Tokenizer.from_dir(model_dir).check_chat_template()
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
