@@ -107,6 +107,8 @@ def test_a_dotted_override_edits_a_default_table(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("weights = { c = 2.0 }\n")
     assert load_run_config(TableConfig, f, ["weights.b=0.5"]).weights == {"c": 2.0, "b": 0.5}
+    # a whole table on the command line, then one of its keys ("weights is not a table" before)
+    assert load_run_config(TableConfig, None, ["weights={c=2.0}", "weights.b=0.5"]).weights == {"c": 2.0, "b": 0.5}
 
 
 def test_a_quoted_string_override_is_a_toml_string():

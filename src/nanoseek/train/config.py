@@ -111,6 +111,8 @@ def load_run_config(cls: type[C], path: str | Path | None = None, overrides: Seq
         for depth, part in enumerate(parents):
             if depth == 0 and part not in node:  # a dotted key edits the default table, not an empty one
                 node[part] = _default_table(cls, part)
+            if isinstance(node.get(part), _CLIValue) and node[part].startswith("{"):
+                node[part] = parse_literal(node[part])  # an earlier `rewards={grm=1.0}`, now edited
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a table")
