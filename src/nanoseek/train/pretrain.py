@@ -12,8 +12,9 @@ bias update nudges each MoE layer's routing bias towards balanced expert load (b
 it off, the load imbalance is still logged).
 
 Data: `data` lists text/jsonl/parquet sources, `default` (Shakespeare + synthetic reasoning
-text) or `synthetic:` specs (the reasoning base's digit-sum corpus). A byte-level BPE of `vocab_size` is trained on them and they are tokenized into shards
-under `data_dir` (default `<out_dir>/data`), reused on the next run with the same recipe.
+text) or `synthetic:` specs (the reasoning base's digit-sum corpus). A byte-level BPE of
+`vocab_size` is trained on them and they are tokenized into shards under `data_dir` (default
+`<out_dir>/data`), reused on the next run with the same recipe.
 
 A trained tokenizer: `tokenizer=<dir>` (from `nanoseek tokenizer train`) tokenizes the data with
 it instead of training a BPE here (vocab_size is then the tokenizer's).
