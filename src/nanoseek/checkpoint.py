@@ -51,7 +51,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     Ctrl-C) sees the old file or the whole new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # not the locale's: jsonl rows may hold any text
     os.replace(tmp, path)
     return path
 

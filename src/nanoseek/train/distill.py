@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from nanoseek.checkpoint import atomic_write_text
 from nanoseek.data.tasks import Problem, Task, derive_seed, get_task, prompt_of
 from nanoseek.errors import ConfigError
 from nanoseek.rewards import accuracy_reward, format_reward
@@ -149,10 +150,9 @@ def sample_traces(cfg: DistillConfig, env: DistEnv | None = None) -> dict:
         gathered = gather_objects(mine)
         spent = time.perf_counter() - t0  # the ranks sample side by side
         seconds += spent
-        for other in gathered:
-            results.update(other)
+        done = {i: r for other in gathered for i, r in other.items()}
+        results.update(done)
         if env.is_main:
-            done = {i: r for other in gathered for i, r in other.items()}
             with partial.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"seconds": spent, "prompts": done}, ensure_ascii=False) + "\n")
             left = len(todo) - first - chunk
@@ -173,10 +173,7 @@ def sample_traces(cfg: DistillConfig, env: DistEnv | None = None) -> dict:
         "tokens_per_s": round(generated_tokens / max(seconds, 1e-9), 1),
     }
     if env.is_main:
-        path = cfg.dataset_path
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        tmp.replace(path)
+        path = atomic_write_text(cfg.dataset_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")  # marks the dataset complete
         partial.unlink(missing_ok=True)
         print(f"kept {len(rows)} traces ({verified} of {total} samples verified, {covered} of {len(problems)} prompts "
