@@ -153,3 +153,9 @@ def test_majority_groups_the_forms_the_task_scores_alike(tmp_path):
     script = [r1zero_completion("", a) for a in ("3", "0.5", "\\frac{1}{2}")]
     report = evaluate(ScriptedEngine(lambda i: script), task=task, problems=task.problems(2), samples=3)
     assert report["pass@1"] == pytest.approx(2 / 3) and report["maj@3"] == 1.0
+
+
+def test_an_empty_problem_list_is_refused_in_words(task):
+    from nanoseek.errors import NanoseekError
+    with pytest.raises(NanoseekError, match="empty problems list"):
+        evaluate(ScriptedEngine(lambda i: [""]), task=task, problems=[])

@@ -126,6 +126,9 @@ def evaluate(model_or_llm, tokenizer=None, task: str | Task = "default", n: int 
 
     if samples < 1 or (n < 1 and problems is None):
         raise NanoseekError(f"need n >= 1 and samples >= 1, got n={n}, samples={samples}")
+    if problems is not None and not problems:
+        raise NanoseekError("evaluate() got an empty problems list: pass at least one Problem, or leave "
+                            "problems out to draw n from the task")
     task = get_task(task) if isinstance(task, str) else task
     problems = task.problems(n, seed=seed, split=split) if problems is None else problems
     llm = make_llm(model_or_llm, tokenizer, max_num_seqs=min(256, len(problems) * samples))
