@@ -251,3 +251,28 @@ def test_rewriting_the_report_of_a_directory_without_a_speedrun_is_a_clear_error
     with pytest.raises(SystemExit) as exit_:  # --help is help, not a directory named "--help"
         report.main(["--help"])
     assert exit_.value.code == 0 and "speedrun's --out directory" in capsys.readouterr().out
+
+
+def test_an_output_of_another_form_costs_its_section_not_the_card(tmp_path):
+    """A stage result kept from a run of another nanoseek version (a field gone): the report said
+    nothing at all (a KeyError at the end of the speedrun); now that section says why it is empty."""
+    from nanoseek import report
+    from nanoseek.speedrun import STATE_FILE
+
+    out = tmp_path / "sr"
+    names = [s.name for s in plan(out, tiny=True)]
+    assert cli.main(["speedrun", "--tiny", "--out", str(out), "--skip", *names]) == 0  # records, runs nothing
+    (out / "results").mkdir(exist_ok=True)
+    eval_line = {"task": "digit_sum", "n": 10, "seed": 0, "pass@1": 0.5, "mean_length": 9.0}  # no "reasoning"
+    (out / "results" / "eval_rl.json").write_text(json.dumps(eval_line))
+    (out / "results" / "serve.json").write_text(json.dumps({"requests": 4}))  # most fields gone
+    (out / "grm").mkdir(exist_ok=True)
+    (out / "grm" / "grm_report.json").write_text(json.dumps({"voting": [0.8, 0.9], "items": 3}))  # a list, not {k: ..}
+    state = json.loads((out / STATE_FILE).read_text())
+    assert report.main([str(out)]) == 0
+    card = (out / "report.md").read_text()
+    for title in ("R1-Zero", "Generative reward model", "Engine and serving"):
+        section = card.split(f"## {title}\n", 1)[1]
+        assert section.lstrip().startswith("Not shown: a stage output this section reads is not in the form")
+    assert "KeyError: 'reasoning'" in card and "## Environment" in card  # the rest is written
+    assert state["environment"]["git commit"] in card

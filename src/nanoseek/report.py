@@ -20,9 +20,12 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+# what reading a stage output of another form raises (a field missing, renamed or of another type)
+UNREADABLE = (KeyError, TypeError, ValueError, IndexError, AttributeError)
 TRAINING = ("pretrain_small", "pretrain_nobias", "pretrain_reasoning", "rl", "control", "student", "distill")
 
 
@@ -37,6 +40,21 @@ def _json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+@contextmanager
+def _section(lines: list[str], title: str):
+    """One section of the card, built from the stages' outputs. An output in a form this version
+    does not read (a stage kept from a run of another nanoseek version: a field renamed or gone)
+    costs that section one line saying so, not the whole card at the end of a long run."""
+    start = len(lines)
+    try:
+        yield
+    except UNREADABLE as e:
+        del lines[start:]
+        lines += [f"## {title}", "", f"Not shown: a stage output this section reads is not in the form this "
+                  f"nanoseek writes ({type(e).__name__}: {e}); run its stage again (delete its result) and "
+                  "`python -m nanoseek.report` the directory.", ""]
 
 
 def _records(run: Path) -> list[dict]:
@@ -164,141 +182,151 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     lines.append("")
 
     # ---- cost
-    lines += ["## Cost", "", "| run | steps | tokens trained | FLOPs (estimated) | wall |", "|---|---|---|---|---|"]
     total_flops, uncounted = 0.0, []
-    for name in TRAINING:
-        c = training_cost(out, name)
-        if c:
-            total_flops += c["flops"] or 0
-            tokens = f"{c['tokens']:,}" if c["tokens"] else "not counted"
-            if not c["tokens"]:
-                uncounted.append(name)
-            lines.append(f"| {name} | {c['steps']} | {tokens} | {_num(c['flops']) if c['flops'] else ''} | "
-                         f"{_duration(st.get(name, {}).get('seconds'))} |")
-    lines.append(f"| **total** | | | {_num(total_flops)} | |")
-    if uncounted:  # RL: its cost is mostly sampling, which no token counter sees
-        lines += ["", f"The total leaves out {', '.join(uncounted)}: no trained-token count (RL's cost is mostly "
-                      "its rollouts' sampling); the wall column has its time."]
-    lines.append("")
-    models = [(k.removeprefix("info_"), v) for k, v in results.items() if k.startswith("info_") and v]
-    if models:
-        lines += ["| model | parameters | activated per token | MTP | MLA cache / token | multi-head cache / token |",
-                  "|---|---|---|---|---|---|"]
-        for name, m in models:
-            lines.append(f"| {name} | {m['total_params']:,} | {m['active_params']:,} | {m['mtp_params']:,} | "
-                         f"{m['mla_cache_bytes_per_token']:,} B | {m['mha_cache_bytes_per_token']:,} B "
-                         f"({m['mla_vs_mha']:.1f}x) |")
-        lines += ["", f"(cache bytes over all layers at {models[0][1]['dtype_bytes']} bytes a value, from "
-                  "`nanoseek info --json`)", ""]
+    with _section(lines, "Cost"):
+        lines += ["## Cost", "", "| run | steps | tokens trained | FLOPs (estimated) | wall |", "|---|---|---|---|---|"]
+        for name in TRAINING:
+            c = training_cost(out, name)
+            if c:
+                total_flops += c["flops"] or 0
+                tokens = f"{c['tokens']:,}" if c["tokens"] else "not counted"
+                if not c["tokens"]:
+                    uncounted.append(name)
+                lines.append(f"| {name} | {c['steps']} | {tokens} | {_num(c['flops']) if c['flops'] else ''} | "
+                             f"{_duration(st.get(name, {}).get('seconds'))} |")
+        lines.append(f"| **total** | | | {_num(total_flops)} | |")
+        if uncounted:  # RL: its cost is mostly sampling, which no token counter sees
+            lines += ["", f"The total leaves out {', '.join(uncounted)}: no trained-token count (RL's cost is mostly "
+                          "its rollouts' sampling); the wall column has its time."]
+        lines.append("")
+        models = [(k.removeprefix("info_"), v) for k, v in results.items() if k.startswith("info_") and v]
+        if models:
+            lines += ["| model | parameters | activated per token | MTP | MLA cache / token "
+                      "| multi-head cache / token |",
+                      "|---|---|---|---|---|---|"]
+            for name, m in models:
+                lines.append(f"| {name} | {m['total_params']:,} | {m['active_params']:,} | {m['mtp_params']:,} | "
+                             f"{m['mla_cache_bytes_per_token']:,} B | {m['mha_cache_bytes_per_token']:,} B "
+                             f"({m['mla_vs_mha']:.1f}x) |")
+            lines += ["", f"(cache bytes over all layers at {models[0][1]['dtype_bytes']} bytes a value, from "
+                      "`nanoseek info --json`)", ""]
 
     # ---- pretraining
-    runs = {n: _records(out / n) for n in ("pretrain_small", "pretrain_reasoning")}
-    runs = {n: r for n, r in runs.items() if r}
-    if runs:
-        lines += ["## Pretraining", ""]
-        plots.loss_figure(runs, out / "pretrain_loss.png")
-        lines += ["![pretraining loss](pretrain_loss.png)", "", "| run | final loss | final MTP loss | val loss | "
-                  "unigram baseline |", "|---|---|---|---|---|"]
-        for n, r in runs.items():
-            last = lambda k: (plots.series(r, k)[1] or [None])[-1]  # noqa: E731
-            first = lambda k: (plots.series(r, k)[1] or [None])[0]  # noqa: E731
-            fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
-            lines.append(f"| {n} | {fmt(last('loss'))} | {fmt(last('mtp_loss'))} | {fmt(last('val_loss'))} | "
-                         f"{fmt(first('unigram_val_loss'))} |")
-        lines.append("")
-        load = {f"{n} (bias update)" if n == "pretrain_small" else f"{n} (no bias update)": _records(out / n)
-                for n in ("pretrain_small", "pretrain_nobias")}
-        load = {n: r for n, r in load.items() if plots.series(r, "imbalance")[0]}
-        if load:
-            plots.expert_load_figure(load, out / "expert_load.png")
-            horizon = min(max(plots.series(r, "imbalance")[0]) for r in load.values())
-            lines += ["![expert load](expert_load.png)", "",
-                      f"Expert load max/mean (worst MoE layer), mean over steps {max(1, horizon - 19)}-{horizon} "
-                      "(the same steps of both runs): "
-                      + "; ".join(f"{n} {_mean_between(r, horizon - 19, horizon):.2f}" for n, r in load.items()), ""]
+    with _section(lines, "Pretraining"):
+        runs = {n: _records(out / n) for n in ("pretrain_small", "pretrain_reasoning")}
+        runs = {n: r for n, r in runs.items() if r}
+        if runs:
+            lines += ["## Pretraining", ""]
+            plots.loss_figure(runs, out / "pretrain_loss.png")
+            lines += ["![pretraining loss](pretrain_loss.png)", "", "| run | final loss | final MTP loss | val loss | "
+                      "unigram baseline |", "|---|---|---|---|---|"]
+            for n, r in runs.items():
+                last = lambda k: (plots.series(r, k)[1] or [None])[-1]  # noqa: E731
+                first = lambda k: (plots.series(r, k)[1] or [None])[0]  # noqa: E731
+                fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+                lines.append(f"| {n} | {fmt(last('loss'))} | {fmt(last('mtp_loss'))} | {fmt(last('val_loss'))} | "
+                             f"{fmt(first('unigram_val_loss'))} |")
+            lines.append("")
+            load = {f"{n} (bias update)" if n == "pretrain_small" else f"{n} (no bias update)": _records(out / n)
+                    for n in ("pretrain_small", "pretrain_nobias")}
+            load = {n: r for n, r in load.items() if plots.series(r, "imbalance")[0]}
+            if load:
+                plots.expert_load_figure(load, out / "expert_load.png")
+                horizon = min(max(plots.series(r, "imbalance")[0]) for r in load.values())
+                lines += ["![expert load](expert_load.png)", "",
+                          f"Expert load max/mean (worst MoE layer), mean over steps {max(1, horizon - 19)}-{horizon} "
+                          "(the same steps of both runs): "
+                          + "; ".join(f"{n} {_mean_between(r, horizon - 19, horizon):.2f}"
+                                      for n, r in load.items()), ""]
 
     # ---- R1-Zero
-    if any(k in ev for k in ("pretrain_reasoning", "rl", "control")):
-        lines += ["## R1-Zero", ""]
-        rl_records = _records(out / "rl")
-        if rl_records and any("eval_pass@1" in r for r in rl_records):
-            control = (ev.get("control") or {}).get("pass@1")
-            plots.r1zero_figure(rl_records, out / "r1zero.png", control)
-            lines += ["![R1-Zero](r1zero.png)", ""]
-        lines += ["| model | held-out pass@1 | reasoning share | mean length (tokens) | wall |", "|---|---|---|---|---|"]
-        for key, label in (("pretrain_reasoning", "base"), ("pretrain_reasoning_prefill", "base, chain forced"),
-                           ("rl", "+ R1-Zero RL"), ("control", "+ control (pretraining, RL's wall time)")):
-            e = ev.get(key)
-            if e:
-                wall = st.get(key, {}).get("seconds") if key in ("rl", "control") else None
-                lines.append(f"| {label} | {_pct(e['pass@1'])} | {_pct(e['reasoning'])} | {e['mean_length']:.1f} | "
-                             f"{_duration(wall)} |")
-        n = next(iter(ev.values()))
-        lines += ["", f"(`nanoseek eval --task {n['task']} --n {n['n']} --seed {n['seed']}`, greedy)", ""]
+    with _section(lines, "R1-Zero"):
+        if any(k in ev for k in ("pretrain_reasoning", "rl", "control")):
+            lines += ["## R1-Zero", ""]
+            rl_records = _records(out / "rl")
+            if rl_records and any("eval_pass@1" in r for r in rl_records):
+                control = (ev.get("control") or {}).get("pass@1")
+                plots.r1zero_figure(rl_records, out / "r1zero.png", control)
+                lines += ["![R1-Zero](r1zero.png)", ""]
+            lines += ["| model | held-out pass@1 | reasoning share | mean length (tokens) | wall |",
+                      "|---|---|---|---|---|"]
+            for key, label in (("pretrain_reasoning", "base"), ("pretrain_reasoning_prefill", "base, chain forced"),
+                               ("rl", "+ R1-Zero RL"), ("control", "+ control (pretraining, RL's wall time)")):
+                e = ev.get(key)
+                if e:
+                    wall = st.get(key, {}).get("seconds") if key in ("rl", "control") else None
+                    lines.append(f"| {label} | {_pct(e['pass@1'])} | {_pct(e['reasoning'])} | {e['mean_length']:.1f} | "
+                                 f"{_duration(wall)} |")
+            n = next(iter(ev.values()))
+            lines += ["", f"(`nanoseek eval --task {n['task']} --n {n['n']} --seed {n['seed']}`, greedy)", ""]
 
     # ---- distillation
-    if any(k in ev for k in ("student", "distill")):
-        lines += ["## Distillation", "", "| model | held-out pass@1 | reasoning share | mean length |", "|---|---|---|---|"]
-        for key, label in (("rl", "teacher (R1-Zero model)"), ("student", "student before"),
-                           ("distill", "student after distillation")):
-            e = ev.get(key)
-            if e:
-                lines.append(f"| {label} | {_pct(e['pass@1'])} | {_pct(e['reasoning'])} | {e['mean_length']:.1f} |")
-        summary = _json(out / "distill" / "traces.summary.json")
-        if summary and "rows" in summary:
-            lines += ["", f"{summary['rows']:,} verified traces (`distill/traces.jsonl`)."]
-        lines.append("")
+    with _section(lines, "Distillation"):
+        if any(k in ev for k in ("student", "distill")):
+            lines += ["## Distillation", "", "| model | held-out pass@1 | reasoning share | mean length |",
+                      "|---|---|---|---|"]
+            for key, label in (("rl", "teacher (R1-Zero model)"), ("student", "student before"),
+                               ("distill", "student after distillation")):
+                e = ev.get(key)
+                if e:
+                    lines.append(f"| {label} | {_pct(e['pass@1'])} | {_pct(e['reasoning'])} | {e['mean_length']:.1f} |")
+            summary = _json(out / "distill" / "traces.summary.json")
+            if summary and "rows" in summary:
+                lines += ["", f"{summary['rows']:,} verified traces (`distill/traces.jsonl`)."]
+            lines.append("")
 
     # ---- GRM
     grm = _json(out / "grm" / "grm_report.json")
-    lines += ["## Generative reward model", ""]
-    if grm:
-        if (out / "grm" / "grm_scaling.png").is_file():  # the grm stage draws its own figure
-            lines += ["![GRM scaling](grm/grm_scaling.png)", ""]
-        ks = sorted(grm.get("voting") or {}, key=int)
-        lines += [f"{grm.get('items')} held-out items; parse rate {_pct(grm.get('parse_rate'))}; "
-                  f"one sample {_pct(grm.get('single_sample'))}.", "",
-                  "| k | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
-                  "| Voting@k | " + " | ".join(_pct(grm["voting"][k]) for k in ks) + " |",
-                  "| MetaRM@k | " + " | ".join(_pct((grm.get("meta") or {}).get(k)) for k in ks) + " |", ""]
-        if grm.get("ablations"):
-            lines += ["Ablations: " + ", ".join(f"{k} {_pct(v)}" for k, v in grm["ablations"].items()) + ".", ""]
-        best = grm.get("best_of_n") or {}
-        n = best.get("n", 8)
-        lines += [f"Best-of-{n} on {best.get('questions')} held-out questions: the policy's pass@1 "
-                  f"{_pct(best.get('policy_pass1'))}, maj@{n} {_pct(best.get(f'maj@{n}'))}, "
-                  f"GRM@{n} {_pct(best.get(f'grm@{n}'))}.", ""]
-    else:
-        lines += [f"Not run: {st.get('grm', {}).get('reason', 'no grm/grm_report.json')}.", ""]
+    with _section(lines, "Generative reward model"):
+        lines += ["## Generative reward model", ""]
+        if grm:
+            if (out / "grm" / "grm_scaling.png").is_file():  # the grm stage draws its own figure
+                lines += ["![GRM scaling](grm/grm_scaling.png)", ""]
+            ks = sorted(grm.get("voting") or {}, key=int)
+            lines += [f"{grm.get('items')} held-out items; parse rate {_pct(grm.get('parse_rate'))}; "
+                      f"one sample {_pct(grm.get('single_sample'))}.", "",
+                      "| k | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
+                      "| Voting@k | " + " | ".join(_pct(grm["voting"][k]) for k in ks) + " |",
+                      "| MetaRM@k | " + " | ".join(_pct((grm.get("meta") or {}).get(k)) for k in ks) + " |", ""]
+            if grm.get("ablations"):
+                lines += ["Ablations: " + ", ".join(f"{k} {_pct(v)}" for k, v in grm["ablations"].items()) + ".", ""]
+            best = grm.get("best_of_n") or {}
+            n = best.get("n", 8)
+            lines += [f"Best-of-{n} on {best.get('questions')} held-out questions: the policy's pass@1 "
+                      f"{_pct(best.get('policy_pass1'))}, maj@{n} {_pct(best.get(f'maj@{n}'))}, "
+                      f"GRM@{n} {_pct(best.get(f'grm@{n}'))}.", ""]
+        else:
+            lines += [f"Not run: {st.get('grm', {}).get('reason', 'no grm/grm_report.json')}.", ""]
 
     # ---- engine and serving
-    engine, serve = results.get("engine"), results.get("serve")
-    lines += ["## Engine and serving", ""]
-    if engine:
-        lines += ["| batch | prompt | nanoseek tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
-        for r in engine["results"]:
-            lines.append(f"| {r['batch']} | {r['prompt_len']} | {r['nanoseek_tokens_per_s']:.1f} | "
-                         f"{r['transformers_tokens_per_s']:.1f} | {r['ratio']:.2f}x |")
-        lines += ["", f"Decode tokens/s ({engine['new_tokens']} new tokens, greedy, {engine['device']}, "
-                  f"`benchmarks/generate_throughput.py` on pretrain_small); KV cache per token: latent "
-                  f"{engine['latent_bytes_per_token']} B against multi-head {engine['mha_bytes_per_token']} B.", ""]
-    else:
-        lines += [f"Engine: not run ({st.get('engine', {}).get('reason', st.get('engine', {}).get('status', ''))}).", ""]
-    if serve:
-        lines += [f"Serving (`nanoseek serve` of the R1-Zero model, official `openai` client, {serve['requests']} "
-                  f"streaming requests, {serve['concurrency']} at a time, up to {serve['max_tokens']} tokens): "
-                  f"**{serve['requests_per_s']} requests/s**, time to first token p50 {serve['ttft_p50_ms']} ms, "
-                  f"p99 {serve['ttft_p99_ms']} ms, {serve['generated_tokens_per_s']} tokens/s; "
-                  f"{serve['with_reasoning']} of {serve['requests']} answers carried `reasoning_content`.", ""]
-        b = serve.get("browser") or {}
-        if b.get("skipped"):
-            lines += [f"Chat page in a browser: skipped ({b['skipped']}).", ""]
-        elif b:
-            lines += [f"Chat page in headless Chromium: the answer streamed in {b['updates']} updates; reasoning "
-                      f"shown apart: {'yes' if b['reasoning_shown_apart'] else 'no'}.", "",
-                      "![chat page](chat.png)", ""]
-    else:
-        lines += [f"Serving: not run ({st.get('serve', {}).get('reason', st.get('serve', {}).get('status', ''))}).", ""]
+    with _section(lines, "Engine and serving"):
+        engine, serve = results.get("engine"), results.get("serve")
+        lines += ["## Engine and serving", ""]
+        if engine:
+            lines += ["| batch | prompt | nanoseek tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
+            for r in engine["results"]:
+                lines.append(f"| {r['batch']} | {r['prompt_len']} | {r['nanoseek_tokens_per_s']:.1f} | "
+                             f"{r['transformers_tokens_per_s']:.1f} | {r['ratio']:.2f}x |")
+            lines += ["", f"Decode tokens/s ({engine['new_tokens']} new tokens, greedy, {engine['device']}, "
+                      f"`benchmarks/generate_throughput.py` on pretrain_small); KV cache per token: latent "
+                      f"{engine['latent_bytes_per_token']} B against multi-head {engine['mha_bytes_per_token']} B.", ""]
+        else:
+            lines += [f"Engine: not run ({_not_run_reason(st, 'engine')}).", ""]
+        if serve:
+            lines += [f"Serving (`nanoseek serve` of the R1-Zero model, official `openai` client, {serve['requests']} "
+                      f"streaming requests, {serve['concurrency']} at a time, up to {serve['max_tokens']} tokens): "
+                      f"**{serve['requests_per_s']} requests/s**, time to first token p50 {serve['ttft_p50_ms']} ms, "
+                      f"p99 {serve['ttft_p99_ms']} ms, {serve['generated_tokens_per_s']} tokens/s; "
+                      f"{serve['with_reasoning']} of {serve['requests']} answers carried `reasoning_content`.", ""]
+            b = serve.get("browser") or {}
+            if b.get("skipped"):
+                lines += [f"Chat page in a browser: skipped ({b['skipped']}).", ""]
+            elif b:
+                lines += [f"Chat page in headless Chromium: the answer streamed in {b['updates']} updates; reasoning "
+                          f"shown apart: {'yes' if b['reasoning_shown_apart'] else 'no'}.", "",
+                          "![chat page](chat.png)", ""]
+        else:
+            lines += [f"Serving: not run ({_not_run_reason(st, 'serve')}).", ""]
 
     # ---- environment
     env = state.get("environment")  # recorded as the speedrun started
@@ -321,13 +349,25 @@ def write_report(out: Path, stages, state: dict, tiny: bool = False) -> Report:
     return Report(path, table)
 
 
+def _not_run_reason(stages: dict, name: str) -> str:
+    record = stages.get(name, {})
+    return record.get("reason", record.get("status", ""))
+
+
 def _mean_between(records: list[dict], lo: int, hi: int) -> float:
     values = [r["imbalance"] for r in records if "imbalance" in r and lo <= r["step"] <= hi]
     return sum(values) / len(values) if values else float("nan")
 
 
 def _headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -> str:
-    """The stage's main number for the summary table."""
+    """The stage's main number for the summary table ('' if its output is in another form)."""
+    try:
+        return _stage_headline(name, out, results, ev, grm)
+    except UNREADABLE:
+        return ""
+
+
+def _stage_headline(name: str, out: Path, results: dict, ev: dict, grm: dict | None) -> str:
     from nanoseek.plots import series
 
     if name.startswith("eval_") and ev.get(name[5:]):
