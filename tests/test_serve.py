@@ -247,6 +247,15 @@ def test_penalties_and_sampling_fields_accepted(client):
     assert r.usage.completion_tokens == 5
 
 
+def test_top_k_past_int64_is_no_limit_and_keeps_the_engine_alive(server, client):
+    """top_k has no upper bound in the API; with top_p < 1 a huge one used to overflow a tensor in
+    the sampler, which failed the engine step: every later request got 503 engine_dead."""
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, top_p=0.9,
+                                       extra_body={"top_k": 10**20, "ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_prefix_cache_hits_reported(client):
     messages = [{"role": "system", "content": "The sky is blue. " * 12}, {"role": "user", "content": "hello"}]
     client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0)

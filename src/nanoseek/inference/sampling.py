@@ -176,7 +176,9 @@ class Sampler:
             probs = (logits if temp == 1 else logits / temp).softmax(dim=-1)
         else:
             probs = (logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)).softmax(dim=-1)
-        top_k = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
+        # a top_k past the vocabulary is no limit (and one past int64, which the API accepts,
+        # would overflow the tensor below and fail the whole batch's step)
+        top_k = [min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size for p in params]
         truncated = False
         if any(k < self.vocab_size for k in top_k) or any(p.top_p < 1 for p in params):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
