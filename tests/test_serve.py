@@ -489,6 +489,17 @@ def test_overload_returns_503_and_recovers(thinker, thinker_client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_a_request_larger_than_the_server_is_a_400_not_a_503(thinker):
+    """The thinker holds one sequence (max_num_seqs 1, no queue). More than that in one request
+    used to be a 503 "retry later", which the official client retries and no retry can pass."""
+    r = httpx.post(thinker.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "n": 2}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "n"
+    r = httpx.post(thinker.url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert thinker.state.in_flight == 0
+
+
 def test_admission_capacity_is_the_engines(checkpoints):
     engine = nanoseek.LLM(checkpoints / "thinker", max_num_seqs=3)
     assert create_app(engine).state.server.max_running == 3  # it was 64, whatever the engine ran

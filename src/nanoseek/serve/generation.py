@@ -93,7 +93,12 @@ class Generation:
         if state.engine_loop.dead is not None:
             raise APIError(503, "the inference engine has failed; restart the server", "server_error",
                            code="engine_dead")
-        if state.in_flight + needed > state.max_running + state.max_waiting:
+        capacity = state.max_running + state.max_waiting
+        if needed > capacity:  # a 503 says "retry later", but no retry would ever fit
+            raise bad_request(f"this request needs {needed} sequences ({len(self.prompts)} prompt(s) x n={self.n}), "
+                              f"but the server holds at most {capacity} at once; lower n or send fewer prompts",
+                              "n" if len(self.prompts) == 1 else "prompt")
+        if state.in_flight + needed > capacity:
             raise APIError(503, f"server overloaded: {state.in_flight} sequences in flight; retry later",
                            "server_error", code="server_overloaded")
         state.in_flight += needed
