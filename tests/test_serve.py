@@ -356,6 +356,7 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
     ({**CHAT, "max_tokens": 100_000}, 400, "max_tokens"),
     ({**CHAT, "stop": 3}, 400, "stop"),
+    ({**CHAT, "stop": ["a", ""]}, 400, "stop"),  # the engine's check: its param used to be null
     ({**CHAT, "seed": "x"}, 400, "seed"),
     ({**CHAT, "top_logprobs": 2}, 400, None),
     ({**CHAT, "stream_options": {"include_usage": True}}, 400, None),

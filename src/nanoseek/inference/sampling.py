@@ -36,6 +36,14 @@ GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily (vLLM's thr
 MAX_LOGPROBS = 20  # top logprobs per token at most (OpenAI's and vLLM's limit)
 
 
+class SamplingParamError(NanoseekError):
+    """A bad SamplingParams field; `param` names it (the server returns it as the error's param)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request; names and defaults follow vLLM and the OpenAI API.
@@ -74,7 +82,7 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise NanoseekError naming the first bad field."""
         def bad(name: str, why: str):
-            raise NanoseekError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+            raise SamplingParamError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}", name)
 
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):

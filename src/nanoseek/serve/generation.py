@@ -111,7 +111,7 @@ class Generation:
             # Bad input, a dead engine, or the client leaving mid-admission: undo what was admitted.
             self.close(record_metrics=False)
             if isinstance(e, (NanoseekError, ValueError, TypeError)):
-                raise bad_request(str(e)) from e
+                raise bad_request(str(e), getattr(e, "param", None)) from e  # SamplingParams names its field
             if isinstance(e, EngineDeadError):
                 raise APIError(503, str(e), "server_error", code="engine_dead") from e
             raise
