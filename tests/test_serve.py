@@ -362,6 +362,8 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "stream_options": {"include_usage": True}}, 400, None),
     ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+    ({**CHAT, "tool_choice": "required"}, 400, "tool_choice"),  # no tools: it was a 200 with plain text
+    ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ({**CHAT, "messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages"),
     ({**CHAT, "model": "gpt-5"}, 404, "model"),
 ])

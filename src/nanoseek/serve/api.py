@@ -99,6 +99,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.tools and body.tool_choice != "none":  # a client that offers tools waits for tool calls
         raise bad_request("this server has no function calling: send the request without tools "
                           '(or with tool_choice "none")', "tools", "unsupported_parameter")
+    if body.tool_choice not in (None, "none", "auto"):  # "required" or a named function: it waits for a call
+        raise bad_request(f"this server has no function calling: tool_choice {body.tool_choice!r} asks for a "
+                          'tool call; leave tool_choice out (or set it to "none")', "tool_choice",
+                          "unsupported_parameter")
     try:
         prompt_text = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
     except ChatTemplateError as e:

@@ -6,7 +6,8 @@ a wrong type or an out-of-range value becomes a 400 that names the field (the se
 errors to OpenAI's error shape; FastAPI's default would be a 422). Unknown fields are accepted and
 ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `metadata`...) work;
 `tools` are the exception: there is no function calling, and a client that offers tools would wait
-for a tool call, so they are a 400 unless `tool_choice` is "none".
+for a tool call, so they are a 400 unless `tool_choice` is "none" (and so is a `tool_choice` that
+demands a call: "required" or a named function).
 
 Extensions beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `stop_token_ids` (vLLM's names) and `separate_reasoning` (SGLang's name; false returns the raw text
