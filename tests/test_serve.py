@@ -386,6 +386,21 @@ def test_tools_with_tool_choice_none_are_ignored(server):
     assert r.status_code == 200, r.text
 
 
+def test_content_parts_text_served_image_refused_by_name(server):
+    """Text parts are joined; an image part used to be refused as "content.str: Input should be a
+    valid string", which says nothing about images."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    text = [{"type": "text", "text": "why"}, {"type": "text", "text": "?"}]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, headers=headers,
+                   json={**CHAT, "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text
+    image = [*text, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, headers=headers,
+                   json={**CHAT, "messages": [{"role": "user", "content": image}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "'image_url' are not supported" in r.json()["error"]["message"]
+
+
 def test_missing_content_is_a_400_naming_the_message_but_an_assistant_may_omit_it(server):
     """A user message without content used to be answered 200, as if it were empty."""
     headers = {"Authorization": f"Bearer {API_KEY}"}

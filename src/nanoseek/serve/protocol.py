@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nanoseek.errors import NanoseekError
 
@@ -44,6 +44,19 @@ class TextPart(OpenAIModel):
 class Message(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        # Without this an image part fails both union branches and the first error shown is
+        # "content.str: Input should be a valid string", which does not say what is wrong.
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind is not None and kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported: this model reads text "
+                                     "only (send {'type': 'text', 'text': ...} parts or a string)")
+        return content
 
     def text(self) -> str:
         if isinstance(self.content, list):
