@@ -453,6 +453,27 @@ def test_chat_template_prompt_gets_no_second_bos(text_llm):
     assert out.prompt_token_ids == tok.encode(prompt)
 
 
+def test_a_prompt_far_past_the_context_is_refused_from_a_prefix(text_llm, monkeypatch):
+    """A 10 MB prompt took the server 7 s to tokenize (on its event loop) only to be refused; a
+    text longer than PREFIX_CHARS_PER_TOKEN characters per context token is measured on that
+    prefix first. A shorter one is tokenized whole, as before."""
+    from nanoseek.errors import ContextLengthError
+    from nanoseek.inference.engine import PREFIX_CHARS_PER_TOKEN
+
+    tok = text_llm.tokenizer
+    seen, encode = [], tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, **kw: seen.append(len(text)) or encode(text, **kw))
+    cut = PREFIX_CHARS_PER_TOKEN * text_llm.max_model_len
+    huge = "the cat sat on the mat. " * (cut // 4)
+    for add_bos in (True, False):
+        with pytest.raises(ContextLengthError, match=f"at least .* tokens \\(its first {cut:,} of {len(huge):,}"):
+            text_llm.prompt_ids(huge, add_bos)
+    assert seen == [cut, cut]
+    with pytest.raises(ContextLengthError, match=r"prompt has \d+ tokens, but"):  # under the cut: counted whole
+        text_llm.prompt_ids(huge[:cut - 1])
+    assert seen[-1] == cut - 1
+
+
 # ---------------------------------------------------------------- the generate and chat CLIs
 
 

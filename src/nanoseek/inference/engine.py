@@ -72,6 +72,11 @@ DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # On a GPU a step is bound by kernel launches, which verification barely adds to.
 DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32}
 
+# A text prompt longer than this many characters per token of the context is first measured on
+# that prefix (`LLM._check_prefix`): English runs about 4 characters a token, so a prompt this long
+# overflows the context unless its tokens average 16 characters.
+PREFIX_CHARS_PER_TOKEN = 16
+
 
 class LLM:
     """The engine. `model` is a checkpoint directory (model and tokenizer are loaded from it) or an
@@ -256,16 +261,18 @@ class LLM:
             raise NanoseekError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         return (prompt if isinstance(prompt, str) else None), self.prompt_ids(prompt), params
 
-    def prompt_ids(self, prompt: "str | list[int]") -> list[int]:
-        """The token ids a prompt runs as: a text prompt tokenized with bos in front, token ids as
-        given. Raises NanoseekError for an empty prompt or ids outside the vocabulary, and
-        ContextLengthError when no token would fit after it. Pure: safe from any thread."""
+    def prompt_ids(self, prompt: "str | list[int]", add_bos: bool = True) -> list[int]:
+        """The token ids a prompt runs as: a text prompt tokenized with bos in front (`add_bos=False`:
+        as it is, for a chat template's text, which writes bos itself), token ids as given. Raises
+        NanoseekError for an empty prompt or ids outside the vocabulary, and ContextLengthError when
+        no token would fit after it. Pure: safe from any thread."""
         if isinstance(prompt, str):
             if not prompt:
                 raise NanoseekError("empty prompt: give at least one token")
             if self.tokenizer is None:
                 raise NanoseekError("this engine has no tokenizer: pass prompts as token-id lists")
-            ids = self.tokenizer.encode_prompt(prompt)
+            self._check_prefix(prompt, add_bos)
+            ids = self.tokenizer.encode_prompt(prompt) if add_bos else self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise NanoseekError("empty prompt: give at least one token")
@@ -280,6 +287,22 @@ class LLM:
                                      "(prompt and at least one generated token); shorten the prompt",
                                      tokens=len(ids), limit=self.max_model_len)
         return ids
+
+    def _check_prefix(self, text: str, add_bos: bool) -> None:
+        """Refuse a text far longer than the context from a prefix, before tokenizing all of it:
+        tokenizing takes about a second per 2 MB, and the server does it on its event loop, so a
+        10 MB prompt stalled every other request for 7 s only to be refused. A text's tokens are at
+        least its prefix's (give or take one at the cut, far from the limit here)."""
+        cut = PREFIX_CHARS_PER_TOKEN * self.max_model_len
+        if len(text) <= cut:
+            return
+        prefix = text[:cut]
+        n = len(self.tokenizer.encode_prompt(prefix) if add_bos else self.tokenizer.encode(prefix))
+        if n >= self.max_model_len:
+            raise ContextLengthError(f"prompt has at least {n} tokens (its first {cut:,} of {len(text):,} "
+                                     f"characters alone), but the context holds {self.max_model_len} (prompt and "
+                                     "at least one generated token); shorten the prompt", tokens=n,
+                                     limit=self.max_model_len)
 
     def _enqueue(self, text, ids, params, request_id) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"

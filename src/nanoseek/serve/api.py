@@ -67,10 +67,11 @@ def _check_model(state: ServerState, model: str | None) -> None:
         raise APIError(404, f"The model `{model}` does not exist.", "not_found_error", "model", "model_not_found")
 
 
-def _prompt_ids(state: ServerState, prompt, param: str) -> list[int]:
-    """The engine's token ids for a prompt (text: bos in front; ids: as given), its errors as a 400."""
+def _prompt_ids(state: ServerState, prompt, param: str, add_bos: bool = True) -> list[int]:
+    """The engine's token ids for a prompt (text: bos in front unless add_bos=False; ids: as
+    given), its errors as a 400."""
     try:
-        return state.engine_loop.engine.prompt_ids(prompt)
+        return state.engine_loop.engine.prompt_ids(prompt, add_bos)
     except ContextLengthError as e:
         raise bad_request(str(e), param, "context_length_exceeded") from e
     except NanoseekError as e:
@@ -110,7 +111,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except NanoseekError as e:
         raise bad_request(str(e), "messages") from e
     # the template's text as it is (it writes bos itself), as transformers tokenizes a chat
-    prompt_ids = _prompt_ids(state, state.tokenizer.encode(prompt_text), "messages")
+    prompt_ids = _prompt_ids(state, prompt_text, "messages", add_bos=False)
     max_tokens = _max_tokens(state, prompt_ids, body.max_completion_tokens or body.max_tokens, None)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs(state.sampling_defaults))
