@@ -14,6 +14,7 @@ from nanoseek.checkpoint import read_tensors
 from nanoseek.cli import main as cli_main
 from nanoseek.errors import NanoseekError
 from nanoseek.model.dense import DenseTransformer
+from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 from nanoseek.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, train_tokenizer
 from nanoseek.train import sft
@@ -94,12 +95,43 @@ def test_packing_keeps_examples_whole_and_takes_no_loss_across_seams():
     c = Example([0, 30, 31, 32, 33, 1], [False, False, False, True, True, True], "c")
     rows = pack([a, b, c], row_len=10, packing=True)
     assert [r.ids for r in rows] == [[0, 10, 11, 12, 1, 0, 20, 21, 1], [0, 30, 31, 32, 33, 1]]
-    inputs, labels = collate(rows, pad_id=2)
+    inputs, labels, real = collate(rows, pad_id=2)
     I = IGNORE_INDEX
     assert inputs.tolist() == [[0, 10, 11, 12, 1, 0, 20, 21], [0, 30, 31, 32, 33, 2, 2, 2]]
     # a target only where the *next* token is trained: never the next example's bos
     assert labels.tolist() == [[I, 11, 12, 1, I, I, 21, 1], [I, I, 32, 33, 1, I, I, I]]
+    assert real.tolist() == [[True] * 8, [True] * 5 + [False] * 3]  # the padding, though pad_id is a token too
     assert len(pack([a, b, c], row_len=10, packing=False)) == 3
+
+
+def test_padding_counts_in_no_expert_load_or_balance_loss():
+    """A padded batch with its token mask counts exactly the expert load and balance loss of its
+    rows run one by one without padding (the pads are routed, they would otherwise count: 20 pads
+    per row swing the load of a couple of experts and flip the bias update), main layer and MTP."""
+    torch.manual_seed(0)
+    model = Transformer(nanoseek.config.preset("tiny", vocab_size=64, aux_loss_alpha=0.01)).train()
+    rows = [Example([0] + list(range(5, 15)) + [1], [False] * 3 + [True] * 9, "a"),
+            Example([0] + list(range(20, 26)) + [1], [False] * 3 + [True] * 5, "b")]
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def load_and_balance(inputs, labels, real=None):
+        for moe in moes:
+            moe.tokens_per_expert.zero_()
+        aux = model(inputs, labels=labels, token_mask=real).aux_loss
+        return [moe.tokens_per_expert.clone() for moe in moes], aux
+
+    alone = [load_and_balance(*collate([row], pad_id=2)[:2]) for row in rows]
+    want_load = [sum(loads) for loads in zip(*(load for load, _ in alone))]
+    want_aux = sum(aux for _, aux in alone) / len(rows)  # the balance loss is a mean over sequences
+    inputs, labels, real = collate(rows, pad_id=2)
+    I = IGNORE_INDEX
+    for extra in (0, 20):  # padded to the longest row, then 20 more pads each
+        padded = [torch.cat([t, torch.full((2, extra), v, dtype=t.dtype)], 1)
+                  for t, v in ((inputs, 2), (labels, I), (real, False))]
+        load, aux = load_and_balance(*padded)
+        assert all(torch.equal(a, b) for a, b in zip(load, want_load))
+        torch.testing.assert_close(aux, want_aux)
+    assert [float(sum(load)) for load in want_load] == [2 * (11 + 7), 2 * (10 + 6)]  # K=2 per real token
 
 
 def test_forward_kl_matches_the_definition():
@@ -211,6 +243,34 @@ def test_sft_fine_tunes_a_deepseek_checkpoint_with_logit_distillation(data_dir, 
     first = next(r for r in records if "kl" in r)
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # the student starts as the teacher
     assert "mtp_loss" in first
+
+
+def test_sft_counts_only_the_real_tokens_in_the_expert_load(data_dir, tmp_path, monkeypatch):
+    """One row per example (padded batches) of a DeepSeek-V3 model: the load the bias update sees
+    is K experts per real token of the step, not per padded position."""
+    tok = nanoseek.tokenizer.Tokenizer.from_dir(data_dir / "tok")
+    torch.manual_seed(0)
+    nanoseek.save_model(Transformer(nanoseek.config.preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "v3",
+                        tokenizer=tok)
+    real_tokens, pads, loads = [], [], []
+    collate_rows, update = sft.collate, sft.update_expert_bias
+
+    def recording_collate(rows, pad_id):
+        batch = collate_rows(rows, pad_id)
+        real_tokens.append(int(batch[2].sum()))
+        pads.append(int((~batch[2]).sum()))
+        return batch
+
+    def recording_update(model, gamma):
+        loads.append(float(sum(model.layers[1].mlp.tokens_per_expert)))  # layer 0 is dense
+        return update(model, gamma)
+
+    monkeypatch.setattr(sft, "collate", recording_collate)
+    monkeypatch.setattr(sft, "update_expert_bias", recording_update)
+    sft.train(config(data_dir, tmp_path / "run", "max_steps=1", f"init={tmp_path / 'v3'}", "tokenizer=",
+                     "packing=false", "val_fraction=0"))
+    assert len(real_tokens) == 2 and sum(pads) > 0  # 2 micro-batches, rows of different lengths
+    assert loads == [2 * sum(real_tokens)]  # top-2 routing
 
 
 def test_student_checkpoint_is_a_llama_directory(data_dir, tmp_path):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoseek.model.layers import RMSNorm
+from nanoseek.model.moe import MoE
 
 IGNORE_INDEX = -100
 
@@ -38,9 +39,11 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x, positions, rope, cache=None, mask=None) -> torch.Tensor:
+    def forward(self, x, positions, rope, cache=None, mask=None, token_mask=None) -> torch.Tensor:
+        """token_mask (B, T) bool: the real tokens of a padded batch, for an MoE's load statistics."""
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class DecoderStack(nn.Module):
@@ -105,9 +108,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 labels: torch.Tensor | None = None, logits: bool = True,
-                documents: torch.Tensor | None = None) -> ModelOutput:
+                documents: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> ModelOutput:
         """documents (B, T): for rows packed with several documents, the index of each token's
-        document; attention then stays inside a document and positions restart at each one."""
+        document; attention then stays inside a document and positions restart at each one.
+        token_mask (B, T) bool: False at the padding of a padded batch, which then counts in no
+        MoE load statistics (the expert-bias update) or balance loss; None: every token is real."""
         B, T = input_ids.shape
         mask = None
         if documents is not None:
@@ -117,15 +122,15 @@ class CausalLM(nn.Module):
         rope = self.rope(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
-            x = layer(x, positions, rope, cache, mask)
+            x = layer(x, positions, rope, cache, mask, token_mask)
         hidden = self.model.norm(x)
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:
             out.loss = cross_entropy(out.logits, labels)
-            self.extra_losses(out, labels, positions, rope, mask)
+            self.extra_losses(out, labels, positions, rope, mask, token_mask)
         return out
 
-    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask) -> None:
+    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask, token_mask=None) -> None:
         """Losses beyond next-token prediction, set on `out` (V3: MTP and the balance loss)."""
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -8,9 +8,10 @@ come from the *unbiased* s, are normalised to sum 1 and scaled by routed_scaling
 V2 routing (`greedy` / `group_limited_greedy`, softmax) is kept for V2-Lite checkpoints.
 
 Load balancing without an auxiliary loss: each MoE layer counts the tokens routed to each expert
-during training; after every optimizer step `update_expert_bias` nudges b_i down by gamma for
-overloaded experts and up for underloaded ones (the sign rule of eq. 16). The sequence-wise balance
-loss (eqs. 17-20) is optional via `aux_loss_alpha`.
+during training (real tokens only: a padded batch, SFT's, passes a token_mask that leaves its pads
+out); after every optimizer step `update_expert_bias` nudges b_i down by gamma for overloaded
+experts and up for underloaded ones (the sign rule of eq. 16). The sequence-wise balance loss
+(eqs. 17-20) is optional via `aux_loss_alpha`.
 
 Expert compute has two equivalent forms: a loop over experts (fastest on CPU) and one grouped
 GEMM per projection over all experts at once (`F.grouped_mm`, the default on CUDA in bf16: no
@@ -95,16 +96,19 @@ class MoE(nn.Module):
         # None: grouped GEMM on CUDA, the expert loop elsewhere; True / False force one form
         self.grouped_gemm: bool | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D)."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). token_mask (B, T) bool: the real tokens of a padded batch; pads
+        are still computed but count neither in the expert load nor in the balance loss (None: all count)."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, expert_ids, scores = self.gate(flat)
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)  # (E,)
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)  # (E,) for the dispatch
         if self.training:
-            self.tokens_per_expert += counts.detach().float()
+            self.tokens_per_expert += counts.detach().float() if token_mask is None else self._real_load(
+                expert_ids, token_mask)
             if self.aux_loss_alpha > 0:
-                self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1))
+                self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1),
+                                                                token_mask)
         grouped = self.grouped_gemm
         if grouped is None:  # the CUDA grouped-GEMM kernels are bf16 ones
             grouped = flat.is_cuda and _compute_dtype(flat) == torch.bfloat16
@@ -174,12 +178,26 @@ class MoE(nn.Module):
         out = out.index_select(0, unsort).view(N, self.top_k, D)
         return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)  # (N, D)
 
-    def _sequence_balance_loss(self, scores_BTE, ids_BTK) -> torch.Tensor:
-        """alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20)."""
+    def _real_load(self, expert_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """(E,) tokens routed to each expert, pads left out; an index_add, so no host sync."""
+        real = token_mask.reshape(-1, 1).expand_as(expert_ids).float()  # (N, K)
+        return torch.zeros(self.n_experts, device=expert_ids.device).index_add_(0, expert_ids.flatten(),
+                                                                               real.flatten())
+
+    def _sequence_balance_loss(self, scores_BTE, ids_BTK, token_mask=None) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20); with a
+        token_mask (B, T) each sequence's T is its count of real tokens and its pads are left out."""
         B, T, E = scores_BTE.shape
         picked = torch.zeros(B, T, E, device=scores_BTE.device).scatter_(2, ids_BTK, 1.0)
-        f = picked.sum(dim=1) * (E / (self.top_k * T))  # (B, E)
-        p = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+        normed = scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)  # (B, T, E)
+        if token_mask is None:
+            f = picked.sum(dim=1) * (E / (self.top_k * T))  # (B, E)
+            p = normed.mean(dim=1)  # (B, E)
+        else:
+            real = token_mask.view(B, T, 1).float()
+            n = real.sum(dim=1).clamp(min=1)  # (B, 1) real tokens per sequence
+            f = (picked * real).sum(dim=1) * (E / self.top_k) / n  # (B, E)
+            p = (normed * real).sum(dim=1) / n  # (B, E)
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
 

@@ -67,10 +67,10 @@ class Transformer(CausalLM):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.rotary_emb(positions)
 
-    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask) -> None:
+    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask, token_mask=None) -> None:
         T = labels.shape[1]
         if len(self.mtp_layers) and T > len(self.mtp_layers):
-            out.mtp_loss = self._mtp_loss(out.hidden, labels, positions, rope, mask)
+            out.mtp_loss = self._mtp_loss(out.hidden, labels, positions, rope, mask, token_mask)
         moes = [m.mlp for m in self.model.layers if isinstance(m.mlp, MoE)]
         balance = [moe.balance_loss for moe in moes if moe.balance_loss is not None]
         if balance and self.training:
@@ -79,17 +79,19 @@ class Transformer(CausalLM):
                 moe.balance_loss = None
 
     def mtp_forward(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                    rope=None, cache: LatentCache | None = None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    rope=None, cache: LatentCache | None = None, mask=None,
+                    token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` (0-based): hidden (B, T, D) of the previous depth at positions i and
         next_ids (B, T) = tokens t_{i+depth+1} -> (its hidden (B, T, D), logits for t_{i+depth+2})."""
         layer = self.mtp_layers[depth]
         rope = self.rope(positions) if rope is None else rope
         x = mtp_inputs(layer, self.model.embed_tokens(next_ids), hidden)
-        h = layer(x, positions, rope, cache, mask)
+        h = layer(x, positions, rope, cache, mask, token_mask)
         return h, self.lm_head(layer.shared_head.norm(h))
 
-    def _mtp_loss(self, hidden, labels, positions, rope, mask=None) -> torch.Tensor:
-        """Depth k (1-based) at position i reads t_{i+k} = labels[i+k-1] and predicts labels[i+k]."""
+    def _mtp_loss(self, hidden, labels, positions, rope, mask=None, token_mask=None) -> torch.Tensor:
+        """Depth k (1-based) at position i reads t_{i+k} = labels[i+k-1] and predicts labels[i+k].
+        Right-padded rows: position i is real when t_{i+k} is (token_mask[i+k])."""
         T = labels.shape[1]
         losses, h = [], hidden
         for k in range(1, len(self.mtp_layers) + 1):
@@ -97,6 +99,7 @@ class Transformer(CausalLM):
             ids = labels[:, k - 1: k - 1 + n].clamp(min=0)  # padding positions carry no target anyway
             h, logits = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
                                          rope=(rope[0][:, :n], rope[1][:, :n]),
-                                         mask=None if mask is None else mask[..., :n, :n])
+                                         mask=None if mask is None else mask[..., :n, :n],
+                                         token_mask=None if token_mask is None else token_mask[:, k: k + n])
             losses.append(cross_entropy(logits, labels[:, k: k + n]))
         return torch.stack(losses).mean()

@@ -259,17 +259,20 @@ def pack(examples: list[Example], row_len: int, packing: bool) -> list[Example]:
     return rows
 
 
-def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows -> inputs (B, T) and labels (B, T): labels[t] is token t+1 when it is a target, else
-    IGNORE_INDEX; padded to the longest row."""
+def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows -> inputs (B, T), labels (B, T) and real (B, T): labels[t] is token t+1 when it is a
+    target, else IGNORE_INDEX; padded to the longest row, and real is False at the padding (the pad
+    id may be a real token too, eos, so it cannot be told from the inputs)."""
     T = max(len(r.ids) for r in rows) - 1
     inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    real = torch.zeros((len(rows), T), dtype=torch.bool)
     for b, row in enumerate(rows):
         ids, mask = torch.tensor(row.ids), torch.tensor(row.mask)
         inputs[b, : len(ids) - 1] = ids[:-1]
         labels[b, : len(ids) - 1] = ids[1:].masked_fill(~mask[1:], IGNORE_INDEX)
-    return inputs, labels
+        real[b, : len(ids) - 1] = True
+    return inputs, labels, real
 
 
 class PackedLoader:
@@ -304,7 +307,7 @@ class PackedLoader:
     def __iter__(self) -> "PackedLoader":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.position + self.micro_batch > len(self.rows):  # the epoch's remainder is dropped
             self.epoch, self.position = self.epoch + 1, 0
             self.rows = self._epoch_rows(self.epoch)
@@ -395,7 +398,8 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * loader.rows_per_epoch / cfg.batch_size)))
     val_rows = pack(val_examples, cfg.seq_len + 1, cfg.packing)
     val_rows = val_rows[env.rank: len(val_rows) - len(val_rows) % env.world_size: env.world_size]
-    val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)  # eval_batches x batch_size rows
+    # eval_batches x batch_size rows as (inputs, labels): in eval mode no MoE counts expert load
+    val_batches = [collate(val_rows[i: i + micro_batch], tokenizer.pad_id)[:2]
                    for i in range(0, len(val_rows), micro_batch)][: cfg.eval_batches * accum]
     model = stage_model(cfg.init, tokenizer, cfg.model, cfg.seq_len).to(env.device)
     if cfg.mtp_lambda == 0:
@@ -416,10 +420,11 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
     bos_id = tokenizer.bos_id if cfg.packing else None  # bos marks the seams of packed examples
 
     def loss_fn(model, batch):
-        inputs, labels, scale = batch  # scale = micro-batches x ranks / target tokens in the whole step
-        inputs, labels = inputs.to(env.device), labels.to(env.device)
+        inputs, labels, real, scale = batch  # scale = micro-batches x ranks / target tokens in the whole step
+        inputs, labels, real = inputs.to(env.device), labels.to(env.device), real.to(env.device)
         documents = documents_of(inputs, bos_id)
-        out = model(inputs, labels=labels, documents=documents)
+        # the padding counts in no expert load: the bias update balances the real tokens' routing
+        out = model(inputs, labels=labels, documents=documents, token_mask=real)
         ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets
         objective, metrics = ce_sum * scale, {"loss": ce_sum * scale}
         if teacher is not None:
@@ -458,11 +463,11 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         # ---- the loop
         while trainer.step < cfg.max_steps:
             batches = [next(loader) for _ in range(accum)]
-            targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-            tokens = sum(int((inputs != tokenizer.pad_id).sum()) for inputs, _ in batches)
+            targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in batches)
+            tokens = sum(int(real.sum()) for _, _, real in batches)
             targets, tokens = (int(v) for v in sum_over_ranks(env, [targets, tokens]))
             scale = accum * env.world_size / targets
-            stats = trainer.train_step([(i, l, scale) for i, l in batches], loss_fn, tokens=tokens)
+            stats = trainer.train_step([(*batch, scale) for batch in batches], loss_fn, tokens=tokens)
             imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # DeepSeek-V3 models only
             if imbalance:
                 stats["imbalance"] = max(imbalance)
