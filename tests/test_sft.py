@@ -245,6 +245,22 @@ def test_sft_fine_tunes_a_deepseek_checkpoint_with_logit_distillation(data_dir, 
     assert "mtp_loss" in first
 
 
+def test_the_mtp_loss_reads_the_prompt_tokens_the_loss_mask_hides():
+    """The MTP module at position i reads token i+1 (depth 1). SFT's labels hide the prompt tokens
+    (IGNORE_INDEX), and the MTP loss once read them from the labels, so every prompt token it saw
+    was id 0: its loss on the completion must be the one computed from the true tokens."""
+    torch.manual_seed(0)
+    model = Transformer(nanoseek.config.preset("tiny", vocab_size=64)).eval()
+    ids = [0] + list(range(5, 15)) + [1]
+    inputs, labels, _ = collate([Example(ids, [False] * 6 + [True] * 6, "a")], pad_id=2)
+    with torch.no_grad():
+        out = model(inputs, labels=labels)
+        T = inputs.shape[1]
+        _, logits = model.mtp_forward(0, out.hidden[:, :-1], inputs[:, 1:], torch.arange(T - 1)[None])
+        want = torch.nn.functional.cross_entropy(logits[0], labels[0, 1:], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.mtp_loss, want)
+
+
 def test_sft_counts_only_the_real_tokens_in_the_expert_load(data_dir, tmp_path, monkeypatch):
     """One row per example (padded batches) of a DeepSeek-V3 model: the load the bias update sees
     is K experts per real token of the step, not per padded position."""

@@ -127,10 +127,10 @@ class CausalLM(nn.Module):
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:
             out.loss = cross_entropy(out.logits, labels)
-            self.extra_losses(out, labels, positions, rope, mask, token_mask)
+            self.extra_losses(out, input_ids, labels, positions, rope, mask, token_mask)
         return out
 
-    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask, token_mask=None) -> None:
+    def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None) -> None:
         """Losses beyond next-token prediction, set on `out` (V3: MTP and the balance loss)."""
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -67,10 +67,10 @@ class Transformer(CausalLM):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.rotary_emb(positions)
 
-    def extra_losses(self, out: ModelOutput, labels, positions, rope, mask, token_mask=None) -> None:
+    def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None) -> None:
         T = labels.shape[1]
         if len(self.mtp_layers) and T > len(self.mtp_layers):
-            out.mtp_loss = self._mtp_loss(out.hidden, labels, positions, rope, mask, token_mask)
+            out.mtp_loss = self._mtp_loss(out.hidden, input_ids, labels, positions, rope, mask, token_mask)
         moes = [m.mlp for m in self.model.layers if isinstance(m.mlp, MoE)]
         balance = [moe.balance_loss for moe in moes if moe.balance_loss is not None]
         if balance and self.training:
@@ -89,14 +89,15 @@ class Transformer(CausalLM):
         h = layer(x, positions, rope, cache, mask, token_mask)
         return h, self.lm_head(layer.shared_head.norm(h))
 
-    def _mtp_loss(self, hidden, labels, positions, rope, mask=None, token_mask=None) -> torch.Tensor:
-        """Depth k (1-based) at position i reads t_{i+k} = labels[i+k-1] and predicts labels[i+k].
-        Right-padded rows: position i is real when t_{i+k} is (token_mask[i+k])."""
+    def _mtp_loss(self, hidden, input_ids, labels, positions, rope, mask=None, token_mask=None) -> torch.Tensor:
+        """Depth k (1-based) at position i reads t_{i+k} = input_ids[i+k] and predicts labels[i+k].
+        The input, not labels[i+k-1]: SFT's labels hide its prompt tokens (IGNORE_INDEX), which the
+        MTP modules still read. Right-padded rows: position i is real when t_{i+k} is (token_mask[i+k])."""
         T = labels.shape[1]
         losses, h = [], hidden
         for k in range(1, len(self.mtp_layers) + 1):
             n = T - k  # positions with a target at this depth
-            ids = labels[:, k - 1: k - 1 + n].clamp(min=0)  # padding positions carry no target anyway
+            ids = input_ids[:, k: k + n]
             h, logits = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
                                          rope=(rope[0][:, :n], rope[1][:, :n]),
                                          mask=None if mask is None else mask[..., :n, :n],
