@@ -278,7 +278,8 @@ def test_sft_counts_only_the_real_tokens_in_the_expert_load(data_dir, tmp_path, 
         return batch
 
     def recording_update(model, gamma):
-        loads.append(float(sum(model.layers[1].mlp.tokens_per_expert)))  # layer 0 is dense
+        main_moe = next(m for m in model.modules() if isinstance(m, MoE))  # layer 1's (layer 0 is dense)
+        loads.append(float(sum(main_moe.tokens_per_expert)))
         return update(model, gamma)
 
     monkeypatch.setattr(sft, "collate", recording_collate)
@@ -287,6 +288,23 @@ def test_sft_counts_only_the_real_tokens_in_the_expert_load(data_dir, tmp_path, 
                      "packing=false", "val_fraction=0"))
     assert len(real_tokens) == 2 and sum(pads) > 0  # 2 micro-batches, rows of different lengths
     assert loads == [2 * sum(real_tokens)]  # top-2 routing
+
+
+def test_an_untrained_mtp_module_keeps_its_routing_bias(data_dir, tmp_path):
+    """mtp_lambda = 0 leaves the MTP module as it is: frozen weights and, since its load is not
+    what the run balances, its expert bias too (the bias update moved it by gamma a step)."""
+    tok = nanoseek.tokenizer.Tokenizer.from_dir(data_dir / "tok")
+    torch.manual_seed(0)
+    nanoseek.save_model(Transformer(nanoseek.config.preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "v3",
+                        tokenizer=tok)
+    path = sft.train(config(data_dir, tmp_path / "run", "max_steps=2", f"init={tmp_path / 'v3'}", "tokenizer=",
+                            "mtp_lambda=0", "val_fraction=0"))
+    before, after = read_tensors(tmp_path / "v3"), read_tensors(path)
+    mtp = [k for k in before if k.startswith("model.layers.2.") and "embed_tokens" not in k and "head.weight" not in k]
+    assert "model.layers.2.mlp.gate.e_score_correction_bias" in mtp  # the MTP module's MoE router
+    assert all(torch.equal(before[k], after[k]) for k in mtp)  # (its embedding and head are the trained shared ones)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"  # the main MoE layer's is balanced as before
+    assert (after[bias] - before[bias]).abs().max() == pytest.approx(2e-3)
 
 
 def test_student_checkpoint_is_a_llama_directory(data_dir, tmp_path):

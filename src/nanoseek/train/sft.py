@@ -468,7 +468,9 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
             targets, tokens = (int(v) for v in sum_over_ranks(env, [targets, tokens]))
             scale = accum * env.world_size / targets
             stats = trainer.train_step([(*batch, scale) for batch in batches], loss_fn, tokens=tokens)
-            imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # DeepSeek-V3 models only
+            # DeepSeek-V3 models only; an untrained MTP module (mtp_lambda = 0) keeps its routing bias too
+            balanced = trainer.raw_model if cfg.mtp_lambda > 0 else trainer.raw_model.layers
+            imbalance = update_expert_bias(balanced, cfg.bias_gamma)
             if imbalance:
                 stats["imbalance"] = max(imbalance)
             trainer.log(stats)
