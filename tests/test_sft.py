@@ -290,6 +290,24 @@ def test_sft_counts_only_the_real_tokens_in_the_expert_load(data_dir, tmp_path, 
     assert loads == [2 * sum(real_tokens)]  # top-2 routing
 
 
+def test_the_mtp_loss_is_a_token_mean_of_the_whole_step_too(data_dir, tmp_path):
+    """A DeepSeek-V3 model with mtp_lambda > 0: one step of 4 rows as 2 micro-batches of 2 has the
+    gradient of one micro-batch of 4 (the MTP loss was a mean of micro-batch means). Compared by
+    the step's gradient norm and MTP loss: Adam's first update, about lr x sign(grad), would blow a
+    rounding difference of a near-zero gradient up to lr."""
+    tok = nanoseek.tokenizer.Tokenizer.from_dir(data_dir / "tok")
+    torch.manual_seed(0)
+    nanoseek.save_model(Transformer(nanoseek.config.preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "v3",
+                        tokenizer=tok)
+    common = ["max_steps=1", f"init={tmp_path / 'v3'}", "tokenizer=", "mtp_lambda=1", "val_fraction=0"]
+    steps = []
+    for micro in (2, 4):
+        sft.train(config(data_dir, tmp_path / str(micro), *common, f"micro_batch_size={micro}"))
+        steps.append(next(r for r in read_metrics(tmp_path / str(micro)) if "grad_norm" in r))
+    assert steps[0]["grad_norm"] == pytest.approx(steps[1]["grad_norm"], rel=1e-6)
+    assert steps[0]["mtp_loss"] == pytest.approx(steps[1]["mtp_loss"], rel=1e-6)
+
+
 def test_an_untrained_mtp_module_keeps_its_routing_bias(data_dir, tmp_path):
     """mtp_lambda = 0 leaves the MTP module as it is: frozen weights and, since its load is not
     what the run balances, its expert bias too (the bias update moved it by gamma a step)."""

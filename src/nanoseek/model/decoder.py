@@ -62,6 +62,7 @@ class ModelOutput:
     hidden: torch.Tensor  # (B, T, D) final-normed hidden state (the MTP modules' depth-0 input)
     loss: torch.Tensor | None = None  # next-token cross-entropy
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths of their cross-entropies
+    mtp_loss_sum: torch.Tensor | None = None  # the same over depths of their summed (not mean) losses
     aux_loss: torch.Tensor | None = None  # sum of the MoE layers' sequence-wise balance losses
 
 

@@ -70,7 +70,8 @@ class Transformer(CausalLM):
     def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None) -> None:
         T = labels.shape[1]
         if len(self.mtp_layers) and T > len(self.mtp_layers):
-            out.mtp_loss = self._mtp_loss(out.hidden, input_ids, labels, positions, rope, mask, token_mask)
+            out.mtp_loss, out.mtp_loss_sum = self._mtp_loss(out.hidden, input_ids, labels, positions, rope, mask,
+                                                            token_mask)
         moes = [m.mlp for m in self.model.layers if isinstance(m.mlp, MoE)]
         balance = [moe.balance_loss for moe in moes if moe.balance_loss is not None]
         if balance and self.training:
@@ -89,12 +90,15 @@ class Transformer(CausalLM):
         h = layer(x, positions, rope, cache, mask, token_mask)
         return h, self.lm_head(layer.shared_head.norm(h))
 
-    def _mtp_loss(self, hidden, input_ids, labels, positions, rope, mask=None, token_mask=None) -> torch.Tensor:
-        """Depth k (1-based) at position i reads t_{i+k} = input_ids[i+k] and predicts labels[i+k].
+    def _mtp_loss(self, hidden, input_ids, labels, positions, rope, mask=None,
+                  token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean over depths of the per-depth mean loss, and of the per-depth summed loss: SFT
+        normalises that by the targets of the whole step, as its next-token loss).
+        Depth k (1-based) at position i reads t_{i+k} = input_ids[i+k] and predicts labels[i+k].
         The input, not labels[i+k-1]: SFT's labels hide its prompt tokens (IGNORE_INDEX), which the
         MTP modules still read. Right-padded rows: position i is real when t_{i+k} is (token_mask[i+k])."""
         T = labels.shape[1]
-        losses, h = [], hidden
+        losses, sums, h = [], [], hidden
         for k in range(1, len(self.mtp_layers) + 1):
             n = T - k  # positions with a target at this depth
             ids = input_ids[:, k: k + n]
@@ -102,5 +106,7 @@ class Transformer(CausalLM):
                                          rope=(rope[0][:, :n], rope[1][:, :n]),
                                          mask=None if mask is None else mask[..., :n, :n],
                                          token_mask=None if token_mask is None else token_mask[:, k: k + n])
-            losses.append(cross_entropy(logits, labels[:, k: k + n]))
-        return torch.stack(losses).mean()
+            targets = labels[:, k: k + n]
+            losses.append(cross_entropy(logits, targets))
+            sums.append(losses[-1] * (targets != IGNORE_INDEX).sum())
+        return torch.stack(losses).mean(), torch.stack(sums).mean()

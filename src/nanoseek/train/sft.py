@@ -435,8 +435,9 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
             objective = ((1 - cfg.kd_weight) * ce_sum + cfg.kd_weight * kl_sum) * scale
             metrics["kl"] = kl_sum * scale
         if out.mtp_loss is not None and cfg.mtp_lambda > 0:
-            objective = objective + cfg.mtp_lambda * out.mtp_loss
-            metrics["mtp_loss"] = out.mtp_loss
+            # a token mean over the step too (not a mean of micro-batch means), like the loss above
+            objective = objective + cfg.mtp_lambda * out.mtp_loss_sum * scale
+            metrics["mtp_loss"] = out.mtp_loss_sum * scale
         if out.aux_loss is not None:
             objective = objective + out.aux_loss
         return objective, metrics
