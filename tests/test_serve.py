@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 import torch
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 
 import nanoseek
 from nanoseek.config import preset
@@ -319,6 +319,10 @@ def test_default_max_tokens_is_16(client):
 def test_models_health_metrics_page(server, client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"  # GET /v1/models/{id}
+    with pytest.raises(NotFoundError) as e:
+        client.models.retrieve("other")
+    assert e.value.body["code"] == "model_not_found"
     assert httpx.get(server.url + "/health").status_code == 200
     client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, temperature=0)
     text = httpx.get(server.url + "/metrics").text
@@ -435,10 +439,14 @@ def test_prompt_too_long_code(server):
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
 def test_api_key_required(server, headers):
-    for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")):
+    for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+                         ("GET", "/v1/models/tiny")):
         r = httpx.request(method, server.url + path, json=CHAT, headers=headers, timeout=30)
         assert r.status_code == 401, r.text
         assert r.json()["error"]["type"] == "authentication_error"
+    # the key is checked before the body is read: a 401, not a 400 about the JSON
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{bad", headers=headers, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
     assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
 
 

@@ -7,7 +7,7 @@
     r = client.chat.completions.create(model="small", messages=[{"role": "user", "content": "2+3?"}])
     r.choices[0].message.reasoning_content, r.choices[0].message.content
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (and /v1/models/{id}), GET /health, GET /metrics
 (Prometheus text) and a chat page at /. The wire format is OpenAI's (vLLM's where OpenAI is silent):
 SSE chunks that start with a role delta, end with a finish_reason chunk, an optional usage chunk and
 `data: [DONE]`; errors are `{"error": {"message", "type", "param", "code"}}` with 400 / 401 / 404 / 503.
@@ -34,7 +34,7 @@ import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -146,6 +146,28 @@ async def completions(body: CompletionRequest, request: Request):
 # ------------------------------------------------------------------ the app
 
 
+class APIKeyMiddleware:
+    """Every /v1 route needs 'Authorization: Bearer <key>'. Checked before the app reads the body
+    (an ASGI middleware, not a route dependency, which FastAPI resolves after parsing the JSON), so
+    a request without the key gets a 401 whatever its body, never a 400 about it."""
+
+    def __init__(self, app, api_key: str, metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
+                message = ("Missing API key: send 'Authorization: Bearer <key>'." if not auth
+                           else "Incorrect API key provided.")
+                error = APIError(401, message, "authentication_error", code="invalid_api_key")
+                self.metrics.rejected[error.code] += 1
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = None,
                separate_reasoning: bool = True, max_waiting: int = 256, max_running: int | None = None,
                sampling_defaults: dict | None = None) -> FastAPI:
@@ -176,23 +198,25 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
 
-    async def check_api_key(request: Request):
-        if state.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), state.api_key.encode()):
-            message = "Missing API key: send 'Authorization: Bearer <key>'." if not auth else "Incorrect API key provided."
-            raise APIError(401, message, "authentication_error", code="invalid_api_key")
+    if api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    v1 = APIRouter(prefix="/v1")
     v1.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     v1.add_api_route("/completions", completions, methods=["POST"])
 
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nanoseek",
+                "max_model_len": state.max_model_len}
+
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "nanoseek", "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model:path}")  # the openai client's models.retrieve(); a model id may hold "/"
+    async def model(model: str):
+        _check_model(state, model)
+        return model_card()
 
     app.include_router(v1)
 
