@@ -382,6 +382,19 @@ def test_chat_errors(server, body, status, param):
     assert server.state.in_flight == 0  # a rejected request holds no capacity
 
 
+@pytest.mark.parametrize("content, content_type, says", [
+    (b"{bad", "application/json", "not valid JSON"),
+    (b"[1, 2]", "application/json", "must be a JSON object."),
+    (json.dumps(CHAT).encode(), "application/x-www-form-urlencoded", "Content-Type: application/json"),  # curl -d
+    (json.dumps(CHAT).encode(), None, "this request's: none"),
+])
+def test_a_body_that_is_not_a_json_object_says_so(server, content, content_type, says):
+    headers = {"Authorization": f"Bearer {API_KEY}", **({"Content-Type": content_type} if content_type else {})}
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=30, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert says in r.json()["error"]["message"]
+
+
 def test_tools_with_tool_choice_none_are_ignored(server):
     """Only a request that could expect a tool call is refused (see test_chat_errors)."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]

@@ -248,6 +248,11 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             err = bad_request(f"The request body is not valid JSON: {first.get('msg', '')}", None, "invalid_json")
+        elif not loc and first.get("type") == "model_attributes_type":  # the body as a whole: not an object
+            content_type = request.headers.get("content-type", "")
+            hint = "" if "json" in content_type else (" sent with 'Content-Type: application/json' (this "
+                                                      f"request's: {content_type or 'none'})")
+            err = bad_request(f"The request body must be a JSON object{hint}.", None, "invalid_json")
         else:
             where = ".".join(loc)
             msg = first.get("msg", "invalid request")
