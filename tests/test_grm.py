@@ -234,6 +234,49 @@ def test_recipe_end_to_end_then_judge_eval_and_rl(base, tmp_path, capsys):
         load_run_config(GRPOConfig, None, [f"init={base}", "rewards={grm=1.0}"])
 
 
+def test_ctrl_c_in_a_training_step_stops_the_recipe_and_the_re_run_resumes_it_exactly(base, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Ctrl-C in the cold-start SFT, then (re-run) in the RL: each saves and stops the recipe (exit 130)
+    without marking its step done; the next re-run resumes that training from its checkpoint and
+    ends bit-identical to an uninterrupted recipe. (A stopped SFT used to count as done: the
+    recipe went on to rft with a half-trained judge and exited 0.)"""
+    import signal
+
+    import torch
+
+    from nanoseek.checkpoint import read_tensors
+    from nanoseek.train.trainer import Trainer
+
+    args = ["grm", "--config", str(TINY), f"init={base}", 'steps=["data","cold_start","rft","rl"]']
+    assert main([*args, f"out_dir={tmp_path / 'straight'}"]) == 0
+    train_step = Trainer.train_step
+
+    def ctrl_c_at(name, step):
+        def patched(self, *a, **k):
+            stats = train_step(self, *a, **k)
+            if self.out_dir.name == name and self.step == step:
+                signal.raise_signal(signal.SIGINT)
+            return stats
+        monkeypatch.setattr(Trainer, "train_step", patched)
+
+    out = tmp_path / "stopped"
+    ctrl_c_at("cold_start", 1)
+    assert main([*args, f"out_dir={out}"]) == 130
+    assert set(json.loads((out / "timings.json").read_text())) == {"data"} and not (out / "rft").exists()
+    ctrl_c_at("rl", 1)
+    capsys.readouterr()
+    assert main([*args, f"out_dir={out}"]) == 130
+    assert f"resumed from {out / 'cold_start' / 'checkpoint-1'} at step 1" in capsys.readouterr().out
+    assert set(json.loads((out / "timings.json").read_text())) == {"data", "cold_start", "rft"}
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert main([*args, f"out_dir={out}"]) == 0
+    assert f"resumed from {out / 'rl' / 'checkpoint-1'} at step 1" in capsys.readouterr().out
+    for name, step in (("cold_start", 3), ("rl", 2)):
+        a = read_tensors(tmp_path / "straight" / name / f"checkpoint-{step}")
+        b = read_tensors(out / name / f"checkpoint-{step}")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["grm", "--config", str(TINY), "steps=[\"nope\"]", f"out_dir={tmp_path}"]) == 2
     assert "unknown" in capsys.readouterr().err

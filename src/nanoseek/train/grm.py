@@ -3,7 +3,9 @@
     nanoseek grm --config configs/grm_small.toml ['steps=["data","cold_start"]'] [key=value ...]
 
 The recipe, one step after the other; each writes its artifact under out_dir and is skipped when
-that exists, so a re-run (or a run after Ctrl-C) continues with the first unfinished step:
+that exists, so a re-run (or a run after Ctrl-C) continues with the first unfinished step. Ctrl-C /
+SIGTERM in a training step (cold_start, rft, rl, the no-principles ablation) saves its checkpoint and
+stops the recipe (exit 130); the re-run resumes that training from the checkpoint:
 
 1. data        The policy (the reasoning base) answers digit_sum questions, 8 samples each at T = 1;
                the rule verifier labels them. No human labels: items are built from these samples -
@@ -69,11 +71,16 @@ from nanoseek.grm import (GRM, JUDGE_MAX_TOKENS, Judgment, ScalarRM, encode_batc
                           judgment_correct, meta_text, rule_reward, strictly_best, summed_scores)
 from nanoseek.rewards import accuracy_reward, format_reward
 from nanoseek.train import stage
-from nanoseek.train.checkpointing import find_checkpoint, point_latest
+from nanoseek.train.checkpointing import find_checkpoint, list_checkpoints, point_latest, stopped_early
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.distributed import launch_world_size
 
 STEPS = ("data", "cold_start", "rft", "rl", "meta", "evaluate")
+
+
+class Stopped(Exception):
+    """Ctrl-C / SIGTERM stopped one of the recipe's trainings after it saved its checkpoint: the
+    step is not done, and neither is any step after it."""
 REPORT, FIGURE = "grm_report.json", "grm_scaling.png"
 
 
@@ -313,18 +320,31 @@ class Recipe:
             raise NanoseekError(f"{path} is missing: run the data step first (steps=data)")
         return [Item(**json.loads(line)) for line in path.read_text().splitlines()]
 
+    def trained(self, name: str) -> bool:
+        """Whether the training into out_dir/name ran to its max_steps (not stopped, not begun)."""
+        return bool(list_checkpoints(self.out / name)) and not stopped_early(self.judge_dir(name))
+
+    def _train(self, name: str, train_fn, cfg) -> Path:
+        """Run a training of the recipe into out_dir/name, continuing from its checkpoint when an
+        earlier invocation was stopped there; Stopped when Ctrl-C / SIGTERM stops this one."""
+        resume = "latest" if list_checkpoints(self.out / name) else None
+        path = train_fn(cfg, resume=resume)
+        if stopped_early(path):
+            raise Stopped(path)
+        return path
+
     def _sft(self, name: str, init: Path, rows: list[dict], steps: int, lr: float) -> Path:
         """SFT of a judge on prompt/completion rows (the sft stage's loop), into out_dir/name."""
         from nanoseek.train import sft
 
         data = self.out / "data" / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
         cfg = sft.SFTConfig(out_dir=str(self.out / name), init=str(init), data=[str(data)], max_steps=steps,
                             batch_size=self.cfg.batch_size, lr=lr, warmup_steps=min(10, steps // 10),
                             seq_len=self.cfg.seq_len, threads=self.cfg.threads, device=self.cfg.device,
                             val_fraction=0.0, eval_every=0, log_every=self.cfg.log_every, save_every=0,
                             keep_checkpoints=1, tensorboard=False, seed=self.cfg.seed, bias_gamma=0.0)
-        return sft.train(cfg)
+        return self._train(name, sft.train, cfg)
 
     # ---- 1. data
 
@@ -477,7 +497,7 @@ class Recipe:
                         break
                 return trainer.save_checkpoint()
 
-        run_stage(loop, rl_cfg)
+        self._train("rl", lambda rl_cfg, resume: run_stage(loop, rl_cfg, resume), rl_cfg)
         point_latest(self.out, self.judge_dir("rl"))  # the recipe's judge: the RL-trained one
 
     # ---- 5. the meta RM
@@ -581,7 +601,7 @@ class Recipe:
         k = cfg.ablation_k
         if "no_principles" in cfg.ablations:
             # the same cold start with the principle line removed, against the GRM's own cold start
-            if not (self.out / "no_principles" / "latest").exists():
+            if not self.trained("no_principles"):
                 self._sft("no_principles", self.base, self.cold_rows(False), cfg.cold_steps, cfg.cold_lr)
             for name, principles in (("no_principles", False), ("cold_start", True)):
                 judge = GRM(self.judge_dir(name), principles=principles, max_tokens=cfg.judge_max_tokens)
@@ -730,13 +750,22 @@ def save_grm_figure(report: dict, out: Path) -> Path | None:
 def train(cfg: GRMConfig, resume=None) -> Path:
     """Run the recipe's configured steps (skipping finished ones); returns the run directory.
     Each step is resumable at step granularity: `resume` is accepted for the shared CLI."""
+    return run_recipe(cfg)[0]
+
+
+def run_recipe(cfg: GRMConfig) -> tuple[Path, bool]:
+    """(the run directory, whether Ctrl-C / SIGTERM stopped the recipe before its last step)."""
     if launch_world_size() > 1:  # every rank would sample, judge and write the same files
         raise ConfigError("nanoseek grm runs in one process: start it without torchrun")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     recipe = Recipe(cfg)
     t0, c0 = time.perf_counter(), time.process_time()
-    out = recipe.run()
+    try:
+        out = recipe.run()
+    except Stopped as e:
+        print(f"grm: stopped early (saved {e}); run the same command again to continue", flush=True)
+        return recipe.out, True
     if (out / REPORT).is_file():
         report = json.loads((out / REPORT).read_text())
         recipe.timings_into(report)
@@ -744,7 +773,7 @@ def train(cfg: GRMConfig, resume=None) -> Path:
         report["total_cpu_seconds"] = sum(report["cpu_seconds"].values())
         recipe._write(out / REPORT, report)
     print(f"grm: this invocation {time.perf_counter() - t0:.1f}s wall, {time.process_time() - c0:.1f}s CPU", flush=True)
-    return out
+    return out, False
 
 
 def add_arguments(parser) -> None:
@@ -759,8 +788,7 @@ def run(args) -> int:
                           "(finished steps are skipped); it cannot start from another checkpoint")
     cfg = load_run_config(GRMConfig, args.config, args.overrides)
     check_out_dir(cfg.out_dir, "out_dir")
-    train(cfg)
-    return 0
+    return stage.STOPPED_EARLY if run_recipe(cfg)[1] else 0
 
 
 __all__ = ["GRMConfig", "Item", "build_items", "verdict_of", "program_judgment", "voting_accuracy", "train"]
