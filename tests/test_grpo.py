@@ -268,6 +268,38 @@ def test_cli_run_writes_metrics_and_checkpoints_and_resumes_exactly(base, tmp_pa
     assert strip(read_metrics(resumed_dir)[-2]) == strip(records[-2])
 
 
+class SeededJudge:
+    """GRM.judge_many's shape: each completion gets a score drawn from the call's seed alone, so the
+    rewards show which seed the judge was given."""
+
+    def __init__(self, path, **_):
+        pass
+
+    def judge_many(self, items, k=1, seed=0):
+        import random
+
+        from nanoseek.grm import Judgment, Verdict
+
+        rng = random.Random(seed)
+        return [Verdict([score], 0, [Judgment("x", scores=[score])], [0], 1.0)
+                for score in (rng.randint(1, 10) for _ in items)]
+
+
+def test_a_resumed_run_judges_with_the_grm_as_an_uninterrupted_one(base, tmp_path, monkeypatch):
+    """The GRM reward seeds each rollout's judgments by the count of batches it judged: that count is
+    checkpointed, so a run resumed at step 1 scores step 2 as a run straight through does. (It
+    restarted at 0: the resumed run judged step 2 with step 1's seed.)"""
+    monkeypatch.setattr("nanoseek.grm.GRM", SeededJudge)
+    args = ["max_steps=2", "eval_n=0", "save_every=1", "keep_checkpoints=0", "rewards={grm=1.0}", f"grm_model={base}"]
+    train(load_run_config(GRPOConfig, TINY, [f"init={base}", f"out_dir={tmp_path / 'full'}", *args]))
+    train(load_run_config(GRPOConfig, TINY, [f"init={base}", f"out_dir={tmp_path / 'resumed'}", *args]),
+          resume=tmp_path / "full" / "checkpoint-1")
+    rewards = {d: [r["reward_grm"] for r in read_metrics(tmp_path / d) if "reward_grm" in r] for d in ("full", "resumed")}
+    assert rewards["resumed"] == rewards["full"][1:] and rewards["full"][0] != rewards["full"][1], rewards
+    full, resumed = (weights(load_model(tmp_path / d / "checkpoint-2")) for d in ("full", "resumed"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
 def test_other_variants_run(base, tmp_path, loss_type):
     cfg = rl_config(base, tmp_path, f"loss={loss_type}", "max_steps=1", "eval_every=0", "save_every=0", "mu=2")

@@ -445,6 +445,14 @@ class GRMReward:
             reward = (mean_score(v) - MIN_SCORE) / (MAX_SCORE - MIN_SCORE) if any(j.parsed for j in v.samples) else 0.0
             self.cache.setdefault(key, []).append(reward)
 
+    def state_dict(self) -> dict:
+        """What a resumed RL run needs to judge on as an uninterrupted one: the judgment seeds
+        follow the count of prepared batches (the cache is empty between rollouts)."""
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
     def __call__(self, completion: str, problem) -> float:
         key = (problem.question, completion)
         if not self.cache.get(key):

@@ -295,6 +295,17 @@ def configured_rewards(cfg: GRPOConfig) -> dict:
     return {judge if name == "grm" else name: weight for name, weight in cfg.rewards.items()}
 
 
+def reward_state(reward_fn) -> dict[str, Any]:
+    """The state of the rewards that keep one (those with state_dict(): the GRM judge counts its
+    batches to seed them), for the checkpoint: a resumed run must score as an uninterrupted one."""
+    return {name: fn.state_dict() for name, fn in reward_fn.fns.items() if hasattr(fn, "state_dict")}
+
+
+def load_reward_state(reward_fn, state: dict[str, Any]) -> None:
+    for name, fn_state in state.items():
+        reward_fn.fns[name].load_state_dict(fn_state)
+
+
 def score(samples: list[Sample], reward_fn, cfg: GRPOConfig) -> None:
     """Fill each sample's reward (weighted rule rewards + overlong punishment) and its parts.
     A reward with `prepare` (the GRM) first sees the whole rollout, to judge it in one batch."""
@@ -471,6 +482,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
               block_size=16, device=str(env.device))
     task = get_task(cfg.task, **cfg.task_args)
     reward_fn = combine_rewards(configured_rewards(cfg))
+    load_reward_state(reward_fn, trainer.extra_state.get("rewards", {}))  # a resumed run's
     eval_problems = task.problems(cfg.eval_n, seed=cfg.eval_seed, split="eval") if cfg.eval_n else []
     longest = max(len(tokenizer.encode(prompt_of(p))) + 1  # + bos
                   for p in eval_problems or task.problems(8, seed=cfg.seed, split="train"))
@@ -521,6 +533,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
                 groups += [g for g in round_groups if informative(g)] if cfg.dynamic_sampling else round_groups
                 rounds += 1
             groups = groups[:prompts_here] or round_groups  # nothing informative at all: train on the last round
+            trainer.extra_state["rewards"] = reward_state(reward_fn)  # checkpointed with the step
             batch = [s for g in groups for s in g]
             rollout_s = time.perf_counter() - t0
 
