@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,27 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "full" / "checkpoint-12" / "trainer_state" / "state.pt", weights_only=True)
     assert state["loader"]["epoch"] >= 1  # the resumed stretch really crossed into a new epoch
+
+
+def test_resuming_another_stages_run_is_a_clear_error(data_dir, tmp_path, capsys):
+    """`nanoseek rl --resume` / `pretrain --resume` on an SFT run's directory: one line naming the stage
+    that wrote it, exit 2, before any work. (rl resumed it silently, carrying SFT's step and optimizer
+    into RL; pretrain failed on embedding shapes after preparing its data; sft on a pretrain run's
+    directory died of a KeyError in the loader's state.)"""
+    run = tmp_path / "sft"
+    sft.train(config(data_dir, run, "max_steps=1"))
+    cases = [["rl", f"init={run}", "task=digit_sum"],
+             ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "pretrain_tiny.toml")]]
+    for argv in cases:
+        assert cli_main([argv[0], "--resume", *argv[1:], f"out_dir={run}"]) == 2
+        err = capsys.readouterr().err
+        assert "saved by `nanoseek sft`" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # distill trains with SFT's config: its runs are SFT runs and continue as such
+    from nanoseek.train.checkpointing import check_stage
+    from nanoseek.train.distill import DistillConfig
+
+    state = torch.load(run / "checkpoint-1" / "trainer_state" / "state.pt", weights_only=True)
+    check_stage(state, DistillConfig, run / "checkpoint-1")
 
 
 def test_sft_has_the_edges_every_stage_shares(data_dir, tmp_path, monkeypatch, capsys):

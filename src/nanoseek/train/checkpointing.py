@@ -92,6 +92,30 @@ def resumable_checkpoint(checkpoint: str | Path) -> Path:
     return path
 
 
+# the stages' config classes, as a trainer state names the one that wrote it, and their commands
+STAGE_COMMANDS = {"PretrainConfig": "pretrain", "SFTConfig": "sft", "DistillConfig": "distill", "GRPOConfig": "rl"}
+
+
+def read_state(checkpoint: str | Path) -> dict[str, Any]:
+    """A resumable checkpoint's trainer state, its tensors memory-mapped (nothing large is read)."""
+    path = resumable_checkpoint(checkpoint)
+    return torch.load(path / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_stage(state: dict[str, Any], config_class: type, checkpoint: str | Path) -> None:
+    """A CheckpointError unless `state` was saved by a run of the stage whose config is
+    `config_class` (or of a stage it extends: distill trains with sft's). Resuming another stage's
+    checkpoint would carry its step, optimizer and data position into this one. States saved
+    before the stage was recorded pass."""
+    saved = state.get("stage")
+    if saved is None or saved in [c.__name__ for c in config_class.__mro__]:
+        return
+    this = STAGE_COMMANDS.get(config_class.__name__, config_class.__name__)
+    raise CheckpointError(f"{checkpoint} was saved by `nanoseek {STAGE_COMMANDS.get(saved, saved)}`, not `nanoseek "
+                          f"{this}`: --resume continues a run of the same stage; to start {this} from its weights, "
+                          f"run without --resume, with init={checkpoint} and a new out_dir")
+
+
 def stopped_early(checkpoint: str | Path) -> bool:
     """True when the run that wrote `checkpoint` stopped before its max_steps (Ctrl-C / SIGTERM)."""
     state = torch.load(Path(checkpoint) / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)

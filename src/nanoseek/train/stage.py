@@ -31,7 +31,9 @@ from nanoseek.checkpoint import load_model, model_class
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, check_out_dir
 from nanoseek.model.dense import DENSE_PRESETS, DenseConfig
-from nanoseek.train.checkpointing import find_checkpoint, list_checkpoints, resumable_checkpoint, stopped_early
+from nanoseek.train.checkpointing import (
+    check_stage, find_checkpoint, list_checkpoints, read_state, resumable_checkpoint, stopped_early,
+)
 from nanoseek.train.config import TrainConfig, load_run_config
 from nanoseek.train.distributed import launch_rank, setup_distributed, teardown_distributed
 
@@ -56,7 +58,7 @@ def run_cli(args, config_class: type[C], train: Callable[..., Path], overrides: 
     exit status: 0 when done, STOPPED_EARLY when Ctrl-C / SIGTERM stopped it (after saving)."""
     cfg = load_run_config(config_class, args.config, args.overrides if overrides is None else overrides)
     resume = args.resume_from or ("latest" if args.resume else None)
-    check_run_dir(cfg.out_dir, resume)
+    check_run_dir(cfg.out_dir, resume, config_class)
     path = train(cfg, resume=resume)
     if stopped_early(path):
         if launch_rank() == 0:
@@ -65,10 +67,11 @@ def run_cli(args, config_class: type[C], train: Callable[..., Path], overrides: 
     return 0
 
 
-def check_run_dir(out_dir: str, resume: str | None) -> None:
+def check_run_dir(out_dir: str, resume: str | None, config_class: type | None = None) -> None:
     """Check the run's directories before the stage does any slow work (data preparation, teacher
-    sampling): out_dir can be a directory, what `resume` names can be resumed, and a fresh run does
-    not land in another run's directory (whose checkpoints it would mix with its own)."""
+    sampling): out_dir can be a directory, what `resume` names can be resumed (by this stage, whose
+    config is `config_class`), and a fresh run does not land in another run's directory (whose
+    checkpoints it would mix with its own)."""
     check_out_dir(out_dir, "out_dir")
     if resume == "latest" and not list_checkpoints(out_dir):
         raise CheckpointError(f"--resume: no checkpoint in {out_dir} to continue from; "
@@ -77,7 +80,9 @@ def check_run_dir(out_dir: str, resume: str | None) -> None:
         raise CheckpointError(f"out_dir={out_dir} already holds a run's checkpoints: continue it with --resume, "
                               "or start fresh in another out_dir (or delete this one)")
     if resume is not None:
-        resumable_checkpoint(out_dir if resume == "latest" else resume)
+        checkpoint = resumable_checkpoint(out_dir if resume == "latest" else resume)
+        if config_class is not None:
+            check_stage(read_state(checkpoint), config_class, checkpoint)
 
 
 def run_stage(train_fn: Callable, cfg: TrainConfig, resume=None):

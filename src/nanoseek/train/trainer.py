@@ -357,6 +357,7 @@ class Trainer:
                 "counters": {"tokens_seen": self.tokens_seen, "train_time": self.train_time},
                 "extra": self.extra_state,
                 "config": json.dumps(config_to_dict(self.cfg)),
+                "stage": type(self.cfg).__name__,  # what --resume may continue it (checkpointing.check_stage)
             }
             checkpointing.write_checkpoint(self.out_dir, self.step, export_model, self.tokenizer, state,
                                            self.cfg.keep_checkpoints)
@@ -371,6 +372,7 @@ class Trainer:
         if it had never stopped. metrics.jsonl loses any records after the checkpoint's step."""
         path, tensors, state = checkpointing.read_checkpoint(
             self.out_dir if str(checkpoint) == "latest" else checkpoint, self.raw_model.config)
+        checkpointing.check_stage(state, type(self.cfg), path)
         self._load_model_state(tensors)
         self._load_optimizer_state(state["optimizer"])
         self.step = state["step"]
