@@ -221,6 +221,22 @@ def test_unsupported_config_value_and_missing_config(tmp_path):
         nanoseek.load_model(tmp_path / "nowhere")
 
 
+def test_a_cut_short_or_garbled_weights_file_is_an_error_not_garbage(tmp_path):
+    """A model.safetensors cut short (a copy that stopped, a full disk) loaded without a word: the
+    missing bytes of its last tensors were torch.empty's garbage."""
+    ck = saved(tmp_path)
+    file = ck / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-1000])
+    with pytest.raises(CheckpointError, match=f"{file} is truncated: {len(data) - 1000} bytes, its header describes {len(data)}"):
+        read_tensors(ck)
+    with pytest.raises(CheckpointError, match="truncated"):
+        nanoseek.load_model(ck)
+    file.write_bytes(data[:5000])  # the header itself cut
+    with pytest.raises(CheckpointError, match="header does not read"):
+        read_tensors(ck)
+
+
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     ck = saved(tmp_path)
     before = (ck / "model.safetensors").read_bytes()

@@ -234,9 +234,20 @@ class SafetensorsIndex:
             file = path / name
             if not file.exists():
                 raise CheckpointError(f"{file} is listed in {INDEX_NAME} but missing")
+            size = file.stat().st_size
             with open(file, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
+                try:
+                    header = json.loads(f.read(n)) if n <= size - 8 else None
+                except ValueError:  # not JSON, or not UTF-8
+                    header = None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{file} is damaged: its safetensors header does not read ({size} bytes)")
+            # a file cut short (a copy that stopped, a full disk) would otherwise load its missing bytes as garbage
+            end = 8 + n + max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"),
+                              default=0)
+            if size < end:
+                raise CheckpointError(f"{file} is truncated: {size} bytes, its header describes {end}")
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
