@@ -218,6 +218,19 @@ def test_resuming_another_stages_run_is_a_clear_error(data_dir, tmp_path, capsys
     check_stage(state, DistillConfig, run / "checkpoint-1")
 
 
+def test_a_damaged_trainer_state_is_a_clear_error_naming_the_checkpoint_before_it(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    sft.train(config(data_dir, run, "max_steps=2", "save_every=1"))
+    state = run / "checkpoint-2" / "trainer_state" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    argv = ["sft", "--resume", "init=student-tiny", f"tokenizer={data_dir / 'tok'}", f"data={data_dir / 'data.jsonl'}",
+            f"out_dir={run}", "max_steps=3"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{state} is damaged and cannot be resumed" in err and f"--resume-from {run / 'checkpoint-1'}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_sft_has_the_edges_every_stage_shares(data_dir, tmp_path, monkeypatch, capsys):
     """Where the stages had drifted apart before they shared train/stage.py: Ctrl-C saves and exits
     130 (pretrain's status), the Ctrl-C handler is given back however the loop ends, and an

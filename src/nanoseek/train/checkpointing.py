@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -78,8 +79,21 @@ def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, tor
     """(directory, model tensors, trainer state) of a resumable checkpoint: a checkpoint directory,
     or a run directory (its newest). `config` is the model's, to map the tensors onto it."""
     path = resumable_checkpoint(checkpoint)
-    state = torch.load(path / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_state(path)
     return path, convert_checkpoint_tensors(read_tensors(path), config, None), state
+
+
+def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of checkpoint directory `path`; a CheckpointError when the file is damaged."""
+    file = path / STATE_DIR / STATE_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        earlier = [p for p in list_checkpoints(path.parent) if CHECKPOINT_RE.match(path.name) and _step(p) < _step(path)]
+        fix = (f"continue from the one before it: --resume-from {earlier[-1]}" if earlier
+               else "start a new run (without --resume, in a new out_dir)")
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file} is damaged and cannot be resumed ({reason}); {fix}") from None
 
 
 def resumable_checkpoint(checkpoint: str | Path) -> Path:
@@ -98,8 +112,7 @@ STAGE_COMMANDS = {"PretrainConfig": "pretrain", "SFTConfig": "sft", "DistillConf
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """A resumable checkpoint's trainer state, its tensors memory-mapped (nothing large is read)."""
-    path = resumable_checkpoint(checkpoint)
-    return torch.load(path / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return load_state(resumable_checkpoint(checkpoint), mmap=True)
 
 
 def check_stage(state: dict[str, Any], config_class: type, checkpoint: str | Path) -> None:
