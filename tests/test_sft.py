@@ -231,6 +231,15 @@ def test_a_damaged_trainer_state_is_a_clear_error_naming_the_checkpoint_before_i
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_resuming_with_changed_settings_says_which(data_dir, tmp_path, capsys):
+    """A resume may change settings (extend max_steps, lower lr), but the run then differs from the
+    saved one's: the changes are printed, not silently taken (out_dir aside)."""
+    sft.train(config(data_dir, tmp_path / "a", "max_steps=1"))
+    capsys.readouterr()
+    sft.train(config(data_dir, tmp_path / "b", "max_steps=2", "seed=3"), resume=tmp_path / "a" / "checkpoint-1")
+    assert "differ from the checkpoint's run: seed 0 -> 3, max_steps 1 -> 2\n" in capsys.readouterr().out
+
+
 def test_sft_has_the_edges_every_stage_shares(data_dir, tmp_path, monkeypatch, capsys):
     """Where the stages had drifted apart before they shared train/stage.py: Ctrl-C saves and exits
     130 (pretrain's status), the Ctrl-C handler is given back however the loop ends, and an

@@ -386,6 +386,9 @@ class Trainer:
         if self.env.is_main:
             self.metrics.truncate_after(self.step)
             print(f"resumed from {path} at step {self.step}", flush=True)
+            changed = changed_settings(json.loads(state["config"]), config_to_dict(self.cfg))
+            if changed:  # allowed (extending max_steps, a new lr), but never silently: the run is no longer the saved one
+                print(f"resumed with settings that differ from the checkpoint's run: {changed}", flush=True)
         return path
 
     def _exportable_model(self) -> nn.Module | None:
@@ -417,6 +420,12 @@ class Trainer:
     def _load_optimizer_state(self, optim_state: dict) -> None:
         set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state,
                                  options=StateDictOptions(full_state_dict=True))
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The settings (but out_dir: resuming elsewhere is usual) whose values differ, as "key old -> new, ..."."""
+    keys = [k for k in current if k != "out_dir" and k in saved and saved[k] != current[k]]
+    return ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in keys)
 
 
 def _duration(seconds: float) -> str:
