@@ -76,12 +76,12 @@ from nanoseek.train.config import TrainConfig
 from nanoseek.train.distributed import launch_world_size
 
 STEPS = ("data", "cold_start", "rft", "rl", "meta", "evaluate")
+REPORT, FIGURE = "grm_report.json", "grm_scaling.png"
 
 
 class Stopped(Exception):
     """Ctrl-C / SIGTERM stopped one of the recipe's trainings after it saved its checkpoint: the
     step is not done, and neither is any step after it."""
-REPORT, FIGURE = "grm_report.json", "grm_scaling.png"
 
 
 @dataclass
