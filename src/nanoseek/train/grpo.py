@@ -59,7 +59,8 @@ Deviations from the papers, all deliberate:
   are frozen (the policy is the next-token head alone), so they keep drafting for the base model.
 - `step` counts optimizer steps as in TRL, so with mu > 1 a rollout happens every mu steps;
   evaluation, checkpoints and stopping happen only between rollouts, so a resumed run (whose
-  prompts and sampling seeds are functions of (seed, step)) continues bit for bit on CPU.
+  prompts and sampling seeds are functions of (seed, step)) continues bit for bit on CPU. A
+  max_steps that is not a multiple of mu is rounded up to whole rollouts (max_steps=3 mu=2: 4 steps).
 """
 
 from __future__ import annotations
