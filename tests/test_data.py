@@ -69,6 +69,9 @@ def test_clear_errors_for_bad_inputs(tmp_path, monkeypatch):
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(NanoseekError, match="broken.jsonl:2: not valid JSON"):
         list(read_documents(tmp_path / "broken.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\r\n{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(NanoseekError, match=r"latin1.jsonl:2: not UTF-8 text .*re-encode"):
+        list(read_documents(tmp_path / "latin1.jsonl"))
     (tmp_path / "t.parquet").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # simulate pyarrow not installed
     with pytest.raises(NanoseekError, match="pip install pyarrow"):

@@ -69,8 +69,13 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes, decoded line by line, so a bad byte is reported with its line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise NanoseekError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                    "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
