@@ -58,6 +58,11 @@ def test_reads_parquet(tmp_path):
     assert list(read_documents(tmp_path / "t.parquet")) == ["a", "b"]
     with pytest.raises(NanoseekError, match="no 'content' column"):
         list(read_documents(tmp_path / "t.parquet", text_field="content"))
+    with pytest.raises(NanoseekError, match="column 'n' holds int64, not strings"):
+        list(read_documents(tmp_path / "t.parquet", text_field="n"))
+    (tmp_path / "not.parquet").write_text("a text file named .parquet")
+    with pytest.raises(NanoseekError, match="not.parquet is not a readable parquet file"):
+        list(read_documents(tmp_path / "not.parquet"))
 
 
 def test_clear_errors_for_bad_inputs(tmp_path, monkeypatch):

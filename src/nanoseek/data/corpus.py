@@ -101,12 +101,21 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise NanoseekError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    file = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        file = pq.ParquetFile(path)
+    except pa.ArrowException as e:  # not parquet at all, or a truncated download
+        raise NanoseekError(f"{path} is not a readable parquet file ({e})") from None
     if text_field not in file.schema_arrow.names:
         raise NanoseekError(
             f"{path}: no {text_field!r} column (found {file.schema_arrow.names}); "
             "name the column holding the text with --text-field / text_field="
         )
+    kind = file.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or kind == "string_view"):
+        raise NanoseekError(f"{path}: column {text_field!r} holds {kind}, not strings; "
+                            "name the column holding the text with --text-field / text_field=")
     for batch in file.iter_batches(columns=[text_field]):
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
