@@ -245,3 +245,8 @@ def test_cli_prepare_errors_name_its_own_flags(tok, tmp_path, capsys):
     assert cli_main([*prepare, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "cannot be split" in err and "or --val-fraction 0" in err and "val_fraction=" not in err
+    (tmp_path / "blank.txt").write_text(" \n")
+    blank = ["data", "prepare", "--data", str(tmp_path / "blank.txt"), "--tokenizer", str(tmp_path / "tok")]
+    assert cli_main([*blank, "--out", str(tmp_path / "out"), "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err  # not "0 document(s) cannot be split ..., or --val-fraction 0"
+    assert "every document is empty" in err and "--val-fraction" not in err

@@ -228,6 +228,8 @@ def prepare_data(
         raise NanoseekError(f"val_fraction must be in [0, 1), got {val_fraction}")
     loaded = load_sources(sources, text_field=text_field, seed=seed)
     docs = [(name, doc) for name, ds in loaded for doc in ds]
+    if not docs:  # no split helps here, so say so rather than suggest another val_fraction
+        raise NanoseekError(f"no text in {' '.join(map(str, sources))}: every document is empty")
     n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
     if len(docs) - n_val < 1:
         fix = "give more files or a jsonl with one document per line" + (f", or {no_val}" if no_val else "")
