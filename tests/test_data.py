@@ -74,6 +74,9 @@ def test_clear_errors_for_bad_inputs(tmp_path, monkeypatch):
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(NanoseekError, match="broken.jsonl:2: not valid JSON"):
         list(read_documents(tmp_path / "broken.jsonl"))
+    (tmp_path / "rows.json").write_text('[{"text": "a"}, {"text": "b"}]')  # not a document of JSON syntax
+    with pytest.raises(NanoseekError, match=r"rows.json: .json files are not read.*\.jsonl"):
+        load_sources([tmp_path / "rows.json"])
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\r\n{"text": "café"}\n'.encode("latin-1"))
     with pytest.raises(NanoseekError, match=r"latin1.jsonl:2: not UTF-8 text .*re-encode"):
         list(read_documents(tmp_path / "latin1.jsonl"))
@@ -136,7 +139,8 @@ def test_split_is_seeded(tok, tmp_path):
            for s in (0, 0, 1) if prepare_data([src], tok, tmp_path / f"o{s}", val_fraction=0.1, seed=s)]
     assert val[0] == val[1] != val[2]
     with pytest.raises(NanoseekError, match="cannot be split"):
-        prepare_data([tmp_path / "o0" / "meta.json"], tok, tmp_path / "x", val_fraction=0.1)
+        (tmp_path / "one.txt").write_text(DOCS[0])  # a text file is one document
+        prepare_data([tmp_path / "one.txt"], tok, tmp_path / "x", val_fraction=0.1)
 
 
 # ---- loader ----

@@ -59,6 +59,9 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
         yield from _read_jsonl(path, text_field)
     elif path.suffix == ".parquet":
         yield from _read_parquet(path, text_field)
+    elif path.suffix == ".json":  # read as text it would be one document of JSON syntax
+        raise NanoseekError(f"{path}: .json files are not read; write one JSON object per line "
+                            "to a .jsonl file (JSON Lines)")
     else:
         try:
             yield path.read_text(encoding="utf-8")
