@@ -50,6 +50,20 @@ def test_reads_text_jsonl_and_directories(tmp_path):
         ("a.txt", ["one whole document\n\nwith paragraphs"]), ("b.jsonl", ["x", "y"])]  # blank docs dropped
 
 
+def test_reads_json_as_hugging_face_datasets_does(tmp_path):
+    """A .json data file named on the command line: a JSON array of rows (alpaca_data.json's
+    form), one object, or JSON Lines under a .json name; it was read as one text document of JSON
+    syntax. A directory's .json files (config.json, meta.json) are not data."""
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "first"}, {"text": "second"}], indent=2))
+    (tmp_path / "lines.json").write_text('{"text": "third"}\n{"text": "fourth"}\n')
+    (tmp_path / "one.json").write_text('{"text": "fifth"}')
+    assert list(read_documents(tmp_path / "array.json")) == ["first", "second"]
+    assert list(read_documents(tmp_path / "lines.json")) == ["third", "fourth"]
+    assert list(read_documents(tmp_path / "one.json")) == ["fifth"]
+    (tmp_path / "notes.txt").write_text("text")
+    assert [name for name, _ in load_sources([tmp_path])] == ["notes.txt"]
+
+
 def test_reads_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -74,9 +88,15 @@ def test_clear_errors_for_bad_inputs(tmp_path, monkeypatch):
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(NanoseekError, match="broken.jsonl:2: not valid JSON"):
         list(read_documents(tmp_path / "broken.jsonl"))
-    (tmp_path / "rows.json").write_text('[{"text": "a"}, {"text": "b"}]')  # not a document of JSON syntax
-    with pytest.raises(NanoseekError, match=r"rows.json: .json files are not read.*\.jsonl"):
-        load_sources([tmp_path / "rows.json"])
+    (tmp_path / "rows.json").write_text('[{"text": "a"}, {"txt": "b"}]')
+    with pytest.raises(NanoseekError, match=r"rows.json\[1\]: no 'text' field \(found \['txt'\]\)"):
+        list(read_documents(tmp_path / "rows.json"))
+    (tmp_path / "cut.json").write_text('[{"text": "a"}, {"text": ')
+    with pytest.raises(NanoseekError, match=r"cut.json: not valid JSON \(Expecting value"):
+        list(read_documents(tmp_path / "cut.json"))
+    (tmp_path / "number.json").write_text("3")
+    with pytest.raises(NanoseekError, match="holds a JSON int; a .json data file is an array of objects"):
+        list(read_documents(tmp_path / "number.json"))
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\r\n{"text": "café"}\n'.encode("latin-1"))
     with pytest.raises(NanoseekError, match=r"latin1.jsonl:2: not UTF-8 text .*re-encode"):
         list(read_documents(tmp_path / "latin1.jsonl"))

@@ -17,7 +17,7 @@ from nanoseek.errors import NanoseekError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.info", "parameter counts and KV-cache size of a preset or checkpoint"),
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE with DeepSeek's special tokens and chat template"),
-    "data": ("nanoseek.data.corpus", "tokenize text/jsonl/parquet corpora into token shards for pretraining"),
+    "data": ("nanoseek.data.corpus", "tokenize text/jsonl/json/parquet corpora into token shards for pretraining"),
     "generate": ("nanoseek.inference.generate", "complete prompts with a checkpoint (sampling, n samples, MTP speculation)"),
     "chat": ("nanoseek.inference.chat", "terminal chat with a checkpoint through its chat template, streamed"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3 model (next-token + MTP loss, aux-loss-free balancing)"),

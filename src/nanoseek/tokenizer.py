@@ -33,7 +33,7 @@ tokenizer registers them as special tokens (some ChatML ones do, through `additi
 `decode(skip_special_tokens=True)` still keeps them and skips only the other special tokens.
 
 CLI: `nanoseek tokenizer train --data PATH [PATH ...] --vocab-size N --out DIR`
-(PATH: text files, jsonl/parquet with a text field, directories of those, or `default`). It also
+(PATH: text files, jsonl/json/parquet with a text field, directories of those, or `default`). It also
 writes DIR/training_data.json: what the BPE was trained on (the speedrun's report card names it).
 """
 
@@ -533,13 +533,13 @@ TRAINING_DATA = "training_data.json"  # beside tokenizer.json: the --data, and t
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>")
     sub.required = True
-    p = sub.add_parser("train", help="train a byte-level BPE on text/jsonl/parquet files or the default corpus")
+    p = sub.add_parser("train", help="train a byte-level BPE on text/jsonl/json/parquet files or the default corpus")
     p.add_argument("--data", nargs="+", required=True,
                    help="text, jsonl or parquet files, directories of them, "
                         "'default' (Shakespeare + synthetic reasoning), or a 'synthetic:NAME?key=value' spec")
     p.add_argument("--vocab-size", type=int, default=4096, help="total ids, special tokens included")
     p.add_argument("--out", required=True, help="directory to write tokenizer.json and tokenizer_config.json")
-    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/parquet rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the default corpus's synthetic documents")
 
 

@@ -43,6 +43,7 @@ from nanoseek.errors import NanoseekError, check_out_dir
 from nanoseek.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
+# what a directory is read for (.json only by name: a directory may hold config.json, meta.json)
 DATA_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
 SYNTHETIC_DOCUMENTS = 8000  # about a quarter of the default corpus's tokens
 
@@ -51,7 +52,7 @@ SYNTHETIC_DOCUMENTS = 8000  # about a quarter of the default corpus's tokens
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file: a text file is one document, jsonl/parquet one per row."""
+    """Yield the documents of one file: a text file is one document, jsonl/json/parquet one per row."""
     path = Path(path)
     if not path.is_file():
         raise NanoseekError(f"data file not found: {path}")
@@ -59,9 +60,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
         yield from _read_jsonl(path, text_field)
     elif path.suffix == ".parquet":
         yield from _read_parquet(path, text_field)
-    elif path.suffix == ".json":  # read as text it would be one document of JSON syntax
-        raise NanoseekError(f"{path}: .json files are not read; write one JSON object per line "
-                            "to a .jsonl file (JSON Lines)")
+    elif path.suffix == ".json":
+        yield from _read_json(path, text_field)
     else:
         try:
             yield path.read_text(encoding="utf-8")
@@ -87,16 +87,38 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 raise NanoseekError(
                     f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object"
                 ) from None
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise NanoseekError(
-                    f"{path}:{line_no}: no {text_field!r} field (found {keys}); "
-                    "name the field holding the text with --text-field / text_field="
-                )
-            if not isinstance(row[text_field], str):
-                kind = type(row[text_field]).__name__
-                raise NanoseekError(f"{path}:{line_no}: field {text_field!r} is {kind}, not a string")
-            yield row[text_field]
+            yield _text_of(row, text_field, f"{path}:{line_no}")
+
+
+def _read_json(path: Path, text_field: str) -> Iterator[str]:
+    """A .json file as Hugging Face datasets reads one: a JSON array of rows (alpaca_data.json),
+    or JSON Lines under a .json name."""
+    raw = path.read_bytes()
+    try:
+        rows = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if raw.lstrip().startswith(b"["):  # an array cut short or malformed
+            raise NanoseekError(f"{path}: not valid JSON ({e})") from None
+        yield from _read_jsonl(path, text_field)  # JSON Lines, or the error naming its bad line
+        return
+    if isinstance(rows, dict):  # one object: a one-row file
+        rows = [rows]
+    if not isinstance(rows, list):
+        raise NanoseekError(f"{path}: holds a JSON {type(rows).__name__}; a .json data file is an array of "
+                            "objects or one object per line")
+    for i, row in enumerate(rows):
+        yield _text_of(row, text_field, f"{path}[{i}]")
+
+
+def _text_of(row, text_field: str, where: str) -> str:
+    """The text of one JSON row; `where` names it in the error (file:line or file[index])."""
+    if not isinstance(row, dict) or text_field not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise NanoseekError(f"{where}: no {text_field!r} field (found {keys}); "
+                            "name the field holding the text with --text-field / text_field=")
+    if not isinstance(row[text_field], str):
+        raise NanoseekError(f"{where}: field {text_field!r} is {type(row[text_field]).__name__}, not a string")
+    return row[text_field]
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -406,14 +428,14 @@ class TokenLoader:
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>")
     sub.required = True
-    p = sub.add_parser("prepare", help="tokenize text/jsonl/parquet (or the default corpus) into token shards")
+    p = sub.add_parser("prepare", help="tokenize text/jsonl/json/parquet (or the default corpus) into token shards")
     p.add_argument("--data", nargs="+", required=True, help="files, directories, 'default', or a 'synthetic:NAME?key=value' spec")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer or checkpoint directory (from `nanoseek tokenizer train`)")
     p.add_argument("--out", required=True, help="directory for train.bin, val.bin, meta.json")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and the default corpus)")
-    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/parquet rows")
 
 
 def run(args) -> int:

@@ -11,7 +11,7 @@ The objective is DeepSeek-V3's (§2.2, §2.1.2):
 bias update nudges each MoE layer's routing bias towards balanced expert load (bias_gamma; 0 turns
 it off, the load imbalance is still logged).
 
-Data: `data` lists text/jsonl/parquet sources, `default` (Shakespeare + synthetic reasoning
+Data: `data` lists text/jsonl/json/parquet sources, `default` (Shakespeare + synthetic reasoning
 text) or `synthetic:` specs (the reasoning base's digit-sum corpus). A byte-level BPE of
 `vocab_size` is trained on them and they are tokenized into shards under `data_dir` (default
 `<out_dir>/data`), reused on the next run with the same recipe.
