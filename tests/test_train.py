@@ -330,10 +330,35 @@ def test_continued_pretraining_reuses_its_runs_shards(full_run, corpus, tmp_path
     BPE it trained are the checkpoint tokenizer's, so they are reused, not tokenized again."""
     monkeypatch.setattr(pretrain, "prepare_data", lambda *a, **k: pytest.fail("tokenized the data again"))
     shards = corpus.parent / "shards"
-    recipe = (shards / "recipe.json").read_text()
+    meta = (shards / "meta.json").read_text()
     pretrain.train(tiny_config(tmp_path / "more", corpus, f"init={full_run / 'latest'}", "max_steps=1",
                                "save_every=0", "eval_every=0"))
-    assert (shards / "recipe.json").read_text() == recipe
+    assert (shards / "meta.json").read_text() == meta
+
+
+def test_a_data_dir_from_data_prepare_is_trained_on_never_overwritten(full_run, corpus, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`nanoseek data prepare --out D` then `pretrain data_dir=D`: pretraining re-tokenized the
+    default corpus over the user's shards (no recipe of its own there). Now it trains on them as
+    they are; with init= they must be the checkpoint tokenizer's."""
+    from nanoseek.data.corpus import prepare_data
+    from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+    tok = Tokenizer.from_dir(full_run / "latest")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"text": f"row {i} of the user's own data."}) + "\n" for i in range(400)))
+    prepare_data([mine], tok, tmp_path / "prepared", val_fraction=0.1)
+    train_bin = (tmp_path / "prepared" / "train.bin").read_bytes()
+    monkeypatch.setattr(pretrain, "prepare_data", lambda *a, **k: pytest.fail("overwrote the prepared shards"))
+    pretrain.train(tiny_config(tmp_path / "run", corpus, f"data_dir={tmp_path / 'prepared'}", "max_steps=1",
+                               "save_every=0", "eval_every=0"))
+    assert "training on the shards `nanoseek data prepare` wrote" in capsys.readouterr().out
+    assert (tmp_path / "prepared" / "train.bin").read_bytes() == train_bin
+    other = train_tokenizer(["quite another corpus altogether"] * 20, vocab_size=280)
+    prepare_data([mine], other, tmp_path / "other", val_fraction=0.1)
+    with pytest.raises(ConfigError, match="tokenized with another tokenizer"):
+        pretrain.train(tiny_config(tmp_path / "run2", corpus, f"data_dir={tmp_path / 'other'}",
+                                   f"init={full_run / 'latest'}", "max_steps=1"))
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_exactly(full_run, corpus, tmp_path, monkeypatch):

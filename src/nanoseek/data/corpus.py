@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from nanoseek.checkpoint import atomic_write_text
 from nanoseek.errors import NanoseekError, check_out_dir
 from nanoseek.tokenizer import Tokenizer
 
@@ -241,8 +242,12 @@ def prepare_data(
     seed: int = 0,
     text_field: str = "text",
     no_val: str = "",
+    recipe: dict | None = None,
 ) -> dict:
     """Tokenize `sources` into `out_dir/{train,val}.bin` + `meta.json` (+ the tokenizer); returns the meta.
+    meta.json is written last (atomically): a directory without it is unfinished. `recipe`: what
+    a caller that prepares its own data (pretraining) recognises its shards by, kept in meta.json;
+    `nanoseek data prepare` writes none.
 
     The split is by document: a seeded permutation sends round(val_fraction * documents) of them
     (at least one when val_fraction > 0) to val, so no document straddles the split. `no_val` is
@@ -295,7 +300,9 @@ def prepare_data(
         "splits": splits,
         "sources": mix,
     }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if recipe is not None:
+        meta["recipe"] = recipe
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

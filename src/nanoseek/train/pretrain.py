@@ -14,7 +14,9 @@ it off, the load imbalance is still logged).
 Data: `data` lists text/jsonl/json/parquet sources, `default` (Shakespeare + synthetic reasoning
 text) or `synthetic:` specs (the reasoning base's digit-sum corpus). A byte-level BPE of
 `vocab_size` is trained on them and they are tokenized into shards under `data_dir` (default
-`<out_dir>/data`), reused on the next run with the same recipe.
+`<out_dir>/data`), reused on the next run with the same recipe. A `data_dir` that
+`nanoseek data prepare` wrote is trained on as it is (its shards and tokenizer; `data` and
+`vocab_size` then do not apply), never overwritten.
 
 A trained tokenizer: `tokenizer=<dir>` (from `nanoseek tokenizer train`) tokenizes the data with
 it instead of training a BPE here (vocab_size is then the tokenizer's).
@@ -212,36 +214,47 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
     tokenizer_hash = lambda tok: hashlib.sha256(tok.tk.to_str().encode()).hexdigest()  # noqa: E731
     if init_tokenizer is not None:
         recipe.update(vocab_size=init_tokenizer.vocab_size, tokenizer=tokenizer_hash(init_tokenizer))
-    recipe_file = data_dir / "recipe.json"
+    meta_file = data_dir / "meta.json"
 
-    def ready() -> bool:
-        if not ((data_dir / "meta.json").is_file() and recipe_file.is_file()):
-            return False
-        saved = json.loads(recipe_file.read_text())
+    def prepared() -> str:
+        """'recipe': data_dir holds this recipe's shards; 'data prepare': shards `nanoseek data
+        prepare` wrote (no recipe), used as they are; '': none yet, or another recipe's."""
+        if not meta_file.is_file():
+            return ""
+        saved = json.loads(meta_file.read_text()).get("recipe")
+        if saved is None:
+            return "data prepare"
         if saved == recipe:
-            return True
+            return "recipe"
         # data_dir=<its run>/data when continuing a run: shards tokenized with the BPE that run trained,
         # which is the checkpoint's tokenizer, so the same shards (its recipe names a vocab_size, not a hash)
         if init_tokenizer is None or "tokenizer" in saved or not (data_dir / "tokenizer.json").is_file():
-            return False
+            return ""
         same_data = {k: v for k, v in saved.items() if k != "vocab_size"} == {
             k: v for k, v in recipe.items() if k not in ("vocab_size", "tokenizer")}
-        return same_data and tokenizer_hash(Tokenizer.from_dir(data_dir)) == recipe["tokenizer"]
+        return "recipe" if same_data and tokenizer_hash(Tokenizer.from_dir(data_dir)) == recipe["tokenizer"] else ""
 
-    if env.is_main and not ready():
+    found = prepared() if env.is_main else ""
+    if found == "data prepare":  # the user's own shards: never overwritten, trained on as they are
+        if init_tokenizer is not None and tokenizer_hash(Tokenizer.from_dir(data_dir)) != recipe["tokenizer"]:
+            raise ConfigError(f"data_dir={data_dir} was tokenized with another tokenizer than {source}'s: prepare "
+                              f"it again with `nanoseek data prepare --tokenizer {source} --out {data_dir}`")
+        sources = ", ".join(json.loads(meta_file.read_text())["sources"])
+        print(f"data: training on the shards `nanoseek data prepare` wrote in {data_dir} (from {sources}); "
+              "data= and vocab_size= do not apply", flush=True)
+    elif env.is_main and not found:
         t0 = time.perf_counter()
-        recipe_file.unlink(missing_ok=True)
         if init_tokenizer is not None:
             tokenizer = init_tokenizer
         else:
             tokenizer = train_tokenizer([doc for _, docs in load_sources(cfg.data, seed=cfg.seed) for doc in docs],
                                         cfg.vocab_size)
-        meta = prepare_data(cfg.data, tokenizer, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        recipe_file.write_text(json.dumps(recipe) + "\n")  # last: marks the directory complete
+        meta = prepare_data(cfg.data, tokenizer, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                            recipe=recipe)  # meta.json, written last, marks the directory complete
         s = meta["splits"]
         print(f"data: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, vocab "
               f"{tokenizer.vocab_size}, in {data_dir} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    while not env.is_main and not ready():
+    while not env.is_main and not prepared():
         # the other ranks wait for the data here, not in the barrier: tokenizing a large corpus
         # can outlast a collective's timeout (NCCL's is 10 minutes). An error on rank 0 ends the job.
         time.sleep(1)
