@@ -20,6 +20,7 @@ matplotlib is optional (the `rl` extra lists it): without it the R1-Zero figure 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -84,9 +85,7 @@ def save_r1zero_figure(run_dir: str | Path, control: float | None = None) -> Pat
     """Write `r1zero.png` beside the run's metrics.jsonl; None (with a note) without matplotlib
     or without held-out evaluations to plot."""
     run_dir = Path(run_dir)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("rl: matplotlib is not installed, so no r1zero.png (pip install matplotlib)", file=sys.stderr)
         return None
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []

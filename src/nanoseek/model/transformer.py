@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA, LatentCache
-from nanoseek.model.decoder import (  # noqa: F401 (re-exported: callers import them from here)
-    IGNORE_INDEX, CausalLM, DecoderBlock, DecoderStack, ModelOutput, cross_entropy, document_layout, documents_of,
+from nanoseek.model.decoder import (
+    IGNORE_INDEX, CausalLM, DecoderBlock, DecoderStack, ModelOutput, cross_entropy,
 )
 from nanoseek.model.layers import MLP, RotaryEmbedding
 from nanoseek.model.moe import Gate, MoE

@@ -47,8 +47,9 @@ import torch
 from nanoseek.config import PRESETS
 from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
+from nanoseek.model.decoder import documents_of
 from nanoseek.model.moe import moe_layers, update_expert_bias
-from nanoseek.model.transformer import Transformer, documents_of
+from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
 from nanoseek.train import stage
 from nanoseek.train.config import TrainConfig

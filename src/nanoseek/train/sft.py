@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from nanoseek.checkpoint import load_model
 from nanoseek.data.tasks import derive_seed
 from nanoseek.errors import ConfigError, NanoseekError
+from nanoseek.model.decoder import IGNORE_INDEX, documents_of
 from nanoseek.model.moe import update_expert_bias
-from nanoseek.model.transformer import IGNORE_INDEX, documents_of
 from nanoseek.tokenizer import THINK_START, Tokenizer
 from nanoseek.train import stage
 from nanoseek.train.checkpointing import find_checkpoint
