@@ -55,7 +55,6 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.num_main_layers = cfg.num_hidden_layers
         num_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         # one extra block at the end: the scratch block that padding tokens write to
         self.scratch_block = num_blocks

@@ -65,7 +65,6 @@ class EngineLoop:
         self.routes: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}  # loop thread only
         self.dead: EngineDeadError | None = None
         self.stats: dict = self._safe_stats()  # last snapshot, read by /metrics from the event loop
-        self.num_steps = 0
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ---- called from the event loop ----
@@ -151,7 +150,6 @@ class EngineLoop:
                 loop.call_soon_threadsafe(outputs_queue.put_nowait, self.dead)
             self.routes.clear()
             return
-        self.num_steps += 1
         for out in outputs:
             route = self.routes.get(out.request_id)
             if route is None:
