@@ -134,11 +134,8 @@ class CausalLM(nn.Module):
     def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None) -> None:
         """Losses beyond next-token prediction, set on `out` (V3: MTP and the balance loss)."""
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
-        if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
 
 def documents_of(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
