@@ -39,6 +39,7 @@ from pathlib import Path
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+PAGE_TIMEOUT_MS = 60_000  # browser_check's wait for each step: page load, model name, finished answer
 
 
 class CheckFailed(RuntimeError):
@@ -58,7 +59,7 @@ def find_chromium() -> str:
 
 
 def browser_check(url: str, question: str, screenshot: str | Path | None = None, temperature: float = 0.0,
-                  max_tokens: int = 64, timeout_s: float = 60.0) -> dict:
+                  max_tokens: int = 64) -> dict:
     """Ask `question` on the chat page at `url` as a person would (type, press Enter), wait for the
     answer to finish streaming, and report what the page showed:
     {"reasoning", "answer", "reasoning_shown_apart", "updates", "stats", "screenshot"}.
@@ -76,9 +77,9 @@ def browser_check(url: str, question: str, screenshot: str | Path | None = None,
             raise BrowserUnavailable(f"Chromium did not start: {str(e).splitlines()[0]}") from None
         try:
             page = browser.new_page(viewport={"width": 900, "height": 640})
-            page.goto(url, timeout=timeout_s * 1000)
+            page.goto(url, timeout=PAGE_TIMEOUT_MS)
             page.wait_for_function("document.getElementById('model').textContent !== 'model: ?'",
-                                   timeout=timeout_s * 1000)
+                                   timeout=PAGE_TIMEOUT_MS)
             page.fill("#temperature", str(temperature))
             page.fill("#max-tokens", str(max_tokens))
             # count every change of the assistant message's text while it streams
@@ -91,7 +92,7 @@ def browser_check(url: str, question: str, screenshot: str | Path | None = None,
             page.keyboard.type(question)
             page.keyboard.press("Enter")
             page.wait_for_selector(".msg.assistant .stats:not(:empty), .msg.assistant .error",
-                                   timeout=timeout_s * 1000)
+                                   timeout=PAGE_TIMEOUT_MS)
             shown = page.evaluate("""() => {
                 const box = [...document.querySelectorAll('.msg.assistant')].pop();
                 const details = box.querySelector('details');
