@@ -10,7 +10,7 @@ import torch
 
 from nanoseek.cli import main as cli_main
 from nanoseek.data.corpus import (
-    TokenLoader, default_corpus, load_sources, prepare_data, read_documents, shakespeare_works,
+    TokenLoader, default_sources, load_sources, prepare_data, read_documents, shakespeare_works,
     strip_gutenberg, token_dtype,
 )
 from nanoseek.errors import NanoseekError
@@ -118,8 +118,8 @@ def test_shakespeare_default_corpus():
     works = shakespeare_works()
     assert len(works) == 42 and all(len(w) > 1_000 for w in works)
     assert not any("Gutenberg" in w or "*** START" in w for w in works)
-    corpus = default_corpus(seed=0)
-    assert corpus[:42] == works and corpus == default_corpus(seed=0)
+    sources = default_sources(seed=0)
+    assert sources["shakespeare"] == works and sources == default_sources(seed=0)
 
 
 # ---- shards ----

@@ -148,7 +148,6 @@ def test_synthetic_docs_use_the_rl_format_and_are_deterministic(docs):
         question = prompt.split("\nUser: ", 1)[1]
         assert doc == r1zero_prompt(question) + completion
         assert extract_answer(completion) is not None
-    assert "worked chain_sum" in synthetic.describe()
 
 
 def test_synthetic_docs_hold_no_eval_problem_of_the_default_mix(docs, mix):

@@ -14,7 +14,7 @@ Pipeline:
    records vocab size, dtype, token counts and the source mix; the tokenizer is saved alongside.
 3. `TokenLoader` cuts a split into contiguous windows and serves shuffled batches of them.
 
-The default corpus (`default_corpus(seed)`) mixes real English with the reasoning format the RL
+The default corpus (`default_sources(seed)`) mixes real English with the reasoning format the RL
 stage uses:
 
     source       documents   characters   tokens (4096-id BPE trained on this corpus)
@@ -214,16 +214,11 @@ def shakespeare_works() -> list[str]:
     return [strip_gutenberg(f.read_text(encoding="utf-8")) for f in files]
 
 
-def default_sources(seed: int = 0, synthetic_documents: int = SYNTHETIC_DOCUMENTS) -> dict[str, list[str]]:
+def default_sources(seed: int = 0) -> dict[str, list[str]]:
     """The default corpus by source: {"shakespeare": [...], "synthetic": [...]}."""
     from nanoseek.data.synthetic import generate_documents  # imports tasks -> reasoning-gym, so only when used
 
-    return {"shakespeare": shakespeare_works(), "synthetic": generate_documents(synthetic_documents, seed)}
-
-
-def default_corpus(seed: int = 0, synthetic_documents: int = SYNTHETIC_DOCUMENTS) -> list[str]:
-    """The embedded default corpus as a flat list of documents (Shakespeare first); deterministic given `seed`."""
-    return [doc for docs in default_sources(seed, synthetic_documents).values() for doc in docs]
+    return {"shakespeare": shakespeare_works(), "synthetic": generate_documents(SYNTHETIC_DOCUMENTS, seed)}
 
 
 # ---- token shards ----

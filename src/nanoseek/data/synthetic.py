@@ -9,7 +9,7 @@ Each document is `r1zero_prompt(question) + r1zero_completion(reasoning, answer)
 the same prefilled "<think>", the same "</think> <answer>...</answer>" ending that the RL stage and
 `extract_answer` use. Pretraining on it teaches a tiny model the format and the arithmetic steps.
 
-The mix (`SOURCES`, printed by `describe()`) is worked solutions of reasoning-gym `chain_sum`
+The mix (`SOURCES`) is worked solutions of reasoning-gym `chain_sum`
 ("12 + 85 - 40 ="), one "a op b = c." step per operation, for settings EASIER than the RL mix
 (`tasks.DEFAULT_MIX`: 3 terms of two digits, 4 terms of one digit): 2-3 terms of one digit
 (chaining), 2 terms of two digits (two-digit steps), and 2 terms of 1-3 digits with negative
@@ -81,14 +81,14 @@ REASONING: dict[str, Callable[[Problem], str]] = {
 }
 
 
-def generate_documents(n: int, seed: int = 0, sources: tuple[Source, ...] = SOURCES) -> list[str]:
-    """`n` synthetic documents in `sources`' proportions, shuffled; the same list for the same seed.
+def generate_documents(n: int, seed: int = 0) -> list[str]:
+    """`n` synthetic documents in `SOURCES`' proportions, shuffled; the same list for the same seed.
 
     Documents carry no end-of-text marker; the corpus builder separates them, which is what teaches
     the model to stop after "</answer>".
     """
     docs: list[str] = []
-    for i, (source, count) in enumerate(zip(sources, allocate_counts(n, [s.weight for s in sources]))):
+    for i, (source, count) in enumerate(zip(SOURCES, allocate_counts(n, [s.weight for s in SOURCES]))):
         if source.dataset not in REASONING:
             raise NanoseekError(f"no worked-solution writer for {source.dataset!r}; add one to REASONING")
         task = get_task(source.dataset, **source.difficulty)
@@ -96,15 +96,6 @@ def generate_documents(n: int, seed: int = 0, sources: tuple[Source, ...] = SOUR
             docs.append(r1zero_prompt(p.question) + r1zero_completion(REASONING[source.dataset](p), p.answer))
     random.Random(derive_seed("synthetic-order", seed)).shuffle(docs)
     return docs
-
-
-def describe(sources: tuple[Source, ...] = SOURCES) -> str:
-    """A readable table of the mix: share, kind and reasoning-gym settings of each source."""
-    total = sum(s.weight for s in sources)
-    lines = ["synthetic pretraining mix (reasoning-gym chain_sum, R1-Zero format):"]
-    for s in sources:
-        lines.append(f"  {100 * s.weight / total:5.1f}%  {s.label}: {s.dataset} {s.difficulty}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the reasoning base's corpus
