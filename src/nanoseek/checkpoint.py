@@ -319,7 +319,7 @@ def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelCo
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               strict: bool = True, quantize: str | None = None) -> Transformer | DenseTransformer:
+               quantize: str | None = None) -> Transformer | DenseTransformer:
     """Load an HF-format DeepSeek-V3/V2 checkpoint directory into a nanoseek Transformer, or a
     Llama / Qwen2 one (config.json model_type "llama" / "qwen2") into a DenseTransformer.
 
@@ -358,11 +358,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     expected = model.state_dict()
     if config.tie_word_embeddings and "lm_head.weight" not in keys:
         expected.pop("lm_head.weight", None)
-    check_state_dict({k: index.meta(k) for k in keys}, expected, f"checkpoint {path}", "config.json", keys=strict)
+    check_state_dict({k: index.meta(k) for k in keys}, expected, f"checkpoint {path}", "config.json")
     modules = dict(model.named_modules())
     for key in keys:
-        if key not in expected:
-            continue
         t = index.read(key)
         scale_key = key[: -len("weight")] + "weight_scale_inv"
         if scale_key in index.entries:
@@ -390,13 +388,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     return model.eval()
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, against: str,
-                     keys: bool = True) -> None:
+def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, against: str) -> None:
     """Raise CheckpointError naming what differs between the tensors `sd` and a model's state dict
-    `expected`: missing or unexpected keys (unless keys=False), then shapes of the shared keys."""
+    `expected`: missing or unexpected keys, then shapes of the shared keys."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    if keys and (missing or unexpected):
+    if missing or unexpected:
         msg = [f"{what} does not match {against}:"]
         if missing:
             msg.append(f"  missing keys ({len(missing)}): {_abbrev(missing)}")
