@@ -164,7 +164,7 @@ def load_sources(
     """Read every source into memory as (name, documents) pairs; empty documents are dropped.
 
     specs: file or directory paths, "default" for the embedded corpus (which contributes two
-    sources, "shakespeare" and, when available, "synthetic"), or a generated corpus
+    sources, "shakespeare" and "synthetic"), or a generated corpus
     "synthetic:<name>[?key=value&...]" (`nanoseek.data.synthetic.corpus_from_spec`, e.g. the
     reasoning base's "synthetic:digit_sum?documents=200000&worked_share=0.35"). Holding the corpus in memory is fine
     at the toy scale this runs at and keeps the seeded split simple.

@@ -62,7 +62,7 @@ def browser_check(url: str, question: str, screenshot: str | Path | None = None,
                   max_tokens: int = 64) -> dict:
     """Ask `question` on the chat page at `url` as a person would (type, press Enter), wait for the
     answer to finish streaming, and report what the page showed:
-    {"reasoning", "answer", "reasoning_shown_apart", "updates", "stats", "screenshot"}.
+    {"reasoning", "summary", "answer", "stats", "error", "updates", "reasoning_shown_apart", "screenshot"}.
     `updates` counts changes of the assistant's text seen while it streamed (more than one: it
     streamed). Raises BrowserUnavailable without Playwright or Chromium."""
     try:

@@ -77,7 +77,7 @@ def prune_checkpoints(out_dir: str | Path, current: Path, keep: int) -> None:
 
 def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
     """(directory, model tensors, trainer state) of a resumable checkpoint: a checkpoint directory,
-    or a run directory (its newest). `config` is the model's, to map the tensors onto it."""
+    or a run directory (its current one, as find_checkpoint picks it). `config` is the model's, to map the tensors onto it."""
     path = resumable_checkpoint(checkpoint)
     state = load_state(path)
     return path, convert_checkpoint_tensors(read_tensors(path), config, None), state

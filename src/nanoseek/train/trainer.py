@@ -164,8 +164,8 @@ class Trainer:
     # ---- wrapping
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        """compile, then DDP (replicated; gradients all-reduced) or FSDP2 (parameters, gradients
-        and optimizer state sharded per decoder layer) when there are several ranks."""
+        """compile; with several ranks, FSDP2 (parameters, gradients and optimizer state sharded per
+        decoder layer) before it or DDP (replicated; gradients all-reduced) after it."""
         if self.env.distributed and self.cfg.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
