@@ -294,6 +294,15 @@ def test_completions_batch_n_and_logprobs(client):
     assert r.usage.completion_tokens == 12
 
 
+def test_completions_batch_default_max_tokens_is_per_prompt(server, client):
+    """OpenAI's default of 16 tokens, shrunk to fit each prompt's own context (a prompt 5 tokens
+    short of the context shortened every prompt of the batch to 5)."""
+    near_full = [1] * (server.engine.max_model_len - 5)
+    r = client.completions.create(model="tiny", prompt=[[1, 2, 3], near_full], temperature=0, extra_body=LONG)
+    assert [c.finish_reason for c in r.choices] == ["length", "length"]
+    assert r.usage.completion_tokens == 16 + 5
+
+
 def test_streamed_text_offsets_equal_the_whole_responses(client):
     """A stop string that the text starts to match holds that text back for a chunk; the streamed
     logprobs' text_offset must still follow the tokens, as the whole response's does."""

@@ -131,14 +131,15 @@ async def completions(body: CompletionRequest, request: Request):
     if not prompts:
         raise bad_request("the prompt is empty", "prompt")
     prompt_ids = [_prompt_ids(state, p, "prompt") for p in prompts]
-    # OpenAI's default of 16 tokens is shrunk to fit the context; an explicit value must fit.
-    max_tokens = min(_max_tokens(state, ids, body.max_tokens, 16) for ids in prompt_ids)
-    params = SamplingParams(max_tokens=max_tokens, logprobs=body.logprobs, **body.sampling_kwargs(state.sampling_defaults))
+    # OpenAI's default of 16 tokens is shrunk to fit each prompt's context; an explicit value must fit.
+    sampling = body.sampling_kwargs(state.sampling_defaults)
+    params = [SamplingParams(max_tokens=_max_tokens(state, ids, body.max_tokens, 16), logprobs=body.logprobs,
+                             **sampling) for ids in prompt_ids]
 
     generation = Generation(state, "completions", prompt_ids, params)
     await generation.start()
     prompt_texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
-    echo = [prompt_texts[c.index // params.n] if body.echo else "" for c in generation.choices]
+    echo = [prompt_texts[c.index // generation.n] if body.echo else "" for c in generation.choices]
     fmt = CompletionFormat(state, generation, echo, body.logprobs)
     return await respond(request, generation, fmt, body.stream, body.include_usage)
 

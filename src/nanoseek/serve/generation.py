@@ -74,8 +74,10 @@ class Generation:
     """
 
     def __init__(self, state: ServerState, endpoint: str, prompts: list[list[int]], params):
-        self.state, self.endpoint, self.prompts, self.params = state, endpoint, prompts, params
-        self.n = params.n
+        """`params`: one SamplingParams for every prompt, or a list with one per prompt (the same n)."""
+        self.state, self.endpoint, self.prompts = state, endpoint, prompts
+        self.params = params if isinstance(params, list) else [params] * len(prompts)
+        self.n = self.params[0].n
         self.arrival = time.monotonic()
         self.id_prefix = uuid.uuid4().hex
         self.request_ids = [f"{self.id_prefix}-{i}" for i in range(len(prompts))]
@@ -104,9 +106,9 @@ class Generation:
         state.in_flight += needed
         self.admitted = needed
         try:
-            for request_id, prompt in zip(self.request_ids, self.prompts):
+            for request_id, prompt, params in zip(self.request_ids, self.prompts, self.params):
                 self.unfinished.add(request_id)  # first: even a cancelled add gets aborted by close()
-                await state.engine_loop.add(prompt, self.params, request_id, self.queue)
+                await state.engine_loop.add(prompt, params, request_id, self.queue)
         except BaseException as e:
             # Bad input, a dead engine, or the client leaving mid-admission: undo what was admitted.
             self.close(record_metrics=False)
