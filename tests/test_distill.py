@@ -86,7 +86,7 @@ def memorised_teacher(tmp_path_factory):
     return tmp_path, task_name, problems
 
 
-def test_distill_end_to_end(memorised_teacher, tmp_path):
+def test_distill_end_to_end(memorised_teacher, tmp_path, capsys):
     """A tiny DeepSeek-V3 teacher that has memorised worked solutions to a few problems (some of
     them wrong), sampled by the engine; only verified traces reach the jsonl; a student-tiny is
     fine-tuned on them with logit distillation; the result is a Llama checkpoint that loads."""
@@ -114,6 +114,15 @@ def test_distill_end_to_end(memorised_teacher, tmp_path):
     assert isinstance(student, DenseTransformer) and student.config.vocab_size == student_vocab(teacher_dir)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in m for m in metrics)
+
+    # --resume with another sampling recipe would re-sample the traces under the half-trained student
+    traces_before = (out / "traces.jsonl").read_text()
+    assert cli_main(["distill", "--teacher", str(teacher_dir / "teacher"), "--student", "student-tiny", "--task",
+                     task_name, f"out_dir={out}", "num_prompts=4", "samples_per_prompt=2", "temperature=0.5",
+                     "max_new_tokens=24", "kd_weight=0.5", "max_steps=4", "batch_size=2", "seq_len=128",
+                     "val_fraction=0", "warmup_steps=1", "tensorboard=false", "threads=1", "--resume"]) == 2
+    assert "samples_per_prompt 3 -> 2" in capsys.readouterr().err
+    assert (out / "traces.jsonl").read_text() == traces_before
 
 
 def test_sampling_killed_midway_resumes_after_its_last_chunk(memorised_teacher, tmp_path, monkeypatch):

@@ -250,6 +250,18 @@ def existing_traces(cfg: DistillConfig) -> dict | None:
     return None
 
 
+def check_resumed_recipe(cfg: DistillConfig) -> None:
+    """A ConfigError when --resume would continue the student on traces of another sampling recipe:
+    sampling them anew would change the data under a half-trained student without a word."""
+    path = summary_path(cfg.dataset_path)
+    if not path.is_file():  # a run stopped before its traces were finished: sampling continues them
+        return
+    saved = json.loads(path.read_text()).get("recipe", {})
+    changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in sampling_recipe(cfg).items() if saved.get(k) != v)
+    raise ConfigError(f"--resume: the student is training on traces of another sampling recipe ({changed}); "
+                      "resume with the run's settings, or distil into a new out_dir")
+
+
 # ============================================================================ the stage
 
 
@@ -270,9 +282,11 @@ def distill(cfg: DistillConfig, resume: str | Path | None = None) -> Path:
         torch.set_num_threads(cfg.threads)
 
     # under torchrun the ranks share the teacher's prompts; sft.train then trains in this process group
+    summary = existing_traces(cfg)
+    if summary is None and resume is not None:
+        check_resumed_recipe(cfg)
     env = setup_distributed(cfg.device)
     try:
-        summary = existing_traces(cfg)
         if summary is not None:
             if env.is_main:
                 print(f"reusing {cfg.dataset_path}: {summary['rows']} traces of the same recipe", flush=True)
