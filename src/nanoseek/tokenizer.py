@@ -66,7 +66,8 @@ RESERVED_TOKENS = SPECIAL_TOKENS + [THINK_START, THINK_END]  # ids 0..6, in this
 # turn and <｜Assistant｜>content<｜end▁of▁sentence｜> for each assistant turn; a generation prompt is a
 # trailing <｜Assistant｜>. Unlike R1's released template we keep assistant content verbatim (R1 drops
 # everything up to </think> from past turns), so SFT can render reasoning traces with the template.
-# `Tokenizer.apply_chat_template` is the same logic in Python; a test keeps the two in step.
+# `Tokenizer.apply_chat_template` renders this template itself (sandboxed Jinja2, below); tests check
+# the rendered format, and that transformers renders the same text.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- set ns = namespace(system='', first=true) -%}"
