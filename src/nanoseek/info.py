@@ -90,8 +90,8 @@ def training_flops_per_token(config: ModelConfig, seq_len: int, mtp: bool = Fals
 
     6 per activated weight (2 forward, 4 backward; the input embedding is a lookup, not a matmul)
     plus attention's scores and weighted sum: per layer and head, 2 * (qk_head_dim + v_head_dim)
-    multiply-adds against each earlier position, i.e. seq_len / 2 of them on average under the
-    causal mask, times 3 for the backward. Recomputation is not counted (none is done)."""
+    FLOPs (one multiply-add per dimension) against each earlier position, i.e. seq_len / 2 of them
+    on average under the causal mask, times 3 for the backward. Recomputation is not counted (none is done)."""
     s = model_stats(config)
     weights = s.active_params - config.vocab_size * config.hidden_size * (0 if config.tie_word_embeddings else 1)
     layers = config.num_hidden_layers
