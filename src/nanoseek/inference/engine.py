@@ -33,9 +33,9 @@ not, so above `speculative_max_batch` running sequences a decode step is plain (
 then wait, and are caught up by the next speculative step; meanwhile a step costs no more than
 with speculation off).
 
-Text prompts get the tokenizer's bos prepended unless they already start with it (the chat
-template writes it itself), matching how pretraining documents are stored
-(`Tokenizer.encode_prompt`). Token-id prompts are used as given. Every request is checked here, in
+Text prompts get the tokenizer's bos prepended where the tokenizer adds one (`Tokenizer.add_bos`;
+a nanoseek BPE does, matching how pretraining documents are stored) unless they already start with
+it (the chat template writes it itself) (`Tokenizer.encode_prompt`). Token-id prompts are used as given. Every request is checked here, in
 `_check` (prompt: `prompt_ids`; sampling: `SamplingParams.validate`), and only here: the server
 calls the same methods and maps their errors to HTTP.
 
@@ -262,8 +262,9 @@ class LLM:
         return (prompt if isinstance(prompt, str) else None), self.prompt_ids(prompt), params
 
     def prompt_ids(self, prompt: "str | list[int]", add_bos: bool = True) -> list[int]:
-        """The token ids a prompt runs as: a text prompt tokenized with bos in front (`add_bos=False`:
-        as it is, for a chat template's text, which writes bos itself), token ids as given. Raises
+        """The token ids a prompt runs as: a text prompt tokenized with bos in front where the
+        tokenizer adds one (`Tokenizer.encode_prompt`; `add_bos=False`: as it is, for a chat
+        template's text, which writes bos itself), token ids as given. Raises
         NanoseekError for an empty prompt or ids outside the vocabulary, and ContextLengthError when
         no token would fit after it. Pure: safe from any thread."""
         if isinstance(prompt, str):

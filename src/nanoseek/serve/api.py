@@ -68,8 +68,8 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 def _prompt_ids(state: ServerState, prompt, param: str, add_bos: bool = True) -> list[int]:
-    """The engine's token ids for a prompt (text: bos in front unless add_bos=False; ids: as
-    given), its errors as a 400."""
+    """The engine's token ids for a prompt (text: bos in front where the tokenizer adds one,
+    unless add_bos=False; ids: as given), its errors as a 400."""
     try:
         return state.engine_loop.engine.prompt_ids(prompt, add_bos)
     except ContextLengthError as e:
