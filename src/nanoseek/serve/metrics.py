@@ -45,7 +45,7 @@ class Metrics:
 
     def __init__(self, model_name: str):
         self.labels = f'model_name="{_escape(model_name)}"'
-        self.requests = Counter()          # (endpoint, finish reason or "error"/"aborted") -> count
+        self.requests = Counter()          # (endpoint, its finish reasons joined by "," or "aborted") -> count
         self.rejected = Counter()          # error code -> count (400s, 401s, 404s, overload)
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -71,7 +71,7 @@ class Metrics:
             out.append(f"# TYPE {name} {kind}")
             out.extend(samples)
 
-        metric("nanoseek_requests_total", "counter", "Finished requests by endpoint and outcome (finish reason, aborted, error).",
+        metric("nanoseek_requests_total", "counter", "Finished requests by endpoint and outcome (finish reasons, or aborted).",
                [f'nanoseek_requests_total{{{lab},endpoint="{ep}",outcome="{oc}"}} {n}'
                 for (ep, oc), n in sorted(self.requests.items())] or [f"nanoseek_requests_total{{{lab}}} 0"])
         metric("nanoseek_requests_rejected_total", "counter", "Requests refused before generation, by error code.",
