@@ -193,7 +193,8 @@ def meta_kept(judgments: list[Judgment], meta_scores: list[float], k_meta: int) 
 
 class ScalarRM(nn.Module):
     """A scalar reward head on a nanoseek backbone: the last token's final hidden state -> one
-    logit. The meta RM (BCE: is this judgment right?) and the Bradley-Terry ablation use it."""
+    logit. The meta RM (is this judgment right? pairwise within an item by default, or BCE) and
+    the Bradley-Terry ablation use it."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()

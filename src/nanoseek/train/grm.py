@@ -189,8 +189,9 @@ class Item:
 
 
 def majority_is_right(samples: list[str], labels: list[int]) -> bool:
-    """maj@N: whether the most frequent answer is right, graded as the samples that give it were
-    (by the task's own scorer, so "0.5" and "1/2" agree where it says so), not by string equality."""
+    """maj@N: whether the most frequent answer (votes grouped by their stripped text, so "0.5" and
+    "1/2" vote apart) is right, graded as the samples that give it were (their labels, from the
+    task's own scorer), not by comparing its text with the gold answer."""
     answers = [extract_answer(s) for s in samples]
     vote = majority_answer(answers)
     return vote is not None and any(label for a, label in zip(answers, labels) if a is not None and a.strip() == vote)
@@ -672,8 +673,9 @@ def pairwise_loss(scores: torch.Tensor, _targets=None) -> torch.Tensor:
 def train_scalar(rm: ScalarRM, tokenizer, examples: list[tuple[str, float]], loss_fn, steps: int, lr: float,
                  seed: int, batch_size: int = 32, paired: bool = False) -> None:
     """Train a ScalarRM's backbone and head on (text, target) examples with `loss_fn(scores,
-    targets)` (BCE for the meta RM, Bradley-Terry for the ablation, where `paired` keeps each
-    (right, wrong) pair of consecutive examples together). AdamW with the shared schedule."""
+    targets)` (the meta RM: the pairwise loss by default, BCE with meta_loss="bce"; Bradley-Terry for
+    the ablation; `paired` keeps each (right, wrong) pair of consecutive examples together). AdamW
+    with the shared schedule."""
     from nanoseek.train.trainer import build_optimizer, lr_at
 
     rm.train()
