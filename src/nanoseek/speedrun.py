@@ -6,8 +6,9 @@
 
 Each stage is a `nanoseek` command (or a benchmark script) a user can run alone, with its recipe
 file and the overrides listed in `plan()`; the speedrun runs them as subprocesses, up to `--jobs`
-side by side (one thread each; timing stages run alone), logs each one to `OUT/logs/<stage>.log`,
-and shows the running stages with their progress bars and ETAs and the time of those done.
+side by side (one thread each, two with --jobs 1; timing stages run alone), logs each one to
+`OUT/logs/<stage>.log`, and shows the running stages with their progress bars and ETAs and the time
+of those done.
 
 Re-running the same command skips the stages that finished (a training stage is finished when its
 run directory holds a checkpoint that reached max_steps; any other stage when its result file
@@ -475,7 +476,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/speedrun", help="directory for every stage's run, logs and the report")
     parser.add_argument("--tiny", action="store_true", help="every stage at toy size: about a minute, for tests")
     parser.add_argument("--skip", nargs="+", default=[], metavar="STAGE", help="stages to leave out")
-    parser.add_argument("--jobs", type=int, default=2, help="stages run side by side, one thread each")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="stages run side by side, one thread each (--jobs 1: two threads)")
 
 
 def run(args) -> int:
