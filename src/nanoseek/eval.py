@@ -118,7 +118,7 @@ def evaluate(model_or_llm, tokenizer=None, task: str | Task = "default", n: int 
     "maj@K" when K > 1), "format" (share of samples in the R1-Zero format), "reasoning" (share of
     samples that reason), "reasoning_length" (generated tokens per reasoning sample, 0 when none),
     "mean_length" (generated tokens per sample), "truncated" (share cut at max_tokens), "seconds"},
-    "prefill" when given, plus
+    "prefill" when given, "chat" (True) with `chat`, plus
     "results" (per problem: question, answer, completions, extracted answers, scores) when
     `return_samples`.
     """
