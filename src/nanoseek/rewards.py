@@ -76,7 +76,7 @@ def get_reward(name: str) -> Reward:
 
 
 class CombinedReward:
-    """A weighted sum of rewards; `breakdown` gives each term for logging (rewards/<name>/mean)."""
+    """A weighted sum of rewards; `breakdown` gives each term for logging (the RL log's reward_<name>)."""
 
     def __init__(self, weights: Mapping[str, float], fns: Mapping[str, Reward]):
         self.weights, self.fns = dict(weights), dict(fns)
