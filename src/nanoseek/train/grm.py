@@ -22,8 +22,8 @@ stops the recipe (exit 130); the re-run resumes that training from the checkpoin
 3. rft         Rejective fine-tuning (§3.2): the judge samples N_RFT judgments per item; those
                whose scores single out the right response are kept, items every sample gets right
                are dropped as too easy, and items every sample fails get hinted sampling ("The best
-               response is: Response j" appended), keeping right hinted judgments under the
-               un-hinted prompt. SFT on the kept judgments plus the cold-start data (the paper
+               response is: Response j" appended), keeping one right hinted judgment per item
+               under the un-hinted prompt. SFT on the kept judgments plus the cold-start data (the paper
                mixes general data in the same way).
 4. rl          Rule-based online RL: GRPO on judge prompts with the +1/-1 reward of eq. 11 (the
                update is `grpo.prepare_update` / `policy_loss` on the shared `Trainer`).
