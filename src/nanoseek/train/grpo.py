@@ -17,6 +17,7 @@ Starting from a base checkpoint, each step reads top to bottom (`_train` below):
 4. loss       per token, the clipped surrogate minus a k3 KL penalty to the frozen reference,
                   l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * KL_t,
                   rho_t = pi_theta(o_t) / pi_old(o_t),  KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1,
+              (KL_t is DeepSeekMath's k3, not weighted by rho_t as TRL's default use_bias_correction_kl does)
               summed with the loss type's normaliser:
                   grpo      (1/N) sum_i (1/|o_i|) sum_t l_it      (DeepSeekMath eq. 3)
                   dr_grpo   (1/(N L_max)) sum_i sum_t l_it        (Dr. GRPO: no length bias)
