@@ -109,11 +109,14 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 labels: torch.Tensor | None = None, logits: bool = True,
-                documents: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> ModelOutput:
+                documents: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                mtp: bool = True) -> ModelOutput:
         """documents (B, T): for rows packed with several documents, the index of each token's
         document; attention then stays inside a document and positions restart at each one.
         token_mask (B, T) bool: False at the padding of a padded batch, which then counts in no
-        MoE load statistics (the expert-bias update) or balance loss; None: every token is real."""
+        MoE load statistics (the expert-bias update) or balance loss; None: every token is real.
+        mtp=False: no MTP loss with the labels (a stage that leaves the MTP modules untrained
+        saves their forward and backward, a third of a small V3's step)."""
         B, T = input_ids.shape
         mask = None
         if documents is not None:
@@ -128,10 +131,11 @@ class CausalLM(nn.Module):
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:
             out.loss = cross_entropy(out.logits, labels)
-            self.extra_losses(out, input_ids, labels, positions, rope, mask, token_mask)
+            self.extra_losses(out, input_ids, labels, positions, rope, mask, token_mask, mtp)
         return out
 
-    def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None) -> None:
+    def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None,
+                     mtp: bool = True) -> None:
         """Losses beyond next-token prediction, set on `out` (V3: MTP and the balance loss)."""
 
     def num_parameters(self) -> int:

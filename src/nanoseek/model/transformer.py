@@ -67,9 +67,10 @@ class Transformer(CausalLM):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.rotary_emb(positions)
 
-    def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None) -> None:
+    def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None,
+                     mtp: bool = True) -> None:
         T = labels.shape[1]
-        if len(self.mtp_layers) and T > len(self.mtp_layers):
+        if mtp and len(self.mtp_layers) and T > len(self.mtp_layers):
             out.mtp_loss, out.mtp_loss_sum = self._mtp_loss(out.hidden, input_ids, labels, positions, rope, mask,
                                                             token_mask)
         moes = [m.mlp for m in self.model.layers if isinstance(m.mlp, MoE)]

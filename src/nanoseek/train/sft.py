@@ -423,8 +423,9 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         inputs, labels, real, scale = batch  # scale = micro-batches x ranks / target tokens in the whole step
         inputs, labels, real = inputs.to(env.device), labels.to(env.device), real.to(env.device)
         documents = documents_of(inputs, bos_id)
-        # the padding counts in no expert load: the bias update balances the real tokens' routing
-        out = model(inputs, labels=labels, documents=documents, token_mask=real)
+        # the padding counts in no expert load: the bias update balances the real tokens' routing;
+        # an untrained MTP module (mtp_lambda = 0) is not run at all
+        out = model(inputs, labels=labels, documents=documents, token_mask=real, mtp=cfg.mtp_lambda > 0)
         ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets
         objective, metrics = ce_sum * scale, {"loss": ce_sum * scale}
         if teacher is not None:
