@@ -369,3 +369,21 @@ def test_majority_is_graded_by_the_samples_labels():
     assert majority_is_right(samples, [1, 1, 0])  # "1/2" is right by the scorer although the gold reads "0.5"
     assert not majority_is_right(samples, [0, 0, 1])
     assert not majority_is_right([" no answer"], [0])
+
+
+def test_responses_too_long_for_the_judge_name_the_item_and_the_fix():
+    """A judge prompt beyond the context: the engine's own "shorten the prompt" named a prompt the
+    caller never wrote; the error names the item and says to judge fewer or shorter responses."""
+    import torch
+
+    from nanoseek.config import preset
+    from nanoseek.inference.engine import LLM
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["judge the answer 1 2 3"] * 10, vocab_size=270)
+    torch.manual_seed(0)
+    grm = GRM(LLM(Transformer(preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=64)), tok,
+                  block_size=16))
+    with pytest.raises(NanoseekError, match="item 2: .* judge fewer or shorter responses"):
+        grm.judge_many([(Q, ["a"]), (Q, ["x" * 100, "y"])], k=1)

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from nanoseek.data.tasks import derive_seed
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import ContextLengthError, NanoseekError
 
 MIN_SCORE, MAX_SCORE = 1, 10
 HINT = "The best response is: Response {j}"  # hinted sampling (RFT), 1-based like the prompt
@@ -325,10 +325,14 @@ class GRM:
                 hint = None if hints is None or hints[i] is None else order.index(hints[i])
                 prompts.append(judge_prompt(question, [responses[o] for o in order], hint, self.principles))
                 orders.append(order)
-                length = len(self.llm.prompt_ids(prompts[-1]))
+                try:  # the engine's own error says "shorten the prompt", a prompt the caller did not write
+                    length = len(self.llm.prompt_ids(prompts[-1]))
+                except ContextLengthError as e:
+                    length = e.tokens
                 if length >= self.llm.max_model_len - 1:
-                    raise NanoseekError(f"a judge prompt of {length} tokens does not fit the judge's context of "
-                                        f"{self.llm.max_model_len}; judge fewer or shorter responses")
+                    raise ContextLengthError(f"item {i + 1}: its judge prompt of {length} tokens does not fit the "
+                                             f"judge's context of {self.llm.max_model_len}; judge fewer or shorter "
+                                             "responses", tokens=length, limit=self.llm.max_model_len)
                 params.append(SamplingParams(temperature=temperature, seed=derive_seed("judge", seed, i, j),
                                              max_tokens=min(self.max_tokens, self.llm.max_model_len - length),
                                              logprobs=0 if logprobs else None))
