@@ -371,9 +371,9 @@ def test_majority_is_graded_by_the_samples_labels():
     assert not majority_is_right([" no answer"], [0])
 
 
-def test_responses_too_long_for_the_judge_name_the_item_and_the_fix():
-    """A judge prompt beyond the context: the engine's own "shorten the prompt" named a prompt the
-    caller never wrote; the error names the item and says to judge fewer or shorter responses."""
+@pytest.fixture(scope="module")
+def untrained_judge() -> GRM:
+    """A random tiny model with a 64-token context as a judge, for errors raised before sampling."""
     import torch
 
     from nanoseek.config import preset
@@ -383,7 +383,21 @@ def test_responses_too_long_for_the_judge_name_the_item_and_the_fix():
 
     tok = train_tokenizer(["judge the answer 1 2 3"] * 10, vocab_size=270)
     torch.manual_seed(0)
-    grm = GRM(LLM(Transformer(preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=64)), tok,
-                  block_size=16))
+    return GRM(LLM(Transformer(preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=64)), tok,
+                   block_size=16))
+
+
+def test_responses_too_long_for_the_judge_name_the_item_and_the_fix(untrained_judge):
+    """A judge prompt beyond the context: the engine's own "shorten the prompt" named a prompt the
+    caller never wrote; the error names the item and says to judge fewer or shorter responses."""
+    grm = untrained_judge
     with pytest.raises(NanoseekError, match="item 2: .* judge fewer or shorter responses"):
         grm.judge_many([(Q, ["a"]), (Q, ["x" * 100, "y"])], k=1)
+
+
+def test_k_meta_below_one_is_refused(untrained_judge, monkeypatch):
+    """k_meta=0 kept no judgment (every score 0, exit 0) and -1 all but one: both are errors."""
+    monkeypatch.setattr(untrained_judge, "meta", object())  # refused before the meta RM is used
+    for bad in (0, -1):
+        with pytest.raises(NanoseekError, match=f"k_meta={bad}: the meta RM keeps at least one"):
+            untrained_judge.judge(Q, ["a", "b"], k=2, k_meta=bad)

@@ -374,6 +374,8 @@ class GRM:
             raise NanoseekError("meta-RM voting needs a meta RM: GRM(path, meta=DIR)")
         if k < 1:
             raise NanoseekError(f"k={k}: sample at least one judgment")
+        if use_meta and k_meta is not None and k_meta < 1:  # 0 summed no vote, -1 all but one
+            raise NanoseekError(f"k_meta={k_meta}: the meta RM keeps at least one judgment (default k/2)")
         k_meta = max(1, k // 2) if k_meta is None else k_meta
         judgments = self.sample(items, k, seed, temperature)
         ratings = self.meta_scores(items, judgments) if use_meta else None
