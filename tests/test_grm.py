@@ -401,3 +401,13 @@ def test_k_meta_below_one_is_refused(untrained_judge, monkeypatch):
     for bad in (0, -1):
         with pytest.raises(NanoseekError, match=f"k_meta={bad}: the meta RM keeps at least one"):
             untrained_judge.judge(Q, ["a", "b"], k=2, k_meta=bad)
+
+
+def test_judge_input_with_responses_as_a_string_is_refused(tmp_path):
+    """"responses": "abc" was judged as three responses "a", "b", "c"; it is a bad line now."""
+    from nanoseek.grm import read_items
+
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"question": "1+1", "responses": "abc"}) + "\n")
+    with pytest.raises(NanoseekError, match=r"items.jsonl:1: .*responses a non-empty list of strings"):
+        read_items(path)

@@ -499,7 +499,8 @@ def read_items(path: str | Path) -> list[tuple[str, list[str]]]:
         try:
             row = json.loads(line)
             responses = row["responses"] if "responses" in row else [row["response"]]
-            if not isinstance(row["question"], str) or not responses or not all(isinstance(r, str) for r in responses):
+            if (not isinstance(row["question"], str) or not isinstance(responses, list) or not responses
+                    or not all(isinstance(r, str) for r in responses)):  # a string is not a list of its letters
                 raise TypeError("question must be a string and responses a non-empty list of strings")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise NanoseekError(f"{path}:{lineno}: expected {{\"question\": str, \"responses\": [str, ...]}} ({e})") from None
