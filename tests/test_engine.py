@@ -394,6 +394,12 @@ def test_speculation_needs_mtp_modules():
         LLM(m, speculative_mtp=2)
 
 
+def test_negative_speculation_is_not_blamed_on_the_model():
+    """speculative_mtp=-1 on a model with an MTP module said it "needs a model with MTP modules"."""
+    with pytest.raises(NanoseekError, match="speculative_mtp=-1: draft a positive number of tokens"):
+        LLM(Transformer(preset("tiny")), speculative_mtp=-1)
+
+
 # ------------------------------------------------------------------ with a tokenizer
 
 

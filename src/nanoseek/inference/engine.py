@@ -101,6 +101,9 @@ class LLM:
                  num_cache_blocks: int | None = None, enable_prefix_caching: bool = True,
                  speculative_mtp: int = 0, speculative_max_batch: int | None = None, dtype="auto",
                  device="auto", quantize: str | None = None, max_num_batched_tokens: int = 4096):
+        if speculative_mtp < 0:  # before a checkpoint loads
+            raise NanoseekError(f"speculative_mtp={speculative_mtp}: draft a positive number of tokens per step "
+                                "with the MTP module, or 0 to turn speculation off")
         if isinstance(model, (str, Path)):
             from nanoseek.checkpoint import load_model
 
@@ -117,7 +120,7 @@ class LLM:
         elif quantize not in (None, "none"):
             model = quantize_model(model, quantize)
         cfg = model.config
-        if speculative_mtp < 0 or (speculative_mtp and cfg.num_nextn_predict_layers < 1):
+        if speculative_mtp and cfg.num_nextn_predict_layers < 1:
             raise NanoseekError(f"speculative_mtp={speculative_mtp} needs a model with MTP modules "
                                 f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}); use 0 to turn it off")
         if max_model_len is not None and max_model_len < 1:  # 0 would silently mean the model's
