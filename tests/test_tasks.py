@@ -105,6 +105,15 @@ def test_jsonl_task_errors(tmp_path):
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "no answer"}\n')
     with pytest.raises(NanoseekError, match="bad.jsonl:2"):
         get_task(f"jsonl:{bad}")
+    # null fields were read as the text "None" and an empty question was asked as is
+    for row, why in [({"question": None, "answer": "2"}, "question is None"),
+                     ({"question": " ", "answer": "2"}, "question is ' '"),
+                     ({"question": "1+1?", "answer": None}, "answer is None"),
+                     ({"question": "1+1?", "answer": ""}, "answer is ''"),
+                     ({"question": "1+1?", "answer": ["2"]}, r"answer is \['2'\]")]:
+        bad.write_text('{"question": "1+1?", "answer": 2}\n' + json.dumps(row) + "\n")
+        with pytest.raises(NanoseekError, match=f"bad.jsonl:2: .*\\({why}, not a non-empty"):
+            get_task(f"jsonl:{bad}")
 
 
 def test_prompt_keeps_r1zero_structure():

@@ -348,7 +348,13 @@ class JsonlTask(Task):
                 continue
             try:
                 row = json.loads(line)
-                self.rows.append((str(row["question"]), str(row["answer"])))
+                question, answer = row["question"], row["answer"]
+                # null became the question or answer "None"; an empty question was asked as is
+                if not isinstance(question, str) or not question.strip():
+                    raise TypeError(f"question is {question!r}, not a non-empty string")
+                if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+                    raise TypeError(f"answer is {answer!r}, not a non-empty string or a number")
+                self.rows.append((question, str(answer)))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise NanoseekError(f"{self.path}:{lineno}: expected a JSON object with question, answer ({e})") from e
 
