@@ -124,6 +124,22 @@ def test_cli_prompt_longer_than_the_context_gets_a_hint_eval_users_can_follow(ch
     assert "holds 8" in err and "a model with a longer context" in err and "shorten the prompt" not in err
 
 
+def test_cli_says_when_the_split_has_fewer_problems_than_n(checkpoint, tmp_path, capsys):
+    """--n 1000 on a jsonl task with a few eval rows evaluated those few and said nothing."""
+    import json
+
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": 2 * i}) + "\n"
+                            for i in range(30)))
+    eval_rows = len(get_task(f"jsonl:{path}").problems(1000))
+    assert 0 < eval_rows < 30
+    assert cli.main(["eval", "--model", str(checkpoint), "--task", f"jsonl:{path}", "--n", "1000",
+                     "--max-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert f"n={eval_rows}," in out
+    assert f"has {eval_rows} problems, fewer than --n 1000: evaluated all {eval_rows}" in err
+
+
 def test_cli_rerank_mistakes_are_refused_before_generating(checkpoint, tmp_path, capsys, monkeypatch):
     """A mistyped GRM path or --rerank-k 0 used to surface only after every sample was generated."""
     import nanoseek.eval as eval_module

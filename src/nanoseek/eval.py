@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -283,6 +284,9 @@ def run(args) -> int:
                                  f"holds {e.limit} (prompt and at least one generated token); evaluate a model "
                                  "with a longer context, or a task (--task, --difficulty) with shorter prompts",
                                  tokens=e.tokens, limit=e.limit) from None
+    if report["n"] < args.n:  # a jsonl task's split: every row of it, which is fewer than asked for
+        print(f"nanoseek eval: the {args.split} split of {task.name} has {report['n']} problems, fewer than "
+              f"--n {args.n}: evaluated all {report['n']}", file=sys.stderr)
     if args.rerank:
         from nanoseek.grm import GRM, rerank
 
