@@ -116,6 +116,10 @@ def test_config_round_trip_and_errors():
         DenseConfig(**{**SMALL, "num_key_value_heads": 3})
     with pytest.raises(ConfigError, match="attention_bias"):
         DenseConfig(**SMALL, model_type="qwen2", attention_bias=True)
+    # head_dim was derived before validation: a TypeError / ZeroDivisionError traceback
+    for field, value in [("hidden_size", None), ("num_attention_heads", 0), ("num_attention_heads", "4")]:
+        with pytest.raises(ConfigError, match=f"invalid config field {field}={value!r}: must be a positive integer"):
+            DenseConfig.from_dict({**cfg.to_dict(), "head_dim": None, field: value})
 
 
 # config.json of DeepSeek-R1-Distill-Qwen-7B and -Llama-8B as released (written by transformers
