@@ -120,6 +120,8 @@ def test_config_round_trip_and_errors():
     for field, value in [("hidden_size", None), ("num_attention_heads", 0), ("num_attention_heads", "4")]:
         with pytest.raises(ConfigError, match=f"invalid config field {field}={value!r}: must be a positive integer"):
             DenseConfig.from_dict({**cfg.to_dict(), "head_dim": None, field: value})
+    with pytest.raises(ConfigError, match="invalid config field max_position_embeddings=None: must be an integer"):
+        DenseConfig.from_dict({**cfg.to_dict(), "max_position_embeddings": None})
 
 
 # config.json of DeepSeek-R1-Distill-Qwen-7B and -Llama-8B as released (written by transformers

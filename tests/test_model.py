@@ -55,6 +55,17 @@ def test_invalid_config_values_are_named(change, field):
         tiny(**change)
 
 
+@pytest.mark.parametrize("field, value, why", [
+    ("max_position_embeddings", None, "must be an integer"),  # a TypeError when the engine sized its cache
+    ("rope_theta", "abc", "must be a number"),  # a TypeError building the rotary embedding
+    ("rms_norm_eps", None, "must be a number"),  # a TypeError in the first forward
+])
+def test_config_json_numbers_of_the_wrong_type_are_named(field, value, why):
+    with pytest.raises(ConfigError, match=f"invalid config field {field}={value!r}: {why}"):
+        ModelConfig.from_dict({**tiny().to_dict(), field: value})
+    assert ModelConfig.from_dict({**tiny().to_dict(), "rope_theta": 10000}).rope_theta == 10000  # JSON's int
+
+
 def test_softmax_scale_includes_yarn_mscale():
     v3 = preset("v3")
     assert math.isclose(v3.softmax_scale, 0.1352338, rel_tol=1e-6)

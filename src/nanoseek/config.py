@@ -44,6 +44,16 @@ class HFConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def check_number_fields(self) -> None:
+        """A number field holding anything else (null, a string) is a ConfigError naming it, not a
+        TypeError in the model's first forward. A float field takes an integer (JSON's 10000)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"invalid config field {f.name}={value!r}: must be an integer")
+            if f.type in ("float", float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"invalid config field {f.name}={value!r}: must be a number")
+
     @classmethod
     def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
         """The entries of `d` that are fields; any other key not in _IGNORED_KEYS is a ConfigError."""
@@ -164,6 +174,7 @@ class ModelConfig(HFConfig):
                      "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
+        self.check_number_fields()
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "rotary dims come in pairs, so it must be even")
         if self.num_key_value_heads != self.num_attention_heads:

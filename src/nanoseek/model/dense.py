@@ -98,6 +98,7 @@ class DenseConfig(HFConfig):
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
+        self.check_number_fields()
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
