@@ -411,3 +411,13 @@ def test_judge_input_with_responses_as_a_string_is_refused(tmp_path):
     path.write_text(json.dumps({"question": "1+1", "responses": "abc"}) + "\n")
     with pytest.raises(NanoseekError, match=r"items.jsonl:1: .*responses a non-empty list of strings"):
         read_items(path)
+
+
+def test_judge_api_names_a_question_or_response_that_is_not_a_string(untrained_judge):
+    """GRM.judge(None, ...) or a None response raised AttributeError: 'NoneType' object has no attribute 'split'."""
+    with pytest.raises(NanoseekError, match="item 1: a judgment takes a question string"):
+        untrained_judge.judge(None, ["a"], k=1)
+    with pytest.raises(NanoseekError, match=r"item 1: .* got str and \['a', None\]"):
+        untrained_judge.judge(Q, ["a", None], k=1)
+    with pytest.raises(NanoseekError, match="item 2: .* got str and 'abc'"):
+        untrained_judge.judge_many([(Q, ["a"]), (Q, "abc")], k=1)

@@ -374,6 +374,11 @@ class GRM:
             raise NanoseekError("meta-RM voting needs a meta RM: GRM(path, meta=DIR)")
         if k < 1:
             raise NanoseekError(f"k={k}: sample at least one judgment")
+        for i, (question, responses) in enumerate(items):  # else an AttributeError, or a string judged letter by letter
+            if not isinstance(question, str) or not isinstance(responses, (list, tuple)) or not all(
+                    isinstance(r, str) for r in responses):
+                raise NanoseekError(f"item {i + 1}: a judgment takes a question string and a list of response "
+                                    f"strings, got {type(question).__name__} and {responses!r:.80}")
         if use_meta and k_meta is not None and k_meta < 1:  # 0 summed no vote, -1 all but one
             raise NanoseekError(f"k_meta={k_meta}: the meta RM keeps at least one judgment (default k/2)")
         k_meta = max(1, k // 2) if k_meta is None else k_meta
