@@ -370,6 +370,8 @@ def test_training_mode_model_is_left_untouched(model):
     ([1, 2], SamplingParams(top_p=1.5), "top_p"),
     ([1, 2], SamplingParams(stop=3), "stop"),
     ([1, 2], SamplingParams(temperature=-1), "temperature"),
+    ([1, 2], SamplingParams(temperature=float("inf")), "temperature=inf: must be a finite"),  # was uniform noise
+    ([1, 2], SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
     ([1, 2], SamplingParams(logprobs=600), "logprobs"),  # topk past the vocabulary broke the engine for good
     ([1, 999], GREEDY, "token ids"),
     ("text", GREEDY, "no tokenizer"),

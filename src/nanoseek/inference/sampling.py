@@ -21,6 +21,8 @@ Shape legend: B sequences in the batch, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -91,8 +93,8 @@ class SamplingParams:
             bad("n", "must be an integer >= 1")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
-        if not self.temperature >= 0:
-            bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0 <= self.temperature < math.inf:  # inf divides every logit to 0: uniform noise, not a choice
+            bad("temperature", "must be a finite number >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -103,8 +105,8 @@ class SamplingParams:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "must be > 0 (1 means off)")
+        if not 0 < self.repetition_penalty < math.inf:
+            bad("repetition_penalty", "must be a finite number > 0 (1 means off)")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer or None")
         if self.logprobs is not None and (not isinstance(self.logprobs, int)
