@@ -560,13 +560,14 @@ def test_chat_cli_reports_a_failed_turn_drops_it_and_goes_on(checkpoint, capsys,
     from nanoseek.cli import main
 
     turn = "the quick brown fox jumps over the lazy dog"
-    lines = ["dog " * 60, *[turn] * 5, "/reset", turn, "/exit"]  # too long alone; then the history outgrows 48
+    lines = ["dog " * 60, *[turn] * 5, "dog " * 60, "/reset", turn, "/exit"]  # too long alone; then the history outgrows 48
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     assert main(["chat", "--model", str(checkpoint), "--max-tokens", "5", "--max-model-len", "48"]) == 0
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if "error: message not sent" in line]
     assert "shorten the message" in errors[0] and "/reset" not in errors[0]  # no history to blame
-    full = errors[1:]
+    assert "shorten the message" in errors[-1] and "/reset" not in errors[-1]  # too long with or without history
+    full = errors[1:-1]
     assert full and all("with the earlier turns" in e and "/reset to start a new conversation" in e for e in full)
     assert len(set(full)) == 1  # the dropped message is not in the history: each retry is the same size
     replies = [part for part in out.split("> ") if part.strip()]

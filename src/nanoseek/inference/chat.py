@@ -49,6 +49,15 @@ def turn_error(e: NanoseekError, history: list[dict], system: bool = False) -> s
     return f"{e}; message not sent" + ("; /reset starts a new conversation" if history else "")
 
 
+def fits(llm, messages: list[dict]) -> bool:
+    """Whether `messages` leave room in the context for a reply (False where the template fails too)."""
+    try:
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except NanoseekError:
+        return False
+    return len(llm.tokenizer.encode(prompt)) < llm.max_model_len
+
+
 def stream_reply(llm, messages: list[dict], params, tty: bool) -> str:
     """Stream the model's reply to `messages` to stdout; returns its text."""
     # the checkpoint's own template; its text tokenized as it is (it writes bos itself)
@@ -99,6 +108,8 @@ def run(args) -> int:
         try:  # the engine and the template check before generating, so a failed turn printed nothing
             text = stream_reply(llm, system + history + [message], params, tty)
         except NanoseekError as e:  # this turn's problem, not the session's: report it and go on without it
-            print(f"nanoseek chat: error: {turn_error(e, history, bool(system))}", file=sys.stderr)
+            # the earlier turns are to blame (and /reset a way out) only if the message fits without them
+            blamed = history if history and fits(llm, system + [message]) else []
+            print(f"nanoseek chat: error: {turn_error(e, blamed, bool(system))}", file=sys.stderr)
             continue
         history += [message, {"role": "assistant", "content": final_answer(text)}]
