@@ -421,3 +421,13 @@ def test_judge_api_names_a_question_or_response_that_is_not_a_string(untrained_j
         untrained_judge.judge(Q, ["a", None], k=1)
     with pytest.raises(NanoseekError, match="item 2: .* got str and 'abc'"):
         untrained_judge.judge_many([(Q, ["a"]), (Q, "abc")], k=1)
+
+
+def test_judging_with_a_model_that_is_not_a_grm_says_so(base, tmp_path, capsys):
+    """The reasoning base never writes a judgment: every item scored nothing, and the only sign was
+    'parse rate 0.000'."""
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"question": "1234", "responses": ["0", "1"]}) + "\n")
+    assert main(["judge", "--model", str(base), "--input", str(items), "--k", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "parse rate 0.000" in err and f"is {base} a generative reward model" in err

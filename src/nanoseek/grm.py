@@ -537,6 +537,9 @@ def run(args) -> int:
             out.close()
     parsed = sum(v.parse_rate for v in verdicts) / len(verdicts)
     print(f"judge: {len(items)} items x k={args.k}, parse rate {parsed:.3f}", file=sys.stderr)
+    if parsed == 0:  # a model that never learnt the format: every item scored nothing
+        print(f"judge: no judgment parsed, so no response got a score; is {args.model} a generative reward "
+              "model (`nanoseek grm`'s judge, e.g. runs/grm_small/latest)?", file=sys.stderr)
     return 0
 
 
