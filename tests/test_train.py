@@ -525,6 +525,12 @@ def test_resume_errors(corpus, tmp_path):
         pretrain.train(tiny_config(tmp_path, corpus, "model.hidden_sise=8"))
 
 
+def test_bad_model_settings_fail_before_the_data_is_tokenized(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "prepare_corpus", lambda *a: pytest.fail("tokenized the data first"))
+    with pytest.raises(ConfigError, match="bad model settings: invalid config field hidden_size='abc'"):
+        pretrain.train(tiny_config(tmp_path, corpus, "model.hidden_size=abc", f"data_dir={tmp_path / 'd'}"))
+
+
 @pytest.mark.parametrize("command, config", [
     ("pretrain", "pretrain_tiny.toml"), ("sft", "sft_tiny.toml"), ("rl", "rl_r1zero_tiny.toml"), ("grm", "grm_tiny.toml"),
 ])

@@ -54,7 +54,7 @@ from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
 from nanoseek.train import stage
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.distributed import DistEnv, barrier, gather_objects, seed_everything
-from nanoseek.train.stage import run_stage, sample_text, stage_model
+from nanoseek.train.stage import preset_config, run_stage, sample_text, stage_model
 from nanoseek.train.trainer import Trainer, batch_plan, evaluate_loss
 
 
@@ -102,6 +102,10 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     if cfg.init and not all((Path(cfg.init) / f).is_file() for f in ("config.json", "tokenizer.json")):
         raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory with its tokenizer "
                           "(config.json, tokenizer.json)")
+
+    if not cfg.init:  # bad model.* settings fail now, not after the data is tokenized (minutes on a real corpus)
+        vocab_size = cfg.model.get("vocab_size", cfg.vocab_size)  # the tokenizer's is checked with the model
+        preset_config(cfg.preset, cfg.model, cfg.seq_len, vocab_size, 0, 1, aux_loss_alpha=cfg.aux_loss_alpha)
 
     # ---- data, tokenizer, model
     tokenizer, data_dir = prepare_corpus(cfg, env)

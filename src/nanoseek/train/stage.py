@@ -115,27 +115,35 @@ def stage_model(init: str, tokenizer, overrides: dict[str, Any], seq_len: int, *
             raise ConfigError(f"model.* overrides apply to a fresh preset only; init={init!r} names a checkpoint")
         model = load_model(find_checkpoint(init))
     else:
-        config_class, presets = (DenseConfig, DENSE_PRESETS) if init in DENSE_PRESETS else (ModelConfig, PRESETS)
-        fields = {f.name for f in dataclasses.fields(config_class)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ConfigError(f"unknown config key 'model.{unknown[0]}'; valid model keys: {', '.join(sorted(fields))}")
-        if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-            raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size (the BPE size) instead")
-        for key in set(overrides) & set(settings):
-            raise ConfigError(f"model.{key} is the run's {key}: set {key}={overrides[key]} instead")
-        values = {**presets[init], **overrides, **settings, "vocab_size": tokenizer.vocab_size,
-                  "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-        values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), seq_len)
-        try:
-            config = config_class(**values)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"bad model settings: {e}") from None
+        config = preset_config(init, overrides, seq_len, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
+                               **settings)
         model = model_class(config)(config)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"init={init!r} has {model.config.vocab_size} token embeddings, fewer than its "
                           f"tokenizer's {tokenizer.vocab_size} ids")
     return model
+
+
+def preset_config(preset: str, overrides: dict[str, Any], seq_len: int, vocab_size: int, bos_id, eos_id,
+                  **settings) -> ModelConfig | DenseConfig:
+    """The config of a fresh `preset` with the `model.*` overrides (see stage_model). Cheap, so a
+    stage can check the overrides before slow work (pretraining: before tokenizing its data)."""
+    config_class, presets = (DenseConfig, DENSE_PRESETS) if preset in DENSE_PRESETS else (ModelConfig, PRESETS)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.{unknown[0]}'; valid model keys: {', '.join(sorted(fields))}")
+    if overrides.get("vocab_size", vocab_size) != vocab_size:
+        raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size (the BPE size) instead")
+    for key in set(overrides) & set(settings):
+        raise ConfigError(f"model.{key} is the run's {key}: set {key}={overrides[key]} instead")
+    values = {**presets[preset], **overrides, **settings, "vocab_size": vocab_size, "bos_token_id": bos_id,
+              "eos_token_id": eos_id}
+    values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), seq_len)
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad model settings: {e}") from None
 
 
 def check_init(init: str, option: str = "init") -> None:
