@@ -1,7 +1,7 @@
 """The generative reward model (SPCT / DeepSeek-GRM) at inference: judge, voting, meta RM.
 
     grm = GRM("runs/grm_small/latest")
-    j = grm.judge("3815920471", [" sums 3...0 </think> <answer>0</answer>", " </think> <answer>7</answer>"], k=8)
+    j = grm.judge("3815920471", [" sums 3127688290 </think> <answer>0</answer>", " </think> <answer>7</answer>"], k=8)
     j.scores        # summed pointwise scores, one per response: [76, 41]
     j.best          # the index with the highest sum (ties broken at random with the seed)
     j.samples[0]    # Judgment(principles=[("work", 7), ("form", 3)], critique="[1] ok [2] none", scores=[10, 6])
