@@ -76,6 +76,7 @@ def r1zero_figure(records: list[dict], out: str | Path, control: float | None = 
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # `--out figs/r1zero.png` from any directory
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
