@@ -336,6 +336,27 @@ def test_continued_pretraining_reuses_its_runs_shards(full_run, corpus, tmp_path
     assert (shards / "meta.json").read_text() == meta
 
 
+def test_a_data_dir_of_an_earlier_version_keeps_its_recipe(full_run, corpus, tmp_path, monkeypatch, capsys):
+    """Runs before the recipe moved into meta.json kept it in recipe.json: still recognised (reused
+    when it matches), and `data prepare` over such a directory removes it with the old shards."""
+    import shutil
+
+    from nanoseek.data.corpus import prepare_data
+    from nanoseek.tokenizer import Tokenizer
+
+    old = tmp_path / "old"
+    shutil.copytree(corpus.parent / "shards", old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "recipe.json").write_text(json.dumps(meta.pop("recipe")) + "\n")
+    (old / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(pretrain, "prepare_data", lambda *a, **k: pytest.fail("tokenized the data again"))
+    pretrain.train(tiny_config(tmp_path / "run", corpus, f"data_dir={old}", "max_steps=1", "save_every=0",
+                               "eval_every=0"))
+    assert "data prepare" not in capsys.readouterr().out  # its own recipe's shards, reused
+    prepare_data([corpus], Tokenizer.from_dir(old), old, val_fraction=0.1)
+    assert not (old / "recipe.json").exists()
+
+
 def test_a_data_dir_from_data_prepare_is_trained_on_never_overwritten(full_run, corpus, tmp_path, monkeypatch,
                                                                        capsys):
     """`nanoseek data prepare --out D` then `pretrain data_dir=D`: pretraining re-tokenized the

@@ -278,6 +278,7 @@ def prepare_data(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # a directory without meta.json is unfinished
+    (out_dir / "recipe.json").unlink(missing_ok=True)  # an earlier pretraining's recipe: not these shards
     splits = {}
     for split, arrays in parts.items():
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)

@@ -202,6 +202,9 @@ def set_aux_loss_alpha(model: Transformer, alpha: float) -> None:
         moe.aux_loss_alpha = alpha
 
 
+LEGACY_RECIPE = "recipe.json"  # where pretraining kept its recipe before it moved into meta.json
+
+
 def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
     """Tokenize the data into token shards in data_dir (rank 0), with a BPE trained on it or, when
     continuing a checkpoint (`init`), with that checkpoint's tokenizer; skipped when a previous run
@@ -227,6 +230,8 @@ def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
         if not meta_file.is_file():
             return ""
         saved = json.loads(meta_file.read_text()).get("recipe")
+        if saved is None and (data_dir / LEGACY_RECIPE).is_file():  # a run of an earlier nanoseek
+            saved = json.loads((data_dir / LEGACY_RECIPE).read_text())
         if saved is None:
             return "data prepare"
         if saved == recipe:
