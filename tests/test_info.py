@@ -28,3 +28,17 @@ def test_info_on_a_dense_checkpoint_counts_params_and_the_gqa_cache(tmp_path, ca
     # 2 layers x (keys + values) x 2 heads x 8 dims x 2 bytes; multi-head attention would cache 4 heads
     assert figures["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 8 * 2 and figures["kv_vs_mha"] == 2.0
     assert figures["attention"] == "GQA" and "mla_cache_bytes_per_token" not in figures
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_traceback(monkeypatch):
+    """`nanoseek info --preset v3 | head -1`: the closed pipe ended in a BrokenPipeError traceback."""
+    import io
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: every write raises BrokenPipeError
+    stdout = io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["info", "--preset", "v3"]) == 141
+    stdout.write("after the reader left: no error\n")  # stdout now points at /dev/null

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from nanoseek.errors import NanoseekError
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except NanoseekError as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `nanoseek info ... | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
+        return 141  # what a shell reports for a command that SIGPIPE ended
     except KeyboardInterrupt:
         # A training stage saves when Ctrl-C comes during a step; this is setup or a second Ctrl-C.
         training = args._module.startswith("nanoseek.train.")
