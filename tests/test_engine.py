@@ -362,6 +362,25 @@ def test_training_mode_model_is_left_untouched(model):
         model.eval()
 
 
+def test_generate_switches_a_training_model_to_eval_once(model, monkeypatch):
+    """Switching modes walks every module (as long as a decode step of a small model): generate()
+    switches once for its whole loop, and step() callers get the model back in training mode too."""
+    model.train()
+    switches = []
+    real_train = model.train
+    monkeypatch.setattr(model, "train", lambda mode=True: switches.append(mode) or real_train(mode))
+    try:
+        llm = LLM(model, block_size=4)
+        llm.generate(PROMPTS, GREEDY)  # a prefill and 9 decode steps
+        assert switches == [False, True] and model.training
+        llm.add_request(PROMPTS[0], GREEDY)
+        llm.step()
+        assert model.training
+    finally:
+        monkeypatch.undo()
+        model.eval()
+
+
 @pytest.mark.parametrize("prompt, params, message", [
     ([], GREEDY, "empty prompt"),
     ([1] * 600, GREEDY, "prompt has 600 tokens"),
