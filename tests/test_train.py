@@ -242,6 +242,19 @@ def test_validation_loss_is_the_mean_over_all_target_tokens():
     assert split == pytest.approx(whole, rel=1e-5)
 
 
+def test_validation_does_not_run_the_mtp_modules(monkeypatch):
+    """The validation loss is the next-token loss alone: the MTP modules' loss would be thrown away
+    (a third of a `small` model's validation forward)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64)).eval()
+    assert len(model.mtp_layers)
+    inputs, labels = torch.randint(2, 64, (2, 8)), torch.randint(2, 64, (2, 8))
+    with torch.no_grad():
+        whole = model(inputs, labels=labels, logits=False).loss.double()
+    monkeypatch.setattr(model, "mtp_forward", lambda *a, **k: pytest.fail("validation ran an MTP module"))
+    assert evaluate_loss(model, [(inputs, labels)], DistEnv()) == whole
+
+
 def test_pretraining_validates_the_same_windows_under_accumulation(corpus, tmp_path):
     # eval_batches counts batches of batch_size windows: 1 x 4 and 2 x 2 accumulated measure one val set
     runs = {micro: pretrain.train(tiny_config(tmp_path / str(micro), corpus, "max_steps=1", "eval_batches=2",
