@@ -257,6 +257,13 @@ def test_sequence_balance_loss_hand_computed():
     ids = torch.tensor([[[0], [1]]])
     # f = E/(K T) * counts = 4/2 * [1,1,0,0]; P = mean scores = [0.5,0.3,0.1,0.1]; sum f P = 2*(0.8)
     assert moe._sequence_balance_loss(scores, ids).item() == pytest.approx(0.1 * 1.6)
+    # P_i uses the affinities normalised per token (eq. 19): sigmoid scores do not sum to 1, and
+    # scaling them changes nothing (un-normalised, this would be twice the loss)
+    assert moe._sequence_balance_loss(2 * scores, ids).item() == pytest.approx(0.1 * 1.6)
+    # with a token mask the padding counts neither in f nor in P: the row's first token alone
+    real = torch.tensor([[True, False]])
+    # f = 4/1 * [1,0,0,0], P = [0.6,0.2,0.1,0.1]: sum f P = 2.4
+    assert moe._sequence_balance_loss(2 * scores, ids, real).item() == pytest.approx(0.1 * 2.4)
 
 
 # ---------------------------------------------------------------- MTP
@@ -276,6 +283,28 @@ def test_mtp_loss_is_cross_entropy_of_each_depth_on_shifted_targets():
     _, logits2 = model.mtp_forward(1, h1[:, : T - 2], labels[:, 1: T - 1].clamp(min=0), pos[:, : T - 2])
     expected = (cross_entropy(logits1, labels[:, 1:]) + cross_entropy(logits2, labels[:, 2:])) / 2
     torch.testing.assert_close(out.mtp_loss, expected)
+    # the summed form (SFT normalises it by the step's targets): each depth's loss times its target
+    # count, averaged over the depths
+    counts = [(labels[:, k:] != IGNORE_INDEX).sum() for k in (1, 2)]
+    expected_sum = (cross_entropy(logits1, labels[:, 1:]) * counts[0] + cross_entropy(logits2, labels[:, 2:]) * counts[1]) / 2
+    torch.testing.assert_close(out.mtp_loss_sum, expected_sum)
+
+
+def test_mtp_input_is_the_embedding_then_the_hidden_state():
+    """eh_proj reads [enorm(Emb(t_{i+k})); hnorm(h)], embedding first: the column order of the
+    released eh_proj weights (vLLM's and DeepSeek's code). Swapped, every released MTP module drafts garbage."""
+    from nanoseek.model.mtp import mtp_inputs
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    layer = Transformer(cfg).mtp_layers[0]
+    D = cfg.hidden_size
+    embedded, hidden = torch.randn(1, 3, D), torch.randn(1, 3, D)
+    with torch.no_grad():
+        layer.eh_proj.weight.copy_(torch.cat([torch.eye(D), torch.zeros(D, D)], dim=1))  # reads the first half
+        torch.testing.assert_close(mtp_inputs(layer, embedded, hidden), layer.enorm(embedded))
+        layer.eh_proj.weight.copy_(torch.cat([torch.zeros(D, D), torch.eye(D)], dim=1))  # the second half
+        torch.testing.assert_close(mtp_inputs(layer, embedded, hidden), layer.hnorm(hidden))
 
 
 def test_info_counts_match_a_built_model():
