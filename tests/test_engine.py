@@ -136,6 +136,30 @@ def test_penalties_apply_in_vllms_order():
     assert logits.tolist() == [-1.5, -1.0, 0.25, 3.0]
 
 
+def test_sampler_truncation_and_per_row_temperature_by_hand():
+    """Sampler.probs against hand-computed distributions, rows of one batch at different settings:
+    each row keeps its own temperature, top-k, top-p (the smallest prefix reaching top_p) and min-p
+    (relative to the likeliest token), then renormalises; the vocabulary is not in probability order."""
+    from nanoseek.inference.sampling import Sampler
+
+    order = [2, 0, 3, 1]  # token ids from the likeliest down
+    p = torch.tensor([0.3, 0.05, 0.5, 0.15])
+    logits = p.log().expand(5, 4)
+    rows = [SamplingParams(temperature=1.0, top_k=2),  # 0.5, 0.3 kept
+            SamplingParams(temperature=1.0, top_p=0.7),  # mass before 0.3 is 0.5 < 0.7: kept; before 0.15: 0.8
+            SamplingParams(temperature=1.0, min_p=0.25),  # below 0.25 * 0.5 = 0.125 dropped: 0.05
+            SamplingParams(temperature=0.5),  # p^2, renormalised
+            SamplingParams(temperature=2.0, top_k=3)]  # sqrt(p) over the top three
+    probs = Sampler(vocab_size=4).probs(logits, rows)
+
+    def keep(q, n):  # q restricted to the n likeliest tokens, renormalised
+        kept = torch.zeros(4).index_copy(0, torch.tensor(order[:n]), q[order[:n]])
+        return kept / kept.sum()
+
+    want = torch.stack([keep(p, 2), keep(p, 2), keep(p, 3), keep(p ** 2, 4), keep(p.sqrt(), 3)])
+    torch.testing.assert_close(probs, want)
+
+
 def test_stop_token_ids_max_tokens_and_logprobs(model, llm):
     expected = reference_greedy(model, PROMPTS[0], 10)
     stop_at = expected[4]
