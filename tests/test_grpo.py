@@ -169,6 +169,28 @@ def test_micro_batches_align_completions_with_logits():
     assert len(make_micro_batches([a, b], 1, pad_id=2)) == 2
 
 
+def test_completion_logprobs_and_entropy_by_hand():
+    """The log-probability of each completion token at the row before it, and the entropy there."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    model = lambda ids: SimpleNamespace(logits=logits)  # noqa: E731
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "mask": torch.tensor([[0.0, 1.0, 1.0, 0.0]]),
+             "targets": torch.tensor([[0, 3, 1, 0]])}
+    logp, entropy = grpo.completion_logprobs(model, batch)
+    ref = logits[0].log_softmax(-1)
+    torch.testing.assert_close(logp, torch.stack([ref[1, 3], ref[2, 1]]))
+    torch.testing.assert_close(entropy, -(ref.exp() * ref).sum(-1)[1:3])
+    assert (entropy > 0).all()
+
+
+def test_informative_groups_are_those_whose_rewards_differ():
+    p = Problem("q", "1")
+    group = lambda *rewards: [Sample(p, [0], [1], [0.0], "", False, reward=r) for r in rewards]  # noqa: E731
+    assert not grpo.informative(group(0.5, 0.5, 0.5)) and grpo.informative(group(0.5, 0.5, 0.0))
+
+
 # ---------------------------------------------------------------- rewards on crafted completions
 
 
@@ -308,6 +330,41 @@ def test_other_variants_run(base, tmp_path, loss_type):
     assert [r["step"] for r in updates] == [1, 2]  # mu=2: one rollout, two optimizer steps on it
     assert "reward" in updates[0] and "reward" not in updates[1]
     assert ("sampling_rounds" in updates[0]) == (loss_type == "dapo")
+
+
+def test_dynamic_sampling_trains_on_a_full_batch_of_informative_groups(base, tmp_path, monkeypatch):
+    """DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more prompts are
+    sampled until the step has its prompts_per_step groups, no more. The rewards are set per round
+    here: step 1's round 1 has one all-equal group and one informative, its round 2 two informative;
+    step 2's round 1 two informative, so it samples no second round."""
+    G = 4  # num_generations
+    flat_groups = [{0}, set(), set()]  # per round sampled, the groups whose rewards are all equal
+    rounds, updated = [], []
+    score = grpo.score
+
+    def scripted_score(samples, *args):
+        score(samples, *args)
+        flat = flat_groups[len(rounds)] if len(rounds) < len(flat_groups) else set()
+        for i, s in enumerate(samples):
+            s.reward = 0.0 if i // G in flat else (i % G) / G
+        rounds.append(samples)
+
+    def recording_prepare(batch, *args):
+        updated.append(list(batch))
+        return prepare(batch, *args)
+
+    prepare = grpo.prepare_update
+    monkeypatch.setattr(grpo, "score", scripted_score)
+    monkeypatch.setattr(grpo, "prepare_update", recording_prepare)
+    train(rl_config(base, tmp_path, "loss=dapo", "max_steps=2", "eval_n=0", "save_every=0", "log_kl=false",
+                    "overlong_buffer=0", "max_sampling_rounds=3"))
+    assert len(rounds) == 3 and len(updated) == 2
+    # round 1's second group, then round 2's first: the batch is full, round 2's second is left out
+    assert updated[0] == rounds[0][G: 2 * G] + rounds[1][:G]
+    assert updated[1] == rounds[2]
+    records = [(r["sampling_rounds"], r["groups_trained"], r["zero_std_groups"])
+               for r in read_metrics(tmp_path) if "reward" in r]
+    assert records == [(2, 2, 0.25), (1, 2, 0.0)]
 
 
 def test_config_errors(base, tmp_path):
