@@ -75,6 +75,23 @@ def test_eviction_prefers_unhashed_then_deepest_blocks():
     assert full[0] not in c.block_table and full[1] in c.block_table
 
 
+def test_a_freed_unhashed_block_is_recycled_before_older_cached_ones():
+    """A block freed without a hash goes to the front of the free list, ahead of cached blocks
+    freed earlier: otherwise each short request evicts a cached prefix instead."""
+    bm = BlockManager(num_blocks=2, block_size=4)
+    x = make_seq(range(5), 0)  # one full (cached) block and a partial one
+    assert bm.allocate(x)
+    cached = x.block_table[0]
+    bm.free_blocks(x)
+    for i, token in enumerate((7, 8)):  # two short requests, one partial block each
+        short = make_seq([token] * 3, i + 1)
+        assert bm.allocate(short)
+        assert short.block_table != [cached]
+        bm.free_blocks(short)
+    again = make_seq(range(5), 3)
+    assert bm.allocate(again) and again.num_computed == 4  # x's cached block survived both
+
+
 def test_hash_collision_is_ruled_out_by_content():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = make_seq([1, 2, 3], 0)
