@@ -35,9 +35,10 @@ with speculation off).
 
 Text prompts get the tokenizer's bos prepended where the tokenizer adds one (`Tokenizer.add_bos`;
 a nanoseek BPE does, matching how pretraining documents are stored) unless they already start with
-it (the chat template writes it itself) (`Tokenizer.encode_prompt`). Token-id prompts are used as given. Every request is checked here, in
-`_check` (prompt: `prompt_ids`; sampling: `SamplingParams.validate`), and only here: the server
-calls the same methods and maps their errors to HTTP.
+it (the chat template writes it itself; `Tokenizer.encode_prompt`). Token-id prompts are used as
+given. Every request is checked here, in `_check` (prompt: `prompt_ids`; sampling:
+`SamplingParams.validate`), and only here: the server calls the same methods and maps their errors
+to HTTP.
 
 Output text is decoded incrementally: each step decodes only a sequence's new tokens (with a
 few tokens of context, as vLLM's detokenizer does), not its whole output again.

@@ -22,7 +22,6 @@ Shape legend: B sequences in the batch, V vocabulary.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

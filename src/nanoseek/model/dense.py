@@ -69,8 +69,9 @@ class DenseConfig(HFConfig):
     torch_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.head_dim is None and all(isinstance(v, int) and v > 0 for v in (self.hidden_size, self.num_attention_heads)):
-            self.head_dim = self.hidden_size // self.num_attention_heads  # else validate names the bad field
+        sizes = (self.hidden_size, self.num_attention_heads)
+        if self.head_dim is None and all(isinstance(v, int) and v > 0 for v in sizes):  # else validate names it
+            self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
     # ---------------------------------------------------------------- derived

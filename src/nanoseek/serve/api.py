@@ -7,8 +7,8 @@
     r = client.chat.completions.create(model="small", messages=[{"role": "user", "content": "2+3?"}])
     r.choices[0].message.reasoning_content, r.choices[0].message.content
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (and /v1/models/{id}), GET /health, GET /metrics
-(Prometheus text) and a chat page at /. The wire format is OpenAI's (vLLM's where OpenAI is silent):
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (and /v1/models/{id}),
+GET /health, GET /metrics (Prometheus text) and a chat page at /. The wire format is OpenAI's (vLLM's where OpenAI is silent):
 SSE chunks that start with a role delta, end with a finish_reason chunk, an optional usage chunk and
 `data: [DONE]`; errors are `{"error": {"message", "type", "param", "code"}}` with 400 / 401 / 404 / 503.
 Chat prompts are rendered with the checkpoint's own chat template (sandboxed Jinja2; a template
