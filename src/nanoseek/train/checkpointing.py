@@ -77,7 +77,8 @@ def prune_checkpoints(out_dir: str | Path, current: Path, keep: int) -> None:
 
 def read_checkpoint(checkpoint: str | Path, config) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
     """(directory, model tensors, trainer state) of a resumable checkpoint: a checkpoint directory,
-    or a run directory (its current one, as find_checkpoint picks it). `config` is the model's, to map the tensors onto it."""
+    or a run directory (its current one, as find_checkpoint picks it). `config` is the model's, to
+    map the tensors onto it."""
     path = resumable_checkpoint(checkpoint)
     state = load_state(path)
     return path, convert_checkpoint_tensors(read_tensors(path), config, None), state
@@ -89,7 +90,8 @@ def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        earlier = [p for p in list_checkpoints(path.parent) if CHECKPOINT_RE.match(path.name) and _step(p) < _step(path)]
+        earlier = [p for p in list_checkpoints(path.parent)
+                   if CHECKPOINT_RE.match(path.name) and _step(p) < _step(path)]
         fix = (f"continue from the one before it: --resume-from {earlier[-1]}" if earlier
                else "start a new run (without --resume, in a new out_dir)")
         reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
@@ -131,7 +133,7 @@ def check_stage(state: dict[str, Any], config_class: type, checkpoint: str | Pat
 
 def stopped_early(checkpoint: str | Path) -> bool:
     """True when the run that wrote `checkpoint` stopped before its max_steps (Ctrl-C / SIGTERM)."""
-    state = torch.load(Path(checkpoint) / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_state(Path(checkpoint), mmap=True)  # the step and the config: nothing large is read
     return state["step"] < json.loads(state["config"])["max_steps"]
 
 
