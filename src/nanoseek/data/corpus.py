@@ -46,6 +46,8 @@ from nanoseek.tokenizer import Tokenizer
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 # what a directory is read for (.json only by name: a directory may hold config.json, meta.json)
 DATA_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
+# where pretraining kept its data recipe before it moved into meta.json (still read; removed on re-preparing)
+LEGACY_RECIPE = "recipe.json"
 SYNTHETIC_DOCUMENTS = 8000  # about a quarter of the default corpus's tokens
 
 
@@ -278,7 +280,7 @@ def prepare_data(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # a directory without meta.json is unfinished
-    (out_dir / "recipe.json").unlink(missing_ok=True)  # an earlier pretraining's recipe: not these shards
+    (out_dir / LEGACY_RECIPE).unlink(missing_ok=True)  # an earlier pretraining's recipe: not these shards
     splits = {}
     for split, arrays in parts.items():
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)

@@ -183,7 +183,7 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
     engine_loop = EngineLoop(engine)
     state = ServerState(
         engine_loop=engine_loop, tokenizer=engine.tokenizer, model_name=model_name,
-        max_model_len=engine.max_model_len, api_key=api_key, separate_reasoning=separate_reasoning,
+        max_model_len=engine.max_model_len, separate_reasoning=separate_reasoning,
         max_running=max_running or engine.scheduler.max_num_seqs, max_waiting=max_waiting,
         sampling_defaults=dict(sampling_defaults or {}),
     )

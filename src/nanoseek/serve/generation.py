@@ -29,7 +29,6 @@ class ServerState:
     tokenizer: object
     model_name: str
     max_model_len: int
-    api_key: str | None = None
     separate_reasoning: bool = True
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, for unset fields
     max_running: int = 64     # sequences the engine runs at once (its max_num_seqs)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from nanoseek.config import PRESETS
-from nanoseek.data.corpus import TokenLoader, load_sources, open_split, prepare_data
+from nanoseek.data.corpus import LEGACY_RECIPE, TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
 from nanoseek.model.decoder import documents_of
 from nanoseek.model.moe import moe_layers, update_expert_bias
@@ -200,9 +200,6 @@ def set_aux_loss_alpha(model: Transformer, alpha: float) -> None:
     model.config = model.config.replace(aux_loss_alpha=alpha)
     for moe in moe_layers(model):
         moe.aux_loss_alpha = alpha
-
-
-LEGACY_RECIPE = "recipe.json"  # where pretraining kept its recipe before it moved into meta.json
 
 
 def prepare_corpus(cfg: PretrainConfig, env: DistEnv) -> tuple[Tokenizer, Path]:
