@@ -13,7 +13,7 @@ itself (its error goes into the table and the full output into <out>.log):
     grpo     one GRPO step (engine rollouts on the GPU + the update) of `configs/rl_gpu.toml` at a reduced size
     compile  the training comparison again with torch.compile (opt-in: --sections ... compile)
     profile  torch.profiler tables (top ops by GPU and by CPU time) of one training step and one
-             batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
+             eager batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
 
 It installs nothing: it runs nanoseek from src/ on whatever torch (>= 2.4) and transformers are
 there. Without a GPU it runs dry (toy sizes on the CPU), which checks the script, not the GPU.
@@ -143,7 +143,9 @@ def profile_step(device: str, json_path: str) -> None:
     with profile(activities=activities) as train_prof:
         train_step()
     model.eval()
-    llm = LLM(model.to(torch.bfloat16 if cuda else torch.float32), max_num_seqs=64, enable_prefix_caching=False)
+    # eagerly: a CUDA graph's replay would hide the kernels this table is for
+    llm = LLM(model.to(torch.bfloat16 if cuda else torch.float32), max_num_seqs=64, enable_prefix_caching=False,
+              enforce_eager=True)
     prompts = torch.randint(2, cfg.vocab_size, (64 if cuda else 4, 128 if cuda else 8)).tolist()
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     llm.generate(prompts, params)  # warm-up

@@ -109,6 +109,37 @@ def test_engine_greedy_equals_full_forward_on_device(device):
     assert spec.runner.cache.pool.device.type == torch.device(device).type
 
 
+def test_decode_replays_cuda_graphs_on_a_gpu(device):
+    """On a GPU, decode steps replay CUDA graphs (the runner's graphs fill up; enforce_eager=True
+    keeps them off); on the CPU nothing is captured. A dense fp32 model decodes exactly as eagerly;
+    a bf16 V3 model (MoE as grouped GEMMs) picks, at every step, a token whose logit under a plain
+    bf16 forward of the same prefix is within bf16 noise of the best (ties may break either way)."""
+    from nanoseek.model.dense import DenseTransformer, dense_preset
+
+    cuda = torch.device(device).type == "cuda"
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
+    # the batch shrinks as sequences finish: 3 (padded to 4 rows), then 1, which speculates below
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 3, 5)]
+    torch.manual_seed(0)
+    dense = DenseTransformer(dense_preset("student-tiny", vocab_size=512)).to(device).eval()
+    graphed, eager = LLM(dense, block_size=4), LLM(dense, block_size=4, enforce_eager=True)
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    assert bool(graphed.runner.graphs) == cuda and not eager.runner.graphs
+
+    model = tiny_model(device).to(torch.bfloat16).eval()
+    llm = LLM(model, block_size=4, speculative_mtp=1, speculative_max_batch=1)
+    outs = llm.generate(prompts, params)
+    assert bool(llm.runner.graphs) == cuda
+    assert {T for _, T, _ in llm.runner.graphs} == ({1, 2} if cuda else set())  # decode, and MTP verify
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outs):
+            ids = prompt + out.outputs[0].token_ids
+            logits = model(torch.tensor([ids], device=device)).logits[0, len(prompt) - 1: -1].float()  # (n, V)
+            chosen = logits.gather(1, torch.tensor(out.outputs[0].token_ids, device=device).unsqueeze(1))
+            assert (logits.max(dim=1).values - chosen.squeeze(1)).max() < 0.05
+
+
 def test_checkpoint_loads_in_the_devices_default_dtype(device, tmp_path):
     """`LLM(dir)` picks bf16 weights and cache on a GPU and fp32 on the CPU; bf16 logits stay close."""
     model = tiny_model("cpu").eval()

@@ -669,3 +669,49 @@ def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
     explicit = ChatCompletionRequest(messages=messages, temperature=1.0).sampling_kwargs({"temperature": 0.6})
     assert explicit["temperature"] == 1.0
     assert ChatCompletionRequest(messages=messages).sampling_kwargs()["temperature"] == 1.0
+
+
+def test_graph_path_equals_eager_decoding(model, monkeypatch):
+    """The CUDA-graph path: static padded inputs filled by one copy, batch sizes padded to a
+    captured size, cache spans rounded up to a power of two of blocks, the output cloned before
+    the next replay overwrites it. On the CPU the capture is replaced by running the same forward
+    on the static inputs at each replay, so everything but CUDA's recording is checked here
+    (tests/test_devices.py checks the real graphs on a GPU). Greedy (with logprobs), seeded
+    sampling and MTP speculation give the eager engine's tokens; with speculation the batch of 3
+    decodes plainly (above speculative_max_batch) until one finishes, then verifies k+1 = 3
+    positions per step after catching the MTP module up on the plain steps' hidden states."""
+    import types
+
+    from nanoseek.inference.runner import ModelRunner
+
+    def record(self, graph, run):
+        graph.hidden = run()
+        graph.graph = types.SimpleNamespace(replay=lambda: graph.hidden.copy_(run()))
+
+    monkeypatch.setattr(ModelRunner, "_record", record)
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]  # 3 sequences: padded to 4 rows
+    greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (12, 5, 9)]
+    sampled = [SamplingParams(temperature=1.0, seed=7, max_tokens=n, ignore_eos=True) for n in (12, 5, 9)]
+    for params, speculative, shapes_expected in ((greedy, 0, {(4, 1), (2, 1), (1, 1)}),
+                                                 (sampled, 0, {(4, 1), (2, 1), (1, 1)}),
+                                                 (greedy, 2, {(4, 1), (2, 3), (1, 3)})):
+        kwargs = dict(block_size=4, speculative_mtp=speculative, speculative_max_batch=2)
+        eager_llm, graphed = LLM(model, **kwargs), LLM(model, **kwargs)
+        eager = eager_llm.generate(prompts, params)
+        graphed.runner.cuda_graphs = True
+        outs = graphed.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
+        # the caches end equal, the MTP module's included (stale hidden states would change only
+        # its entries, which cost acceptance, never tokens); the scratch block differs (padding rows)
+        end = graphed.runner.scratch_block * 4
+        torch.testing.assert_close(graphed.runner.cache.pool[:, :end], eager_llm.runner.cache.pool[:, :end],
+                                   atol=1e-5, rtol=1e-5)
+        if params is greedy:
+            for o, e in zip(outs, eager):
+                got = [lp["logprob"] for lp in o.outputs[0].logprobs]
+                want = [lp["logprob"] for lp in e.outputs[0].logprobs]
+                assert got == pytest.approx(want, abs=1e-5)
+        shapes = set(graphed.runner.graphs)
+        assert {(rows, T) for rows, T, _ in shapes} == shapes_expected
+        assert all(span in (4, 8, 16, 32) for _, _, span in shapes)  # 1, 2, 4, 8 blocks of 4
+        assert len({span for _, _, span in shapes}) > 1  # contexts of 6..21 tokens cross buckets

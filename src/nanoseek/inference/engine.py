@@ -60,6 +60,7 @@ from nanoseek.inference.runner import ModelRunner
 from nanoseek.inference.sampling import Sampler, SamplingParams, draw, speculative_accept, top_logprobs
 from nanoseek.inference.scheduler import Scheduler
 from nanoseek.inference.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
@@ -95,14 +96,17 @@ class LLM:
     `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
     1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
     can hold, so a sequence alone always fits. `speculative_max_batch` (default: by device, see
-    DEFAULT_SPECULATIVE_MAX_BATCH) is the largest decode batch that speculates.
+    DEFAULT_SPECULATIVE_MAX_BATCH) is the largest decode batch that speculates. On a GPU, decode
+    and verify forwards replay CUDA graphs (see nanoseek.inference.runner); `enforce_eager=True`
+    (vLLM's name) runs every forward eagerly instead.
     """
 
     def __init__(self, model: "str | Path | Transformer", tokenizer=None, *, max_num_seqs: int = 64,
                  max_model_len: int | None = None, block_size: int = 64, cache_memory_bytes: int | None = None,
                  num_cache_blocks: int | None = None, enable_prefix_caching: bool = True,
                  speculative_mtp: int = 0, speculative_max_batch: int | None = None, dtype="auto",
-                 device="auto", quantize: str | None = None, max_num_batched_tokens: int = 4096):
+                 device="auto", quantize: str | None = None, max_num_batched_tokens: int = 4096,
+                 enforce_eager: bool = False):
         if speculative_mtp < 0:  # before a checkpoint loads
             raise NanoseekError(f"speculative_mtp={speculative_mtp}: draft a positive number of tokens per step "
                                 "with the MTP module, or 0 to turn speculation off")
@@ -155,7 +159,11 @@ class LLM:
 
         self.block_manager = BlockManager(num_cache_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, speculative_mtp)
-        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        # CUDA graphs need a forward without host syncs: the MoE's grouped GEMMs, which run in bf16
+        has_moe = any(isinstance(m, MoE) for m in model.modules())
+        cuda_graphs = device.type == "cuda" and not enforce_eager and (not has_moe or cache_dtype == torch.bfloat16)
+        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device, cuda_graphs, max_num_seqs)
         self.sampler = Sampler(cfg.vocab_size)
         # every stop token: the tokenizer's eos and generation_config.json's eos_token_id list
         self.eos_ids = set(tokenizer.eos_token_ids) if tokenizer is not None else (

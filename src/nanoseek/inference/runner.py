@@ -14,6 +14,18 @@ once per forward, and shared by every layer; padding tokens write to a scratch b
 sequence owns, and the attention mask (visible iff s <= query position) hides every slot past a
 sequence's own length.
 
+CUDA graphs (vLLM's and nano-vllm's decode trick). On a GPU a decode step is bound by launching
+its ~1,000 small kernels, not by computing them: at batch 1 and 64 alike it took about 40 ms on
+an H100 with eager PyTorch. So a forward whose runs all have one length T (a decode step, T = 1,
+or a speculative verify, T = k+1) is recorded once as a CUDA graph per shape and replayed: a
+padded batch size (1, 2, 4, 8, then multiples of 16 up to max_num_seqs), T, and a cache span S
+rounded up to a power of two of blocks. Its inputs (token ids, positions, slots) live in static
+tensors that each step overwrites with one host-to-device copy; padding rows write to the scratch
+block and read nothing else. Graphs are captured when a shape is first met (tens of ms each)
+and share one memory pool. Prefills and mixed-length forwards run eagerly. Capturing needs a
+forward with no host syncs and no shapes that depend on data: the MoE's grouped-GEMM form
+(bf16 on CUDA) is one, its expert loop is not, so the engine turns graphs on for bf16 models.
+
 Shape legend: B sequences, T new tokens (padded), S cached positions (padded), D hidden size,
 C kv_lora_rank, R qk_rope_head_dim, V vocabulary.
 """
@@ -50,7 +62,7 @@ class PagedLatentCache:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, cuda_graphs: bool = False, max_num_seqs: int = 64):
         cfg = model.config
         self.model = model
         self.block_size = block_size
@@ -59,10 +71,16 @@ class ModelRunner:
         # one extra block at the end: the scratch block that padding tokens write to
         self.scratch_block = num_blocks
         self.cache = PagedLatentCache(num_layers, (num_blocks + 1) * block_size, *model.cache_dims, dtype, device)
-        self._offsets = torch.arange(block_size, device=device)
+        self._offsets = torch.arange(block_size)
         # looked up once: model.mtp_layers slices a ModuleList, building a new one per call
         self.mtp_layer = model.mtp_layers[0] if cfg.num_nextn_predict_layers else None
         self.positions: torch.Tensor | None = None  # (B, T) of the last prepare()
+        self.cuda_graphs = cuda_graphs
+        # the padded batch sizes graphs are captured at (nano-vllm's choice)
+        self.graph_batch_sizes = sorted({b for b in (1, 2, 4, 8) if b < max_num_seqs}
+                                        | set(range(16, max_num_seqs, 16)) | {max_num_seqs})
+        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (rows, T, S) -> its graph
+        self.graph_pool = None  # the memory pool every graph shares
 
     @staticmethod
     def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -70,37 +88,92 @@ class ModelRunner:
         layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         return block_size * layers * sum(model.cache_dims) * dtype.itemsize
 
+    def layout(self, seqs: list[Sequence], starts: list[int], lengths: list[int], rows: int | None = None,
+               span: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where a forward's runs of `lengths` new tokens at positions from `starts` live in the
+        cache, as CPU tensors: positions (rows, T) (0 for padding), the slot each new token is
+        written to (rows*T,), and the slots of each sequence's positions 0..span-1 (rows, span).
+        rows and span default to the batch and its longest context; extra rows are padding, and
+        padding tokens write to the scratch block."""
+        bs, scratch = self.block_size, self.scratch_block
+        T = max(lengths)
+        span = span or max(s + n for s, n in zip(starts, lengths))
+        rows = rows or len(seqs)
+        blocks = -(-span // bs)
+        pad_rows = rows - len(seqs)
+        tables = torch.tensor([s.block_table[:blocks] + [scratch] * (blocks - len(s.block_table)) for s in seqs]
+                              + [[scratch] * blocks] * pad_rows)  # (rows, blocks)
+        slots = (tables.unsqueeze(-1) * bs + self._offsets).flatten(1)  # (rows, blocks*bs): slot of each position
+        starts_t = torch.tensor(list(starts) + [0] * pad_rows).unsqueeze(1)
+        positions = starts_t + torch.arange(T)  # (rows, T)
+        if pad_rows or min(lengths) < T:  # padding: position 0, written to the scratch block
+            valid = torch.arange(T) < torch.tensor(list(lengths) + [0] * pad_rows).unsqueeze(1)  # (rows, T)
+            positions = positions.masked_fill(~valid, 0)
+            write = slots.gather(1, positions).masked_fill(~valid, scratch * bs)
+        else:
+            write = slots.gather(1, positions)
+        return positions, write.flatten(), slots[:, :span]
+
     def prepare(self, seqs: list[Sequence], starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Set the cache's write/read slots for runs of `lengths` new tokens at positions from
         `starts`; returns the positions (B, T), 0 for padding. Every forward until the next call
         uses these slots: the MTP run after a verify forward reuses the verify's."""
-        dev, bs = self.device, self.block_size
-        T = max(lengths)
-        S = max(s + n for s, n in zip(starts, lengths))
-        num_table = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [self.scratch_block] * (num_table - len(s.block_table))
-                               for s in seqs], device=dev)  # (B, blocks)
-        slots = (tables.unsqueeze(-1) * bs + self._offsets).flatten(1)  # (B, blocks*bs): slot of each position
-        positions = torch.tensor(starts, device=dev).unsqueeze(1) + torch.arange(T, device=dev)  # (B, T)
-        if min(lengths) < T:  # padding: position 0, written to the scratch block
-            valid = torch.arange(T, device=dev) < torch.tensor(lengths, device=dev).unsqueeze(1)  # (B, T)
-            positions = positions.masked_fill(~valid, 0)
-            write = slots.gather(1, positions).masked_fill(~valid, self.scratch_block * bs)
-        else:
-            write = slots.gather(1, positions)
-        self.cache.write_slots = write.flatten()
-        self.cache.read_slots = slots[:, :S]
-        self.positions = positions
+        positions, write, read = (t.to(self.device) for t in self.layout(seqs, starts, lengths))
+        self.cache.write_slots, self.cache.read_slots, self.positions = write, read, positions
         return positions
 
     def forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Main model on tokens[i] at positions starts[i].. of each sequence -> hidden (B, T, D)
         (final-normed; rows past len(tokens[i]) are padding)."""
         lengths = [len(t) for t in tokens]
-        positions = self.prepare(seqs, starts, lengths)
         T = max(lengths)
+        if self.cuda_graphs and min(lengths) == T and len(seqs) <= self.graph_batch_sizes[-1]:
+            return self._replay(seqs, tokens, starts)
+        positions = self.prepare(seqs, starts, lengths)
         ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=self.device)  # (B, T)
         return self.model(ids, positions, cache=self.cache, logits=False).hidden
+
+    def _replay(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """`forward` through the CUDA graph of its padded shape (captured on first use)."""
+        B, T = len(tokens), len(tokens[0])
+        rows = next(b for b in self.graph_batch_sizes if b >= B)
+        blocks = -(-(max(starts) + T) // self.block_size)
+        span = (1 << (blocks - 1).bit_length()) * self.block_size  # blocks rounded up to a power of two
+        graph = self.graphs.get((rows, T, span)) or self._capture(rows, T, span)
+        positions, write, read = self.layout(seqs, starts, [T] * B, rows, span)
+        ids = torch.tensor(tokens + [[0] * T] * (rows - B))  # (rows, T)
+        graph.inputs.copy_(torch.cat([ids.flatten(), positions.flatten(), write, read.flatten()]))
+        graph.graph.replay()
+        # what `prepare` leaves behind, for an MTP run on the same slots
+        self.cache.write_slots, self.cache.read_slots = graph.write[: B * T], graph.read[:B]
+        self.positions = graph.positions[:B]
+        return graph.hidden[:B].clone()  # the static output is overwritten by the next replay
+
+    def _capture(self, rows: int, T: int, span: int) -> "DecodeGraph":
+        graph = DecodeGraph(rows, T, span, self.device)
+        # the static inputs start as padding: every row writes to the scratch block and reads it
+        graph.write.fill_(self.scratch_block * self.block_size)
+        graph.read.fill_(self.scratch_block * self.block_size)
+
+        def run() -> torch.Tensor:
+            self.cache.write_slots, self.cache.read_slots = graph.write, graph.read
+            return self.model(graph.ids, graph.positions, cache=self.cache, logits=False).hidden
+
+        self._record(graph, run)
+        self.graphs[rows, T, span] = graph
+        return graph
+
+    def _record(self, graph: "DecodeGraph", run) -> None:
+        """Capture `run` (the forward on the graph's static inputs) into graph.graph."""
+        side = torch.cuda.Stream(self.device)  # warm up off the capture (lazy initialisations, autotuning)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph.graph, pool=self.graph_pool):
+            graph.hidden = run()
+        self.graph_pool = graph.graph.pool()
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                     last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,3 +187,18 @@ class ModelRunner:
         h = layer(x, positions, self.model.rope(positions), self.cache)  # (B, T, D)
         h = h[:, -1] if last is None else h[torch.arange(len(h), device=self.device), last.to(self.device)]
         return h, self.model.lm_head(layer.shared_head.norm(h))
+
+
+class DecodeGraph:
+    """One captured forward: static inputs (one flat int64 tensor: token ids, positions, write
+    slots, read slots, so that a step fills them with one copy) and the hidden state it writes."""
+
+    def __init__(self, rows: int, T: int, span: int, device: torch.device | str):
+        n = rows * T
+        self.inputs = torch.zeros(3 * n + rows * span, dtype=torch.long, device=device)
+        self.ids = self.inputs[:n].view(rows, T)
+        self.positions = self.inputs[n: 2 * n].view(rows, T)
+        self.write = self.inputs[2 * n: 3 * n]
+        self.read = self.inputs[3 * n:].view(rows, span)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.hidden: torch.Tensor | None = None  # (rows, T, D), rewritten by each replay

@@ -102,7 +102,11 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, expert_ids, scores = self.gate(flat)
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)  # (E,) for the dispatch
+        # (E,) pairs per expert, for the dispatch. Not torch.bincount: on CUDA it reads the largest id
+        # back to the host, a sync per layer that idles the GPU and breaks CUDA-graph capture.
+        ids = expert_ids.flatten()
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=ids.device).index_add_(
+            0, ids, torch.ones_like(ids))
         if self.training:
             self.tokens_per_expert += counts.detach().float() if token_mask is None else self._real_load(
                 expert_ids, token_mask)
