@@ -51,7 +51,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
             "profile": ([py, __file__, "--profile-step", "--device", "cpu", "--json", str(tmp / "profile.json")], 120),
         }
     return {
-        "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 200),
+        "tests": ([py, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 200),
         "train": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                    "--seq", "2048", "--steps", "6", "--json", str(tmp / "train.json")], 150),
         "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cuda", "--preset", "gpu", "--batches", "1",
@@ -126,7 +126,7 @@ def profile_step(device: str, json_path: str) -> None:
     batch, seq = (8, 2048) if cuda else (2, 32)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "cuda_time_total" if cuda else "cpu_time_total"

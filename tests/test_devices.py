@@ -92,6 +92,28 @@ def test_grouped_gemm_experts_equal_the_expert_loop(device):
     assert bool(calls) == cuda
 
 
+def test_stacked_experts_compute_the_same_moe(device):
+    """MoE.stack_experts (what LLM does to a checkpoint it loads on a GPU): the experts' weights
+    become views of two stacked tensors, which the grouped GEMMs read in place; same output, same
+    state-dict keys and values."""
+    torch.manual_seed(0)
+    moe = MoE(preset("tiny", n_routed_experts=16, num_experts_per_tok=3, n_group=1, topk_group=1)).to(device).eval()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        moe = moe.to(torch.bfloat16)  # the grouped kernels are bf16 ones
+    moe.grouped_gemm = True
+    x = torch.randn(3, 5, 64, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with torch.no_grad():
+        expected = moe(x)
+        moe.stack_experts()
+        got = moe(x)
+    torch.testing.assert_close(got, expected)
+    assert moe.experts[3].up_proj.weight.data_ptr() == moe.stacked[0][3, 32:].data_ptr()  # views, no copies
+    after = moe.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_engine_greedy_equals_full_forward_on_device(device):
     model = tiny_model(device).eval()
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
@@ -147,6 +169,8 @@ def test_checkpoint_loads_in_the_devices_default_dtype(device, tmp_path):
     llm = LLM(tmp_path / "ckpt", device=device)
     expected_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     assert next(llm.model.parameters()).dtype == expected_dtype and llm.runner.cache.pool.dtype == expected_dtype
+    moes = [m for m in llm.model.modules() if isinstance(m, MoE)]
+    assert moes and all((m.stacked is not None) == (expected_dtype == torch.bfloat16) for m in moes)
     bf16 = LLM(tmp_path / "ckpt", device=device, dtype="bfloat16")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():

@@ -715,3 +715,8 @@ def test_graph_path_equals_eager_decoding(model, monkeypatch):
         assert {(rows, T) for rows, T, _ in shapes} == shapes_expected
         assert all(span in (4, 8, 16, 32) for _, _, span in shapes)  # 1, 2, 4, 8 blocks of 4
         assert len({span for _, _, span in shapes}) > 1  # contexts of 6..21 tokens cross buckets
+    # prompts of one length make a uniform prefill, which still runs eagerly: only decode is graphed
+    graphed = LLM(model, block_size=4)
+    graphed.runner.cuda_graphs = True
+    graphed.generate([[5, 6, 7, 8], [1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert {T for _, T, _ in graphed.runner.graphs} == {1}

@@ -123,6 +123,9 @@ class LLM:
             device = resolve_device(device)
             model = load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quantize)
             model = pack_linears(model)  # CPU float32: oneDNN-packed linear layers (nanoseek.device)
+            if device.type == "cuda":  # the grouped GEMMs read the experts' weights stacked, in place
+                for moe in (m for m in model.modules() if isinstance(m, MoE)):
+                    moe.stack_experts()
         elif quantize not in (None, "none"):
             model = quantize_model(model, quantize)
         cfg = model.config
@@ -163,7 +166,8 @@ class LLM:
         # CUDA graphs need a forward without host syncs: the MoE's grouped GEMMs, which run in bf16
         has_moe = any(isinstance(m, MoE) for m in model.modules())
         cuda_graphs = device.type == "cuda" and not enforce_eager and (not has_moe or cache_dtype == torch.bfloat16)
-        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device, cuda_graphs, max_num_seqs)
+        self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device, cuda_graphs, max_num_seqs,
+                                  graph_tokens=1 + speculative_mtp)
         self.sampler = Sampler(cfg.vocab_size)
         # every stop token: the tokenizer's eos and generation_config.json's eos_token_id list
         self.eos_ids = set(tokenizer.eos_token_ids) if tokenizer is not None else (
