@@ -720,3 +720,13 @@ def test_graph_path_equals_eager_decoding(model, monkeypatch):
     graphed.runner.cuda_graphs = True
     graphed.generate([[5, 6, 7, 8], [1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert {T for _, T, _ in graphed.runner.graphs} == {1}
+
+
+def test_speculative_max_batch_zero_never_speculates(model):
+    """0 (the default with CUDA graphs, where eager drafting loses to a graph replay) keeps every
+    decode step plain; a negative value names the field."""
+    llm = LLM(model, block_size=4, speculative_mtp=1, speculative_max_batch=0)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert llm.stats()["spec_draft_tokens"] == 0
+    with pytest.raises(NanoseekError, match="speculative_max_batch=-1"):
+        LLM(model, speculative_mtp=1, speculative_max_batch=-1)

@@ -72,8 +72,11 @@ DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # sampled, k=1/2) breaks even at batch 2-4 (0.94-1.03x) and loses at 8 (0.83-0.97x), since each
 # extra verified token wakes up to K more experts per MoE layer and the step is bound by per-expert
 # calls; the 1.42M reasoning model still gains at 2-8 (1.05-1.12x), loses at 32 (0.83-0.92x). So 1.
-# On a GPU a step is bound by kernel launches, which verification barely adds to.
-DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32}
+# On a GPU an eager step is bound by kernel launches, which verification barely adds to: 32. With
+# CUDA graphs (the default there) a plain decode step is one replay while the MTP module's drafting
+# forwards stay eager: batch 1 of the `gpu` preset ran at 0.39x plain decoding (H100, random weights,
+# acceptance 0; k=1 yields at most 2 tokens a step, so at most 0.78x), hence 0: never by default.
+DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32, "cuda_graphs": 0}
 
 # A text prompt longer than this many characters per token of the context is first measured on
 # that prefix (`LLM._check_prefix`): English runs about 4 characters a token, so a prompt this long
@@ -96,9 +99,10 @@ class LLM:
     `cache_memory_bytes` buys, or enough for max_num_seqs sequences of max_model_len tokens (at most
     1 GiB). max_model_len (default: the model's max_position_embeddings) is capped at what the cache
     can hold, so a sequence alone always fits. `speculative_max_batch` (default: by device, see
-    DEFAULT_SPECULATIVE_MAX_BATCH) is the largest decode batch that speculates. On a GPU, decode
-    and verify forwards replay CUDA graphs (see nanoseek.inference.runner); `enforce_eager=True`
-    (vLLM's name) runs every forward eagerly instead.
+    DEFAULT_SPECULATIVE_MAX_BATCH; 0: never) is the largest decode batch that speculates. On a GPU,
+    decode and verify forwards replay CUDA graphs (see nanoseek.inference.runner), and speculation
+    is off unless speculative_max_batch is given; `enforce_eager=True` (vLLM's name) runs every
+    forward eagerly instead.
     """
 
     def __init__(self, model: "str | Path | Transformer", tokenizer=None, *, max_num_seqs: int = 64,
@@ -137,16 +141,20 @@ class LLM:
                                 f"(None: the model's {cfg.max_position_embeddings})")
         if block_size < 1 or max_num_seqs < 1:
             raise NanoseekError("block_size and max_num_seqs must be >= 1")
-        device_type = next(model.parameters()).device.type
+        if speculative_max_batch is not None and speculative_max_batch < 0:
+            raise NanoseekError(f"speculative_max_batch={speculative_max_batch} must be >= 0 (0: never speculate)")
+        device = next(model.parameters()).device
+        cache_dtype = next(model.parameters()).dtype  # the latents are stored as the model computes them
+        # CUDA graphs need a forward without host syncs: the MoE's grouped GEMMs, which run in bf16
+        has_moe = any(isinstance(m, MoE) for m in model.modules())
+        cuda_graphs = device.type == "cuda" and not enforce_eager and (not has_moe or cache_dtype == torch.bfloat16)
         if speculative_max_batch is None:
-            speculative_max_batch = DEFAULT_SPECULATIVE_MAX_BATCH.get(device_type, DEFAULT_SPECULATIVE_MAX_BATCH["cuda"])
-        if speculative_max_batch < 1:
-            raise NanoseekError(f"speculative_max_batch={speculative_max_batch} must be >= 1")
+            speculative_max_batch = DEFAULT_SPECULATIVE_MAX_BATCH[
+                "cuda_graphs" if cuda_graphs else "cpu" if device.type == "cpu" else "cuda"]
         self.model = model
         self.tokenizer = tokenizer
         self.speculative_mtp = speculative_mtp
         self.speculative_max_batch = speculative_max_batch
-        cache_dtype = next(model.parameters()).dtype  # the latents are stored as the model computes them
 
         max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         block_bytes = ModelRunner.bytes_per_block(model, block_size, cache_dtype)
@@ -162,10 +170,6 @@ class LLM:
 
         self.block_manager = BlockManager(num_cache_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, speculative_mtp)
-        device = next(model.parameters()).device
-        # CUDA graphs need a forward without host syncs: the MoE's grouped GEMMs, which run in bf16
-        has_moe = any(isinstance(m, MoE) for m in model.modules())
-        cuda_graphs = device.type == "cuda" and not enforce_eager and (not has_moe or cache_dtype == torch.bfloat16)
         self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device, cuda_graphs, max_num_seqs,
                                   graph_tokens=1 + speculative_mtp)
         self.sampler = Sampler(cfg.vocab_size)
