@@ -14,18 +14,18 @@ once per forward, and shared by every layer; padding tokens write to a scratch b
 sequence owns, and the attention mask (visible iff s <= query position) hides every slot past a
 sequence's own length.
 
-CUDA graphs (vLLM's and nano-vllm's decode trick). On a GPU a decode step is bound by launching
-its kernels, not by running them: an eager batch-64 step of the `gpu` preset launched 1,588
-kernels in 55.6 ms of CPU time for 13.8 ms of GPU time (H100, torch.profiler). So a forward whose
-runs all have one short length T (a decode step, T = 1, or a speculative verify, T = k+1; never a
-prefill) is recorded once as a CUDA graph per shape and replayed: a
-padded batch size (1, 2, 4, 8, then multiples of 16 up to max_num_seqs), T, and a cache span S
-rounded up to a power of two of blocks. Its inputs (token ids, positions, slots) live in static
-tensors that each step overwrites with one host-to-device copy; padding rows write to the scratch
-block and read nothing else. Graphs are captured when a shape is first met (tens of ms each)
-and share one memory pool. Other forwards run eagerly. Capturing needs a
-forward with no host syncs and no shapes that depend on data: the MoE's grouped-GEMM form
-(bf16 on CUDA) is one, its expert loop is not, so the engine turns graphs on for bf16 models.
+CUDA graphs (vLLM's and nano-vllm's decode trick). On a GPU an eager decode step is bound by
+launching its kernels, not by running them: at batch 64 the `gpu` preset launched 1,561 kernels
+in 46 ms of CPU time for 13.8 ms of GPU time (H100, torch.profiler). So a forward whose runs all
+have one short length T (a decode step, T = 1, or a speculative verify, T = k+1; never a prefill)
+is recorded once as a CUDA graph per shape and replayed (5.4 ms a step at batch 64): a padded
+batch size (1, 2, 4, 8, then multiples of 16 up to max_num_seqs), T, and a cache span S rounded
+up to a power of two of blocks. Its inputs (token ids, positions, slots) live in static tensors
+that each step overwrites with one host-to-device copy; padding rows write to the scratch block
+and read nothing else. Graphs are captured when a shape is first met (tens of ms each) and share
+one memory pool. Other forwards run eagerly. Capturing needs a forward with no host syncs and no
+shapes that depend on data: the MoE's grouped-GEMM form (bf16 on CUDA) is one, its expert loop
+is not, so the engine turns graphs on for bf16 models (and for models without MoE).
 
 Shape legend: B sequences, T new tokens (padded), S cached positions (padded), D hidden size,
 C kv_lora_rank, R qk_rope_head_dim, V vocabulary.
