@@ -153,13 +153,41 @@ def test_decode_replays_cuda_graphs_on_a_gpu(device):
     llm = LLM(model, block_size=4, speculative_mtp=1, speculative_max_batch=1)
     outs = llm.generate(prompts, params)
     assert bool(llm.runner.graphs) == cuda
-    assert {T for _, T, _ in llm.runner.graphs} == ({1, 2} if cuda else set())  # decode, and MTP verify
+    assert {T for _, T, *_ in llm.runner.graphs} == ({1, 2} if cuda else set())  # decode, and MTP verify
     with torch.no_grad():
         for prompt, out in zip(prompts, outs):
             ids = prompt + out.outputs[0].token_ids
             logits = model(torch.tensor([ids], device=device)).logits[0, len(prompt) - 1: -1].float()  # (n, V)
             chosen = logits.gather(1, torch.tensor(out.outputs[0].token_ids, device=device).unsqueeze(1))
             assert (logits.max(dim=1).values - chosen.squeeze(1)).max() < 0.05
+
+
+def test_rollout_graphs_read_the_trained_fp32_weights(device):
+    """RL's engine decodes the trainer's fp32 weights under bf16 autocast. On a GPU those decode
+    steps replay graphs too, whose recorded casts read the weights as they are at each replay: after
+    an in-place update (the optimizer's), the same graphs pick tokens whose logits under a plain
+    autocast forward of the updated model are within bf16 noise of the best."""
+    cuda = torch.device(device).type == "cuda"
+    kind = torch.device(device).type
+    model = tiny_model(device).eval()  # fp32 weights, as the trainer keeps them
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 3, 5)]
+    llm = LLM(model, block_size=4)
+    for update in range(2):
+        with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16, enabled=cuda):
+            if update:
+                captured = set(llm.runner.graphs)
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+                llm.reset_prefix_cache()  # as RL does before each rollout: the cached prompts are stale
+            outs = llm.generate(prompts, params)
+            for prompt, out in zip(prompts, outs):
+                ids = prompt + out.outputs[0].token_ids
+                logits = model(torch.tensor([ids], device=device)).logits[0, len(prompt) - 1: -1].float()
+                chosen = logits.gather(1, torch.tensor(out.outputs[0].token_ids, device=device).unsqueeze(1))
+                assert (logits.max(dim=1).values - chosen.squeeze(1)).max() < 0.05
+        assert bool(llm.runner.graphs) == cuda
+    assert set(llm.runner.graphs) == captured  # the second round replayed the first round's graphs
 
 
 def test_checkpoint_loads_in_the_devices_default_dtype(device, tmp_path):

@@ -596,6 +596,39 @@ def test_max_model_len_flag_rejects_non_positive_values_and_says_when_it_is_clam
             "(max_position_embeddings); using 512") in capsys.readouterr().err
 
 
+def test_speculation_and_eager_flags_reach_the_engine_and_say_when_speculation_is_off(checkpoint, capsys,
+                                                                                    monkeypatch):
+    """--speculative-max-batch and --enforce-eager (generate, chat, serve; eval has --enforce-eager)
+    are the LLM's fields; a negative batch is a usage error naming the flag; and where the device's
+    default turns speculation off (a GPU replaying graphs: 0), asking for --speculative-mtp says so."""
+    import argparse
+
+    from nanoseek.cli import main
+    from nanoseek.inference import engine as engine_module
+    from nanoseek.inference.generate import add_arguments, build_engine
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(checkpoint), "--prompt", "x", "--speculative-mtp", "1",
+                              "--speculative-max-batch", "4", "--enforce-eager"])
+    args.command = "generate"
+    llm = build_engine(args)
+    assert (llm.speculative_mtp, llm.speculative_max_batch, llm.runner.cuda_graphs) == (1, 4, False)
+    assert "off by default" not in capsys.readouterr().err
+    for command in (["generate", "--prompt", "x"], ["chat"], ["serve"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--model", str(checkpoint), "--speculative-max-batch", "-1"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--speculative-max-batch" in err and "Traceback" not in err
+    monkeypatch.setitem(engine_module.DEFAULT_SPECULATIVE_MAX_BATCH, "cpu", 0)  # as "cuda_graphs" is
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--max-tokens", "2",
+                 "--speculative-mtp", "1"]) == 0
+    assert "--speculative-mtp 1 is off by default" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--max-tokens", "2",
+                 "--speculative-mtp", "1", "--speculative-max-batch", "0"]) == 0
+    assert "off by default" not in capsys.readouterr().err  # asked for in so many words: no note
+
+
 def test_chat_cli_reports_a_failed_turn_drops_it_and_goes_on(checkpoint, capsys, monkeypatch):
     """A turn that does not fit the context used to end the session (exit 2, conversation lost)."""
     import io
@@ -698,7 +731,8 @@ def test_graph_path_equals_eager_decoding(model, monkeypatch):
         kwargs = dict(block_size=4, speculative_mtp=speculative, speculative_max_batch=2)
         eager_llm, graphed = LLM(model, **kwargs), LLM(model, **kwargs)
         eager = eager_llm.generate(prompts, params)
-        graphed.runner.cuda_graphs = True
+        # fp32 MoE: the expert loop, which CUDA could not capture; nothing is captured here
+        graphed.runner.cuda_graphs, graphed.runner.graphs_need_bf16 = True, False
         outs = graphed.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
         # the caches end equal, the MTP module's included (stale hidden states would change only
@@ -712,14 +746,48 @@ def test_graph_path_equals_eager_decoding(model, monkeypatch):
                 want = [lp["logprob"] for lp in e.outputs[0].logprobs]
                 assert got == pytest.approx(want, abs=1e-5)
         shapes = set(graphed.runner.graphs)
-        assert {(rows, T) for rows, T, _ in shapes} == shapes_expected
-        assert all(span in (4, 8, 16, 32) for _, _, span in shapes)  # 1, 2, 4, 8 blocks of 4
-        assert len({span for _, _, span in shapes}) > 1  # contexts of 6..21 tokens cross buckets
+        assert {(rows, T) for rows, T, _, _ in shapes} == shapes_expected
+        assert all(span in (4, 8, 16, 32) for _, _, span, _ in shapes)  # 1, 2, 4, 8 blocks of 4
+        assert len({span for _, _, span, _ in shapes}) > 1  # contexts of 6..21 tokens cross buckets
+        assert {amp for *_, amp in shapes} == {None}
     # prompts of one length make a uniform prefill, which still runs eagerly: only decode is graphed
     graphed = LLM(model, block_size=4)
-    graphed.runner.cuda_graphs = True
+    graphed.runner.cuda_graphs, graphed.runner.graphs_need_bf16 = True, False
     graphed.generate([[5, 6, 7, 8], [1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-    assert {T for _, T, _ in graphed.runner.graphs} == {1}
+    assert {T for _, T, _, _ in graphed.runner.graphs} == {1}
+
+
+def test_graphs_of_fp32_moe_weights_only_under_bf16_autocast(model, monkeypatch):
+    """RL's rollouts run the trainer's fp32 weights under bf16 autocast. The MoE's sync-free
+    grouped GEMMs are bf16 ones, so an fp32 MoE model decodes eagerly without autocast and through
+    graphs under it, keyed by the autocast dtype (a graph holds its casts: replayed outside autocast
+    it would compute in bf16). The capture runs with autocast's weight cache off, else the graph
+    would read bf16 copies freed when autocast exits (checked on a GPU in tests/test_devices.py)."""
+    import types
+
+    from nanoseek.inference.runner import ModelRunner
+
+    cache_flags = []
+
+    def record(self, graph, run):
+        cache_flags.append(torch.is_autocast_cache_enabled())
+        graph.hidden = run()
+        graph.graph = types.SimpleNamespace(replay=lambda: graph.hidden.copy_(run()))
+
+    monkeypatch.setattr(ModelRunner, "_record", record)
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 3, 5)]
+    eager, graphed = LLM(model, block_size=4), LLM(model, block_size=4)
+    graphed.runner.cuda_graphs = True
+    assert [o.outputs[0].token_ids for o in graphed.generate(prompts, params)] == \
+        [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    assert not graphed.runner.graphs  # fp32 MoE: the expert loop, eagerly
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+        got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
+    assert got == want
+    assert graphed.runner.graphs and {amp for *_, amp in graphed.runner.graphs} == {torch.bfloat16}
+    assert cache_flags and not any(cache_flags)
 
 
 def test_speculative_max_batch_zero_never_speculates(model):

@@ -88,11 +88,13 @@ def resolve_dtype(dtype: "str | torch.dtype | None", device: torch.device) -> to
 
 
 def add_device_arguments(parser) -> None:
-    """--device / --dtype for the inference commands (generate, chat, eval, serve)."""
+    """--device / --dtype / --enforce-eager for the inference commands (generate, chat, eval, serve)."""
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where the model runs (auto: a CUDA GPU if there is one)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="weights and cache precision (auto: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="GPU: run every forward eagerly instead of replaying CUDA graphs for decode steps")
 
 
 def add_quantize_argument(parser) -> None:

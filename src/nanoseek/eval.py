@@ -273,7 +273,7 @@ def run(args) -> int:
         if not Path(args.rerank).exists():
             raise NanoseekError(f"GRM checkpoint {args.rerank} not found (train one: nanoseek grm --config ...)")
     llm = LLM(args.model, max_num_seqs=max(1, min(256, args.n * args.samples)), block_size=16,
-              device=args.device, dtype=args.dtype, quantize=args.quantize)
+              device=args.device, dtype=args.dtype, quantize=args.quantize, enforce_eager=args.enforce_eager)
     try:
         report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -145,12 +145,14 @@ class LLM:
             raise NanoseekError(f"speculative_max_batch={speculative_max_batch} must be >= 0 (0: never speculate)")
         device = next(model.parameters()).device
         cache_dtype = next(model.parameters()).dtype  # the latents are stored as the model computes them
-        # CUDA graphs need a forward without host syncs: the MoE's grouped GEMMs, which run in bf16
+        # CUDA graphs need a forward without host syncs: with MoE, its grouped GEMMs, which run in bf16
+        # (bf16 weights, or fp32 ones under bf16 autocast: the runner checks at each forward)
         has_moe = any(isinstance(m, MoE) for m in model.modules())
-        cuda_graphs = device.type == "cuda" and not enforce_eager and (not has_moe or cache_dtype == torch.bfloat16)
+        cuda_graphs = device.type == "cuda" and not enforce_eager
         if speculative_max_batch is None:
+            graphed = cuda_graphs and (not has_moe or cache_dtype == torch.bfloat16)
             speculative_max_batch = DEFAULT_SPECULATIVE_MAX_BATCH[
-                "cuda_graphs" if cuda_graphs else "cpu" if device.type == "cpu" else "cuda"]
+                "cuda_graphs" if graphed else "cpu" if device.type == "cpu" else "cuda"]
         self.model = model
         self.tokenizer = tokenizer
         self.speculative_mtp = speculative_mtp
@@ -171,7 +173,7 @@ class LLM:
         self.block_manager = BlockManager(num_cache_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, speculative_mtp)
         self.runner = ModelRunner(model, num_cache_blocks, block_size, cache_dtype, device, cuda_graphs, max_num_seqs,
-                                  graph_tokens=1 + speculative_mtp)
+                                  graph_tokens=1 + speculative_mtp, graphs_need_bf16=has_moe)
         self.sampler = Sampler(cfg.vocab_size)
         # every stop token: the tokenizer's eos and generation_config.json's eos_token_id list
         self.eos_ids = set(tokenizer.eos_token_ids) if tokenizer is not None else (

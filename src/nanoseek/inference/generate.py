@@ -30,6 +30,30 @@ def context_length(text: str) -> int:
     return n
 
 
+def batch_limit(text: str) -> int:
+    """argparse type for --speculative-max-batch: a batch size, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size: give 0 (never speculate) or more")
+    return int(text)
+
+
+def add_speculative_arguments(parser) -> None:
+    """--speculative-mtp / --speculative-max-batch (generate, chat, serve)."""
+    parser.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
+                        help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
+    parser.add_argument("--speculative-max-batch", type=batch_limit, default=None, metavar="N",
+                        help="speculate only while at most N sequences decode (default: 1 on a CPU, 32 on a GPU "
+                             "decoding eagerly, 0 = never where decode steps replay CUDA graphs)")
+
+
+def note_speculation(llm, args) -> None:
+    """Say (one stderr line) when --speculative-mtp was asked for but the device's default turns it off."""
+    if llm.speculative_mtp and not llm.speculative_max_batch and args.speculative_max_batch is None:
+        print(f"nanoseek {args.command}: --speculative-mtp {llm.speculative_mtp} is off by default where decode "
+              "steps replay CUDA graphs (the MTP module's drafts run eagerly and cost more than they save on "
+              "an untrained draft); --speculative-max-batch N turns it on up to batch N", file=sys.stderr)
+
+
 def note_max_model_len(llm, requested: int | None, command: str) -> None:
     """Say (one stderr line) when the engine runs with a shorter context than --max-model-len asked for."""
     if requested is None or llm.max_model_len >= requested:
@@ -50,8 +74,7 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help=f"({shipped} 1)")
     parser.add_argument("--top-k", type=int, default=None, help=f"0: no limit ({shipped} 0)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
-                        help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
+    add_speculative_arguments(parser)
     parser.add_argument("--max-model-len", type=context_length, default=None,
                         help="context length in tokens (default, and at most: the model's)")
     add_device_arguments(parser)
@@ -80,10 +103,12 @@ def build_engine(args):
     from nanoseek.inference.engine import LLM
 
     llm = LLM(args.model, max_model_len=args.max_model_len, speculative_mtp=args.speculative_mtp,
-              device=args.device, dtype=args.dtype, quantize=args.quantize)
+              speculative_max_batch=args.speculative_max_batch, device=args.device, dtype=args.dtype,
+              quantize=args.quantize, enforce_eager=args.enforce_eager)
     if llm.tokenizer is None:
         raise NanoseekError(f"{args.model} has no tokenizer.json; save the checkpoint with its tokenizer")
     note_max_model_len(llm, args.max_model_len, args.command)
+    note_speculation(llm, args)
     return llm
 
 

@@ -25,13 +25,20 @@ that each step overwrites with one host-to-device copy; padding rows write to th
 and read nothing else. Graphs are captured when a shape is first met (tens of ms each) and share
 one memory pool. Other forwards run eagerly. Capturing needs a forward with no host syncs and no
 shapes that depend on data: the MoE's grouped-GEMM form (bf16 on CUDA) is one, its expert loop
-is not, so the engine turns graphs on for bf16 models (and for models without MoE).
+is not, so a model with MoE replays graphs only where it computes in bf16: bf16 weights, or fp32
+weights under bf16 autocast (RL's rollouts on the trainer's own weights). Under autocast a graph is
+captured with autocast's weight cache off, so the casts of the weights are recorded in the graph
+and each replay reads the weights as the optimizer has since updated them in place; graphs are
+keyed by the autocast dtype too, so one captured under autocast never replays outside it.
 
 Shape legend: B sequences, T new tokens (padded), S cached positions (padded), D hidden size,
 C kv_lora_rank, R qk_rope_head_dim, V vocabulary.
 """
 
 from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -64,7 +71,7 @@ class PagedLatentCache:
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str, cuda_graphs: bool = False, max_num_seqs: int = 64,
-                 graph_tokens: int = 1):
+                 graph_tokens: int = 1, graphs_need_bf16: bool = False):
         cfg = model.config
         self.model = model
         self.block_size = block_size
@@ -78,11 +85,12 @@ class ModelRunner:
         self.mtp_layer = model.mtp_layers[0] if cfg.num_nextn_predict_layers else None
         self.positions: torch.Tensor | None = None  # (B, T) of the last prepare()
         self.cuda_graphs = cuda_graphs
+        self.graphs_need_bf16 = graphs_need_bf16  # MoE: only its bf16 grouped GEMMs are free of host syncs
         self.graph_tokens = graph_tokens  # the longest run a graph is captured for: 1 + speculative drafts
         # the padded batch sizes graphs are captured at (nano-vllm's choice)
         self.graph_batch_sizes = sorted({b for b in (1, 2, 4, 8) if b < max_num_seqs}
                                         | set(range(16, max_num_seqs, 16)) | {max_num_seqs})
-        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (rows, T, S) -> its graph
+        self.graphs: dict[tuple, DecodeGraph] = {}  # (rows, T, S, autocast dtype or None) -> its graph
         self.graph_pool = None  # the memory pool every graph shares
 
     @staticmethod
@@ -131,18 +139,31 @@ class ModelRunner:
         lengths = [len(t) for t in tokens]
         T = max(lengths)
         if self.cuda_graphs and min(lengths) == T <= self.graph_tokens and len(seqs) <= self.graph_batch_sizes[-1]:
-            return self._replay(seqs, tokens, starts)
+            amp = self._autocast_dtype()
+            if not self.graphs_need_bf16 or (amp or self.cache.pool.dtype) == torch.bfloat16:
+                try:
+                    return self._replay(seqs, tokens, starts, amp)
+                except CaptureError as e:  # a capture CUDA refused (nothing ran): go on eagerly
+                    self.cuda_graphs = False
+                    print(f"nanoseek: {e}; decoding eagerly from now on (enforce_eager=True skips the attempt)",
+                          file=sys.stderr)
         positions = self.prepare(seqs, starts, lengths)
         ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=self.device)  # (B, T)
         return self.model(ids, positions, cache=self.cache, logits=False).hidden
 
-    def _replay(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """`forward` through the CUDA graph of its padded shape (captured on first use)."""
+    def _autocast_dtype(self) -> torch.dtype | None:
+        kind = torch.device(self.device).type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+    def _replay(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int],
+                amp: torch.dtype | None = None) -> torch.Tensor:
+        """`forward` through the CUDA graph of its padded shape and autocast dtype `amp` (captured on
+        first use)."""
         B, T = len(tokens), len(tokens[0])
         rows = next(b for b in self.graph_batch_sizes if b >= B)
         blocks = -(-(max(starts) + T) // self.block_size)
         span = (1 << (blocks - 1).bit_length()) * self.block_size  # blocks rounded up to a power of two
-        graph = self.graphs.get((rows, T, span)) or self._capture(rows, T, span)
+        graph = self.graphs.get((rows, T, span, amp)) or self._capture(rows, T, span, amp)
         positions, write, read = self.layout(seqs, starts, [T] * B, rows, span)
         ids = torch.tensor(tokens + [[0] * T] * (rows - B))  # (rows, T)
         graph.inputs.copy_(torch.cat([ids.flatten(), positions.flatten(), write, read.flatten()]))
@@ -152,7 +173,7 @@ class ModelRunner:
         self.positions = graph.positions[:B]
         return graph.hidden[:B].clone()  # the static output is overwritten by the next replay
 
-    def _capture(self, rows: int, T: int, span: int) -> "DecodeGraph":
+    def _capture(self, rows: int, T: int, span: int, amp: torch.dtype | None) -> "DecodeGraph":
         graph = DecodeGraph(rows, T, span, self.device)
         # the static inputs start as padding: every row writes to the scratch block and reads it
         graph.write.fill_(self.scratch_block * self.block_size)
@@ -162,8 +183,15 @@ class ModelRunner:
             self.cache.write_slots, self.cache.read_slots = graph.write, graph.read
             return self.model(graph.ids, graph.positions, cache=self.cache, logits=False).hidden
 
-        self._record(graph, run)
-        self.graphs[rows, T, span] = graph
+        # autocast's cache would hand the capture bf16 copies of the weights made outside it, which
+        # it frees on exit: with it off, the casts are part of the graph and read the live weights
+        kind = torch.device(self.device).type
+        try:
+            with torch.autocast(kind, dtype=amp, cache_enabled=False) if amp else nullcontext():
+                self._record(graph, run)
+        except RuntimeError as e:  # its warm-up run wrote to the scratch block only
+            raise CaptureError(f"CUDA graph capture failed ({str(e).splitlines()[0]})") from e
+        self.graphs[rows, T, span, amp] = graph
         return graph
 
     def _record(self, graph: "DecodeGraph", run) -> None:
@@ -190,6 +218,10 @@ class ModelRunner:
         h = layer(x, positions, self.model.rope(positions), self.cache)  # (B, T, D)
         h = h[:, -1] if last is None else h[torch.arange(len(h), device=self.device), last.to(self.device)]
         return h, self.model.lm_head(layer.shared_head.norm(h))
+
+
+class CaptureError(RuntimeError):
+    """A forward that CUDA could not record as a graph."""
 
 
 class DecodeGraph:

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.checkpoint import generation_defaults
 from nanoseek.device import add_device_arguments, add_quantize_argument
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
-from nanoseek.inference.generate import context_length, note_max_model_len
+from nanoseek.inference.generate import add_speculative_arguments, context_length, note_max_model_len, note_speculation
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
@@ -302,7 +302,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
                         help="defaults of the sampling fields a request leaves out: the checkpoint's "
                              "generation_config.json where it sets them (auto), or OpenAI's (temperature 1)")
-    parser.add_argument("--speculative-mtp", type=int, default=0, help="draft tokens per step from the MTP heads")
+    add_speculative_arguments(parser)
     add_device_arguments(parser)
     add_quantize_argument(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -346,8 +346,10 @@ def run(args) -> int:
         Tokenizer.from_dir(model_dir).check_chat_template()
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp,
-                 device=args.device, dtype=args.dtype, quantize=args.quantize)
+                 speculative_max_batch=args.speculative_max_batch, device=args.device, dtype=args.dtype,
+                 quantize=args.quantize, enforce_eager=args.enforce_eager)
     note_max_model_len(engine, args.max_model_len, "serve")
+    note_speculation(engine, args)
     name = args.served_model_name or model_dir.resolve().name
     defaults = generation_defaults(model_dir) if args.generation_config == "auto" else {}
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
