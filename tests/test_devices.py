@@ -131,6 +131,33 @@ def test_engine_greedy_equals_full_forward_on_device(device):
     assert spec.runner.cache.pool.device.type == torch.device(device).type
 
 
+def test_seeded_samples_are_drawn_on_the_device_and_ignore_their_neighbours(device, monkeypatch):
+    """Each sequence's generator lives on the model's device (host-side noise for 256 x 32k
+    logits cost more than a graphed decode step): a seeded request samples the same tokens alone,
+    in a batch, and with MTP speculation's acceptance tests drawing from the same generators."""
+    model = tiny_model(device).eval()
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)
+    llm = LLM(model, block_size=4)
+    alone = llm.generate([[5, 6, 7]], seeded)[0].outputs[0].token_ids
+    batched = llm.generate([[1, 2], [5, 6, 7], [9] * 6], [other, seeded, other])[1].outputs[0].token_ids
+    assert alone == batched and len(alone) == 8
+    seq_generators = []
+    original = LLM._enqueue
+
+    def spy(self, *args, **kwargs):
+        request_id = original(self, *args, **kwargs)
+        seq_generators.extend(seq.generator for seq in self.requests[request_id].seqs)
+        return request_id
+
+    monkeypatch.setattr(LLM, "_enqueue", spy)
+    spec = LLM(model, block_size=4, speculative_mtp=2, speculative_max_batch=8)
+    first = spec.generate([[5, 6, 7]], seeded)[0].outputs[0].token_ids
+    assert spec.generate([[5, 6, 7]], seeded)[0].outputs[0].token_ids == first and len(first) == 8
+    assert spec.stats()["spec_draft_tokens"] > 0
+    assert seq_generators and all(g.device.type == torch.device(device).type for g in seq_generators)
+
+
 def test_decode_replays_cuda_graphs_on_a_gpu(device):
     """On a GPU, decode steps replay CUDA graphs (the runner's graphs fill up; enforce_eager=True
     keeps them off); on the CPU nothing is captured. A dense fp32 model decodes exactly as eagerly;

@@ -334,7 +334,9 @@ class LLM:
         request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
         req = Request(request_id, text, ids, params)
         for i in range(params.n):
-            generator = torch.Generator()
+            # on the model's device: on a GPU the noise of a batch of 256 x 32k vocabulary drawn on the
+            # host took longer than the graphed decode step it follows
+            generator = torch.Generator(self.runner.device)
             # sample 0 of seed s is the n=1 sample of seed s; unseeded requests draw from torch's RNG
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
             generator.manual_seed(seed if i == 0 else hash((seed, i)) & (2**63 - 1))

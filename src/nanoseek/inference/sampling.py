@@ -4,7 +4,7 @@
 `Sampler` turns one logits row per sequence into one token per sequence for a whole decode batch
 at once.
 
-Reproducibility: each sequence owns a `torch.Generator`. A sampled token consumes exactly one draw
+Reproducibility: each sequence owns a `torch.Generator` on the model's device. A sampled token consumes exactly one draw
 of V exponential variates from it (the "exponential race": argmax p_i / E_i with E_i ~ Exp(1) is a
 draw from p), so the samples of a seeded request depend on its seed only, never on which other
 requests share the batch or on preemption. Speculative decoding (`speculative_accept`) keeps the
@@ -227,10 +227,11 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
 
     The exponential race: argmax p_i / E_i with E_i ~ Exp(1) is a draw from p. One draw consumes
     V exponential variates of the row's generator, whatever the batch, which keeps seeded
-    requests independent of their neighbours."""
-    V = probs.shape[-1]
-    noise = torch.stack([torch.empty(V).exponential_(generator=g) for g in generators]) if len(generators) > 1 \
-        else torch.empty(1, V).exponential_(generator=generators[0])
+    requests independent of their neighbours. The noise is drawn where the generators live (the
+    engine's device), so a GPU's seeded samples differ from a CPU's."""
+    V, where = probs.shape[-1], generators[0].device
+    noise = torch.stack([torch.empty(V, device=where).exponential_(generator=g) for g in generators]) \
+        if len(generators) > 1 else torch.empty(1, V, device=where).exponential_(generator=generators[0])
     return (probs / noise.to(probs.device)).argmax(dim=-1)
 
 
@@ -250,8 +251,9 @@ def speculative_accept(target: torch.Tensor, draft: torch.Tensor, draft_ids: tor
     index = draft_ids.unsqueeze(-1)  # (b, k, 1)
     p = target[:, :k].gather(2, index)  # (b, k, 1)
     q = draft.gather(2, index)  # (b, k, 1), > 0: the drafts were drawn from it
-    u = torch.stack([torch.rand(k, 1, generator=g) for g in generators]) if b > 1 \
-        else torch.rand(1, k, 1, generator=generators[0])  # (b, k, 1)
+    where = generators[0].device
+    u = torch.stack([torch.rand(k, 1, generator=g, device=where) for g in generators]) if b > 1 \
+        else torch.rand(1, k, 1, generator=generators[0], device=where)  # (b, k, 1)
     kept = (u.to(p.device) * q < p).view(b, k).tolist()  # u < p/q, without dividing
     accepted = [next((j for j in range(k) if not row[j]), k) for row in kept]
     rows, at = torch.arange(b, device=target.device), torch.tensor(accepted, device=target.device)
