@@ -12,6 +12,8 @@ itself (its error goes into the table and the full output into <out>.log):
     decode   decode tokens/s at batch 1 and 64 against transformers `generate` (bf16), with MTP speculation
     grpo     one GRPO step (engine rollouts on the GPU + the update) of `configs/rl_gpu.toml` at a reduced size
     compile  the training comparison again with torch.compile (opt-in: --sections ... compile)
+    train16  the training comparison at 16 x 2048 tokens per forward (opt-in): do larger micro-batches,
+             hence larger grouped GEMMs per expert, raise MFU, and does the recipe's 8 leave speed unused?
     profile  torch.profiler tables (top ops by GPU and by CPU time) of one training step and one
              eager batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
 
@@ -33,7 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("tests", "train", "decode", "grpo", "compile", "profile")
+SECTIONS = ("tests", "train", "decode", "grpo", "compile", "train16", "profile")
+OPT_IN = ("compile", "train16")
 
 
 def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
@@ -44,6 +47,8 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
             "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "--collect-only", "tests/test_devices.py"], 120),
             "train": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "2",
                        "--seq", "32", "--steps", "1", "--threads", "1", "--json", str(tmp / "train.json")], 120),
+            "train16": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "4",
+                         "--seq", "32", "--steps", "1", "--threads", "1", "--json", str(tmp / "train16.json")], 120),
             "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cpu", "--preset", "tiny", "--batches",
                         "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
                         "--threads", "1", "--json", str(tmp / "decode.json")], 120),
@@ -60,6 +65,8 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
         "grpo": ([py, __file__, "--grpo-step", "--device", "cuda", "--json", str(tmp / "grpo.json")], 150),
         "compile": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                      "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
+        "train16": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "16",
+                     "--seq", "2048", "--steps", "4", "--json", str(tmp / "train16.json")], 200),
         "profile": ([py, __file__, "--profile-step", "--device", "cuda", "--json", str(tmp / "profile.json")], 150),
     }
 
@@ -175,7 +182,7 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
     """Table rows (what, result) for one section's JSON (None: it failed or was skipped)."""
     if data is None:
         return [(name, summary)]
-    if name in ("train", "compile"):
+    if name in ("train", "compile", "train16"):
         label = f"training{' (torch.compile)' if name == 'compile' else ''}, {data['preset']} preset, " \
                 f"{data['batch']} x {data['seq']} tokens"
         parts = []
@@ -243,8 +250,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_check.md", help="the table (markdown); the full output goes to <out>.log")
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (the default without a GPU)")
-    ap.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s != "compile"], choices=SECTIONS,
-                    help="default: all but compile (about 3 minutes of compiling on an H100, for ~8%% more tokens/s)")
+    ap.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s not in OPT_IN], choices=SECTIONS,
+                    help="default: all but compile (about 3 minutes of compiling on an H100, for ~8%% more "
+                         "tokens/s) and train16 (16 x 2048 tokens per forward, about a minute)")
     ap.add_argument("--grpo-step", action="store_true", help=argparse.SUPPRESS)  # the grpo section's own process
     ap.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)  # the profile section's
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
