@@ -181,6 +181,7 @@ def test_decode_replays_cuda_graphs_on_a_gpu(device):
     outs = llm.generate(prompts, params)
     assert bool(llm.runner.graphs) == cuda
     assert {T for _, T, *_ in llm.runner.graphs} == ({1, 2} if cuda else set())  # decode, and MTP verify
+    assert any(g.mtp is not None for g in llm.runner.graphs.values()) == cuda  # the MTP run after a verify
     with torch.no_grad():
         for prompt, out in zip(prompts, outs):
             ids = prompt + out.outputs[0].token_ids

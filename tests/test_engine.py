@@ -704,6 +704,21 @@ def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
     assert ChatCompletionRequest(messages=messages).sampling_kwargs()["temperature"] == 1.0
 
 
+def eager_record(runner, run):
+    """ModelRunner._record without CUDA: each replay runs `run` again on the static inputs and
+    copies its results into the static outputs, as a graph replay rewrites them."""
+    import types
+
+    outputs = run()
+
+    def replay():
+        fresh = run()
+        for static, new in zip(outputs, fresh) if isinstance(outputs, tuple) else [(outputs, fresh)]:
+            static.copy_(new)
+
+    return types.SimpleNamespace(replay=replay), outputs
+
+
 def test_graph_path_equals_eager_decoding(model, monkeypatch):
     """The CUDA-graph path: static padded inputs filled by one copy, batch sizes padded to a
     captured size, cache spans rounded up to a power of two of blocks, the output cloned before
@@ -712,35 +727,38 @@ def test_graph_path_equals_eager_decoding(model, monkeypatch):
     (tests/test_devices.py checks the real graphs on a GPU). Greedy (with logprobs), seeded
     sampling and MTP speculation give the eager engine's tokens; with speculation the batch of 3
     decodes plainly (above speculative_max_batch) until one finishes, then verifies k+1 = 3
-    positions per step after catching the MTP module up on the plain steps' hidden states."""
-    import types
-
+    positions per step after catching the MTP module up on the plain steps' hidden states; the
+    MTP module's run after a graphed verify replays that graph's companion (`mtp_replay`)."""
     from nanoseek.inference.runner import ModelRunner
 
-    def record(self, graph, run):
-        graph.hidden = run()
-        graph.graph = types.SimpleNamespace(replay=lambda: graph.hidden.copy_(run()))
-
-    monkeypatch.setattr(ModelRunner, "_record", record)
+    monkeypatch.setattr(ModelRunner, "_record", eager_record)
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]  # 3 sequences: padded to 4 rows
     greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (12, 5, 9)]
     sampled = [SamplingParams(temperature=1.0, seed=7, max_tokens=n, ignore_eos=True) for n in (12, 5, 9)]
+    drafting = agreeing_mtp_model(0.5)  # accepts some drafts, not all: the MTP state's row varies
+    # longer: the MTP companion of one verify graph replays several times, on new inputs each time
+    drafted = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (24, 5, 20)]
     for params, speculative, shapes_expected in ((greedy, 0, {(4, 1), (2, 1), (1, 1)}),
                                                  (sampled, 0, {(4, 1), (2, 1), (1, 1)}),
-                                                 (greedy, 2, {(4, 1), (2, 3), (1, 3)})):
+                                                 (drafted, 2, {(4, 1), (2, 3)})):
         kwargs = dict(block_size=4, speculative_mtp=speculative, speculative_max_batch=2)
-        eager_llm, graphed = LLM(model, **kwargs), LLM(model, **kwargs)
+        m = drafting if speculative else model
+        eager_llm, graphed = LLM(m, **kwargs), LLM(m, **kwargs)
         eager = eager_llm.generate(prompts, params)
         # fp32 MoE: the expert loop, which CUDA could not capture; nothing is captured here
         graphed.runner.cuda_graphs, graphed.runner.graphs_need_bf16 = True, False
         outs = graphed.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
+        # the same drafts were accepted: the MTP states the graphs left behind are the eager ones
+        stats = {k: v for k, v in graphed.stats().items() if k.startswith("spec")}
+        assert stats == {k: v for k, v in eager_llm.stats().items() if k.startswith("spec")}
+        assert 0 < stats["spec_acceptance_rate"] < 1 if speculative else stats["spec_draft_tokens"] == 0
         # the caches end equal, the MTP module's included (stale hidden states would change only
         # its entries, which cost acceptance, never tokens); the scratch block differs (padding rows)
         end = graphed.runner.scratch_block * 4
         torch.testing.assert_close(graphed.runner.cache.pool[:, :end], eager_llm.runner.cache.pool[:, :end],
                                    atol=1e-5, rtol=1e-5)
-        if params is greedy:
+        if params is not sampled:
             for o, e in zip(outs, eager):
                 got = [lp["logprob"] for lp in o.outputs[0].logprobs]
                 want = [lp["logprob"] for lp in e.outputs[0].logprobs]
@@ -750,6 +768,8 @@ def test_graph_path_equals_eager_decoding(model, monkeypatch):
         assert all(span in (4, 8, 16, 32) for _, _, span, _ in shapes)  # 1, 2, 4, 8 blocks of 4
         assert len({span for _, _, span, _ in shapes}) > 1  # contexts of 6..21 tokens cross buckets
         assert {amp for *_, amp in shapes} == {None}
+        companions = [shape for shape, graph in graphed.runner.graphs.items() if graph.mtp is not None]
+        assert {T for _, T, _, _ in companions} == ({3} if speculative else set())
     # prompts of one length make a uniform prefill, which still runs eagerly: only decode is graphed
     graphed = LLM(model, block_size=4)
     graphed.runner.cuda_graphs, graphed.runner.graphs_need_bf16 = True, False
@@ -763,16 +783,13 @@ def test_graphs_of_fp32_moe_weights_only_under_bf16_autocast(model, monkeypatch)
     graphs under it, keyed by the autocast dtype (a graph holds its casts: replayed outside autocast
     it would compute in bf16). The capture runs with autocast's weight cache off, else the graph
     would read bf16 copies freed when autocast exits (checked on a GPU in tests/test_devices.py)."""
-    import types
-
     from nanoseek.inference.runner import ModelRunner
 
     cache_flags = []
 
-    def record(self, graph, run):
+    def record(self, run):
         cache_flags.append(torch.is_autocast_cache_enabled())
-        graph.hidden = run()
-        graph.graph = types.SimpleNamespace(replay=lambda: graph.hidden.copy_(run()))
+        return eager_record(self, run)
 
     monkeypatch.setattr(ModelRunner, "_record", record)
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]

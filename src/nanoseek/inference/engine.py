@@ -73,9 +73,11 @@ DEFAULT_CACHE_BYTES = 1 << 30  # cap of the default cache budget
 # extra verified token wakes up to K more experts per MoE layer and the step is bound by per-expert
 # calls; the 1.42M reasoning model still gains at 2-8 (1.05-1.12x), loses at 32 (0.83-0.92x). So 1.
 # On a GPU an eager step is bound by kernel launches, which verification barely adds to: 32. With
-# CUDA graphs (the default there) a plain decode step is one replay while the MTP module's drafting
-# forwards stay eager: batch 1 of the `gpu` preset ran at 0.39x plain decoding (H100, random weights,
-# acceptance 0; k=1 yields at most 2 tokens a step, so at most 0.78x), hence 0: never by default.
+# CUDA graphs (the default there) a plain decode step is one replay while the MTP module's run was
+# eager: batch 1 of the `gpu` preset ran at 0.39x plain decoding (H100, random weights, acceptance 0;
+# k=1 yields at most 2 tokens a step, so at most 0.78x), hence 0: never by default. Since then the
+# MTP run after a graphed verify replays a graph too (runner.mtp_replay); not yet measured on a GPU,
+# and a gain needs a trained MTP module, so the default stays 0.
 DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32, "cuda_graphs": 0}
 
 # A text prompt longer than this many characters per token of the context is first measured on
@@ -489,7 +491,11 @@ class LLM:
             hidden = hidden[live]
             positions = self.runner.prepare([seqs[i] for i in live], [starts[i] for i in live], [k + 1] * len(live))
         next_ids = torch.tensor([new_tokens[i] + [0] * (k - accepted[i]) for i in live])  # (b, k+1)
-        h, logits = self.runner.mtp_forward(hidden, next_ids, positions, torch.tensor([accepted[i] for i in live]))
+        last = torch.tensor([accepted[i] for i in live])
+        if self.runner.replayed is not None:  # the verify was a graph replay, and no sequence finished
+            h, logits = self.runner.mtp_replay(next_ids, last)
+        else:
+            h, logits = self.runner.mtp_forward(hidden, next_ids, positions, last)
         for row, i in enumerate(live):
             seqs[i].mtp_last = (h[row], logits[row])
 

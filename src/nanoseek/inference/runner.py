@@ -30,6 +30,9 @@ weights under bf16 autocast (RL's rollouts on the trainer's own weights). Under 
 captured with autocast's weight cache off, so the casts of the weights are recorded in the graph
 and each replay reads the weights as the optimizer has since updated them in place; graphs are
 keyed by the autocast dtype too, so one captured under autocast never replays outside it.
+A speculative verify graph gets a companion for the MTP module's run over the verified positions
+(`mtp_replay`), which reads the verify's static hidden states and slots: at k = 1 a speculative
+step is two replays. Chained drafts (k > 1) and the MTP catch-up after plain steps run eagerly.
 
 Shape legend: B sequences, T new tokens (padded), S cached positions (padded), D hidden size,
 C kv_lora_rank, R qk_rope_head_dim, V vocabulary.
@@ -84,6 +87,7 @@ class ModelRunner:
         # looked up once: model.mtp_layers slices a ModuleList, building a new one per call
         self.mtp_layer = model.mtp_layers[0] if cfg.num_nextn_predict_layers else None
         self.positions: torch.Tensor | None = None  # (B, T) of the last prepare()
+        self.replayed: DecodeGraph | None = None  # the graph of the last forward, when it was one
         self.cuda_graphs = cuda_graphs
         self.graphs_need_bf16 = graphs_need_bf16  # MoE: only its bf16 grouped GEMMs are free of host syncs
         self.graph_tokens = graph_tokens  # the longest run a graph is captured for: 1 + speculative drafts
@@ -131,6 +135,7 @@ class ModelRunner:
         uses these slots: the MTP run after a verify forward reuses the verify's."""
         positions, write, read = (t.to(self.device) for t in self.layout(seqs, starts, lengths))
         self.cache.write_slots, self.cache.read_slots, self.positions = write, read, positions
+        self.replayed = None
         return positions
 
     def forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -170,11 +175,12 @@ class ModelRunner:
         graph.graph.replay()
         # what `prepare` leaves behind, for an MTP run on the same slots
         self.cache.write_slots, self.cache.read_slots = graph.write[: B * T], graph.read[:B]
-        self.positions = graph.positions[:B]
+        self.positions, self.replayed = graph.positions[:B], graph
         return graph.hidden[:B].clone()  # the static output is overwritten by the next replay
 
     def _capture(self, rows: int, T: int, span: int, amp: torch.dtype | None) -> "DecodeGraph":
         graph = DecodeGraph(rows, T, span, self.device)
+        graph.amp = amp
         # the static inputs start as padding: every row writes to the scratch block and reads it
         graph.write.fill_(self.scratch_block * self.block_size)
         graph.read.fill_(self.scratch_block * self.block_size)
@@ -183,28 +189,55 @@ class ModelRunner:
             self.cache.write_slots, self.cache.read_slots = graph.write, graph.read
             return self.model(graph.ids, graph.positions, cache=self.cache, logits=False).hidden
 
-        # autocast's cache would hand the capture bf16 copies of the weights made outside it, which
-        # it frees on exit: with it off, the casts are part of the graph and read the live weights
-        kind = torch.device(self.device).type
-        try:
-            with torch.autocast(kind, dtype=amp, cache_enabled=False) if amp else nullcontext():
-                self._record(graph, run)
-        except RuntimeError as e:  # its warm-up run wrote to the scratch block only
-            raise CaptureError(f"CUDA graph capture failed ({str(e).splitlines()[0]})") from e
+        graph.graph, graph.hidden = self._capture_run(run, amp)  # its warm-up writes the scratch block only
         self.graphs[rows, T, span, amp] = graph
         return graph
 
-    def _record(self, graph: "DecodeGraph", run) -> None:
-        """Capture `run` (the forward on the graph's static inputs) into graph.graph."""
+    def _capture_run(self, run, amp: torch.dtype | None):
+        """`_record` under the autocast the graph is for. Autocast's cache would hand the capture
+        bf16 copies of the weights made outside it, which it frees on exit: with it off, the casts
+        are part of the graph and read the live weights."""
+        kind = torch.device(self.device).type
+        try:
+            with torch.autocast(kind, dtype=amp, cache_enabled=False) if amp else nullcontext():
+                return self._record(run)
+        except RuntimeError as e:
+            raise CaptureError(f"CUDA graph capture failed ({str(e).splitlines()[0]})") from e
+
+    def _record(self, run):
+        """Capture `run` (a forward on static inputs) -> (the CUDA graph, the static outputs it rewrites)."""
         side = torch.cuda.Stream(self.device)  # warm up off the capture (lazy initialisations, autotuning)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph.graph, pool=self.graph_pool):
-            graph.hidden = run()
-        self.graph_pool = graph.graph.pool()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            outputs = run()
+        self.graph_pool = graph.pool()
+        return graph, outputs
+
+    def mtp_replay(self, next_ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mtp_forward` on the batch of the forward just replayed (`self.replayed`), through that
+        graph's companion: it reads the forward's static hidden states, positions and slots, so a
+        speculative step at k = 1 (V3's one MTP module) is two replays, verify and MTP, with no
+        eager forward. next_ids (B, T), last (B,) as for mtp_forward."""
+        graph = self.replayed
+        B, (rows, T) = len(next_ids), graph.ids.shape
+        inputs = torch.cat([next_ids.flatten(), next_ids.new_zeros((rows - B) * T), last, last.new_zeros(rows - B)])
+        if graph.mtp is None:  # captured on first use, with this step's inputs: its warm-up writes what the replay does
+            graph.mtp_inputs = inputs.to(self.device, copy=True)
+            ids, rows_last = graph.mtp_inputs[: rows * T].view(rows, T), graph.mtp_inputs[rows * T:]
+
+            def run() -> tuple[torch.Tensor, torch.Tensor]:
+                self.cache.write_slots, self.cache.read_slots = graph.write, graph.read
+                return self.mtp_forward(graph.hidden, ids, graph.positions, rows_last)
+
+            graph.mtp, graph.mtp_outputs = self._capture_run(run, graph.amp)
+        graph.mtp_inputs.copy_(inputs)
+        graph.mtp.replay()
+        h, logits = graph.mtp_outputs
+        return h[:B].clone(), logits[:B].clone()
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                     last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,3 +270,8 @@ class DecodeGraph:
         self.read = self.inputs[3 * n:].view(rows, span)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None  # (rows, T, D), rewritten by each replay
+        self.amp: torch.dtype | None = None  # the autocast dtype it was captured under
+        # the MTP module's run on this forward's hidden states (`ModelRunner.mtp_replay`)
+        self.mtp: torch.cuda.CUDAGraph | None = None
+        self.mtp_inputs: torch.Tensor | None = None  # next ids (rows*T), then the row each sequence drafts from (rows)
+        self.mtp_outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, D), (rows, V)
