@@ -218,6 +218,35 @@ def test_rollout_graphs_read_the_trained_fp32_weights(device):
     assert set(llm.runner.graphs) == captured  # the second round replayed the first round's graphs
 
 
+def test_a_refused_capture_decodes_eagerly_and_leaves_cuda_as_it_was(device, capsys):
+    """A forward with a host sync cannot be captured. The runner must find out before the capture
+    starts (a capture that raises leaves the capture stream current and the allocator in capture
+    mode): the engine then decodes eagerly, the same tokens, on the caller's stream."""
+    from nanoseek.model.dense import DenseTransformer, dense_preset
+
+    if torch.device(device).type != "cuda":
+        pytest.skip("CUDA graphs only")
+    torch.manual_seed(0)
+    model = DenseTransformer(dense_preset("student-tiny", vocab_size=512)).to(device).eval()  # fp32: graphed
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, block_size=4, enforce_eager=True).generate(prompts, params)]
+
+    def host_sync(module, args, out) -> None:
+        out.sum().item()  # legal eagerly, refused inside a capture
+
+    hook = model.model.norm.register_forward_hook(host_sync)
+    try:
+        stream = torch.cuda.current_stream()
+        got = [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, params)]
+    finally:
+        hook.remove()
+    assert got == want
+    assert "CUDA graph capture failed" in capsys.readouterr().err
+    assert torch.cuda.current_stream() == stream
+    assert torch.cuda.get_sync_debug_mode() == 0
+
+
 def test_checkpoint_loads_in_the_devices_default_dtype(device, tmp_path):
     """`LLM(dir)` picks bf16 weights and cache on a GPU and fp32 on the CPU; bf16 logits stay close."""
     model = tiny_model("cpu").eval()

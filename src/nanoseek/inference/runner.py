@@ -96,6 +96,7 @@ class ModelRunner:
                                         | set(range(16, max_num_seqs, 16)) | {max_num_seqs})
         self.graphs: dict[tuple, DecodeGraph] = {}  # (rows, T, S, autocast dtype or None) -> its graph
         self.graph_pool = None  # the memory pool every graph shares
+        self.capture_stream = None  # the stream every capture runs on (one, as pool sharing wants)
 
     @staticmethod
     def bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -149,9 +150,7 @@ class ModelRunner:
                 try:
                     return self._replay(seqs, tokens, starts, amp)
                 except CaptureError as e:  # a capture CUDA refused (nothing ran): go on eagerly
-                    self.cuda_graphs = False
-                    print(f"nanoseek: {e}; decoding eagerly from now on (enforce_eager=True skips the attempt)",
-                          file=sys.stderr)
+                    self._give_up_graphs(e)
         positions = self.prepare(seqs, starts, lengths)
         ids = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=self.device)  # (B, T)
         return self.model(ids, positions, cache=self.cache, logits=False).hidden
@@ -202,20 +201,48 @@ class ModelRunner:
             with torch.autocast(kind, dtype=amp, cache_enabled=False) if amp else nullcontext():
                 return self._record(run)
         except RuntimeError as e:
-            raise CaptureError(f"CUDA graph capture failed ({str(e).splitlines()[0]})") from e
+            # a sync inside the capture raises, then capture_end raises "operation failed due to a
+            # previous error during capture" with the first error as its context: name the first
+            cause = e.__context__ if isinstance(e.__context__, RuntimeError) else e
+            raise CaptureError(f"CUDA graph capture failed ({str(cause).splitlines()[0]})") from e
 
     def _record(self, run):
-        """Capture `run` (a forward on static inputs) -> (the CUDA graph, the static outputs it rewrites)."""
+        """Capture `run` (a forward on static inputs) -> (the CUDA graph, the static outputs it rewrites).
+
+        The warm-up runs with torch's sync debug mode on "error": a host sync (a `.cpu()`, `.tolist()`,
+        a D2H copy, e.g. F.grouped_mm's fallback off sm90/sm100) raises there, before the capture
+        begins. Inside a capture it would also raise, but torch.cuda.graph's exit then fails in
+        capture_end before ending the allocator's capture mode (endAllocateToPool), before leaving
+        the capture stream, and (torch 2.4-era) before the default CUDA generator's capture
+        epilogue: the process would go on half inside a capture."""
+        current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)  # warm up off the capture (lazy initialisations, autotuning)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        side.wait_stream(current)
+        debug_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):
+                run()
+        finally:
+            torch.cuda.set_sync_debug_mode(debug_mode)
+            current.wait_stream(side)
+        if self.capture_stream is None:
+            self.capture_stream = torch.cuda.Stream(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
+        # the outer stream context gives the caller its stream back even when the graph's exit raises
+        with torch.cuda.stream(self.capture_stream), \
+                torch.cuda.graph(graph, pool=self.graph_pool, stream=self.capture_stream):
             outputs = run()
         self.graph_pool = graph.pool()
         return graph, outputs
+
+    def _give_up_graphs(self, error: CaptureError) -> None:
+        """After a refused capture: decode eagerly from now on, and free the graphs and their pool."""
+        self.cuda_graphs = False
+        self.graphs.clear()
+        self.graph_pool = self.replayed = None
+        print(f"nanoseek: {error}; decoding eagerly from now on (enforce_eager=True skips the attempt)",
+              file=sys.stderr)
 
     def mtp_replay(self, next_ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`mtp_forward` on the batch of the forward just replayed (`self.replayed`), through that
@@ -233,7 +260,12 @@ class ModelRunner:
                 self.cache.write_slots, self.cache.read_slots = graph.write, graph.read
                 return self.mtp_forward(graph.hidden, ids, graph.positions, rows_last)
 
-            graph.mtp, graph.mtp_outputs = self._capture_run(run, graph.amp)
+            try:
+                graph.mtp, graph.mtp_outputs = self._capture_run(run, graph.amp)
+            except CaptureError as e:  # the same MTP run, eagerly, on the verify's slots
+                self._give_up_graphs(e)
+                self.cache.write_slots, self.cache.read_slots = graph.write[: B * T], graph.read[:B]
+                return self.mtp_forward(graph.hidden[:B], next_ids, graph.positions[:B], last)
         graph.mtp_inputs.copy_(inputs)
         graph.mtp.replay()
         h, logits = graph.mtp_outputs

@@ -229,9 +229,9 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
     V exponential variates of the row's generator, whatever the batch, which keeps seeded
     requests independent of their neighbours. The noise is drawn where the generators live (the
     engine's device), so a GPU's seeded samples differ from a CPU's."""
-    V, where = probs.shape[-1], generators[0].device
-    noise = torch.stack([torch.empty(V, device=where).exponential_(generator=g) for g in generators]) \
-        if len(generators) > 1 else torch.empty(1, V, device=where).exponential_(generator=generators[0])
+    noise = torch.empty(len(generators), probs.shape[-1], device=generators[0].device)
+    for row, g in zip(noise, generators):  # each row in place: no per-row allocation, no stack copy
+        row.exponential_(generator=g)
     return (probs / noise.to(probs.device)).argmax(dim=-1)
 
 
