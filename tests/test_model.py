@@ -163,6 +163,22 @@ def test_v3_router_matches_plain_reference_with_bias_and_groups():
             assert math.isclose(wt, ref_w[t][e], rel_tol=1e-5)
 
 
+def test_router_scores_stay_fp32_under_bf16_autocast():
+    """Training and RL rollouts on a GPU run under bf16 autocast, which would compute the router's
+    matmul in bf16 even on fp32 inputs (~1e-3 error in the affinities, enough to flip near-tied
+    expert choices); the gate turns autocast off for it."""
+    torch.manual_seed(0)
+    cfg = tiny(n_group=1, topk_group=1)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(64, cfg.hidden_size)
+    plain = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = gate(x)
+    for a, b in zip(plain, under):
+        assert torch.equal(a, b)
+
+
 def test_bias_steers_selection_but_not_gate_weights():
     torch.manual_seed(0)
     cfg = tiny(n_group=1, topk_group=1)

@@ -58,7 +58,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gate weights (N, K) fp32, expert ids (N, K), affinities (N, E) fp32."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), in fp32 like HF and torchtitan
+        # (N, E) in fp32, as DeepSeek's training and torchtitan route; autocast would run the cast
+        # inputs' matmul in bf16 anyway (transformers' router does, under autocast), so it is off here
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_method != "greedy":
