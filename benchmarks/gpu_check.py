@@ -11,6 +11,8 @@ itself (its error goes into the table and the full output into <out>.log):
              transformers' DeepseekV3ForCausalLM on the same config, weights and batch (bf16 autocast)
     decode   decode tokens/s at batch 1 and 64 against transformers `generate` (bf16), with MTP speculation
     grpo     one GRPO step (engine rollouts on the GPU + the update) of `configs/rl_gpu.toml` at a reduced size
+    torchrun `nanoseek pretrain` (tiny recipe) under torchrun over NCCL, one rank per GPU (at most 2):
+             FSDP2 with the fused AdamW for 4 steps and a checkpoint, then DDP resuming from it
     compile  the training comparison again with torch.compile (opt-in: --sections ... compile)
     train16  the training comparison at 16 x 2048 tokens per forward (opt-in): do larger micro-batches,
              hence larger grouped GEMMs per expert, raise MFU, and does the recipe's 8 leave speed unused?
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("tests", "train", "decode", "grpo", "compile", "train16", "profile")
+SECTIONS = ("tests", "train", "decode", "grpo", "torchrun", "compile", "train16", "profile")
 OPT_IN = ("compile", "train16")
 
 
@@ -53,6 +55,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
                         "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
                         "--threads", "1", "--json", str(tmp / "decode.json")], 120),
             "grpo": ([py, __file__, "--grpo-step", "--device", "cpu", "--json", str(tmp / "grpo.json")], 150),
+            "torchrun": ([py, __file__, "--torchrun-step", "--device", "cpu", "--json", str(tmp / "torchrun.json")], 240),
             "profile": ([py, __file__, "--profile-step", "--device", "cpu", "--json", str(tmp / "profile.json")], 120),
         }
     return {
@@ -63,6 +66,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
                     "64", "--prompt-lens", "128", "--new-tokens", "64", "--mtp", "1", "--repeats", "1",
                     "--json", str(tmp / "decode.json")], 150),
         "grpo": ([py, __file__, "--grpo-step", "--device", "cuda", "--json", str(tmp / "grpo.json")], 150),
+        "torchrun": ([py, __file__, "--torchrun-step", "--device", "cuda", "--json", str(tmp / "torchrun.json")], 180),
         "compile": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                      "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
         "train16": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "16",
@@ -113,6 +117,39 @@ def grpo_step(device: str, json_path: str) -> None:
                   "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
         Path(json_path).write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
+
+
+# ------------------------------------------------------------------ torchrun
+
+
+def torchrun_step(device: str, json_path: str) -> None:
+    """`nanoseek pretrain --config configs/pretrain_tiny.toml` under torchrun: FSDP2 for 4 steps
+    (a checkpoint at step 4), then DDP resuming from that checkpoint to step 8. NCCL with one rank
+    per GPU (at most 2) on a GPU machine, 2 gloo ranks on the CPU. Losses and times to json_path."""
+    import torch
+
+    from nanoseek.train.metrics import read_metrics
+
+    ranks = min(2, torch.cuda.device_count()) if device == "cuda" else 2
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+              "-m", "nanoseek.cli", "pretrain", "--config", "configs/pretrain_tiny.toml", f"device={device}",
+              "save_every=4", "keep_checkpoints=0", "eval_every=0"]
+    result = {"ranks": ranks, "backend": "nccl" if device == "cuda" else "gloo"}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"fsdp": ["max_steps=4"], "ddp": ["max_steps=8", "--resume-from", f"{tmp}/fsdp/checkpoint-4"]}
+        for parallel, extra in runs.items():
+            out = Path(tmp) / parallel
+            start = time.perf_counter()
+            proc = subprocess.run([*launch, f"out_dir={out}", f"parallel={parallel}", *extra], cwd=ROOT,
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if proc.returncode != 0:
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+                raise SystemExit(f"torchrun {parallel} exited with {proc.returncode}: {tail[0][-300:]}")
+            losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+            result[parallel] = {"seconds": time.perf_counter() - start, "first_loss": losses[0],
+                                "last_loss": losses[-1], "steps": len(losses)}
+    Path(json_path).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 # ------------------------------------------------------------------ the profile
@@ -209,6 +246,11 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
         return [("profile (torch.profiler, one training step, one decode step)",
                  f"tables in the .profile.txt beside this file; {'-' if kernels is None else kernels} "
                  "GPU kernels per decode step")]
+    if name == "torchrun":
+        fsdp, ddp = data["fsdp"], data["ddp"]
+        return [(f"torchrun, {data['ranks']} rank(s) over {data['backend']}, tiny recipe",
+                 f"FSDP2 steps 1-4: loss {fsdp['first_loss']:.2f} -> {fsdp['last_loss']:.2f} ({fsdp['seconds']:.0f} s, "
+                 f"checkpoint) · DDP resumed from it, to step 8: loss {ddp['last_loss']:.2f} ({ddp['seconds']:.0f} s)")]
     if name == "grpo":
         return [(f"one GRPO step, {data['preset']} preset ({data['config']})",
                  f"{data['step_time_s']:.2f} s (rollout {data['rollout_s']:.2f} s, update {data['update_s']:.2f} s), "
@@ -255,6 +297,7 @@ def main() -> int:
                          "tokens/s) and train16 (16 x 2048 tokens per forward, about a minute)")
     ap.add_argument("--grpo-step", action="store_true", help=argparse.SUPPRESS)  # the grpo section's own process
     ap.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)  # the profile section's
+    ap.add_argument("--torchrun-step", action="store_true", help=argparse.SUPPRESS)  # the torchrun section's
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,6 +306,9 @@ def main() -> int:
         return 0
     if args.profile_step:
         profile_step(args.device, args.json)
+        return 0
+    if args.torchrun_step:
+        torchrun_step(args.device, args.json)
         return 0
 
     import torch

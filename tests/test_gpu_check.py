@@ -15,10 +15,12 @@ def test_gpu_check_runs_dry_without_a_gpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = out.read_text()
     assert "DRY RUN" in table and "CUDA tests collected" in table
-    for row in ("training, tiny preset", "decode, batch 1", "decode, batch 2", "one GRPO step", "profile"):
+    for row in ("training, tiny preset", "decode, batch 1", "decode, batch 2", "one GRPO step",
+                "torchrun, 2 rank(s) over gloo", "profile"):
         assert row in table, row
     assert "FAILED" not in table
     assert "; - GPU kernels per decode step" in table  # not measured on the CPU (it once printed "None")
     log = (tmp_path / "gpu_check.md.log").read_text()
-    assert re.findall(r"^===== (\w+): exit 0", log, flags=re.M) == ["tests", "train", "decode", "grpo", "profile"]
+    assert re.findall(r"^===== (\w+): exit 0", log, flags=re.M) == ["tests", "train", "decode", "grpo", "torchrun",
+                                                                              "profile"]
     assert "training step" in (tmp_path / "gpu_check.md.profile.txt").read_text()
