@@ -1,6 +1,6 @@
 """One GPU run that checks and measures nanoseek on CUDA; `benchmarks/gpu_check.sh` runs it.
 
-    bash benchmarks/gpu_check.sh --out gpu_check.md            # on a GPU machine: about 4 minutes on an H100
+    bash benchmarks/gpu_check.sh --out gpu_check.md            # on a GPU machine: about 5 minutes on an H100
     bash benchmarks/gpu_check.sh --dry-run --out /tmp/dry.md    # anywhere: every section at toy size on the CPU
 
 Sections, each in its own process with its own time limit, so one that fails or hangs costs only
