@@ -615,11 +615,18 @@ def test_speculation_and_eager_flags_reach_the_engine_and_say_when_speculation_i
     llm = build_engine(args)
     assert (llm.speculative_mtp, llm.speculative_max_batch, llm.runner.cuda_graphs) == (1, 4, False)
     assert "off by default" not in capsys.readouterr().err
-    for command in (["generate", "--prompt", "x"], ["chat"], ["serve"]):
+    for command, flag in ((["generate", "--prompt", "x"], "--speculative-max-batch"), (["chat"], "--speculative-max-batch"),
+                          (["serve"], "--speculative-max-batch"), (["serve"], "--max-waiting"),
+                          (["eval"], "--threads"), (["eval"], "--show")):
         with pytest.raises(SystemExit) as exit_info:
-            main([*command, "--model", str(checkpoint), "--speculative-max-batch", "-1"])
+            main([*command, "--model", str(checkpoint), flag, "-1"])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "--speculative-max-batch" in err and "Traceback" not in err
+        assert exit_info.value.code == 2 and f"{flag}: '-1' is not" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(checkpoint), "--max-num-seqs", "0"])
+    assert "--max-num-seqs: '0' is not a number of sequences: 1 or more" in capsys.readouterr().err
+    with pytest.raises(NanoseekError, match="speculative_max_batch=1.5 must be an integer >= 0"):
+        LLM(checkpoint, speculative_mtp=1, speculative_max_batch=1.5)
     monkeypatch.setitem(engine_module.DEFAULT_SPECULATIVE_MAX_BATCH, "cpu", 0)  # as "cuda_graphs" is
     assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--max-tokens", "2",
                  "--speculative-mtp", "1"]) == 0
@@ -627,6 +634,29 @@ def test_speculation_and_eager_flags_reach_the_engine_and_say_when_speculation_i
     assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--max-tokens", "2",
                  "--speculative-mtp", "1", "--speculative-max-batch", "0"]) == 0
     assert "off by default" not in capsys.readouterr().err  # asked for in so many words: no note
+    # two sequences above the (CPU) limit of 1: nothing was drafted, and the summary says why
+    monkeypatch.undo()
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--prompt", "fox", "--max-tokens", "2",
+                 "--speculative-mtp", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "no MTP drafts: every decode step ran more than --speculative-max-batch 1 sequences" in err
+    assert "acceptance" not in err
+
+
+def test_a_run_directory_serves_as_its_latest_checkpoint(checkpoint, tmp_path, capsys):
+    """generate / chat / eval / serve and LLM(path) take a run directory as init= and judge do (it
+    said "runs/x is not a checkpoint directory (no config.json)")."""
+    from nanoseek.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-3").symlink_to(checkpoint, target_is_directory=True)
+    (run / "latest").symlink_to("checkpoint-3")
+    params = SamplingParams(temperature=0, max_tokens=3)
+    assert [o.outputs[0].token_ids for o in LLM(run).generate(["the"], params)] == \
+        [o.outputs[0].token_ids for o in LLM(checkpoint).generate(["the"], params)]
+    assert main(["generate", "--model", str(run), "--prompt", "the", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("[0] the")
 
 
 def test_chat_cli_reports_a_failed_turn_drops_it_and_goes_on(checkpoint, capsys, monkeypatch):

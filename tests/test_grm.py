@@ -409,7 +409,7 @@ def test_judge_input_with_responses_as_a_string_is_refused(tmp_path):
 
     path = tmp_path / "items.jsonl"
     path.write_text(json.dumps({"question": "1+1", "responses": "abc"}) + "\n")
-    with pytest.raises(NanoseekError, match=r"items.jsonl:1: .*responses a non-empty list of strings"):
+    with pytest.raises(NanoseekError, match=r"items.jsonl:1: responses must be a non-empty list of strings"):
         read_items(path)
 
 
@@ -431,3 +431,37 @@ def test_judging_with_a_model_that_is_not_a_grm_says_so(base, tmp_path, capsys):
     assert main(["judge", "--model", str(base), "--input", str(items), "--k", "2"]) == 0
     err = capsys.readouterr().err
     assert "parse rate 0.000" in err and f"is {base} a generative reward model" in err
+    # eval --rerank with it: grm@K picked at random, and says so
+    assert main(["eval", "--model", str(base), "--task", "digit_sum", "--difficulty", "length=4", "--n", "2",
+                 "--samples", "2", "--max-tokens", "4", "--rerank", str(base)]) == 0
+    assert f"no judgment of {base} parsed, so grm@2 picked at random" in capsys.readouterr().err
+
+
+def test_judge_cli_checks_output_threads_and_k_meta_before_judging_and_names_bad_lines(base, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A bad --output used to crash (a traceback) after every item was judged; --threads -1 raised
+    in torch.set_num_threads; a line that is a JSON list said "list indices must be integers"."""
+    import nanoseek.grm as grm_module
+
+    def no_judging(*args, **kwargs):
+        raise AssertionError("judged before checking the flags")
+
+    monkeypatch.setattr(grm_module.GRM, "judge_many", no_judging)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"question": "1234", "responses": ["0", "1"]}) + "\n")
+    judge = ["judge", "--model", str(base), "--input", str(items)]
+    assert main([*judge, "--output", str(tmp_path)]) == 2
+    assert "is a directory; give a file path" in capsys.readouterr().err
+    assert main([*judge, "--output", str(tmp_path / "no" / "out.jsonl")]) == 2
+    assert f"no directory {tmp_path / 'no'} to write it in" in capsys.readouterr().err
+    assert main([*judge, "--k", "2", "--k-meta", "5"]) == 2
+    assert "--k-meta 5 keeps more judgments than --k 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*judge, "--threads", "-1"])
+    assert exit_info.value.code == 2 and "--threads: '-1' is not a thread count" in capsys.readouterr().err
+    for line, problem in (("[1, 2]", "a JSON list, not an object"), ('{"responses": ["a"]}', 'no "question" string'),
+                          ('{"question": "q"}', 'no "responses" list'), ("{oops", "not valid JSON")):
+        items.write_text(line + "\n")
+        assert main(judge) == 2
+        err = capsys.readouterr().err
+        assert f"items.jsonl:1: {problem}" in err and "Traceback" not in err

@@ -337,7 +337,8 @@ def test_models_health_metrics_page(server, client):
     text = httpx.get(server.url + "/metrics").text
     for name in ("nanoseek_requests_total", "nanoseek_prompt_tokens_total", "nanoseek_generation_tokens_total",
                  "nanoseek_time_to_first_token_seconds_bucket", "nanoseek_num_requests_waiting",
-                 "nanoseek_kv_cache_usage_perc", "nanoseek_prefix_cache_hit_rate"):
+                 "nanoseek_kv_cache_usage_perc", "nanoseek_prefix_cache_hit_rate",
+                 "nanoseek_spec_decode_num_draft_tokens_total", "nanoseek_spec_decode_num_accepted_tokens_total"):
         assert name in text, name
     ttft_count = next(line for line in text.splitlines() if line.startswith("nanoseek_time_to_first_token_seconds_count"))
     assert float(ttft_count.split()[-1]) >= 1

@@ -43,6 +43,7 @@ tests/test_quantize.py checks them against F.linear.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import functools
 import sys
@@ -85,6 +86,24 @@ def resolve_dtype(dtype: "str | torch.dtype | None", device: torch.device) -> to
     if dtype not in DTYPES:
         raise NanoseekError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
+
+
+def at_least(minimum: int, what: str):
+    """An argparse type: an integer of at least `minimum`; anything else is a usage error that
+    names the flag and says what it takes (`what`, e.g. "a thread count: 0 (torch's default) or more")."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return n
+
+    return parse
+
+
+THREADS = at_least(0, "a thread count: 0 (torch's default) or more")
 
 
 def add_device_arguments(parser) -> None:

@@ -49,8 +49,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, prompt_of, reasons
-from nanoseek.device import add_device_arguments, add_quantize_argument
+from nanoseek.device import THREADS, add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import ContextLengthError, NanoseekError
+from nanoseek.inference.generate import checkpoint_argument
 from nanoseek.rewards import format_reward
 
 DEFAULT_MAX_TOKENS = 128
@@ -207,7 +208,8 @@ CHAIN_OPENING = object()  # `--prefill` without text: the task's own chain openi
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/rl/latest)")
+    parser.add_argument("--model", required=True, type=checkpoint_argument,
+                        help="checkpoint directory (e.g. runs/rl/latest), or a run directory: its latest checkpoint")
     parser.add_argument("--task", default="default",
                         help="task name: 'default', 'digit_sum', a reasoning-gym dataset ('chain_sum'), or 'jsonl:PATH'")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="key=value",
@@ -231,9 +233,10 @@ def add_arguments(parser) -> None:
                         help="with --samples K: also grm@K, the sample a generative reward model (nanoseek grm) "
                              "scores highest, beside pass@k and maj@K")
     parser.add_argument("--rerank-k", type=int, default=1, help="judgments summed per sample when reranking")
-    parser.add_argument("--show", type=int, default=0, metavar="N", help="print the first N problems' completions")
+    parser.add_argument("--show", type=at_least(0, "a number of problems: 0 or more"), default=0, metavar="N",
+                        help="print the first N problems' completions")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=THREADS, default=0,
                         help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
@@ -295,6 +298,9 @@ def run(args) -> int:
                                    [r["completions"] for r in results], k=args.rerank_k, seed=args.seed)
         report[f"grm@{args.samples}"] = sum(r["scores"][p] == 1.0 for r, p in zip(results, picks)) / len(results)
         report["rerank_parse_rate"] = parse_rate
+        if parse_rate == 0:  # the picks were ties broken at random
+            print(f"nanoseek eval: no judgment of {args.rerank} parsed, so grm@{args.samples} picked at random; is "
+                  "it a generative reward model (`nanoseek grm`'s judge, e.g. runs/grm_small/latest)?", file=sys.stderr)
     for r in report.pop("results", [])[: args.show]:
         print(f"Q: {r['question']}  (answer {r['answer']})")
         for text, score in zip(r["completions"], r["scores"]):

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from nanoseek.data.tasks import derive_seed
+from nanoseek.device import THREADS
 from nanoseek.errors import ContextLengthError, NanoseekError
 
 MIN_SCORE, MAX_SCORE = 1, 10
@@ -489,7 +490,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--k-meta", type=int, default=None, help="judgments the meta RM keeps (default k/2)")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def read_items(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -503,12 +504,22 @@ def read_items(path: str | Path) -> list[tuple[str, list[str]]]:
             continue
         try:
             row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanoseekError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        problem = None
+        if not isinstance(row, dict):
+            problem = f"a JSON {type(row).__name__}, not an object"
+        elif not isinstance(row.get("question"), str):
+            problem = "no \"question\" string"
+        elif "responses" not in row and "response" not in row:
+            problem = "no \"responses\" list (or one \"response\")"
+        else:
             responses = row["responses"] if "responses" in row else [row["response"]]
-            if (not isinstance(row["question"], str) or not isinstance(responses, list) or not responses
-                    or not all(isinstance(r, str) for r in responses)):  # a string is not a list of its letters
-                raise TypeError("question must be a string and responses a non-empty list of strings")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise NanoseekError(f"{path}:{lineno}: expected {{\"question\": str, \"responses\": [str, ...]}} ({e})") from None
+            if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+                problem = "responses must be a non-empty list of strings"  # a string is not a list of its letters
+        if problem:
+            raise NanoseekError(f"{path}:{lineno}: {problem}; expected {{\"question\": str, \"responses\": "
+                                "[str, ...]}")
         items.append((row["question"], list(responses)))
     if not items:
         raise NanoseekError(f"{path} has no items")
@@ -519,6 +530,13 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     items = read_items(args.input)
+    if args.output:  # before the judging, which can take hours: not a crash at the end
+        output = Path(args.output)
+        if output.is_dir() or not output.parent.is_dir():
+            raise NanoseekError(f"--output {output}: " + ("is a directory; give a file path" if output.is_dir() else
+                                                          f"no directory {output.parent} to write it in"))
+    if args.k_meta is not None and args.k_meta > args.k:
+        raise NanoseekError(f"--k-meta {args.k_meta} keeps more judgments than --k {args.k} samples")
     meta = args.meta
     if meta == "auto":
         from nanoseek.train.checkpointing import find_checkpoint

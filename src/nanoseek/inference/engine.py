@@ -118,8 +118,9 @@ class LLM:
                                 "with the MTP module, or 0 to turn speculation off")
         if isinstance(model, (str, Path)):
             from nanoseek.checkpoint import load_model
+            from nanoseek.train.checkpointing import checkpoint_path
 
-            path = Path(model)
+            path = checkpoint_path(model)  # a run directory: the checkpoint its `latest` names
             if not (path / "config.json").is_file():
                 raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
             if tokenizer is None and (path / "tokenizer.json").is_file():  # first: its errors come at once
@@ -141,10 +142,11 @@ class LLM:
         if max_model_len is not None and max_model_len < 1:  # 0 would silently mean the model's
             raise NanoseekError(f"max_model_len={max_model_len} must be a positive number of tokens "
                                 f"(None: the model's {cfg.max_position_embeddings})")
-        if block_size < 1 or max_num_seqs < 1:
-            raise NanoseekError("block_size and max_num_seqs must be >= 1")
-        if speculative_max_batch is not None and speculative_max_batch < 0:
-            raise NanoseekError(f"speculative_max_batch={speculative_max_batch} must be >= 0 (0: never speculate)")
+        for name, value, least in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                   ("speculative_max_batch", speculative_max_batch, 0)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise NanoseekError(f"{name}={value!r} must be an integer >= {least}"
+                                    + (" (0: never speculate)" if name == "speculative_max_batch" else ""))
         device = next(model.parameters()).device
         cache_dtype = next(model.parameters()).dtype  # the latents are stored as the model computes them
         # CUDA graphs need a forward without host syncs: with MoE, its grouped GEMMs, which run in bf16

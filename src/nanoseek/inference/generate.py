@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from nanoseek.device import add_device_arguments, add_quantize_argument
+from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import NanoseekError
 
 
@@ -30,18 +30,20 @@ def context_length(text: str) -> int:
     return n
 
 
-def batch_limit(text: str) -> int:
-    """argparse type for --speculative-max-batch: a batch size, 0 or more."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size: give 0 (never speculate) or more")
-    return int(text)
+def checkpoint_argument(text: str) -> str:
+    """argparse type for --model (generate, chat, eval, serve): a checkpoint directory, or a run
+    directory, which names the checkpoint its `latest` points to."""
+    from nanoseek.train.checkpointing import checkpoint_path
+
+    return str(checkpoint_path(text))
 
 
 def add_speculative_arguments(parser) -> None:
     """--speculative-mtp / --speculative-max-batch (generate, chat, serve)."""
     parser.add_argument("--speculative-mtp", type=int, default=0, metavar="K",
                         help="draft K tokens per step with the model's MTP module (greedy output unchanged)")
-    parser.add_argument("--speculative-max-batch", type=batch_limit, default=None, metavar="N",
+    parser.add_argument("--speculative-max-batch", type=at_least(0, "a batch size: 0 (never speculate) or more"),
+                        default=None, metavar="N",
                         help="speculate only while at most N sequences decode (default: 1 on a CPU, 32 on a GPU "
                              "decoding eagerly, 0 = never where decode steps replay CUDA graphs)")
 
@@ -67,7 +69,8 @@ def note_max_model_len(llm, requested: int | None, command: str) -> None:
 
 def add_engine_arguments(parser) -> None:
     """The model and sampling flags `generate` and `chat` share."""
-    parser.add_argument("--model", required=True, help="checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--model", required=True, type=checkpoint_argument,
+                        help="checkpoint directory (weights + tokenizer), or a run directory: its latest checkpoint")
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per completion")
     shipped = "default: the checkpoint's generation_config.json, else"
     parser.add_argument("--temperature", type=float, default=None, help=f"0 is greedy ({shipped} 0)")
@@ -145,7 +148,10 @@ def run(args) -> int:
     s = llm.stats()
     line = (f"{s['generation_tokens']} tokens in {elapsed:.2f}s ({s['generation_tokens'] / elapsed:.1f} tok/s), "
             f"{s['prefix_cache_hit_tokens']}/{s['prompt_tokens']} prompt tokens from the prefix cache")
-    if args.speculative_mtp:
+    if args.speculative_mtp and s["spec_draft_tokens"]:
         line += f", MTP acceptance {s['spec_acceptance_rate']:.2f}"
+    elif args.speculative_mtp:  # every step decoded more sequences than speculate (or none may)
+        line += (f", no MTP drafts: every decode step ran more than --speculative-max-batch "
+                 f"{llm.speculative_max_batch} sequences")
     print(line, file=sys.stderr)
     return 0

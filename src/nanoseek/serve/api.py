@@ -40,9 +40,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.checkpoint import generation_defaults
-from nanoseek.device import add_device_arguments, add_quantize_argument
+from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
-from nanoseek.inference.generate import add_speculative_arguments, context_length, note_max_model_len, note_speculation
+from nanoseek.inference.generate import (add_speculative_arguments, checkpoint_argument, context_length,
+                                         note_max_model_len, note_speculation)
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
@@ -281,7 +282,9 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
+    parser.add_argument("--model", required=True, type=checkpoint_argument,
+                        help="checkpoint directory (config.json, weights, tokenizer.json), or a run directory: its "
+                             "latest checkpoint")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free one)")
     parser.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
@@ -293,8 +296,9 @@ def add_arguments(parser) -> None:
                         help="return the generated text as it is, think tags included, as content instead of "
                              "splitting it into reasoning_content (where the chat template opens the think block "
                              "in the prompt, as R1's does, the text starts inside it: no opening <think>)")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine batches at once")
-    parser.add_argument("--max-waiting", type=int, default=256,
+    parser.add_argument("--max-num-seqs", type=at_least(1, "a number of sequences: 1 or more"), default=64,
+                        help="sequences the engine batches at once")
+    parser.add_argument("--max-waiting", type=at_least(0, "a number of sequences: 0 or more"), default=256,
                         help="sequences that may queue beyond --max-num-seqs before requests get 503")
     parser.add_argument("--max-model-len", type=context_length, default=None,
                         help="context window in tokens (default, and at most: the model's)")
@@ -340,7 +344,8 @@ def run(args) -> int:
 
     model_dir = Path(args.model)
     if not model_dir.is_dir():
-        raise NanoseekError(f"--model {args.model}: no such directory; point it at a checkpoint directory")
+        raise NanoseekError(f"--model {args.model}: " + ("a file, not a directory" if model_dir.exists() else
+                                                         "no such directory") + "; point it at a checkpoint directory")
     args.port = check_bindable(args.host, args.port)  # --port 0: a free one, named in the line below
     if (model_dir / "tokenizer.json").is_file():  # a chat template that does not compile fails before the model loads
         Tokenizer.from_dir(model_dir).check_chat_template()

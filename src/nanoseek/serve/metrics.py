@@ -93,6 +93,9 @@ class Metrics:
             ("num_waiting", "nanoseek_num_requests_waiting", "Sequences queued in the engine (the waiting queue)."),
             ("cache_usage", "nanoseek_kv_cache_usage_perc", "Fraction of latent-cache blocks in use (0..1)."),
             ("num_preemptions", "nanoseek_num_preemptions_total", "Sequences preempted for lack of cache blocks."),
+            # vLLM's spec_decode counters: acceptance = accepted / draft
+            ("spec_draft_tokens", "nanoseek_spec_decode_num_draft_tokens_total", "MTP draft tokens verified."),
+            ("spec_accepted_tokens", "nanoseek_spec_decode_num_accepted_tokens_total", "MTP draft tokens accepted."),
         ]
         for key, name, help_text in gauges:
             if key in engine_stats:

@@ -162,6 +162,17 @@ def find_checkpoint(path: str | Path) -> Path:
     return checkpoints[-1]
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """What an inference command's --model (or LLM(path)) names: a checkpoint directory as it is,
+    a run directory (no config.json of its own, checkpoint-<step>/ inside) as the checkpoint its
+    `latest` names, as `init=` and `nanoseek judge` take them. Anything else comes back as it is,
+    for the caller's own error."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and list_checkpoints(path):
+        return find_checkpoint(path)
+    return path
+
+
 def remove_partial_saves(out_dir: str | Path) -> list[Path]:
     """Clean up after saves that died half-way (a process killed mid-save never ran its cleanup):
     delete their temporary directories, except that a checkpoint moved aside to be replaced
