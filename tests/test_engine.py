@@ -594,6 +594,11 @@ def test_max_model_len_flag_rejects_non_positive_values_and_says_when_it_is_clam
                  "--max-model-len", "100000"]) == 0
     assert ("nanoseek generate: --max-model-len 100000 is more than the model's 512 positions "
             "(max_position_embeddings); using 512") in capsys.readouterr().err
+    # --max-tokens past the context: the completion ends at the context's end, and says so
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--max-tokens", "100",
+                 "--max-model-len", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert "(length)" in out and "the context (20 tokens, prompt included) ended a completion before --max-tokens 100" in err
 
 
 def test_speculation_and_eager_flags_reach_the_engine_and_say_when_speculation_is_off(checkpoint, capsys,

@@ -429,8 +429,9 @@ def test_judging_with_a_model_that_is_not_a_grm_says_so(base, tmp_path, capsys):
     items = tmp_path / "items.jsonl"
     items.write_text(json.dumps({"question": "1234", "responses": ["0", "1"]}) + "\n")
     assert main(["judge", "--model", str(base), "--input", str(items), "--k", "2"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "parse rate 0.000" in err and f"is {base} a generative reward model" in err
+    assert json.loads(out)["best"] is None  # not a random pick among zero scores
     # eval --rerank with it: grm@K picked at random, and says so
     assert main(["eval", "--model", str(base), "--task", "digit_sum", "--difficulty", "length=4", "--n", "2",
                  "--samples", "2", "--max-tokens", "4", "--rerank", str(base)]) == 0

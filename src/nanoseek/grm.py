@@ -275,7 +275,9 @@ class Verdict:
         return [j.scores for j in self.samples]
 
     def to_dict(self) -> dict:
-        return {"scores": self.scores, "best": self.best, "parse_rate": self.parse_rate, "kept": self.kept,
+        # best: None where no judgment parsed (every score 0: the pick would be a random tie-break)
+        return {"scores": self.scores, "best": self.best if self.parse_rate else None,
+                "parse_rate": self.parse_rate, "kept": self.kept,
                 "votes": self.votes,
                 "judgments": [{"principles": j.principles, "critique": j.critique, "scores": j.scores,
                                "order": j.order, "text": j.text} for j in self.samples]}

@@ -140,10 +140,14 @@ def run(args) -> int:
             shown = len(text)
         print()
     else:
-        for i, out in enumerate(llm.generate(args.prompt, params)):
+        outs = llm.generate(args.prompt, params)
+        for i, out in enumerate(outs):
             for c in out.outputs:
                 label = f"[{i}]" if args.n == 1 else f"[{i}.{c.index}]"
                 print(f"{label} {out.prompt}{c.text}  ({c.finish_reason})")
+        if any(c.finish_reason == "length" and len(c.token_ids) < args.max_tokens for o in outs for c in o.outputs):
+            print(f"nanoseek generate: the context ({llm.max_model_len} tokens, prompt included) ended a completion "
+                  f"before --max-tokens {args.max_tokens}", file=sys.stderr)
     elapsed = time.perf_counter() - start
     s = llm.stats()
     line = (f"{s['generation_tokens']} tokens in {elapsed:.2f}s ({s['generation_tokens'] / elapsed:.1f} tok/s), "
