@@ -1,9 +1,27 @@
-"""The `nanoseek` command itself: a missing optional package is one line naming the extra to
-install, not a traceback."""
+"""The `nanoseek` command itself: usage errors name the subcommand, --version, and a missing
+optional package is one line naming the extra to install, not a traceback."""
 
 import sys
 
+import pytest
+
+import nanoseek
 from nanoseek.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"nanoseek {nanoseek.__version__}\n"
+
+
+def test_unrecognized_argument_shows_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "m", "--prompt", "p", "--nosuchflag"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("usage: nanoseek generate [-h]")  # not the top level's "usage: nanoseek [-h] <command>"
+    assert err.endswith("nanoseek generate: error: unrecognized arguments: --nosuchflag\n")
 
 
 def test_missing_optional_package_names_the_extra(monkeypatch, tmp_path, capsys):

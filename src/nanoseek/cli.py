@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from nanoseek import __version__
 from nanoseek.errors import NanoseekError
 
 # subcommand -> (module, one-line help). Modules are imported lazily, only for the chosen command.
@@ -48,11 +49,12 @@ def _missing_extra(e: ModuleNotFoundError) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe at toy scale.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
-    chosen = argv[0] if argv else None
+    chosen, parsers = argv[0] if argv else None, {}
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if name == chosen:
             try:  # the command's module is imported here, before run()'s handlers below apply
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     # argparse has already closed the positional list: they are overrides all the same
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.parse_args(argv)  # argparse's own usage error naming the unrecognized arguments
+    elif extra:  # argparse's usage error, from the subcommand's parser so it shows that command's usage
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = importlib.import_module(args._module).run(args)
     except NanoseekError as e:
