@@ -93,7 +93,11 @@ def test_speedrun_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "file" / "sr")])
     err = capsys.readouterr().err
-    assert code == 2 and "cannot write to --out" in err and "Traceback" not in err
+    assert code == 2 and f"--out {tmp_path / 'file' / 'sr'} is inside {tmp_path / 'file'}, which is a file" in err
+    code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "file")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {tmp_path / 'file'} is a file, not a directory: point --out at a directory" in err
+    assert "Traceback" not in err
 
 
 class FakeProgress:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanoseek.checkpoint import atomic_write_text
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, check_out_dir
 
 REPO = Path(__file__).resolve().parents[2]  # configs/ and benchmarks/ (an editable install or a checkout)
 STATE_FILE = "speedrun.json"
@@ -492,6 +492,7 @@ def run(args) -> int:
         raise NanoseekError(f"unknown stage {unknown[0]!r} in --skip; stages: {', '.join(names)}")
     if args.jobs < 1:
         raise NanoseekError(f"--jobs {args.jobs} must be at least 1")
+    check_out_dir(args.out, "--out")  # a file in the way is named as one, not as "File exists"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
