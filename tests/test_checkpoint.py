@@ -269,6 +269,11 @@ def test_cli_user_error_exits_nonzero_without_traceback(capsys, tmp_path):
     assert main(["info", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no config.json" in err and "Traceback" not in err
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint's file passed for its directory
+    assert main(["info", "--model", str(tmp_path / "config.json")]) == 2
+    assert capsys.readouterr().err == (f"nanoseek info: error: {tmp_path / 'config.json'} is a file, not a checkpoint "
+                                       f"directory: pass the directory that holds config.json and the weights "
+                                       f"(here {tmp_path})\n")
 
 
 @pytest.mark.parametrize("routing", [

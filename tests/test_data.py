@@ -86,8 +86,11 @@ def test_clear_errors_for_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(NanoseekError, match=r"rows.jsonl:2: no 'text' field \(found \['content'\]\).*--text-field"):
         list(read_documents(tmp_path / "rows.jsonl"))
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(NanoseekError, match="broken.jsonl:2: not valid JSON"):
+    with pytest.raises(NanoseekError, match=r"broken.jsonl:2: not valid JSON \(Expecting value at column 10\)"):
         list(read_documents(tmp_path / "broken.jsonl"))
+    (tmp_path / "tab.jsonl").write_text('{"text": "ok"}\n\n{"text": "a\tb"}\n')  # a raw tab inside a string
+    with pytest.raises(NanoseekError, match=r"tab.jsonl:3: not valid JSON \(Invalid control character at column 12\)"):
+        list(read_documents(tmp_path / "tab.jsonl"))
     (tmp_path / "rows.json").write_text('[{"text": "a"}, {"txt": "b"}]')
     with pytest.raises(NanoseekError, match=r"rows.json\[1\]: no 'text' field \(found \['txt'\]\)"):
         list(read_documents(tmp_path / "rows.json"))

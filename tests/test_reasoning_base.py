@@ -100,7 +100,10 @@ def test_corpus_spec():
     (name, loaded), = load_sources(["synthetic:digit_sum?documents=20"], seed=3)
     assert name == "synthetic:digit_sum" and loaded == reasoning_base_documents(20, seed=3)
     for bad, match in [("synthetic:nope", "unknown synthetic corpus"), ("synthetic:digit_sum?docs=3", "docs"),
-                       ("synthetic:digit_sum?documents=x", "not a int"),
+                       ("synthetic:digit_sum?documents=x", "documents='x' is not an integer"),
+                       ("synthetic:digit_sum?documents=-5", r"documents=-5 must be a positive integer"),
+                       ("synthetic:digit_sum?garbage", r"setting 'garbage' is not key=value"),
+                       ("synthetic:digit_sum?length=1", r"^'synthetic:digit_sum\?length=1': .*length=1"),
                        ("synthetic:digit_sum?worked_share=2", "worked_share")]:
         with pytest.raises(NanoseekError, match=match):
             corpus_from_spec(bad)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek import cli
-from nanoseek.speedrun import plan
+from nanoseek.speedrun import plan, reasoning_chat_template
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -60,6 +60,14 @@ def test_speedrun_tiny_end_to_end(tmp_path, capsys):
         assert (out / image).read_bytes()[:8] == PNG, image
         assert matplotlib.image.imread(out / image).ndim == 3, image
     assert "nanoseek speedrun --tiny" in printed and "report:" in printed
+    # the R1-Zero model prompts as its corpus does ("User: q\nAssistant: <think>"), as the full run's, so
+    # the server splits its reasoning out as reasoning_content
+    tokenizer_config = json.loads((out / "rl" / "latest" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == reasoning_chat_template() != ""
+    if state["serve"]["status"] == "done":  # skipped without the serving extras
+        serve = json.loads((out / "results" / "serve.json").read_text())
+        assert serve["with_reasoning"] > 0, serve
+        assert f"{serve['with_reasoning']} of {serve['requests']} answers carried `reasoning_content`" in report
 
     # a second run skips every completed stage
     code = cli.main(["speedrun", "--tiny", "--out", str(out)])
@@ -93,7 +101,11 @@ def test_speedrun_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "file" / "sr")])
     err = capsys.readouterr().err
-    assert code == 2 and "cannot write to --out" in err and "Traceback" not in err
+    assert code == 2 and f"--out {tmp_path / 'file' / 'sr'} is inside {tmp_path / 'file'}, which is a file" in err
+    code = cli.main(["speedrun", "--tiny", "--out", str(tmp_path / "file")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {tmp_path / 'file'} is a file, not a directory: point --out at a directory" in err
+    assert "Traceback" not in err
 
 
 class FakeProgress:

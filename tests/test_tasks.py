@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -85,6 +86,19 @@ def test_unknown_task_and_bad_difficulty_are_clear_errors():
         get_task("default", min_terms=2)
     with pytest.raises(NanoseekError, match="split"):
         get_task("chain_sum").problems(3, split="test")
+
+
+def test_tasks_without_reasoning_gym(monkeypatch):
+    """reasoning-gym is an optional extra: without it a typo is still an unknown task listing the known
+    ones, and a reasoning-gym task names the extra to install, instead of a ModuleNotFoundError."""
+    for name in ("reasoning_gym", "reasoning_gym.factory"):  # None in sys.modules: the import raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(NanoseekError, match=r"unknown task 'digitsum'\. Available tasks: default; 'digit_sum'; "
+                                            r"'jsonl:<path>'.*reasoning-gym is not installed \(pip install -e '\.\[rl\]'\)"):
+        get_task("digitsum")
+    with pytest.raises(NanoseekError, match=r"'chain_sum' task needs the reasoning-gym package.*pip install -e '\.\[rl\]'"):
+        get_task("default")
+    assert get_task("digit_sum").problems(2, seed=0)  # tasks of nanoseek's own still work
 
 
 def test_jsonl_task_scores_with_math_verify(jsonl_task):

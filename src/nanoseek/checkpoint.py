@@ -164,6 +164,10 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
     """The config of a checkpoint directory: a DenseConfig for model_type llama / qwen2 (students),
     else a ModelConfig (DeepSeek-V3 / V2)."""
     path = Path(path)
+    if path.is_file():  # a checkpoint's own file (config.json, model.safetensors) passed for the directory
+        hint = f" (here {path.parent})" if (path.parent / CONFIG_NAME).is_file() else ""
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory: pass the directory that holds "
+                              f"config.json and the weights{hint}")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not (path / CONFIG_NAME).exists():

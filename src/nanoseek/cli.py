@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from nanoseek import __version__
 from nanoseek.errors import NanoseekError
 
 # subcommand -> (module, one-line help). Modules are imported lazily, only for the chosen command.
@@ -32,29 +33,49 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanoseek.speedrun", "the whole recipe in one command (every stage, resumable) and its report card"),
 }
 
+# Optional packages (pyproject.toml's extras) -> the extra that installs each, so that a command run
+# without one (`nanoseek serve` without fastapi) says what to install instead of a traceback.
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "reasoning_gym": "rl", "math_verify": "rl"}
+
+
+def _missing_extra(e: ModuleNotFoundError) -> str:
+    """The error line for a missing optional package; any other missing module is a bug, re-raised."""
+    package = (e.name or "").partition(".")[0]
+    if package not in EXTRAS:
+        raise e
+    return f"needs {package}, which is not installed: pip install -e '.[{EXTRAS[package]}]'"
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe at toy scale.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
-    chosen = argv[0] if argv else None
+    chosen, parsers = argv[0] if argv else None, {}
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if name == chosen:
-            importlib.import_module(module).add_arguments(p)
+            try:  # the command's module is imported here, before run()'s handlers below apply
+                importlib.import_module(module).add_arguments(p)
+            except ModuleNotFoundError as e:
+                print(f"nanoseek {name}: error: {_missing_extra(e)}", file=sys.stderr)
+                return 2
     args, extra = parser.parse_known_args(argv)
     # a training stage's key=value overrides may follow an option (`--resume max_steps=5`), where
     # argparse has already closed the positional list: they are overrides all the same
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.parse_args(argv)  # argparse's own usage error naming the unrecognized arguments
+    elif extra:  # argparse's usage error, from the subcommand's parser so it shows that command's usage
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = importlib.import_module(args._module).run(args)
     except NanoseekError as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package imported only when needed (uvicorn)
+        print(f"nanoseek {args.command}: error: {_missing_extra(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `nanoseek info ... | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too

@@ -32,12 +32,13 @@ import signal
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from nanoseek.checkpoint import atomic_write_text
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, check_out_dir
 
 REPO = Path(__file__).resolve().parents[2]  # configs/ and benchmarks/ (an editable install or a checkout)
 STATE_FILE = "speedrun.json"
@@ -78,6 +79,14 @@ class Stage:
 # ---------------------------------------------------------------- the plan
 
 
+def reasoning_chat_template() -> str:
+    """configs/pretrain_reasoning.toml's chat template, the digit-sum corpus's own prompt
+    ("User: q\nAssistant: <think>"): the tiny reasoning base gets it too, so that serving its R1-Zero
+    model splits reasoning_content as the full run's does. "" outside a checkout (its stages say what is missing)."""
+    path = REPO / "configs" / "pretrain_reasoning.toml"
+    return tomllib.loads(path.read_text())["chat_template"] if path.is_file() else ""
+
+
 def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
     """The speedrun's stages, in order; --tiny gives every stage toy sizes. Adding a stage is one
     entry here. Paths in the commands are under `out`; recipes are REPO/configs/*.toml."""
@@ -89,7 +98,8 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
         corpus = "synthetic:digit_sum?documents=1500&worked_share=0.35"
         base = [*cli, "pretrain", "--config", cfg("pretrain_tiny.toml"), f'data=["{corpus}"]', t]
         small = [*base, f"tokenizer={o('tokenizer')}"]
-        reasoning = [*base, "vocab_size=320", "seq_len=64", "max_steps=60", "eval_every=30", "log_every=10"]
+        reasoning = [*base, "vocab_size=320", "seq_len=64", "max_steps=60", "eval_every=30", "log_every=10",
+                     f"chat_template={reasoning_chat_template()}"]
         rl_recipe = [*cli, "rl", "--config", cfg("rl_r1zero_tiny.toml"), "task=digit_sum", "max_steps=2", "eval_n=8",
                      "lr=5e-5"]
         student_docs, student = 300, [*cli, "sft", "--config", cfg("sft_tiny.toml"), "max_steps=4", t]
@@ -101,7 +111,8 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
         # beside its samples so every question makes an item (configs/grm_tiny.toml is for a length-4 base)
         grm_args = ["task_args.length=10", "fill_right=true", "policy_max_tokens=16"]
         bench = ["--prompt-lens", "16", "--batches", "4", "--new-tokens", "8", "--repeats", "1", "--mtp", "0"]
-        serve = ["--requests", "4", "--concurrency", "2", "--max-tokens", "8"]
+        # 8 sampled answers: about 60% of the tiny R1-Zero model's carry reasoning, so all 8 without any is rare
+        serve = ["--requests", "8", "--concurrency", "2", "--max-tokens", "8"]
         tokenizer = [*cli, "tokenizer", "train", "--data", corpus, "--vocab-size", "320", "--out", o("tokenizer")]
         nobias_steps = "max_steps=8"
     else:
@@ -148,7 +159,8 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
               after=("pretrain_small",), run_dir="pretrain_nobias", variant=f"bias_gamma=0 {nobias_steps}"),
         Stage("pretrain_reasoning", "the reasoning base: digit-sum corpus, 35% worked chains",
               [*reasoning, f"out_dir={o('pretrain_reasoning')}"], run_dir="pretrain_reasoning",
-              variant="configs/pretrain_tiny.toml on the digit-sum corpus" if tiny else "configs/pretrain_reasoning.toml"),
+              variant="configs/pretrain_tiny.toml on the digit-sum corpus, pretrain_reasoning.toml's chat template"
+              if tiny else "configs/pretrain_reasoning.toml"),
         Stage("rl", "R1-Zero: GRPO with accuracy + format rewards from the reasoning base",
               [*rl_recipe, f"init={o('pretrain_reasoning', 'latest')}", f"out_dir={o('rl')}", t],
               after=("pretrain_reasoning",), run_dir="rl",
@@ -492,6 +504,7 @@ def run(args) -> int:
         raise NanoseekError(f"unknown stage {unknown[0]!r} in --skip; stages: {', '.join(names)}")
     if args.jobs < 1:
         raise NanoseekError(f"--jobs {args.jobs} must be at least 1")
+    check_out_dir(args.out, "--out")  # a file in the way is named as one, not as "File exists"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

@@ -85,11 +85,11 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # without the newline, so a cut-off record's column is its end
             except json.JSONDecodeError as e:
-                raise NanoseekError(
-                    f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object"
-                ) from None
+                # e.msg is str(e) less the position, and some end in " at" ("Invalid control character at")
+                raise NanoseekError(f"{path}:{line_no}: not valid JSON ({e.msg.removesuffix(' at')} at column "
+                                    f"{e.colno}); each line must be one JSON object") from None
             yield _text_of(row, text_field, f"{path}:{line_no}")
 
 

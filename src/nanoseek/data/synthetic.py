@@ -127,23 +127,34 @@ def reasoning_base_documents(n: int, worked_share: float = WORKED_SHARE, seed: i
 # data specs for the corpus loader: "synthetic:<name>[?key=value&...]" -> documents
 CORPORA: dict[str, Callable[..., list[str]]] = {"digit_sum": reasoning_base_documents}
 CORPUS_ARGS = {"documents": int, "worked_share": float, "length": int}
+_FORMS = {int: "an integer", float: "a number"}  # how a setting's type reads in an error
 
 
 def corpus_from_spec(spec: str, seed: int = 0) -> list[str]:
     """The documents a data spec such as `synthetic:digit_sum?documents=200000&worked_share=0.35`
     names (defaults: 100,000 documents, the recipe's worked share, length 10), for `seed`."""
-    from urllib.parse import parse_qsl
-
     name, _, query = spec.removeprefix("synthetic:").partition("?")
     if name not in CORPORA:
         raise NanoseekError(f"unknown synthetic corpus {name!r} in {spec!r}; available: {', '.join(CORPORA)}")
+    example = f"synthetic:{name}?documents=1000&worked_share=0.35"
     args = {"documents": 100_000}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    # split by hand rather than with parse_qsl, whose error for a setting without "=" names no spec
+    for setting in query.split("&") if query else []:
+        key, eq, value = setting.partition("=")
+        if not eq:
+            raise NanoseekError(f"{spec!r}: setting {setting!r} is not key=value; write settings as key=value "
+                                f"joined by '&', e.g. {example}")
         if key not in CORPUS_ARGS:
             raise NanoseekError(f"{spec!r}: unknown setting {key!r}; valid: {', '.join(CORPUS_ARGS)}")
         try:
             args[key] = CORPUS_ARGS[key](value)
         except ValueError:
-            raise NanoseekError(f"{spec!r}: {key}={value!r} is not a {CORPUS_ARGS[key].__name__}") from None
+            raise NanoseekError(f"{spec!r}: {key}={value!r} is not {_FORMS[CORPUS_ARGS[key]]}; "
+                                f"e.g. {example}") from None
     n = args.pop("documents")
-    return CORPORA[name](n, seed=seed, **args)
+    if n < 1:
+        raise NanoseekError(f"{spec!r}: documents={n} must be a positive integer (how many documents to generate)")
+    try:
+        return CORPORA[name](n, seed=seed, **args)
+    except NanoseekError as e:  # a value out of range ("worked_share=2 must be in [0, 1]"): say which spec
+        raise NanoseekError(f"{spec!r}: {e}") from None

@@ -265,6 +265,9 @@ class ReasoningGymTask(Task):
     """
 
     def __init__(self, dataset: str, name: str | None = None, **difficulty):
+        if _reasoning_gym_datasets() is None:  # an optional extra; the default mix is made of its datasets
+            raise NanoseekError(f"reasoning-gym's {dataset!r} task needs the reasoning-gym package, which is "
+                                f"not installed: {RL_EXTRA}")
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
 
@@ -442,12 +445,24 @@ def register_task(name: str, factory: Callable[[], Task]) -> None:
     TASKS[name] = factory
 
 
-def _available() -> str:
-    from reasoning_gym.factory import DATASETS
+RL_EXTRA = "pip install -e '.[rl]'"  # the pyproject.toml extra that installs reasoning-gym and math-verify
 
+
+def _reasoning_gym_datasets() -> list[str] | None:
+    """reasoning-gym's dataset names, or None when it is not installed (it is an optional extra)."""
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        return None
+    return sorted(DATASETS)
+
+
+def _available() -> str:
+    datasets = _reasoning_gym_datasets()
+    listed = ", ".join(datasets) if datasets is not None else f"none, as reasoning-gym is not installed ({RL_EXTRA})"
     return (
         f"Available tasks: {', '.join(sorted(TASKS))}; 'digit_sum'; 'jsonl:<path>'; or a reasoning-gym dataset "
-        f"('rg:<name>' or '<name>'): {', '.join(sorted(DATASETS))}"
+        f"('rg:<name>' or '<name>'): {listed}"
     )
 
 
@@ -470,9 +485,7 @@ def get_task(name: str, **difficulty) -> Task:
         if difficulty:
             raise NanoseekError(f"jsonl tasks take no difficulty arguments; got {difficulty}")
         return JsonlTask(name.removeprefix("jsonl:"))
-    from reasoning_gym.factory import DATASETS
-
     dataset = name.removeprefix("rg:")
-    if dataset not in DATASETS:
+    if dataset not in (_reasoning_gym_datasets() or []):  # a typo ("digitsum") is unknown with or without it
         raise NanoseekError(f"unknown task {name!r}. {_available()}")
     return ReasoningGymTask(dataset, **difficulty)
