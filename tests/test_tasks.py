@@ -101,6 +101,16 @@ def test_tasks_without_reasoning_gym(monkeypatch):
     assert get_task("digit_sum").problems(2, seed=0)  # tasks of nanoseek's own still work
 
 
+def test_a_jsonl_task_without_math_verify_says_so_before_any_generation(monkeypatch, tmp_path):
+    """math-verify scores jsonl tasks; without it the import failed only when the first sample was
+    scored, after generating them all."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n')
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(NanoseekError, match=r"scored with math-verify, which is not installed: pip install -e '\.\[rl\]'"):
+        get_task(f"jsonl:{path}")
+
+
 def test_jsonl_task_scores_with_math_verify(jsonl_task):
     half = Problem("What is 1 divided by 2?", "1/2", task=jsonl_task)
     for equivalent in ("1/2", "0.5", "\\frac{1}{2}", "$\\frac{1}{2}$", ".5"):

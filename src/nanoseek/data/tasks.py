@@ -23,6 +23,7 @@ The prompt follows DeepSeek-R1-Zero (reasoning inside <think> </think>, then the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
 import threading
@@ -343,6 +344,9 @@ class JsonlTask(Task):
 
     def __init__(self, path: str | Path):
         self.path, self.name = Path(path), f"jsonl:{path}"
+        if importlib.util.find_spec("math_verify") is None:  # said now, not after generating every sample
+            raise NanoseekError(f"task {self.name!r} is scored with math-verify, which is not installed: "
+                                "pip install -e '.[rl]'")
         if not self.path.is_file():
             raise NanoseekError(f"task file {str(self.path)!r} not found (expected jsonl rows of question, answer)")
         self.rows: list[tuple[str, str]] = []
