@@ -345,8 +345,7 @@ class JsonlTask(Task):
     def __init__(self, path: str | Path):
         self.path, self.name = Path(path), f"jsonl:{path}"
         if importlib.util.find_spec("math_verify") is None:  # said now, not after generating every sample
-            raise NanoseekError(f"task {self.name!r} is scored with math-verify, which is not installed: "
-                                "pip install -e '.[rl]'")
+            raise NanoseekError(f"task {self.name!r} is scored with math-verify, which is not installed: {RL_EXTRA}")
         if not self.path.is_file():
             raise NanoseekError(f"task file {str(self.path)!r} not found (expected jsonl rows of question, answer)")
         self.rows: list[tuple[str, str]] = []
