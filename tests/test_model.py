@@ -329,3 +329,41 @@ def test_info_counts_match_a_built_model():
     for cfg in (tiny(), tiny(first_k_dense_replace=0, num_nextn_predict_layers=2), tiny(tie_word_embeddings=True)):
         stats = model_stats(cfg)
         assert stats.total_params + stats.mtp_params == Transformer(cfg).num_parameters()
+
+
+@pytest.mark.parametrize("family", ["v3", "dense"])
+def test_activation_checkpointing_keeps_loss_gradients_and_expert_load_and_saves_memory(family):
+    """Checkpointed layers recompute their activations in the backward: the same loss and
+    gradients (V3: MTP and the balance loss included) and expert-load counts (the rerun must not
+    count its tokens again), with a fraction of the saved activations."""
+    from nanoseek.model.dense import DenseTransformer, dense_preset
+
+    torch.manual_seed(0)
+    model = (Transformer(tiny(aux_loss_alpha=0.01)) if family == "v3" else
+             DenseTransformer(dense_preset("student-tiny", vocab_size=512))).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def run(checkpointed: bool):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointed
+        for moe in moes:
+            moe.tokens_per_expert.zero_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = model(ids, labels=ids)
+        loss = out.loss + (out.mtp_loss + out.aux_loss if family == "v3" else 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, [m.tokens_per_expert.clone() for m in moes], sum(saved)
+
+    plain, checkpointed = run(False), run(True)
+    assert checkpointed[0] == plain[0]
+    assert checkpointed[1].keys() == plain[1].keys()
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], grad, rtol=0, atol=1e-7, msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(checkpointed[2], plain[2])) and (family == "dense" or moes)
+    # the layers' activations are no longer kept for the backward (the head's logits, the losses and
+    # V3's MTP module still are: at this toy size a good part of the rest)
+    assert checkpointed[3] < 0.6 * plain[3]

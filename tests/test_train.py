@@ -324,6 +324,17 @@ def test_resume_is_bit_exact(full_run, corpus, tmp_path):
     assert losses(tmp_path) == losses(full_run)[4:]
 
 
+def test_activation_checkpointing_trains_the_same_run(full_run, corpus, tmp_path):
+    """activation_checkpointing=true recomputes each layer in the backward: resumed at step 4, the
+    run ends with the uninterrupted run's weights and losses, bit for bit."""
+    final = pretrain.train(tiny_config(tmp_path, corpus, "activation_checkpointing=true"),
+                           resume=full_run / "checkpoint-4")
+    expected, got = weights(full_run / "checkpoint-8"), weights(final)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    losses = lambda run: [(r["step"], r["loss"], r["imbalance"]) for r in read_metrics(run) if "loss" in r]
+    assert losses(tmp_path) == losses(full_run)[4:]
+
+
 def test_continued_pretraining_starts_from_init(full_run, corpus, tmp_path):
     # vocab_size and seed differ from the run that made `init`: its tokenizer is used all the same
     cfg = tiny_config(tmp_path / "more", corpus, f"init={full_run / 'latest'}", "max_steps=1", "save_every=0",

@@ -14,12 +14,14 @@ Shape legend: B batch, T positions, D hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE
@@ -75,6 +77,11 @@ class CausalLM(nn.Module):
     `self.model` (a DecoderStack) before calling `init_head()`, and supplies `rope(positions)`.
     """
 
+    # Activation checkpointing (the training recipes' `activation_checkpointing`): keep only each main
+    # layer's input in the forward and recompute its activations in the backward, about a third more
+    # compute for a fraction of the activation memory (torchtitan's "full" mode, HF's gradient checkpointing).
+    activation_checkpointing = False
+
     def init_head(self) -> None:
         config = self.config
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -126,7 +133,11 @@ class CausalLM(nn.Module):
         rope = self.rope(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
-            x = layer(x, positions, rope, cache, mask, token_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, positions, rope, cache, mask, token_mask, use_reentrant=False,
+                               context_fn=lambda layer=layer: (contextlib.nullcontext(), _recomputing(layer)))
+            else:
+                x = layer(x, positions, rope, cache, mask, token_mask)
         hidden = self.model.norm(x)
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:
@@ -140,6 +151,19 @@ class CausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
+
+
+@contextlib.contextmanager
+def _recomputing(layer: nn.Module):
+    """The backward's rerun of a checkpointed layer: its MoE must not count its tokens twice."""
+    moe = layer.mlp if isinstance(layer.mlp, MoE) else None
+    if moe is not None:
+        moe.recomputing = True
+    try:
+        yield
+    finally:
+        if moe is not None:
+            moe.recomputing = False
 
 
 def documents_of(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:

@@ -96,6 +96,7 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last bias update (training forwards only)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # set by training forwards when aux_loss_alpha > 0
+        self.recomputing = False  # True while activation checkpointing reruns this layer in the backward
         # None: grouped GEMM on CUDA, the expert loop elsewhere; True / False force one form
         self.grouped_gemm: bool | None = None
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stack_experts
@@ -127,9 +128,10 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=ids.device).index_add_(
             0, ids, torch.ones_like(ids))
         if self.training:
-            self.tokens_per_expert += counts.detach().float() if token_mask is None else self._real_load(
-                expert_ids, token_mask)
-            if self.aux_loss_alpha > 0:
+            if not self.recomputing:  # the rerun's routing is the forward's: counted once
+                self.tokens_per_expert += counts.detach().float() if token_mask is None else self._real_load(
+                    expert_ids, token_mask)
+            if self.aux_loss_alpha > 0:  # recomputed too: the backward needs the rerun's saved tensors
                 self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1),
                                                                 token_mask)
         grouped = self.grouped_gemm

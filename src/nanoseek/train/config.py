@@ -50,6 +50,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward: less memory, ~1/3 more compute
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate (DDP) or shard (FSDP2)
     threads: int = 0  # CPU threads per process; 0 = torch's default
     # logging, evaluation, checkpoints

@@ -15,8 +15,8 @@ In the order a loop meets it:
 2. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
    schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr, or constant:
    the RL recipes'), a pure function of the step, so resuming needs only the step.
-3. `Trainer`: DDP or FSDP2 wrapping and torch.compile, one optimizer step over micro-batches
-   (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
+3. `Trainer`: DDP or FSDP2 wrapping, activation checkpointing and torch.compile, one optimizer
+   step over micro-batches (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
    stop), exact resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C
    (SIGINT/SIGTERM) that finishes the current step and saves before exiting.
 4. `evaluate_loss`, the periodic validation loss.
@@ -167,8 +167,13 @@ class Trainer:
     # ---- wrapping
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        """compile; with several ranks, FSDP2 (parameters, gradients and optimizer state sharded per
-        decoder layer) before it or DDP (replicated; gradients all-reduced) after it."""
+        """Activation checkpointing, compile; with several ranks, FSDP2 (parameters, gradients and
+        optimizer state sharded per decoder layer) before it or DDP (replicated; gradients all-reduced) after it."""
+        if self.cfg.activation_checkpointing:
+            if not hasattr(model, "activation_checkpointing"):
+                raise ConfigError(f"activation_checkpointing=true: a {type(model).__name__} has no decoder layers "
+                                  "to checkpoint")
+            model.activation_checkpointing = True  # CausalLM.forward checkpoints each main layer
         if self.env.distributed and self.cfg.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
