@@ -16,6 +16,7 @@ itself (its error goes into the table and the full output into <out>.log):
     compile  the training comparison again with torch.compile (opt-in: --sections ... compile)
     train16  the training comparison at 16 x 2048 tokens per forward (opt-in): do larger micro-batches,
              hence larger grouped GEMMs per expert, raise MFU, and does the recipe's 8 leave speed unused?
+    train_ac the training comparison with activation checkpointing in both models (opt-in): its memory and cost
     profile  torch.profiler tables (top ops by GPU and by CPU time) of one training step and one
              eager batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
 
@@ -37,8 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("tests", "train", "decode", "grpo", "torchrun", "compile", "train16", "profile")
-OPT_IN = ("compile", "train16")
+SECTIONS = ("tests", "train", "decode", "grpo", "torchrun", "compile", "train16", "train_ac", "profile")
+OPT_IN = ("compile", "train16", "train_ac")
 
 
 def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
@@ -51,6 +52,9 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
                        "--seq", "32", "--steps", "1", "--threads", "1", "--json", str(tmp / "train.json")], 120),
             "train16": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "4",
                          "--seq", "32", "--steps", "1", "--threads", "1", "--json", str(tmp / "train16.json")], 120),
+            "train_ac": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "2",
+                          "--seq", "32", "--steps", "1", "--threads", "1", "--activation-checkpointing",
+                          "--json", str(tmp / "train_ac.json")], 120),
             "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cpu", "--preset", "tiny", "--batches",
                         "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
                         "--threads", "1", "--json", str(tmp / "decode.json")], 120),
@@ -71,6 +75,9 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
                      "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
         "train16": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "16",
                      "--seq", "2048", "--steps", "4", "--json", str(tmp / "train16.json")], 200),
+        "train_ac": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
+                      "--seq", "2048", "--steps", "4", "--activation-checkpointing",
+                      "--json", str(tmp / "train_ac.json")], 200),
         "profile": ([py, __file__, "--profile-step", "--device", "cuda", "--json", str(tmp / "profile.json")], 150),
     }
 
@@ -219,9 +226,9 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
     """Table rows (what, result) for one section's JSON (None: it failed or was skipped)."""
     if data is None:
         return [(name, summary)]
-    if name in ("train", "compile", "train16"):
-        label = f"training{' (torch.compile)' if name == 'compile' else ''}, {data['preset']} preset, " \
-                f"{data['batch']} x {data['seq']} tokens"
+    if name in ("train", "compile", "train16", "train_ac"):
+        how = {"compile": " (torch.compile)", "train_ac": " (activation checkpointing)"}.get(name, "")
+        label = f"training{how}, {data['preset']} preset, {data['batch']} x {data['seq']} tokens"
         parts = []
         for who in ("nanoseek", "transformers"):
             d = data[who]
@@ -294,7 +301,8 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (the default without a GPU)")
     ap.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s not in OPT_IN], choices=SECTIONS,
                     help="default: all but compile (about 3 minutes of compiling on an H100, for ~8%% more "
-                         "tokens/s) and train16 (16 x 2048 tokens per forward, about a minute)")
+                         "tokens/s), train16 (16 x 2048 tokens per forward) and train_ac (activation "
+                         "checkpointing), about a minute each")
     ap.add_argument("--grpo-step", action="store_true", help=argparse.SUPPRESS)  # the grpo section's own process
     ap.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)  # the profile section's
     ap.add_argument("--torchrun-step", action="store_true", help=argparse.SUPPRESS)  # the torchrun section's

@@ -114,6 +114,9 @@ def main():
                    help="wall-clock time, or CPU time of this thread (needs --threads 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast there)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward, in both models (transformers: "
+                        "gradient_checkpointing_enable)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
@@ -141,6 +144,9 @@ def main():
         a = ours(inputs, labels=labels, logits=False).loss.item()
         b = theirs(input_ids=inputs, labels=inputs).loss.item()
     models = {"nanoseek": ours, "transformers": theirs}
+    if args.activation_checkpointing:
+        ours.activation_checkpointing = True
+        theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.compile:
         models = {name: torch.compile(m) for name, m in models.items()}
     steps = {"nanoseek": make_step(models["nanoseek"], inputs, labels, hf=False, autocast=autocast),
@@ -151,7 +157,8 @@ def main():
           f"({torch.cuda.get_device_name(device) if cuda else f'{args.threads} threads'}) | preset {args.preset} "
           f"({stats.total_params / 1e6:.1f}M params, {stats.active_params / 1e6:.1f}M activated, MTP off) | "
           f"batch {args.batch} x {args.seq} tokens | {precision} | transformers experts_implementation={args.experts}, "
-          f"sdpa | {'compiled' if args.compile else 'eager'} | {args.clock} clock")
+          f"sdpa | {'compiled' if args.compile else 'eager'}"
+          f"{' | activation checkpointing' if args.activation_checkpointing else ''} | {args.clock} clock")
     print(f"initial loss: nanoseek {a:.5f}, transformers {b:.5f}")
 
     times = {name: [] for name in steps}
@@ -174,7 +181,8 @@ def main():
     flops = training_flops_per_token(config, args.seq)
     peak = args.peak_tflops or (gpu_peak_tflops(device) if cuda else None)
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "preset": args.preset,
-              "batch": args.batch, "seq": args.seq, "compiled": args.compile, "flops_per_token": flops,
+              "batch": args.batch, "seq": args.seq, "compiled": args.compile,
+              "activation_checkpointing": args.activation_checkpointing, "flops_per_token": flops,
               "ratio": rate["nanoseek"] / rate["transformers"]}
     for name, t in times.items():
         mfu = rate[name] * flops / (peak * 1e12) if peak else None
