@@ -646,6 +646,10 @@ def test_speculation_and_eager_flags_reach_the_engine_and_say_when_speculation_i
     err = capsys.readouterr().err
     assert "no MTP drafts: every decode step ran more than --speculative-max-batch 1 sequences" in err
     assert "acceptance" not in err
+    for flags, why in ((["--max-tokens", "1"], "no decode step ran"),
+                       (["--speculative-max-batch", "0"], "speculation is off (--speculative-max-batch 0)")):
+        assert main(["generate", "--model", str(checkpoint), "--prompt", "the", "--speculative-mtp", "1", *flags]) == 0
+        assert f"no MTP drafts: {why}" in capsys.readouterr().err
 
 
 def test_a_run_directory_serves_as_its_latest_checkpoint(checkpoint, tmp_path, capsys):
@@ -662,6 +666,12 @@ def test_a_run_directory_serves_as_its_latest_checkpoint(checkpoint, tmp_path, c
         [o.outputs[0].token_ids for o in LLM(checkpoint).generate(["the"], params)]
     assert main(["generate", "--model", str(run), "--prompt", "the", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("[0] the")
+    # a checkpoint's file, or nothing at all, is named as what it is
+    for model, says in ((checkpoint / "config.json", "is a file, not a checkpoint directory"),
+                        (tmp_path / "missing", "does not exist"), (tmp_path, "has no config.json")):
+        assert main(["generate", "--model", str(model), "--prompt", "the"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
 
 
 def test_chat_cli_reports_a_failed_turn_drops_it_and_goes_on(checkpoint, capsys, monkeypatch):

@@ -401,6 +401,8 @@ def test_k_meta_below_one_is_refused(untrained_judge, monkeypatch):
     for bad in (0, -1):
         with pytest.raises(NanoseekError, match=f"k_meta={bad}: the meta RM keeps at least one"):
             untrained_judge.judge(Q, ["a", "b"], k=2, k_meta=bad)
+    with pytest.raises(NanoseekError, match="k_meta=5 keeps more judgments than the k=2 sampled"):
+        untrained_judge.judge(Q, ["a", "b"], k=2, k_meta=5)
 
 
 def test_judge_input_with_responses_as_a_string_is_refused(tmp_path):
@@ -438,7 +440,7 @@ def test_judging_with_a_model_that_is_not_a_grm_says_so(base, tmp_path, capsys):
     assert f"no judgment of {base} parsed, so grm@2 picked at random" in capsys.readouterr().err
 
 
-def test_judge_cli_checks_output_threads_and_k_meta_before_judging_and_names_bad_lines(base, tmp_path, capsys,
+def test_judge_cli_checks_output_and_threads_before_judging_and_names_bad_lines(base, tmp_path, capsys,
                                                                                       monkeypatch):
     """A bad --output used to crash (a traceback) after every item was judged; --threads -1 raised
     in torch.set_num_threads; a line that is a JSON list said "list indices must be integers"."""
@@ -455,8 +457,6 @@ def test_judge_cli_checks_output_threads_and_k_meta_before_judging_and_names_bad
     assert "is a directory; give a file path" in capsys.readouterr().err
     assert main([*judge, "--output", str(tmp_path / "no" / "out.jsonl")]) == 2
     assert f"no directory {tmp_path / 'no'} to write it in" in capsys.readouterr().err
-    assert main([*judge, "--k", "2", "--k-meta", "5"]) == 2
-    assert "--k-meta 5 keeps more judgments than --k 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([*judge, "--threads", "-1"])
     assert exit_info.value.code == 2 and "--threads: '-1' is not a thread count" in capsys.readouterr().err

@@ -344,6 +344,9 @@ def test_activation_checkpointing_keeps_loss_gradients_and_expert_load_and_saves
     ids = torch.randint(0, model.config.vocab_size, (2, 32))
     moes = [m for m in model.modules() if isinstance(m, MoE)]
 
+    token_mask = torch.ones_like(ids, dtype=torch.bool)
+    token_mask[1, 24:] = False  # a padded row, as SFT batches have: its pads count in no expert load
+
     def run(checkpointed: bool):
         model.zero_grad()
         model.activation_checkpointing = checkpointed
@@ -352,8 +355,9 @@ def test_activation_checkpointing_keeps_loss_gradients_and_expert_load_and_saves
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            out = model(ids, labels=ids)
+            out = model(ids, labels=ids, token_mask=token_mask)
         loss = out.loss + (out.mtp_loss + out.aux_loss if family == "v3" else 0)
+        loss.backward(retain_graph=True)  # twice: a second backward reruns the layers again
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.item(), grads, [m.tokens_per_expert.clone() for m in moes], sum(saved)
@@ -367,3 +371,27 @@ def test_activation_checkpointing_keeps_loss_gradients_and_expert_load_and_saves
     # the layers' activations are no longer kept for the backward (the head's logits, the losses and
     # V3's MTP module still are: at this toy size a good part of the rest)
     assert checkpointed[3] < 0.6 * plain[3]
+
+
+def test_activation_checkpointing_under_torch_compile_counts_expert_load_once():
+    """Compiled, the checkpointed layers are recomputed inside the graph (Dynamo takes no custom
+    recompute context): the same loss and gradients, and each routed token counted once."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    results = []
+    for checkpointed, forward in ((False, model), (True, torch.compile(model, backend="aot_eager"))):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointed
+        for moe in moes:
+            moe.tokens_per_expert.zero_()
+        loss = forward(ids, labels=ids, mtp=False).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                        [m.tokens_per_expert.clone() for m in moes]))
+    (loss_a, grads_a, load_a), (loss_b, grads_b, load_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-6) and len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(load_a, load_b))

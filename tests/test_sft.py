@@ -88,6 +88,11 @@ def test_prompt_completion_and_text_masks_and_row_errors(tok, tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(NanoseekError, match=r"bad.jsonl:1: .*assistant turn"):
         sft.load_examples([str(bad)], tok, "auto", 100)
+    for line, says in (("[1, 2]", "not an SFT example: a JSON list, not an object"),
+                       ('{"text": "a\tb', "not valid JSON \\(Invalid control character at column 12\\)")):
+        bad.write_text(line + "\n")
+        with pytest.raises(NanoseekError, match=f"bad.jsonl:1: {says}"):
+            sft.load_examples([str(bad)], tok, "auto", 100)
 
 
 def test_packing_keeps_examples_whole_and_takes_no_loss_across_seams():

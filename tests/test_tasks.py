@@ -98,6 +98,8 @@ def test_tasks_without_reasoning_gym(monkeypatch):
         get_task("digitsum")
     with pytest.raises(NanoseekError, match=r"'chain_sum' task needs the reasoning-gym package.*pip install -e '\.\[rl\]'"):
         get_task("default")
+    with pytest.raises(NanoseekError, match=r"'chain_sum' task needs the reasoning-gym package"):
+        get_task("rg:chain_sum")  # surely reasoning-gym's: not "unknown"
     assert get_task("digit_sum").problems(2, seed=0)  # tasks of nanoseek's own still work
 
 
@@ -136,8 +138,14 @@ def test_jsonl_task_errors(tmp_path):
                      ({"question": "1+1?", "answer": ""}, "answer is ''"),
                      ({"question": "1+1?", "answer": ["2"]}, r"answer is \['2'\]")]:
         bad.write_text('{"question": "1+1?", "answer": 2}\n' + json.dumps(row) + "\n")
-        with pytest.raises(NanoseekError, match=f"bad.jsonl:2: .*\\({why}, not a non-empty"):
+        with pytest.raises(NanoseekError, match=f"bad.jsonl:2: {why}, not a non-empty"):
             get_task(f"jsonl:{bad}")
+    # a row that is no object, and a string holding U+2028 (which str.splitlines splits a line on)
+    bad.write_text('{"question": "1+1?", "answer": 2}\n[1, 2]\n')
+    with pytest.raises(NanoseekError, match="bad.jsonl:2: a JSON list, not an object"):
+        get_task(f"jsonl:{bad}")
+    bad.write_text(json.dumps({"question": "one\u2028two?", "answer": 2}, ensure_ascii=False) + "\n")
+    assert get_task(f"jsonl:{bad}").rows == [("one\u2028two?", "2")]
 
 
 def test_prompt_keeps_r1zero_structure():

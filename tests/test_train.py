@@ -324,11 +324,17 @@ def test_resume_is_bit_exact(full_run, corpus, tmp_path):
     assert losses(tmp_path) == losses(full_run)[4:]
 
 
-def test_activation_checkpointing_trains_the_same_run(full_run, corpus, tmp_path):
+def test_activation_checkpointing_trains_the_same_run(full_run, corpus, tmp_path, monkeypatch):
     """activation_checkpointing=true recomputes each layer in the backward: resumed at step 4, the
     run ends with the uninterrupted run's weights and losses, bit for bit."""
+    import nanoseek.model.decoder as decoder
+
+    calls = []
+    monkeypatch.setattr(decoder, "checkpoint", lambda *args, **kwargs: calls.append(1) or
+                        torch.utils.checkpoint.checkpoint(*args, **kwargs))
     final = pretrain.train(tiny_config(tmp_path, corpus, "activation_checkpointing=true"),
                            resume=full_run / "checkpoint-4")
+    assert calls  # the trainer did turn it on
     expected, got = weights(full_run / "checkpoint-8"), weights(final)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     losses = lambda run: [(r["step"], r["loss"], r["imbalance"]) for r in read_metrics(run) if "loss" in r]

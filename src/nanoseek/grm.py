@@ -384,6 +384,8 @@ class GRM:
                                     f"strings, got {type(question).__name__} and {responses!r:.80}")
         if use_meta and k_meta is not None and k_meta < 1:  # 0 summed no vote, -1 all but one
             raise NanoseekError(f"k_meta={k_meta}: the meta RM keeps at least one judgment (default k/2)")
+        if use_meta and k_meta is not None and k_meta > k:
+            raise NanoseekError(f"k_meta={k_meta} keeps more judgments than the k={k} sampled")
         k_meta = max(1, k // 2) if k_meta is None else k_meta
         judgments = self.sample(items, k, seed, temperature)
         ratings = self.meta_scores(items, judgments) if use_meta else None
@@ -500,14 +502,10 @@ def read_items(path: str | Path) -> list[tuple[str, list[str]]]:
     path = Path(path)
     if not path.is_file():
         raise NanoseekError(f"input file {path} not found")
+    from nanoseek.data.corpus import jsonl_rows
+
     items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NanoseekError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, row in jsonl_rows(path):
         problem = None
         if not isinstance(row, dict):
             problem = f"a JSON {type(row).__name__}, not an object"
@@ -537,8 +535,7 @@ def run(args) -> int:
         if output.is_dir() or not output.parent.is_dir():
             raise NanoseekError(f"--output {output}: " + ("is a directory; give a file path" if output.is_dir() else
                                                           f"no directory {output.parent} to write it in"))
-    if args.k_meta is not None and args.k_meta > args.k:
-        raise NanoseekError(f"--k-meta {args.k_meta} keeps more judgments than --k {args.k} samples")
+
     meta = args.meta
     if meta == "auto":
         from nanoseek.train.checkpointing import find_checkpoint

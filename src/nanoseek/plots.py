@@ -87,7 +87,7 @@ def save_r1zero_figure(run_dir: str | Path, control: float | None = None) -> Pat
     or without held-out evaluations to plot."""
     run_dir = Path(run_dir)
     if importlib.util.find_spec("matplotlib") is None:
-        print("rl: matplotlib is not installed, so no r1zero.png (pip install matplotlib)", file=sys.stderr)
+        print("rl: matplotlib is not installed, so no r1zero.png (pip install -e '.[rl]')", file=sys.stderr)
         return None
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     if not any("eval_pass@1" in r for r in records):

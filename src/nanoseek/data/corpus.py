@@ -34,7 +34,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,8 +74,12 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
             ) from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open("rb") as f:  # bytes, decoded line by line, so a bad byte is reported with its line
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file: every jsonl a user
+    gives (corpora, SFT data, task files, judge input) is read here. The file is split on "\\n" only
+    (a JSON string may hold U+2028, which str.splitlines splits on) and decoded line by line, so a
+    bad byte or a malformed record is a NanoseekError naming its line and column."""
+    with Path(path).open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -90,7 +94,12 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 # e.msg is str(e) less the position, and some end in " at" ("Invalid control character at")
                 raise NanoseekError(f"{path}:{line_no}: not valid JSON ({e.msg.removesuffix(' at')} at column "
                                     f"{e.colno}); each line must be one JSON object") from None
-            yield _text_of(row, text_field, f"{path}:{line_no}")
+            yield line_no, row
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for line_no, row in jsonl_rows(path):
+        yield _text_of(row, text_field, f"{path}:{line_no}")
 
 
 def _read_json(path: Path, text_field: str) -> Iterator[str]:

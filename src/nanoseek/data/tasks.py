@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import random
 import threading
 from dataclasses import dataclass, field
@@ -348,21 +347,21 @@ class JsonlTask(Task):
             raise NanoseekError(f"task {self.name!r} is scored with math-verify, which is not installed: {RL_EXTRA}")
         if not self.path.is_file():
             raise NanoseekError(f"task file {str(self.path)!r} not found (expected jsonl rows of question, answer)")
+        from nanoseek.data.corpus import jsonl_rows
+
         self.rows: list[tuple[str, str]] = []
-        for lineno, line in enumerate(self.path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question, answer = row["question"], row["answer"]
-                # null became the question or answer "None"; an empty question was asked as is
-                if not isinstance(question, str) or not question.strip():
-                    raise TypeError(f"question is {question!r}, not a non-empty string")
-                if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-                    raise TypeError(f"answer is {answer!r}, not a non-empty string or a number")
-                self.rows.append((question, str(answer)))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise NanoseekError(f"{self.path}:{lineno}: expected a JSON object with question, answer ({e})") from e
+        for lineno, row in jsonl_rows(self.path):
+            question, answer = (row.get("question"), row.get("answer")) if isinstance(row, dict) else (None, None)
+            # null became the question or answer "None"; an empty question was asked as is
+            problem = (f"a JSON {type(row).__name__}, not an object" if not isinstance(row, dict) else
+                       f"question is {question!r}, not a non-empty string"
+                       if not isinstance(question, str) or not question.strip() else
+                       f"answer is {answer!r}, not a non-empty string or a number"
+                       if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip()
+                       else None)
+            if problem:
+                raise NanoseekError(f"{self.path}:{lineno}: {problem}; expected a JSON object with question, answer")
+            self.rows.append((question, str(answer)))
 
     def problems(self, n: int, seed: int = 0, split: str = "eval") -> list[Problem]:
         _check_split(split)
@@ -488,7 +487,9 @@ def get_task(name: str, **difficulty) -> Task:
         if difficulty:
             raise NanoseekError(f"jsonl tasks take no difficulty arguments; got {difficulty}")
         return JsonlTask(name.removeprefix("jsonl:"))
-    dataset = name.removeprefix("rg:")
-    if dataset not in (_reasoning_gym_datasets() or []):  # a typo ("digitsum") is unknown with or without it
+    dataset, datasets = name.removeprefix("rg:"), _reasoning_gym_datasets()
+    if datasets is None and name.startswith("rg:"):  # surely reasoning-gym's: ReasoningGymTask names the extra
+        return ReasoningGymTask(dataset, **difficulty)
+    if dataset not in (datasets or []):  # a typo ("digitsum") is unknown with or without it
         raise NanoseekError(f"unknown task {name!r}. {_available()}")
     return ReasoningGymTask(dataset, **difficulty)

@@ -117,12 +117,11 @@ class LLM:
             raise NanoseekError(f"speculative_mtp={speculative_mtp}: draft a positive number of tokens per step "
                                 "with the MTP module, or 0 to turn speculation off")
         if isinstance(model, (str, Path)):
-            from nanoseek.checkpoint import load_model
+            from nanoseek.checkpoint import load_config, load_model
             from nanoseek.train.checkpointing import checkpoint_path
 
             path = checkpoint_path(model)  # a run directory: the checkpoint its `latest` names
-            if not (path / "config.json").is_file():
-                raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
+            load_config(path)  # a file, a missing path, no config.json: said before anything loads
             if tokenizer is None and (path / "tokenizer.json").is_file():  # first: its errors come at once
                 from nanoseek.tokenizer import Tokenizer
 

@@ -132,8 +132,9 @@ def run(args) -> int:
     if args.stream:
         if len(args.prompt) != 1 or args.n != 1:
             raise NanoseekError("--stream takes one --prompt and --n 1")
-        shown = 0
+        shown, outs = 0, []
         for out in llm.stream(args.prompt[0], params):
+            outs = [out]  # the last one carries the finish reason
             text = out.outputs[0].text
             sys.stdout.write(text[shown:])
             sys.stdout.flush()
@@ -145,17 +146,19 @@ def run(args) -> int:
             for c in out.outputs:
                 label = f"[{i}]" if args.n == 1 else f"[{i}.{c.index}]"
                 print(f"{label} {out.prompt}{c.text}  ({c.finish_reason})")
-        if any(c.finish_reason == "length" and len(c.token_ids) < args.max_tokens for o in outs for c in o.outputs):
-            print(f"nanoseek generate: the context ({llm.max_model_len} tokens, prompt included) ended a completion "
-                  f"before --max-tokens {args.max_tokens}", file=sys.stderr)
+    if any(c.finish_reason == "length" and len(c.token_ids) < args.max_tokens for o in outs for c in o.outputs):
+        print(f"nanoseek generate: the context ({llm.max_model_len} tokens, prompt included) ended a completion "
+              f"before --max-tokens {args.max_tokens}", file=sys.stderr)
     elapsed = time.perf_counter() - start
     s = llm.stats()
     line = (f"{s['generation_tokens']} tokens in {elapsed:.2f}s ({s['generation_tokens'] / elapsed:.1f} tok/s), "
             f"{s['prefix_cache_hit_tokens']}/{s['prompt_tokens']} prompt tokens from the prefix cache")
     if args.speculative_mtp and s["spec_draft_tokens"]:
         line += f", MTP acceptance {s['spec_acceptance_rate']:.2f}"
-    elif args.speculative_mtp:  # every step decoded more sequences than speculate (or none may)
-        line += (f", no MTP drafts: every decode step ran more than --speculative-max-batch "
-                 f"{llm.speculative_max_batch} sequences")
+    elif args.speculative_mtp:
+        why = ("speculation is off (--speculative-max-batch 0)" if not llm.speculative_max_batch else
+               "no decode step ran" if s["generation_tokens"] <= len(args.prompt) * args.n else
+               f"every decode step ran more than --speculative-max-batch {llm.speculative_max_batch} sequences")
+        line += f", no MTP drafts: {why}"
     print(line, file=sys.stderr)
     return 0

@@ -134,8 +134,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, positions, rope, cache, mask, token_mask, use_reentrant=False,
-                               context_fn=lambda layer=layer: (contextlib.nullcontext(), _recomputing(layer)))
+                # compiled, AOTAutograd recomputes inside the graph, where the MoE's count is a buffer
+                # mutation applied once (and Dynamo accepts no context_fn but selective checkpointing's)
+                contexts = {} if torch.compiler.is_compiling() else {"context_fn": _Recomputing(layer).contexts}
+                x = checkpoint(layer, x, positions, rope, cache, mask, token_mask, use_reentrant=False, **contexts)
             else:
                 x = layer(x, positions, rope, cache, mask, token_mask)
         hidden = self.model.norm(x)
@@ -153,17 +155,23 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
 
-@contextlib.contextmanager
-def _recomputing(layer: nn.Module):
-    """The backward's rerun of a checkpointed layer: its MoE must not count its tokens twice."""
-    moe = layer.mlp if isinstance(layer.mlp, MoE) else None
-    if moe is not None:
-        moe.recomputing = True
-    try:
-        yield
-    finally:
-        if moe is not None:
-            moe.recomputing = False
+class _Recomputing:
+    """The backward's rerun of a checkpointed layer: its MoE must not count its tokens twice.
+    A class, not a generator, so that a second backward (retain_graph=True) can enter it again."""
+
+    def __init__(self, layer: nn.Module):
+        self.moe = layer.mlp if isinstance(layer.mlp, MoE) else None
+
+    def contexts(self):
+        return contextlib.nullcontext(), self
+
+    def __enter__(self):
+        if self.moe is not None:
+            self.moe.recomputing = True
+
+    def __exit__(self, *exc):
+        if self.moe is not None:
+            self.moe.recomputing = False
 
 
 def documents_of(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:

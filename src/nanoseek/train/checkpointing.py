@@ -167,10 +167,10 @@ def checkpoint_path(path: str | Path) -> Path:
     a run directory (no config.json of its own, checkpoint-<step>/ inside) as the checkpoint its
     `latest` names, as `init=` and `nanoseek judge` take them. Anything else comes back as it is,
     for the caller's own error."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file() and list_checkpoints(path):
+    try:
         return find_checkpoint(path)
-    return path
+    except CheckpointError:
+        return Path(path)
 
 
 def remove_partial_saves(out_dir: str | Path) -> list[Path]:

@@ -344,7 +344,8 @@ class Recipe:
                             batch_size=self.cfg.batch_size, lr=lr, warmup_steps=min(10, steps // 10),
                             seq_len=self.cfg.seq_len, threads=self.cfg.threads, device=self.cfg.device,
                             val_fraction=0.0, eval_every=0, log_every=self.cfg.log_every, save_every=0,
-                            keep_checkpoints=1, tensorboard=False, seed=self.cfg.seed, bias_gamma=0.0)
+                            keep_checkpoints=1, tensorboard=False, seed=self.cfg.seed, bias_gamma=0.0,
+                            activation_checkpointing=self.cfg.activation_checkpointing)
         return self._train(name, sft.train, cfg)
 
     # ---- 1. data
@@ -459,7 +460,7 @@ class Recipe:
                             lr=cfg.rl_lr, beta=cfg.rl_beta, log_kl=False, max_steps=cfg.rl_steps, eval_n=0,
                             seq_len=cfg.seq_len, threads=cfg.threads, device=cfg.device, seed=cfg.seed,
                             log_every=cfg.log_every, save_every=0, keep_checkpoints=1, tensorboard=False,
-                            warmup_steps=2)
+                            warmup_steps=2, activation_checkpointing=cfg.activation_checkpointing)
         items = [it for it in self.items("items_train") if it.kind != "single"]
 
         def loop(rl_cfg, env, resume):
@@ -742,7 +743,7 @@ def save_grm_figure(report: dict, out: Path) -> Path | None:
     try:
         return grm_scaling_figure(report, out)
     except ImportError:
-        print("grm: matplotlib is not installed, so no figure (pip install matplotlib)", flush=True)
+        print("grm: matplotlib is not installed, so no figure (pip install -e '.[rl]')", flush=True)
         return None
 
 

@@ -42,7 +42,6 @@ machinery's (`nanoseek.train.stage`, `trainer`, `checkpointing`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoseek.checkpoint import load_model
+from nanoseek.data.corpus import jsonl_rows
 from nanoseek.data.tasks import derive_seed
 from nanoseek.errors import ConfigError, NanoseekError
 from nanoseek.model.decoder import IGNORE_INDEX, documents_of
@@ -200,11 +200,10 @@ def load_examples(paths: list[str], tokenizer: Tokenizer, fmt: str, max_len: int
     check_data_files(paths)
     examples, counts = [], {"rows": 0, "truncated": 0, "dropped": 0}
     for path in map(Path, paths):
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for line_no, row in jsonl_rows(path):
             try:
-                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise NanoseekError(f"a JSON {type(row).__name__}, not an object")
                 use_messages = "messages" in row and fmt != "prompt_completion"
                 if use_messages:
                     ids, mask = tokenize_messages(row["messages"], tokenizer)
@@ -219,7 +218,7 @@ def load_examples(paths: list[str], tokenizer: Tokenizer, fmt: str, max_len: int
                     want = {"auto": "messages, prompt and completion, or text", "messages": "messages",
                             "prompt_completion": "prompt and completion"}[fmt]
                     raise NanoseekError(f"expected {want} (format={fmt})")
-            except (json.JSONDecodeError, NanoseekError, AttributeError, TypeError) as e:
+            except (NanoseekError, AttributeError, TypeError) as e:
                 raise NanoseekError(f"{path}:{line_no}: not an SFT example: {e}") from None
             counts["rows"] += 1
             if len(ids) > max_len:
