@@ -653,8 +653,8 @@ def test_speculation_and_eager_flags_reach_the_engine_and_say_when_speculation_i
 
 
 def test_a_run_directory_serves_as_its_latest_checkpoint(checkpoint, tmp_path, capsys):
-    """generate / chat / eval / serve and LLM(path) take a run directory as init= and judge do (it
-    said "runs/x is not a checkpoint directory (no config.json)")."""
+    """generate / chat / eval / serve / info, LLM(path) and load_model take a run directory as init=
+    and judge do (it said "runs/x is not a checkpoint directory (no config.json)")."""
     from nanoseek.cli import main
 
     run = tmp_path / "run"
@@ -666,6 +666,11 @@ def test_a_run_directory_serves_as_its_latest_checkpoint(checkpoint, tmp_path, c
         [o.outputs[0].token_ids for o in LLM(checkpoint).generate(["the"], params)]
     assert main(["generate", "--model", str(run), "--prompt", "the", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("[0] the")
+    import nanoseek
+
+    assert nanoseek.load_model(run).config == nanoseek.load_model(checkpoint).config
+    assert main(["info", "--model", str(run)]) == 0
+    assert "checkpoint-3" in capsys.readouterr().out
     # a checkpoint's file, or nothing at all, is named as what it is
     for model, says in ((checkpoint / "config.json", "is a file, not a checkpoint directory"),
                         (tmp_path / "missing", "does not exist"), (tmp_path, "has no config.json")):

@@ -333,11 +333,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     goes (`return_free_memory`), so the peak is the loaded model plus one tensor.
     `quantize="int8"` / `"int8-dynamic"` / `"fp16"` (CPU) converts each linear layer (and an untied
     embedding) as soon as its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
-    Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them.
+    Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them. A run
+    directory (checkpoint-<step>/ inside) loads the checkpoint its `latest` names.
     """
     from nanoseek.device import check_quantize, quantizable, quantize_layer, return_free_memory
+    from nanoseek.train.checkpointing import checkpoint_path
 
-    path = Path(path)
+    path = checkpoint_path(path)
     config = load_config(path)
     raw = json.loads((path / CONFIG_NAME).read_text())
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else (dtype or torch.float32)

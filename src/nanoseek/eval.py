@@ -51,7 +51,7 @@ from pathlib import Path
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, prompt_of, reasons
 from nanoseek.device import THREADS, add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import ContextLengthError, NanoseekError
-from nanoseek.inference.generate import checkpoint_argument
+from nanoseek.train.checkpointing import checkpoint_argument
 from nanoseek.rewards import format_reward
 
 DEFAULT_MAX_TOKENS = 128

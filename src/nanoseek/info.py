@@ -17,6 +17,7 @@ import torch
 from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import NanoseekError
 from nanoseek.model.dense import DenseConfig
+from nanoseek.train.checkpointing import checkpoint_argument
 
 
 @dataclass
@@ -160,7 +161,8 @@ def _format_dense(name: str, config: DenseConfig, s: ModelStats, dtype_bytes: in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="tiny, small, reasoning, gpu, v2-lite or v3")
-    src.add_argument("--model", help="a checkpoint directory (reads its config.json)")
+    src.add_argument("--model", type=checkpoint_argument,
+                     help="a checkpoint directory (reads its config.json), or a run directory: its latest checkpoint")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 

@@ -15,6 +15,7 @@ import time
 
 from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import NanoseekError
+from nanoseek.train.checkpointing import checkpoint_argument
 
 
 def context_length(text: str) -> int:
@@ -28,14 +29,6 @@ def context_length(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a context length: give a positive number of tokens, "
                                          "or leave --max-model-len out for the model's own")
     return n
-
-
-def checkpoint_argument(text: str) -> str:
-    """argparse type for --model (generate, chat, eval, serve): a checkpoint directory, or a run
-    directory, which names the checkpoint its `latest` points to."""
-    from nanoseek.train.checkpointing import checkpoint_path
-
-    return str(checkpoint_path(text))
 
 
 def add_speculative_arguments(parser) -> None:

@@ -42,8 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.checkpoint import generation_defaults
 from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
-from nanoseek.inference.generate import (add_speculative_arguments, checkpoint_argument, context_length,
-                                         note_max_model_len, note_speculation)
+from nanoseek.inference.generate import add_speculative_arguments, context_length, note_max_model_len, note_speculation
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
@@ -51,6 +50,7 @@ from nanoseek.serve.protocol import APIError, ChatCompletionRequest, CompletionR
 from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.serve.responses import ChatFormat, CompletionFormat, respond
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.checkpointing import checkpoint_argument
 
 logger = logging.getLogger("nanoseek.serve")
 STATIC_DIR = Path(__file__).parent / "static"

@@ -173,6 +173,11 @@ def checkpoint_path(path: str | Path) -> Path:
         return Path(path)
 
 
+def checkpoint_argument(text: str) -> str:
+    """argparse type for the inference commands' --model (generate, chat, eval, serve, info)."""
+    return str(checkpoint_path(text))
+
+
 def remove_partial_saves(out_dir: str | Path) -> list[Path]:
     """Clean up after saves that died half-way (a process killed mid-save never ran its cleanup):
     delete their temporary directories, except that a checkpoint moved aside to be replaced
