@@ -45,8 +45,8 @@ def note_speculation(llm, args) -> None:
     """Say (one stderr line) when --speculative-mtp was asked for but the device's default turns it off."""
     if llm.speculative_mtp and not llm.speculative_max_batch and args.speculative_max_batch is None:
         print(f"nanoseek {args.command}: --speculative-mtp {llm.speculative_mtp} is off by default where decode "
-              "steps replay CUDA graphs (the MTP module's drafts run eagerly and cost more than they save on "
-              "an untrained draft); --speculative-max-batch N turns it on up to batch N", file=sys.stderr)
+              "steps replay CUDA graphs (against a graphed plain step it has not yet been measured to pay); "
+              "--speculative-max-batch N turns it on up to batch N", file=sys.stderr)
 
 
 def note_max_model_len(llm, requested: int | None, command: str) -> None:
