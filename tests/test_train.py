@@ -29,7 +29,7 @@ from nanoseek.train.checkpointing import list_checkpoints
 from nanoseek.train.config import TrainConfig, load_run_config
 from nanoseek.train.distributed import DistEnv
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.trainer import Trainer, batch_plan, build_optimizer, evaluate_loss, lr_at
+from nanoseek.train.trainer import Trainer, batch_plan, build_optimizers, evaluate_loss, lr_at
 from nanoseek.train.pretrain import PretrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,7 +177,8 @@ def test_lr_schedule_values():
 
 def test_optimizer_decays_only_matrices():
     model = Transformer(preset("tiny"))
-    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    (adamw,) = build_optimizers(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = adamw.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -185,6 +186,49 @@ def test_optimizer_decays_only_matrices():
     assert all(n.endswith(("norm.weight", "embed_tokens.weight")) for n in no_decay_names)
     assert all(p.ndim == 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = Transformer(preset("tiny"))
+    muon, adamw = build_optimizers(model, TrainConfig(optimizer="muon", weight_decay=0.1, lr=0.02))
+    names = {id(p): n for n, p in model.named_parameters()}
+    (matrices,) = muon.param_groups
+    decay, no_decay = adamw.param_groups
+    muon_names = {names[id(p)] for p in matrices["params"]}
+    assert isinstance(muon, torch.optim.Muon) and matrices["adjust_lr_fn"] == "match_rms_adamw"
+    assert matrices["weight_decay"] == 0.1 and matrices["lr"] == 0.02
+    expected = {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("model.layers.")}
+    assert muon_names == expected  # attention, experts, router, the MTP module's eh_proj
+    assert {"model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.gate.weight",
+            "model.layers.2.eh_proj.weight"} <= muon_names
+    assert {names[id(p)] for p in decay["params"]} == {"lm_head.weight"}  # the output head stays with AdamW
+    assert all(names[id(p)].endswith(("norm.weight", "embed_tokens.weight")) for p in no_decay["params"])
+    assert len(matrices["params"]) + len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_muon_update_is_an_orthogonalized_step_of_adamws_size(tmp_path):
+    """One step from zero momentum: each matrix moves by lr * 0.2 * sqrt(max(rows, cols)) times the
+    Newton-Schulz orthogonalization of its (Nesterov) gradient, so its singular values are nearly
+    equal and the update's RMS is about 0.2 * lr, an AdamW update's size (Moonlight's scaling)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    cfg = TrainConfig(out_dir=str(tmp_path), optimizer="muon", lr=1e-2, weight_decay=0.0, warmup_steps=0,
+                      schedule="constant", batch_size=4, tensorboard=False)
+    trainer = Trainer(cfg, model, DistEnv())
+    weight = model.model.layers[0].mlp.up_proj.weight  # (128, 64)
+    before = weight.detach().clone()
+    ids = torch.randint(0, 512, (4, 65))
+    batch = (ids[:, :-1], ids[:, 1:])
+    _loss_fn(model, batch)[0].backward()
+    gradient = torch.linalg.svdvals(weight.grad)
+    model.zero_grad()
+    trainer.train_step([batch], _loss_fn)
+    update = (before - weight.detach()) / 1e-2
+    singular = torch.linalg.svdvals(update / (0.2 * max(update.shape) ** 0.5))
+    assert gradient.min() < 0.2 * gradient.max()  # the gradient's spectrum is spread out...
+    assert singular.min() > 0.5 and singular.max() < 1.3  # ...the update's is nearly flat
+    assert 0.15 < update.pow(2).mean().sqrt() < 0.25
+    trainer.close()
 
 
 def _loss_fn(model, batch):
@@ -219,8 +263,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         trainer = Trainer(cfg, model, DistEnv())
         batches = [(ids[i:i + micro, :-1], ids[i:i + micro, 1:]) for i in range(0, 4, micro)]
         assert trainer.grad_accum_steps == len(batches)
-        trainer.optimizer.step = lambda: None  # keep the gradients: inspect them instead of stepping
-        trainer.optimizer.zero_grad = lambda set_to_none=True: None
+        (optimizer,) = trainer.optimizers
+        optimizer.step = lambda: None  # keep the gradients: inspect them instead of stepping
+        optimizer.zero_grad = lambda set_to_none=True: None
         trainer.train_step(batches, _loss_fn)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         trainer.close()
@@ -322,6 +367,22 @@ def test_resume_is_bit_exact(full_run, corpus, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bias buffers included
     losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
     assert losses(tmp_path) == losses(full_run)[4:]
+
+
+def test_a_muon_run_resumes_bit_exactly(corpus, tmp_path):
+    """optimizer=muon: 6 steps == 3, stop, resume and 3 more (Muon's momentum is in the checkpoint,
+    keyed by parameter name beside AdamW's moments), and the loss falls."""
+    muon = ("optimizer=muon", "max_steps=6", "save_every=3", "keep_checkpoints=0", "eval_every=0")
+    whole = pretrain.train(tiny_config(tmp_path / "whole", corpus, *muon))
+    resumed = pretrain.train(tiny_config(tmp_path / "resumed", corpus, *muon),
+                             resume=tmp_path / "whole" / "checkpoint-3")
+    expected, got = weights(whole), weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r]
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed") if "loss" in r] == losses[3:]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="trained with optimizer=muon.*resume with optimizer=muon"):
+        pretrain.train(tiny_config(tmp_path / "adamw", corpus, "max_steps=6"), resume=tmp_path / "whole" / "checkpoint-3")
 
 
 def test_activation_checkpointing_trains_the_same_run(full_run, corpus, tmp_path, monkeypatch):

@@ -37,6 +37,8 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / world_size
     seq_len: int = 256
     # optimizer and schedule
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' weight matrices, AdamW on the rest
+    muon_momentum: float = 0.95
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -75,6 +77,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum={self.muon_momentum} must be in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0 < self.decay_fraction <= 1:

@@ -677,12 +677,12 @@ def train_scalar(rm: ScalarRM, tokenizer, examples: list[tuple[str, float]], los
     targets)` (the meta RM: the pairwise loss by default, BCE with meta_loss="bce"; Bradley-Terry for
     the ablation; `paired` keeps each (right, wrong) pair of consecutive examples together). AdamW
     with the shared schedule."""
-    from nanoseek.train.trainer import build_optimizer, lr_at
+    from nanoseek.train.trainer import build_optimizers, lr_at
 
     rm.train()
     rm.backbone.mtp_layers.requires_grad_(False)
     cfg = TrainConfig(lr=lr, max_steps=steps, warmup_steps=min(10, steps // 10), weight_decay=0.0)
-    optimizer = build_optimizer(rm, cfg)
+    (optimizer,) = build_optimizers(rm, cfg)  # AdamW
     rng = random.Random(derive_seed("scalar-rm", seed))
     unit = 2 if paired else 1
     groups = [examples[i: i + unit] for i in range(0, len(examples), unit)]

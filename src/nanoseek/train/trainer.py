@@ -12,9 +12,10 @@ optimizer step, precision, the end-of-step work, metrics and the Ctrl-C stop sig
 In the order a loop meets it:
 
 1. Precision: fp32 on CPU, bf16 autocast on GPU (weights and optimizer state stay fp32).
-2. The optimizer (AdamW, no weight decay on norms, biases and embeddings) and the learning-rate
-   schedule (linear warmup, then cosine or warmup-stable-decay to min_lr_ratio * lr, or constant:
-   the RL recipes'), a pure function of the step, so resuming needs only the step.
+2. The optimizers (AdamW, or Muon on the blocks' matrices and AdamW on the rest; no weight decay
+   on norms, biases and embeddings) and the learning-rate schedule (linear warmup, then cosine or
+   warmup-stable-decay to min_lr_ratio * lr, or constant: the RL recipes'), a pure function of the
+   step, so resuming needs only the step.
 3. `Trainer`: DDP or FSDP2 wrapping, activation checkpointing and torch.compile, one optimizer
    step over micro-batches (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
    stop), exact resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C
@@ -65,23 +66,45 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 # ============================================================== 2. optimizer and schedule
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices only.
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The optimizers one training step steps together (cfg.optimizer).
 
-    Norm weights and biases (1-D) and embeddings are not decayed: decaying a norm's gain or a
-    token's embedding towards zero only fights the representation, it regularizes nothing.
+    adamw: AdamW on every parameter.
+    muon:  Muon (Jordan et al. 2024; at LLM scale in Moonlight, Liu et al. 2025) on the 2-D
+           weights of the decoder blocks (attention and expert projections, the router, MTP's
+           eh_proj), AdamW on the rest (embeddings, output head, norms, biases): a matrix's update
+           is its momentum orthogonalized by Newton-Schulz iterations, then scaled by
+           0.2 * sqrt(max(rows, cols)) (Moonlight's "match_rms_adamw") so that it has AdamW's
+           update size: an AdamW recipe's lr and weight decay carry over.
+
+    Weight decay falls on weight matrices only. Norm weights and biases (1-D) and embeddings are
+    not decayed: decaying a norm's gain or a token's embedding towards zero only fights the
+    representation, it regularizes nothing.
     """
+    from nanoseek.model.decoder import DecoderBlock
+
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    hidden = {id(p) for block in model.modules() if isinstance(block, DecoderBlock)
+              for p in block.parameters() if p.ndim == 2}
+    muon, decay, no_decay = [], [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if cfg.optimizer == "muon" and id(p) in hidden:
+            muon.append(p)
+        else:
             (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # On a GPU, the fused kernel: the default (foreach) step of the `gpu` preset's 1,860 tensors
     # took 32.7 ms of a 187 ms training step on an H100. The CPU keeps the default.
     fused = all(p.device.type == "cuda" for p in decay + no_decay) or None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)]
+    if muon:
+        optimizers.insert(0, torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                              momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -145,7 +168,7 @@ class Trainer:
         self.micro_batch_size, self.grad_accum_steps = batch_plan(cfg, env.world_size)
         self.amp_dtype = autocast_dtype(cfg, env.device)
         self.model = self._wrap(model)
-        self.optimizer = build_optimizer(model, cfg)
+        self.optimizers = build_optimizers(model, cfg)
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0  # seconds inside train_step, summed over resumes
@@ -234,8 +257,9 @@ class Trainer:
         t0 = time.perf_counter()
         self._stop.install()
         lr = lr_at(self.cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         self.model.train()
         n = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
@@ -250,8 +274,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         stats = self.mean_over_ranks(totals)
         elapsed = time.perf_counter() - t0
@@ -381,6 +406,11 @@ class Trainer:
         path, tensors, state = checkpointing.read_checkpoint(
             self.out_dir if str(checkpoint) == "latest" else checkpoint, self.raw_model.config)
         checkpointing.check_stage(state, type(self.cfg), path)
+        saved_optimizer = json.loads(state["config"]).get("optimizer", "adamw")
+        if saved_optimizer != self.cfg.optimizer:  # Muon's momentum and AdamW's moments do not convert
+            raise ConfigError(f"{path} was trained with optimizer={saved_optimizer}, so its optimizer state cannot "
+                              f"continue under optimizer={self.cfg.optimizer}: resume with optimizer={saved_optimizer}, "
+                              f"or start a new run from its weights with init={path}")
         self._load_model_state(tensors)
         self._load_optimizer_state(state["optimizer"])
         self.step = state["step"]
@@ -415,7 +445,7 @@ class Trainer:
     def _optimizer_state(self) -> dict:
         """The full optimizer state keyed by parameter name (not position), so a checkpoint resumes
         under any layout: one process, DDP, or FSDP2 with another number of ranks."""
-        return get_optimizer_state_dict(self.raw_model, self.optimizer, options=StateDictOptions(
+        return get_optimizer_state_dict(self.raw_model, self.optimizers, options=StateDictOptions(
             full_state_dict=True, cpu_offload=self.env.distributed))
 
     def _load_model_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -426,7 +456,7 @@ class Trainer:
             self.raw_model.load_state_dict(tensors)
 
     def _load_optimizer_state(self, optim_state: dict) -> None:
-        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state,
+        set_optimizer_state_dict(self.raw_model, self.optimizers, optim_state,
                                  options=StateDictOptions(full_state_dict=True))
 
 
