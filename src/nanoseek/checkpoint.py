@@ -1,9 +1,12 @@
 """Hugging Face-format checkpoints: nanoseek's native format.
 
-A checkpoint directory is a valid `DeepseekV3ForCausalLM` checkpoint: config.json,
-model.safetensors (or shards plus model.safetensors.index.json), generation_config.json, and the
-tokenizer files when a tokenizer is saved with it. transformers and vLLM load it as is; released
-DeepSeek checkpoints, FP8 block-quantized ones included, load into nanoseek. Dense students
+A checkpoint directory is a valid `DeepseekV3ForCausalLM` checkpoint (`DeepseekV32ForCausalLM` for a
+model with DeepSeek Sparse Attention): config.json, model.safetensors (or shards plus
+model.safetensors.index.json), generation_config.json, and the tokenizer files when a tokenizer is
+saved with it. transformers and vLLM load it as is; released DeepSeek checkpoints (V2, V3, R1, V3.2),
+FP8 block-quantized ones included, load into nanoseek. FP8 dequantization is by key, so it covers
+every `*.weight` with a `*.weight_scale_inv` beside it (V3.2's indexer wq_b and wk too); the
+tensors released unquantized (norms, V3.2's indexer k_norm and weights_proj) load in any float dtype. Dense students
 (`nanoseek.model.dense`) are saved by the same code as `LlamaForCausalLM` / `Qwen2ForCausalLM`
 directories, and `load_model` picks the model class from config.json's model_type.
 
@@ -33,7 +36,7 @@ from nanoseek.model.dense import DenseConfig, DenseTransformer
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import sampling_settings
 
-DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -162,7 +165,7 @@ def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.
 
 def load_config(path: str | Path) -> ModelConfig | DenseConfig:
     """The config of a checkpoint directory: a DenseConfig for model_type llama / qwen2 (students),
-    else a ModelConfig (DeepSeek-V3 / V2)."""
+    else a ModelConfig (DeepSeek-V3 / V2 / V3.2)."""
     path = Path(path)
     if path.is_file():  # a checkpoint's own file (config.json, model.safetensors) passed for the directory
         hint = f" (here {path.parent})" if (path.parent / CONFIG_NAME).is_file() else ""
@@ -324,7 +327,7 @@ def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelCo
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                quantize: str | None = None) -> Transformer | DenseTransformer:
-    """Load an HF-format DeepSeek-V3/V2 checkpoint directory into a nanoseek Transformer, or a
+    """Load an HF-format DeepSeek-V3/V2/V3.2 checkpoint directory into a nanoseek Transformer, or a
     Llama / Qwen2 one (config.json model_type "llama" / "qwen2") into a DenseTransformer.
 
     dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.

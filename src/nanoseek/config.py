@@ -1,7 +1,10 @@
 """ModelConfig: the DeepSeek-V3 architecture, with Hugging Face `DeepseekV3Config` field names.
 
 A nanoseek checkpoint's config.json is a valid `DeepseekV3Config` (model_type "deepseek_v3"), and a
-released DeepSeek config.json (V3, R1, V2-Lite) reads into a ModelConfig. Fields keep HF's names and
+released DeepSeek config.json (V3, R1, V2-Lite, V3.2) reads into a ModelConfig. DeepSeek-V3.2 is V3
+plus DeepSeek Sparse Attention (a lightning indexer per attention layer, model/attention.py): the
+three `index_*` fields of HF's `DeepseekV32Config`, set, make a V3.2 model, saved as model_type
+"deepseek_v32"; left unset (None) they write nothing, so a V3 or V2 config.json is unchanged. Fields keep HF's names and
 meanings so that nobody has to learn a second vocabulary; the few that HF lacks (the V2 router's
 `scoring_func` / `topk_method`, `moe_layer_freq`) are the ones DeepSeek's own config.json files carry.
 
@@ -69,12 +72,15 @@ class HFConfig:
 DEEPSEEK_V2_DEFAULTS = dict(topk_method="greedy", scoring_func="softmax", num_nextn_predict_layers=0,
                             norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0,
                             n_group=1, topk_group=1)
+# transformers' DeepseekV32Config defaults (DeepSeek-V3.2-Exp's values) for a V3.2 file that leaves them out
+DEEPSEEK_V32_DEFAULTS = dict(index_topk=2048, index_head_dim=128, index_n_heads=64)
 
 
 @dataclass
 class ModelConfig(HFConfig):
-    """A DeepSeek-V3 (or V2) model's shape: Hugging Face `DeepseekV3Config`'s field names and
-    meanings, defaults those of DeepSeek-V3 (671B). Checked as it is made (a ConfigError names the
+    """A DeepSeek-V3 (or V2, or V3.2 with the index_* fields set) model's shape: Hugging Face
+    `DeepseekV3Config`'s field names and meanings (`DeepseekV32Config`'s for index_*), defaults those
+    of DeepSeek-V3 (671B). Checked as it is made (a ConfigError names the
     bad field). `from_json` / `to_json` read and write an HF config.json; `nanoseek.config.preset(name)`
     gives the named sizes (tiny, small, reasoning, gpu, v2-lite, v3)."""
 
@@ -110,6 +116,11 @@ class ModelConfig(HFConfig):
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
     rope_interleave: bool = True  # the released weights store rotary dims as interleaved pairs
+    # DeepSeek Sparse Attention (V3.2): each query attends only to the index_topk cached tokens its
+    # lightning indexer (index_n_heads heads of index_head_dim dims) scores highest. None: dense (V3)
+    index_topk: int | None = None
+    index_head_dim: int | None = None
+    index_n_heads: int | None = None
     # multi-token prediction
     num_nextn_predict_layers: int = 1
     # misc
@@ -129,6 +140,11 @@ class ModelConfig(HFConfig):
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek-V3.2's DSA: every attention layer (MTP's too) has an indexer."""
+        return self.index_topk is not None
 
     @property
     def yarn(self) -> dict | None:
@@ -203,6 +219,7 @@ class ModelConfig(HFConfig):
             if not 1 <= self.num_experts_per_tok <= self.topk_group * (E // G):
                 bad("num_experts_per_tok", f"must be between 1 and topk_group * experts per group "
                                            f"({self.topk_group * (E // G)})")
+        self.validate_sparse_attention(bad)
         rs = self.rope_scaling
         if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
@@ -210,6 +227,25 @@ class ModelConfig(HFConfig):
                 bad("rope_scaling", f'only YaRN scaling is supported, got type "{kind}"')
             if kind == "yarn" and ("factor" not in rs or "original_max_position_embeddings" not in rs):
                 bad("rope_scaling", "YaRN needs factor and original_max_position_embeddings")
+
+    def validate_sparse_attention(self, bad) -> None:
+        index = {name: getattr(self, name) for name in ("index_topk", "index_head_dim", "index_n_heads")}
+        if all(v is None for v in index.values()):
+            return
+        for name, value in index.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad(name, "DeepSeek Sparse Attention needs index_topk, index_head_dim and index_n_heads all set "
+                          "to positive integers (or all null for dense V3 attention)")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            bad("index_head_dim", f"the indexer rotates its first qk_rope_head_dim ({self.qk_rope_head_dim}) "
+                                  "dims, so it must be at least that")
+        if self.q_lora_rank is None:
+            bad("q_lora_rank", "the DSA indexer reads the compressed query latent: set q_lora_rank")
+        if self.scoring_func != "sigmoid":
+            bad("scoring_func", 'DeepSeek-V3.2 routes with V3\'s sigmoid router: set it to "sigmoid"')
+        if not self.rope_interleave:
+            bad("rope_interleave", "DeepSeek-V3.2 checkpoints store MLA's rotary dims interleaved "
+                                   "(transformers' DeepseekV32 has no other layout): set it to true")
 
     # -------------------------------------------------------- HF config.json
 
@@ -247,6 +283,9 @@ class ModelConfig(HFConfig):
         if d.get("model_type") == "deepseek_v2":  # a field a V2 file leaves out has V2's default, not V3's
             for key, value in DEEPSEEK_V2_DEFAULTS.items():
                 d.setdefault(key, value)
+        if d.get("model_type") == "deepseek_v32":  # what DeepseekV32Config means by leaving them out
+            for key, value in DEEPSEEK_V32_DEFAULTS.items():
+                d.setdefault(key, value)
         fields = cls.known_fields(d)
         if fields.get("n_routed_experts") is None:  # V2/V3 configs of dense models write null
             fields["n_routed_experts"] = 0
@@ -260,10 +299,14 @@ class ModelConfig(HFConfig):
         d = dataclasses.asdict(self)
         # a softmax router is DeepSeek-V2's architecture; HF's V3 class hard-codes the sigmoid one
         arch = ("DeepseekV2ForCausalLM", "deepseek_v2") if self.scoring_func == "softmax" else \
+               ("DeepseekV32ForCausalLM", "deepseek_v32") if self.sparse_attention else \
                ("DeepseekV3ForCausalLM", "deepseek_v3")
         d = {"architectures": [arch[0]], "model_type": arch[1], **d}
         if self.rope_scaling is None:
             del d["rope_scaling"]
+        if not self.sparse_attention:  # a V3 / V2 config.json stays as it always was
+            for key in ("index_topk", "index_head_dim", "index_n_heads"):
+                del d[key]
         d["head_dim"] = self.qk_rope_head_dim  # what HF derives; vLLM reads it
         d["use_cache"] = True
         return d

@@ -1,5 +1,6 @@
 """`nanoseek info`: what a model costs. Parameters (total and activated per token, MTP apart) and
-KV-cache bytes per token for MLA's latent cache against the multi-head cache it replaces. A dense
+KV-cache bytes per token for MLA's latent cache against the multi-head cache it replaces (a V3.2
+model's cache also holds each token's DSA indexer key, index_head_dim values per layer: counted). A dense
 Llama / Qwen2 checkpoint (a distilled student) has no experts and no MTP, and its cache is
 grouped-query attention's keys and values, set against the same multi-head cache.
 
@@ -26,7 +27,8 @@ class ModelStats:
     active_params: int  # main model, per token: everything but the routed experts not chosen
     mtp_params: int  # the MTP modules (their embedding and head are shared, so not counted)
     mtp_active_params: int
-    cache_elems: int  # per token per layer, what the model caches: MLA kv_lora_rank + qk_rope_head_dim, GQA 2 * K * d
+    cache_elems: int  # per token per layer, what the model caches: MLA kv_lora_rank + qk_rope_head_dim
+    #                   (+ index_head_dim with DSA), GQA 2 * K * d
     mha_cache_elems: int  # per token per layer: H * (qk_head_dim + v_head_dim)
     num_layers: int
     attention: str = "MLA"  # "MLA" (DeepSeek) or "GQA" (dense Llama / Qwen2)
@@ -37,6 +39,7 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
     would take seconds to build, one dense and one MoE block take milliseconds."""
     if isinstance(config, DenseConfig):
         return _dense_stats(config)
+    from nanoseek.model.attention import latent_cache_dims
     from nanoseek.model.moe import MoE
     from nanoseek.model.mtp import make_mtp_layer
     from nanoseek.model.transformer import Block
@@ -67,7 +70,7 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
             mtp_active += count(mtp, True)
     return ModelStats(
         total_params=total, active_params=active, mtp_params=mtp_total, mtp_active_params=mtp_active,
-        cache_elems=config.kv_lora_rank + config.qk_rope_head_dim,
+        cache_elems=sum(latent_cache_dims(config)),  # what the engine's cache rows hold
         mha_cache_elems=config.num_attention_heads * (config.qk_head_dim + config.v_head_dim),
         num_layers=L,
     )
@@ -135,6 +138,8 @@ def format_stats(name: str, config: ModelConfig | DenseConfig, s: ModelStats, dt
         f"{_human(s.mtp_params)} total, {_human(s.mtp_active_params)} activated",
         f"KV cache per token ({dtype_bytes}-byte values):",
         f"  MLA latent  {s.cache_elems:>7,} values/layer = {_bytes(latent)}/layer, {_bytes(latent * L)} over {L} layers",
+        *([f"    (of which the DSA indexer key {config.index_head_dim:,} values/layer; "
+           f"each query attends to its top {config.index_topk:,} tokens)"] if config.sparse_attention else []),
         f"  MHA equiv.  {s.mha_cache_elems:>7,} values/layer = {_bytes(mha)}/layer, {_bytes(mha * L)} over {L} layers",
         f"  MLA is {mha / latent:.1f}x smaller ({100 * latent / mha:.2f}% of multi-head attention)",
     ]

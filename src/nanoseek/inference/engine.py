@@ -9,7 +9,8 @@ and this file, which owns the loop: schedule, run, sample, check stops, report.
     outs[0].outputs[0].text
 
 Decoding runs MLA's absorbed path straight on the cached latents (kv_lora_rank + qk_rope_head_dim
-values per token and layer), for all running sequences in one forward.
+values per token and layer, + index_head_dim for a DeepSeek-V3.2 model's indexer key: `model.cache_dims`),
+for all running sequences in one forward.
 
 MTP speculative decoding (`speculative_mtp=k`): each decode step, the MTP module drafts k tokens
 per sequence (chained: draft j feeds draft j+1, as vLLM does with DeepSeek's single MTP layer),

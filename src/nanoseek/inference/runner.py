@@ -2,7 +2,9 @@
 
 The pool is one tensor (layers, slots, C + R): per token and layer, the normed latent (C =
 kv_lora_rank values) next to the rotary key (R = qk_rope_head_dim values), i.e. MLA's
-"576 values per token per layer" at V3 size. The MTP modules have their own layers in the pool
+"576 values per token per layer" at V3 size. A DeepSeek-V3.2 model's rows carry its DSA indexer
+key after the rotary key (R = qk_rope_head_dim + index_head_dim: 704 values at V3.2 size); MLA
+splits them, so nothing here knows about it. The MTP modules have their own layers in the pool
 (index num_hidden_layers + depth), so speculation keeps its own cache too. The widths come from
 `model.cache_dims`: a dense student (`nanoseek.model.dense`) stores its keys and values there instead.
 
@@ -35,7 +37,7 @@ A speculative verify graph gets a companion for the MTP module's run over the ve
 step is two replays. Chained drafts (k > 1) and the MTP catch-up after plain steps run eagerly.
 
 Shape legend: B sequences, T new tokens (padded), S cached positions (padded), D hidden size,
-C kv_lora_rank, R qk_rope_head_dim, V vocabulary.
+C kv_lora_rank, R the key row's width (qk_rope_head_dim, + index_head_dim with DSA), V vocabulary.
 """
 
 from __future__ import annotations

@@ -13,8 +13,26 @@ Two ways to compute the same attention:
   runs directly on the cached latents and nothing is re-expanded.
   Exact, because k_nope and v are linear in c and RoPE lives on the separate k_pe channel.
 
+DeepSeek Sparse Attention (DeepSeek-V3.2, a config with index_topk set). A small "lightning
+indexer" per layer scores every visible token s for each query t,
+    I[t, s] = sum_j w[t, j] * relu(q_I[t, j] . k_I[s]) * index_head_dim^-0.5,
+with its own projections (wq_b from MLA's query latent, wk + a LayerNorm k_norm from x, the head
+weights w from weights_proj(x) * index_n_heads^-0.5; RoPE on the first R dims of q_I and k_I, in the
+half-split layout, not MLA's interleaved one), and attention then runs, in either path, over the
+index_topk tokens with the highest I only (all of them when fewer are visible). One indexer key k_I
+(I = index_head_dim values) per token is what it adds to the cache: it rides in the same row as
+k_pe, so a V3.2 model's `cache_dims` is (C, R + I) and the caches need nothing new.
+The scores are fp32; the selection is not differentiable and the indexer runs under no_grad, its
+weights frozen (requires_grad False), as in transformers: training a V3.2 model leaves the indexer
+as loaded (DeepSeek's warm-up and KL-distillation of the indexer are not implemented). Ties in I
+(a key every index head scores <= 0 scores exactly 0) go to the earlier position, so what a query
+selects does not depend on how its batch is padded; torch.topk (transformers', DeepSeek's code)
+breaks them arbitrarily. Not here: DeepSeek's FP8 indexer scoring (with its Hadamard rotation, an
+exact identity in full precision) and the FlashMLA sparse kernels: the restriction is a mask.
+
 Shape legend: B batch, T query positions, S cached positions, H heads, C kv_lora_rank,
-R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, D hidden size.
+R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, D hidden size; for the indexer
+J index_n_heads, I index_head_dim.
 """
 
 from __future__ import annotations
@@ -44,8 +62,15 @@ class LatentCache(Protocol):
 
     def update(self, layer_idx: int, positions: torch.Tensor, latent: torch.Tensor,
                k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T), latent (B, T, C), k_pe (B, T, R) -> latents (B, S, C), k_pe (B, S, R)."""
+        """positions (B, T), latent (B, T, C), k_pe (B, T, K) -> latents (B, S, C), k_pe (B, S, K).
+        K = R, or R + I with DSA: the rotary key and the indexer key, in one row."""
         ...
+
+
+def latent_cache_dims(config: ModelConfig) -> tuple[int, int]:
+    """Per token and layer, the widths of the two tensors a LatentCache stores: the latent (C) and
+    the key row, the rotary key (R) followed, with DSA, by the indexer key (I)."""
+    return config.kv_lora_rank, config.qk_rope_head_dim + (config.index_head_dim if config.sparse_attention else 0)
 
 
 class ContiguousCache:
@@ -57,8 +82,9 @@ class ContiguousCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
-        self.latent = torch.zeros(n_layers, batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(n_layers, batch_size, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
+        latent_dim, key_dim = latent_cache_dims(config)
+        self.latent = torch.zeros(n_layers, batch_size, max_len, latent_dim, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(n_layers, batch_size, max_len, key_dim, dtype=dtype, device=device)
         self.length = 0  # positions [0, length) hold data in every row
 
     def update(self, layer_idx, positions, latent, k_pe):
@@ -67,6 +93,60 @@ class ContiguousCache:
         self.k_pe[layer_idx][rows, positions] = k_pe.to(self.k_pe.dtype)
         self.length = max(self.length, int(positions.max()) + 1)
         return self.latent[layer_idx, :, : self.length], self.k_pe[layer_idx, :, : self.length]
+
+
+class Indexer(nn.Module):
+    """DSA's lightning indexer: which index_topk visible tokens each query attends to.
+
+    Its keys, as transformers' `DeepseekV32Indexer` and the released V3.2 checkpoints name them:
+    `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`. Frozen and run without gradient (see the
+    module docstring)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.rope_dim, self.topk = config.qk_rope_head_dim, config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.softmax_scale = self.head_dim**-0.5
+        self.requires_grad_(False)  # top-k selection has no gradient; an unused trainable weight would break DDP
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first R dims, half-split: the layout the released indexer weights expect
+        (DeepSeek's 2025-11-17 fix of its inference demo; transformers does the same)."""
+        x_pe, x_rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(x_pe, cos, sin, interleaved=False), x_rest], dim=-1)
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, T, D) -> the tokens' indexer keys (B, T, I), what the cache keeps for later queries."""
+        k = self.wk(x)
+        # LayerNorm in fp32 as DeepSeek's code (its k_norm weights are fp32); the same for fp32 weights
+        k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
+                         self.k_norm.eps).to(k.dtype)
+        return self._rope(k, *rope)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, q_compressed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), q_compressed (B, T, q_lora_rank) (MLA's normed query latent), keys (B, S, I)
+        of every cached position, visible (B, T, S) bool -> (B, T, S) bool: the visible positions
+        among each query's top index_topk."""
+        B, T, _ = x.shape
+        q = self._rope(self.wq_b(q_compressed).view(B, T, self.n_heads, self.head_dim), *rope)  # (B, T, J, I)
+        # fp32 scores, in transformers' order of operations: (B,T,J,I) @ (B,1,I,S) -> (B,T,J,S). The two
+        # positive constant scales change no ranking; they keep the scores the reference's
+        scores = F.relu(torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)) * self.softmax_scale)
+        weights = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, J)
+        index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # (B, T, S)
+        index = index.masked_fill(~visible, float("-inf"))
+        # a stable descending sort, not topk: ties go to the earlier position whatever the padding
+        k = min(self.topk, index.shape[-1])
+        top = index.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, T, k)
+        selected = torch.zeros_like(visible).scatter_(-1, top, True)
+        return selected & visible  # with fewer than k visible, the top k include invisible positions
 
 
 class MLA(nn.Module):
@@ -93,6 +173,8 @@ class MLA(nn.Module):
         # per head h: rows [h*(N+V), h*(N+V)+N) up-project c to k_nope, the next V rows to v
         self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        # DeepSeek-V3.2: restrict each query to the tokens its indexer selects
+        self.indexer = Indexer(config) if config.sparse_attention else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: LatentCache | None = None, layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +182,8 @@ class MLA(nn.Module):
         True where a query may attend a key, replaces the causal mask (training on packed rows)."""
         B, T, _ = x.shape
         cos, sin = rope
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_compressed = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))  # (B, T, q_lora_rank)
+        q = self.q_proj(x) if q_compressed is None else self.q_b_proj(q_compressed)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B,T,H,N), (B,T,H,R)
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
@@ -108,17 +191,31 @@ class MLA(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, C): what the cache stores, after the norm
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # (B, T, R): one rotary key for all heads
+        index_k = None if self.indexer is None else self.indexer.key(x, rope)  # (B, T, I)
 
         if cache is None:
+            if self.indexer is not None:  # DSA: of what the causal (or packed-row) mask shows, the selected
+                visible = (causal_mask(T, x.device) if mask is None else mask[:, 0]).expand(B, T, T)
+                mask = self.indexer(x, q_compressed, rope, index_k, visible).unsqueeze(1)  # (B, 1, T, T)
             out = self._expanded(q_nope, q_pe, latent, k_pe, mask)
         else:
-            latent_all, k_pe_all = cache.update(layer_idx, positions, latent, k_pe)
-            if T > 1 and latent_all.shape[1] == T and not positions[:, 0].any():
+            # with DSA the indexer key rides in the rotary key's cache row: [k_pe, index_k]
+            key_row = k_pe if index_k is None else torch.cat([k_pe, index_k.to(k_pe.dtype)], dim=-1)
+            latent_all, key_rows = cache.update(layer_idx, positions, latent, key_row)
+            k_pe_all, index_k_all = key_rows[..., : self.rope_dim], key_rows[..., self.rope_dim:]  # (B,S,R), (B,S,I)
+            S = latent_all.shape[1]
+            visible = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (B, T, S)
+            prefill = T > 1 and S == T and not positions[:, 0].any()
+            if self.indexer is not None:
+                # a prefill with no past scores the keys it just computed; they are the cache's too
+                visible = self.indexer(x, q_compressed, rope, index_k if prefill else index_k_all, visible)
+            if prefill:
                 # a prefill with no past (every row starts at 0): the expanded path is the same
                 # attention and cheaper here, since absorbing pays C-wide scores over T x T
-                out = self._expanded(q_nope, q_pe, latent, k_pe)
+                keep = None if self.indexer is None else visible.unsqueeze(1)  # (B, 1, T, T)
+                out = self._expanded(q_nope, q_pe, latent, k_pe, keep)
             else:
-                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, positions)
+                out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, visible)
         return self.o_proj(out.flatten(2))
 
     def _expanded(self, q_nope, q_pe, latent, k_pe, mask=None) -> torch.Tensor:
@@ -137,16 +234,20 @@ class MLA(nn.Module):
                                              attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, V)
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, positions) -> torch.Tensor:
-        """Attention on cached latents (B,S,C) and rotary keys (B,S,R), kv_b_proj folded in."""
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, visible) -> torch.Tensor:
+        """Attention on cached latents (B,S,C) and rotary keys (B,S,R), kv_b_proj folded in; query t
+        attends to the positions s where visible (B, T, S) is True."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # query in latent space
         scores = (torch.einsum("bthc,bsc->bhts", q_latent, latent)
                   + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale
-        S = latent.shape[1]
-        visible = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (B, T, S)
         scores = scores.float().masked_fill(~visible.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)  # (B, H, T, S)
         out_latent = torch.einsum("bhts,bsc->bthc", probs, latent)
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, V)
+
+
+def causal_mask(T: int, device: torch.device | str) -> torch.Tensor:
+    """(1, T, T) bool: query t sees keys s <= t."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril().unsqueeze(0)

@@ -9,7 +9,9 @@ HF feed it when drafting with the released weights.
 
 Training adds lambda * mean_k CE_k to the loss. At inference the modules draft tokens for
 speculative decoding. Checkpoints store module k as `model.layers.{num_hidden_layers + k - 1}.*`,
-including copies of the shared embedding and head, exactly like the released V3 weights.
+including copies of the shared embedding and head, exactly like the released V3 weights. A V3.2
+model's MTP block is a V3.2 block: its attention has a DSA indexer (`self_attn.indexer.*`), as the
+released V3.2 checkpoint's model.layers.61 holds (transformers drops the MTP layers on load).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
 """The DeepSeek-V3 causal language model: embedding, MLA + (dense | MoE) blocks, norm, head, MTP.
+With a config's index_* fields set it is DeepSeek-V3.2 (`DeepseekV32ForCausalLM`): every MLA, the
+MTP modules' included, has a DSA indexer (model/attention.py) and caches its key.
 
 One class serves every stage: pretraining and RL call it without a cache (expanded attention),
 the inference engine calls it with a latent cache (absorbed attention). Its state-dict keys are
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MLA, LatentCache
+from nanoseek.model.attention import MLA, LatentCache, latent_cache_dims
 from nanoseek.model.decoder import (
     IGNORE_INDEX, CausalLM, DecoderBlock, DecoderStack, ModelOutput, cross_entropy,
 )
@@ -56,8 +58,9 @@ class Transformer(CausalLM):
     @property
     def cache_dims(self) -> tuple[int, int]:
         """Per token and layer, the widths of the two tensors a LatentCache stores: the latent
-        (kv_lora_rank) and the rotary key (qk_rope_head_dim)."""
-        return self.config.kv_lora_rank, self.config.qk_rope_head_dim
+        (kv_lora_rank) and the key row, the rotary key (qk_rope_head_dim) plus, for a V3.2 model,
+        the DSA indexer key (index_head_dim)."""
+        return latent_cache_dims(self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

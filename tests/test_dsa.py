@@ -1,0 +1,310 @@
+"""DeepSeek-V3.2's sparse attention (DSA): config and checkpoints both ways with transformers'
+DeepseekV32ForCausalLM, that the top-k restriction is really applied, the cached (absorbed) paths,
+the engine against transformers' generate, FP8 indexer weights, `nanoseek info`, and training.
+
+The tiny model keeps index_topk (4) well below the sequence lengths (16-24), so sparsity changes
+every output. It uses 16 index heads: a key that every index head scores <= 0 gets exactly 0,
+and exact ties at the top-k boundary are broken differently by torch.topk (transformers) and
+nanoseek's stable sort (the earlier position); with J heads that happens for a key with
+probability 2^-J, so with 16 heads the fixed seeds here meet none.
+"""
+
+import json
+import os
+import random
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek import LLM, SamplingParams
+from nanoseek.checkpoint import dequantize_fp8, read_tensors
+from nanoseek.cli import main as cli_main
+from nanoseek.config import ModelConfig, preset
+from nanoseek.errors import ConfigError
+from nanoseek.model.attention import ContiguousCache
+from nanoseek.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+V32_TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32,
+    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=128,
+    index_topk=4, index_head_dim=32, index_n_heads=16,
+)
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}  # cos/sin scaled by 0.96: the indexer's too
+
+
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial routing and indexer norms (both init to constants): random correction biases and
+    router weights, k_norm weight and bias away from 1 and 0."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("e_score_correction_bias"):
+                t.normal_(0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                t.normal_(0, 0.3)
+            elif "indexer.k_norm" in name:
+                t.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    return model
+
+
+def hf_model(**overrides):
+    cfg = transformers.DeepseekV32Config(**{**V32_TINY, **overrides})
+    return perturb(transformers.DeepseekV32ForCausalLM(cfg)).eval()
+
+
+def ours(**overrides) -> Transformer:
+    return perturb(Transformer(ModelConfig(**{**V32_TINY, **overrides}))).eval()
+
+
+# ---------------------------------------------------------------- config and checkpoints
+
+
+def test_config_fields_and_errors():
+    config = ModelConfig(**V32_TINY)
+    d = config.to_dict()
+    assert d["model_type"] == "deepseek_v32" and d["architectures"] == ["DeepseekV32ForCausalLM"]
+    assert (d["index_topk"], d["index_head_dim"], d["index_n_heads"]) == (4, 32, 16)
+    assert ModelConfig.from_dict(d) == config
+    # a V3 config writes no DSA field (its config.json is what it was before V3.2 existed)
+    v3 = preset("tiny").to_dict()
+    assert v3["model_type"] == "deepseek_v3" and not any(k.startswith("index_") for k in v3)
+    # a V3.2 file that leaves the fields out means DeepseekV32Config's defaults
+    bare = {k: v for k, v in d.items() if not k.startswith("index_")}
+    assert ModelConfig.from_dict(bare).index_topk == 2048
+    with pytest.raises(ConfigError, match="index_head_dim=None.*all set"):
+        ModelConfig(**{**V32_TINY, "index_head_dim": None})
+    with pytest.raises(ConfigError, match="index_head_dim=8.*qk_rope_head_dim"):
+        ModelConfig(**{**V32_TINY, "index_head_dim": 8})
+    with pytest.raises(ConfigError, match="q_lora_rank.*query latent"):
+        ModelConfig(**{**V32_TINY, "q_lora_rank": None})
+
+
+@pytest.mark.parametrize("rope", ["plain", "yarn"])
+def test_transformers_checkpoint_loads_with_same_logits(rope, tmp_path):
+    torch.manual_seed(0)
+    hf = hf_model(**({"rope_scaling": YARN} if rope == "yarn" else {}))
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no MTP"):  # transformers saves no MTP layer
+        model = nanoseek.load_model(tmp_path)
+    assert model.config.sparse_attention and model.model.layers[0].self_attn.indexer is not None
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_nanoseek_checkpoint_loads_in_transformers_with_same_logits_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = ours(num_nextn_predict_layers=1)
+    nanoseek.save_model(model, tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v32" and config["architectures"] == ["DeepseekV32ForCausalLM"]
+    keys = read_tensors(tmp_path / "ck")
+    for layer in (0, 3):  # a main layer and the MTP module (model.layers.61 in the release)
+        for name in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"):
+            assert f"model.layers.{layer}.self_attn.indexer.{name}" in keys
+    back = nanoseek.load_model(tmp_path / "ck")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its note on the MTP layer it drops
+        hf = transformers.DeepseekV32ForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    assert hf.config.index_topk == 4
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_fp8_indexer_weights_dequantize_and_fp32_ones_load(tmp_path):
+    """As released: wq_b and wk in FP8 with weight_scale_inv, weights_proj and k_norm unquantized in
+    fp32 (the rest here bf16), loaded into a bf16 model; its logits stay close to the fp32 model's."""
+    torch.manual_seed(0)
+    model = ours(num_nextn_predict_layers=0)
+    nanoseek.save_model(model, tmp_path / "ck")
+    ck = tmp_path / "ck"
+    tensors, expected = load_file(ck / "model.safetensors"), {}
+    for key, t in list(tensors.items()):
+        if key.endswith(("indexer.wq_b.weight", "indexer.wk.weight")):
+            blocks = t.view(t.shape[0] // 16, 16, t.shape[1] // 16, 16)  # 16x16 blocks (the release's are 128x128)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+            q = (blocks / scale[:, None, :, None]).view(t.shape).to(torch.float8_e4m3fn)
+            tensors[key], tensors[key.replace("weight", "weight_scale_inv")] = q, scale
+            expected[key] = dequantize_fp8(q, scale, (16, 16))
+        elif "indexer" not in key:
+            tensors[key] = t.to(torch.bfloat16)
+        expected.setdefault(key, tensors[key].float())
+    save_file(tensors, ck / "model.safetensors")
+    config = json.loads((ck / "config.json").read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [16, 16]}
+    (ck / "config.json").write_text(json.dumps(config))
+    loaded = nanoseek.load_model(ck, dtype="bfloat16")
+    indexer = loaded.model.layers[1].self_attn.indexer
+    assert indexer.wk.weight.dtype == indexer.weights_proj.weight.dtype == torch.bfloat16
+    for key, t in loaded.state_dict().items():
+        torch.testing.assert_close(t.float(), expected[key].to(t.dtype).float(), msg=key)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert (loaded(ids).logits.float() - model(ids).logits).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------- the restriction
+
+
+def test_top_k_restricts_attention_and_covers_the_packed_row_mask():
+    """With index_topk < T the logits are not dense attention's; with index_topk >= T they are V3's
+    (same weights, no indexer). Packed rows: the indexer sees only each document's own tokens."""
+    torch.manual_seed(0)
+    sparse = ours(num_nextn_predict_layers=0)
+    dense_config = ModelConfig(**{**V32_TINY, "num_nextn_predict_layers": 0,
+                                  "index_topk": None, "index_head_dim": None, "index_n_heads": None})
+    dense = Transformer(dense_config).eval()
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if ".indexer." not in k})
+    wide = Transformer(sparse.config.replace(index_topk=24)).eval()
+    wide.load_state_dict(sparse.state_dict())
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        restricted, full = sparse(ids).logits, dense(ids).logits
+        torch.testing.assert_close(wide(ids).logits, full, atol=1e-5, rtol=0)
+    # the first index_topk positions see at most index_topk tokens: the same either way
+    torch.testing.assert_close(restricted[:, :4], full[:, :4], atol=1e-5, rtol=0)
+    assert (restricted[:, 5:] - full[:, 5:]).abs().amax(-1).min() > 1e-3  # every later position differs
+
+    docs = [torch.randint(3, 256, (1, n)) for n in (9, 12, 5)]
+    row = torch.cat(docs, dim=1)
+    documents = torch.cat([torch.full((1, d.shape[1]), i) for i, d in enumerate(docs)], dim=1)
+    with torch.no_grad():
+        packed = sparse(row, documents=documents).logits
+        alone = torch.cat([sparse(d).logits for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+def test_cached_decode_equals_the_no_cache_forward():
+    """Prefill (expanded), a chunk on a past and single tokens (absorbed, the indexer keys read back
+    from the cache rows) equal one forward without a cache at every position; the MTP module too."""
+    torch.manual_seed(0)
+    model = ours(num_nextn_predict_layers=1)
+    ids = torch.randint(0, 256, (3, 20))
+    cache = ContiguousCache(model.config, batch_size=3, max_len=24)
+    assert cache.k_pe.shape[-1] == 16 + 32 and model.cache_dims == (16, 48)  # k_pe then the indexer key
+    with torch.no_grad():
+        full = model(ids)
+        pieces = [model(ids[:, :3], cache=cache).logits]  # prefill (expanded), fewer tokens than index_topk
+        pieces.append(model(ids[:, 3:10], positions=torch.arange(3, 10).expand(3, 7), cache=cache).logits)
+        for t in range(10, 20):
+            pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, atol=1e-5, rtol=0)
+        # the MTP block's indexer on the cache (its own layer) against its no-cache forward
+        positions = torch.arange(19).expand(3, 19)
+        h_full, logits_full = model.mtp_forward(0, full.hidden[:, :19], ids[:, 1:], positions)
+        h1, l1 = model.mtp_forward(0, full.hidden[:, :12], ids[:, 1:13], positions[:, :12], cache=cache)
+        h2, l2 = model.mtp_forward(0, full.hidden[:, 12:19], ids[:, 13:], positions[:, 12:], cache=cache)
+    torch.testing.assert_close(torch.cat([l1, l2], dim=1), logits_full, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_engine_greedy_equals_transformers_generate_with_batching_and_prefix_hits(tmp_path):
+    torch.manual_seed(3)
+    nanoseek.save_model(ours(num_nextn_predict_layers=0), tmp_path / "ck")
+    hf = transformers.DeepseekV32ForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    hf.generation_config.eos_token_id = None
+    base = [11, 12, 13, 14, 15, 16, 17, 18]  # two full blocks of 4: a prefix for the later prompts
+    prompts = [[7, 8, 9], base + [40], [100, 101, 102, 103, 104, 105], base + [41, 42, 43, 44, 45], [5, 6]]
+    n = 14  # the 3-token prompt grows from below index_topk (4) to 17 tokens
+
+    def hf_greedy(prompt):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    expected = [hf_greedy(p) for p in prompts]
+    greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    llm = LLM(str(tmp_path / "ck"), block_size=4)
+    first = llm.generate(prompts[:3], greedy)  # a batch of three lengths
+    rest = llm.generate(prompts[3:], greedy)  # prompt 3 starts from prompt 1's cached blocks
+    assert [o.outputs[0].token_ids for o in first + rest] == expected
+    assert rest[0].num_cached_tokens == 8 and llm.stats()["prefix_cache_hit_tokens"] >= 8
+
+
+def test_graph_path_and_mtp_speculation_give_the_eager_tokens(monkeypatch):
+    """The CUDA-graph path's padding (rows, and cache spans rounded up to a power of two of blocks:
+    more invisible positions in each indexer row) and MTP speculation (a verify of k+1 tokens on a
+    past; the MTP block's own indexer) change no token. The capture is replaced by a rerun of the
+    forward on the static inputs, as tests/test_engine.py does, so this runs on the CPU."""
+    import types
+
+    from nanoseek.inference.runner import ModelRunner
+
+    def rerun(runner, run):
+        outputs = run()
+
+        def replay():
+            fresh = run()
+            for static, new in zip(outputs, fresh) if isinstance(outputs, tuple) else [(outputs, fresh)]:
+                static.copy_(new)
+        return types.SimpleNamespace(replay=replay), outputs
+
+    monkeypatch.setattr(ModelRunner, "_record", rerun)
+    torch.manual_seed(1)
+    model = ours(num_nextn_predict_layers=1)
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42, 43, 44] * 3]
+    greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (14, 6, 10)]
+    expected = [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, greedy)]
+    for speculative in (0, 2):
+        graphed = LLM(model, block_size=4, speculative_mtp=speculative, speculative_max_batch=4)
+        graphed.runner.cuda_graphs, graphed.runner.graphs_need_bf16 = True, False
+        assert [o.outputs[0].token_ids for o in graphed.generate(prompts, greedy)] == expected
+        assert len({span for _, _, span, _ in graphed.runner.graphs}) > 1  # several padded spans
+        assert graphed.stats()["spec_draft_tokens"] > 0 if speculative else True
+
+
+def test_info_counts_the_indexer_key_in_the_cache(tmp_path, capsys):
+    nanoseek.save_model(ours(), tmp_path / "ck")
+    assert cli_main(["info", "--model", str(tmp_path / "ck"), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    # 3 layers x (latent 16 + rotary key 16 + indexer key 32) x 2 bytes
+    assert figures["kv_cache_bytes_per_token"] == 3 * (16 + 16 + 32) * 2
+    assert cli_main(["info", "--model", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "64 values/layer" in out and "DSA indexer key 32 values/layer" in out and "top 4 tokens" in out
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_pretraining_a_v32_model_trains_all_but_the_indexer(tmp_path):
+    """Two steps of `nanoseek pretrain` on a V3.2 model (model.index_* overrides of the tiny recipe):
+    from step 1 to step 2 every attention weight moves, the indexer's (frozen, no gradient) do not."""
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.checkpointing import list_checkpoints
+    from nanoseek.train.pretrain import PretrainConfig
+
+    rng = random.Random(0)
+    words = "the king queen lord lady sword crown night day love death heaven earth fair foul".split()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12))
+                                                      for _ in range(80)))
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
+    cfg = load_run_config(PretrainConfig, recipe, [
+        f"out_dir={tmp_path / 'run'}", f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}",
+        "max_steps=2", "eval_every=0", "save_every=1",
+        "model.index_topk=4", "model.index_head_dim=16", "model.index_n_heads=4"])
+    pretrain.train(cfg)
+    first, second = list_checkpoints(tmp_path / "run")  # after steps 1 and 2
+    assert json.loads((second / "config.json").read_text())["model_type"] == "deepseek_v32"
+    before, after = read_tensors(first), read_tensors(second)
+    moved = {k: not torch.equal(v, after[k]) for k, v in before.items()}
+    assert any(".indexer." in k for k in moved) and not any(moved[k] for k in moved if ".indexer." in k)
+    assert all(moved[k] for k in moved if k.endswith(("q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight")))
