@@ -281,9 +281,10 @@ def test_info_counts_the_indexer_key_in_the_cache(tmp_path, capsys):
 # ---------------------------------------------------------------- training
 
 
-def test_pretraining_a_v32_model_trains_all_but_the_indexer(tmp_path):
-    """Two steps of `nanoseek pretrain` on a V3.2 model (model.index_* overrides of the tiny recipe):
-    from step 1 to step 2 every attention weight moves, the indexer's (frozen, no gradient) do not."""
+def test_pretraining_a_v32_model_with_indexer_lambda_0_trains_all_but_the_indexer(tmp_path):
+    """Two steps of `nanoseek pretrain` on a V3.2 model (model.index_* overrides of the tiny recipe)
+    with the indexer's loss off: from step 1 to step 2 every attention weight moves, the indexer's
+    (frozen, no gradient) do not. (With its loss on: test_dsa_train.py.)"""
     from nanoseek.train import pretrain
     from nanoseek.train.config import load_run_config
     from nanoseek.train.checkpointing import list_checkpoints
@@ -299,7 +300,7 @@ def test_pretraining_a_v32_model_trains_all_but_the_indexer(tmp_path):
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
     cfg = load_run_config(PretrainConfig, recipe, [
         f"out_dir={tmp_path / 'run'}", f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}",
-        "max_steps=2", "eval_every=0", "save_every=1",
+        "max_steps=2", "eval_every=0", "save_every=1", "indexer_lambda=0",
         "model.index_topk=4", "model.index_head_dim=16", "model.index_n_heads=4"])
     pretrain.train(cfg)
     first, second = list_checkpoints(tmp_path / "run")  # after steps 1 and 2

@@ -22,9 +22,25 @@ half-split layout, not MLA's interleaved one), and attention then runs, in eithe
 index_topk tokens with the highest I only (all of them when fewer are visible). One indexer key k_I
 (I = index_head_dim values) per token is what it adds to the cache: it rides in the same row as
 k_pe, so a V3.2 model's `cache_dims` is (C, R + I) and the caches need nothing new.
-The scores are fp32; the selection is not differentiable and the indexer runs under no_grad, its
-weights frozen (requires_grad False), as in transformers: training a V3.2 model leaves the indexer
-as loaded (DeepSeek's warm-up and KL-distillation of the indexer are not implemented). Ties in I
+The scores are fp32 and the selection is not differentiable.
+
+Training the indexer (DeepSeek-V3.2-Exp report, §2.1): `MLA.dsa_mode` (set for the whole model by
+`Transformer.set_dsa_mode`) makes a forward without a cache also return, in `MLA.indexer_stats`,
+the indexer's KL loss L_I and its recall. The target is the main attention's distribution p[t, :]:
+each head's softmax of the scores the attention uses, summed over heads and L1-normalized (the mean
+over heads); L_I = mean_t KL(p[t, M_t] || softmax(I[t, M_t])) over a support M_t:
+- "dense" (the dense warm-up): attention stays dense and M_t is every visible position;
+- "sparse" (sparse training): attention runs over the top-k, M_t is the selected set S_t and p is
+  the sparse attention's own distribution (each head's softmax over S_t).
+p is computed without gradient and the indexer's inputs (x, MLA's query latent) are always detached,
+so L_I trains the indexer alone and the language-model loss never reaches it (the selection has no
+gradient either). p costs a B x H x T x T tensor per layer, computed only when dsa_mode is set
+(SDPA does not return its probabilities): fine at toy scale, a real cost at long context. Recall:
+the share of the dense attention mass p that falls on the selected top-k, averaged over the queries
+that see more than index_topk tokens (for the others every visible token is selected).
+dsa_mode None (inference, the engine's cached paths) computes none of it. The indexer's weights are
+frozen (requires_grad False) unless a training stage turns its loss on: an unused trainable weight
+would break DDP. Ties in I
 (a key every index head scores <= 0 scores exactly 0) go to the earlier position, so what a query
 selects does not depend on how its batch is padded; torch.topk (transformers', DeepSeek's code)
 breaks them arbitrarily. Not here: DeepSeek's FP8 indexer scoring (with its Hadamard rotation, an
@@ -99,8 +115,8 @@ class Indexer(nn.Module):
     """DSA's lightning indexer: which index_topk visible tokens each query attends to.
 
     Its keys, as transformers' `DeepseekV32Indexer` and the released V3.2 checkpoints name them:
-    `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`. Frozen and run without gradient (see the
-    module docstring)."""
+    `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`. Its inputs are detached: only its own loss
+    trains it, and it is frozen unless that loss is on (see the module docstring)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -111,7 +127,7 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim**-0.5
-        self.requires_grad_(False)  # top-k selection has no gradient; an unused trainable weight would break DDP
+        self.requires_grad_(False)  # trained only by its own loss (a stage turns it on); unused, it would break DDP
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on the first R dims, half-split: the layout the released indexer weights expect
@@ -119,34 +135,43 @@ class Indexer(nn.Module):
         x_pe, x_rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return torch.cat([apply_rope(x_pe, cos, sin, interleaved=False), x_rest], dim=-1)
 
-    @torch.no_grad()
     def key(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, T, D) -> the tokens' indexer keys (B, T, I), what the cache keeps for later queries."""
-        k = self.wk(x)
+        k = self.wk(x.detach())  # detached: the indexer's loss must not reach the main model
         # LayerNorm in fp32 as DeepSeek's code (its k_norm weights are fp32); the same for fp32 weights
         k = F.layer_norm(k.float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
                          self.k_norm.eps).to(k.dtype)
         return self._rope(k, *rope)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, q_compressed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, q_compressed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               keys: torch.Tensor) -> torch.Tensor:
         """x (B, T, D), q_compressed (B, T, q_lora_rank) (MLA's normed query latent), keys (B, S, I)
-        of every cached position, visible (B, T, S) bool -> (B, T, S) bool: the visible positions
-        among each query's top index_topk."""
+        of every cached position -> the index scores I (B, T, S), fp32, unmasked. With gradient
+        when the indexer is trainable; its inputs are detached, so it is the only thing it reaches."""
         B, T, _ = x.shape
+        x, q_compressed = x.detach(), q_compressed.detach()
         q = self._rope(self.wq_b(q_compressed).view(B, T, self.n_heads, self.head_dim), *rope)  # (B, T, J, I)
         # fp32 scores, in transformers' order of operations: (B,T,J,I) @ (B,1,I,S) -> (B,T,J,S). The two
         # positive constant scales change no ranking; they keep the scores the reference's
         scores = F.relu(torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)) * self.softmax_scale)
         weights = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, J)
-        index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # (B, T, S)
+        return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # (B, T, S)
+
+    @torch.no_grad()
+    def select(self, index: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """index (B, T, S) scores, visible (B, T, S) bool -> (B, T, S) bool: the visible positions
+        among each query's top index_topk."""
         index = index.masked_fill(~visible, float("-inf"))
         # a stable descending sort, not topk: ties go to the earlier position whatever the padding
         k = min(self.topk, index.shape[-1])
         top = index.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, T, k)
         selected = torch.zeros_like(visible).scatter_(-1, top, True)
         return selected & visible  # with fewer than k visible, the top k include invisible positions
+
+    def forward(self, x: torch.Tensor, q_compressed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """`scores`, then `select`: (B, T, S) bool, the visible positions each query attends to."""
+        return self.select(self.scores(x, q_compressed, rope, keys), visible)
 
 
 class MLA(nn.Module):
@@ -175,6 +200,10 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
         # DeepSeek-V3.2: restrict each query to the tokens its indexer selects
         self.indexer = Indexer(config) if config.sparse_attention else None
+        # training the indexer (module docstring): None, "dense" (warm-up) or "sparse"; a forward
+        # without a cache then leaves (L_I, recall) here, collected by Transformer.extra_losses
+        self.dsa_mode: str | None = None
+        self.indexer_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: LatentCache | None = None, layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,7 +225,12 @@ class MLA(nn.Module):
         if cache is None:
             if self.indexer is not None:  # DSA: of what the causal (or packed-row) mask shows, the selected
                 visible = (causal_mask(T, x.device) if mask is None else mask[:, 0]).expand(B, T, T)
-                mask = self.indexer(x, q_compressed, rope, index_k, visible).unsqueeze(1)  # (B, 1, T, T)
+                index = self.indexer.scores(x, q_compressed, rope, index_k)  # (B, T, T)
+                selected = self.indexer.select(index, visible)
+                if self.dsa_mode is not None:
+                    self.indexer_stats = self._indexer_loss(index, visible, selected, q_nope, q_pe, latent, k_pe)
+                if self.dsa_mode != "dense":  # the dense warm-up keeps the mask it was given
+                    mask = selected.unsqueeze(1)  # (B, 1, T, T)
             out = self._expanded(q_nope, q_pe, latent, k_pe, mask)
         else:
             # with DSA the indexer key rides in the rotary key's cache row: [k_pe, index_k]
@@ -233,6 +267,32 @@ class MLA(nn.Module):
                                              F.pad(v, (0, pad)).transpose(1, 2) if pad > 0 else v.transpose(1, 2),
                                              attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, V)
+
+    def _indexer_loss(self, index, visible, selected, q_nope, q_pe, latent, k_pe) -> tuple[torch.Tensor, torch.Tensor]:
+        """index (B, T, T) the indexer's scores (with gradient), visible and selected (B, T, T) bool,
+        the attention's inputs -> (L_I, recall), scalars (see the module docstring). The target p
+        and the recall carry no gradient; L_I's gradient reaches the indexer alone."""
+        with torch.no_grad():
+            B, T, H, _ = q_nope.shape
+            k_nope = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim)[..., : self.nope_dim]
+            q = torch.cat([q_nope, q_pe], dim=-1).float()  # (B, T, H, N+R)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1).float()
+            # the attention's scores, fp32: (B, H, T, T), a T x T tensor per head (the cost of this loss)
+            scores = torch.einsum("bthd,bshd->bhts", q, k) * self.softmax_scale
+            dense = scores.masked_fill(~visible.unsqueeze(1), float("-inf")).softmax(dim=-1)
+            # of what each query sees, the share of the heads' mean distribution on the top-k
+            recall = (dense * selected.unsqueeze(1)).sum(-1).mean(1)  # (B, T)
+            counted = visible.sum(-1) > self.indexer.topk  # queries with something left out
+            recall = recall[counted].mean() if counted.any() else recall.new_ones(())
+            support = visible if self.dsa_mode == "dense" else selected
+            if self.dsa_mode == "sparse":  # the distribution the sparse attention really has
+                dense = scores.masked_fill(~selected.unsqueeze(1), float("-inf")).softmax(dim=-1)
+            p = dense.mean(1)  # (B, T, T): summed over heads, L1-normalized (each head's row sums to 1)
+        # KL(p || softmax(I)) over the support, 0 * log 0 = 0; the masked log-probabilities are
+        # zeroed, not -inf, so that p * log q stays finite where p = 0
+        log_q = index.masked_fill(~support, float("-inf")).log_softmax(dim=-1).masked_fill(~support, 0.0)
+        kl = (torch.xlogy(p, p) - p * log_q).sum(-1)  # (B, T)
+        return kl.mean(), recall
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, visible) -> torch.Tensor:
         """Attention on cached latents (B,S,C) and rotary keys (B,S,R), kv_b_proj folded in; query t

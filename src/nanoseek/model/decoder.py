@@ -66,6 +66,8 @@ class ModelOutput:
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths of their cross-entropies
     mtp_loss_sum: torch.Tensor | None = None  # the same over depths of their summed (not mean) losses
     aux_loss: torch.Tensor | None = None  # sum of the MoE layers' sequence-wise balance losses
+    indexer_loss: torch.Tensor | None = None  # DSA: mean over layers of the indexer's KL loss (dsa_mode set)
+    indexer_recall: torch.Tensor | None = None  # DSA: mean over layers of the attention mass on the top-k
 
 
 class CausalLM(nn.Module):

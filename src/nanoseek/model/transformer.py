@@ -1,6 +1,7 @@
 """The DeepSeek-V3 causal language model: embedding, MLA + (dense | MoE) blocks, norm, head, MTP.
 With a config's index_* fields set it is DeepSeek-V3.2 (`DeepseekV32ForCausalLM`): every MLA, the
-MTP modules' included, has a DSA indexer (model/attention.py) and caches its key.
+MTP modules' included, has a DSA indexer (model/attention.py) and caches its key; `set_dsa_mode`
+turns on the indexer's training loss, returned with the labels' losses.
 
 One class serves every stage: pretraining and RL call it without a cache (expanded attention),
 the inference engine calls it with a latent cache (absorbed attention). Its state-dict keys are
@@ -40,7 +41,8 @@ class Block(DecoderBlock):
 
 class Transformer(CausalLM):
     """`DeepseekV3ForCausalLM`: call it with input_ids (B, T); returns a ModelOutput (see CausalLM).
-    With labels it also returns the MTP loss and, with aux_loss_alpha > 0, the balance loss.
+    With labels it also returns the MTP loss, with aux_loss_alpha > 0 the balance loss and, for a
+    V3.2 model after `set_dsa_mode("dense" | "sparse")`, the indexer's loss and recall.
 
     model.layers[:num_hidden_layers] are the main layers, the rest the MTP modules, so the keys
     read `model.layers.{L}` as in the released files.
@@ -62,6 +64,18 @@ class Transformer(CausalLM):
         the DSA indexer key (index_head_dim)."""
         return latent_cache_dims(self.config)
 
+    def set_dsa_mode(self, mode: str | None) -> None:
+        """How a V3.2 model's forwards without a cache treat the indexer (model/attention.py):
+        None: top-k attention, no indexer loss (inference, and training with a frozen indexer);
+        "dense": dense attention, the indexer's KL loss against it (DeepSeek's dense warm-up);
+        "sparse": top-k attention, the KL loss on the selected tokens (sparse training)."""
+        if mode not in (None, "dense", "sparse"):
+            raise ValueError(f"dsa_mode {mode!r}: expected None, 'dense' or 'sparse'")
+        if mode is not None and not self.config.sparse_attention:
+            raise ValueError("dsa_mode is for a DeepSeek-V3.2 model (index_topk set)")
+        for layer in self.model.layers:
+            layer.self_attn.dsa_mode = mode
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, Gate):
@@ -76,6 +90,14 @@ class Transformer(CausalLM):
         if mtp and len(self.mtp_layers) and T > len(self.mtp_layers):
             out.mtp_loss, out.mtp_loss_sum = self._mtp_loss(out.hidden, input_ids, labels, positions, rope, mask,
                                                             token_mask)
+        if self.config.sparse_attention:  # the indexer's loss and recall, left by each MLA that ran (dsa_mode set)
+            ran = list(self.layers) + (list(self.mtp_layers) if out.mtp_loss is not None else [])
+            stats = [m.self_attn.indexer_stats for m in ran if m.self_attn.indexer_stats is not None]
+            if stats:
+                out.indexer_loss = torch.stack([loss for loss, _ in stats]).mean()
+                out.indexer_recall = torch.stack([recall for _, recall in stats]).mean()
+            for m in self.model.layers:
+                m.self_attn.indexer_stats = None
         moes = [m.mlp for m in self.model.layers if isinstance(m.mlp, MoE)]
         balance = [moe.balance_loss for moe in moes if moe.balance_loss is not None]
         if balance and self.training:

@@ -11,6 +11,20 @@ The objective is DeepSeek-V3's (§2.2, §2.1.2):
 bias update nudges each MoE layer's routing bias towards balanced expert load (bias_gamma; 0 turns
 it off, the load imbalance is still logged).
 
+A DeepSeek-V3.2 model (model.index_* set) also trains its DSA indexer as DeepSeek-V3.2-Exp's
+continued pretraining did (its report, §2.1; model/attention.py has the loss):
+- the first `dense_warmup_steps` steps are the dense warm-up: attention stays dense, every weight
+  but the indexers' is frozen (and the expert-bias update paused), and the objective is
+  indexer_lambda * L_I, the KL divergence from the main attention distribution to the indexer's;
+- then sparse training: top-k attention, every weight trained, and L_I restricted to the selected
+  tokens. The indexer's inputs are detached, so L_I trains the indexer alone and the objective
+  above everything else (indexer_lambda then only scales the indexer's own updates).
+indexer_lambda=0 leaves the indexer frozen as loaded. metrics.jsonl gets `indexer_loss` and
+`indexer_recall` (the share of the dense attention's mass on the selected tokens), and each
+validation `val_indexer_recall` / `val_indexer_loss` of the sparse model as it would run.
+`init=<a V3 checkpoint>` with `model.index_topk=K model.index_head_dim=I model.index_n_heads=J`
+converts it: every V3 weight loaded, the indexers newly initialized.
+
 Data: `data` lists text/jsonl/json/parquet sources, `default` (Shakespeare + synthetic reasoning
 text) or `synthetic:` specs (the reasoning base's digit-sum corpus). A byte-level BPE of
 `vocab_size` is trained on them and they are tokenized into shards under `data_dir` (default
@@ -23,7 +37,8 @@ it instead of training a BPE here (vocab_size is then the tokenizer's).
 
 Continued pretraining: `init=<checkpoint dir>` starts from that model instead of a fresh `preset`
 and tokenizes the data with the checkpoint's tokenizer (`data_dir=<its run>/data` with the same
-data and seed reuses its shards as they are).
+data and seed reuses its shards as they are). Its only model.* overrides are the index_* ones
+that turn a V3 checkpoint into a V3.2 model (above).
 
 The loop below reads top to bottom: setup, then per step: batch -> optimizer step -> expert-bias
 update -> log -> (every so often) validation loss, a text sample, a checkpoint. The machinery is
@@ -37,6 +52,7 @@ import functools
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +93,9 @@ class PretrainConfig(TrainConfig):
     mtp_lambda: float = 0.3  # weight of the MTP loss (V3: 0.3, then 0.1 late in training)
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 1e-4); 0 = off; sets the model's
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed (V3: 1e-3); 0 = off
+    # DeepSeek-V3.2 models only (model.index_* set): training the DSA indexer (module docstring)
+    indexer_lambda: float = 1.0  # weight of the indexer's KL loss; 0 = the indexer stays frozen
+    dense_warmup_steps: int = 0  # the first N steps: dense attention, only the indexer trained
     # samples
     sample_prompt: str = "ROMEO.\n"
     sample_temperature: float = 0.8
@@ -87,6 +106,13 @@ class PretrainConfig(TrainConfig):
         # checked as the config loads, not after data preparation (minutes at real size)
         if not self.init and self.preset not in PRESETS:
             raise ConfigError(f"preset={self.preset!r}: expected one of {', '.join(PRESETS)}")
+        if self.indexer_lambda < 0:
+            raise ConfigError(f"indexer_lambda={self.indexer_lambda} must be >= 0 (0 leaves the indexer frozen)")
+        if not 0 <= self.dense_warmup_steps <= self.max_steps:
+            raise ConfigError(f"dense_warmup_steps={self.dense_warmup_steps} must be between 0 and max_steps "
+                              f"({self.max_steps})")
+        if self.dense_warmup_steps and not self.indexer_lambda:
+            raise ConfigError("dense_warmup_steps trains only the indexer, by its loss: it needs indexer_lambda > 0")
         if not 0 < self.val_fraction < 1:  # the validation loss needs held-out documents
             raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1): pretraining measures its "
                               "validation loss on held-out documents")
@@ -111,6 +137,18 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     tokenizer, data_dir = prepare_corpus(cfg, env)
     seed_everything(cfg.seed)  # after data preparation, which only rank 0 (and only once) does
     model = initial_model(cfg, tokenizer).to(env.device)
+    train_indexer = model.config.sparse_attention and cfg.indexer_lambda > 0
+    if cfg.dense_warmup_steps and not model.config.sparse_attention:
+        raise ConfigError("dense_warmup_steps trains a DeepSeek-V3.2 model's indexer; this model has none: set "
+                          "model.index_topk, model.index_head_dim and model.index_n_heads (with init=, to convert it)")
+    if cfg.dense_warmup_steps and env.world_size > 1:
+        # DDP wraps the parameters that require a gradient once; the warm-up changes which do
+        raise ConfigError("dense_warmup_steps runs in one process: run the warm-up alone (max_steps=N "
+                          "dense_warmup_steps=N), then the sparse stage under torchrun with init=<that run>")
+    if train_indexer:
+        for indexer in indexers(model):
+            indexer.requires_grad_(True)  # before the Trainer builds the optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what sparse training trains
     micro_batch, accum = batch_plan(cfg, env.world_size)
     loader = TokenLoader(data_dir, "train", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
     # a fixed random sample of val windows, so the val loss covers the whole val mix, not its first
@@ -119,7 +157,8 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     val_loader = TokenLoader(data_dir, "val", micro_batch, cfg.seq_len, env.rank, env.world_size, seed=cfg.seed)
     val_batches = [next(val_loader) for _ in range(min(cfg.eval_batches * accum, val_loader.batches_per_epoch))]
     bos_id = tokenizer.bos_id if cfg.document_mask else None
-    loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda, bos_id=bos_id)
+    loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda, bos_id=bos_id,
+                                indexer_lambda=cfg.indexer_lambda)
 
     with Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume) as trainer:
         if env.is_main:
@@ -137,8 +176,13 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
         # ---- the loop
         while trainer.step < cfg.max_steps:
             batches = [tuple(t.to(env.device) for t in next(loader)) for _ in range(accum)]
-            stats = trainer.train_step(batches, loss_fn, tokens=cfg.batch_size * cfg.seq_len)
-            imbalance = update_expert_bias(trainer.raw_model, cfg.bias_gamma)  # after the optimizer step
+            warmup = trainer.step < cfg.dense_warmup_steps
+            if train_indexer:  # a function of the step, so a resumed run is in the right stage
+                set_indexer_stage(trainer.raw_model, warmup, trainable)
+            stats = trainer.train_step(batches, functools.partial(loss_fn, warmup=warmup),
+                                       tokens=cfg.batch_size * cfg.seq_len)
+            # after the optimizer step; the warm-up freezes the routing biases too
+            imbalance = update_expert_bias(trainer.raw_model, 0.0 if warmup else cfg.bias_gamma)
             if imbalance:
                 stats.update(imbalance=max(imbalance), imbalance_per_layer=imbalance)
             trainer.log(stats)
@@ -150,10 +194,14 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
         return trainer.save_checkpoint()
 
 
-def pretrain_loss(model, batch, mtp_lambda: float, bos_id: int | None = None):
+def pretrain_loss(model, batch, mtp_lambda: float, bos_id: int | None = None, indexer_lambda: float = 0.0,
+                  warmup: bool = False):
     """DeepSeek-V3's objective on one (inputs, targets) batch: next-token CE + mtp_lambda * MTP CE
-    + the sequence-wise balance loss (present only when aux_loss_alpha > 0, already scaled by it).
-    With `bos_id`, each document of a packed row (bos doc eos) attends only to itself."""
+    + the sequence-wise balance loss (present only when aux_loss_alpha > 0, already scaled by it),
+    + indexer_lambda * the DSA indexer's loss when the model returns one (set_indexer_stage).
+    With `bos_id`, each document of a packed row (bos doc eos) attends only to itself.
+    `warmup` (the dense warm-up): the objective is the indexer's loss alone (the rest is frozen;
+    the other losses are still logged)."""
     inputs, targets = batch
     out = model(inputs, labels=targets, logits=False, documents=documents_of(inputs, bos_id))
     objective, metrics = out.loss, {"loss": out.loss}
@@ -163,13 +211,74 @@ def pretrain_loss(model, batch, mtp_lambda: float, bos_id: int | None = None):
     if out.aux_loss is not None:
         objective = objective + out.aux_loss
         metrics["aux_loss"] = out.aux_loss
+    if out.indexer_loss is not None:
+        # detached inputs: this term reaches the indexers alone, the terms above everything else
+        objective = indexer_lambda * out.indexer_loss + (0.0 if warmup else objective)
+        metrics.update(indexer_loss=out.indexer_loss, indexer_recall=out.indexer_recall)
     return objective, metrics
 
 
+def indexers(model: Transformer) -> list[torch.nn.Module]:
+    """The DSA indexers of a V3.2 model (every MLA's, the MTP modules' included)."""
+    return [layer.self_attn.indexer for layer in model.model.layers if layer.self_attn.indexer is not None]
+
+
+def set_indexer_stage(model: Transformer, warmup: bool, trainable: list[torch.nn.Parameter]) -> None:
+    """Put a V3.2 model whose indexers are trained in the dense warm-up (dense attention, every
+    weight but the indexers' frozen) or in sparse training (top-k attention, the `trainable`
+    weights trained). Frozen weights get no gradient, so the optimizer leaves them as they are
+    (weight decay included)."""
+    model.set_dsa_mode("dense" if warmup else "sparse")
+    for p in trainable:
+        p.requires_grad_(not warmup)
+    for indexer in indexers(model):
+        indexer.requires_grad_(True)
+
+
 def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:
-    loss = evaluate_loss(trainer.raw_model, val_batches, trainer.env, trainer.autocast,
-                         documents=functools.partial(documents_of, bos_id=bos_id))
-    trainer.log({"val_loss": loss}, console=True)
+    """The validation loss; for a V3.2 model, of its sparse attention (as inference runs it, also
+    during the dense warm-up), with its indexer's recall and loss on the selected tokens."""
+    with dsa_mode(trainer.raw_model, None):  # not the warm-up's dense attention
+        loss = evaluate_loss(trainer.raw_model, val_batches, trainer.env, trainer.autocast,
+                             documents=functools.partial(documents_of, bos_id=bos_id))
+    record = {"val_loss": loss}
+    if trainer.raw_model.config.sparse_attention:
+        record.update(indexer_metrics(trainer, val_batches, bos_id))
+    trainer.log(record, console=True)
+
+
+@contextmanager
+def dsa_mode(model: Transformer, mode: str | None):
+    """The model's MLAs in `mode` (Transformer.set_dsa_mode), then back in the modes they had."""
+    attentions = [layer.self_attn for layer in model.model.layers]
+    modes = [getattr(a, "dsa_mode", None) for a in attentions]
+    if model.config.sparse_attention:
+        model.set_dsa_mode(mode)
+    try:
+        yield
+    finally:
+        for attention, before in zip(attentions, modes):
+            attention.dsa_mode = before
+
+
+@torch.no_grad()
+def indexer_metrics(trainer: Trainer, val_batches, bos_id: int | None) -> dict[str, float]:
+    """val_indexer_recall and val_indexer_loss of a V3.2 model's main layers, top-k attention,
+    averaged over the val batches and ranks (a second pass over them: the p it needs costs a
+    T x T tensor per head and layer, which the validation loss alone does not pay)."""
+    model = trainer.raw_model
+    was_training = model.training
+    model.eval()
+    totals = {"val_indexer_recall": 0.0, "val_indexer_loss": 0.0}
+    with dsa_mode(model, "sparse"):
+        for inputs, targets in val_batches:
+            inputs, targets = inputs.to(trainer.env.device), targets.to(trainer.env.device)
+            with trainer.autocast():
+                out = model(inputs, labels=targets, logits=False, mtp=False, documents=documents_of(inputs, bos_id))
+            totals["val_indexer_recall"] += float(out.indexer_recall) / len(val_batches)
+            totals["val_indexer_loss"] += float(out.indexer_loss) / len(val_batches)
+    model.train(was_training)
+    return trainer.mean_over_ranks(totals)
 
 
 def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
@@ -186,9 +295,11 @@ def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:
 
 
 def initial_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> Transformer:
-    """A fresh model of the configured preset, or the `init` checkpoint to continue from; either
-    way its sequence-wise balance loss weight is the run's aux_loss_alpha."""
-    model = stage_model(cfg.init or cfg.preset, tokenizer, cfg.model, cfg.seq_len, aux_loss_alpha=cfg.aux_loss_alpha)
+    """A fresh model of the configured preset, or the `init` checkpoint to continue from (a V3 one
+    made V3.2 by model.index_* overrides); either way its sequence-wise balance loss weight is the
+    run's aux_loss_alpha."""
+    model = stage_model(cfg.init or cfg.preset, tokenizer, cfg.model, cfg.seq_len, convert_to_v32=True,
+                        aux_loss_alpha=cfg.aux_loss_alpha)
     if not isinstance(model, Transformer):
         raise ConfigError(f"init={cfg.init or cfg.preset!r} is a dense model; pretraining is for DeepSeek-V3 models")
     set_aux_loss_alpha(model, cfg.aux_loss_alpha)
