@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from eager_graphs import eager_record
 from safetensors.torch import load_file, save_file
 
 import nanoseek
@@ -239,21 +240,10 @@ def test_graph_path_and_mtp_speculation_give_the_eager_tokens(monkeypatch):
     """The CUDA-graph path's padding (rows, and cache spans rounded up to a power of two of blocks:
     more invisible positions in each indexer row) and MTP speculation (a verify of k+1 tokens on a
     past; the MTP block's own indexer) change no token. The capture is replaced by a rerun of the
-    forward on the static inputs, as tests/test_engine.py does, so this runs on the CPU."""
-    import types
-
+    forward on the static inputs (tests/eager_graphs.py), so this runs on the CPU."""
     from nanoseek.inference.runner import ModelRunner
 
-    def rerun(runner, run):
-        outputs = run()
-
-        def replay():
-            fresh = run()
-            for static, new in zip(outputs, fresh) if isinstance(outputs, tuple) else [(outputs, fresh)]:
-                static.copy_(new)
-        return types.SimpleNamespace(replay=replay), outputs
-
-    monkeypatch.setattr(ModelRunner, "_record", rerun)
+    monkeypatch.setattr(ModelRunner, "_record", eager_record)
     torch.manual_seed(1)
     model = ours(num_nextn_predict_layers=1)
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42, 43, 44] * 3]

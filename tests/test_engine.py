@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from eager_graphs import eager_record
 
 from nanoseek import LLM, SamplingParams
 from nanoseek.config import preset
@@ -752,21 +753,6 @@ def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
     explicit = ChatCompletionRequest(messages=messages, temperature=1.0).sampling_kwargs({"temperature": 0.6})
     assert explicit["temperature"] == 1.0
     assert ChatCompletionRequest(messages=messages).sampling_kwargs()["temperature"] == 1.0
-
-
-def eager_record(runner, run):
-    """ModelRunner._record without CUDA: each replay runs `run` again on the static inputs and
-    copies its results into the static outputs, as a graph replay rewrites them."""
-    import types
-
-    outputs = run()
-
-    def replay():
-        fresh = run()
-        for static, new in zip(outputs, fresh) if isinstance(outputs, tuple) else [(outputs, fresh)]:
-            static.copy_(new)
-
-    return types.SimpleNamespace(replay=replay), outputs
 
 
 def test_graph_path_equals_eager_decoding(model, monkeypatch):
