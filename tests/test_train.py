@@ -403,8 +403,9 @@ def test_activation_checkpointing_trains_the_same_run(full_run, corpus, tmp_path
 
 
 def test_continued_pretraining_starts_from_init(full_run, corpus, tmp_path):
-    # vocab_size and seed differ from the run that made `init`: its tokenizer is used all the same
-    cfg = tiny_config(tmp_path / "more", corpus, f"init={full_run / 'latest'}", "max_steps=1", "save_every=0",
+    # vocab_size and seed differ from the run that made `init`: its tokenizer is used all the same.
+    # init names the run directory: its latest checkpoint
+    cfg = tiny_config(tmp_path / "more", corpus, f"init={full_run}", "max_steps=1", "save_every=0",
                       "vocab_size=300", "seed=1", f"data_dir={tmp_path / 'shards'}")
     pretrain.train(cfg)
     first_loss = lambda run: next(r["loss"] for r in read_metrics(run) if "loss" in r)

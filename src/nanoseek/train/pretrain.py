@@ -68,6 +68,7 @@ from nanoseek.model.moe import moe_layers, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
 from nanoseek.train import stage
+from nanoseek.train.checkpointing import checkpoint_path
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.distributed import DistEnv, barrier, gather_objects, seed_everything
 from nanoseek.train.stage import preset_config, run_stage, sample_text, stage_model
@@ -125,6 +126,8 @@ def train(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
 
 
 def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
+    if cfg.init:  # a run directory names its latest checkpoint, as every stage's init= does
+        cfg.init = str(checkpoint_path(cfg.init))
     if cfg.init and not all((Path(cfg.init) / f).is_file() for f in ("config.json", "tokenizer.json")):
         raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory with its tokenizer "
                           "(config.json, tokenizer.json)")
