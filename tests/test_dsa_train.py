@@ -228,3 +228,25 @@ def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_
     with pytest.raises(ConfigError, match="this model has none"):
         pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'v3b'}", f"init={v3}",
                                                                 "dense_warmup_steps=1", *common]))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, tmp_path):
+    """A checkpoint of the warm-up holds optimizer state for the indexers alone (nothing else has
+    stepped yet); resumed there (and at the boundary), the run crosses into sparse training and ends
+    with the uninterrupted run's weights."""
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.pretrain import PretrainConfig
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
+    common = [f"data={json.dumps([str(corpus(tmp_path))])}", f"data_dir={tmp_path / 'shards'}", "eval_every=0",
+              "max_steps=3", "dense_warmup_steps=2", f"optimizer={optimizer}",
+              "model.index_topk=4", "model.index_head_dim=16", "model.index_n_heads=4"]
+    whole = read_tensors(pretrain.train(load_run_config(PretrainConfig, recipe, [
+        f"out_dir={tmp_path / 'whole'}", "save_every=1", "keep_checkpoints=0", *common])))
+    for step in (1, 2):  # inside the warm-up, and at its end
+        resumed = pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / str(step)}", *common]),
+                                 resume=tmp_path / "whole" / f"checkpoint-{step}")
+        got = read_tensors(resumed)
+        assert all(torch.equal(whole[k], got[k]) for k in whole), step
