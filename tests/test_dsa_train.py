@@ -146,6 +146,28 @@ def test_indexer_loss_reaches_only_the_indexers_and_the_lm_loss_never_does():
     assert all(got[n] for n in got if n.endswith(("q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight")))
 
 
+def test_activation_checkpointing_leaves_no_indexer_stats_after_the_backward():
+    """The backward's rerun of a checkpointed layer computes the indexer's loss again; what it
+    leaves must not stay on the layer (with its graph) until the next forward."""
+    from nanoseek.train.pretrain import indexers
+
+    m = model(sharp=0.3).train()
+    for ix in indexers(m):
+        ix.requires_grad_(True)
+    m.set_dsa_mode("sparse")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for checkpointing in (False, True):
+        m.activation_checkpointing = checkpointing
+        m.zero_grad(set_to_none=True)
+        out = m(ids, labels=ids)
+        (out.loss + out.indexer_loss).backward()
+        assert all(layer.self_attn.indexer_stats is None for layer in m.model.layers)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
 # ---------------------------------------------------------------- the dense warm-up
 
 
