@@ -146,6 +146,28 @@ def test_indexer_loss_reaches_only_the_indexers_and_the_lm_loss_never_does():
     assert all(got[n] for n in got if n.endswith(("q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight")))
 
 
+def test_activation_checkpointing_leaves_no_indexer_stats_after_the_backward():
+    """The backward's rerun of a checkpointed layer computes the indexer's loss again; what it
+    leaves must not stay on the layer (with its graph) until the next forward."""
+    from nanoseek.train.pretrain import indexers
+
+    m = model(sharp=0.3).train()
+    for ix in indexers(m):
+        ix.requires_grad_(True)
+    m.set_dsa_mode("sparse")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for checkpointing in (False, True):
+        m.activation_checkpointing = checkpointing
+        m.zero_grad(set_to_none=True)
+        out = m(ids, labels=ids)
+        (out.loss + out.indexer_loss).backward()
+        assert all(layer.self_attn.indexer_stats is None for layer in m.model.layers)
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
 # ---------------------------------------------------------------- the dense warm-up
 
 
@@ -228,3 +250,25 @@ def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_
     with pytest.raises(ConfigError, match="this model has none"):
         pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'v3b'}", f"init={v3}",
                                                                 "dense_warmup_steps=1", *common]))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, tmp_path):
+    """A checkpoint of the warm-up holds optimizer state for the indexers alone (nothing else has
+    stepped yet); resumed there (and at the boundary), the run crosses into sparse training and ends
+    with the uninterrupted run's weights."""
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.pretrain import PretrainConfig
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
+    common = [f"data={json.dumps([str(corpus(tmp_path))])}", f"data_dir={tmp_path / 'shards'}", "eval_every=0",
+              "max_steps=3", "dense_warmup_steps=2", f"optimizer={optimizer}",
+              "model.index_topk=4", "model.index_head_dim=16", "model.index_n_heads=4"]
+    whole = read_tensors(pretrain.train(load_run_config(PretrainConfig, recipe, [
+        f"out_dir={tmp_path / 'whole'}", "save_every=1", "keep_checkpoints=0", *common])))
+    for step in (1, 2):  # inside the warm-up, and at its end
+        resumed = pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / str(step)}", *common]),
+                                 resume=tmp_path / "whole" / f"checkpoint-{step}")
+        got = read_tensors(resumed)
+        assert all(torch.equal(whole[k], got[k]) for k in whole), step

@@ -466,3 +466,31 @@ def test_judge_cli_checks_output_and_threads_before_judging_and_names_bad_lines(
         assert main(judge) == 2
         err = capsys.readouterr().err
         assert f"items.jsonl:1: {problem}" in err and "Traceback" not in err
+
+
+def test_the_recipes_trainings_run_under_its_optimizer(tmp_path, monkeypatch):
+    """optimizer=muon (and muon_momentum) reach the judge's SFT trainings (cold start, RFT) and its
+    RL, as activation_checkpointing does, instead of falling back to AdamW."""
+    from nanoseek.train.grm import GRMConfig, Recipe
+
+    checkpoint = tmp_path / "run" / "rft" / "checkpoint-1"  # only found, never loaded: _train is replaced
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    recipe = Recipe(GRMConfig(out_dir=str(tmp_path / "run"), init=str(checkpoint), optimizer="muon",
+                              muon_momentum=0.9))
+    (recipe.out / "data").mkdir()
+    (recipe.out / "data" / "items_train.jsonl").write_text("")
+    configs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(name, train_fn, cfg):
+        configs.append(cfg)
+        raise Captured  # what follows a training reads its checkpoint
+    monkeypatch.setattr(recipe, "_train", capture)
+    with pytest.raises(Captured):
+        recipe._sft("cold_start", checkpoint, [], steps=1, lr=1e-3)
+    with pytest.raises(Captured):
+        recipe.rl()
+    assert [(c.optimizer, c.muon_momentum) for c in configs] == [("muon", 0.9)] * 2

@@ -158,11 +158,14 @@ class CausalLM(nn.Module):
 
 
 class _Recomputing:
-    """The backward's rerun of a checkpointed layer: its MoE must not count its tokens twice.
+    """The backward's rerun of a checkpointed layer: its MoE must not count its tokens twice, and
+    the indexer statistics a V3.2 attention leaves (dsa_mode set: the forward's were collected
+    already) must not outlive it, holding their graph until the next forward.
     A class, not a generator, so that a second backward (retain_graph=True) can enter it again."""
 
     def __init__(self, layer: nn.Module):
         self.moe = layer.mlp if isinstance(layer.mlp, MoE) else None
+        self.attention = layer.self_attn
 
     def contexts(self):
         return contextlib.nullcontext(), self
@@ -174,6 +177,8 @@ class _Recomputing:
     def __exit__(self, *exc):
         if self.moe is not None:
             self.moe.recomputing = False
+        if getattr(self.attention, "indexer_stats", None) is not None:
+            self.attention.indexer_stats = None
 
 
 def documents_of(input_ids: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:

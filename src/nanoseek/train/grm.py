@@ -345,7 +345,8 @@ class Recipe:
                             seq_len=self.cfg.seq_len, threads=self.cfg.threads, device=self.cfg.device,
                             val_fraction=0.0, eval_every=0, log_every=self.cfg.log_every, save_every=0,
                             keep_checkpoints=1, tensorboard=False, seed=self.cfg.seed, bias_gamma=0.0,
-                            activation_checkpointing=self.cfg.activation_checkpointing)
+                            activation_checkpointing=self.cfg.activation_checkpointing,
+                            optimizer=self.cfg.optimizer, muon_momentum=self.cfg.muon_momentum)
         return self._train(name, sft.train, cfg)
 
     # ---- 1. data
@@ -460,7 +461,8 @@ class Recipe:
                             lr=cfg.rl_lr, beta=cfg.rl_beta, log_kl=False, max_steps=cfg.rl_steps, eval_n=0,
                             seq_len=cfg.seq_len, threads=cfg.threads, device=cfg.device, seed=cfg.seed,
                             log_every=cfg.log_every, save_every=0, keep_checkpoints=1, tensorboard=False,
-                            warmup_steps=2, activation_checkpointing=cfg.activation_checkpointing)
+                            warmup_steps=2, activation_checkpointing=cfg.activation_checkpointing,
+                            optimizer=cfg.optimizer, muon_momentum=cfg.muon_momentum)
         items = [it for it in self.items("items_train") if it.kind != "single"]
 
         def loop(rl_cfg, env, resume):

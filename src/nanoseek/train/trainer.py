@@ -456,8 +456,24 @@ class Trainer:
             self.raw_model.load_state_dict(tensors)
 
     def _load_optimizer_state(self, optim_state: dict) -> None:
-        set_optimizer_state_dict(self.raw_model, self.optimizers, optim_state,
-                                 options=StateDictOptions(full_state_dict=True))
+        # A parameter the saved optimizer holds but never stepped (frozen until then: pretraining's
+        # DSA dense warm-up trains the indexers alone) has no saved state, as in a new optimizer.
+        # torch's loader calls that missing for a parameter that requires a gradient, so it loads
+        # with those frozen; a parameter the saved optimizer lacks altogether is still an error.
+        listed = {name for group in optim_state["param_groups"] for name in group["params"]}
+        names: dict[int, list[str]] = {}  # a tied parameter has several
+        for name, p in self.raw_model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        unstepped = [p for p in self.raw_model.parameters() if p.requires_grad
+                     and any(n in listed for n in names[id(p)]) and not any(n in optim_state["state"] for n in names[id(p)])]
+        for p in unstepped:
+            p.requires_grad_(False)
+        try:
+            set_optimizer_state_dict(self.raw_model, self.optimizers, optim_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        finally:
+            for p in unstepped:
+                p.requires_grad_(True)
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> str:
