@@ -211,7 +211,7 @@ def corpus(tmp_path):
     return d
 
 
-def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_path):
+def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_path, monkeypatch):
     """init=<V3 run> + model.index_*: every V3 weight loaded; a warm-up step moves the indexers
     alone (the routing biases included); the sparse step then moves everything; metrics logged."""
     from nanoseek.train import pretrain
@@ -247,6 +247,8 @@ def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_
                                                    "model.hidden_size=32", *index, *common])
     with pytest.raises(ConfigError, match="model.index_topk, model.index_head_dim and model.index_n_heads"):
         pretrain.train(bad)
+    # a warm-up without an indexer fails before the data is prepared (minutes at real size)
+    monkeypatch.setattr(pretrain, "prepare_corpus", lambda *args: pytest.fail("prepared the data first"))
     with pytest.raises(ConfigError, match="this model has none"):
         pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'v3b'}", f"init={v3}",
                                                                 "dense_warmup_steps=1", *common]))

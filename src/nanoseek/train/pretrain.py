@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanoseek.checkpoint import load_config
 from nanoseek.config import PRESETS
 from nanoseek.data.corpus import LEGACY_RECIPE, TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
@@ -132,22 +133,26 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
         raise ConfigError(f"init={cfg.init!r} is not a checkpoint directory with its tokenizer "
                           "(config.json, tokenizer.json)")
 
-    if not cfg.init:  # bad model.* settings fail now, not after the data is tokenized (minutes on a real corpus)
+    # bad settings fail now, not after the data is tokenized (minutes on a real corpus)
+    if not cfg.init:
         vocab_size = cfg.model.get("vocab_size", cfg.vocab_size)  # the tokenizer's is checked with the model
-        preset_config(cfg.preset, cfg.model, cfg.seq_len, vocab_size, 0, 1, aux_loss_alpha=cfg.aux_loss_alpha)
-
-    # ---- data, tokenizer, model
-    tokenizer, data_dir = prepare_corpus(cfg, env)
-    seed_everything(cfg.seed)  # after data preparation, which only rank 0 (and only once) does
-    model = initial_model(cfg, tokenizer).to(env.device)
-    train_indexer = model.config.sparse_attention and cfg.indexer_lambda > 0
-    if cfg.dense_warmup_steps and not model.config.sparse_attention:
+        config = preset_config(cfg.preset, cfg.model, cfg.seq_len, vocab_size, 0, 1, aux_loss_alpha=cfg.aux_loss_alpha)
+        sparse = config.sparse_attention
+    else:  # a V3.2 checkpoint, or a V3 one that model.index_* convert
+        sparse = getattr(load_config(cfg.init), "sparse_attention", False) or "index_topk" in cfg.model
+    if cfg.dense_warmup_steps and not sparse:
         raise ConfigError("dense_warmup_steps trains a DeepSeek-V3.2 model's indexer; this model has none: set "
                           "model.index_topk, model.index_head_dim and model.index_n_heads (with init=, to convert it)")
     if cfg.dense_warmup_steps and env.world_size > 1:
         # DDP wraps the parameters that require a gradient once; the warm-up changes which do
         raise ConfigError("dense_warmup_steps runs in one process: run the warm-up alone (max_steps=N "
                           "dense_warmup_steps=N), then the sparse stage under torchrun with init=<that run>")
+
+    # ---- data, tokenizer, model
+    tokenizer, data_dir = prepare_corpus(cfg, env)
+    seed_everything(cfg.seed)  # after data preparation, which only rank 0 (and only once) does
+    model = initial_model(cfg, tokenizer).to(env.device)
+    train_indexer = model.config.sparse_attention and cfg.indexer_lambda > 0
     if train_indexer:
         for indexer in indexers(model):
             indexer.requires_grad_(True)  # before the Trainer builds the optimizer
