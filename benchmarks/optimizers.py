@@ -59,6 +59,8 @@ def train(config: str, out: Path, name: str, overrides: list[str]) -> Path:
 
 def first_step_at(points: list[tuple[int, float]], target: float) -> float | None:
     """The (interpolated) step at which a falling validation curve first reaches `target`."""
+    if points and points[0][1] <= target:
+        return points[0][0]
     for (s0, v0), (s1, v1) in zip(points, points[1:]):
         if v1 <= target:
             return s1 if v0 == v1 else s0 + (v0 - target) / (v0 - v1) * (s1 - s0)

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts import `optional`
@@ -69,3 +70,24 @@ def test_laptop_times_more_than_one_thread_by_the_wall_clock(tmp_path):
                         "--decode-tokens", "4", "--prompt-len", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 thread(s), wall clock" in result.stdout
+
+
+def test_optimizers_report_steps_to_the_baselines_loss_and_ratios(tmp_path):
+    import json
+
+    from optimizers import first_step_at, summarize
+
+    assert first_step_at([(0, 8.0), (50, 5.0), (100, 4.0)], 4.5) == 75  # linear between evaluations
+    assert first_step_at([(0, 8.0), (50, 5.0)], 4.0) is None
+    assert first_step_at([(0, 3.0), (50, 2.0)], 4.0) == 0
+    for name, vals, step_time in (("adamw", [8.0, 5.0, 4.0], 1.0), ("muon", [8.0, 4.0, 3.5], 1.1)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": s, "val_loss": v} for s, v in zip((0, 50, 100), vals)]
+        lines += [{"step": s, "loss": 5.0, "step_time_s": step_time} for s in range(1, 101)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = summarize({"adamw": tmp_path / "adamw", "muon": tmp_path / "muon"})
+    assert report["baseline"] == "adamw"
+    muon = report["runs"]["muon"]
+    assert muon["steps_to_baseline_loss"] == 50 and muon["step_speedup"] == 2.0
+    assert muon["difference"] == -0.5 and muon["step_time_ratio"] == pytest.approx(1.1)
