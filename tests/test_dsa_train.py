@@ -274,3 +274,18 @@ def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, tmp_pat
                                  resume=tmp_path / "whole" / f"checkpoint-{step}")
         got = read_tensors(resumed)
         assert all(torch.equal(whole[k], got[k]) for k in whole), step
+
+
+def test_a_topk_that_covers_the_sequence_is_pointed_out(tmp_path, capsys):
+    """index_topk >= seq_len: sparse attention is dense there and recall is 1; the run says so."""
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.pretrain import PretrainConfig
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
+    common = [f"data={json.dumps([str(corpus(tmp_path))])}", f"data_dir={tmp_path / 'shards'}", "max_steps=1",
+              "eval_every=0", "seq_len=16", "model.index_head_dim=16", "model.index_n_heads=4"]
+    for topk, noted in ((16, True), (8, False)):
+        pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / str(topk)}",
+                                                                f"model.index_topk={topk}", *common]))
+        assert ("sparse attention is dense here" in capsys.readouterr().out) == noted

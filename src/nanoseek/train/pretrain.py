@@ -173,6 +173,10 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
             print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {len(model.layers)} layers + "
                   f"{len(model.mtp_layers)} MTP | batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} "
                   f"x {accum} accumulation x {env.world_size} ranks | {cfg.max_steps} steps", flush=True)
+            if model.config.sparse_attention and model.config.index_topk >= cfg.seq_len:
+                print(f"note: index_topk ({model.config.index_topk}) >= seq_len ({cfg.seq_len}): every query "
+                      "attends to all it sees, so sparse attention is dense here and the indexer's recall is 1; "
+                      "set model.index_topk below seq_len to train a selection", flush=True)
         if trainer.step == 0:
             # the windows val_loss covers are every rank's val_batches, not rank 0's alone
             eval_targets = [t for rank_targets in gather_objects([t for _, t in val_batches]) for t in rank_targets]
