@@ -24,6 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nanoseek.plots import _pyplot, series
 from nanoseek.train.checkpointing import list_checkpoints
 from nanoseek.train.config import load_run_config
 from nanoseek.train.metrics import read_metrics
@@ -71,10 +72,10 @@ def summarize(runs: dict[str, Path]) -> dict:
     report = {}
     for name, run_dir in runs.items():
         records = read_metrics(run_dir)
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        steps = [r for r in records if "step_time_s" in r]
-        report[name] = {"val_loss": val, "train_loss": [(r["step"], r["loss"]) for r in steps],
-                        "step_time_s": sum(r["step_time_s"] for r in steps) / max(1, len(steps))}
+        _, step_times = series(records, "step_time_s")
+        report[name] = {"val_loss": list(zip(*series(records, "val_loss"))),
+                        "train_loss": list(zip(*series(records, "loss"))),
+                        "step_time_s": sum(step_times) / max(1, len(step_times))}
     base_name = next(iter(report))
     base = report[base_name]
     target = base["val_loss"][-1][1]
@@ -89,11 +90,7 @@ def summarize(runs: dict[str, Path]) -> dict:
 
 
 def figure(summary: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, r in summary["runs"].items():
         steps, values = zip(*r["val_loss"])

@@ -261,16 +261,17 @@ def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:
 
 @contextmanager
 def dsa_mode(model: Transformer, mode: str | None):
-    """The model's MLAs in `mode` (Transformer.set_dsa_mode), then back in the modes they had."""
-    attentions = [layer.self_attn for layer in model.model.layers]
-    modes = [getattr(a, "dsa_mode", None) for a in attentions]
-    if model.config.sparse_attention:
-        model.set_dsa_mode(mode)
+    """The model in `mode` (Transformer.set_dsa_mode), then back in the mode it had. A V3 model has
+    none: it is left as it is."""
+    if not model.config.sparse_attention:
+        yield
+        return
+    before = model.model.layers[0].self_attn.dsa_mode  # set_dsa_mode sets every layer alike
+    model.set_dsa_mode(mode)
     try:
         yield
     finally:
-        for attention, before in zip(attentions, modes):
-            attention.dsa_mode = before
+        model.set_dsa_mode(before)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from nanoseek.checkpoint import check_state_dict
-from nanoseek.model.decoder import IGNORE_INDEX
+from nanoseek.model.decoder import IGNORE_INDEX, DecoderBlock
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
@@ -81,8 +81,6 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     not decayed: decaying a norm's gain or a token's embedding towards zero only fights the
     representation, it regularizes nothing.
     """
-    from nanoseek.model.decoder import DecoderBlock
-
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     hidden = {id(p) for block in model.modules() if isinstance(block, DecoderBlock)
               for p in block.parameters() if p.ndim == 2}
