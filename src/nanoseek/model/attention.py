@@ -238,15 +238,17 @@ class MLA(nn.Module):
             latent_all, key_rows = cache.update(layer_idx, positions, latent, key_row)
             k_pe_all, index_k_all = key_rows[..., : self.rope_dim], key_rows[..., self.rope_dim:]  # (B,S,R), (B,S,I)
             S = latent_all.shape[1]
-            visible = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (B, T, S)
             prefill = T > 1 and S == T and not positions[:, 0].any()
+            visible = None  # a V3 prefill with no past attends causally: no mask to build
+            if self.indexer is not None or not prefill:
+                visible = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (B, T, S)
             if self.indexer is not None:
                 # a prefill with no past scores the keys it just computed; they are the cache's too
                 visible = self.indexer(x, q_compressed, rope, index_k if prefill else index_k_all, visible)
             if prefill:
                 # a prefill with no past (every row starts at 0): the expanded path is the same
                 # attention and cheaper here, since absorbing pays C-wide scores over T x T
-                keep = None if self.indexer is None else visible.unsqueeze(1)  # (B, 1, T, T)
+                keep = None if visible is None else visible.unsqueeze(1)  # (B, 1, T, T)
                 out = self._expanded(q_nope, q_pe, latent, k_pe, keep)
             else:
                 out = self._absorbed(q_nope, q_pe, latent_all, k_pe_all, visible)
