@@ -25,7 +25,7 @@ from nanoseek.checkpoint import dequantize_fp8, read_tensors
 from nanoseek.cli import main as cli_main
 from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import ConfigError
-from nanoseek.model.attention import ContiguousCache
+from nanoseek.model.attention import MLA, ContiguousCache
 from nanoseek.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -208,6 +208,37 @@ def test_cached_decode_equals_the_no_cache_forward():
         h1, l1 = model.mtp_forward(0, full.hidden[:, :12], ids[:, 1:13], positions[:, :12], cache=cache)
         h2, l2 = model.mtp_forward(0, full.hidden[:, 12:19], ids[:, 13:], positions[:, 12:], cache=cache)
     torch.testing.assert_close(torch.cat([l1, l2], dim=1), logits_full, atol=1e-5, rtol=0)
+
+
+def test_sparse_decode_gathers_the_rows_the_masked_path_attends(monkeypatch):
+    """A decode step attends to its gathered top-k rows (`_absorbed_sparse`); the result equals the
+    masked dense path's, also for a query that sees fewer than index_topk tokens (row 0 at
+    position 2 of a batch padded to 16 positions) and for a short multi-token run."""
+    import nanoseek.model.attention as attention
+
+    torch.manual_seed(0)
+    model = ours()
+    mla, cfg = model.layers[1].self_attn, model.config
+    x = torch.randn(2, 2, cfg.hidden_size)
+    positions = torch.tensor([[2, 3], [14, 15]])
+
+    def run():
+        cache = ContiguousCache(cfg, batch_size=2, max_len=16)
+        torch.manual_seed(1)  # the same cached past for both paths
+        cache.latent.normal_()
+        cache.k_pe.normal_()
+        cache.length = 16
+        return mla(x, positions, model.rope(positions), cache, layer_idx=0)
+
+    gathered, sparse = [], MLA._absorbed_sparse
+    monkeypatch.setattr(MLA, "_absorbed_sparse", lambda self, *a: gathered.append(a[-2]) or sparse(self, *a))
+    with torch.no_grad():
+        out_sparse = run()
+        assert gathered and gathered[0].shape == (2, 2, 4)  # (B, T, index_topk) rows gathered, not S = 16
+        monkeypatch.setattr(attention, "SPARSE_DECODE_MAX_TOKENS", 0)  # the masked dense path
+        out_masked = run()
+    assert len(gathered) == 1
+    torch.testing.assert_close(out_sparse, out_masked, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- engine

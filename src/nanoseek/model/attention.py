@@ -19,9 +19,12 @@ indexer" per layer scores every visible token s for each query t,
 with its own projections (wq_b from MLA's query latent, wk + a LayerNorm k_norm from x, the head
 weights w from weights_proj(x) * index_n_heads^-0.5; RoPE on the first R dims of q_I and k_I, in the
 half-split layout, not MLA's interleaved one), and attention then runs, in either path, over the
-index_topk tokens with the highest I only (all of them when fewer are visible). One indexer key k_I
-(I = index_head_dim values) per token is what it adds to the cache: it rides in the same row as
-k_pe, so a V3.2 model's `cache_dims` is (C, R + I) and the caches need nothing new.
+index_topk tokens with the highest I only (all of them when fewer are visible): a decode step
+gathers those tokens' cached latents and attends to them alone, so its attention costs O(k) per
+query instead of O(S) (the indexer itself still scores all S, with J x I = 8K multiply-adds per
+token at V3.2 size against MLA's H x (C + R) = 74K); training and prefill mask the dense scores.
+One indexer key k_I (I = index_head_dim values) per token is what it adds to the cache: it rides
+in the same row as k_pe, so a V3.2 model's `cache_dims` is (C, R + I) and the caches need nothing new.
 The scores are fp32 and the selection is not differentiable.
 
 Training the indexer (DeepSeek-V3.2-Exp report, §2.1): `MLA.dsa_mode` (set for the whole model by
@@ -44,7 +47,8 @@ would break DDP. Ties in I
 (a key every index head scores <= 0 scores exactly 0) go to the earlier position, so what a query
 selects does not depend on how its batch is padded; torch.topk (transformers', DeepSeek's code)
 breaks them arbitrarily. Not here: DeepSeek's FP8 indexer scoring (with its Hadamard rotation, an
-exact identity in full precision) and the FlashMLA sparse kernels: the restriction is a mask.
+exact identity in full precision) and the FlashMLA sparse kernels (training and prefill mask the
+dense scores; decode gathers with plain torch ops).
 
 Shape legend: B batch, T query positions, S cached positions, H heads, C kv_lora_rank,
 R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, D hidden size; for the indexer
@@ -65,6 +69,11 @@ from nanoseek.model.layers import RMSNorm, apply_rope
 # The norms of the compressed q and kv latents use 1e-6 whatever the config's rms_norm_eps, as in
 # DeepSeek's code and transformers' (they only differ for a config whose eps is not 1e-6)
 LATENT_NORM_EPS = 1e-6
+# DSA: a cached forward of at most this many new tokens per sequence (decode, a speculative verify)
+# gathers each query's top-k latents and attends to those alone. A longer run (a chunked or
+# prefix-cached prefill) masks the dense scores instead: its gathered rows, T x k per sequence,
+# would outgrow the (T, S) scores they save.
+SPARSE_DECODE_MAX_TOKENS = 16
 
 
 class LatentCache(Protocol):
@@ -158,20 +167,21 @@ class Indexer(nn.Module):
         return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # (B, T, S)
 
     @torch.no_grad()
-    def select(self, index: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """index (B, T, S) scores, visible (B, T, S) bool -> (B, T, S) bool: the visible positions
-        among each query's top index_topk."""
+    def top(self, index: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """index (B, T, S) scores, visible (B, T, S) bool -> each query's top min(index_topk, S)
+        positions (B, T, k) and whether each is visible (B, T, k) bool: with fewer than k visible,
+        the top k include invisible positions, which attention must skip."""
         index = index.masked_fill(~visible, float("-inf"))
         # a stable descending sort, not topk: ties go to the earlier position whatever the padding
         k = min(self.topk, index.shape[-1])
         top = index.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, T, k)
-        selected = torch.zeros_like(visible).scatter_(-1, top, True)
-        return selected & visible  # with fewer than k visible, the top k include invisible positions
+        return top, visible.gather(-1, top)
 
-    def forward(self, x: torch.Tensor, q_compressed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """`scores`, then `select`: (B, T, S) bool, the visible positions each query attends to."""
-        return self.select(self.scores(x, q_compressed, rope, keys), visible)
+    def select(self, index: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """index (B, T, S) scores, visible (B, T, S) bool -> (B, T, S) bool: the visible positions
+        among each query's top index_topk, as a mask over all S."""
+        top, top_visible = self.top(index, visible)
+        return torch.zeros_like(visible).scatter_(-1, top, top_visible)
 
 
 class MLA(nn.Module):
@@ -244,7 +254,12 @@ class MLA(nn.Module):
                 visible = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (B, T, S)
             if self.indexer is not None:
                 # a prefill with no past scores the keys it just computed; they are the cache's too
-                visible = self.indexer(x, q_compressed, rope, index_k if prefill else index_k_all, visible)
+                index = self.indexer.scores(x, q_compressed, rope, index_k if prefill else index_k_all)
+                if not prefill and T <= SPARSE_DECODE_MAX_TOKENS and self.indexer.topk < S:
+                    # decode: attend to the gathered top-k rows only, DSA's O(k) instead of O(S)
+                    return self.o_proj(self._absorbed_sparse(q_nope, q_pe, latent_all, k_pe_all,
+                                                             *self.indexer.top(index, visible)).flatten(2))
+                visible = self.indexer.select(index, visible)
             if prefill:
                 # a prefill with no past (every row starts at 0): the expanded path is the same
                 # attention and cheaper here, since absorbing pays C-wide scores over T x T
@@ -308,6 +323,29 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).to(latent.dtype)  # (B, H, T, S)
         out_latent = torch.einsum("bhts,bsc->bthc", probs, latent)
         return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, V)
+
+    def _absorbed_sparse(self, q_nope, q_pe, latent, k_pe, top, top_visible) -> torch.Tensor:
+        """`_absorbed` over the rows the indexer selected, gathered first: top (B, T, k) positions
+        of the cached latents (B,S,C) and rotary keys (B,S,R), top_visible (B, T, k) bool. The
+        same attention as `_absorbed` with the selection as `visible`, at O(k) per query, not O(S)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
+        latent, k_pe = _gather_rows(latent, top), _gather_rows(k_pe, top)  # (B,T,k,C), (B,T,k,R)
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+        scores = (torch.einsum("bthc,btkc->bhtk", q_latent, latent)
+                  + torch.einsum("bthr,btkr->bhtk", q_pe, k_pe)) * self.softmax_scale
+        scores = scores.float().masked_fill(~top_visible.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)  # (B, H, T, k)
+        out_latent = torch.einsum("bhtk,btkc->bthc", probs, latent)
+        return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, V)
+
+
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows (B, S, W), index (B, T, k) positions -> (B, T, k, W): each query's selected rows.
+    One index_select on flat row ids (on CPU several times faster than gather on an expanded index)."""
+    B, S, W = rows.shape
+    flat = (index + torch.arange(B, device=index.device).view(B, 1, 1) * S).flatten()
+    return rows.reshape(B * S, W).index_select(0, flat).view(*index.shape, W)
 
 
 def causal_mask(T: int, device: torch.device | str) -> torch.Tensor:
