@@ -64,7 +64,7 @@ from nanoseek.checkpoint import load_config
 from nanoseek.config import PRESETS
 from nanoseek.data.corpus import LEGACY_RECIPE, TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
-from nanoseek.model.decoder import documents_of
+from nanoseek.model.decoder import ModelOutput, documents_of
 from nanoseek.model.moe import moe_layers, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
@@ -249,13 +249,22 @@ def set_indexer_stage(model: Transformer, warmup: bool, trainable: list[torch.nn
 
 def validate(trainer: Trainer, val_batches, bos_id: int | None) -> None:
     """The validation loss; for a V3.2 model, of its sparse attention (as inference runs it, also
-    during the dense warm-up), with its indexer's recall and loss on the selected tokens."""
-    with dsa_mode(trainer.raw_model, None):  # not the warm-up's dense attention
-        loss = evaluate_loss(trainer.raw_model, val_batches, trainer.env, trainer.autocast,
-                             documents=functools.partial(documents_of, bos_id=bos_id))
+    during the dense warm-up), with its indexer's recall and loss on the selected tokens from the
+    same forwards ("sparse" mode attends as inference does and also leaves the indexer's stats)."""
+    model = trainer.raw_model
+    stats = {"val_indexer_recall": 0.0, "val_indexer_loss": 0.0}
+
+    def observe(out: ModelOutput) -> None:  # a V3.2 model's indexer stats of one val batch
+        stats["val_indexer_recall"] += float(out.indexer_recall) / len(val_batches)
+        stats["val_indexer_loss"] += float(out.indexer_loss) / len(val_batches)
+
+    with dsa_mode(model, "sparse"):
+        loss = evaluate_loss(model, val_batches, trainer.env, trainer.autocast,
+                             documents=functools.partial(documents_of, bos_id=bos_id),
+                             observe=observe if model.config.sparse_attention else None)
     record = {"val_loss": loss}
-    if trainer.raw_model.config.sparse_attention:
-        record.update(indexer_metrics(trainer, val_batches, bos_id))
+    if model.config.sparse_attention:
+        record.update(trainer.mean_over_ranks(stats))
     trainer.log(record, console=True)
 
 
@@ -272,26 +281,6 @@ def dsa_mode(model: Transformer, mode: str | None):
         yield
     finally:
         model.set_dsa_mode(before)
-
-
-@torch.no_grad()
-def indexer_metrics(trainer: Trainer, val_batches, bos_id: int | None) -> dict[str, float]:
-    """val_indexer_recall and val_indexer_loss of a V3.2 model's main layers, top-k attention,
-    averaged over the val batches and ranks (a second pass over them: the p it needs costs a
-    T x T tensor per head and layer, which the validation loss alone does not pay)."""
-    model = trainer.raw_model
-    was_training = model.training
-    model.eval()
-    totals = {"val_indexer_recall": 0.0, "val_indexer_loss": 0.0}
-    with dsa_mode(model, "sparse"):
-        for inputs, targets in val_batches:
-            inputs, targets = inputs.to(trainer.env.device), targets.to(trainer.env.device)
-            with trainer.autocast():
-                out = model(inputs, labels=targets, logits=False, mtp=False, documents=documents_of(inputs, bos_id))
-            totals["val_indexer_recall"] += float(out.indexer_recall) / len(val_batches)
-            totals["val_indexer_loss"] += float(out.indexer_loss) / len(val_batches)
-    model.train(was_training)
-    return trainer.mean_over_ranks(totals)
 
 
 def sample(trainer: Trainer, tokenizer: Tokenizer, cfg: PretrainConfig) -> None:

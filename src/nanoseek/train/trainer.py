@@ -530,10 +530,11 @@ def _in_main_thread() -> bool:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
-                  autocast=nullcontext, documents: Callable | None = None) -> float:
+                  autocast=nullcontext, documents: Callable | None = None, observe: Callable | None = None) -> float:
     """Mean next-token loss of `model` over the target tokens (labels != IGNORE_INDEX) of all
     ranks' (inputs, labels) batches. `documents(inputs)`: the document index of each token, for
-    models trained with document masks.
+    models trained with document masks. `observe(output)` sees each batch's ModelOutput (a V3.2
+    model's indexer stats come with the same forwards).
 
     A token mean, not a mean of batch means: SFT batches hold different numbers of targets, and a
     mean of batch means would weigh a token by how many others share its batch, so the value would
@@ -550,7 +551,10 @@ def evaluate_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
         with autocast():
             # mean over its targets; mtp=False: the MTP modules' loss is not part of it (it cost the `small`
             # V3 model a third of each validation forward: one more block and one more output head)
-            loss = model(inputs, labels=labels, logits=False, mtp=False, **extra).loss.double()
+            out = model(inputs, labels=labels, logits=False, mtp=False, **extra)
+        if observe is not None:
+            observe(out)
+        loss = out.loss.double()
         n = (labels != IGNORE_INDEX).sum()
         total += torch.where(n > 0, loss * n, 0.0)  # a batch without targets has a NaN mean
         count += n
