@@ -21,7 +21,8 @@ from nanoseek.train.config import load_run_config
 from nanoseek.train.pretrain import PretrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import TINY, corpus, overrides, step_losses, torchrun  # noqa: E402,F401  (corpus: a fixture)
+# corpus and single are fixtures: the corpus, and the one-process 8-step run of the tiny recipe
+from test_distributed import TINY, corpus, overrides, single, step_losses, torchrun  # noqa: E402,F401
 
 from nanoseek.train.metrics import read_metrics  # noqa: E402
 
@@ -91,6 +92,81 @@ def _layer_worker() -> None:
             close(grad, ref_grads[name].grad, name)
         print(f"rank {rank}: layer ok", flush=True)
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- training
+
+
+def grad_norms(run):
+    return [r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r]
+
+
+def assert_same_weights(a_dir, b_dir, atol):
+    a, b = read_tensors(a_dir), read_tensors(b_dir)
+    assert sorted(a) == sorted(b)  # every expert of every layer in the export
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def ep_run(corpus, tmp_path_factory):
+    """The tiny recipe's 8 steps (checkpoints at 4 and 8) on 2 ranks, each with half the experts."""
+    out = tmp_path_factory.mktemp("ep")
+    torchrun(*overrides(out, corpus), "expert_parallel=true")
+    return out
+
+
+def test_ep_training_matches_one_process(single, ep_run):
+    """Same global batch: the same losses, the same global gradient norms (the experts' gradients
+    scaled to the mean over ranks, their norms summed over ranks, the replicated ones counted
+    once), and the same weights, every expert gathered into the exported checkpoint."""
+    assert step_losses(ep_run) == pytest.approx(step_losses(single), rel=1e-5)
+    assert grad_norms(ep_run) == pytest.approx(grad_norms(single), rel=1e-5)
+    assert_same_weights(ep_run / "latest", single / "latest", atol=1e-5)
+
+
+def test_ep_resume_is_exact(ep_run, corpus, tmp_path):
+    """Resumed from its step-4 checkpoint on 2 ranks, the EP run takes the same steps bit for bit:
+    each rank reloads its own experts' weights and optimizer state from the whole-model files."""
+    torchrun(*overrides(tmp_path, corpus), "expert_parallel=true", "--resume-from", str(ep_run / "checkpoint-4"))
+    assert step_losses(tmp_path) == step_losses(ep_run)[4:]
+    assert grad_norms(tmp_path) == grad_norms(ep_run)[4:]
+    assert_same_weights(tmp_path / "latest", ep_run / "latest", atol=0)
+
+
+def test_ep_checkpoint_continues_in_one_process(ep_run, corpus, tmp_path):
+    """A checkpoint written under EP is a whole model (weights and optimizer state): one process
+    resumes it and takes the steps the EP run took."""
+    cfg = load_run_config(PretrainConfig, TINY, [*overrides(tmp_path, corpus), "expert_parallel=true"])
+    pretrain.train(cfg, resume=ep_run / "checkpoint-4")  # expert_parallel is ignored in one process
+    assert step_losses(tmp_path) == pytest.approx(step_losses(ep_run)[4:], rel=1e-5)
+    assert_same_weights(tmp_path / "latest", ep_run / "latest", atol=1e-5)
+
+
+def test_one_process_checkpoint_continues_under_ep(single, corpus, tmp_path):
+    """And the other way: EP on 2 ranks continues a one-process checkpoint, here with gradient
+    accumulation (micro-batches of 1, so 2 per rank and step) and activation checkpointing (the
+    backward reruns each layer's all-to-alls)."""
+    torchrun(*overrides(tmp_path, corpus), "expert_parallel=true", "micro_batch_size=1",
+             "activation_checkpointing=true", "--resume-from", str(single / "checkpoint-4"))
+    assert step_losses(tmp_path) == pytest.approx(step_losses(single)[4:], rel=1e-5)
+    assert grad_norms(tmp_path) == pytest.approx(grad_norms(single)[4:], rel=1e-5)
+    assert_same_weights(tmp_path / "latest", single / "latest", atol=1e-5)
+
+
+def test_ep_config_errors(corpus, tmp_path):
+    from nanoseek.train.grpo import GRPOConfig
+
+    for bad, says in ((["parallel=fsdp"], "does not compose with parallel=fsdp"),
+                      (["sample_every=4"], "set sample_every=0")):
+        with pytest.raises(ConfigError, match=says):
+            load_run_config(PretrainConfig, TINY, ["expert_parallel=true", *bad])
+    with pytest.raises(ConfigError, match="needs every expert on each rank"):
+        load_run_config(GRPOConfig, None, ["expert_parallel=true"])
+    # 3 experts over 2 ranks: one line naming both numbers, a non-zero exit
+    with pytest.raises(AssertionError, match=r"n_routed_experts=3 does not divide over 2 ranks"):
+        torchrun(*overrides(tmp_path, corpus), "expert_parallel=true", "model.n_routed_experts=3",
+                 "model.n_group=1", "model.topk_group=1")
 
 
 if __name__ == "__main__":

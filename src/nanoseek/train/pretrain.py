@@ -168,9 +168,11 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda, bos_id=bos_id,
                                 indexer_lambda=cfg.indexer_lambda)
 
+    n_params = model.num_parameters()  # before expert parallelism leaves this rank its slice of the experts
     with Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume) as trainer:
         if env.is_main:
-            print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {len(model.layers)} layers + "
+            on_rank = f" ({model.num_parameters() / 1e6:.2f}M on each rank)" if trainer.expert_parallel else ""
+            print(f"model: {n_params / 1e6:.2f}M parameters{on_rank}, {len(model.layers)} layers + "
                   f"{len(model.mtp_layers)} MTP | batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} "
                   f"x {accum} accumulation x {env.world_size} ranks | {cfg.max_steps} steps", flush=True)
             if model.config.sparse_attention and model.config.index_topk >= cfg.seq_len:
