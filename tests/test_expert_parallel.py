@@ -5,7 +5,6 @@ per-rank worker); the training tests run `nanoseek pretrain` under torchrun as t
 """
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from nanoseek.checkpoint import read_tensors
 from nanoseek.errors import ConfigError
 from nanoseek.train import pretrain
+from nanoseek.train.checkpointing import find_checkpoint, load_state
 from nanoseek.train.config import load_run_config
 from nanoseek.train.pretrain import PretrainConfig
 
@@ -123,6 +123,13 @@ def test_ep_training_matches_one_process(single, ep_run):
     assert step_losses(ep_run) == pytest.approx(step_losses(single), rel=1e-5)
     assert grad_norms(ep_run) == pytest.approx(grad_norms(single), rel=1e-5)
     assert_same_weights(ep_run / "latest", single / "latest", atol=1e-5)
+    assert optimizer_names(ep_run) == optimizer_names(single)  # every expert's moments, in its group
+
+
+def optimizer_names(run):
+    """The parameter names of a checkpoint's optimizer entries and of each of its param groups."""
+    state = load_state(find_checkpoint(run))["optimizer"]
+    return sorted(state["state"]), [sorted(g["params"]) for g in state["param_groups"]]
 
 
 def test_ep_resume_is_exact(ep_run, corpus, tmp_path):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nanoseek.errors import ConfigError
-from nanoseek.model.moe import MoE, moe_layers
+from nanoseek.model.moe import moe_layers
 
 # a routed expert's parameter: (layer prefix, global expert id)
 EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.")
@@ -137,11 +137,6 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> N
         moe.expert_shard = shard
 
 
-def shards(model: nn.Module) -> list[ExpertShard]:
-    """The ExpertShard of each sharded MoE layer ([] when the experts are not sharded)."""
-    return [moe.expert_shard for moe in moe_layers(model) if moe.expert_shard is not None]
-
-
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of this rank's routed experts (held by no other rank)."""
     return [p for moe in moe_layers(model) if moe.expert_shard is not None for p in moe.experts.parameters()]
@@ -167,7 +162,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     replicated = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in experts])
     expert_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in experts]).double() ** 2
-    dist.all_reduce(expert_sq, group=shards(model)[0].group)
+    dist.all_reduce(expert_sq, group=next(m.expert_shard.group for m in moe_layers(model) if m.expert_shard))
     total = (replicated.double() ** 2 + expert_sq).sqrt().to(replicated.dtype)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
@@ -191,53 +186,27 @@ def gather_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
 
 def gather_optimizer_state(state: dict) -> dict | None:
     """The optimizer state (get_optimizer_state_dict's: entries and param groups keyed by parameter
-    name) of a sharded model with every rank's experts in it, on rank 0, each group's names in the
-    order one process lists them (a checkpoint is then the same whatever the layout); None on the
-    others. A collective."""
-    mine = {"state": {k: v for k, v in state["state"].items() if EXPERT_KEY.match(k)},
+    name) of a sharded model with every rank's experts in it, on rank 0, None on the others. Every
+    rank's groups are alike (the same settings), so each group's list of names gains the other ranks'
+    experts. Loading looks parameters up by name: one process, or EP on any number of ranks (each
+    then takes its own experts' entries and leaves the rest), resumes it. A collective."""
+    mine = {"state": {k: _to_cpu(v) for k, v in state["state"].items() if EXPERT_KEY.match(k)},
             "groups": [[n for n in g["params"] if EXPERT_KEY.match(n)] for g in state["param_groups"]]}
-    parts = _gather_to_first(_to_cpu(mine))
+    parts = _gather_to_first(mine)
     if parts is None:
         return None
-    entries = dict(state["state"])
-    for part in parts:
+    entries = {k: _to_cpu(v) for k, v in state["state"].items()}
+    for part in parts[1:]:
         entries.update(part["state"])
-    groups = []
-    for i, group in enumerate(state["param_groups"]):
-        experts_of: dict[str, list[str]] = {}  # layer -> its experts' names, in global id order (rank order)
-        for part in parts:
-            for name in part["groups"][i]:
-                experts_of.setdefault(EXPERT_KEY.match(name).group(1), []).append(name)
-        names = []
-        for name in group["params"]:  # rank 0's order, each layer's experts where its own first stood
-            match = EXPERT_KEY.match(name)
-            if match is None:
-                names.append(name)
-            elif match.group(1) in experts_of:
-                names += experts_of.pop(match.group(1))
-        groups.append({**group, "params": names})
+    groups = [{**group, "params": group["params"] + [name for part in parts[1:] for name in part["groups"][i]]}
+              for i, group in enumerate(state["param_groups"])]
     return {"state": entries, "param_groups": groups}
 
 
 def local_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A whole model's state without the experts other ranks hold."""
-    foreign = _foreign(model, tensors)
-    return {k: v for k, v in tensors.items() if k not in foreign}
-
-
-def local_optimizer_state(model: nn.Module, state: dict) -> dict:
-    """A whole model's optimizer state (gather_optimizer_state's, or one process's) without the
-    experts other ranks hold."""
-    foreign = _foreign(model, [n for g in state["param_groups"] for n in g["params"]])
-    return {"state": {k: v for k, v in state["state"].items() if k not in foreign},
-            "param_groups": [{**g, "params": [n for n in g["params"] if n not in foreign]}
-                             for g in state["param_groups"]]}
-
-
-def _foreign(model: nn.Module, names) -> set[str]:
-    """The names among `names` of routed experts this rank does not hold."""
+    """A whole model's weights without the experts other ranks hold."""
     local = set(model.state_dict())
-    return {n for n in names if EXPERT_KEY.match(n) and n not in local}
+    return {k: v for k, v in tensors.items() if k in local or not EXPERT_KEY.match(k)}
 
 
 def _gather_to_first(obj):
@@ -247,11 +216,6 @@ def _gather_to_first(obj):
     return parts
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
+def _to_cpu(entry: dict) -> dict:
+    """An optimizer entry (exp_avg, step, ...) with its tensors on the CPU, to pickle to rank 0."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}

@@ -480,8 +480,7 @@ class Trainer:
         # DSA dense warm-up trains the indexers alone) has no saved state, as in a new optimizer.
         # torch's loader calls that missing for a parameter that requires a gradient, so it loads
         # with those frozen; a parameter the saved optimizer lacks altogether is still an error.
-        if self.expert_parallel:  # a whole model's state: this rank keeps its own experts'
-            optim_state = ep.local_optimizer_state(self.raw_model, optim_state)
+        # Under expert parallelism the state is a whole model's: the loader takes this rank's by name.
         listed = {name for group in optim_state["param_groups"] for name in group["params"]}
         names: dict[int, list[str]] = {}  # a tied parameter has several
         for name, p in self.raw_model.named_parameters(remove_duplicate=False):
