@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import nanoseek
+
 from nanoseek.checkpoint import read_tensors
 from nanoseek.errors import ConfigError
+from nanoseek.model.moe import moe_layers
 from nanoseek.train import pretrain
 from nanoseek.train.checkpointing import find_checkpoint, load_state
 from nanoseek.train.config import load_run_config
@@ -101,6 +104,10 @@ def grad_norms(run):
     return [r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r]
 
 
+def val_losses(run):
+    return [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+
+
 def assert_same_weights(a_dir, b_dir, atol):
     a, b = read_tensors(a_dir), read_tensors(b_dir)
     assert sorted(a) == sorted(b)  # every expert of every layer in the export
@@ -119,11 +126,18 @@ def ep_run(corpus, tmp_path_factory):
 def test_ep_training_matches_one_process(single, ep_run):
     """Same global batch: the same losses, the same global gradient norms (the experts' gradients
     scaled to the mean over ranks, their norms summed over ranks, the replicated ones counted
-    once), and the same weights, every expert gathered into the exported checkpoint."""
+    once), the same validation losses, and the same weights (routing biases included), every
+    expert gathered into the exported checkpoint."""
     assert step_losses(ep_run) == pytest.approx(step_losses(single), rel=1e-5)
     assert grad_norms(ep_run) == pytest.approx(grad_norms(single), rel=1e-5)
+    assert val_losses(ep_run) == pytest.approx(val_losses(single), rel=1e-5)  # the no-grad forwards: steps 0, 4, 8
+    assert len(val_losses(ep_run)) == 3
     assert_same_weights(ep_run / "latest", single / "latest", atol=1e-5)
     assert optimizer_names(ep_run) == optimizer_names(single)  # every expert's moments, in its group
+    model = nanoseek.load_model(ep_run / "latest")  # in one process, as any HF checkpoint
+    assert [len(moe.experts) for moe in moe_layers(model)] == [8, 8]  # the MoE layer and the MTP module's
+    files = read_tensors(ep_run / "latest")
+    assert all(torch.equal(v, files[k]) for k, v in model.state_dict().items())
 
 
 def optimizer_names(run):
