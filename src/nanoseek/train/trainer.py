@@ -16,10 +16,11 @@ In the order a loop meets it:
    on norms, biases and embeddings) and the learning-rate schedule (linear warmup, then cosine or
    warmup-stable-decay to min_lr_ratio * lr, or constant: the RL recipes'), a pure function of the
    step, so resuming needs only the step.
-3. `Trainer`: DDP or FSDP2 wrapping (or expert parallelism: model/expert_parallel.py), activation checkpointing and torch.compile, one optimizer
-   step over micro-batches (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
-   stop), exact resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C
-   (SIGINT/SIGTERM) that finishes the current step and saves before exiting.
+3. `Trainer`: DDP or FSDP2 wrapping (DDP with the routed experts sharded: expert_parallel),
+   activation checkpointing and torch.compile, one optimizer step over micro-batches (gradient
+   accumulation, clipping), the end-of-step work (validation, samples, checkpoints, stop), exact
+   resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C (SIGINT/SIGTERM)
+   that finishes the current step and saves before exiting.
 4. `evaluate_loss`, the periodic validation loss.
 
 Processes and cross-rank sums are `distributed`'s.
