@@ -65,6 +65,11 @@ def _layer_worker() -> None:
     ref.gate.e_score_correction_bias.normal_(std=0.05)
     ep = copy.deepcopy(ref)
     shard_experts(ep)
+    try:  # a dense model (a distilled student) has nothing to shard
+        shard_experts(torch.nn.Linear(2, 2))
+        raise AssertionError("a model without MoE layers was sharded")
+    except ConfigError as e:
+        assert "has no MoE layers" in str(e)
     assert sorted(ep.experts, key=int) == [str(i) for i in range(4 * rank, 4 * rank + 4)]
     ref.train(), ep.train()
     for crowd in (False, True):

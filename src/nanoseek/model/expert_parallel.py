@@ -129,12 +129,17 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> N
         raise ConfigError(f"expert_parallel=true: a {type(model).__name__} has no MoE layers whose experts "
                           "could be sharded; set expert_parallel=false")
     for moe in layers:
-        if moe.n_experts % world_size:
-            raise ConfigError(f"expert_parallel=true: n_routed_experts={moe.n_experts} does not divide over "
-                              f"{world_size} ranks; run a number of ranks that divides {moe.n_experts}")
+        check_expert_split(moe.n_experts, world_size)
         shard = ExpertShard(group, rank, world_size, moe.n_experts // world_size)
         moe.experts = nn.ModuleDict({str(i): moe.experts[i] for i in range(shard.first, shard.first + shard.n_local)})
         moe.expert_shard = shard
+
+
+def check_expert_split(n_experts: int, world_size: int) -> None:
+    """A ConfigError unless `n_experts` routed experts divide evenly over `world_size` ranks."""
+    if n_experts % world_size:
+        raise ConfigError(f"expert_parallel=true: n_routed_experts={n_experts} does not divide over "
+                          f"{world_size} ranks; run a number of ranks that divides {n_experts}")
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -65,6 +65,7 @@ from nanoseek.config import PRESETS
 from nanoseek.data.corpus import LEGACY_RECIPE, TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
 from nanoseek.model.decoder import documents_of
+from nanoseek.model.expert_parallel import check_expert_split
 from nanoseek.model.moe import moe_layers, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
@@ -139,7 +140,10 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
         config = preset_config(cfg.preset, cfg.model, cfg.seq_len, vocab_size, 0, 1, aux_loss_alpha=cfg.aux_loss_alpha)
         sparse = config.sparse_attention
     else:  # a V3.2 checkpoint, or a V3 one that model.index_* convert
-        sparse = getattr(load_config(cfg.init), "sparse_attention", False) or "index_topk" in cfg.model
+        config = load_config(cfg.init)
+        sparse = getattr(config, "sparse_attention", False) or "index_topk" in cfg.model
+    if cfg.expert_parallel and env.distributed:
+        check_expert_split(getattr(config, "n_routed_experts", 0), env.world_size)
     if cfg.dense_warmup_steps and not sparse:
         raise ConfigError("dense_warmup_steps trains a DeepSeek-V3.2 model's indexer; this model has none: set "
                           "model.index_topk, model.index_head_dim and model.index_n_heads (with init=, to convert it)")
