@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nanoseek.errors import ConfigError
-from nanoseek.model.moe import moe_layers
+from nanoseek.model.moe import _compute_dtype, moe_layers
 
 # a routed expert's parameter: (layer prefix, global expert id)
 EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.")
@@ -70,7 +70,9 @@ class ExpertShard:
         K, W, L = expert_ids.shape[1], self.world_size, self.n_local
         # 1. (token, expert) pairs grouped by expert; counts exchanged so every rank knows its receives
         order = expert_ids.flatten().argsort(stable=True)  # (S,)
-        send = x.index_select(0, order // K)  # (S, D)
+        # in the experts' compute dtype (bf16 under autocast): half the bytes of the fp32 residual stream,
+        # and the same values the experts' first matmuls would cast to
+        send = x.to(_compute_dtype(x)).index_select(0, order // K)  # (S, D)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # counts of rank r's experts go to r
         recv_counts = recv_counts.view(W, L)  # [source, local expert]
