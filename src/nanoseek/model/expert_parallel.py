@@ -38,7 +38,6 @@ EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.")
 class ExpertShard:
     """Where one MoE layer's experts live: this rank holds global ids [first, first + n_local)."""
 
-    group: dist.ProcessGroup | None  # None: the default (world) group
     rank: int
     world_size: int
     n_local: int
@@ -74,22 +73,23 @@ class ExpertShard:
         # and the same values the experts' first matmuls would cast to
         send = x.to(_compute_dtype(x)).index_select(0, order // K)  # (S, D)
         recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # counts of rank r's experts go to r
+        dist.all_to_all_single(recv_counts, counts)  # the counts of rank r's experts go to r
         recv_counts = recv_counts.view(W, L)  # [source, local expert]
-        send_splits = counts.view(W, L).sum(dim=1).tolist()  # rows to each owner (one host sync)
-        recv_splits = recv_counts.sum(dim=1).tolist()  # rows from each source
+        # rows to each owner, rows from each source, rows for each local expert: one host sync
+        splits = torch.cat([counts.view(W, L).sum(dim=1), recv_counts.sum(dim=1), recv_counts.sum(dim=0)]).tolist()
+        send_splits, recv_splits, expert_rows = splits[:W], splits[W:2 * W], splits[2 * W:]
         # 2. rows to the experts' owners
-        recv = _AllToAll.apply(send, recv_splits, send_splits, self.group)  # (R, D) source-major
+        recv = _AllToAll.apply(send, recv_splits, send_splits)  # (R, D) source-major
         # 3. expert-major, the local experts, back to source-major
         local_expert = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.flatten())  # (R,)
         perm = local_expert.argsort(stable=True)  # (R,) expert-major order of the received rows
-        chunks = recv.index_select(0, perm).split(recv_counts.sum(dim=0).tolist())
+        chunks = recv.index_select(0, perm).split(expert_rows)
         # every local expert runs, on zero rows too: each expert weight gets a gradient on every step,
         # as in the single-process loop (AdamW then steps it the same way)
         out = torch.cat([expert(chunk) for expert, chunk in zip(experts.values(), chunks)])  # (R, D)
         out = out.index_select(0, _inverse(perm))
         # 4. results back to the tokens' ranks, un-sorted, combined
-        back = _AllToAll.apply(out, send_splits, recv_splits, self.group)  # (S, D) in step 1's order
+        back = _AllToAll.apply(out, send_splits, recv_splits)  # (S, D) in step 1's order
         back = back.index_select(0, _inverse(order)).view(N, K, D)  # (token, k) order
         return (back * weights.unsqueeze(-1).to(back.dtype)).sum(dim=1)  # (N, D)
 
@@ -99,16 +99,16 @@ class _AllToAll(torch.autograd.Function):
     received rows goes back to their senders by the same all-to-all with the splits swapped."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        ctx.splits = (out_splits, in_splits)
         out = rows.new_empty(sum(out_splits), *rows.shape[1:])
-        dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+        dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
-        return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad.contiguous(), in_splits, out_splits), None, None
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -121,18 +121,19 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- what training needs around it
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+def shard_experts(model: nn.Module) -> None:
     """Keep only this rank's routed experts in each MoE layer (the rest are freed) and make the
-    layer dispatch its tokens by all-to-all. Call it on every rank, on identically initialized
-    models. A ConfigError when a layer's experts do not divide evenly over the ranks."""
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    layer dispatch its tokens by all-to-all, over all ranks of the default process group. Call it
+    on every rank, on identically initialized models. A ConfigError when a layer's experts do not
+    divide evenly over the ranks."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     layers = moe_layers(model)
     if not layers:
         raise ConfigError(f"expert_parallel=true: a {type(model).__name__} has no MoE layers whose experts "
                           "could be sharded; set expert_parallel=false")
     for moe in layers:
         check_expert_split(moe.n_experts, world_size)
-        shard = ExpertShard(group, rank, world_size, moe.n_experts // world_size)
+        shard = ExpertShard(rank, world_size, moe.n_experts // world_size)
         moe.experts = nn.ModuleDict({str(i): moe.experts[i] for i in range(shard.first, shard.first + shard.n_local)})
         moe.expert_shard = shard
 
@@ -168,8 +169,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     experts = {id(p) for p in expert_parameters(model)}
     params = [p for p in model.parameters() if p.grad is not None]
     replicated = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in experts])
-    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in experts]).double() ** 2
-    dist.all_reduce(expert_sq, group=next(m.expert_shard.group for m in moe_layers(model) if m.expert_shard))
+    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in experts]).to(
+        replicated.device, torch.float64) ** 2  # (a CPU zero when no expert has a gradient)
+    dist.all_reduce(expert_sq)
     total = (replicated.double() ** 2 + expert_sq).sqrt().to(replicated.dtype)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
