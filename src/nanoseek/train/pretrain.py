@@ -2,6 +2,7 @@
 
     nanoseek pretrain --config configs/pretrain_small.toml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m nanoseek.cli pretrain --config ... device=cuda
+    torchrun --nproc_per_node=N -m nanoseek.cli pretrain --config ... expert_parallel=true sample_every=0
 
 The objective is DeepSeek-V3's (§2.2, §2.1.2):
 
