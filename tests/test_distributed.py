@@ -104,9 +104,11 @@ def test_muon_under_fsdp_matches_one_process(corpus, tmp_path):
         assert (a[key] - b[key]).norm() <= 0.05 * a[key].norm(), key
 
 
-def test_sft_of_a_deepseek_checkpoint_under_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [(), ("expert_parallel=true",)], ids=["ddp", "expert_parallel"])
+def test_sft_of_a_deepseek_checkpoint_under_ddp_matches_one_process(tmp_path, layout):
     """mtp_lambda=0 (the default) computes the MTP loss without training it: DDP then waits for
-    gradients the MTP modules never get, unless they are frozen."""
+    gradients the MTP modules never get, unless they are frozen. Under expert parallelism too (the
+    frozen MTP experts still take part in the all-to-alls; padded batches route their pads)."""
     import random
 
     import nanoseek
@@ -127,7 +129,7 @@ def test_sft_of_a_deepseek_checkpoint_under_ddp_matches_one_process(tmp_path):
             "max_steps=3", "eval_every=0", "sample_every=0", "tensorboard=false", "threads=1",
             "bias_gamma=0"]  # the expert-load counts include padding, which depends on the micro-batch
     sft.train(load_run_config(SFTConfig, None, [*args, f"out_dir={tmp_path / 'one'}"]))
-    torchrun(*args, f"out_dir={tmp_path / 'two'}", stage=("sft",))
+    torchrun(*args, f"out_dir={tmp_path / 'two'}", *layout, stage=("sft",))
     assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-4)
     a, b = read_tensors(tmp_path / "one" / "latest"), read_tensors(tmp_path / "two" / "latest")
     for key in a:

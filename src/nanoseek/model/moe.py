@@ -16,7 +16,9 @@ experts and up for underloaded ones (the sign rule of eq. 16). The sequence-wise
 Expert compute has two equivalent forms: a loop over experts (fastest on CPU) and one grouped
 GEMM per projection over all experts at once (`F.grouped_mm`, the default on CUDA in bf16: no
 host sync, no per-expert kernel launches). Both read the same per-expert `nn.Linear` weights, so checkpoint
-keys stay those of the released files.
+keys stay those of the released files. Under expert parallelism (training under torchrun,
+`expert_parallel=true`) a rank holds a slice of the experts and a third form, all-to-all to the
+experts' owners and back, runs instead: model/expert_parallel.py.
 
 Shape legend: N tokens (B*T flattened), D hidden size, E routed experts, K experts per token,
 G expert groups.
@@ -100,6 +102,9 @@ class MoE(nn.Module):
         # None: grouped GEMM on CUDA, the expert loop elsewhere; True / False force one form
         self.grouped_gemm: bool | None = None
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stack_experts
+        # set by expert_parallel.shard_experts: `experts` then holds this rank's slice (a ModuleDict
+        # keyed by global id) and the tokens go to their experts' ranks by all-to-all
+        self.expert_shard = None
 
     @torch.no_grad()
     def stack_experts(self) -> None:
@@ -134,13 +139,15 @@ class MoE(nn.Module):
             if self.aux_loss_alpha > 0:  # recomputed too: the backward needs the rerun's saved tensors
                 self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1),
                                                                 token_mask)
-        grouped = self.grouped_gemm
-        if grouped is None:  # the CUDA grouped-GEMM kernels are bf16 ones
-            grouped = flat.is_cuda and _compute_dtype(flat) == torch.bfloat16
-        if grouped and _grouped_mm is None:
-            raise RuntimeError(f"grouped_gemm needs torch >= 2.8 (F.grouped_mm); this is torch {torch.__version__}")
-        dispatch = self._dispatch_grouped if grouped else self._dispatch
-        y = dispatch(flat, weights, expert_ids, counts)
+        if self.expert_shard is not None:  # experts sharded over ranks: all-to-all to their owners
+            y = self.expert_shard.dispatch(self.experts, flat, weights, expert_ids, counts)
+        else:
+            grouped = self.grouped_gemm
+            if grouped is None:  # the CUDA grouped-GEMM kernels are bf16 ones
+                grouped = flat.is_cuda and _compute_dtype(flat) == torch.bfloat16
+            if grouped and _grouped_mm is None:
+                raise RuntimeError(f"grouped_gemm needs torch >= 2.8 (F.grouped_mm); this is torch {torch.__version__}")
+            y = (self._dispatch_grouped if grouped else self._dispatch)(flat, weights, expert_ids, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, D)

@@ -54,6 +54,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward: less memory, ~1/3 more compute
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate (DDP) or shard (FSDP2)
+    # with several ranks: each holds 1/world_size of every MoE layer's routed experts, tokens reach
+    # them by all-to-all; the rest stays data-parallel (DDP). Ignored in one process.
+    expert_parallel: bool = False
     threads: int = 0  # CPU threads per process; 0 = torch's default
     # logging, evaluation, checkpoints
     log_every: int = 10  # console line every N steps (metrics.jsonl gets every step)
@@ -83,6 +86,12 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.expert_parallel and self.parallel == "fsdp":
+            raise ConfigError("expert_parallel=true keeps the non-expert weights data-parallel with DDP; it does not "
+                              "compose with parallel=fsdp here: set parallel=ddp, or expert_parallel=false")
+        if self.expert_parallel and self.sample_every:
+            raise ConfigError(f"sample_every={self.sample_every} with expert_parallel=true: the inference engine that "
+                              "samples needs every expert on each rank; set sample_every=0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: expected one of auto, cpu, cuda")
 

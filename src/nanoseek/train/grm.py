@@ -144,6 +144,9 @@ class GRMConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.expert_parallel:  # its rollouts run the whole policy on each rank
+            raise ConfigError("expert_parallel=true: GRM training generates with the inference engine, which needs every "
+                              "expert on each rank; set expert_parallel=false (DDP or FSDP2 train the policy)")
         unknown = sorted(set(self.steps) - set(STEPS))
         if unknown:
             raise ConfigError(f"steps: unknown {unknown}; the recipe's steps are {', '.join(STEPS)}")

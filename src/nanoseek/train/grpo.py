@@ -144,6 +144,9 @@ class GRPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.expert_parallel:  # its rollouts run the whole policy on each rank
+            raise ConfigError("expert_parallel=true: RL generates with the inference engine, which needs every "
+                              "expert on each rank; set expert_parallel=false (DDP or FSDP2 train the policy)")
         if self.loss not in LOSS_TYPES:
             raise ConfigError(f"loss={self.loss!r}: expected one of {', '.join(LOSS_TYPES)}")
         dapo = self.loss == "dapo"

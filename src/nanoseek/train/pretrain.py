@@ -2,6 +2,7 @@
 
     nanoseek pretrain --config configs/pretrain_small.toml [--resume] [key=value ...]
     torchrun --nproc_per_node=N -m nanoseek.cli pretrain --config ... device=cuda
+    torchrun --nproc_per_node=N -m nanoseek.cli pretrain --config ... expert_parallel=true sample_every=0
 
 The objective is DeepSeek-V3's (§2.2, §2.1.2):
 
@@ -65,6 +66,7 @@ from nanoseek.config import PRESETS
 from nanoseek.data.corpus import LEGACY_RECIPE, TokenLoader, load_sources, open_split, prepare_data
 from nanoseek.errors import ConfigError
 from nanoseek.model.decoder import ModelOutput, documents_of
+from nanoseek.model.expert_parallel import check_expert_split
 from nanoseek.model.moe import moe_layers, update_expert_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer, render_chat_template, train_tokenizer
@@ -139,7 +141,10 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
         config = preset_config(cfg.preset, cfg.model, cfg.seq_len, vocab_size, 0, 1, aux_loss_alpha=cfg.aux_loss_alpha)
         sparse = config.sparse_attention
     else:  # a V3.2 checkpoint, or a V3 one that model.index_* convert
-        sparse = getattr(load_config(cfg.init), "sparse_attention", False) or "index_topk" in cfg.model
+        config = load_config(cfg.init)
+        sparse = getattr(config, "sparse_attention", False) or "index_topk" in cfg.model
+    if cfg.expert_parallel and env.distributed:
+        check_expert_split(getattr(config, "n_routed_experts", 0), env.world_size)
     if cfg.dense_warmup_steps and not sparse:
         raise ConfigError("dense_warmup_steps trains a DeepSeek-V3.2 model's indexer; this model has none: set "
                           "model.index_topk, model.index_head_dim and model.index_n_heads (with init=, to convert it)")
@@ -168,9 +173,11 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     loss_fn = functools.partial(pretrain_loss, mtp_lambda=cfg.mtp_lambda, bos_id=bos_id,
                                 indexer_lambda=cfg.indexer_lambda)
 
+    n_params = model.num_parameters()  # before expert parallelism leaves this rank its slice of the experts
     with Trainer(cfg, model, env, tokenizer=tokenizer, loader=loader, resume=resume) as trainer:
         if env.is_main:
-            print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {len(model.layers)} layers + "
+            on_rank = f" ({model.num_parameters() / 1e6:.2f}M on each rank)" if trainer.expert_parallel else ""
+            print(f"model: {n_params / 1e6:.2f}M parameters{on_rank}, {len(model.layers)} layers + "
                   f"{len(model.mtp_layers)} MTP | batch {cfg.batch_size} x {cfg.seq_len} tokens = {micro_batch} "
                   f"x {accum} accumulation x {env.world_size} ranks | {cfg.max_steps} steps", flush=True)
             if model.config.sparse_attention and model.config.index_topk >= cfg.seq_len:

@@ -16,10 +16,11 @@ In the order a loop meets it:
    on norms, biases and embeddings) and the learning-rate schedule (linear warmup, then cosine or
    warmup-stable-decay to min_lr_ratio * lr, or constant: the RL recipes'), a pure function of the
    step, so resuming needs only the step.
-3. `Trainer`: DDP or FSDP2 wrapping, activation checkpointing and torch.compile, one optimizer
-   step over micro-batches (gradient accumulation, clipping), the end-of-step work (validation, samples, checkpoints,
-   stop), exact resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C
-   (SIGINT/SIGTERM) that finishes the current step and saves before exiting.
+3. `Trainer`: DDP or FSDP2 wrapping (DDP with the routed experts sharded: expert_parallel),
+   activation checkpointing and torch.compile, one optimizer step over micro-batches (gradient
+   accumulation, clipping), the end-of-step work (validation, samples, checkpoints, stop), exact
+   resume (the files are `checkpointing`'s), metrics (`metrics`), and a Ctrl-C (SIGINT/SIGTERM)
+   that finishes the current step and saves before exiting.
 4. `evaluate_loss`, the periodic validation loss.
 
 Processes and cross-rank sums are `distributed`'s.
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from nanoseek.checkpoint import check_state_dict
+from nanoseek.model import expert_parallel as ep
 from nanoseek.model.decoder import IGNORE_INDEX, DecoderBlock
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
@@ -165,6 +167,7 @@ class Trainer:
         self.raw_model = model
         self.micro_batch_size, self.grad_accum_steps = batch_plan(cfg, env.world_size)
         self.amp_dtype = autocast_dtype(cfg, env.device)
+        self.expert_parallel = cfg.expert_parallel and env.distributed  # one process holds every expert
         self.model = self._wrap(model)
         self.optimizers = build_optimizers(model, cfg)
         self.step = 0
@@ -189,7 +192,8 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """Activation checkpointing, compile; with several ranks, FSDP2 (parameters, gradients and
-        optimizer state sharded per decoder layer) before it or DDP (replicated; gradients all-reduced) after it."""
+        optimizer state sharded per decoder layer) before it or DDP (replicated; gradients all-reduced) after it.
+        expert_parallel: each rank keeps its slice of the routed experts, which DDP then leaves alone."""
         if self.cfg.activation_checkpointing:
             if not hasattr(model, "activation_checkpointing"):
                 raise ConfigError(f"activation_checkpointing=true: a {type(model).__name__} has no decoder layers "
@@ -203,6 +207,8 @@ class Trainer:
             for layer in model.layers:
                 fully_shard(layer)
             fully_shard(model)
+        if self.expert_parallel:
+            ep.shard_experts(model)
         if self.cfg.compile:
             model = torch.compile(model)
         if self.env.distributed and self.cfg.parallel == "ddp":
@@ -213,6 +219,10 @@ class Trainer:
             no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 spelling
                               if "forward_sync_buffers" in inspect.signature(DDP).parameters
                               else {"broadcast_buffers": False})
+            if self.expert_parallel:  # no other rank holds them: neither broadcast from rank 0 nor all-reduced
+                experts = {id(p) for p in ep.expert_parameters(model)}
+                DDP._set_params_and_buffers_to_ignore_for_model(
+                    model, [name for name, p in model.named_parameters() if id(p) in experts])
             model = DDP(model, device_ids=[self.env.local_rank] if self.env.device.type == "cuda" else None,
                         **no_buffer_sync)
         return model
@@ -269,7 +279,11 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / n
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.expert_parallel:  # the experts' gradients summed every rank's tokens: to the mean, then one global norm
+            ep.scale_expert_grads(self.raw_model)
+            grad_norm = ep.clip_grad_norm_(self.raw_model, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         for optimizer in self.optimizers:
@@ -428,11 +442,15 @@ class Trainer:
         return path
 
     def _exportable_model(self) -> nn.Module | None:
-        """The model for save_model on rank 0. Under FSDP the full weights are gathered (a
-        collective) into a fresh CPU copy; otherwise it is the bare model itself."""
-        if not self.fsdp:
+        """The model for save_model on rank 0. Under FSDP the full weights, under expert parallelism
+        every rank's experts, are gathered (a collective) into a fresh CPU copy; otherwise it is the
+        bare model itself."""
+        if self.expert_parallel:
+            sd = ep.gather_experts(self.raw_model.state_dict())
+        elif self.fsdp:
+            sd = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
             return self.raw_model
-        sd = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.env.is_main:
             return None
         with torch.device("meta"):
@@ -442,11 +460,16 @@ class Trainer:
 
     def _optimizer_state(self) -> dict:
         """The full optimizer state keyed by parameter name (not position), so a checkpoint resumes
-        under any layout: one process, DDP, or FSDP2 with another number of ranks."""
+        under any layout: one process, DDP, FSDP2 or expert parallelism with another number of ranks."""
+        if self.expert_parallel:  # every rank's experts' entries gathered on rank 0
+            return ep.gather_optimizer_state(get_optimizer_state_dict(
+                self.raw_model, self.optimizers, options=StateDictOptions(full_state_dict=True)))
         return get_optimizer_state_dict(self.raw_model, self.optimizers, options=StateDictOptions(
             full_state_dict=True, cpu_offload=self.env.distributed))
 
     def _load_model_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.expert_parallel:  # a whole model's weights: this rank keeps its own experts
+            tensors = ep.local_tensors(self.raw_model, tensors)
         if self.fsdp:
             set_model_state_dict(self.raw_model, tensors, options=StateDictOptions(full_state_dict=True))
         else:
@@ -458,6 +481,7 @@ class Trainer:
         # DSA dense warm-up trains the indexers alone) has no saved state, as in a new optimizer.
         # torch's loader calls that missing for a parameter that requires a gradient, so it loads
         # with those frozen; a parameter the saved optimizer lacks altogether is still an error.
+        # Under expert parallelism the state is a whole model's: the loader takes this rank's by name.
         listed = {name for group in optim_state["param_groups"] for name in group["params"]}
         names: dict[int, list[str]] = {}  # a tied parameter has several
         for name, p in self.raw_model.named_parameters(remove_duplicate=False):
