@@ -22,3 +22,27 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
 def device(request) -> str:
     """Run a test once per device: the CPU always, CUDA where there is a GPU (`-m cuda` selects those)."""
     return request.param
+
+
+# ---- the distributed tests' corpus and one-process reference run (distributed_runs.py)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    from distributed_runs import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def single(corpus, tmp_path_factory):
+    """The tiny recipe's 8 pretraining steps in one process, what 2 ranks must reproduce."""
+    from distributed_runs import TINY, overrides
+
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.pretrain import PretrainConfig
+
+    out = tmp_path_factory.mktemp("single")
+    pretrain.train(load_run_config(PretrainConfig, TINY, overrides(out, corpus)))
+    return out

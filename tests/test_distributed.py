@@ -5,63 +5,15 @@ B/2 see exactly the samples 1 rank with batch B sees: losses agree up to float s
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from distributed_runs import TINY, overrides, step_losses, torchrun, unigram_eval_loss
 
 from nanoseek.checkpoint import read_tensors
 from nanoseek.train import pretrain
 from nanoseek.train.config import load_run_config
-from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import PretrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "pretrain_tiny.toml"
-WORDS = "the king queen lord lady sword crown night day love death fair foul sweet speak hear thou".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import random
-
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(1)
-    for i in range(8):
-        text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for _ in range(80))
-        (d / f"doc{i}.txt").write_text(text)
-    return d
-
-
-def overrides(out_dir, corpus):
-    return [f"out_dir={out_dir}", f"data={json.dumps([str(corpus)])}", f"data_dir={corpus.parent / 'shards'}",
-            "save_every=4", "keep_checkpoints=0", "threads=1"]
-
-
-def torchrun(*args: str, stage: tuple[str, ...] = ("pretrain", "--config", str(TINY))) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "nanoseek.cli", *stage, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def step_losses(run):
-    return [r["loss"] for r in read_metrics(run) if "loss" in r]
-
-
-def unigram_eval_loss(run):
-    return next(r["unigram_eval_loss"] for r in read_metrics(run) if "unigram_eval_loss" in r)
-
-
-@pytest.fixture(scope="module")
-def single(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    pretrain.train(load_run_config(PretrainConfig, TINY, overrides(out, corpus)))
-    return out
 
 
 def test_two_ranks_ddp_match_one_process(single, corpus, tmp_path):

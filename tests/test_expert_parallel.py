@@ -8,26 +8,21 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+# the fixtures corpus and single (the one-process 8-step run of the tiny recipe) are conftest.py's
+from distributed_runs import TINY, overrides, step_losses, torchrun
 
 import nanoseek
-
 from nanoseek.checkpoint import read_tensors
 from nanoseek.errors import ConfigError
 from nanoseek.model.moe import moe_layers
 from nanoseek.train import pretrain
 from nanoseek.train.checkpointing import find_checkpoint, load_state
 from nanoseek.train.config import load_run_config
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import PretrainConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-# corpus and single are fixtures: the corpus, and the one-process 8-step run of the tiny recipe
-from test_distributed import TINY, corpus, overrides, single, step_losses, torchrun  # noqa: E402,F401
-
-from nanoseek.train.metrics import read_metrics  # noqa: E402
 
 
 def run_workers(*args: str) -> str:
