@@ -1,7 +1,8 @@
 """Hugging Face-format checkpoints: nanoseek's native format.
 
 A checkpoint directory is a valid `DeepseekV3ForCausalLM` checkpoint (`DeepseekV32ForCausalLM` for a
-model with DeepSeek Sparse Attention): config.json, model.safetensors (or shards plus
+model with DeepSeek Sparse Attention; an mHC model's is nanoseek's own "deepseek_v3_mhc", which
+transformers refuses rather than load without its hyper-connections, see config.py): config.json, model.safetensors (or shards plus
 model.safetensors.index.json), generation_config.json, and the tokenizer files when a tokenizer is
 saved with it. transformers and vLLM load it as is; released DeepSeek checkpoints (V2, V3, R1, V3.2),
 FP8 block-quantized ones included, load into nanoseek. FP8 dequantization is by key, so it covers
@@ -36,7 +37,8 @@ from nanoseek.model.dense import DenseConfig, DenseTransformer
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import sampling_settings
 
-DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
+# the last: a V3 with DeepSeek-V4's hyper-connections, a type of nanoseek's own (config.py)
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32", "deepseek_v3_mhc")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -376,7 +378,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
             t = dequantize_fp8(t, index.read(scale_key), block)
         elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise CheckpointError(f"{key} is FP8 but has no {scale_key} to dequantize it with")
-        t = t.to(device=device, dtype=torch.float32 if key.endswith("e_score_correction_bias") else dtype)
+        t = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype)
         module_name, _, name = key.rpartition(".")
         module = modules[module_name]
         if isinstance(getattr(module, name), nn.Parameter):
@@ -395,6 +397,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.eval()
+
+
+def keeps_fp32(key: str) -> bool:
+    """The tensors that stay fp32 in a model of any dtype: the MoE correction bias (its updates are
+    tiny) and, as in DeepSeek-V4, the hyper-connections' coefficients (model/hyper.py)."""
+    return key.endswith("e_score_correction_bias") or "_hc." in key or ".hc_head." in key
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, against: str) -> None:

@@ -4,7 +4,17 @@ A nanoseek checkpoint's config.json is a valid `DeepseekV3Config` (model_type "d
 released DeepSeek config.json (V3, R1, V2-Lite, V3.2) reads into a ModelConfig. DeepSeek-V3.2 is V3
 plus DeepSeek Sparse Attention (a lightning indexer per attention layer, model/attention.py): the
 three `index_*` fields of HF's `DeepseekV32Config`, set, make a V3.2 model, saved as model_type
-"deepseek_v32"; left unset (None) they write nothing, so a V3 or V2 config.json is unchanged. Fields keep HF's names and
+"deepseek_v32"; left unset (None) they write nothing, so a V3 or V2 config.json is unchanged.
+
+DeepSeek-V4's manifold-constrained hyper-connections (mHC, model/hyper.py) replace the residual with
+`hc_mult` streams; the field set (with `hc_sinkhorn_iters`, `hc_eps`: HF's `DeepseekV4Config` names)
+makes an mHC model, saved as model_type "deepseek_v3_mhc" (architectures "DeepseekV3MHCForCausalLM").
+That name is nanoseek's own on purpose: transformers has no V3-with-mHC class, and under
+"deepseek_v3" it would load the checkpoint as a plain V3, drop the hyper-connection weights with a
+warning and compute something else; under a model_type it does not know, AutoConfig refuses the
+directory, while nanoseek's load_model reads it. Unset (None), the three fields write nothing.
+
+Fields keep HF's names and
 meanings so that nobody has to learn a second vocabulary; the few that HF lacks (the V2 router's
 `scoring_func` / `topk_method`, `moe_layer_freq`) are the ones DeepSeek's own config.json files carry.
 
@@ -121,6 +131,11 @@ class ModelConfig(HFConfig):
     index_topk: int | None = None
     index_head_dim: int | None = None
     index_n_heads: int | None = None
+    # Manifold-constrained hyper-connections (DeepSeek-V4, model/hyper.py): hc_mult residual streams
+    # mixed per token by Sinkhorn-projected (hc_sinkhorn_iters) doubly stochastic matrices. None: V3's residual
+    hc_mult: int | None = None
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     # multi-token prediction
     num_nextn_predict_layers: int = 1
     # misc
@@ -220,6 +235,14 @@ class ModelConfig(HFConfig):
                 bad("num_experts_per_tok", f"must be between 1 and topk_group * experts per group "
                                            f"({self.topk_group * (E // G)})")
         self.validate_sparse_attention(bad)
+        if self.hc_mult is not None:
+            if isinstance(self.hc_mult, bool) or not isinstance(self.hc_mult, int) or self.hc_mult < 1:
+                bad("hc_mult", "the number of mHC residual streams must be a positive integer (V4: 4), "
+                               "or null for the plain residual")
+            if self.hc_sinkhorn_iters < 1:
+                bad("hc_sinkhorn_iters", "Sinkhorn needs at least one iteration (V4: 20)")
+            if not self.hc_eps > 0:
+                bad("hc_eps", "must be a small positive number (V4: 1e-6)")
         rs = self.rope_scaling
         if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
@@ -298,7 +321,9 @@ class ModelConfig(HFConfig):
         """The config.json dict: loadable by transformers' DeepseekV3Config and by from_dict."""
         d = dataclasses.asdict(self)
         # a softmax router is DeepSeek-V2's architecture; HF's V3 class hard-codes the sigmoid one
-        arch = ("DeepseekV2ForCausalLM", "deepseek_v2") if self.scoring_func == "softmax" else \
+        # (and an mHC model is none of transformers' classes: see the module docstring)
+        arch = ("DeepseekV3MHCForCausalLM", "deepseek_v3_mhc") if self.hc_mult is not None else \
+               ("DeepseekV2ForCausalLM", "deepseek_v2") if self.scoring_func == "softmax" else \
                ("DeepseekV32ForCausalLM", "deepseek_v32") if self.sparse_attention else \
                ("DeepseekV3ForCausalLM", "deepseek_v3")
         d = {"architectures": [arch[0]], "model_type": arch[1], **d}
@@ -306,6 +331,9 @@ class ModelConfig(HFConfig):
             del d["rope_scaling"]
         if not self.sparse_attention:  # a V3 / V2 config.json stays as it always was
             for key in ("index_topk", "index_head_dim", "index_n_heads"):
+                del d[key]
+        if self.hc_mult is None:
+            for key in ("hc_mult", "hc_sinkhorn_iters", "hc_eps"):
                 del d[key]
         d["head_dim"] = self.qk_rope_head_dim  # what HF derives; vLLM reads it
         d["use_cache"] = True

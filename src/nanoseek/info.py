@@ -1,6 +1,8 @@
 """`nanoseek info`: what a model costs. Parameters (total and activated per token, MTP apart) and
 KV-cache bytes per token for MLA's latent cache against the multi-head cache it replaces (a V3.2
-model's cache also holds each token's DSA indexer key, index_head_dim values per layer: counted). A dense
+model's cache also holds each token's DSA indexer key, index_head_dim values per layer: counted).
+An mHC model's hyper-connection parameters are counted with its blocks and head (all active); its
+residual streams are activations, not cache: the cache is MLA's as without mHC. A dense
 Llama / Qwen2 checkpoint (a distilled student) has no experts and no MTP, and its cache is
 grouped-query attention's keys and values, set against the same multi-head cache.
 
@@ -40,6 +42,7 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
     if isinstance(config, DenseConfig):
         return _dense_stats(config)
     from nanoseek.model.attention import latent_cache_dims
+    from nanoseek.model.hyper import HyperHead
     from nanoseek.model.moe import MoE
     from nanoseek.model.mtp import make_mtp_layer
     from nanoseek.model.transformer import Block
@@ -60,6 +63,9 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
     total = active = embed * (1 if config.tie_word_embeddings else 2) + config.hidden_size  # + final norm
     mtp_total = mtp_active = 0
     with torch.device("meta"):
+        if config.hc_mult is not None:  # mHC's head, collapsing the streams before the final norm
+            head = count(HyperHead(config), False)
+            total, active = total + head, active + head
         for is_moe, n in kinds.items():
             block = Block(config, next(i for i in range(L) if config.is_moe_layer(i) == is_moe))
             total += n * count(block, False)
@@ -132,6 +138,8 @@ def format_stats(name: str, config: ModelConfig | DenseConfig, s: ModelStats, dt
         f"heads {config.num_attention_heads}, vocab {config.vocab_size}",
         f"  experts: {config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
         f"{config.n_group} groups, top-{config.topk_group} groups) + {config.n_shared_experts} shared",
+        *([f"  residual: mHC, {config.hc_mult} streams per token mixed by Sinkhorn-projected "
+           f"({config.hc_sinkhorn_iters} iterations) doubly stochastic matrices"] if config.hc_mult else []),
         f"parameters (main model): {_human(s.total_params)} total, {_human(s.active_params)} activated per token "
         f"({s.total_params:,} / {s.active_params:,})",
         f"parameters (MTP, {config.num_nextn_predict_layers} module(s), embedding and head shared): "

@@ -48,7 +48,7 @@ from contextlib import nullcontext
 import torch
 
 from nanoseek.inference.sequence import Sequence
-from nanoseek.model.mtp import mtp_inputs
+from nanoseek.model.mtp import mtp_block
 from nanoseek.model.transformer import Transformer
 
 
@@ -281,8 +281,8 @@ class ModelRunner:
         (B, D) and its logits (B, V), which predict the token two positions ahead."""
         # Transformer.mtp_forward, with the head applied to one row per sequence (prefill runs are long)
         layer = self.mtp_layer
-        x = mtp_inputs(layer, self.model.model.embed_tokens(next_ids.to(self.device)), hidden)
-        h = layer(x, positions, self.model.rope(positions), self.cache)  # (B, T, D)
+        embedded = self.model.model.embed_tokens(next_ids.to(self.device))
+        h = mtp_block(layer, embedded, hidden, positions, self.model.rope(positions), self.cache)  # (B, T, D)
         h = h[:, -1] if last is None else h[torch.arange(len(h), device=self.device), last.to(self.device)]
         return h, self.model.lm_head(layer.shared_head.norm(h))
 

@@ -3,7 +3,9 @@
 A DeepSeek-V3 `Transformer` (transformer.py) and a Llama / Qwen2 `DenseTransformer` (dense.py) are
 the same causal LM around different parts: a pre-norm block of (attention, feed-forward), a stack
 of them under HF's `model.` prefix, a final norm and an output head (optionally tied to the
-embedding). What differs, and all that differs, is in their own files: MLA vs grouped-query
+embedding). The residual around each sub-block is a plain sum, or with a config's `hc_mult` set
+DeepSeek-V4's hyper-connections (hyper.py): n residual streams (B, T, n, D) that the block
+collapses into each sub-block's input and updates with its output. What differs, and all that differs, is in their own files: MLA vs grouped-query
 attention, MoE vs a dense FFN, YaRN interleaved RoPE vs Llama's half-split RoPE, and V3's MTP
 modules and balance loss (`CausalLM.extra_losses`).
 
@@ -23,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanoseek.model.hyper import HyperConnection, HyperHead, expand_streams, hc_mult
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE
 
@@ -31,7 +34,9 @@ IGNORE_INDEX = -100
 
 class DecoderBlock(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)). `cache` is the model's
-    per-layer cache (MLA: LatentCache; dense: KVCache), passed through to the attention."""
+    per-layer cache (MLA: LatentCache; dense: KVCache), passed through to the attention.
+    With mHC (config.hc_mult) x is the residual streams (B, T, n, D), and attn_hc / ffn_hc make
+    each residual sum (hyper.py); otherwise they are None and x is (B, T, D)."""
 
     def __init__(self, config, attention: nn.Module, mlp: nn.Module, layer_idx: int):
         super().__init__()
@@ -40,22 +45,37 @@ class DecoderBlock(nn.Module):
         self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
+        self.attn_hc = HyperConnection(config) if hc_mult(config) else None
+        self.ffn_hc = HyperConnection(config) if hc_mult(config) else None
 
     def forward(self, x, positions, rope, cache=None, mask=None, token_mask=None) -> torch.Tensor:
         """token_mask (B, T) bool: the real tokens of a padded batch, for an MoE's load statistics."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, self.layer_idx, mask)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+        def attention(h):  # (B, T, D) -> (B, T, D)
+            return self.self_attn(self.input_layernorm(h), positions, rope, cache, self.layer_idx, mask)
+
+        def ffn(h):  # (B, T, D) -> (B, T, D)
+            h = self.post_attention_layernorm(h)
+            return self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h)
+
+        x = residual(self.attn_hc, x, attention)
+        return residual(self.ffn_hc, x, ffn)
+
+
+def residual(hc: HyperConnection | None, x: torch.Tensor, sublayer) -> torch.Tensor:
+    """x + sublayer(x), or with mHC the hyper-connection's update of the streams x (B, T, n, D)."""
+    return x + sublayer(x) if hc is None else hc(x, sublayer)
 
 
 class DecoderStack(nn.Module):
-    """HF's `model.` prefix: the embedding, the layers (V3 appends its MTP modules), the final norm."""
+    """HF's `model.` prefix: the embedding, the layers (V3 appends its MTP modules), the final norm,
+    and with mHC the head that collapses the residual streams before it (None without)."""
 
     def __init__(self, config, layers: list[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hc_head = HyperHead(config) if hc_mult(config) else None
 
 
 @dataclass
@@ -107,6 +127,8 @@ class CausalLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        if isinstance(module, (HyperConnection, HyperHead)):
+            module.reset_parameters(std)
         # residual-branch outputs shrink with depth so the residual stream starts near unit scale
         for name in ("o_proj", "down_proj"):
             proj = getattr(module, name, None)
@@ -134,6 +156,8 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         rope = self.rope(positions)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if self.model.hc_head is not None:
+            x = expand_streams(x, self.config.hc_mult)  # mHC: (B, T, n, D), n copies of the embedding
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # compiled, AOTAutograd recomputes inside the graph, where the MoE's count is a buffer
@@ -142,7 +166,7 @@ class CausalLM(nn.Module):
                 x = checkpoint(layer, x, positions, rope, cache, mask, token_mask, use_reentrant=False, **contexts)
             else:
                 x = layer(x, positions, rope, cache, mask, token_mask)
-        hidden = self.model.norm(x)
+        hidden = self.model.norm(x if self.model.hc_head is None else self.model.hc_head(x))
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:
             out.loss = cross_entropy(out.logits, labels)

@@ -27,7 +27,7 @@ from nanoseek.model.decoder import (
 )
 from nanoseek.model.layers import MLP, RotaryEmbedding
 from nanoseek.model.moe import Gate, MoE
-from nanoseek.model.mtp import make_mtp_layer, mtp_inputs
+from nanoseek.model.mtp import make_mtp_layer, mtp_block
 
 
 class Block(DecoderBlock):
@@ -112,8 +112,7 @@ class Transformer(CausalLM):
         next_ids (B, T) = tokens t_{i+depth+1} -> (its hidden (B, T, D), logits for t_{i+depth+2})."""
         layer = self.mtp_layers[depth]
         rope = self.rope(positions) if rope is None else rope
-        x = mtp_inputs(layer, self.model.embed_tokens(next_ids), hidden)
-        h = layer(x, positions, rope, cache, mask, token_mask)
+        h = mtp_block(layer, self.model.embed_tokens(next_ids), hidden, positions, rope, cache, mask, token_mask)
         return h, self.lm_head(layer.shared_head.norm(h))
 
     def _mtp_loss(self, hidden, input_ids, labels, positions, rope, mask=None,

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 from nanoseek.checkpoint import check_state_dict
 from nanoseek.model import expert_parallel as ep
 from nanoseek.model.decoder import IGNORE_INDEX, DecoderBlock
+from nanoseek.model.hyper import HyperHead
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
 from nanoseek.train.config import TrainConfig, config_to_dict
@@ -74,8 +75,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     adamw: AdamW on every parameter.
     muon:  Muon (Jordan et al. 2024; at LLM scale in Moonlight, Liu et al. 2025) on the 2-D
            weights of the decoder blocks (attention and expert projections, the router, MTP's
-           eh_proj), AdamW on the rest (embeddings, output head, norms, biases): a matrix's update
-           is its momentum orthogonalized by Newton-Schulz iterations, then scaled by
+           eh_proj, mHC's projections `fn` and `hc_fn`), AdamW on the rest (embeddings, output
+           head, norms, biases, mHC's static `base` and `scale`: DeepSeek-V4's split): a
+           matrix's update is its momentum orthogonalized by Newton-Schulz iterations, then scaled by
            0.2 * sqrt(max(rows, cols)) (Moonlight's "match_rms_adamw") so that it has AdamW's
            update size: an AdamW recipe's lr and weight decay carry over.
 
@@ -84,7 +86,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     representation, it regularizes nothing.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    hidden = {id(p) for block in model.modules() if isinstance(block, DecoderBlock)
+    hidden = {id(p) for block in model.modules() if isinstance(block, (DecoderBlock, HyperHead))
               for p in block.parameters() if p.ndim == 2}
     muon, decay, no_decay = [], [], []
     for p in model.parameters():
