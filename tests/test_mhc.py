@@ -132,6 +132,18 @@ def test_decoder_block_stream_update_matches_transformers_decoder_layer():
         torch.testing.assert_close(mine(streams, None, None), expected, atol=1e-6, rtol=0)
 
 
+def test_init_is_v4s():
+    """fn ~ N(0, initializer_range), base 0, scale 1 (DeepseekV4PreTrainedModel._init_weights)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", hc_mult=4, initializer_range=0.05))
+    for hc in [model.model.layers[2].attn_hc, model.model.layers[0].ffn_hc]:  # an MTP block's, a main one's
+        assert abs(hc.fn.std().item() - 0.05) < 0.005 and abs(hc.fn.mean().item()) < 0.005
+        assert torch.equal(hc.base, torch.zeros(24)) and torch.equal(hc.scale, torch.ones(3))
+    for head in (model.model.hc_head, model.model.layers[2].hc_head):
+        assert abs(head.hc_fn.std().item() - 0.05) < 0.01
+        assert torch.equal(head.hc_base, torch.zeros(4)) and torch.equal(head.hc_scale, torch.ones(1))
+
+
 def test_sinkhorn_output_is_doubly_stochastic():
     """Columns sum to 1 (the last normalisation), rows nearly: 20 iterations leave 1e-4 on softmax
     logits of unit scale (sharper ones converge slower: 2e-2 at 2x the scale)."""
