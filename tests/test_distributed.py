@@ -86,3 +86,17 @@ def test_sft_of_a_deepseek_checkpoint_under_ddp_matches_one_process(tmp_path, la
     a, b = read_tensors(tmp_path / "one" / "latest"), read_tensors(tmp_path / "two" / "latest")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_mhc_under_fsdp_with_muon_and_activation_checkpointing_matches_one_process(corpus, tmp_path):
+    """A model with DeepSeek-V4's hyper-connections (model.hc_mult=2: streams (B, T, 2, D) between
+    the blocks, the stream head in the root module) sharded by FSDP2, its fn matrices under Muon
+    and its blocks recomputed in the backward: 2 ranks take the same steps as 1 process."""
+    mhc = ("model.hc_mult=2", "optimizer=muon", "max_steps=4", "eval_every=0")
+    pretrain.train(load_run_config(PretrainConfig, TINY, [*overrides(tmp_path / "one", corpus), *mhc]))
+    torchrun(*overrides(tmp_path / "two", corpus), *mhc, "parallel=fsdp", "activation_checkpointing=true")
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-4)
+    a, b = read_tensors(tmp_path / "one" / "latest"), read_tensors(tmp_path / "two" / "latest")
+    assert any(".hc_head." in key for key in a)
+    for key in a:  # Muon's bf16 iterations: see test_muon_under_fsdp_matches_one_process
+        assert (a[key] - b[key]).norm() <= 0.05 * a[key].norm(), key
