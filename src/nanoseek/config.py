@@ -11,8 +11,10 @@ DeepSeek-V4's manifold-constrained hyper-connections (mHC, model/hyper.py) repla
 makes an mHC model, saved as model_type "deepseek_v3_mhc" (architectures "DeepseekV3MHCForCausalLM").
 That name is nanoseek's own on purpose: transformers has no V3-with-mHC class, and under
 "deepseek_v3" it would load the checkpoint as a plain V3, drop the hyper-connection weights with a
-warning and compute something else; under a model_type it does not know, AutoConfig refuses the
-directory, while nanoseek's load_model reads it. Unset (None), the three fields write nothing.
+warning and compute something else; under a model_type it does not know, AutoConfig and
+AutoModelForCausalLM refuse the directory (ValueError), while nanoseek's load_model reads it. (Naming
+the class, DeepseekV3ForCausalLM.from_pretrained, still builds a V3 and lists the hc weights as
+UNEXPECTED in its load report.) Unset (None), the three fields write nothing.
 
 Fields keep HF's names and
 meanings so that nobody has to learn a second vocabulary; the few that HF lacks (the V2 router's

@@ -3,11 +3,13 @@
 A DeepSeek-V3 `Transformer` (transformer.py) and a Llama / Qwen2 `DenseTransformer` (dense.py) are
 the same causal LM around different parts: a pre-norm block of (attention, feed-forward), a stack
 of them under HF's `model.` prefix, a final norm and an output head (optionally tied to the
-embedding). The residual around each sub-block is a plain sum, or with a config's `hc_mult` set
-DeepSeek-V4's hyper-connections (hyper.py): n residual streams (B, T, n, D) that the block
-collapses into each sub-block's input and updates with its output. What differs, and all that differs, is in their own files: MLA vs grouped-query
+embedding). What differs, and all that differs, is in their own files: MLA vs grouped-query
 attention, MoE vs a dense FFN, YaRN interleaved RoPE vs Llama's half-split RoPE, and V3's MTP
 modules and balance loss (`CausalLM.extra_losses`).
+
+The residual around each sub-block is a plain sum, or, with a config's `hc_mult` set,
+DeepSeek-V4's hyper-connections (hyper.py): n residual streams (B, T, n, D) that the block
+collapses into each sub-block's input and updates with its output (`residual`).
 
 Packed training rows (`documents=`) and the loss helpers live here too, used by both.
 

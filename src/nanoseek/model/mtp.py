@@ -45,7 +45,8 @@ def make_mtp_layer(block_cls, config: ModelConfig, layer_idx: int) -> nn.Module:
     """A decoder block (same structure as main layer `layer_idx`) plus the MTP projections.
 
     Built as one module so that its state-dict keys are exactly the released checkpoint's
-    `model.layers.{L}.{enorm, hnorm, eh_proj, shared_head.norm, self_attn.*, mlp.*, ...}`.
+    `model.layers.{L}.{enorm, hnorm, eh_proj, shared_head.norm, self_attn.*, mlp.*, ...}`
+    (with mHC also `attn_hc.*`, `ffn_hc.*` and its own `hc_head.*`).
     """
     layer = block_cls(config, layer_idx)
     layer.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
