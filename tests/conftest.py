@@ -1,5 +1,7 @@
 """Shared pytest fixtures."""
 
+import random
+
 import pytest
 import torch
 
@@ -24,14 +26,21 @@ def device(request) -> str:
     return request.param
 
 
-# ---- the distributed tests' corpus and one-process reference run (distributed_runs.py)
+# ---- a small word corpus for pretraining runs, and the distributed tests' one-process reference
+
+
+WORDS = "the king queen lord lady sword crown night day love death fair foul sweet speak hear thou".split()
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    from distributed_runs import write_corpus
-
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+    """A directory of 8 text files of short random-word paragraphs (`data=` of the tiny recipe)."""
+    rng = random.Random(1)
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(8):
+        text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for _ in range(80))
+        (d / f"doc{i}.txt").write_text(text)
+    return d
 
 
 @pytest.fixture(scope="session")

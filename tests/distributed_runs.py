@@ -1,11 +1,10 @@
 """What the distributed tests share (test_distributed.py, test_expert_parallel.py): the tiny
-pretraining recipe, a small word corpus, and running `nanoseek` on 2 gloo ranks under torchrun.
-The fixtures built from them (`corpus`, and `single`: the recipe's 8 steps in one process, the
-reference both files compare with) are conftest.py's, made once per session."""
+pretraining recipe's overrides and running `nanoseek` on 2 gloo ranks under torchrun. The
+fixtures they use (`corpus`, and `single`: the recipe's 8 steps in one process, the reference
+both files compare with) are conftest.py's, made once per session."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,6 @@ from nanoseek.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain_tiny.toml"
-WORDS = "the king queen lord lady sword crown night day love death fair foul sweet speak hear thou".split()
-
-
-def write_corpus(d: Path) -> Path:
-    rng = random.Random(1)
-    for i in range(8):
-        text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for _ in range(80))
-        (d / f"doc{i}.txt").write_text(text)
-    return d
 
 
 def overrides(out_dir, corpus):

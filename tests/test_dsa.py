@@ -11,7 +11,6 @@ probability 2^-J, so with 16 heads the fixed seeds here meet none.
 
 import json
 import os
-import random
 import warnings
 
 import pytest
@@ -302,7 +301,7 @@ def test_info_counts_the_indexer_key_in_the_cache(tmp_path, capsys):
 # ---------------------------------------------------------------- training
 
 
-def test_pretraining_a_v32_model_with_indexer_lambda_0_trains_all_but_the_indexer(tmp_path):
+def test_pretraining_a_v32_model_with_indexer_lambda_0_trains_all_but_the_indexer(corpus, tmp_path):
     """Two steps of `nanoseek pretrain` on a V3.2 model (model.index_* overrides of the tiny recipe)
     with the indexer's loss off: from step 1 to step 2 every attention weight moves, the indexer's
     (frozen, no gradient) do not. (With its loss on: test_dsa_train.py.)"""
@@ -311,13 +310,6 @@ def test_pretraining_a_v32_model_with_indexer_lambda_0_trains_all_but_the_indexe
     from nanoseek.train.checkpointing import list_checkpoints
     from nanoseek.train.pretrain import PretrainConfig
 
-    rng = random.Random(0)
-    words = "the king queen lord lady sword crown night day love death heaven earth fair foul".split()
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12))
-                                                      for _ in range(80)))
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
     cfg = load_run_config(PretrainConfig, recipe, [
         f"out_dir={tmp_path / 'run'}", f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}",

@@ -6,7 +6,6 @@ converting a V3 checkpoint into a V3.2 one (`init=` + model.index_*) and running
 import json
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -201,17 +200,7 @@ def test_dense_warmup_raises_the_indexer_recall():
 # ---------------------------------------------------------------- nanoseek pretrain
 
 
-def corpus(tmp_path):
-    rng = random.Random(0)
-    words = "the king queen lord lady sword crown night day love death heaven earth fair foul".split()
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(4):
-        (d / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(80)))
-    return d
-
-
-def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_path, monkeypatch):
+def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(corpus, tmp_path, monkeypatch):
     """init=<V3 run> + model.index_*: every V3 weight loaded; a warm-up step moves the indexers
     alone (the routing biases included); the sparse step then moves everything; metrics logged."""
     from nanoseek.train import pretrain
@@ -220,7 +209,7 @@ def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_
     from nanoseek.train.pretrain import PretrainConfig
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
-    common = [f"data={json.dumps([str(corpus(tmp_path))])}", f"data_dir={tmp_path / 'shards'}", "eval_every=1"]
+    common = [f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}", "eval_every=1"]
     v3 = pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'v3'}", "max_steps=1",
                                                                  *common]))
     index = ["model.index_topk=4", "model.index_head_dim=16", "model.index_n_heads=4"]
@@ -255,7 +244,7 @@ def test_pretrain_converts_a_v3_checkpoint_then_warms_up_then_trains_sparse(tmp_
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, tmp_path):
+def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, corpus, tmp_path):
     """A checkpoint of the warm-up holds optimizer state for the indexers alone (nothing else has
     stepped yet); resumed there (and at the boundary), the run crosses into sparse training and ends
     with the uninterrupted run's weights."""
@@ -264,7 +253,7 @@ def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, tmp_pat
     from nanoseek.train.pretrain import PretrainConfig
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
-    common = [f"data={json.dumps([str(corpus(tmp_path))])}", f"data_dir={tmp_path / 'shards'}", "eval_every=0",
+    common = [f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}", "eval_every=0",
               "max_steps=3", "dense_warmup_steps=2", f"optimizer={optimizer}",
               "model.index_topk=4", "model.index_head_dim=16", "model.index_n_heads=4"]
     whole = read_tensors(pretrain.train(load_run_config(PretrainConfig, recipe, [
@@ -276,14 +265,14 @@ def test_a_run_resumed_inside_the_dense_warmup_ends_bit_exact(optimizer, tmp_pat
         assert all(torch.equal(whole[k], got[k]) for k in whole), step
 
 
-def test_a_topk_that_covers_the_sequence_is_pointed_out(tmp_path, capsys):
+def test_a_topk_that_covers_the_sequence_is_pointed_out(corpus, tmp_path, capsys):
     """index_topk >= seq_len: sparse attention is dense there and recall is 1; the run says so."""
     from nanoseek.train import pretrain
     from nanoseek.train.config import load_run_config
     from nanoseek.train.pretrain import PretrainConfig
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
-    common = [f"data={json.dumps([str(corpus(tmp_path))])}", f"data_dir={tmp_path / 'shards'}", "max_steps=1",
+    common = [f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}", "max_steps=1",
               "eval_every=0", "seq_len=16", "model.index_head_dim=16", "model.index_n_heads=4"]
     for topk, noted in ((16, True), (8, False)):
         pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / str(topk)}",

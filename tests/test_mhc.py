@@ -10,7 +10,6 @@ every token gets nearly the same mixing, which would hide a per-token mistake.
 
 import json
 import os
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -333,7 +332,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_pretraining_with_model_hc_mult_trains_every_hc_parameter(tmp_path):
+def test_pretraining_with_model_hc_mult_trains_every_hc_parameter(corpus, tmp_path):
     """Two steps of `nanoseek pretrain` (the tiny recipe, Muon) with model.hc_mult=2: the checkpoint
     is an mHC one, and from step 1 to step 2 every hyper-connection parameter moves."""
     from nanoseek.train import pretrain
@@ -341,13 +340,6 @@ def test_pretraining_with_model_hc_mult_trains_every_hc_parameter(tmp_path):
     from nanoseek.train.config import load_run_config
     from nanoseek.train.pretrain import PretrainConfig
 
-    rng = random.Random(0)
-    words = "the king queen lord lady sword crown night day love death heaven earth fair foul".split()
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12))
-                                                      for _ in range(80)))
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain_tiny.toml")
     cfg = load_run_config(PretrainConfig, recipe, [
         f"out_dir={tmp_path / 'run'}", f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}",
