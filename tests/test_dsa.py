@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from decoding_checks import PROMPTS, assert_cached_decoding_matches, engine_greedy
 from eager_graphs import eager_record
 from safetensors.torch import load_file, save_file
 
@@ -187,26 +188,13 @@ def test_top_k_restricts_attention_and_covers_the_packed_row_mask():
 
 
 def test_cached_decode_equals_the_no_cache_forward():
-    """Prefill (expanded), a chunk on a past and single tokens (absorbed, the indexer keys read back
-    from the cache rows) equal one forward without a cache at every position; the MTP module too."""
+    """Prefill (expanded, fewer tokens than index_topk), a chunk on a past and single tokens
+    (absorbed, the indexer keys read back from the cache rows, the top-k rows gathered) equal one
+    forward without a cache at every position; the MTP block's indexer on its own cache layer too."""
     torch.manual_seed(0)
     model = ours(num_nextn_predict_layers=1)
-    ids = torch.randint(0, 256, (3, 20))
-    cache = ContiguousCache(model.config, batch_size=3, max_len=24)
-    assert cache.k_pe.shape[-1] == 16 + 32 and model.cache_dims == (16, 48)  # k_pe then the indexer key
-    with torch.no_grad():
-        full = model(ids)
-        pieces = [model(ids[:, :3], cache=cache).logits]  # prefill (expanded), fewer tokens than index_topk
-        pieces.append(model(ids[:, 3:10], positions=torch.arange(3, 10).expand(3, 7), cache=cache).logits)
-        for t in range(10, 20):
-            pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, atol=1e-5, rtol=0)
-        # the MTP block's indexer on the cache (its own layer) against its no-cache forward
-        positions = torch.arange(19).expand(3, 19)
-        h_full, logits_full = model.mtp_forward(0, full.hidden[:, :19], ids[:, 1:], positions)
-        h1, l1 = model.mtp_forward(0, full.hidden[:, :12], ids[:, 1:13], positions[:, :12], cache=cache)
-        h2, l2 = model.mtp_forward(0, full.hidden[:, 12:19], ids[:, 13:], positions[:, 12:], cache=cache)
-    torch.testing.assert_close(torch.cat([l1, l2], dim=1), logits_full, atol=1e-5, rtol=0)
+    assert model.cache_dims == (16, 48)  # the key row: k_pe, then the indexer key
+    assert_cached_decoding_matches(model, torch.randint(0, 256, (3, 20)), 3, 10, mtp_split=12, max_len=24)
 
 
 def test_sparse_decode_gathers_the_rows_the_masked_path_attends(monkeypatch):
@@ -248,8 +236,6 @@ def test_engine_greedy_equals_transformers_generate_with_batching_and_prefix_hit
     nanoseek.save_model(ours(num_nextn_predict_layers=0), tmp_path / "ck")
     hf = transformers.DeepseekV32ForCausalLM.from_pretrained(tmp_path / "ck").eval()
     hf.generation_config.eos_token_id = None
-    base = [11, 12, 13, 14, 15, 16, 17, 18]  # two full blocks of 4: a prefix for the later prompts
-    prompts = [[7, 8, 9], base + [40], [100, 101, 102, 103, 104, 105], base + [41, 42, 43, 44, 45], [5, 6]]
     n = 14  # the 3-token prompt grows from below index_topk (4) to 17 tokens
 
     def hf_greedy(prompt):
@@ -257,13 +243,7 @@ def test_engine_greedy_equals_transformers_generate_with_batching_and_prefix_hit
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    expected = [hf_greedy(p) for p in prompts]
-    greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    llm = LLM(str(tmp_path / "ck"), block_size=4)
-    first = llm.generate(prompts[:3], greedy)  # a batch of three lengths
-    rest = llm.generate(prompts[3:], greedy)  # prompt 3 starts from prompt 1's cached blocks
-    assert [o.outputs[0].token_ids for o in first + rest] == expected
-    assert rest[0].num_cached_tokens == 8 and llm.stats()["prefix_cache_hit_tokens"] >= 8
+    assert engine_greedy(tmp_path / "ck", n) == [hf_greedy(p) for p in PROMPTS]
 
 
 def test_graph_path_and_mtp_speculation_give_the_eager_tokens(monkeypatch):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from decoding_checks import PROMPTS, assert_cached_decoding_matches, engine_greedy
 from eager_graphs import eager_record
 
 import nanoseek
@@ -23,7 +24,6 @@ from nanoseek.checkpoint import load_model, read_tensors
 from nanoseek.cli import main as cli_main
 from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import ConfigError
-from nanoseek.model.attention import ContiguousCache
 from nanoseek.model.decoder import DecoderBlock
 from nanoseek.model.hyper import HyperConnection, HyperHead, sinkhorn
 from nanoseek.model.transformer import Transformer
@@ -231,21 +231,7 @@ def test_transformers_refuses_an_mhc_checkpoint(tmp_path):
 def test_cached_decode_equals_the_no_cache_forward():
     """Prefill, a chunk on a past and single tokens (absorbed attention on the latent cache) equal
     one forward without a cache at every position; the MTP module's too."""
-    model = ours(1)
-    ids = torch.randint(0, 512, (3, 20))
-    cache = ContiguousCache(model.config, batch_size=3, max_len=24)
-    with torch.no_grad():
-        full = model(ids)
-        pieces = [model(ids[:, :4], cache=cache).logits]
-        pieces.append(model(ids[:, 4:10], positions=torch.arange(4, 10).expand(3, 6), cache=cache).logits)
-        for t in range(10, 20):
-            pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, atol=1e-5, rtol=0)
-        positions = torch.arange(19).expand(3, 19)
-        _, logits_full = model.mtp_forward(0, full.hidden[:, :19], ids[:, 1:], positions)
-        _, l1 = model.mtp_forward(0, full.hidden[:, :12], ids[:, 1:13], positions[:, :12], cache=cache)
-        _, l2 = model.mtp_forward(0, full.hidden[:, 12:19], ids[:, 13:], positions[:, 12:], cache=cache)
-    torch.testing.assert_close(torch.cat([l1, l2], dim=1), logits_full, atol=1e-5, rtol=0)
+    assert_cached_decoding_matches(ours(1), torch.randint(0, 512, (3, 20)), 4, 10, mtp_split=12, max_len=24)
 
 
 def no_cache_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
@@ -259,16 +245,7 @@ def no_cache_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
 def test_engine_greedy_equals_the_no_cache_argmax_with_batching_and_prefix_hits(tmp_path):
     model = ours(2, num_nextn_predict_layers=0)
     nanoseek.save_model(model, tmp_path / "ck")
-    base = [11, 12, 13, 14, 15, 16, 17, 18]  # two full blocks of 4: a prefix for the later prompts
-    prompts = [[7, 8, 9], base + [40], [100, 101, 102, 103, 104, 105], base + [41, 42, 43, 44, 45], [5, 6]]
-    n = 10
-    expected = [no_cache_greedy(model, p, n) for p in prompts]
-    greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    llm = LLM(str(tmp_path / "ck"), block_size=4)
-    first = llm.generate(prompts[:3], greedy)  # a batch of three lengths
-    rest = llm.generate(prompts[3:], greedy)  # prompt 3 starts from prompt 1's cached blocks
-    assert [o.outputs[0].token_ids for o in first + rest] == expected
-    assert rest[0].num_cached_tokens == 8 and llm.stats()["prefix_cache_hit_tokens"] >= 8
+    assert engine_greedy(tmp_path / "ck", 10) == [no_cache_greedy(model, p, 10) for p in PROMPTS]
 
 
 def test_graph_path_and_mtp_speculation_give_the_eager_tokens(monkeypatch):

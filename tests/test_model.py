@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from decoding_checks import assert_cached_decoding_matches
 
 from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import ConfigError
-from nanoseek.model.attention import ContiguousCache
 from nanoseek.model.decoder import document_layout
 from nanoseek.model.moe import Gate, MoE, load_imbalance, update_expert_bias
 from nanoseek.model.transformer import IGNORE_INDEX, Transformer, cross_entropy
@@ -77,20 +77,10 @@ def test_softmax_scale_includes_yarn_mscale():
 
 @pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(rope_scaling=YARN)])
 def test_absorbed_cache_path_matches_expanded_path(kw):
-    """Prefill on the latent cache, then cached decode steps, equal one no-cache forward."""
+    """Prefill on the latent cache, a chunk, then cached decode steps, equal one no-cache forward."""
     torch.manual_seed(0)
     cfg = tiny(**kw)
-    model = Transformer(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (3, 20))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = ContiguousCache(cfg, batch_size=3, max_len=32)
-        pieces = [model(ids[:, :10], cache=cache).logits]  # prefill: expanded path, writes the cache
-        pos = torch.arange(10, 14).expand(3, 4)
-        pieces.append(model(ids[:, 10:14], positions=pos, cache=cache).logits)  # a chunk on top: absorbed
-        for t in range(14, 20):  # one token at a time
-            pieces.append(model(ids[:, t:t + 1], positions=torch.full((3, 1), t), cache=cache).logits)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    assert_cached_decoding_matches(Transformer(cfg).eval(), torch.randint(0, cfg.vocab_size, (3, 20)), 10, 14)
 
 
 def test_document_mask_makes_a_packed_row_equal_its_documents_alone():

@@ -326,18 +326,14 @@ class MLA(nn.Module):
 
     def _absorbed_sparse(self, q_nope, q_pe, latent, k_pe, top, top_visible) -> torch.Tensor:
         """`_absorbed` over the rows the indexer selected, gathered first: top (B, T, k) positions
-        of the cached latents (B,S,C) and rotary keys (B,S,R), top_visible (B, T, k) bool. The
-        same attention as `_absorbed` with the selection as `visible`, at O(k) per query, not O(S)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
-        latent, k_pe = _gather_rows(latent, top), _gather_rows(k_pe, top)  # (B,T,k,C), (B,T,k,R)
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
-        scores = (torch.einsum("bthc,btkc->bhtk", q_latent, latent)
-                  + torch.einsum("bthr,btkr->bhtk", q_pe, k_pe)) * self.softmax_scale
-        scores = scores.float().masked_fill(~top_visible.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)  # (B, H, T, k)
-        out_latent = torch.einsum("bhtk,btkc->bthc", probs, latent)
-        return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, V)
+        of the cached latents (B,S,C) and rotary keys (B,S,R), top_visible (B, T, k) bool. Each
+        query becomes a batch row of its own, with its k rows as its cache: O(k) per query, not O(S)."""
+        B, T, k = top.shape
+        # each query a batch row of its own: q_nope / q_pe (B*T, 1, H, .), its rows (B*T, k, .)
+        out = self._absorbed(q_nope.flatten(0, 1).unsqueeze(1), q_pe.flatten(0, 1).unsqueeze(1),
+                             _gather_rows(latent, top).flatten(0, 1), _gather_rows(k_pe, top).flatten(0, 1),
+                             top_visible.reshape(B * T, 1, k))
+        return out.view(B, T, *out.shape[2:])  # (B, T, H, V)
 
 
 def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
