@@ -38,9 +38,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
-def test_forward_and_backward_match_the_cpu_in_fp32_and_bf16_autocast(device):
-    cpu = tiny_model("cpu").train()
-    model = tiny_model(device).train()
+# the architecture variants beside V3: V3.2's sparse attention (top 8 of up to 24 tokens) and V4's
+# hyper-connections (2 residual streams)
+VARIANTS = {"v3": {}, "v32": dict(index_topk=8, index_head_dim=16, index_n_heads=4), "mhc": dict(hc_mult=2)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_and_backward_match_the_cpu_in_fp32_and_bf16_autocast(device, variant):
+    cpu = tiny_model("cpu", **VARIANTS[variant]).train()
+    model = tiny_model(device, **VARIANTS[variant]).train()
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     labels = ids.roll(-1, dims=1)
     reference = cpu(ids, labels=labels)
@@ -114,8 +120,9 @@ def test_stacked_experts_compute_the_same_moe(device):
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_engine_greedy_equals_full_forward_on_device(device):
-    model = tiny_model(device).eval()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_engine_greedy_equals_full_forward_on_device(device, variant):
+    model = tiny_model(device, **VARIANTS[variant]).eval()
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     expected = []
@@ -188,6 +195,24 @@ def test_decode_replays_cuda_graphs_on_a_gpu(device):
             logits = model(torch.tensor([ids], device=device)).logits[0, len(prompt) - 1: -1].float()  # (n, V)
             chosen = logits.gather(1, torch.tensor(out.outputs[0].token_ids, device=device).unsqueeze(1))
             assert (logits.max(dim=1).values - chosen.squeeze(1)).max() < 0.05
+
+
+@pytest.mark.parametrize("variant", ["v32", "mhc"])
+def test_v32_and_mhc_decode_through_cuda_graphs_as_eagerly(device, variant):
+    """On a GPU a V3.2 model (its indexer's sort and top-k gather captured in the graph) and an mHC
+    model decode through CUDA graphs, MTP speculation's verify graphs included, with the eager
+    tokens. fp32 with dense FFNs (first_k_dense_replace past the layers), so that graphs are
+    captured in fp32 (an MoE's need bf16) and the two runs agree exactly, not within bf16 noise."""
+    cuda = torch.device(device).type == "cuda"
+    model = tiny_model(device, first_k_dense_replace=10, **VARIANTS[variant]).eval()
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (14, 3, 10)]
+    for speculative in (0, 1):
+        graphed = LLM(model, block_size=4, speculative_mtp=speculative, speculative_max_batch=1)
+        eager = LLM(model, block_size=4, speculative_mtp=speculative, speculative_max_batch=1, enforce_eager=True)
+        got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
+        assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+        assert bool(graphed.runner.graphs) == cuda and not eager.runner.graphs
 
 
 def test_rollout_graphs_read_the_trained_fp32_weights(device):
