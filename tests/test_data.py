@@ -166,6 +166,22 @@ def test_split_is_seeded(tok, tmp_path):
         prepare_data([tmp_path / "one.txt"], tok, tmp_path / "x", val_fraction=0.1)
 
 
+def test_every_source_whose_share_rounds_to_a_document_has_one_in_val(tok, tmp_path):
+    """A source that the seeded draw leaves out of val, though its share rounds to a document, gets
+    one (the default corpus: 42 whole plays among 8,000 short documents drew no play at seed 1).
+    Here 40 short documents and 2 long ones at val_fraction 0.25: a draw of 10 of 42 misses both
+    long ones at more than half the seeds."""
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    short.write_text("\n".join(json.dumps({"text": t}) for t in DOCS))
+    long.write_text("\n".join(json.dumps({"text": f"play {i}: " + " ".join(DOCS)}) for i in range(2)))
+    for seed in range(8):
+        meta = prepare_data([short, long], tok, tmp_path / f"o{seed}", val_fraction=0.25, seed=seed)
+        val = tok.decode(np.fromfile(tmp_path / f"o{seed}" / "val.bin", dtype=np.uint16).tolist())
+        assert "play " in val, seed
+        assert meta["splits"]["val"]["documents"] in (10, 11)  # the draw's 10, plus one when it missed
+        assert meta["splits"]["train"]["documents"] == 42 - meta["splits"]["val"]["documents"]
+
+
 # ---- loader ----
 
 
