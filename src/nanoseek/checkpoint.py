@@ -3,11 +3,12 @@
 A checkpoint directory is a valid `DeepseekV3ForCausalLM` checkpoint (`DeepseekV32ForCausalLM` for a
 model with DeepSeek Sparse Attention; an mHC model's model_type is nanoseek's own "deepseek_v3_mhc",
 which transformers refuses rather than load without its hyper-connections, see config.py):
-config.json, model.safetensors (or shards plus model.safetensors.index.json), generation_config.json,
-and the tokenizer files when a tokenizer is saved with it. transformers and vLLM load it as is; released DeepSeek checkpoints (V2, V3, R1, V3.2),
-FP8 block-quantized ones included, load into nanoseek. FP8 dequantization is by key, so it covers
-every `*.weight` with a `*.weight_scale_inv` beside it (V3.2's indexer wq_b and wk too); the
-tensors released unquantized (norms, V3.2's indexer k_norm and weights_proj) load in any float dtype. Dense students
+config.json, model.safetensors (or shards plus model.safetensors.index.json),
+generation_config.json, and the tokenizer files when a tokenizer is saved with it. transformers and
+vLLM load it as is; released DeepSeek checkpoints (V2, V3, R1, V3.2), FP8 block-quantized ones
+included, load into nanoseek. FP8 dequantization is by key, so it covers every `*.weight` with a
+`*.weight_scale_inv` beside it (V3.2's indexer wq_b and wk too); the tensors released unquantized
+(norms, V3.2's indexer k_norm and weights_proj) load in any float dtype. Dense students
 (`nanoseek.model.dense`) are saved by the same code as `LlamaForCausalLM` / `Qwen2ForCausalLM`
 directories, and `load_model` picks the model class from config.json's model_type.
 
