@@ -1,8 +1,10 @@
-"""Checks of a model's decoding paths shared by test_model.py (MLA), test_dsa.py (V3.2's indexer
-on the cache) and test_mhc.py (hyper-connections): that the cached paths compute what one forward
+"""Checks of a model's decoding paths shared by test_model.py (MLA), test_dsa.py (V3.2's indexer on
+the cache) and test_mhc.py (hyper-connections): that the cached paths compute what one forward
 without a cache does (a prefill, the expanded path, which writes the cache; a chunk on that past
 and single tokens, the absorbed path on the cached latents; the MTP module on its own cache
-layer), and the engine's greedy tokens over batches of mixed lengths with prefix-cache hits."""
+layer), and the engine's greedy tokens over batches of mixed lengths with prefix-cache hits
+against `reference_greedy`, the argmax of a full no-cache forward per token (test_engine.py and
+test_dense.py use it too)."""
 
 import torch
 
@@ -49,3 +51,12 @@ def engine_greedy(path, n: int, prompts: list[list[int]] = PROMPTS) -> list[list
     rest = llm.generate(prompts[3:], greedy)
     assert rest[0].num_cached_tokens == 8 and llm.stats()["prefix_cache_hit_tokens"] >= 8
     return [o.outputs[0].token_ids for o in first + rest]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Argmax continuation with a full forward (expanded attention, no cache) per token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]

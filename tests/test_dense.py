@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from decoding_checks import reference_greedy
 
 import nanoseek
 from nanoseek import LLM, SamplingParams
@@ -173,16 +174,7 @@ def test_engine_decodes_a_student_like_the_plain_forward():
     llm = LLM(model, None, block_size=4)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == greedy_without_cache(model, prompt, 10)
-
-
-@torch.no_grad()
-def greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
-    """The reference: n argmax tokens, each from a full forward over everything so far."""
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+        assert out.outputs[0].token_ids == reference_greedy(model, prompt, 10)
 
 
 @pytest.mark.parametrize("vocab_size", [331, 1024, 4096])

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from decoding_checks import reference_greedy
 from eager_graphs import eager_record
 
 from nanoseek import LLM, SamplingParams
@@ -28,15 +29,6 @@ def model():
 @pytest.fixture(scope="module")
 def llm(model):
     return LLM(model, block_size=4)
-
-
-def reference_greedy(model, prompt, n):
-    """Argmax continuation with a full forward (expanded attention, no cache) per token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def tokens(outputs):

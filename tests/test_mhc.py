@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from decoding_checks import PROMPTS, assert_cached_decoding_matches, engine_greedy
+from decoding_checks import PROMPTS, assert_cached_decoding_matches, engine_greedy, reference_greedy
 from eager_graphs import eager_record
 
 import nanoseek
@@ -234,18 +234,10 @@ def test_cached_decode_equals_the_no_cache_forward():
     assert_cached_decoding_matches(ours(1), torch.randint(0, 512, (3, 20)), 4, 10, mtp_split=12, max_len=24)
 
 
-def no_cache_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_engine_greedy_equals_the_no_cache_argmax_with_batching_and_prefix_hits(tmp_path):
     model = ours(2, num_nextn_predict_layers=0)
     nanoseek.save_model(model, tmp_path / "ck")
-    assert engine_greedy(tmp_path / "ck", 10) == [no_cache_greedy(model, p, 10) for p in PROMPTS]
+    assert engine_greedy(tmp_path / "ck", 10) == [reference_greedy(model, p, 10) for p in PROMPTS]
 
 
 def test_graph_path_and_mtp_speculation_give_the_eager_tokens(monkeypatch):
@@ -258,7 +250,7 @@ def test_graph_path_and_mtp_speculation_give_the_eager_tokens(monkeypatch):
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42, 43, 44] * 3]
     greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (14, 6, 10)]
     expected = [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, greedy)]
-    assert expected[0] == no_cache_greedy(model, prompts[0], 14)
+    assert expected[0] == reference_greedy(model, prompts[0], 14)
     for speculative in (0, 2):
         graphed = LLM(model, block_size=4, speculative_mtp=speculative, speculative_max_batch=4)
         graphed.runner.cuda_graphs, graphed.runner.graphs_need_bf16 = True, False

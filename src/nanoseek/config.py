@@ -16,9 +16,9 @@ AutoModelForCausalLM refuse the directory (ValueError), while nanoseek's load_mo
 the class, DeepseekV3ForCausalLM.from_pretrained, still builds a V3 and lists the hc weights as
 UNEXPECTED in its load report.) Unset (None), the three fields write nothing.
 
-Fields keep HF's names and
-meanings so that nobody has to learn a second vocabulary; the few that HF lacks (the V2 router's
-`scoring_func` / `topk_method`, `moe_layer_freq`) are the ones DeepSeek's own config.json files carry.
+Fields keep HF's names and meanings so that nobody has to learn a second vocabulary; the few that HF
+lacks (the V2 router's `scoring_func` / `topk_method`, `moe_layer_freq`) are the ones DeepSeek's own
+config.json files carry.
 
 Presets: `tiny` (unit tests), `small` (the CPU demo model), `reasoning` (the R1-Zero demo's base),
 `gpu` (a one-GPU model with V3's shape ratios), `v2-lite` and `v3` (the released sizes, for counting
