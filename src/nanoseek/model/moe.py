@@ -70,7 +70,9 @@ class Gate(nn.Module):
             N, E = choice.shape
             grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+                # the top 2 of each group by a sort: a group is a few experts, which CUDA's sort
+                # handles in one kernel where topk takes several passes (0.3 ms a layer on an H200)
+                group_scores = grouped.sort(dim=-1, descending=True).values[..., :2].sum(dim=-1)  # (N, G)
             else:  # V2 group_limited_greedy: a group scores its best expert
                 group_scores = grouped.amax(dim=-1)
             keep = group_scores.topk(self.topk_group, dim=-1).indices
@@ -178,15 +180,16 @@ class MoE(nn.Module):
     def _dispatch_grouped(self, x, weights, expert_ids, counts) -> torch.Tensor:
         """The same computation as `_dispatch`, as three grouped GEMMs over all experts.
 
-        Each (token, k) pair's row goes to a buffer where expert e's rows start at a multiple of
-        GROUP_ALIGN. Its size is a static upper bound (N*K + E*(GROUP_ALIGN-1)), so no shape
-        depends on the routing and nothing waits for the GPU. Rows move by one-to-one maps only
-        (index_copy in, `_gather_rows` out, and the K copies of a token are an expand, whose
-        gradient is a sum): an index_select's backward is an atomic index_add, which cost 23 ms
-        of a 187 ms training step of the `gpu` preset on an H100.
+        Each (token, k) pair gets a row of a buffer in which expert e's rows start at a multiple of
+        GROUP_ALIGN. Its size is a static upper bound (N*K + E*(GROUP_ALIGN-1)), so no shape depends
+        on the routing and nothing waits for the GPU. Rows move by gathers whose gradients are
+        gathers too (`_RowsOfTokens`, `_GatherRows`): an index_select's own backward is an atomic
+        index_add, which cost 23 ms of a 187 ms training step of the `gpu` preset on an H100. The
+        gate weights scale each row between the two GEMMs, where a row is F wide rather than D.
         """
         N, D = x.shape
         E, A, K = self.n_experts, GROUP_ALIGN, self.top_k
+        rows = N * K + E * (A - 1)
         dtype = _compute_dtype(x)
         pair_experts = expert_ids.flatten()  # (N*K,) the expert of each (token, k) pair
         order = pair_experts.argsort(stable=True)  # (N*K,) pairs grouped by expert
@@ -196,24 +199,32 @@ class MoE(nn.Module):
         first = counts.cumsum(0) - counts  # (E,) first sorted pair of each expert
         rank = torch.arange(N * K, device=x.device) - first[sorted_experts]  # place within its expert
         row = torch.empty_like(order).index_copy_(0, order, padded_start[sorted_experts] + rank)  # (N*K,) per pair
-        pairs = x.to(dtype).unsqueeze(1).expand(N, K, D).reshape(N * K, D)  # token of each pair
-        buffer = x.new_zeros(N * K + E * (A - 1), D, dtype=dtype).index_copy(0, row, pairs)
+        # (rows,) the token each row reads; padding rows read token 0: their outputs are never read
+        # back, so their gradients are exactly zero
+        pair_token = torch.arange(N * K, device=x.device) // K
+        row_token = torch.zeros(rows, dtype=torch.long, device=x.device).index_copy_(0, row, pair_token)
+        row_weight = weights.new_zeros(rows).index_copy(0, row, weights.flatten())  # (rows,) 0 on padding
+        buffer = _RowsOfTokens.apply(x.to(dtype), row_token, row)  # (rows, D)
         offsets = padded.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-
-        def stacked(name: str) -> torch.Tensor:  # (E, in, out) view of the experts' (out, in) weights
-            return torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype).transpose(1, 2)
-
+        gate_up, down = self._stacked_weights(dtype)  # (E, D, 2F), (E, F, D)
         # autocast would run the grouped GEMMs in fp32: the inputs are already in its dtype
         with torch.autocast(x.device.type, enabled=False):
-            if self.stacked is not None and self.stacked[0].dtype == dtype:
-                gate_up, down = (w.transpose(1, 2) for w in self.stacked)  # (E, D, 2F), (E, F, D)
-            else:
-                gate_up = torch.cat([stacked("gate_proj"), stacked("up_proj")], dim=2)  # (E, D, 2F)
-                down = stacked("down_proj")  # (E, F, D)
             gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
-            out = _grouped_mm(F.silu(gate) * up, down, offs=offsets)  # (rows, D)
-        out = _GatherRows.apply(out, row).view(N, K, D)  # (token, k) order
-        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)  # (N, D)
+            hidden = F.silu(gate) * up * row_weight.unsqueeze(-1).to(dtype)  # (rows, F)
+            out = _grouped_mm(hidden, down, offs=offsets)  # (rows, D)
+        return _GatherRows.apply(out, row).view(N, K, D).sum(dim=1)  # (N, D)
+
+    def _stacked_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' weights for the grouped GEMMs, in dtype: gate and up (E, D, 2F), down (E, F, D)."""
+        if self.stacked is not None and self.stacked[0].dtype == dtype:  # inference: stacked once, read in place
+            gate_up, down = self.stacked
+        else:  # training: stacked per forward, so that each expert's weight gets its own gradient
+            E = len(self.experts)
+            gate_up = _StackedWeights.apply(dtype, *[w for e in self.experts
+                                                     for w in (e.gate_proj.weight, e.up_proj.weight)])
+            gate_up = gate_up.view(E, -1, gate_up.shape[-1])  # (2E, F, D) -> (E, 2F, D): gate rows, then up
+            down = _StackedWeights.apply(dtype, *[e.down_proj.weight for e in self.experts])  # (E, D, F)
+        return gate_up.transpose(1, 2), down.transpose(1, 2)
 
     def _real_load(self, expert_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """(E,) tokens routed to each expert, pads left out; an index_add, so no host sync."""
@@ -252,6 +263,39 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
         return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
+
+
+class _RowsOfTokens(torch.autograd.Function):
+    """x (N, D) -> (rows, D), row r a copy of token row_token[r]. Token n's K pairs have the rows
+    pair_row[n*K : (n+1)*K]; every other row is padding, whose gradient is zero. So a token's
+    gradient is the sum of its K pair rows' gradients: a gather and a sum, no atomic index_add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, row_token: torch.Tensor, pair_row: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pair_row)
+        ctx.tokens = x.shape[0]
+        return x.index_select(0, row_token)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pair_row,) = ctx.saved_tensors
+        return grad.index_select(0, pair_row).view(ctx.tokens, -1, grad.shape[1]).sum(dim=1), None, None
+
+
+class _StackedWeights(torch.autograd.Function):
+    """torch.stack(weights).to(dtype), whose backward casts the stacked gradient back once, as one
+    contiguous tensor: each weight's gradient is a slice of it that becomes its .grad without a
+    copy. (Through autograd's own stack and cast, each of the 3 x E gradients arrived strided and
+    was copied on its own: about 1,700 small copies per step of the `gpu` preset.)"""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.weight_dtype = weights[0].dtype
+        return torch.stack(weights).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, *grad.to(ctx.weight_dtype, memory_format=torch.contiguous_format).unbind(0)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
