@@ -14,8 +14,8 @@ itself (its error goes into the table and the full output into <out>.log):
     torchrun `nanoseek pretrain` (tiny recipe) under torchrun over NCCL, one rank per GPU (at most 2):
              FSDP2 with the fused AdamW for 4 steps and a checkpoint, then DDP resuming from it
     compile  the training comparison again with torch.compile (opt-in: --sections ... compile)
-    train16  the training comparison at 16 x 2048 tokens per forward (opt-in): do larger micro-batches,
-             hence larger grouped GEMMs per expert, raise MFU, and does the recipe's 8 leave speed unused?
+    train16  the training comparison at 16 x 2048 tokens per forward (opt-in), the micro-batch of
+             configs/pretrain_gpu.toml: larger grouped GEMMs per expert (on an H200 19% more tokens/s than 8)
     train_ac the training comparison with activation checkpointing in both models (opt-in): its memory and cost
     profile  torch.profiler tables (top ops by GPU and by CPU time) of one training step and one
              eager batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
