@@ -39,9 +39,10 @@ def run_workers(*args: str) -> str:
 def test_ep_layer_matches_one_process_forward_and_backward():
     """Outputs, input gradients and every parameter's gradient of the sharded layer on 2 ranks equal
     the whole layer's in one process on the same tokens; once with routing spread over both ranks'
-    experts, once with every token routed to rank 0's (rank 1 receives nothing and sends everything)."""
+    experts, once with every token routed to rank 0's (rank 1 receives nothing and sends everything);
+    the local experts run in a loop and as grouped GEMMs (the form used on a GPU)."""
     out = run_workers("layer")
-    assert out.count("layer ok") == 4, out  # 2 ranks x 2 routings
+    assert out.count("layer ok") == 8, out  # 2 ranks x 2 routings x (expert loop, grouped GEMMs)
 
 
 def _layer_worker() -> None:
@@ -71,29 +72,32 @@ def _layer_worker() -> None:
         if crowd:  # everything to experts 0-3 (rank 0's): one all-to-all split is empty each way
             for m in (ref, ep):
                 m.gate.e_score_correction_bias[:4] += 10.0
-                m.zero_grad()
         x = torch.randn(W * 3, 7, 64)  # the same global batch on every rank; rank r takes rows [3r, 3r+3)
         g = torch.randn(W * 3, 7, 64)  # the loss is <y, g>, summed over all ranks' tokens
         x_ref = x.clone().requires_grad_()
+        ref.zero_grad()
         y_ref = ref(x_ref)
         (y_ref * g).sum().backward()
         mine = slice(3 * rank, 3 * rank + 3)
-        x_ep = x[mine].clone().requires_grad_()
-        y_ep = ep(x_ep)
-        (y_ep * g[mine]).sum().backward()
-        def close(actual, expected, what):  # to 1e-6 of the tensor's scale: float sums in another order
-            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()),
-                                       msg=lambda m: f"{what} (crowd={crowd}): {m}")
+        for grouped in (False, True):  # the local experts in a loop, then as grouped GEMMs
+            ep.grouped_gemm = grouped
+            ep.zero_grad()
+            x_ep = x[mine].clone().requires_grad_()
+            y_ep = ep(x_ep)
+            (y_ep * g[mine]).sum().backward()
+            def close(actual, expected, what):  # to 1e-6 of the tensor's scale: float sums in another order
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()),
+                                           msg=lambda m: f"{what} (crowd={crowd}, grouped={grouped}): {m}")
 
-        close(y_ep, y_ref[mine], "output")
-        close(x_ep.grad, x_ref.grad[mine], "input gradient")
-        ref_grads = dict(ref.named_parameters())
-        for name, p in ep.named_parameters():
-            grad = p.grad.clone()
-            if not name.startswith("experts."):  # replicated: each rank holds its own tokens' share
-                dist.all_reduce(grad)
-            close(grad, ref_grads[name].grad, name)
-        print(f"rank {rank}: layer ok", flush=True)
+            close(y_ep, y_ref[mine], "output")
+            close(x_ep.grad, x_ref.grad[mine], "input gradient")
+            ref_grads = dict(ref.named_parameters())
+            for name, p in ep.named_parameters():
+                grad = p.grad.clone()
+                if not name.startswith("experts."):  # replicated: each rank holds its own tokens' share
+                    dist.all_reduce(grad)
+                close(grad, ref_grads[name].grad, name)
+            print(f"rank {rank}: layer ok", flush=True)
     dist.destroy_process_group()
 
 

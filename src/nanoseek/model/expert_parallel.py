@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nanoseek.errors import ConfigError
-from nanoseek.model.moe import _compute_dtype, moe_layers
+from nanoseek.model.moe import _compute_dtype, grouped_experts, moe_layers
 
 # a routed expert's parameter: (layer prefix, global expert id)
 EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.")
@@ -47,19 +47,20 @@ class ExpertShard:
         return self.rank * self.n_local
 
     def dispatch(self, experts: nn.ModuleDict, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                 counts: torch.Tensor) -> torch.Tensor:
+                 counts: torch.Tensor, grouped: bool = False) -> torch.Tensor:
         """The MoE's routed output for this rank's tokens, the experts run by their owners.
 
         x (N, D) this rank's tokens, weights / expert_ids (N, K) its routing, counts (E,) its pairs
-        per expert. Every rank must call it (it is a collective), with or without tokens.
+        per expert; grouped: run the local experts as grouped GEMMs (MoE's choice: on CUDA in bf16)
+        rather than a loop. Every rank must call it (it is a collective), with or without tokens.
 
         1. Sort the N*K (token, expert) pairs by expert, which sorts them by owner too (owners hold
            contiguous ids), and exchange the per-expert counts: `recv_counts` (W, L) is how many
            rows each source rank sends to each of this rank's experts.
         2. all-to-all the rows (S, D) -> (R, D): each owner receives them source-major (source 0's
            rows of its expert 0, 1, ..., then source 1's, ...).
-        3. Permute the received rows to expert-major, run each local expert once on its rows, and
-           permute the results back to source-major.
+        3. Run the local experts on the received rows: in a loop, each once on its rows (permuted to
+           expert-major and back), or as grouped GEMMs over them all (`moe.grouped_experts`).
         4. The reverse all-to-all (R, D) -> (S, D) returns each pair's result to its token's rank,
            in step 1's order; un-sort and combine each token's K results with its gate weights.
 
@@ -80,14 +81,18 @@ class ExpertShard:
         send_splits, recv_splits, expert_rows = splits[:W], splits[W:2 * W], splits[2 * W:]
         # 2. rows to the experts' owners
         recv = _AllToAll.apply(send, recv_splits, send_splits)  # (R, D) source-major
-        # 3. expert-major, the local experts, back to source-major
+        # 3. the local experts, on every row received
         local_expert = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.flatten())  # (R,)
-        perm = local_expert.argsort(stable=True)  # (R,) expert-major order of the received rows
-        chunks = recv.index_select(0, perm).split(expert_rows)
-        # every local expert runs, on zero rows too: each expert weight gets a gradient on every step,
-        # as in the single-process loop (AdamW then steps it the same way)
-        out = torch.cat([expert(chunk) for expert, chunk in zip(experts.values(), chunks)])  # (R, D)
-        out = out.index_select(0, _inverse(perm))
+        if grouped:  # each row one (token, expert) pair of gate weight 1; the GEMMs sort them themselves
+            out = grouped_experts(list(experts.values()), recv, recv.new_ones(len(recv), 1, dtype=weights.dtype),
+                                  local_expert.unsqueeze(1), recv_counts.sum(dim=0))  # (R, D)
+        else:
+            perm = local_expert.argsort(stable=True)  # (R,) expert-major order of the received rows
+            chunks = recv.index_select(0, perm).split(expert_rows)
+            # every local expert runs, on zero rows too: each expert weight gets a gradient on every
+            # step, as in the single-process loop (AdamW then steps it the same way)
+            out = torch.cat([expert(chunk) for expert, chunk in zip(experts.values(), chunks)])  # (R, D)
+            out = out.index_select(0, _inverse(perm))
         # 4. results back to the tokens' ranks, un-sorted, combined
         back = _AllToAll.apply(out, send_splits, recv_splits)  # (S, D) in step 1's order
         back = back.index_select(0, _inverse(order)).view(N, K, D)  # (token, k) order

@@ -13,12 +13,12 @@ out); after every optimizer step `update_expert_bias` nudges b_i down by gamma f
 experts and up for underloaded ones (the sign rule of eq. 16). The sequence-wise balance loss
 (eqs. 17-20) is optional via `aux_loss_alpha`.
 
-Expert compute has two equivalent forms: a loop over experts (fastest on CPU) and one grouped
-GEMM per projection over all experts at once (`F.grouped_mm`, the default on CUDA in bf16: no
-host sync, no per-expert kernel launches). Both read the same per-expert `nn.Linear` weights, so checkpoint
-keys stay those of the released files. Under expert parallelism (training under torchrun,
-`expert_parallel=true`) a rank holds a slice of the experts and a third form, all-to-all to the
-experts' owners and back, runs instead: model/expert_parallel.py.
+Expert compute has two equivalent forms: a loop over experts (fastest on CPU) and grouped GEMMs
+over all experts at once (`grouped_experts`, with `F.grouped_mm`; the default on CUDA in bf16: no
+host sync, no per-expert kernel launches). Both read the same per-expert `nn.Linear` weights, so
+checkpoint keys stay those of the released files. Under expert parallelism (training under
+torchrun, `expert_parallel=true`) a rank holds a slice of the experts, and the tokens travel by
+all-to-all to the experts' owners, which run either form on them, and back: model/expert_parallel.py.
 
 Shape legend: N tokens (B*T flattened), D hidden size, E routed experts, K experts per token,
 G expert groups.
@@ -141,14 +141,14 @@ class MoE(nn.Module):
             if self.aux_loss_alpha > 0:  # recomputed too: the backward needs the rerun's saved tensors
                 self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1),
                                                                 token_mask)
+        grouped = self.grouped_gemm
+        if grouped is None:  # the CUDA grouped-GEMM kernels are bf16 ones
+            grouped = flat.is_cuda and _compute_dtype(flat) == torch.bfloat16
+        if grouped and _grouped_mm is None:
+            raise RuntimeError(f"grouped_gemm needs torch >= 2.8 (F.grouped_mm); this is torch {torch.__version__}")
         if self.expert_shard is not None:  # experts sharded over ranks: all-to-all to their owners
-            y = self.expert_shard.dispatch(self.experts, flat, weights, expert_ids, counts)
+            y = self.expert_shard.dispatch(self.experts, flat, weights, expert_ids, counts, grouped)
         else:
-            grouped = self.grouped_gemm
-            if grouped is None:  # the CUDA grouped-GEMM kernels are bf16 ones
-                grouped = flat.is_cuda and _compute_dtype(flat) == torch.bfloat16
-            if grouped and _grouped_mm is None:
-                raise RuntimeError(f"grouped_gemm needs torch >= 2.8 (F.grouped_mm); this is torch {torch.__version__}")
             y = (self._dispatch_grouped if grouped else self._dispatch)(flat, weights, expert_ids, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
@@ -178,53 +178,8 @@ class MoE(nn.Module):
         return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)  # (N, D)
 
     def _dispatch_grouped(self, x, weights, expert_ids, counts) -> torch.Tensor:
-        """The same computation as `_dispatch`, as three grouped GEMMs over all experts.
-
-        Each (token, k) pair gets a row of a buffer in which expert e's rows start at a multiple of
-        GROUP_ALIGN. Its size is a static upper bound (N*K + E*(GROUP_ALIGN-1)), so no shape depends
-        on the routing and nothing waits for the GPU. Rows move by gathers whose gradients are
-        gathers too (`_RowsOfTokens`, `_GatherRows`): an index_select's own backward is an atomic
-        index_add, which cost 23 ms of a 187 ms training step of the `gpu` preset on an H100. The
-        gate weights scale each row between the two GEMMs, where a row is F wide rather than D.
-        """
-        N, D = x.shape
-        E, A, K = self.n_experts, GROUP_ALIGN, self.top_k
-        rows = N * K + E * (A - 1)
-        dtype = _compute_dtype(x)
-        pair_experts = expert_ids.flatten()  # (N*K,) the expert of each (token, k) pair
-        order = pair_experts.argsort(stable=True)  # (N*K,) pairs grouped by expert
-        sorted_experts = pair_experts[order]  # (N*K,) non-decreasing
-        padded = (counts + A - 1) // A * A  # (E,) rows per expert, aligned
-        padded_start = padded.cumsum(0) - padded  # (E,)
-        first = counts.cumsum(0) - counts  # (E,) first sorted pair of each expert
-        rank = torch.arange(N * K, device=x.device) - first[sorted_experts]  # place within its expert
-        row = torch.empty_like(order).index_copy_(0, order, padded_start[sorted_experts] + rank)  # (N*K,) per pair
-        # (rows,) the token each row reads; padding rows read token 0: their outputs are never read
-        # back, so their gradients are exactly zero
-        pair_token = torch.arange(N * K, device=x.device) // K
-        row_token = torch.zeros(rows, dtype=torch.long, device=x.device).index_copy_(0, row, pair_token)
-        row_weight = weights.new_zeros(rows).index_copy(0, row, weights.flatten())  # (rows,) 0 on padding
-        buffer = _RowsOfTokens.apply(x.to(dtype), row_token, row)  # (rows, D)
-        offsets = padded.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        gate_up, down = self._stacked_weights(dtype)  # (E, D, 2F), (E, F, D)
-        # autocast would run the grouped GEMMs in fp32: the inputs are already in its dtype
-        with torch.autocast(x.device.type, enabled=False):
-            gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
-            hidden = F.silu(gate) * up * row_weight.unsqueeze(-1).to(dtype)  # (rows, F)
-            out = _grouped_mm(hidden, down, offs=offsets)  # (rows, D)
-        return _GatherRows.apply(out, row).view(N, K, D).sum(dim=1)  # (N, D)
-
-    def _stacked_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The experts' weights for the grouped GEMMs, in dtype: gate and up (E, D, 2F), down (E, F, D)."""
-        if self.stacked is not None and self.stacked[0].dtype == dtype:  # inference: stacked once, read in place
-            gate_up, down = self.stacked
-        else:  # training: stacked per forward, so that each expert's weight gets its own gradient
-            E = len(self.experts)
-            gate_up = _StackedWeights.apply(dtype, *[w for e in self.experts
-                                                     for w in (e.gate_proj.weight, e.up_proj.weight)])
-            gate_up = gate_up.view(E, -1, gate_up.shape[-1])  # (2E, F, D) -> (E, 2F, D): gate rows, then up
-            down = _StackedWeights.apply(dtype, *[e.down_proj.weight for e in self.experts])  # (E, D, F)
-        return gate_up.transpose(1, 2), down.transpose(1, 2)
+        """The same computation as `_dispatch`, as three grouped GEMMs over all experts."""
+        return grouped_experts(list(self.experts), x, weights, expert_ids, counts, self.stacked)
 
     def _real_load(self, expert_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """(E,) tokens routed to each expert, pads left out; an index_add, so no host sync."""
@@ -249,6 +204,62 @@ class MoE(nn.Module):
         return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
 
+def grouped_experts(experts: list[nn.Module], x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                    counts: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x (N, D) through the `experts` its pairs are routed to, as three grouped GEMMs over them all
+    (MoE._dispatch_grouped, and under expert parallelism the local experts): weights / expert_ids
+    (N, K) the routing, ids into `experts`; counts (E,) pairs per expert; `stacked` the experts'
+    weights already stacked for inference (MoE.stack_experts). Returns (N, D).
+
+    Each (token, k) pair gets a row of a buffer in which expert e's rows start at a multiple of
+    GROUP_ALIGN. Its size is a static upper bound (N*K + E*(GROUP_ALIGN-1)), so no shape depends
+    on the routing and nothing waits for the GPU. Rows move by gathers whose gradients are
+    gathers too (`_RowsOfTokens`, `_GatherRows`): an index_select's own backward is an atomic
+    index_add, which cost 23 ms of a 187 ms training step of the `gpu` preset on an H100. The
+    gate weights scale each row between the two GEMMs, where a row is F wide rather than D.
+    """
+    N, D = x.shape
+    E, A, K = len(experts), GROUP_ALIGN, expert_ids.shape[1]
+    rows = N * K + E * (A - 1)
+    dtype = _compute_dtype(x)
+    pair_experts = expert_ids.flatten()  # (N*K,) the expert of each (token, k) pair
+    order = pair_experts.argsort(stable=True)  # (N*K,) pairs grouped by expert
+    sorted_experts = pair_experts[order]  # (N*K,) non-decreasing
+    padded = (counts + A - 1) // A * A  # (E,) rows per expert, aligned
+    padded_start = padded.cumsum(0) - padded  # (E,)
+    first = counts.cumsum(0) - counts  # (E,) first sorted pair of each expert
+    rank = torch.arange(N * K, device=x.device) - first[sorted_experts]  # place within its expert
+    row = torch.empty_like(order).index_copy_(0, order, padded_start[sorted_experts] + rank)  # (N*K,) per pair
+    # (rows,) the token each row reads; padding rows read token 0: their outputs are never read
+    # back, so their gradients are exactly zero
+    pair_token = torch.arange(N * K, device=x.device) // K
+    row_token = torch.zeros(rows, dtype=torch.long, device=x.device).index_copy_(0, row, pair_token)
+    row_weight = weights.new_zeros(rows).index_copy(0, row, weights.flatten())  # (rows,) 0 on padding
+    buffer = _RowsOfTokens.apply(x.to(dtype), row_token, row, K)  # (rows, D)
+    offsets = padded.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    gate_up, down = _stacked_weights(experts, dtype, stacked)  # (E, D, 2F), (E, F, D)
+    # autocast would run the grouped GEMMs in fp32: the inputs are already in its dtype
+    with torch.autocast(x.device.type, enabled=False):
+        gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
+        hidden = F.silu(gate) * up * row_weight.unsqueeze(-1).to(dtype)  # (rows, F)
+        out = _grouped_mm(hidden, down, offs=offsets)  # (rows, D)
+    return _GatherRows.apply(out, row).view(N, K, D).sum(dim=1)  # (N, D)
+
+
+def _stacked_weights(experts: list[nn.Module], dtype: torch.dtype,
+                     stacked: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' weights for the grouped GEMMs, in dtype: gate and up (E, D, 2F), down (E, F, D)."""
+    if stacked is not None and stacked[0].dtype == dtype:  # inference: stacked once, read in place
+        gate_up, down = stacked
+    else:  # training: stacked per forward, so that each expert's weight gets its own gradient
+        E = len(experts)
+        gate_up = _StackedWeights.apply(dtype, *[w for e in experts
+                                                 for w in (e.gate_proj.weight, e.up_proj.weight)])
+        gate_up = gate_up.view(E, -1, gate_up.shape[-1])  # (2E, F, D) -> (E, 2F, D): gate rows, then up
+        down = _StackedWeights.apply(dtype, *[e.down_proj.weight for e in experts])  # (E, D, F)
+    return gate_up.transpose(1, 2), down.transpose(1, 2)
+
+
 class _GatherRows(torch.autograd.Function):
     """source.index_select(0, index) for an index without repeats, whose gradient is then a plain
     copy of rows back (index_copy) rather than index_select's atomic index_add."""
@@ -268,18 +279,21 @@ class _GatherRows(torch.autograd.Function):
 class _RowsOfTokens(torch.autograd.Function):
     """x (N, D) -> (rows, D), row r a copy of token row_token[r]. Token n's K pairs have the rows
     pair_row[n*K : (n+1)*K]; every other row is padding, whose gradient is zero. So a token's
-    gradient is the sum of its K pair rows' gradients: a gather and a sum, no atomic index_add."""
+    gradient is the sum of its K pair rows' gradients: a gather and a sum, no atomic index_add.
+    With no tokens (an expert-parallel rank that received none) the padding rows are zeros, and
+    the empty gradient still flows back (the all-to-all's backward is a collective)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, row_token: torch.Tensor, pair_row: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, row_token: torch.Tensor, pair_row: torch.Tensor, k: int) -> torch.Tensor:
         ctx.save_for_backward(pair_row)
-        ctx.tokens = x.shape[0]
-        return x.index_select(0, row_token)
+        ctx.k = k
+        source = x if len(x) else x.new_zeros(1, x.shape[1])
+        return source.index_select(0, row_token)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (pair_row,) = ctx.saved_tensors
-        return grad.index_select(0, pair_row).view(ctx.tokens, -1, grad.shape[1]).sum(dim=1), None, None
+        return grad.index_select(0, pair_row).view(-1, ctx.k, grad.shape[1]).sum(dim=1), None, None, None
 
 
 class _StackedWeights(torch.autograd.Function):
