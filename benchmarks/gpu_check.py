@@ -65,7 +65,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
     return {
         "tests": ([py, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 200),
         "train": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
-                   "--seq", "2048", "--steps", "6", "--json", str(tmp / "train.json")], 150),
+                   "--seq", "2048", "--steps", "12", "--json", str(tmp / "train.json")], 150),
         "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cuda", "--preset", "gpu", "--batches", "1",
                     "64", "--prompt-lens", "128", "--new-tokens", "64", "--mtp", "1", "--repeats", "1",
                     "--json", str(tmp / "decode.json")], 150),
@@ -74,7 +74,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
         "compile": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                      "--seq", "2048", "--steps", "6", "--compile", "--json", str(tmp / "compile.json")], 240),
         "train16": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "16",
-                     "--seq", "2048", "--steps", "4", "--json", str(tmp / "train16.json")], 200),
+                     "--seq", "2048", "--steps", "8", "--json", str(tmp / "train16.json")], 200),
         "train_ac": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                       "--seq", "2048", "--steps", "4", "--activation-checkpointing",
                       "--json", str(tmp / "train_ac.json")], 200),
