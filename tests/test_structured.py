@@ -78,9 +78,11 @@ def llm(model, tok):
     return LLM(model, tok, block_size=16)
 
 
-# (greedy, then seeded samples: plain, truncated, penalised), n=2 for the sampled ones
+# greedy, then seeded samples: plain, truncated, penalised (and ignore_eos, which a complete JSON still
+# stops); n=2 for most sampled ones
 SETTINGS = [dict(temperature=0)] + [dict(temperature=1.0, seed=s, n=2) for s in range(3)] + [
-    dict(temperature=0.8, top_p=0.9, top_k=50, seed=7, n=2), dict(temperature=1.0, presence_penalty=1.0, seed=3)]
+    dict(temperature=0.8, top_p=0.9, top_k=50, seed=7, n=2),
+    dict(temperature=1.0, presence_penalty=1.0, seed=3, ignore_eos=True)]
 
 
 def _requests(**constraint):

@@ -71,7 +71,8 @@ class SamplingParams:
     - json_schema: the output must be JSON matching this schema (a dict, or its JSON text;
       {"type": "object"} for any JSON object); regex: the output must match this regular
       expression. At most one of them (vLLM's structured-output `json` / `regex`). Where the prompt
-      opens a `<think>` block, the constraint applies after the model's `</think>`. See
+      opens a `<think>` block, the constraint applies after the model's `</think>`. A constrained
+      output stops once it is complete (nothing may follow), ignore_eos or not. See
       nanoseek.inference.structured.
 
     `validate()` raises a NanoseekError naming the first bad field.
