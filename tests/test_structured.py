@@ -270,3 +270,11 @@ def test_indexes_are_compiled_once_per_schema_and_tokenizer(tok):
     assert factory.index(json_schema=SCHEMA) is factory.index(json_schema=json.dumps(SCHEMA))
     other = train_tokenizer(TEXTS, vocab_size=300)
     assert guide_factory(other).index(json_schema=SCHEMA) is not factory.index(json_schema=SCHEMA)
+
+
+def test_constrained_decoding_on_each_device(device, tok):
+    """On CUDA the engine decodes through CUDA graphs: the mask applies to the logits after them."""
+    torch.manual_seed(0)
+    llm = LLM(Transformer(preset("tiny", vocab_size=tok.vocab_size)).to(device).eval(), tok, block_size=16)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=0, n=2, max_tokens=80, json_schema=SCHEMA))
+    assert all(fits_schema(c.text) for o in outs for c in o.outputs)
