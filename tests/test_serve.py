@@ -13,6 +13,7 @@ loopback port. Two checkpoints:
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ import time
 import httpx
 import pytest
 import torch
+import openai
 from openai import NotFoundError, OpenAI
 
 import nanoseek
@@ -242,7 +244,6 @@ def test_logprobs(client):
 def test_penalties_and_sampling_fields_accepted(client):
     r = client.chat.completions.create(model="tiny", messages=USER, max_completion_tokens=5, temperature=0.8,
                                        top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, seed=7,
-                                       response_format={"type": "json_object"},
                                        extra_body={"top_k": 20, "ignore_eos": True})
     assert r.usage.completion_tokens == 5
 
@@ -375,6 +376,11 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "top_logprobs": 2}, 400, None),
     ({**CHAT, "stream_options": {"include_usage": True}}, 400, None),
     ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": "{}"}}}, 400, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}, 400,
+     "response_format"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     ({**CHAT, "tool_choice": "required"}, 400, "tool_choice"),  # no tools: it was a 200 with plain text
     ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
@@ -578,6 +584,82 @@ def test_engine_failure_is_reported_not_hung(checkpoints):
         assert httpx.get(s.url + "/health").status_code == 503
         # the dead engine's thread waits for commands; it used to spin on the failed request, a core at 100%
         assert len(polls) - before < 10, len(polls) - before
+
+
+# ------------------------------------------------------------------ response_format: structured output
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+AS_PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def is_person(text: str) -> bool:
+    """PERSON checked by hand (no jsonschema dependency)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(obj, dict) and list(obj) == ["name", "age"] and isinstance(obj["name"], str)
+            and len(obj["name"]) <= 12 and isinstance(obj["age"], int) and not isinstance(obj["age"], bool))
+
+
+def test_response_format_json_schema_is_enforced(client):
+    kwargs = dict(model="tiny", messages=USER, max_tokens=60)
+    for seed in (None, 0, 1, 2):
+        sampling = dict(temperature=0) if seed is None else dict(temperature=1.0, seed=seed)
+        r = client.chat.completions.create(**kwargs, **sampling, response_format=AS_PERSON)
+        assert is_person(r.choices[0].message.content), r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+        free = client.chat.completions.create(**kwargs, **sampling)
+        assert not is_person(free.choices[0].message.content or "")  # the same request unconstrained
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        **kwargs, temperature=0, response_format=AS_PERSON, stream=True) if ch.choices)
+    assert streamed == client.chat.completions.create(**kwargs, temperature=0,
+                                                      response_format=AS_PERSON).choices[0].message.content
+
+
+def test_response_format_json_object(client):
+    for stream in (False, True):
+        r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=60, temperature=0,
+                                           response_format={"type": "json_object"}, stream=stream)
+        content = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices) if stream \
+            else r.choices[0].message.content
+        assert isinstance(json.loads(content), dict), content
+
+
+def test_completions_take_response_format(client):
+    r = client.completions.create(model="tiny", prompt=["the sky", "hello"], max_tokens=60, temperature=1.0, seed=3,
+                                  n=2, extra_body={"response_format": AS_PERSON})
+    assert len(r.choices) == 4 and all(is_person(c.text) for c in r.choices), [c.text for c in r.choices]
+
+
+@pytest.mark.parametrize("response_format, says", [
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}, "cannot be enforced: .*frobnicate"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(("}}}, "cannot be enforced"),
+])
+def test_a_schema_that_cannot_be_enforced_is_a_400_saying_why(client, server, response_format, says):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, response_format=response_format)
+    error = e.value.body
+    assert e.value.status_code == 400 and error["param"] == "response_format" and re.search(says, error["message"])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=5, extra_body={"response_format": response_format})
+    assert server.state.in_flight == 0
+
+
+def test_json_after_the_reasoning_a_prompt_opens(thinker_client, tok):
+    """A prompt that opens the think block (R1's template does): the reasoning is left free and the
+    JSON starts after </think>."""
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    prompt = tok.apply_chat_template(USER) + "<think>"
+    r = thinker_client.completions.create(model="thinker", prompt=prompt, max_tokens=40, temperature=0, extra_body={
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})
+    reasoning, content = r.choices[0].text.split("</think>")
+    assert reasoning == THOUGHT and json.loads(content)["answer"] in ("yes", "no")
+    free = thinker_client.completions.create(model="thinker", prompt=prompt, max_tokens=40, temperature=0)
+    assert free.choices[0].text == f"{THOUGHT}</think>{ANSWER}"
 
 
 # ------------------------------------------------------------------ reasoning, end to end

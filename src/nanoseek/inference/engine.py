@@ -41,6 +41,13 @@ given. Every request is checked here, in `_check` (prompt: `prompt_ids`; samplin
 `SamplingParams.validate`), and only here: the server calls the same methods and maps their errors
 to HTTP.
 
+Structured output (`SamplingParams.json_schema` / `regex`, nanoseek.inference.structured): each
+constrained sequence gets a guide; the sampler masks its logits to what the guide allows (outside
+any CUDA graph: the mask applies to the logits the graph's hidden states give), `_append` advances
+it, and the sequence finishes ("stop") once the guide allows nothing but eos. Constrained sequences
+ride along without MTP drafts. The pattern is compiled when the request is checked (`prepare_constraint`,
+cached per tokenizer), so a bad schema is an error before anything is queued.
+
 Output text is decoded incrementally: each step decodes only a sequence's new tokens (with a
 few tokens of context, as vLLM's detokenizer does), not its whole output again.
 """
@@ -61,6 +68,7 @@ from nanoseek.inference.runner import ModelRunner
 from nanoseek.inference.sampling import Sampler, SamplingParams, draw, speculative_accept, top_logprobs
 from nanoseek.inference.scheduler import Scheduler
 from nanoseek.inference.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from nanoseek.inference.structured import guide_complete, guide_factory
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
 
@@ -288,7 +296,28 @@ class LLM:
         params.validate()
         if params.stop_strings and self.tokenizer is None:
             raise NanoseekError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        self.prepare_constraint(params)
         return (prompt if isinstance(prompt, str) else None), self.prompt_ids(prompt), params
+
+    def prepare_constraint(self, params: SamplingParams) -> None:
+        """Compile a request's json_schema / regex into its index (cached per tokenizer; nothing to
+        do without one). Raises a NanoseekError naming the field when it cannot be enforced. Safe
+        from any thread: the server calls it off the engine's thread, since a large pattern takes
+        seconds to compile."""
+        if not params.constrained:
+            return
+        if self.tokenizer is None:
+            raise NanoseekError("structured output (json_schema, regex) needs a tokenizer; this engine has none")
+        guide_factory(self.tokenizer).index(params.json_schema, params.regex)
+
+    def _opens_reasoning(self, prompt_ids: list[int]) -> bool:
+        """The prompt leaves the model inside a <think> block (R1's template ends with "<think>\n"):
+        a constraint then starts after the model's </think>."""
+        from nanoseek.serve.reasoning import prompt_opens_reasoning  # the server's rule, one place for it
+
+        if self.tokenizer is None or self.tokenizer.think_end_id is None:
+            return False
+        return prompt_opens_reasoning(self.tokenizer.decode(prompt_ids[-8:]))
 
     def prompt_ids(self, prompt: "str | list[int]", add_bos: bool = True) -> list[int]:
         """The token ids a prompt runs as: a text prompt tokenized with bos in front where the
@@ -337,6 +366,7 @@ class LLM:
     def _enqueue(self, text, ids, params, request_id) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
         req = Request(request_id, text, ids, params)
+        in_reasoning = params.constrained and self._opens_reasoning(ids)
         for i in range(params.n):
             # on the model's device: on a GPU the noise of a batch of 256 x 32k vocabulary drawn on the
             # host took longer than the graphed decode step it follows
@@ -345,6 +375,9 @@ class LLM:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
             generator.manual_seed(seed if i == 0 else hash((seed, i)) & (2**63 - 1))
             seq = Sequence(next(self._seq_counter), req, i, generator)
+            if params.constrained:
+                seq.guide = guide_factory(self.tokenizer).guide(params.json_schema, params.regex)
+                seq.guide_active = not in_reasoning
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -532,6 +565,8 @@ class LLM:
             record = top_logprobs(logprobs, token, p.logprobs)
             seq.logprobs.append(record)
             seq.cumulative_logprob += record["logprob"]
+        if seq.guide is not None:
+            self._advance_guide(seq, token)
         if (token in self.eos_ids and not p.ignore_eos) or (p.stop_token_ids and token in p.stop_token_ids):
             self._finish(seq, "stop", self._decode(seq, seq.output_ids[:-1]))
         elif p.stop:
@@ -539,8 +574,19 @@ class LLM:
             cut = min((i for i in (text.find(stop) for stop in p.stop_strings) if i >= 0), default=-1)
             if cut >= 0:
                 self._finish(seq, "stop", text[:cut])
+        if not seq.finished and seq.guide_active and guide_complete(seq.guide, self.tokenizer.eos_id):
+            self._finish(seq, "stop", None)  # the text matches and nothing may follow: as if eos came next
         if not seq.finished and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
             self._finish(seq, "length", None)
+
+    def _advance_guide(self, seq: Sequence, token: int) -> None:
+        """Move a constrained sequence's guide on by the token it sampled (the mask allowed it), or,
+        while the sequence still reasons, start the guide at its </think>. eos is not a move:
+        the guide allows it only where the text is complete, and the sequence stops there."""
+        if not seq.guide_active:
+            seq.guide_active = token == self.tokenizer.think_end_id
+        elif token not in self.eos_ids:
+            seq.guide.advance(token, return_tokens=False)
 
     def _finish(self, seq: Sequence, reason: str, text: str | None) -> None:
         self.scheduler.finish(seq)

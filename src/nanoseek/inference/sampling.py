@@ -14,7 +14,14 @@ only while the batch is at most `speculative_max_batch`, with speculation on a s
 samples also depend on how many others run beside it. Greedy output never changes.
 
 Logprobs are those of the model's raw distribution, log_softmax(logits), before penalties,
-temperature and truncation (vLLM's default "raw_logprobs"); that is the policy the RL trainer scores.
+temperature, truncation and a structured-output mask (vLLM's default "raw_logprobs"); that is the
+policy the RL trainer scores. So under a json_schema a token can be chosen whose raw logprob is low,
+and top_logprobs can list tokens the schema did not allow.
+
+Structured output (`json_schema`, `regex`; nanoseek.inference.structured): a constrained row's
+disallowed tokens get -inf logits before anything else, so greedy picks the likeliest allowed token
+and sampling draws from the model's distribution renormalised over the allowed ones. The draw still
+consumes one row of noise, so a seeded request stays independent of its batch.
 
 Shape legend: B sequences in the batch, V vocabulary.
 """
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoseek.errors import NanoseekError
+from nanoseek.inference.structured import allowed_tokens, schema_text
 
 if TYPE_CHECKING:
     from nanoseek.inference.sequence import Sequence
@@ -60,6 +68,12 @@ class SamplingParams:
     - logprobs: None for none, 0 for the chosen token's, k <= 20 for the top k as well (of the raw
       distribution, before penalties and temperature).
     - skip_special_tokens: leave special tokens out of the output text.
+    - json_schema: the output must be JSON matching this schema (a dict, or its JSON text;
+      {"type": "object"} for any JSON object); regex: the output must match this regular
+      expression. At most one of them (vLLM's structured-output `json` / `regex`). Where the prompt
+      opens a `<think>` block, the constraint applies after the model's `</think>`. A constrained
+      output stops once it is complete (nothing may follow), ignore_eos or not. See
+      nanoseek.inference.structured.
 
     `validate()` raises a NanoseekError naming the first bad field.
     """
@@ -79,6 +93,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    json_schema: dict | str | None = None
+    regex: str | None = None
 
     def validate(self) -> None:
         """Raise NanoseekError naming the first bad field."""
@@ -120,6 +136,15 @@ class SamplingParams:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
                 bad("stop_token_ids", "must be a list of integer token ids, or None")
+        if self.json_schema is not None:
+            if self.regex is not None:
+                bad("regex", "set json_schema or regex, not both")
+            try:
+                schema_text(self.json_schema)
+            except ValueError as e:
+                raise SamplingParamError(f"invalid sampling parameter json_schema: {e}", "json_schema") from None
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            bad("regex", "must be a non-empty string (a regular expression), or None")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -133,12 +158,18 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def constrained(self) -> bool:
+        """The output must match a JSON schema or a regex (structured output)."""
+        return self.json_schema is not None or self.regex is not None
+
+    @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 class Sampler:
-    """Applies each sequence's penalties, temperature, top-k/top-p/min-p, then picks its token.
+    """Masks constrained rows to their guide's allowed tokens, applies each sequence's penalties,
+    temperature, top-k/top-p/min-p, then picks its token.
 
     The common cases stay cheap: an all-greedy batch is one argmax; masks are built only for the
     rows that ask for them.
@@ -151,6 +182,11 @@ class Sampler:
         """logits (B, V) -> (one token id per row, raw logprobs (B, V) if any row wants logprobs)."""
         logits = logits.float()
         logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        guided = [i for i, s in enumerate(seqs) if s.guide_active]
+        if guided:  # after the raw logprobs: those stay the model's (see the module docstring)
+            allowed = allowed_tokens([seqs[i].guide for i in guided], self.vocab_size, logits.device)  # (b, V)
+            logits = logits.clone()
+            logits[guided] = logits[guided].masked_fill(~allowed, -math.inf)
         params = [s.params for s in seqs]
         if all(p.greedy and not p.has_penalties for p in params):
             return logits.argmax(dim=-1).tolist(), logprobs

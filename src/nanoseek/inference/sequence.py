@@ -70,6 +70,11 @@ class Sequence:
         # MTP-cache entries still have to be written (they need the token that followed).
         self.mtp_last: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mtp_pending: deque[tuple[torch.Tensor, int, int]] = deque(maxlen=MAX_PENDING_MTP)
+        # structured output (structured.py): the outlines Guide that the next token must follow, set
+        # by the engine for a request with json_schema / regex; while the model is still inside a
+        # <think> block that the prompt opened, the guide waits (not active) for its </think>
+        self.guide = None
+        self.guide_active = False
         # outputs
         self.logprobs: list[dict] | None = [] if self.params.logprobs is not None else None
         self.cumulative_logprob = 0.0
@@ -92,8 +97,9 @@ class Sequence:
 
     def can_speculate(self) -> bool:
         """No penalties: the target distribution of a drafted position must not depend on the
-        drafts before it (penalties count the tokens generated so far)."""
-        return not self.params.has_penalties
+        drafts before it (penalties count the tokens generated so far). No structured output
+        either: its mask at a drafted position depends on the drafts before it too."""
+        return not self.params.has_penalties and self.guide is None
 
 
 class Request:

@@ -15,7 +15,8 @@ Chat prompts are rendered with the checkpoint's own chat template (sandboxed Jin
 that fails is a 400 with code `chat_template_error`). Like DeepSeek's API, reasoning
 (`<think>...</think>`) is returned as `reasoning_content` when the tokenizer has those markers (a
 tokenizer without them serves plain content), and usage carries `prompt_cache_hit_tokens` /
-`prompt_cache_miss_tokens` from the engine's prefix cache.
+`prompt_cache_miss_tokens` from the engine's prefix cache. `response_format` json_object / json_schema
+is enforced by constrained decoding (nanoseek.inference.structured), on both endpoints.
 
 This module is only the HTTP layer: the endpoints, the app and the CLI. The engine (`nanoseek.LLM`)
 checks requests and generates; a single background thread drives it (engine_loop.py), so all
@@ -27,6 +28,7 @@ request models and the error shape.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import secrets
@@ -92,6 +94,18 @@ def _max_tokens(state: ServerState, prompt_ids: list[int], requested: int | None
     return requested
 
 
+async def _prepare_constraint(state: ServerState, params: SamplingParams) -> None:
+    """Compile a response_format's schema before admission (cached per tokenizer), in a worker
+    thread: a large one takes seconds, which must stall neither the event loop nor the engine's
+    thread. A schema that cannot be enforced is a 400 naming response_format."""
+    if not params.constrained:
+        return
+    try:
+        await asyncio.to_thread(state.engine_loop.engine.prepare_constraint, params)
+    except NanoseekError as e:
+        raise bad_request(f"response_format: {e}", "response_format") from e
+
+
 # ------------------------------------------------------------------ endpoints
 
 
@@ -118,6 +132,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs(state.sampling_defaults))
     split = state.separate_reasoning if body.separate_reasoning is None else body.separate_reasoning
     split = split and state.tokenizer.think_end is not None  # no reasoning markers: plain content
+    await _prepare_constraint(state, params)
 
     generation = Generation(state, "chat", [prompt_ids], params)
     await generation.start()
@@ -136,6 +151,7 @@ async def completions(body: CompletionRequest, request: Request):
     sampling = body.sampling_kwargs(state.sampling_defaults)
     params = [SamplingParams(max_tokens=_max_tokens(state, ids, body.max_tokens, 16), logprobs=body.logprobs,
                              **sampling) for ids in prompt_ids]
+    await _prepare_constraint(state, params[0])
 
     generation = Generation(state, "completions", prompt_ids, params)
     await generation.start()

@@ -9,6 +9,10 @@ ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `
 for a tool call, so they are a 400 unless `tool_choice` is "none" (and so is a `tool_choice` that
 demands a call: "required" or a named function).
 
+`response_format` json_object and json_schema are enforced (constrained decoding, after the reasoning
+of a prompt that opens a `<think>` block); a json_schema without a schema is a 400 here, one that
+cannot be compiled a 400 from the handler.
+
 Extensions beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `stop_token_ids` (vLLM's names) and `separate_reasoning` (SGLang's name; false returns the raw text
 with its `<think>` tags as `content`).
@@ -21,6 +25,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nanoseek.errors import NanoseekError
+from nanoseek.inference.structured import JSON_OBJECT_SCHEMA
 
 
 class OpenAIModel(BaseModel):
@@ -31,9 +36,33 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(OpenAIModel):
+    name: str | None = None  # OpenAI requires a name; nothing here uses it, so it may be left out
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # `schema` would shadow a pydantic method
+    strict: bool | None = None  # enforced either way: the output is decoded under the schema
+
+
 class ResponseFormat(OpenAIModel):
-    # json_object is accepted (clients send it) but not enforced: there is no constrained decoding.
-    type: Literal["text", "json_object"] = "text"
+    """OpenAI's response_format, enforced by constrained decoding (nanoseek.inference.structured):
+    json_object: the content is a JSON object; json_schema: JSON matching `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _json_schema_needs_a_schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('type "json_schema" needs json_schema.schema: the JSON schema the output must match')
+        return self
+
+    def sampling_kwargs(self) -> dict:
+        """The SamplingParams constraint this format asks for."""
+        if self.type == "json_object":
+            return {"json_schema": JSON_OBJECT_SCHEMA}
+        if self.type == "json_schema":
+            return {"json_schema": self.json_schema.schema_}
+        return {}
 
 
 class TextPart(OpenAIModel):
@@ -99,6 +128,7 @@ class SamplingFields(OpenAIModel):
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            **(self.response_format.sampling_kwargs() if self.response_format else {}),
         )
         kwargs.update({k: v for k, v in (defaults or {}).items() if k not in self.model_fields_set})
         return kwargs
