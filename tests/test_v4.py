@@ -1,7 +1,7 @@
 """DeepSeek-V4's architecture (model/attention_v4.py, V4's MoE in model/moe.py): the config against
 transformers' DeepseekV4Config, the training forward's logits and loss against transformers'
 DeepseekV4ForCausalLM on the same weights (loaded by nanoseek's own loader from a transformers-saved
-directory), checkpoints both ways, packed rows, pretraining.
+directory), checkpoints both ways, packed rows, pretraining, and the engine's refusal.
 
 Sequences are 40 tokens: longer than the window (8) and than both compression rates (2, 8), and
 with more compressed entries (20) than the indexer keeps (3), so every branch runs.
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanoseek import LLM
 from nanoseek.checkpoint import load_model, read_tensors, save_model
 from nanoseek.cli import main as cli_main
 from nanoseek.config import V4_FIELDS, ModelConfig, preset
@@ -224,7 +225,7 @@ def test_packed_documents_do_not_see_each_other():
     assert (changed[:, :21] - packed[:, :21]).abs().max() > 1e-3
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- training and the engine
 
 
 def test_pretrain_v4_tiny_updates_learned_routers_only(corpus, tmp_path):
@@ -258,6 +259,30 @@ def test_pretrain_v4_tiny_updates_learned_routers_only(corpus, tmp_path):
     x = ids(ours.config)
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_and_generate_refuse_v4_with_one_line(hf_dir, capsys):
+    path, _, config = hf_dir
+    with pytest.raises(ConfigError, match="DeepSeek-V4 models have no inference-engine path") as e:
+        LLM(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="inference-engine path"):
+        LLM(load_model(path))
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(path), "--prompt", "hi"]) != 0
+    err = capsys.readouterr().err
+    assert "DeepSeek-V4 models have no inference-engine path" in err and "Traceback" not in err
+
+
+def test_pretrain_refuses_samples_for_v4(tmp_path):
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.pretrain import PretrainConfig
+
+    recipe = __file__.rsplit("/", 2)[0] + "/configs/pretrain_tiny.toml"
+    cfg = load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path}", "preset=v4-tiny", "sample_every=2"])
+    with pytest.raises(ConfigError, match="sample_every=2: a DeepSeek-V4 model"):
+        pretrain.train(cfg)
 
 
 def test_v4_model_init_is_trainable_size():
