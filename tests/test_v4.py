@@ -300,3 +300,28 @@ def test_info_counts_every_v4_layer(capsys):
     text = capsys.readouterr().out
     assert f"({Transformer(preset('v4-tiny')).num_parameters():,} /" in text
     assert "MHA equiv." not in text and "13.0 values per token and layer" in text
+
+
+def test_v4_pretraining_resumes_exactly_under_muon(corpus, tmp_path):
+    """"Train 4" equals "train 2, resume to 4" (the checkpoint's DeepSeek names map back onto the
+    model), with Muon, which must leave the compressors' 2-D position biases to AdamW."""
+    from nanoseek.train import pretrain
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.pretrain import PretrainConfig
+    from nanoseek.train.trainer import build_optimizers
+
+    recipe = __file__.rsplit("/", 2)[0] + "/configs/pretrain_tiny.toml"
+    common = [f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}", "preset=v4-tiny",
+              "eval_every=0", "optimizer=muon"]
+    pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'a'}", "max_steps=4", *common]))
+    pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'b'}", "max_steps=2", *common]))
+    pretrain.train(load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path / 'b'}", "max_steps=4", *common]),
+                   resume="latest")
+    a, b = read_tensors(tmp_path / "a" / "checkpoint-4"), read_tensors(tmp_path / "b" / "checkpoint-4")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model = Transformer(preset("v4-tiny"))
+    muon, adamw = build_optimizers(model, load_run_config(PretrainConfig, recipe, common))
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    biases = [p for name, p in model.named_parameters() if name.endswith("position_bias") and p.requires_grad]
+    assert biases and not any(id(p) in in_muon for p in biases)
+    assert id(model.model.layers[1].self_attn.compressor.kv_proj.weight) in in_muon

@@ -319,8 +319,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig,
                                quantization_config: dict | None) -> dict[str, torch.Tensor]:
-    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 weights and drop the
-    MTP layers' copies of the shared embedding and head."""
+    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 weights, drop the
+    MTP layers' copies of the shared embedding and head, and rename a V4 checkpoint's tensors."""
     block = tuple((quantization_config or {}).get("weight_block_size", (128, 128)))
     out = {}
     for key, t in tensors.items():
@@ -336,6 +336,11 @@ def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelCo
         prefix = f"model.layers.{config.num_hidden_layers + k}."
         out.pop(prefix + "embed_tokens.weight", None)
         out.pop(prefix + "shared_head.head.weight", None)
+    if getattr(config, "is_v4", False):  # DeepSeek's names -> the model's (v4_sources)
+        with torch.device("meta"):
+            expected = list(Transformer(config).state_dict())
+        plan = v4_sources(list(out), expected)
+        out = {k: out[name] if cut is None else cut(out[name]).clone() for k, (name, cut) in plan.items()}
     if config.tie_word_embeddings:
         out.setdefault("lm_head.weight", out.get("model.embed_tokens.weight"))
     return out
