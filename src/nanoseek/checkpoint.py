@@ -12,6 +12,16 @@ included, load into nanoseek. FP8 dequantization is by key, so it covers every `
 (`nanoseek.model.dense`) are saved by the same code as `LlamaForCausalLM` / `Qwen2ForCausalLM`
 directories, and `load_model` picks the model class from config.json's model_type.
 
+A DeepSeek-V4 model (config.py's layer_types set) is saved as transformers' `DeepseekV4ForCausalLM`
+saves one: its config.json (model_type "deepseek_v4") and its tensor names, DeepSeek's own
+(`model.layers.{L}.attn.wq_a.weight`, `.ffn.experts.{e}.w1.weight`, `head.weight`, ...; `v4_checkpoint_key`
+maps nanoseek's module names, which are transformers' in-memory ones, to them). Loading accepts
+those names, the same without the `model.` prefix as DeepSeek's release spells them (`embed.weight`,
+`hc_head_fn`; its `mtp.*` tensors are dropped, as transformers drops them), and transformers'
+in-memory names with the experts stacked (`mlp.experts.gate_up_proj` (E, 2F, D), `down_proj`
+(E, D, F), from `save_pretrained(save_original_format=False)`), split here into per-expert weights.
+V4's FP8 / FP4 release formats are not read.
+
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so
 a crash mid-save never leaves a half-written checkpoint where the last good one was.
 Weights are read from safetensors only (never pickle).
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -39,7 +50,7 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import sampling_settings
 
 # the last: a V3 with DeepSeek-V4's hyper-connections, a type of nanoseek's own (config.py)
-DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32", "deepseek_v3_mhc")
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32", "deepseek_v3_mhc", "deepseek_v4")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -103,6 +114,8 @@ def export_state_dict(model: Transformer | DenseTransformer) -> dict[str, torch.
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    if getattr(cfg, "is_v4", False):  # transformers' DeepseekV4 names (no MTP modules)
+        return {v4_checkpoint_key(k): v for k, v in sd.items()}
     for k in range(cfg.num_nextn_predict_layers):
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
         sd[prefix + "embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
@@ -306,8 +319,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig,
                                quantization_config: dict | None) -> dict[str, torch.Tensor]:
-    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 weights and drop the
-    MTP layers' copies of the shared embedding and head."""
+    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 weights, drop the
+    MTP layers' copies of the shared embedding and head, and rename a V4 checkpoint's tensors."""
     block = tuple((quantization_config or {}).get("weight_block_size", (128, 128)))
     out = {}
     for key, t in tensors.items():
@@ -323,9 +336,81 @@ def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelCo
         prefix = f"model.layers.{config.num_hidden_layers + k}."
         out.pop(prefix + "embed_tokens.weight", None)
         out.pop(prefix + "shared_head.head.weight", None)
+    if getattr(config, "is_v4", False):  # DeepSeek's names -> the model's (v4_sources)
+        with torch.device("meta"):
+            expected = list(Transformer(config).state_dict())
+        plan = v4_sources(list(out), expected)
+        out = {k: out[name] if cut is None else cut(out[name]).clone() for k, (name, cut) in plan.items()}
     if config.tie_word_embeddings:
         out.setdefault("lm_head.weight", out.get("model.embed_tokens.weight"))
     return out
+
+
+# ---------------------------------------------------------------- DeepSeek-V4 names
+
+# nanoseek's (= transformers' in-memory) names -> DeepSeek's, as transformers' save_pretrained writes them
+_V4_ATTENTION = {"sinks": "attn_sink", "q_a_proj.weight": "wq_a.weight", "q_a_norm.weight": "q_norm.weight",
+                 "q_b_proj.weight": "wq_b.weight", "kv_proj.weight": "wkv.weight", "kv_norm.weight": "norm.weight",
+                 "o_a_proj.weight": "wo_a.weight", "o_b_proj.weight": "wo_b.weight"}
+_V4_COMPRESSOR = {"kv_proj.weight": "wkv.weight", "gate_proj.weight": "wgate.weight", "position_bias": "ape",
+                  "kv_norm.weight": "norm.weight"}
+_V4_INDEXER = {"q_b_proj.weight": "wq_b.weight", "scorer.weights_proj.weight": "weights_proj.weight"}
+_V4_BLOCK = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}
+_V4_SWIGLU = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def v4_checkpoint_key(key: str) -> str:
+    """A V4 model's state-dict key -> its name in a transformers-saved DeepseekV4 checkpoint."""
+    if key == "lm_head.weight":
+        return "head.weight"
+    m = re.fullmatch(r"(model\.layers\.\d+\.)(.*)", key)
+    if m is None:  # model.embed_tokens, model.norm, model.hc_head keep their names
+        return key
+    prefix, rest = m.groups()
+    if rest.startswith("self_attn.compressor.indexer."):
+        leaf = rest.removeprefix("self_attn.compressor.indexer.")
+        return prefix + ("attn.indexer." + _V4_INDEXER[leaf] if leaf in _V4_INDEXER
+                         else "attn.indexer.compressor." + _V4_COMPRESSOR[leaf])
+    if rest.startswith("self_attn.compressor."):
+        return prefix + "attn.compressor." + _V4_COMPRESSOR[rest.removeprefix("self_attn.compressor.")]
+    if rest.startswith("self_attn."):
+        return prefix + "attn." + _V4_ATTENTION[rest.removeprefix("self_attn.")]
+    if rest.startswith("mlp."):
+        parts = rest.removeprefix("mlp.").replace("gate.e_score_correction_bias", "gate.bias").split(".")
+        return prefix + "ffn." + ".".join(_V4_SWIGLU.get(p, p) for p in parts)
+    hc = re.fullmatch(r"(attn|ffn)_hc\.(fn|base|scale)", rest)
+    if hc:
+        return prefix + f"hc_{hc[1]}_{hc[2]}"
+    return prefix + _V4_BLOCK[rest]
+
+
+def v4_released_key(key: str) -> str:
+    """The same tensor's name in DeepSeek's release (no `model.` prefix, its own top-level names)."""
+    name = v4_checkpoint_key(key).removeprefix("model.")
+    return {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
+            "hc_head.hc_scale": "hc_head_scale"}.get(name, name)
+
+
+def v4_sources(available: list[str], expected: list[str]) -> dict[str, tuple[str, object]]:
+    """For each state-dict key of a V4 model, (the checkpoint tensor it is read from, and None or
+    a function that cuts it out of a stacked-experts tensor), from any of the three spellings (see
+    the module docstring). A key found under none of them is left out (reported missing)."""
+    have = set(available)
+    plan = {}
+    for key in expected:
+        name = next((n for n in (v4_checkpoint_key(key), v4_released_key(key), key) if n in have), None)
+        if name is not None:
+            plan[key] = (name, None)
+            continue
+        m = re.fullmatch(r"(.*\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight", key)
+        if m is None:
+            continue
+        e, part = int(m[2]), m[3]
+        stacked = m[1] + ("down_proj" if part == "down_proj" else "gate_up_proj")
+        if stacked in have:  # transformers' in-memory layout: gate_up (E, 2F, D) is [gate; up] per expert
+            plan[key] = (stacked, lambda t, e=e, part=part: t[e] if part == "down_proj" else
+                         t[e].chunk(2, dim=0)[0 if part == "gate_proj" else 1])
+    return plan
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
@@ -368,18 +453,34 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     with torch.device("meta"):
         model = model_class(config)(config)
     expected = model.state_dict()
-    if config.tie_word_embeddings and "lm_head.weight" not in keys:
+    if config.tie_word_embeddings and "lm_head.weight" not in keys and "head.weight" not in keys:
         expected.pop("lm_head.weight", None)
-    check_state_dict({k: index.meta(k) for k in keys}, expected, f"checkpoint {path}", "config.json")
+    # each state-dict key <- (the checkpoint tensor, None or the cut of a stacked tensor it is)
+    sources = {k: (k, None) for k in keys}
+    if getattr(config, "is_v4", False):
+        keys = [k for k in keys if not k.startswith("mtp.")]  # V4's MTP: not modelled (config.py)
+        sources = v4_sources(keys, list(expected))
+        used = {name for name, _ in sources.values()}
+        found = {k: index.meta(name) if cut is None else cut(index.meta(name)) for k, (name, cut) in sources.items()}
+        check_state_dict({**found, **{k: index.meta(k) for k in keys if k not in used}}, expected,
+                         f"checkpoint {path}", "config.json")
+    else:
+        check_state_dict({k: index.meta(k) for k in keys}, expected, f"checkpoint {path}", "config.json")
     modules = dict(model.named_modules())
-    for key in keys:
-        t = index.read(key)
-        scale_key = key[: -len("weight")] + "weight_scale_inv"
+    stacked: dict[str, torch.Tensor] = {}  # the one stacked-experts tensor being cut up, read once
+    for key, (name, cut) in sources.items():
+        if cut is not None:
+            stacked = stacked if name in stacked else {name: index.read(name)}
+            t = cut(stacked[name]).clone()
+        else:
+            t = index.read(name)
+        scale_key = name[: -len("weight")] + "weight_scale_inv"
         if scale_key in index.entries:
             t = dequantize_fp8(t, index.read(scale_key), block)
         elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CheckpointError(f"{key} is FP8 but has no {scale_key} to dequantize it with")
-        t = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype)
+            raise CheckpointError(f"{name} is FP8 but has no {scale_key} to dequantize it with")
+        # integer tensors (V4's tid2eid table) keep their dtype
+        t = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype if t.is_floating_point() else t.dtype)
         module_name, _, name = key.rpartition(".")
         module = modules[module_name]
         if isinstance(getattr(module, name), nn.Parameter):
@@ -402,8 +503,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
 
 def keeps_fp32(key: str) -> bool:
     """The tensors that stay fp32 in a model of any dtype: the MoE correction bias (its updates are
-    tiny) and, as in DeepSeek-V4, the hyper-connections' coefficients (model/hyper.py)."""
-    return key.endswith("e_score_correction_bias") or "_hc." in key or ".hc_head." in key
+    tiny) and, as in DeepSeek-V4, the hyper-connections' coefficients (model/hyper.py), V4's
+    attention sinks and compressors' position biases."""
+    return (key.endswith(("e_score_correction_bias", ".sinks", ".position_bias")) or "_hc." in key
+            or ".hc_head." in key)
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, against: str) -> None:
@@ -432,7 +535,7 @@ def _materialize_buffers(model: Transformer, device) -> None:
 
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.inv_freq = rope_inv_freq(model.config)[0].to(device)
+            module.inv_freq = rope_inv_freq(model.config, module.kind)[0].to(device)
         elif isinstance(module, MoE):
             module.tokens_per_expert = torch.zeros(module.n_experts, device=device)
 

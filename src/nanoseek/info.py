@@ -66,7 +66,11 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
         if config.hc_mult is not None:  # mHC's head, collapsing the streams before the final norm
             head = count(HyperHead(config), False)
             total, active = total + head, active + head
-        for is_moe, n in kinds.items():
+        if config.is_v4:  # each layer's attention type and routing shape its parameters: count them all
+            for i in range(L):
+                block = Block(config, i)
+                total, active = total + count(block, False), active + count(block, True)
+        for is_moe, n in ({} if config.is_v4 else kinds).items():
             block = Block(config, next(i for i in range(L) if config.is_moe_layer(i) == is_moe))
             total += n * count(block, False)
             active += n * count(block, True)
@@ -144,6 +148,11 @@ def format_stats(name: str, config: ModelConfig | DenseConfig, s: ModelStats, dt
         f"({s.total_params:,} / {s.active_params:,})",
         f"parameters (MTP, {config.num_nextn_predict_layers} module(s), embedding and head shared): "
         f"{_human(s.mtp_params)} total, {_human(s.mtp_active_params)} activated",
+        *(_v4_cache_lines(config) if config.is_v4 else []),
+    ]
+    if config.is_v4:
+        return "\n".join(lines)
+    lines += [
         f"KV cache per token ({dtype_bytes}-byte values):",
         f"  MLA latent  {s.cache_elems:>7,} values/layer = {_bytes(latent)}/layer, {_bytes(latent * L)} over {L} layers",
         *([f"    (of which the DSA indexer key {config.index_head_dim:,} values/layer; "
@@ -152,6 +161,20 @@ def format_stats(name: str, config: ModelConfig | DenseConfig, s: ModelStats, dt
         f"  MLA is {mha / latent:.1f}x smaller ({100 * latent / mha:.2f}% of multi-head attention)",
     ]
     return "\n".join(lines)
+
+
+def _v4_cache_lines(config: ModelConfig) -> list[str]:
+    """What a DeepSeek-V4 model caches (nanoseek's engine does not serve it): per layer a window of
+    the last sliding_window K=V rows, plus one compressed entry per m tokens (CSA: and its indexer key)."""
+    Dh, growth = config.head_dim, 0.0
+    for kind in config.layer_types:
+        if kind != "sliding_attention":
+            extra = config.index_head_dim if kind == "compressed_sparse_attention" else 0
+            growth += (Dh + extra) / config.compress_rates[kind]
+    return ["KV cache (DeepSeek-V4; not served by nanoseek's engine, which caches MLA latents):",
+            f"  every layer: a window of {config.sliding_window} rows of {Dh} values (fixed size)",
+            f"  compressed entries: {growth / len(config.layer_types):,.1f} values per token and layer, averaged "
+            f"over the {len(config.layer_types)} layers"]
 
 
 def _format_dense(name: str, config: DenseConfig, s: ModelStats, dtype_bytes: int) -> str:

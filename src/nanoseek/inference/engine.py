@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.device import pack_linears, quantize_model, resolve_device, resolve_dtype
-from nanoseek.errors import ContextLengthError, NanoseekError
+from nanoseek.errors import ConfigError, ContextLengthError, NanoseekError
 from nanoseek.inference.block_manager import BlockManager
 from nanoseek.inference.runner import ModelRunner
 from nanoseek.inference.sampling import Sampler, SamplingParams, draw, speculative_accept, top_logprobs
@@ -93,6 +93,16 @@ DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32, "cuda_graphs": 0}
 # that prefix (`LLM._check_prefix`): English runs about 4 characters a token, so a prompt this long
 # overflows the context unless its tokens average 16 characters.
 PREFIX_CHARS_PER_TOKEN = 16
+
+
+def check_engine_model(config) -> None:
+    """A ConfigError for a model the engine cannot serve: DeepSeek-V4 (config.is_v4), whose
+    sliding-window and compressed per-layer caches the paged MLA latent cache does not hold."""
+    if getattr(config, "is_v4", False):
+        raise ConfigError("DeepSeek-V4 models have no inference-engine path in nanoseek (generate, chat, serve, "
+                          "eval, RL sampling): its paged MLA latent cache does not hold V4's sliding-window and "
+                          "compressed caches; score a V4 model with a forward (nanoseek.load_model(DIR)(ids, "
+                          "labels=...)), or generate with transformers' DeepseekV4ForCausalLM")
 
 
 class LLM:
@@ -130,7 +140,8 @@ class LLM:
             from nanoseek.train.checkpointing import checkpoint_path
 
             path = checkpoint_path(model)  # a run directory: the checkpoint its `latest` names
-            load_config(path)  # a file, a missing path, no config.json: said before anything loads
+            # a file, a missing path, no config.json: said before anything loads
+            check_engine_model(load_config(path))
             if tokenizer is None and (path / "tokenizer.json").is_file():  # first: its errors come at once
                 from nanoseek.tokenizer import Tokenizer
 
@@ -144,6 +155,7 @@ class LLM:
         elif quantize not in (None, "none"):
             model = quantize_model(model, quantize)
         cfg = model.config
+        check_engine_model(cfg)
         if speculative_mtp and cfg.num_nextn_predict_layers < 1:
             raise NanoseekError(f"speculative_mtp={speculative_mtp} needs a model with MTP modules "
                                 f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}); use 0 to turn it off")

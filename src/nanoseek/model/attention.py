@@ -171,11 +171,7 @@ class Indexer(nn.Module):
         """index (B, T, S) scores, visible (B, T, S) bool -> each query's top min(index_topk, S)
         positions (B, T, k) and whether each is visible (B, T, k) bool: with fewer than k visible,
         the top k include invisible positions, which attention must skip."""
-        index = index.masked_fill(~visible, float("-inf"))
-        # a stable descending sort, not topk: ties go to the earlier position whatever the padding
-        k = min(self.topk, index.shape[-1])
-        top = index.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, T, k)
-        return top, visible.gather(-1, top)
+        return top_visible(index, visible, self.topk)
 
     def select(self, index: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """index (B, T, S) scores, visible (B, T, S) bool -> (B, T, S) bool: the visible positions
@@ -334,6 +330,16 @@ class MLA(nn.Module):
                              _gather_rows(latent, top).flatten(0, 1), _gather_rows(k_pe, top).flatten(0, 1),
                              top_visible.reshape(B * T, 1, k))
         return out.view(B, T, *out.shape[2:])  # (B, T, H, V)
+
+
+def top_visible(index: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """index (B, T, S) scores, visible (B, T, S) bool -> each query's top min(k, S) positions
+    (B, T, k) and whether each is visible (B, T, k): the lightning indexers' selection (V3.2's, V4's)."""
+    index = index.masked_fill(~visible, float("-inf"))
+    # a stable descending sort, not topk: ties go to the earlier position whatever the padding
+    k = min(k, index.shape[-1])
+    top = index.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, T, k)
+    return top, visible.gather(-1, top)
 
 
 def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -50,14 +50,15 @@ class DecoderBlock(nn.Module):
         self.attn_hc = HyperConnection(config) if hc_mult(config) else None
         self.ffn_hc = HyperConnection(config) if hc_mult(config) else None
 
-    def forward(self, x, positions, rope, cache=None, mask=None, token_mask=None) -> torch.Tensor:
-        """token_mask (B, T) bool: the real tokens of a padded batch, for an MoE's load statistics."""
+    def forward(self, x, positions, rope, cache=None, mask=None, token_mask=None, input_ids=None) -> torch.Tensor:
+        """token_mask (B, T) bool: the real tokens of a padded batch, for an MoE's load statistics.
+        input_ids (B, T): the tokens, which route a DeepSeek-V4 hash-routed MoE."""
         def attention(h):  # (B, T, D) -> (B, T, D)
             return self.self_attn(self.input_layernorm(h), positions, rope, cache, self.layer_idx, mask)
 
         def ffn(h):  # (B, T, D) -> (B, T, D)
             h = self.post_attention_layernorm(h)
-            return self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h)
+            return self.mlp(h, token_mask, input_ids) if isinstance(self.mlp, MoE) else self.mlp(h)
 
         x = residual(self.attn_hc, x, attention)
         return residual(self.ffn_hc, x, ffn)
@@ -132,7 +133,7 @@ class CausalLM(nn.Module):
         if isinstance(module, (HyperConnection, HyperHead)):
             module.reset_parameters(std)
         # residual-branch outputs shrink with depth so the residual stream starts near unit scale
-        for name in ("o_proj", "down_proj"):
+        for name in ("o_proj", "o_b_proj", "down_proj"):
             proj = getattr(module, name, None)
             if isinstance(proj, nn.Linear):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
@@ -165,9 +166,10 @@ class CausalLM(nn.Module):
                 # compiled, AOTAutograd recomputes inside the graph, where the MoE's count is a buffer
                 # mutation applied once (and Dynamo accepts no context_fn but selective checkpointing's)
                 contexts = {} if torch.compiler.is_compiling() else {"context_fn": _Recomputing(layer).contexts}
-                x = checkpoint(layer, x, positions, rope, cache, mask, token_mask, use_reentrant=False, **contexts)
+                x = checkpoint(layer, x, positions, rope, cache, mask, token_mask, input_ids, use_reentrant=False,
+                               **contexts)
             else:
-                x = layer(x, positions, rope, cache, mask, token_mask)
+                x = layer(x, positions, rope, cache, mask, token_mask, input_ids)
         hidden = self.model.norm(x if self.model.hc_head is None else self.model.hc_head(x))
         out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
         if labels is not None:

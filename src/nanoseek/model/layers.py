@@ -34,30 +34,42 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers, shared and routed experts."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers, shared and routed experts.
+    With `limit` (DeepSeek-V4's swiglu_limit) gate is clamped to <= limit and up to [-limit, limit]
+    first, which bounds the activations of outlier tokens."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, limit: float | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.limit is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        return self.down_proj(F.silu(gate) * self.up_proj(x).clamp(-self.limit, self.limit))
 
 
 # ------------------------------------------------------------------ rotary
 
 
-def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: ModelConfig, kind: str | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (R/2,) and the cos/sin magnitude factor, with YaRN when configured.
 
     YaRN keeps the high-frequency dims, divides the low-frequency ones by `factor`, and ramps
     linearly in between (DeepSeek-V3 §4.3; the same math as HF `_compute_yarn_parameters`).
+    DeepSeek-V4 has two: `kind` "main" (its sliding-window layers: rope_theta, never scaled) and
+    "compress" (its compressed layers and their compressors: compress_rope_theta, with YaRN).
     """
     dim, base = config.qk_rope_head_dim, config.rope_theta
+    if kind == "compress":
+        base = config.compress_rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    yarn = config.yarn
+    yarn = None if kind == "main" else config.yarn
+    if kind == "compress" and yarn is not None:  # V4 does not scale cos/sin (DeepseekV4Config's default)
+        yarn = {"attention_factor": 1.0, **yarn}
     if yarn is None:
         return inv_freq, 1.0
     factor = float(yarn["factor"])
@@ -97,9 +109,10 @@ class RotaryEmbedding(nn.Module):
     `rope_interleave=false` a checkpoint stores them half-split (`apply_rope(..., interleaved=False)`).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kind: str | None = None):
         super().__init__()
-        inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.kind = kind  # DeepSeek-V4's "main" or "compress" tables (rope_inv_freq), None otherwise
+        inv_freq, self.attention_factor = rope_inv_freq(config, kind)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

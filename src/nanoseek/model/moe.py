@@ -7,6 +7,12 @@ since biased scores can be negative); the top-k eligible experts are chosen; the
 come from the *unbiased* s, are normalised to sum 1 and scaled by routed_scaling_factor.
 V2 routing (`greedy` / `group_limited_greedy`, softmax) is kept for V2-Lite checkpoints.
 
+DeepSeek-V4 (config.is_v4) scores with sqrt(softplus(logit)) ("sqrtsoftplus"), routes by the biased
+top-k without groups, and clamps its experts' SwiGLU (swiglu_limit). Its first layers
+(mlp_layer_types "hash_moe") are hash-routed: a fixed table tid2eid (vocab, K) picks each token's K
+experts from its token id alone, and the learned gate only weights them; such a gate has no
+correction bias, so the balancing update leaves it alone (it still counts the load, for the logs).
+
 Load balancing without an auxiliary loss: each MoE layer counts the tokens routed to each expert
 during training (real tokens only: a padded batch, SFT's, passes a token_mask that leaves its pads
 out); after every optimizer step `update_expert_bias` nudges b_i down by gamma for overloaded
@@ -42,29 +48,51 @@ GROUP_ALIGN = 16
 
 
 class Gate(nn.Module):
-    """The router. Stored as `mlp.gate.weight` (E, D) and `mlp.gate.e_score_correction_bias` (E,)."""
+    """The router. Stored as `mlp.gate.weight` (E, D) and `mlp.gate.e_score_correction_bias` (E,);
+    a V4 hash-routed layer's (`hashed`) has `mlp.gate.tid2eid` (vocab, K) instead of the bias."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hashed: bool = False):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
-        self.norm_topk_prob = config.norm_topk_prob
+        # V4's router renormalises even a single expert's weight (to 1); DeepSeek's V3 code keeps
+        # its raw affinity
+        self.normalise = config.norm_topk_prob and (self.top_k > 1 or config.is_v4)
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
-        if self.topk_method == "noaux_tc":
+        self.hashed = hashed
+        if hashed:  # token id -> its K experts; int64, and no gradient: a buffer, loaded from the checkpoint
+            self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.top_k, dtype=torch.long))
+            self.e_score_correction_bias = None
+        elif self.topk_method == "noaux_tc":
             # fp32 whatever the model dtype: updates of 1e-3 vanish in bf16. No gradient flows to it.
             self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, D) -> gate weights (N, K) fp32, expert ids (N, K), affinities (N, E) fp32."""
+    @torch.no_grad()
+    def reset_hash(self) -> None:
+        """A fresh table: each token id gets K distinct experts drawn at random (a hash of the id that
+        spreads the vocabulary evenly over the experts); a checkpoint's table replaces it."""
+        V, E = self.tid2eid.shape[0], self.weight.shape[0]
+        self.tid2eid.copy_(torch.rand(V, E, device=self.tid2eid.device).topk(self.top_k, dim=-1).indices)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> gate weights (N, K) fp32, expert ids (N, K), affinities (N, E) fp32.
+        input_ids (N,): the tokens, which alone pick a hash-routed gate's experts."""
         # (N, E) in fp32, as DeepSeek's training and torchtitan route; autocast would run the cast
         # inputs' matmul in bf16 anyway (transformers' router does, under autocast), so it is off here
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.scoring_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        else:
+            scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.hashed:
+            expert_ids = self.tid2eid[input_ids]  # (N, K): fixed by the token, whatever its hidden state
+            return self._weights(scores, expert_ids), expert_ids, scores
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_method != "greedy":
             N, E = choice.shape
@@ -79,23 +107,26 @@ class Gate(nn.Module):
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
         expert_ids = choice.topk(self.top_k, dim=-1).indices  # (N, K)
-        weights = scores.gather(1, expert_ids)  # from the unbiased affinities
-        # top_k > 1: with one expert DeepSeek's code keeps its raw affinity (transformers 5 would
-        # renormalise it to 1); no released config routes to one expert
-        if self.norm_topk_prob and self.top_k > 1:
+        return self._weights(scores, expert_ids), expert_ids, scores
+
+    def _weights(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The gate weights (N, K) of the chosen experts, from the unbiased affinities (N, E)."""
+        weights = scores.gather(1, expert_ids)
+        if self.normalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, expert_ids, scores
+        return weights * self.routed_scaling_factor
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hashed: bool = False):
         super().__init__()
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.aux_loss_alpha = config.aux_loss_alpha
-        self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
+        self.gate = Gate(config, hashed)
+        limit = config.swiglu_limit if config.is_v4 else None
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size, limit)
                                      for _ in range(config.n_routed_experts))
-        self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+        self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size, limit)
                                if config.n_shared_experts else None)
         # tokens routed to each expert since the last bias update (training forwards only)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
@@ -123,12 +154,14 @@ class MoE(nn.Module):
             e.down_proj.weight = nn.Parameter(down[i], requires_grad=False)
         self.stacked = (gate_up, down)
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). token_mask (B, T) bool: the real tokens of a padded batch; pads
-        are still computed but count neither in the expert load nor in the balance loss (None: all count)."""
+        are still computed but count neither in the expert load nor in the balance loss (None: all count).
+        input_ids (B, T): the tokens, for a hash-routed gate."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        weights, expert_ids, scores = self.gate(flat)
+        weights, expert_ids, scores = self.gate(flat, None if input_ids is None else input_ids.reshape(-1))
         # (E,) pairs per expert, for the dispatch. Not torch.bincount: on CUDA it reads the largest id
         # back to the host, a sync per layer that idles the GPU and breaks CUDA-graph capture.
         ids = expert_ids.flatten()
@@ -241,6 +274,9 @@ def grouped_experts(experts: list[nn.Module], x: torch.Tensor, weights: torch.Te
     # autocast would run the grouped GEMMs in fp32: the inputs are already in its dtype
     with torch.autocast(x.device.type, enabled=False):
         gate, up = _grouped_mm(buffer, gate_up, offs=offsets).chunk(2, dim=-1)  # (rows, F) each
+        limit = experts[0].limit if experts else None
+        if limit is not None:  # DeepSeek-V4's swiglu_limit, as MLP applies it
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         hidden = F.silu(gate) * up * row_weight.unsqueeze(-1).to(dtype)  # (rows, F)
         out = _grouped_mm(hidden, down, offs=offsets)  # (rows, D)
     return _GatherRows.apply(out, row).view(N, K, D).sum(dim=1)  # (N, D)

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA, LatentCache, latent_cache_dims
+from nanoseek.model.attention_v4 import V4Attention
 from nanoseek.model.decoder import (
     IGNORE_INDEX, CausalLM, DecoderBlock, DecoderStack, ModelOutput, cross_entropy,
 )
@@ -31,11 +32,17 @@ from nanoseek.model.mtp import make_mtp_layer, mtp_block
 
 
 class Block(DecoderBlock):
-    """A DeepSeek-V3 decoder layer: MLA, then an MoE or (the first_k_dense_replace layers) a dense FFN."""
+    """A DeepSeek-V3 decoder layer: MLA, then an MoE or (the first_k_dense_replace layers) a dense FFN.
+    A DeepSeek-V4 one: V4's attention of the layer's type (attention_v4.py), then an MoE, hash-routed
+    where mlp_layer_types says "hash_moe"."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
-        attention = MLA(config)
-        ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        if config.is_v4:
+            attention = V4Attention(config, layer_idx)
+            ffn = MoE(config, hashed=config.mlp_layer_types[layer_idx] == "hash_moe")
+        else:
+            attention = MLA(config)
+            ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         super().__init__(config, attention, ffn, layer_idx)
 
 
@@ -54,7 +61,11 @@ class Transformer(CausalLM):
         n = config.num_hidden_layers
         self.model = DecoderStack(config, [Block(config, i) for i in range(n)] + [
             make_mtp_layer(Block, config, n + k) for k in range(config.num_nextn_predict_layers)])
-        self.model.rotary_emb = RotaryEmbedding(config)
+        if config.is_v4:  # V4's two RoPE tables: sliding-window layers and compressed ones
+            self.model.rotary_emb = RotaryEmbedding(config, "main")
+            self.model.compress_rotary_emb = RotaryEmbedding(config, "compress")
+        else:
+            self.model.rotary_emb = RotaryEmbedding(config)
         self.init_head()
 
     @property
@@ -80,8 +91,13 @@ class Transformer(CausalLM):
         super()._init_weights(module)
         if isinstance(module, Gate):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.hashed:
+                module.reset_hash()
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor):
+        """cos/sin (B, T, R/2) at positions (B, T); for V4 a dict of its two tables, "main" and "compress"."""
+        if self.config.is_v4:
+            return {"main": self.model.rotary_emb(positions), "compress": self.model.compress_rotary_emb(positions)}
         return self.model.rotary_emb(positions)
 
     def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None,

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from nanoseek.checkpoint import check_state_dict
 from nanoseek.model import expert_parallel as ep
+from nanoseek.model.attention_v4 import Compressor
 from nanoseek.model.decoder import IGNORE_INDEX, DecoderBlock
 from nanoseek.model.hyper import HyperHead
 from nanoseek.errors import ConfigError
@@ -86,8 +87,10 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     representation, it regularizes nothing.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # DeepSeek-V4's compressors' position biases are 2-D (a bias per place in the window), but biases
+    biases = {id(m.position_bias) for m in model.modules() if isinstance(m, Compressor)}
     hidden = {id(p) for block in model.modules() if isinstance(block, (DecoderBlock, HyperHead))
-              for p in block.parameters() if p.ndim == 2}
+              for p in block.parameters() if p.ndim == 2 and id(p) not in biases}
     muon, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -95,7 +98,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
         if cfg.optimizer == "muon" and id(p) in hidden:
             muon.append(p)
         else:
-            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+            (no_decay if p.ndim < 2 or id(p) in embeddings or id(p) in biases else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # On a GPU, the fused kernel: the default (foreach) step of the `gpu` preset's 1,860 tensors
