@@ -64,11 +64,15 @@ def test_forward_and_backward_match_the_cpu_in_fp32_and_bf16_autocast(device, va
     assert abs(bf16.loss.item() - reference.loss.item()) < 0.05
 
 
-def test_grouped_gemm_experts_equal_the_expert_loop(device):
+@pytest.mark.parametrize("model", ["v3", "v4"])
+def test_grouped_gemm_experts_equal_the_expert_loop(device, model):
     """The grouped form (default on CUDA in bf16) and the loop (default elsewhere) compute the same
-    MoE, in value and gradient, with uneven routing (some experts get no token)."""
+    MoE, in value and gradient, with uneven routing (some experts get no token); V4's too
+    (sqrtsoftplus routing, the experts' SwiGLU clamped at a swiglu_limit the inputs reach)."""
     torch.manual_seed(0)
-    moe = MoE(preset("tiny", n_routed_experts=16, num_experts_per_tok=3, n_group=1, topk_group=1)).to(device)
+    config = (preset("tiny", n_routed_experts=16, num_experts_per_tok=3, n_group=1, topk_group=1) if model == "v3"
+              else preset("v4-tiny", n_routed_experts=16, num_experts_per_tok=3, swiglu_limit=0.3))
+    moe = MoE(config).to(device)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(3, 5, 64, device=device, requires_grad=True)
