@@ -300,6 +300,10 @@ def test_info_counts_every_v4_layer(capsys):
     text = capsys.readouterr().out
     assert f"({Transformer(preset('v4-tiny')).num_parameters():,} /" in text
     assert "MHA equiv." not in text and "13.0 values per token and layer" in text
+    assert cli_main(["info", "--preset", "v4-tiny", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)  # the compressed entries' growth, not an MLA latent
+    assert stats["attention"] == "DeepSeek-V4" and "mla_cache_bytes_per_token" not in stats
+    assert stats["kv_cache_bytes_per_token"] == 13.0 * 2 * 4  # values x bf16 bytes x layers
 
 
 def test_v4_pretraining_resumes_exactly_under_muon(corpus, tmp_path):

@@ -29,11 +29,12 @@ class ModelStats:
     active_params: int  # main model, per token: everything but the routed experts not chosen
     mtp_params: int  # the MTP modules (their embedding and head are shared, so not counted)
     mtp_active_params: int
-    cache_elems: int  # per token per layer, what the model caches: MLA kv_lora_rank + qk_rope_head_dim
-    #                   (+ index_head_dim with DSA), GQA 2 * K * d
+    cache_elems: float  # per token per layer, what the model caches: MLA kv_lora_rank + qk_rope_head_dim
+    #                     (+ index_head_dim with DSA), GQA 2 * K * d; DeepSeek-V4 the compressed entries'
+    #                     growth averaged over the layers (its sliding window is a fixed size besides)
     mha_cache_elems: int  # per token per layer: H * (qk_head_dim + v_head_dim)
     num_layers: int
-    attention: str = "MLA"  # "MLA" (DeepSeek) or "GQA" (dense Llama / Qwen2)
+    attention: str = "MLA"  # "MLA" (DeepSeek), "DeepSeek-V4" or "GQA" (dense Llama / Qwen2)
 
 
 def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
@@ -78,6 +79,11 @@ def model_stats(config: ModelConfig | DenseConfig) -> ModelStats:
             mtp = make_mtp_layer(Block, config, L + k)
             mtp_total += count(mtp, False)
             mtp_active += count(mtp, True)
+    if config.is_v4:  # a fixed window per layer, and compressed entries that grow with the context
+        return ModelStats(total_params=total, active_params=active, mtp_params=mtp_total, mtp_active_params=mtp_active,
+                          cache_elems=_v4_cache_growth(config),
+                          mha_cache_elems=config.num_attention_heads * 2 * config.head_dim, num_layers=L,
+                          attention="DeepSeek-V4")
     return ModelStats(
         total_params=total, active_params=active, mtp_params=mtp_total, mtp_active_params=mtp_active,
         cache_elems=sum(latent_cache_dims(config)),  # what the engine's cache rows hold
@@ -163,17 +169,23 @@ def format_stats(name: str, config: ModelConfig | DenseConfig, s: ModelStats, dt
     return "\n".join(lines)
 
 
-def _v4_cache_lines(config: ModelConfig) -> list[str]:
-    """What a DeepSeek-V4 model caches (nanoseek's engine does not serve it): per layer a window of
-    the last sliding_window K=V rows, plus one compressed entry per m tokens (CSA: and its indexer key)."""
-    Dh, growth = config.head_dim, 0.0
+def _v4_cache_growth(config: ModelConfig) -> float:
+    """Values a DeepSeek-V4 model caches per token and layer beyond its fixed windows, averaged over
+    the layers: one compressed entry of head_dim per m tokens (CSA: and its indexer key)."""
+    growth = 0.0
     for kind in config.layer_types:
         if kind != "sliding_attention":
             extra = config.index_head_dim if kind == "compressed_sparse_attention" else 0
-            growth += (Dh + extra) / config.compress_rates[kind]
+            growth += (config.head_dim + extra) / config.compress_rates[kind]
+    return growth / len(config.layer_types)
+
+
+def _v4_cache_lines(config: ModelConfig) -> list[str]:
+    """What a DeepSeek-V4 model caches (nanoseek's engine does not serve it): per layer a window of
+    the last sliding_window K=V rows, plus the compressed entries."""
     return ["KV cache (DeepSeek-V4; not served by nanoseek's engine, which caches MLA latents):",
-            f"  every layer: a window of {config.sliding_window} rows of {Dh} values (fixed size)",
-            f"  compressed entries: {growth / len(config.layer_types):,.1f} values per token and layer, averaged "
+            f"  every layer: a window of {config.sliding_window} rows of {config.head_dim} values (fixed size)",
+            f"  compressed entries: {_v4_cache_growth(config):,.1f} values per token and layer, averaged "
             f"over the {len(config.layer_types)} layers"]
 
 
@@ -220,8 +232,9 @@ def run(args: argparse.Namespace) -> int:
 
 def stats_json(name: str, s: ModelStats, dtype_bytes: int = 2) -> dict:
     """The figures `format_stats` prints, as a JSON-ready dict (cache bytes per token over all layers).
-    `kv_cache_bytes_per_token` is what the model caches; the mla_* keys (read by the report card)
-    only exist for MLA models."""
+    `kv_cache_bytes_per_token` is what the model caches per token (a DeepSeek-V4 model: its compressed
+    entries, beside windows of a fixed size); the mla_* keys (read by the report card) only exist for
+    MLA models."""
     kv, mha = s.cache_elems * dtype_bytes * s.num_layers, s.mha_cache_elems * dtype_bytes * s.num_layers
     out = {"model": name, "total_params": s.total_params, "active_params": s.active_params,
            "mtp_params": s.mtp_params, "mtp_active_params": s.mtp_active_params, "num_layers": s.num_layers,
