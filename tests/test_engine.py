@@ -2,7 +2,9 @@
 transformers, batching, preemption, prefix caching, sampling, speculation, streaming, errors, and the
 generate and chat CLIs."""
 
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -546,6 +548,29 @@ def test_generate_cli_prints_each_prompts_completion_the_same_as_the_api(checkpo
                      for i, o in enumerate(expected)]
     assert main(args[:5] + ["--max-tokens", "6", "--temperature", "0", "--stream"]) == 0
     assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
+
+
+def test_generate_cli_constrains_the_output_with_regex_and_json_schema(checkpoint, capsys, tmp_path):
+    """--regex and --json-schema (its text or @FILE) reach SamplingParams; a missing file, bad JSON
+    and a schema outlines-core cannot enforce are one line each, before or instead of a traceback."""
+    from nanoseek.cli import main
+
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the fox", "--max-tokens", "8",
+                 "--temperature", "0", "--regex", "[0-9]{3}"]) == 0
+    assert re.fullmatch(r"\[0\] the fox[0-9]{3}  \(stop\)", capsys.readouterr().out.strip())
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}')
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the fox", "--max-tokens", "40",
+                 "--temperature", "0", "--json-schema", f"@{schema}"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("[0] the fox{") and out.endswith("(stop)")
+    assert isinstance(json.loads(out[len("[0] the fox"):-len("  (stop)")])["n"], int)
+    for flags, message in ((["--json-schema", "@no/such.json"], "no such file"),
+                           (["--json-schema", "{not json"], "is not valid JSON"),
+                           (["--json-schema", '{"type": "nosuch"}'], "cannot be enforced")):
+        assert main(["generate", "--model", str(checkpoint), "--prompt", "x", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_chat_cli_replies_through_the_chat_template_resets_and_checks_flags_first(checkpoint, capsys, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import NanoseekError
@@ -113,12 +114,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, n=1)")
+    parser.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                        help="the output must be JSON matching this schema: its JSON text, or @FILE "
+                             "('{\"type\": \"object\"}' for any JSON object); needs outlines-core (the serve extra)")
+    parser.add_argument("--regex", default=None, help="the output must match this regular expression")
+
+
+def json_schema_argument(value: str | None) -> str | None:
+    """--json-schema: the schema's JSON text as given, or read from @FILE."""
+    if value is None or not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    if not path.is_file():
+        raise NanoseekError(f"--json-schema {value}: no such file; give the schema's JSON text or @FILE of a schema")
+    return path.read_text()
 
 
 def run(args) -> int:
     from nanoseek.inference.sampling import SamplingParams
 
-    params = SamplingParams(n=args.n, **sampling_settings(args), seed=args.seed, max_tokens=args.max_tokens)
+    params = SamplingParams(n=args.n, **sampling_settings(args), seed=args.seed, max_tokens=args.max_tokens,
+                            json_schema=json_schema_argument(args.json_schema), regex=args.regex)
     params.validate()  # a bad flag is reported before the model loads
     llm = build_engine(args)
     start = time.perf_counter()
