@@ -8,8 +8,8 @@ import pytest
 from nanoseek.cli import main as cli_main
 from nanoseek.errors import ChatTemplateError, NanoseekError
 from nanoseek.tokenizer import (
-    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, USER, Tokenizer, TokenText,
-    train_tokenizer,
+    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, TOOL_CALL_BEGIN, TOOL_CALL_END,
+    TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_MARKERS, TOOL_SEP, USER, Tokenizer, TokenText, train_tokenizer,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +73,21 @@ def test_skip_special_tokens_keeps_think_markers_registered_as_special(tok):
     assert special.decode(ids, skip_special_tokens=True) == "q<think>r</think>a"
     assert special.decode(ids) == tok.decode(ids)
     assert special.encode(f"{THINK_START}r{THINK_END}") == tok.encode(f"{THINK_START}r{THINK_END}")
+
+
+def test_skip_special_tokens_keeps_tool_call_markers_registered_as_special(tok):
+    """The tool-call parser reads the decoded text: DeepSeek's markers survive skip_special_tokens
+    even in a tokenizer that registers them as special tokens."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tk = HFTokenizer.from_str(tok.tk.to_str())
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_MARKERS])
+    special = Tokenizer(HFTokenizer.from_str(tk.to_str()))
+    text = f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}f\n```json\n{{}}\n```{TOOL_CALL_END}{TOOL_CALLS_END}"
+    ids = special.encode(f"{BOS}{text}{EOS}")
+    assert special.token_id(TOOL_CALLS_BEGIN) in ids and special.tk.decode(ids, skip_special_tokens=True) != text
+    assert special.decode(ids, skip_special_tokens=True) == text
 
 
 def test_training_is_deterministic(tok):
