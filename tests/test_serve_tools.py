@@ -212,7 +212,7 @@ def test_deepseek_v31_format(tok):
 
 
 def test_malformed_call_is_returned_as_content(v3):
-    text = "Sure." + TOOL_CALLS_BEGIN + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{city: Paris}\n```<｜tool▁call▁end｜>"
+    text = "Sure." + render_calls(DEEPSEEK_V3, [("get_weather", "{city: Paris}")])  # not JSON
     v3.script = lambda prompt: text
     r = _chat(v3)
     assert r.choices[0].message.content == text and r.choices[0].message.tool_calls is None
@@ -245,7 +245,7 @@ def test_round_trip_call_result_answer(v3, tok):
                                 else render_calls(DEEPSEEK_V3, [("get_weather", PARIS)]))
     first = _chat(v3).choices[0].message
     call = first.tool_calls[0]
-    messages = ASK + [first.model_dump(exclude_none=True),  # content None: the client sends it back as it came
+    messages = ASK + [first,  # the client's message object, as OpenAI's docs append it (content None)
                       {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21°C"}]
     final = _chat(v3, messages=messages)
     assert final.choices[0].message.content == "It is sunny in Paris." and final.choices[0].finish_reason == "stop"
@@ -367,6 +367,8 @@ def test_prefix_completion_inside_reasoning(v3):
     ({"tool_choice": "required"}, "tool_choice"),  # without tools
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}],
+      "tool_choice": "required"}, "tool_choice"),  # a schema the constraint cannot be built from
     ({"messages": [{"role": "assistant", "content": "x", "prefix": True}, *ASK]}, "messages[0].prefix"),
     ({"messages": [*ASK, {"role": "assistant", "content": "x"}], "continue_final_message": True,
       "add_generation_prompt": True}, "continue_final_message"),

@@ -16,7 +16,11 @@ that fails is a 400 with code `chat_template_error`). Like DeepSeek's API, reaso
 (`<think>...</think>`) is returned as `reasoning_content` when the tokenizer has those markers (a
 tokenizer without them serves plain content), and usage carries `prompt_cache_hit_tokens` /
 `prompt_cache_miss_tokens` from the engine's prefix cache. `response_format` json_object / json_schema
-is enforced by constrained decoding (nanoseek.inference.structured), on both endpoints.
+is enforced by constrained decoding (nanoseek.inference.structured), on both endpoints. Function
+calling: `tools` go to the chat template and the model's calls, written in DeepSeek's special-token
+format (deepseek_v3 or deepseek_v31: the one the template writes, or --tool-call-parser), come back
+as `tool_calls` (tools.py); tool_choice "required" or a named function constrains the output to a
+call. A last assistant message with `prefix: true` (or `continue_final_message`) is continued.
 
 This module is only the HTTP layer: the endpoints, the app and the CLI. The engine (`nanoseek.LLM`)
 checks requests and generates; a single background thread drives it (engine_loop.py), so all
@@ -127,7 +131,11 @@ def _tool_calling(state: ServerState, body: ChatCompletionRequest) -> tuple[Tool
     tools = body.tool_specs()
     if choice != "required":
         tools = [t for t in tools if t["function"]["name"] == choice.function.name]
-    return fmt, {"regex": tool_call_regex(fmt, tools, several=choice == "required" and body.parallel_tool_calls)}
+    try:
+        regex = tool_call_regex(fmt, tools, several=choice == "required" and body.parallel_tool_calls)
+    except NanoseekError as e:
+        raise bad_request(f"tool_choice: {e}", "tool_choice") from e
+    return fmt, {"regex": regex}
 
 
 # ------------------------------------------------------------------ endpoints

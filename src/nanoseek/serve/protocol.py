@@ -231,7 +231,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def continues_final_message(self) -> bool:
         """Chat-prefix completion: the model continues the last message instead of starting a turn."""
-        if self.continue_final_message and self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+        explicit_generation_prompt = self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set
+        if self.continue_final_message and explicit_generation_prompt:
             raise bad_request("continue_final_message and add_generation_prompt cannot both be true: the model "
                               "either continues the last message or starts a new one", "continue_final_message")
         return self.continue_final_message or self.messages[-1].prefix

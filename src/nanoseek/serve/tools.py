@@ -30,6 +30,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 
 
@@ -305,13 +306,17 @@ def tool_call_regex(fmt: ToolCallFormat, tools: list[dict], several: bool) -> st
     """A regex of a tool-call section that calls one of `tools` (OpenAI function specs), with
     arguments that match the function's parameters schema; `several`: one or more calls. What
     tool_choice "required" or a named function is enforced with (the structured-output guide)."""
-    from outlines_core.json_schema import build_regex_from_schema
+    from nanoseek.inference.structured import _outlines
 
+    build_regex_from_schema = _outlines().json_schema.build_regex_from_schema  # a clear error if not installed
     alternatives = []
     for tool in tools:
         function = tool["function"]
         schema = function.get("parameters") or {"type": "object"}
-        arguments = build_regex_from_schema(json.dumps(schema))
+        try:
+            arguments = build_regex_from_schema(json.dumps(schema))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise NanoseekError(f"the parameters of function {function['name']!r} cannot be enforced: {e}") from None
         marker = "\x00ARGUMENTS\x00"  # stands for the arguments while the rest is escaped
         alternatives.append(_literal(fmt.call_text(function["name"], marker)).replace(_literal(marker),
                                                                                      f"({arguments})"))
