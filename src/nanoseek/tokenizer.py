@@ -9,10 +9,11 @@ tokens from those files; DeepSeek's spellings are the default only where the fil
 Chat templates are Jinja2, rendered in a sandbox (`ImmutableSandboxedEnvironment`, as transformers
 does: a template is untrusted input) with the variables and helpers released templates use:
 `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, `unk_token`,
-`tools` / `documents` (left empty), `raise_exception`, `strftime_now`, `namespace`, a `tojson` that
-keeps non-ASCII text, `{% break %}` / `{% continue %}`, and `{% generation %}` (TRL's assistant-mask
-marker, rendered as its body). The template is the checkpoint's own; a nanoseek tokenizer saves
-DeepSeek-R1's format (`CHAT_TEMPLATE`) in its tokenizer_config.json.
+`tools` (function specs, where a request offers them), `documents` (left empty), `raise_exception`,
+`strftime_now`, `namespace`, a `tojson` that keeps non-ASCII text, `{% break %}` / `{% continue %}`,
+and `{% generation %}` (TRL's assistant-mask marker, rendered as its body). The template is the
+checkpoint's own; a nanoseek tokenizer saves DeepSeek-R1's format with DeepSeek-V3's function calling
+(`CHAT_TEMPLATE`) in its tokenizer_config.json.
 
 nanoseek's own BPE (`train_tokenizer`; no pretrained tokenizer can be downloaded at run time, and a
 toy model wants a toy vocabulary) mirrors DeepSeek-V3's:
@@ -61,31 +62,76 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]  # skipped by decode(skip_special_tokens=True)
 RESERVED_TOKENS = SPECIAL_TOKENS + [THINK_START, THINK_END]  # ids 0..6, in this order
+# DeepSeek-V3's function-calling markers (single tokens in its vocabulary, plain text in a nanoseek
+# BPE): an assistant turn's calls are <｜tool▁calls▁begin｜>, one <｜tool▁call▁begin｜>...<｜tool▁call▁end｜>
+# per call, <｜tool▁calls▁end｜>; the results come back in a <｜tool▁outputs▁begin｜> block.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_MARKERS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
+                TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]
 
 # DeepSeek-R1's chat format: bos, the system prompt(s) verbatim, then <｜User｜>content for each user
 # turn and <｜Assistant｜>content<｜end▁of▁sentence｜> for each assistant turn; a generation prompt is a
 # trailing <｜Assistant｜>. Unlike R1's released template we keep assistant content verbatim (R1 drops
 # everything up to </think> from past turns), so SFT can render reasoning traces with the template.
+#
+# Function calling is DeepSeek-V3's (its released template, V3-0324's revision): an assistant turn's
+# `tool_calls` follow its content as <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+# \n```json\nARGUMENTS\n```<｜tool▁call▁end｜>, calls separated by "\n", then <｜tool▁calls▁end｜> and eos;
+# `tool` messages after it form one <｜tool▁outputs▁begin｜> block of <｜tool▁output▁begin｜>result
+# <｜tool▁output▁end｜> ("\n" between them), and the assistant's next message continues the same turn
+# after <｜tool▁outputs▁end｜> (no new <｜Assistant｜>; a prompt that ends with tool results ends with
+# that marker). For these messages the text is exactly V3's (tests render both). What V3's template
+# does not do, this one does: `tools` (the request's function specs) are listed after the system
+# prompt with the format to call them in, so a nanoseek model is told which functions exist.
 # `Tokenizer.apply_chat_template` renders this template itself (sandboxed Jinja2, below); tests check
 # the rendered format, and that transformers renders the same text.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set ns = namespace(system='', first=true) -%}"
+    "{%- set ns = namespace(system='', first=true, in_outputs=false, first_output=true) -%}"
     "{%- for message in messages if message['role'] == 'system' -%}"
     "{%- if not ns.first %}{% set ns.system = ns.system + '\\n\\n' %}{% endif -%}"
     "{%- set ns.system = ns.system + message['content'] -%}{%- set ns.first = false -%}"
     "{%- endfor -%}"
     "{{ ns.system }}"
+    "{%- if tools -%}"
+    "{%- if not ns.first %}{{ '\\n\\n' }}{% endif -%}"
+    "{{ '## Tools\\nYou can call these functions (JSON schemas):\\n' }}"
+    "{%- for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor -%}"
+    "{{ '\\nTo call functions, write <｜tool▁calls▁begin｜>, then for each call <｜tool▁call▁begin｜>function"
+    "<｜tool▁sep｜>NAME\\n```json\\nARGUMENTS\\n```<｜tool▁call▁end｜> (a newline between calls; ARGUMENTS is a "
+    "JSON object that follows the parameters schema), then <｜tool▁calls▁end｜>.' }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{{ '<｜User｜>' + message['content'] }}"
+    "{{ '<｜User｜>' + message['content'] }}{%- set ns.in_outputs = false -%}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
+    # after tool results the model answers in the same turn: close the outputs, no new <｜Assistant｜>
+    "{{ '<｜tool▁outputs▁end｜>' if ns.in_outputs else '<｜Assistant｜>' }}{{ message.get('content') or '' }}"
+    "{%- set ns.in_outputs = false -%}"
+    "{%- if message.get('tool_calls') -%}"
+    "{{ '<｜tool▁calls▁begin｜>' }}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{{ '\\n' if not loop.first }}{{ '<｜tool▁call▁begin｜>' + call.get('type', 'function') + '<｜tool▁sep｜>' }}"
+    "{{ call['function']['name'] + '\\n```json\\n' }}"
+    "{{ arguments if arguments is string else arguments | tojson }}{{ '\\n```<｜tool▁call▁end｜>' }}"
+    "{%- endfor -%}"
+    "{{ '<｜tool▁calls▁end｜>' }}{%- set ns.first_output = true -%}"
+    "{%- endif -%}"
+    "{{ '<｜end▁of▁sentence｜>' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '<｜tool▁outputs▁begin｜>' if ns.first_output else '\\n' }}"
+    "{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}"
+    "{%- set ns.in_outputs = true -%}{%- set ns.first_output = false -%}"
     "{%- elif message['role'] != 'system' -%}"
     "{{ raise_exception('unknown chat role: ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif -%}"
+    "{%- if ns.in_outputs %}{{ '<｜tool▁outputs▁end｜>' }}"
+    "{%- elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif -%}"
 )
 
 
@@ -145,7 +191,8 @@ class Tokenizer:
         # would see no tags. decode keeps them: it drops the other special ids itself (None: the
         # markers are plain tokens, or absent, and tokenizers' own skipping is already right).
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        kept = {tk.token_to_id(t) for t in (THINK_START, THINK_END) if has_think} & special
+        markers = [THINK_START, THINK_END] + TOOL_MARKERS  # the tool-call parser reads the text too
+        kept = {tk.token_to_id(t) for t in markers} & special
         self._skipped_special_ids: frozenset[int] | None = frozenset(special - kept) if kept else None
 
     # ---- construction and persistence ----
@@ -251,22 +298,27 @@ class Tokenizer:
         return [bos + e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`. Skipping special tokens (bos, eos, pad, ...) always keeps <think>/</think>,
-        even where the tokenizer registers them as special: they are part of the text, and the
-        reasoning split (engine, server, chat CLI: all decode through here) needs them."""
+        """Text of `ids`. Skipping special tokens (bos, eos, pad, ...) always keeps <think>/</think>
+        and DeepSeek's tool-call markers, even where the tokenizer registers them as special: they
+        are part of the text, and the reasoning split and the tool-call parser (engine, server, chat
+        CLI: all decode through here) need them."""
         ids = list(ids)
         if skip_special_tokens and self._skipped_special_ids is not None:
             ids = [i for i in ids if i not in self._skipped_special_ids]
             skip_special_tokens = False
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, continue_final_message: bool = False) -> str:
         """Render a conversation with the tokenizer's chat template (sandboxed Jinja2).
 
-        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. The text is
-        the prompt as transformers' `apply_chat_template` renders it; encode it with `encode(text)`
-        (the template writes bos itself where the format has one). Raises ChatTemplateError naming
-        the problem when there is no template or it fails.
+        messages: [{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}, ...]
+        (assistant messages may carry OpenAI-style `tool_calls`, tool messages a `tool_call_id`);
+        tools: function specs for the template's `tools`; continue_final_message: end the text
+        inside the last message, so the model continues it (chat-prefix completion; no generation
+        prompt then). The text is the prompt as transformers' `apply_chat_template` renders it;
+        encode it with `encode(text)` (the template writes bos itself where the format has one).
+        Raises ChatTemplateError naming the problem when there is no template or it fails.
         """
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat_template (tokenizer_config.json names none): "
@@ -274,7 +326,8 @@ class Tokenizer:
         # pad and unk only where the tokenizer has them: transformers leaves the others undefined
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                    **{k: v for k, v in (("pad_token", self.pad_token), ("unk_token", self.unk_token)) if v is not None}}
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, **special)
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, tools=tools,
+                                    continue_final_message=continue_final_message, **special)
 
     def check_chat_template(self) -> None:
         """Compile the chat template, if there is one: a syntax error is a ChatTemplateError now
@@ -368,25 +421,48 @@ def _content(token) -> str | None:
 # ---- chat templates: sandboxed Jinja2, as transformers renders them ----
 
 
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+# Appended to the message a prefix completion continues; the rendered text is cut where it appears
+# (transformers does the same), which works whatever the template writes after a message.
+_CONTINUE_TAG = "\x00CONTINUE_FINAL_MESSAGE\x00"
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, *,
+                         tools: list[dict] | None = None, continue_final_message: bool = False,
                          **variables) -> str:
     """Render a Hugging Face chat template. Templates are untrusted input (they come with a
     checkpoint), so they run in Jinja2's immutable sandbox and see plain JSON data only. Every
     failure, a syntax error, `raise_exception(...)` or a runtime error, is a ChatTemplateError
-    that says what went wrong."""
+    that says what went wrong.
+
+    `tools` is the template's `tools` (None: none offered). With `continue_final_message` the text
+    stops at the end of the last message's content, without a generation prompt, as transformers'
+    `continue_final_message=True` renders it; a template that drops part of that message (R1's
+    drops past reasoning) cannot be continued, which is a ChatTemplateError."""
     import jinja2
 
     compiled = _compile_chat_template(template)
     plain = json.loads(json.dumps(messages))  # plain dicts, lists and strings: nothing with methods to abuse
     # a None field is left out, as transformers does ({"content": None} renders as no content, not "None")
     plain = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in plain]
+    if continue_final_message:
+        if not plain or not isinstance(plain[-1].get("content"), str):
+            raise ChatTemplateError("continuing the final message needs a last message with text content")
+        plain[-1]["content"] += _CONTINUE_TAG
+        add_generation_prompt = False
     try:
-        return compiled.render(messages=plain, add_generation_prompt=add_generation_prompt, tools=None,
+        text = compiled.render(messages=plain, add_generation_prompt=add_generation_prompt,
+                               tools=json.loads(json.dumps(tools)) if tools is not None else None,
                                documents=None, **variables)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template failed: {e}") from None
     except Exception as e:  # noqa: BLE001 - a template's runtime error (e.g. None + str) is the template's
         raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    if continue_final_message:
+        if _CONTINUE_TAG not in text:
+            raise ChatTemplateError("the chat template does not write the final message as it is (it drops or "
+                                    "changes part of it), so it cannot be continued")
+        text = text[:text.rindex(_CONTINUE_TAG)]
+    return text
 
 
 @functools.lru_cache(maxsize=16)

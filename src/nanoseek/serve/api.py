@@ -16,7 +16,11 @@ that fails is a 400 with code `chat_template_error`). Like DeepSeek's API, reaso
 (`<think>...</think>`) is returned as `reasoning_content` when the tokenizer has those markers (a
 tokenizer without them serves plain content), and usage carries `prompt_cache_hit_tokens` /
 `prompt_cache_miss_tokens` from the engine's prefix cache. `response_format` json_object / json_schema
-is enforced by constrained decoding (nanoseek.inference.structured), on both endpoints.
+is enforced by constrained decoding (nanoseek.inference.structured), on both endpoints. Function
+calling: `tools` go to the chat template and the model's calls, written in DeepSeek's special-token
+format (deepseek_v3 or deepseek_v31: the one the template writes, or --tool-call-parser), come back
+as `tool_calls` (tools.py); tool_choice "required" or a named function constrains the output to a
+call. A last assistant message with `prefix: true` (or `continue_final_message`) is continued.
 
 This module is only the HTTP layer: the endpoints, the app and the CLI. The engine (`nanoseek.LLM`)
 checks requests and generates; a single background thread drives it (engine_loop.py), so all
@@ -49,8 +53,9 @@ from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
 from nanoseek.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
-from nanoseek.serve.reasoning import prompt_opens_reasoning
+from nanoseek.serve.reasoning import leaves_reasoning_open, prompt_opens_reasoning
 from nanoseek.serve.responses import ChatFormat, CompletionFormat, respond
+from nanoseek.serve.tools import FORMATS, ToolCallFormat, detect_format, tool_call_regex
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpointing import checkpoint_argument
 
@@ -94,16 +99,43 @@ def _max_tokens(state: ServerState, prompt_ids: list[int], requested: int | None
     return requested
 
 
-async def _prepare_constraint(state: ServerState, params: SamplingParams) -> None:
-    """Compile a response_format's schema before admission (cached per tokenizer), in a worker
-    thread: a large one takes seconds, which must stall neither the event loop nor the engine's
-    thread. A schema that cannot be enforced is a 400 naming response_format."""
+async def _prepare_constraint(state: ServerState, params: SamplingParams, param: str = "response_format") -> None:
+    """Compile a response_format's schema (or tool_choice's pattern) before admission (cached per
+    tokenizer), in a worker thread: a large one takes seconds, which must stall neither the event
+    loop nor the engine's thread. A constraint that cannot be enforced is a 400 naming `param`."""
     if not params.constrained:
         return
     try:
         await asyncio.to_thread(state.engine_loop.engine.prepare_constraint, params)
     except NanoseekError as e:
-        raise bad_request(f"response_format: {e}", "response_format") from e
+        raise bad_request(f"{param}: {e}", param) from e
+
+
+def _tool_calling(state: ServerState, body: ChatCompletionRequest) -> tuple[ToolCallFormat | None, dict]:
+    """The tool-call format to parse the output with (None: no parsing) and the constraint that
+    tool_choice "required" or a named function asks for (SamplingParams' regex: a tool-call section
+    in the checkpoint's format, calling an offered function with arguments that match its schema)."""
+    choice = body.tool_choice_mode()
+    if choice == "none":
+        return None, {}
+    fmt = state.tool_format
+    if fmt is None:
+        raise bad_request("this checkpoint's chat template writes no DeepSeek tool calls, so its tool calls cannot "
+                          "be read: start the server with --tool-call-parser deepseek_v3 (or deepseek_v31), or send "
+                          'tool_choice "none"', "tools", "unsupported_parameter")
+    if choice == "auto":
+        return fmt, {}
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request("tool_choice that demands a call and response_format cannot both be enforced: the output is "
+                          "either tool calls or the formatted answer", "tool_choice")
+    tools = body.tool_specs()
+    if choice != "required":
+        tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+    try:
+        regex = tool_call_regex(fmt, tools, several=choice == "required" and body.parallel_tool_calls)
+    except NanoseekError as e:
+        raise bad_request(f"tool_choice: {e}", "tool_choice") from e
+    return fmt, {"regex": regex}
 
 
 # ------------------------------------------------------------------ endpoints
@@ -112,15 +144,12 @@ async def _prepare_constraint(state: ServerState, params: SamplingParams) -> Non
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.server
     _check_model(state, body.model)
-    if body.tools and body.tool_choice != "none":  # a client that offers tools waits for tool calls
-        raise bad_request("this server has no function calling: send the request without tools "
-                          '(or with tool_choice "none")', "tools", "unsupported_parameter")
-    if body.tool_choice not in (None, "none", "auto"):  # "required" or a named function: it waits for a call
-        raise bad_request(f"this server has no function calling: tool_choice {body.tool_choice!r} asks for a "
-                          'tool call; leave tool_choice out (or set it to "none")', "tool_choice",
-                          "unsupported_parameter")
+    tool_format, tool_constraint = _tool_calling(state, body)
+    conversation, continues = body.conversation(), body.continues_final_message()
     try:
-        prompt_text = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
+        prompt_text = state.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=body.add_generation_prompt and not continues,
+            tools=body.tool_specs(), continue_final_message=continues)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages", "chat_template_error") from e
     except NanoseekError as e:
@@ -129,14 +158,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_ids = _prompt_ids(state, prompt_text, "messages", add_bos=False)
     max_tokens = _max_tokens(state, prompt_ids, body.max_completion_tokens or body.max_tokens, None)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs(state.sampling_defaults))
+    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                            **body.sampling_kwargs(state.sampling_defaults), **tool_constraint)
     split = state.separate_reasoning if body.separate_reasoning is None else body.separate_reasoning
     split = split and state.tokenizer.think_end is not None  # no reasoning markers: plain content
-    await _prepare_constraint(state, params)
+    await _prepare_constraint(state, params, "tool_choice" if tool_constraint else "response_format")
+    # the model starts inside a think block: the template's generation prompt opened it, or the
+    # message a prefix completion continues left one open
+    in_reasoning = prompt_opens_reasoning(prompt_text) or (
+        continues and leaves_reasoning_open(conversation[-1]["content"]))
 
     generation = Generation(state, "chat", [prompt_ids], params)
     await generation.start()
-    fmt = ChatFormat(state, generation, split, prompt_opens_reasoning(prompt_text), logprobs)
+    fmt = ChatFormat(state, generation, split, in_reasoning, logprobs, tool_format, body.parallel_tool_calls)
     return await respond(request, generation, fmt, body.stream, body.include_usage)
 
 
@@ -188,9 +222,11 @@ class APIKeyMiddleware:
 
 def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = None,
                separate_reasoning: bool = True, max_waiting: int = 256, max_running: int | None = None,
-               sampling_defaults: dict | None = None) -> FastAPI:
+               sampling_defaults: dict | None = None, tool_call_parser: str = "auto") -> FastAPI:
     """The FastAPI app serving `engine` (a `nanoseek.LLM` with a tokenizer). `sampling_defaults`
     (e.g. the checkpoint's generation_config.json) apply to the sampling fields a request leaves out.
+    `tool_call_parser`: the format tool calls are read in, "deepseek_v3" or "deepseek_v31", or
+    "auto": the one the chat template writes (none: requests that want tool calls get a 400).
 
     The engine is driven by a background thread that starts with the app (lifespan) and stops with
     it; the app must be the engine's only user while it runs.
@@ -203,6 +239,7 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
         max_model_len=engine.max_model_len, separate_reasoning=separate_reasoning,
         max_running=max_running or engine.scheduler.max_num_seqs, max_waiting=max_waiting,
         sampling_defaults=dict(sampling_defaults or {}),
+        tool_format=detect_format(engine.tokenizer) if tool_call_parser == "auto" else FORMATS[tool_call_parser],
     )
 
     @asynccontextmanager
@@ -312,6 +349,9 @@ def add_arguments(parser) -> None:
                         help="return the generated text as it is, think tags included, as content instead of "
                              "splitting it into reasoning_content (where the chat template opens the think block "
                              "in the prompt, as R1's does, the text starts inside it: no opening <think>)")
+    parser.add_argument("--tool-call-parser", choices=["auto", *FORMATS], default="auto",
+                        help="how the model writes tool calls: DeepSeek-V3's format (deepseek_v3: V2.5, V3, R1-0528) "
+                             "or V3.1's (deepseek_v31); auto: the one the checkpoint's chat template writes")
     parser.add_argument("--max-num-seqs", type=at_least(1, "a number of sequences: 1 or more"), default=64,
                         help="sequences the engine batches at once")
     parser.add_argument("--max-waiting", type=at_least(0, "a number of sequences: 0 or more"), default=256,
@@ -374,9 +414,13 @@ def run(args) -> int:
     name = args.served_model_name or model_dir.resolve().name
     defaults = generation_defaults(model_dir) if args.generation_config == "auto" else {}
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
-                     max_waiting=args.max_waiting, sampling_defaults=defaults)
+                     max_waiting=args.max_waiting, sampling_defaults=defaults, tool_call_parser=args.tool_call_parser)
     print(f"nanoseek serve: {name} (max_model_len {engine.max_model_len}) on http://{args.host}:{args.port}  "
           f"chat page at /, API at /v1{'  (API key required)' if args.api_key else ''}")
+    tool_format = app.state.server.tool_format
+    print(f"nanoseek serve: tool calls read in {tool_format.name} format" if tool_format else
+          "nanoseek serve: no tool-call format (the chat template writes none; see --tool-call-parser): "
+          "requests that want tool calls get a 400")
     if defaults:
         print("nanoseek serve: sampling defaults from generation_config.json: "
               + ", ".join(f"{k} {v}" for k, v in defaults.items()))

@@ -4,10 +4,15 @@ Field names, defaults and ranges follow OpenAI's API (and vLLM / DeepSeek where 
 the official clients work unchanged. Validation happens here, before anything reaches the engine:
 a wrong type or an out-of-range value becomes a 400 that names the field (the server maps pydantic's
 errors to OpenAI's error shape; FastAPI's default would be a 422). Unknown fields are accepted and
-ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `metadata`...) work;
-`tools` are the exception: there is no function calling, and a client that offers tools would wait
-for a tool call, so they are a 400 unless `tool_choice` is "none" (and so is a `tool_choice` that
-demands a call: "required" or a named function).
+ignored, as OpenAI-compatible servers do, so clients that send extras (`user`, `metadata`...) work.
+
+Function calling follows OpenAI (and vLLM where OpenAI is silent): `tools` (function specs) go to the
+chat template, `tool_choice` is "auto" when tools are given ("none" otherwise), "none" (tools shown
+to the template, the output not parsed), "required" or a named function (enforced by constrained
+decoding; see api.py), `parallel_tool_calls` false keeps one call. Conversations carry assistant
+`tool_calls` and `tool` messages (`tool_call_id`) to the template. Chat-prefix completion: a last
+assistant message with `prefix: true` (DeepSeek's beta API), or `continue_final_message` (vLLM's),
+makes the model continue that message.
 
 `response_format` json_object and json_schema are enforced (constrained decoding, after the reasoning
 of a prompt that opens a `<think>` block); a json_schema without a schema is a 400 here, one that
@@ -20,11 +25,11 @@ with its `<think>` tags as `content`).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanoseek.errors import NanoseekError
 from nanoseek.inference.structured import JSON_OBJECT_SCHEMA
 
 
@@ -70,9 +75,45 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class FunctionSpec(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: Union[str, dict] = "{}"  # OpenAI sends a JSON string; an object is accepted too
+
+
+class ToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None           # a tool message: the call it answers
+    name: str | None = None
+    prefix: bool = False                      # DeepSeek's chat-prefix completion: continue this message
 
     @field_validator("content", mode="before")
     @classmethod
@@ -145,9 +186,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     separate_reasoning: bool | None = None                 # None: the server's setting
-    # no function calling: tools are refused unless tool_choice is "none" (then they are ignored)
-    tools: list | None = None
-    tool_choice: Union[str, dict, None] = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+    add_generation_prompt: bool = True                     # vLLM's
+    continue_final_message: bool = False                   # vLLM's name for chat-prefix completion
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -160,19 +203,64 @@ class ChatCompletionRequest(SamplingFields):
 
         `developer` is OpenAI's new name for `system`. Past assistant turns lose any reasoning the
         client sends back (`reasoning_content` is simply not read), as DeepSeek's API does. As in
-        OpenAI's API, user and system messages need content; an assistant message may omit it
-        (there it means an empty reply).
+        OpenAI's API, user, system and tool messages need content; an assistant message may omit it
+        (there it means an empty reply, or only tool calls: content "", which DeepSeek-V3's template
+        needs). Tool calls keep OpenAI's shape, their arguments a JSON string.
         """
         conversation = []
         for i, m in enumerate(self.messages):
-            if m.role == "tool":
-                raise NanoseekError("tool messages are not supported: this server has no function calling")
             if m.content is None and m.role != "assistant":  # OpenAI's own error for it, word for word
                 raise bad_request(f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content",
                                   "missing_required_parameter")
-            role = "system" if m.role == "developer" else m.role
-            conversation.append({"role": role, "content": m.text()})
+            if m.prefix and (m.role != "assistant" or i != len(self.messages) - 1):
+                raise bad_request(f"messages[{i}]: prefix is only allowed on the last message, an assistant one "
+                                  "(the text the model continues)", f"messages[{i}].prefix")
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.role == "assistant" and m.tool_calls:
+                message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                    "name": c.function.name, "arguments": c.function.arguments if isinstance(c.function.arguments, str)
+                    else json.dumps(c.function.arguments, ensure_ascii=False)}} for c in m.tool_calls]
+            if m.role == "tool" and m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                message["name"] = m.name
+            if m.prefix:
+                message["prefix"] = True  # V3.1's template reads it
+            conversation.append(message)
         return conversation
+
+    def continues_final_message(self) -> bool:
+        """Chat-prefix completion: the model continues the last message instead of starting a turn."""
+        explicit_generation_prompt = self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set
+        if self.continue_final_message and explicit_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true: the model "
+                              "either continues the last message or starts a new one", "continue_final_message")
+        return self.continue_final_message or self.messages[-1].prefix
+
+    def tool_choice_mode(self) -> Union[str, NamedToolChoice]:
+        """The tool_choice in force ("auto" when tools are given and it is left out, else "none"),
+        after checking it against the tools, as OpenAI does."""
+        if self.tools is not None and not self.tools:
+            raise bad_request("tools is an empty list: give at least one function, or leave tools out", "tools")
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        if self.tool_choice != "none" and not self.tools:
+            raise bad_request(f"tool_choice {self._choice_name()} needs tools: give the functions the model may "
+                              "call", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools]
+            if self.tool_choice.function.name not in names:
+                raise bad_request(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
+                                  f"among the tools ({', '.join(names)})", "tool_choice")
+        return self.tool_choice
+
+    def _choice_name(self) -> str:
+        return repr(self.tool_choice) if isinstance(self.tool_choice, str) else \
+            f"{{function: {self.tool_choice.function.name!r}}}"
+
+    def tool_specs(self) -> list[dict] | None:
+        """The tools as plain JSON for the chat template."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class CompletionRequest(SamplingFields):

@@ -44,6 +44,12 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     return prompt.rstrip().endswith(THINK_START)
 
 
+def leaves_reasoning_open(text: str) -> bool:
+    """True when `text` has a `<think>` that no `</think>` follows: a message that a prefix
+    completion continues inside its reasoning."""
+    return text.rfind(THINK_START) > text.rfind(THINK_END)
+
+
 def _partial_tag_len(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag` (a tag still arriving)."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +23,7 @@ from nanoseek.serve.engine_loop import EngineDeadError
 from nanoseek.serve.generation import ChoiceUpdate, Generation, ServerState, _Choice
 from nanoseek.serve.protocol import APIError
 from nanoseek.serve.reasoning import ReasoningSplitter
+from nanoseek.serve.tools import ToolCallFormat, ToolCallParser, parse_tool_calls
 
 logger = logging.getLogger("nanoseek.serve")
 
@@ -94,17 +96,26 @@ def _reasoning_tokens(token_ids: list[int], think_end_id: int | None, saw_reason
     return len(token_ids)
 
 
+def _tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ChatFormat:
     """How /v1/chat/completions writes a generation: `message` / `delta` choices, reasoning split
-    into `reasoning_content` (one ReasoningSplitter per choice), chat-shaped logprobs."""
+    into `reasoning_content` (one ReasoningSplitter per choice), tool calls parsed out of the answer
+    into `tool_calls` (one ToolCallParser per choice, when the request offers tools), chat-shaped
+    logprobs. A choice that called tools finishes with "tool_calls"."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def __init__(self, state: ServerState, generation: Generation, split: bool, in_reasoning: bool,
-                 logprobs: int | None):
+                 logprobs: int | None, tool_format: ToolCallFormat | None = None, parallel_tool_calls: bool = True):
         self.state, self.generation, self.logprobs = state, generation, logprobs
         self.splitters = [ReasoningSplitter(in_reasoning) if split else None for _ in generation.choices]
         self.pending = {c.index: [] for c in generation.choices}  # logprobs waiting for the next chunk
+        self.tool_format, self.parallel_tool_calls = tool_format, parallel_tool_calls
+        self.tool_parsers = [ToolCallParser(tool_format) if tool_format else None for _ in generation.choices]
+        self.called = [False] * len(generation.choices)  # the choice's output was tool calls
 
     def opening(self, choice: _Choice) -> list[dict]:
         return [{"delta": {"role": "assistant", "content": ""}}]
@@ -112,20 +123,46 @@ class ChatFormat:
     def chunks(self, u: ChoiceUpdate) -> list[tuple[dict, dict | None, str | None]]:
         """(choice body, logprobs, finish_reason) of each chunk an update makes."""
         self.pending[u.index].extend(u.logprobs)
+        finished = u.finish_reason is not None
         splitter = self.splitters[u.index]
-        if splitter is None:
-            parts = [("content", u.text)]
-        else:
+        reasoning, content = "", u.text
+        if splitter is not None:
             out = splitter.feed(u.text)
-            if u.finish_reason is not None:
+            if finished:
                 out += splitter.finish()
-            # Separate chunks for the two fields: DeepSeek's clients read one or the other.
-            parts = [("reasoning_content", out.reasoning), ("content", out.content)]
-        chunks = [({"delta": {key: text}}, self._take_logprobs(u.index), None) for key, text in parts if text]
-        if u.finish_reason is not None:
+            reasoning, content = out.reasoning, out.content
+        # Separate chunks for the fields: DeepSeek's clients read one or the other.
+        deltas = [{"reasoning_content": reasoning}] if reasoning else []
+        parser = self.tool_parsers[u.index]
+        if parser is None:
+            deltas += [{"content": content}] if content else []
+        else:
+            deltas += self._tool_deltas(parser.feed(content) + (parser.finish() if finished else []))
+            self.called[u.index] = parser.succeeded
+        chunks = [({"delta": delta}, self._take_logprobs(u.index), None) for delta in deltas]
+        if finished:
             logprobs = self._take_logprobs(u.index) if self.pending[u.index] else None
-            chunks.append(({"delta": {}}, logprobs, u.finish_reason))
+            chunks.append(({"delta": {}}, logprobs, self.finish_reason(self.generation.choices[u.index])))
         return chunks
+
+    def _tool_deltas(self, events: list[tuple]) -> list[dict]:
+        """Deltas of a tool-call parser's events: content, a call's opening chunk (index, id, type,
+        name, empty arguments: what vLLM and OpenAI send first), then its arguments as they come."""
+        deltas = []
+        for event in events:
+            if event[0] == "content":
+                deltas.append({"content": event[1]})
+            elif event[1] > 0 and not self.parallel_tool_calls:
+                continue  # parallel_tool_calls false: the first call only
+            elif event[0] == "call":
+                deltas.append({"tool_calls": [{"index": event[1], "id": _tool_call_id(), "type": "function",
+                                               "function": {"name": event[2], "arguments": ""}}]})
+            else:
+                deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+        return deltas
+
+    def finish_reason(self, choice: _Choice) -> str | None:
+        return "tool_calls" if self.called[choice.index] else choice.finish_reason
 
     def _take_logprobs(self, index: int) -> dict | None:
         if self.logprobs is None:
@@ -150,6 +187,13 @@ class ChatFormat:
             out += splitter.finish()
             message["content"] = (out.content or None) if splitter.saw_reasoning else out.content
             message["reasoning_content"] = out.reasoning if splitter.saw_reasoning else None
+        if self.tool_format is not None and message["content"]:
+            content, calls = parse_tool_calls(message["content"], self.tool_format)
+            if calls:
+                calls = calls if self.parallel_tool_calls else calls[:1]
+                message["content"] = content if content.strip() else None
+                message["tool_calls"] = [{"id": _tool_call_id(), **call} for call in calls]
+                self.called[choice.index] = True
         return {"message": message, "logprobs": self._encode_logprobs(choice.logprobs) if self.logprobs is not None
                 else None}
 
@@ -207,6 +251,9 @@ class CompletionFormat:
         return {"text": echo + choice.text,
                 "logprobs": self._encode_logprobs(choice.logprobs, len(echo)) if self.logprobs is not None else None}
 
+    def finish_reason(self, choice: _Choice) -> str | None:
+        return choice.finish_reason
+
     def usage(self) -> dict:
         return self.generation.usage()
 
@@ -227,7 +274,10 @@ async def respond(request: Request, generation: Generation, fmt: ChatFormat | Co
             raise APIError(503, str(e), "server_error", code="engine_dead") from e
         finally:
             generation.close()
-        choices = [{"index": c.index, **fmt.whole(c), "finish_reason": c.finish_reason} for c in generation.choices]
+        choices = []
+        for c in generation.choices:
+            body = fmt.whole(c)  # first: it decides whether the choice called tools
+            choices.append({"index": c.index, **body, "finish_reason": fmt.finish_reason(c)})
         return JSONResponse({"id": request_id, "object": fmt.object, "created": created, "model": model,
                              "choices": choices, "usage": fmt.usage()})
 
