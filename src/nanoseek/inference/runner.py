@@ -63,9 +63,12 @@ class PagedLatentCache:
         self.read_slots: torch.Tensor | None = None  # (B, S) slot of each sequence's positions 0..S-1
 
     def update(self, layer_idx, positions, latent, k_pe):
-        """Write the new tokens' latent (B,T,C) and k_pe (B,T,R); return all of them, (B,S,C), (B,S,R)."""
+        """Write the new tokens' latent (B,T,C) and k_pe (B,T,R); return all of them, (B,S,C), (B,S,R).
+        A narrower row (a DeepSeek-V4 layer's) fills the pool's first C+R columns."""
         pool = self.pool[layer_idx]  # (slots, C+R)
         new = torch.cat([latent, k_pe], dim=-1).flatten(0, 1).to(pool.dtype)  # (B*T, C+R)
+        if new.shape[-1] < pool.shape[-1]:
+            pool = pool[:, : new.shape[-1]]
         pool.index_copy_(0, self.write_slots, new)
         B, S = self.read_slots.shape
         # (B, S, C+R). index_select on flat ids is ~8x faster on CPU than advanced indexing pool[ids]
