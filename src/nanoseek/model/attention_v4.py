@@ -50,7 +50,8 @@ row, not to each document's start. The indexer is frozen: its training loss (V3.
 attention) is not implemented for V4, and the language-model loss does not reach it (selection).
 
 Shape legend: B batch, T positions, S cached positions (with a cache), H query heads, Dh head_dim,
-R qk_rope_head_dim, D hidden size, W compressed entries (T // m, or S // m), m compression rate, J index heads, I index_head_dim, G o_groups.
+R qk_rope_head_dim, D hidden size, W compressed entries (T // m, or S // m), m compression rate,
+J index heads, I index_head_dim, G o_groups.
 """
 
 from __future__ import annotations
