@@ -1,10 +1,14 @@
 """DeepSeek-V4's architecture (model/attention_v4.py, V4's MoE in model/moe.py): the config against
 transformers' DeepseekV4Config, the training forward's logits and loss against transformers'
 DeepseekV4ForCausalLM on the same weights (loaded by nanoseek's own loader from a transformers-saved
-directory), checkpoints both ways, packed rows, pretraining, and the engine's refusal.
+directory), checkpoints both ways, packed rows, pretraining (with samples), and the inference engine:
+cached forwards equal to the forward without a cache, the engine's greedy tokens equal to repeated
+no-cache forwards (batching, prefix caching, preemption), and the generate / chat / eval CLIs and
+the server on a V4 checkpoint.
 
 Sequences are 40 tokens: longer than the window (8) and than both compression rates (2, 8), and
-with more compressed entries (20) than the indexer keeps (3), so every branch runs.
+with more compressed entries (20) than the indexer keeps (3), so every branch runs; the engine's
+prompts and outputs (up to 37 tokens) too.
 """
 
 import json
@@ -12,12 +16,14 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from decoding_checks import PROMPTS, assert_cached_decoding_matches, engine_greedy, reference_greedy
 
-from nanoseek import LLM
+from nanoseek import LLM, SamplingParams
 from nanoseek.checkpoint import load_model, read_tensors, save_model
 from nanoseek.cli import main as cli_main
 from nanoseek.config import V4_FIELDS, ModelConfig, preset
 from nanoseek.errors import ConfigError
+from nanoseek.model.attention import latent_cache_dims
 from nanoseek.model.moe import Gate
 from nanoseek.model.transformer import Transformer
 
@@ -229,8 +235,8 @@ def test_packed_documents_do_not_see_each_other():
 
 
 def test_pretrain_v4_tiny_updates_learned_routers_only(corpus, tmp_path):
-    """Three steps of `nanoseek pretrain` with preset=v4-tiny on CPU: the checkpoints are DeepseekV4
-    ones transformers loads with nanoseek's logits; the aux-loss-free bias moves in the learned-router
+    """Three steps of `nanoseek pretrain` with preset=v4-tiny on CPU, with a sample: the checkpoints
+    are DeepseekV4 ones transformers loads with nanoseek's logits; the aux-loss-free bias moves in the learned-router
     layers, the hash layers have no bias and keep their table; the frozen indexer stays as it was."""
     from nanoseek.train import pretrain
     from nanoseek.train.checkpointing import list_checkpoints
@@ -240,7 +246,7 @@ def test_pretrain_v4_tiny_updates_learned_routers_only(corpus, tmp_path):
     recipe = __file__.rsplit("/", 2)[0] + "/configs/pretrain_tiny.toml"
     cfg = load_run_config(PretrainConfig, recipe, [
         f"out_dir={tmp_path / 'run'}", f"data={json.dumps([str(corpus)])}", f"data_dir={tmp_path / 'shards'}",
-        "preset=v4-tiny", "max_steps=3", "eval_every=0", "save_every=1"])
+        "preset=v4-tiny", "max_steps=3", "eval_every=0", "save_every=1", "sample_every=3", "sample_tokens=6"])
     pretrain.train(cfg)
     first, last = list_checkpoints(tmp_path / "run")  # steps 2 and 3 (the recipe keeps two)
     before, after = read_tensors(first), read_tensors(last)
@@ -254,35 +260,12 @@ def test_pretrain_v4_tiny_updates_learned_routers_only(corpus, tmp_path):
                            after["model.layers.1.attn.compressor.wkv.weight"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
+    assert any("sample" in m for m in metrics)  # sample_every: the engine generated with the V4 model
     ours = load_model(last)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(last).eval()
     x = ids(ours.config)
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
-
-
-def test_engine_and_generate_refuse_v4_with_one_line(hf_dir, capsys):
-    path, _, config = hf_dir
-    with pytest.raises(ConfigError, match="DeepSeek-V4 models have no inference-engine path") as e:
-        LLM(path)
-    assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="inference-engine path"):
-        LLM(load_model(path))
-    capsys.readouterr()
-    assert cli_main(["generate", "--model", str(path), "--prompt", "hi"]) != 0
-    err = capsys.readouterr().err
-    assert "DeepSeek-V4 models have no inference-engine path" in err and "Traceback" not in err
-
-
-def test_pretrain_refuses_samples_for_v4(tmp_path):
-    from nanoseek.train import pretrain
-    from nanoseek.train.config import load_run_config
-    from nanoseek.train.pretrain import PretrainConfig
-
-    recipe = __file__.rsplit("/", 2)[0] + "/configs/pretrain_tiny.toml"
-    cfg = load_run_config(PretrainConfig, recipe, [f"out_dir={tmp_path}", "preset=v4-tiny", "sample_every=2"])
-    with pytest.raises(ConfigError, match="sample_every=2: a DeepSeek-V4 model"):
-        pretrain.train(cfg)
 
 
 def test_v4_model_init_is_trainable_size():
@@ -300,6 +283,7 @@ def test_info_counts_every_v4_layer(capsys):
     text = capsys.readouterr().out
     assert f"({Transformer(preset('v4-tiny')).num_parameters():,} /" in text
     assert "MHA equiv." not in text and "13.0 values per token and layer" in text
+    assert "nanoseek's engine: 224 values per token and layer" in text  # 32 + CSA's 4 x 32 + 4 x 16
     assert cli_main(["info", "--preset", "v4-tiny", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)  # the compressed entries' growth, not an MLA latent
     assert stats["attention"] == "DeepSeek-V4" and "mla_cache_bytes_per_token" not in stats
@@ -329,3 +313,91 @@ def test_v4_pretraining_resumes_exactly_under_muon(corpus, tmp_path):
     biases = [p for name, p in model.named_parameters() if name.endswith("position_bias") and p.requires_grad]
     assert biases and not any(id(p) in in_muon for p in biases)
     assert id(model.model.layers[1].self_attn.compressor.kv_proj.weight) in in_muon
+
+
+# ---------------------------------------------------------------- the inference engine
+
+
+def perturbed(scale: float, seed: int = 0, **fields) -> Transformer:
+    """v4-tiny with every parameter moved off its init by N(0, scale) (zero sinks and position biases,
+    unit norms and near-uniform mHC mixing would hide a mistake)."""
+    torch.manual_seed(seed)
+    model = Transformer(preset("v4-tiny", **fields)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def test_cached_forward_equals_the_no_cache_forward():
+    """A prefill of 13 (past the window and both rates), a chunk of 9 on that past (across an HCA
+    window's end) and single tokens to 40, on the cache, give the no-cache forward's logits."""
+    model = perturbed(0.05)
+    assert model.cache_dims == latent_cache_dims(model.config) == (32, 4 * 32 + 4 * 16)  # CSA: the widest row
+    assert_cached_decoding_matches(model, ids(model.config, batch=3), prefill=13, chunk_end=22, max_len=T)
+
+
+@pytest.fixture(scope="module")
+def v4_checkpoint(tmp_path_factory):
+    """A perturbed v4-tiny saved with a tokenizer, as the CLIs and the server load it."""
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog. 12 + 3 = 15."] * 20, vocab_size=300)
+    model = perturbed(0.1, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    path = tmp_path_factory.mktemp("v4") / "ck"
+    save_model(model, path, tokenizer=tok)
+    return path, model
+
+
+def test_engine_greedy_equals_no_cache_greedy_with_batching_prefix_hits_and_preemption(v4_checkpoint):
+    """24 tokens per prompt (to 37 positions: past the window, both rates and the indexer's top 3)
+    through the engine, batched at three lengths, with prefix-cache hits (engine_greedy), without
+    the prefix cache, and preempted for want of cache blocks: every token is the argmax of a
+    forward without a cache over the whole sequence."""
+    path, model = v4_checkpoint
+    expected = [reference_greedy(model, p, 24) for p in PROMPTS]
+    assert engine_greedy(path, 24) == expected
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = LLM(path, block_size=4, enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in plain.generate(PROMPTS, greedy)] == expected
+    small = LLM(path, block_size=4, num_cache_blocks=14, enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in small.generate(PROMPTS, greedy)] == expected
+    assert small.stats()["num_preemptions"] > 0
+
+
+def test_generate_chat_and_eval_clis_run_a_v4_checkpoint(v4_checkpoint, capsys, monkeypatch):
+    import io
+
+    path, model = v4_checkpoint
+    llm = LLM(path)
+    expected = llm.generate("the fox", SamplingParams(temperature=0, max_tokens=12))[0]
+    assert expected.outputs[0].token_ids == reference_greedy(model, expected.prompt_token_ids, 12)[
+        : len(expected.outputs[0].token_ids)]
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(path), "--prompt", "the fox", "--max-tokens", "12",
+                     "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"[0] the fox{expected.outputs[0].text}  ({expected.outputs[0].finish_reason})\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert cli_main(["chat", "--model", str(path), "--max-tokens", "5", "--temperature", "0"]) == 0
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    reply = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5))[0].outputs[0].text
+    assert capsys.readouterr().out.replace("> ", "") == reply + "\n"
+    assert cli_main(["eval", "--model", str(path), "--n", "2", "--max-tokens", "4", "--task", "chain_sum"]) == 0
+    assert "chain_sum" in capsys.readouterr().out
+
+
+def test_server_answers_through_the_openai_client(v4_checkpoint):
+    from openai import OpenAI
+    from server_thread import ServerThread
+
+    from nanoseek.serve.api import create_app
+
+    path, _ = v4_checkpoint
+    engine = LLM(path, block_size=4)
+    expected = engine.generate("the fox", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    with ServerThread(create_app(engine, model_name="v4")) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        reply = client.completions.create(model="v4", prompt="the fox", max_tokens=8, temperature=0)
+    assert reply.choices[0].text == expected

@@ -142,12 +142,13 @@ def check_quantize(method: str | None, device: torch.device, dtype: torch.dtype)
 
 
 # The linear layers every method leaves in float, by name suffix: MLA's kv_b_proj, whose weight the
-# absorbed decode path reads as a matrix (it is never called). An untied output head is converted:
+# absorbed decode path reads as a matrix (it is never called), and DeepSeek-V4's o_a_proj, whose
+# weight its grouped output projection reads per group. An untied output head is converted:
 # R1-Distill-Qwen-1.5B's 151936x1536 head is 0.9 GB in float32; in int8 the model decodes 1.08x
 # faster at batch 1 (1.01x at 8; timed in turn against the oneDNN-packed float head) in 1.1 GiB
 # less, and int8-dynamic 1.3-1.4x faster, greedy picks unchanged in both (README, "Run a released
 # DeepSeek model"). (V3's MTP modules have no head of their own here: they call the main model's lm_head.)
-FLOAT_LAYERS = ("kv_b_proj",)
+FLOAT_LAYERS = ("kv_b_proj", "o_a_proj")
 
 
 def quantizable(name: str, module: nn.Module, tied_head: bool) -> bool:
@@ -319,9 +320,9 @@ class PackedLinear(nn.Module):
 
 
 def packable(name: str, module: nn.Module, model: nn.Module) -> bool:
-    """A float32 nn.Linear on the CPU that is only ever called (not MLA's kv_b_proj, not a MoE expert,
+    """A float32 nn.Linear on the CPU that is only ever called (not in FLOAT_LAYERS, not a MoE expert,
     whose weights the grouped path stacks) and owns its weight (not a head tied to the embedding)."""
-    if type(module) is not nn.Linear or name.endswith("kv_b_proj") or ".experts." in name:
+    if type(module) is not nn.Linear or name.endswith(FLOAT_LAYERS) or ".experts." in name:
         return False
     if module.weight.device.type != "cpu" or module.weight.dtype != torch.float32:
         return False

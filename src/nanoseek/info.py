@@ -181,12 +181,17 @@ def _v4_cache_growth(config: ModelConfig) -> float:
 
 
 def _v4_cache_lines(config: ModelConfig) -> list[str]:
-    """What a DeepSeek-V4 model caches (nanoseek's engine does not serve it): per layer a window of
-    the last sliding_window K=V rows, plus the compressed entries."""
-    return ["KV cache (DeepSeek-V4; not served by nanoseek's engine, which caches MLA latents):",
+    """What a DeepSeek-V4 model caches in DeepSeek's design (per layer a window of the last
+    sliding_window K=V rows, plus the compressed entries), and what nanoseek's engine caches instead:
+    per token and layer its K=V row and its compressors' projections (model/attention_v4.py)."""
+    from nanoseek.model.attention import latent_cache_dims
+
+    return ["KV cache (DeepSeek-V4's design):",
             f"  every layer: a window of {config.sliding_window} rows of {config.head_dim} values (fixed size)",
             f"  compressed entries: {_v4_cache_growth(config):,.1f} values per token and layer, averaged "
-            f"over the {len(config.layer_types)} layers"]
+            f"over the {len(config.layer_types)} layers",
+            f"  nanoseek's engine: {sum(latent_cache_dims(config)):,} values per token and layer (each token's "
+            f"K=V row and compressor projections; entries recomputed per step)"]
 
 
 def _format_dense(name: str, config: DenseConfig, s: ModelStats, dtype_bytes: int) -> str:

@@ -10,7 +10,8 @@ and this file, which owns the loop: schedule, run, sample, check stops, report.
 
 Decoding runs MLA's absorbed path straight on the cached latents (kv_lora_rank + qk_rope_head_dim
 values per token and layer, + index_head_dim for a DeepSeek-V3.2 model's indexer key: `model.cache_dims`),
-for all running sequences in one forward.
+for all running sequences in one forward. A DeepSeek-V4 model caches its K=V row and its compressors'
+per-token projections in the same rows (model/attention_v4.py), and runs eagerly (no CUDA graphs).
 
 MTP speculative decoding (`speculative_mtp=k`): each decode step, the MTP module drafts k tokens
 per sequence (chained: draft j feeds draft j+1, as vLLM does with DeepSeek's single MTP layer),
@@ -62,7 +63,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.device import pack_linears, quantize_model, resolve_device, resolve_dtype
-from nanoseek.errors import ConfigError, ContextLengthError, NanoseekError
+from nanoseek.errors import ContextLengthError, NanoseekError
 from nanoseek.inference.block_manager import BlockManager
 from nanoseek.inference.runner import ModelRunner
 from nanoseek.inference.sampling import Sampler, SamplingParams, draw, speculative_accept, top_logprobs
@@ -93,16 +94,6 @@ DEFAULT_SPECULATIVE_MAX_BATCH = {"cpu": 1, "cuda": 32, "cuda_graphs": 0}
 # that prefix (`LLM._check_prefix`): English runs about 4 characters a token, so a prompt this long
 # overflows the context unless its tokens average 16 characters.
 PREFIX_CHARS_PER_TOKEN = 16
-
-
-def check_engine_model(config) -> None:
-    """A ConfigError for a model the engine cannot serve: DeepSeek-V4 (config.is_v4), whose
-    sliding-window and compressed per-layer caches the paged MLA latent cache does not hold."""
-    if getattr(config, "is_v4", False):
-        raise ConfigError("DeepSeek-V4 models have no inference-engine path in nanoseek (generate, chat, serve, "
-                          "eval, RL sampling): its paged MLA latent cache does not hold V4's sliding-window and "
-                          "compressed caches; score a V4 model with a forward (nanoseek.load_model(DIR)(ids, "
-                          "labels=...)), or generate with transformers' DeepseekV4ForCausalLM")
 
 
 class LLM:
@@ -140,8 +131,7 @@ class LLM:
             from nanoseek.train.checkpointing import checkpoint_path
 
             path = checkpoint_path(model)  # a run directory: the checkpoint its `latest` names
-            # a file, a missing path, no config.json: said before anything loads
-            check_engine_model(load_config(path))
+            load_config(path)  # a file, a missing path, no config.json: said before anything loads
             if tokenizer is None and (path / "tokenizer.json").is_file():  # first: its errors come at once
                 from nanoseek.tokenizer import Tokenizer
 
@@ -155,7 +145,6 @@ class LLM:
         elif quantize not in (None, "none"):
             model = quantize_model(model, quantize)
         cfg = model.config
-        check_engine_model(cfg)
         if speculative_mtp and cfg.num_nextn_predict_layers < 1:
             raise NanoseekError(f"speculative_mtp={speculative_mtp} needs a model with MTP modules "
                                 f"(num_nextn_predict_layers={cfg.num_nextn_predict_layers}); use 0 to turn it off")
@@ -172,7 +161,8 @@ class LLM:
         # CUDA graphs need a forward without host syncs: with MoE, its grouped GEMMs, which run in bf16
         # (bf16 weights, or fp32 ones under bf16 autocast: the runner checks at each forward)
         has_moe = any(isinstance(m, MoE) for m in model.modules())
-        cuda_graphs = device.type == "cuda" and not enforce_eager
+        # DeepSeek-V4 runs eagerly: its cached forward is untried under graph capture
+        cuda_graphs = device.type == "cuda" and not enforce_eager and not getattr(cfg, "is_v4", False)
         if speculative_max_batch is None:
             graphed = cuda_graphs and (not has_moe or cache_dtype == torch.bfloat16)
             speculative_max_batch = DEFAULT_SPECULATIVE_MAX_BATCH[

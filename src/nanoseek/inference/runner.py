@@ -6,7 +6,9 @@ kv_lora_rank values) next to the rotary key (R = qk_rope_head_dim values), i.e. 
 key after the rotary key (R = qk_rope_head_dim + index_head_dim: 704 values at V3.2 size); MLA
 splits them, so nothing here knows about it. The MTP modules have their own layers in the pool
 (index num_hidden_layers + depth), so speculation keeps its own cache too. The widths come from
-`model.cache_dims`: a dense student (`nanoseek.model.dense`) stores its keys and values there instead.
+`model.cache_dims`: a dense student (`nanoseek.model.dense`) stores its keys and values there instead,
+a DeepSeek-V4 model its K=V rows and its compressors' per-token projections (model/attention_v4.py;
+its layers' rows differ in width, the pool has the widest and a narrower row fills the first columns).
 
 A forward takes, per sequence, a run of new tokens starting at some position (a whole prompt, one
 decode token, or a pending token plus speculative drafts), pads the runs to a common length T, and
@@ -63,9 +65,12 @@ class PagedLatentCache:
         self.read_slots: torch.Tensor | None = None  # (B, S) slot of each sequence's positions 0..S-1
 
     def update(self, layer_idx, positions, latent, k_pe):
-        """Write the new tokens' latent (B,T,C) and k_pe (B,T,R); return all of them, (B,S,C), (B,S,R)."""
+        """Write the new tokens' latent (B,T,C) and k_pe (B,T,R); return all of them, (B,S,C), (B,S,R).
+        A narrower row (a DeepSeek-V4 layer's) fills the pool's first C+R columns."""
         pool = self.pool[layer_idx]  # (slots, C+R)
         new = torch.cat([latent, k_pe], dim=-1).flatten(0, 1).to(pool.dtype)  # (B*T, C+R)
+        if new.shape[-1] < pool.shape[-1]:
+            pool = pool[:, : new.shape[-1]]
         pool.index_copy_(0, self.write_slots, new)
         B, S = self.read_slots.shape
         # (B, S, C+R). index_select on flat ids is ~8x faster on CPU than advanced indexing pool[ids]

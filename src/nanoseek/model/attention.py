@@ -88,13 +88,22 @@ class LatentCache(Protocol):
     def update(self, layer_idx: int, positions: torch.Tensor, latent: torch.Tensor,
                k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T), latent (B, T, C), k_pe (B, T, K) -> latents (B, S, C), k_pe (B, S, K).
-        K = R, or R + I with DSA: the rotary key and the indexer key, in one row."""
+        K = R, or R + I with DSA: the rotary key and the indexer key, in one row. A key row narrower
+        than the cache's (a DeepSeek-V4 layer's, see latent_cache_dims) takes its first K columns."""
         ...
 
 
 def latent_cache_dims(config: ModelConfig) -> tuple[int, int]:
     """Per token and layer, the widths of the two tensors a LatentCache stores: the latent (C) and
-    the key row, the rotary key (R) followed, with DSA, by the indexer key (I)."""
+    the key row, the rotary key (R) followed, with DSA, by the indexer key (I). DeepSeek-V4
+    (attention_v4.py): its K=V row (head_dim), and its compressors' per-token projections, as wide
+    as the widest layer's (CSA: kv | gate of 2 x head_dim each, then the indexer's of 2 x I each;
+    HCA: kv | gate of head_dim each; sliding: none), narrower layers filling the first columns."""
+    if config.is_v4:
+        Dh, I = config.head_dim, config.index_head_dim
+        widths = {"sliding_attention": 0, "heavily_compressed_attention": 2 * Dh,
+                  "compressed_sparse_attention": 4 * Dh + 4 * I}
+        return Dh, max(widths[kind] for kind in config.layer_types)
     return config.kv_lora_rank, config.qk_rope_head_dim + (config.index_head_dim if config.sparse_attention else 0)
 
 
@@ -114,10 +123,11 @@ class ContiguousCache:
 
     def update(self, layer_idx, positions, latent, k_pe):
         rows = torch.arange(latent.shape[0], device=latent.device).unsqueeze(1)  # (B, 1)
+        K = k_pe.shape[-1]  # a V4 layer's row may be narrower than the cache's
         self.latent[layer_idx][rows, positions] = latent.to(self.latent.dtype)
-        self.k_pe[layer_idx][rows, positions] = k_pe.to(self.k_pe.dtype)
+        self.k_pe[layer_idx][rows, positions, :K] = k_pe.to(self.k_pe.dtype)
         self.length = max(self.length, int(positions.max()) + 1)
-        return self.latent[layer_idx, :, : self.length], self.k_pe[layer_idx, :, : self.length]
+        return self.latent[layer_idx, :, : self.length], self.k_pe[layer_idx, :, : self.length, :K]
 
 
 class Indexer(nn.Module):

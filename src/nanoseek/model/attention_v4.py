@@ -30,16 +30,28 @@ o_groups groups, each projected to o_lora_rank (`o_a_proj`), then mixed to D (`o
 
 The math and the parameter names are transformers' DeepseekV4Attention / DeepseekV4CSACompressor /
 DeepseekV4HCACompressor / DeepseekV4Indexer (its checkpoint names are checkpoint.py's concern).
-Here only the forward without a cache (training, scoring): the inference engine's paged latent
-cache does not fit V4's per-layer window and compressor state, and the engine refuses a V4 model.
+
+With a cache (the inference engine's paged per-token cache, model/attention.py's `LatentCache`)
+each token leaves, per layer, what V4's attention will ever need from it, in the same per-token row
+an MLA latent takes: its K=V row (head_dim, rotated: the "latent") and, for a compressed layer, its
+compressor's per-token projections kv | gate (CSA: 2 x 2 x head_dim, HCA: 2 x head_dim), followed
+for CSA by its indexer compressor's (2 x 2 x index_head_dim) (the "key row"; a sliding layer's is
+empty). Every row depends on the token's own layer input alone, so on the tokens up to it: prefix
+caching and preemption hold. A cached forward writes its new tokens' rows, reads every row of the
+sequence back (position-ordered, padded), attends to the last sliding_window K=V rows and recomputes
+the compressed entries of all closed windows from the cached projections, the indexer's keys and its
+top-k with them: the same functions on the same values as the forward without a cache. Recomputing
+costs O(S x row width) per layer and step (S the context), about what the indexer's scoring of every
+entry costs; a production engine keeps the entries and only the open window's projections instead.
 Packed training rows (a `mask` from `documents=`) are honoured: the window stays in the document,
 and an entry is visible only if its first source token is in the query's document (a window that
 straddles a document start is seen by neither document); the compressed windows stay aligned to the
 row, not to each document's start. The indexer is frozen: its training loss (V3.2's KL to the
 attention) is not implemented for V4, and the language-model loss does not reach it (selection).
 
-Shape legend: B batch, T positions, H query heads, Dh head_dim, R qk_rope_head_dim, D hidden size,
-W compressed entries (T // m), m compression rate, J index heads, I index_head_dim, G o_groups.
+Shape legend: B batch, T positions, S cached positions (with a cache), H query heads, Dh head_dim,
+R qk_rope_head_dim, D hidden size, W compressed entries (T // m, or S // m), m compression rate,
+J index heads, I index_head_dim, G o_groups.
 """
 
 from __future__ import annotations
@@ -69,22 +81,27 @@ class Compressor(nn.Module):
     def __init__(self, config: ModelConfig, rate: int, dim: int, overlap: bool):
         super().__init__()
         self.rate, self.dim, self.overlap = rate, dim, overlap
-        width = 2 * dim if overlap else dim
+        self.width = width = 2 * dim if overlap else dim
         self.kv_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
         self.kv_norm = RMSNorm(dim, config.rms_norm_eps)
 
-    def entries(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """x (B, T, D), rope = cos/sin (B, W, R/2) at each entry's position -> entries (B, W, dim).
-        The last T % m tokens (an unclosed window) make no entry."""
-        B, T, _ = x.shape
-        m, W, d = self.rate, T // self.rate, self.dim
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> each token's kv | gate (B, T, 2 * width): all an entry needs from its source
+        tokens, and what the engine's cache keeps of them (one token's row depends on that token alone)."""
+        return torch.cat([self.kv_proj(x), self.gate_proj(x)], dim=-1)
+
+    def pool(self, rows: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """rows (B, S, 2 * width) (`project`'s, positions 0..S-1), rope = cos/sin (B, W, R/2) at each
+        entry's position -> entries (B, W, dim), W = S // m. The last S % m tokens (an unclosed window)
+        make no entry."""
+        B, S, _ = rows.shape
+        m, W, d = self.rate, S // self.rate, self.dim
         if W == 0:
-            return x.new_zeros(B, 0, d)
-        x = x[:, : W * m]
-        kv = self.kv_proj(x).view(B, W, m, -1)  # (B, W, m, width)
-        gate = self.gate_proj(x).view(B, W, m, -1) + self.position_bias
+            return rows.new_zeros(B, 0, d)
+        kv, gate = rows[:, : W * m].reshape(B, W, m, -1).chunk(2, dim=-1)  # (B, W, m, width) each
+        gate = gate + self.position_bias
         if self.overlap:
             # 2m slots per entry: window w-1's Ca (window 0 has none: zero kv, gate -inf: weight 0), window w's Cb
             prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
@@ -93,6 +110,10 @@ class Compressor(nn.Module):
             gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
         pooled = (kv * gate.float().softmax(dim=2).to(kv.dtype)).sum(dim=2)  # (B, W, d): softmax per channel
         return rope_tail(self.kv_norm(pooled), *rope)
+
+    def entries(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x (B, T, D), rope (B, W, R/2) at each entry's position -> entries (B, W, dim)."""
+        return self.pool(self.project(x), rope)
 
     def first_source(self, W: int, device) -> torch.Tensor:
         """(W,) the first token each entry pools (CSA's entry w starts in window w-1)."""
@@ -128,12 +149,12 @@ class LightningIndexer(Compressor):
         self.requires_grad_(False)  # no loss trains it; an unused trainable weight would break DDP
 
     @torch.no_grad()
-    def select(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, entry_rope: Rope,
+    def select(self, keys: torch.Tensor, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope,
                visible: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D), q_latent (B, T, q_lora_rank), rope (B, T, R/2) at the queries, entry_rope
-        (B, W, R/2), visible (B, T, W) bool -> (B, T, W) bool: the visible entries among each query's top k."""
+        """keys (B, W, I) its entries (`pool`'s), x (B, T, D), q_latent (B, T, q_lora_rank), rope
+        (B, T, R/2) at the queries, visible (B, T, W) bool -> (B, T, W) bool: the visible entries
+        among each query's top k."""
         B, T, _ = x.shape
-        keys = self.entries(x, entry_rope)  # (B, W, I)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim), *rope)  # (B, T, J, I)
         top, top_ok = top_visible(self.scorer(q, keys, x), visible, self.topk)
         return torch.zeros_like(visible).scatter_(-1, top, top_ok)
@@ -168,13 +189,12 @@ class V4Attention(nn.Module):
             if csa:
                 self.compressor.indexer = LightningIndexer(config, rate)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: dict[str, Rope], cache=None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: dict, cache=None,
                 layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D), rope {"main", "compress"} -> cos/sin (B, T, R/2) at `positions` (B, T)
-        -> (B, T, D). mask (B, 1, T, T) bool, True where a query may attend a key (packed rows;
-        None: causal)."""
-        if cache is not None:  # the engine refuses V4 before this (inference/engine.py)
-            raise NotImplementedError("DeepSeek-V4 attention has no cached (inference engine) path")
+        """x (B, T, D), rope {"main", "compress"} -> cos/sin (B, T, R/2) at `positions` (B, T), and
+        "compress_at" (the compress table, for entries at positions before the new tokens) -> (B, T, D).
+        mask (B, 1, T, T) bool, True where a query may attend a key (packed rows; None: causal).
+        With a `cache` (LatentCache) the tokens' rows are written and the sequence's past attended."""
         B, T, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         cos, sin = rope[self.rope_kind]
@@ -182,17 +202,12 @@ class V4Attention(nn.Module):
         q = F.rms_norm(self.q_b_proj(q_latent).view(B, T, H, Dh), (Dh,), eps=self.norm_eps)  # per head, no weight
         q = rope_tail(q, cos, sin)  # (B, T, H, Dh)
         kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # (B, T, Dh)
+        if cache is None:
+            keys, allowed = self._uncached(x, q_latent, kv, rope, mask)
+        else:
+            keys, allowed = self._cached(x, q_latent, kv, positions, rope, cache, layer_idx)
 
-        seen = (causal_mask(T, x.device) if mask is None else mask[:, 0]).expand(B, T, T)  # (B, T, T)
-        index = torch.arange(T, device=x.device)
-        allowed = seen & (index.view(-1, 1) - index.view(1, -1) < self.window)  # the sliding window
-        keys = kv
-        if self.compressor is not None:
-            entries, visible = self._compressed(x, q_latent, rope, seen)
-            keys = torch.cat([kv, entries], dim=1)  # (B, T + W, Dh)
-            allowed = torch.cat([allowed, visible], dim=-1)  # (B, T, T + W)
-
-        scores = torch.einsum("bthd,bsd->bhts", q, keys) * Dh**-0.5  # (B, H, T, T+W)
+        scores = torch.einsum("bthd,bsd->bhts", q, keys) * Dh**-0.5  # (B, H, T, S+W)
         scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
         sink = self.sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
         logits = torch.cat([scores, sink], dim=-1)
@@ -203,18 +218,64 @@ class V4Attention(nn.Module):
         w = self.o_a_proj.weight.view(self.n_groups, -1, grouped.shape[-1])  # (G, o_lora_rank, H*Dh/G)
         return self.o_b_proj(torch.einsum("btgi,goi->btgo", grouped, w).flatten(2))
 
-    def _compressed(self, x, q_latent, rope, seen) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compressor's entries (B, W, Dh) and which of them each query attends (B, T, W) bool."""
+    def _uncached(self, x, q_latent, kv, rope, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys of a forward without a cache, [kv ; entries] (B, T + W, Dh), and what each query
+        attends (B, T, T + W) bool: its window, in its document, and its visible selected entries."""
         B, T, _ = x.shape
+        seen = (causal_mask(T, x.device) if mask is None else mask[:, 0]).expand(B, T, T)  # (B, T, T)
+        index = torch.arange(T, device=x.device)
+        allowed = seen & (index.view(-1, 1) - index.view(1, -1) < self.window)  # the sliding window
+        if self.compressor is None:
+            return kv, allowed
         m = self.compressor.rate
         W = T // m
         # entry w sits at its window's first token w*m: that token's position and RoPE
         entry_rope = tuple(t[:, ::m][:, :W] for t in rope["compress"])
-        entries = self.compressor.entries(x, entry_rope)
-        closed = (torch.arange(W, device=x.device) + 1) * m - 1 <= torch.arange(T, device=x.device).view(-1, 1)
+        closed = (torch.arange(W, device=x.device) + 1) * m - 1 <= index.view(-1, 1)
         # and every source token in the query's document (with no packed rows: always, once closed)
         visible = closed & seen[:, :, self.compressor.first_source(W, x.device)]  # (B, T, W)
+        entries, visible = self._entries(self._projections(x), x, q_latent, rope, entry_rope, visible)
+        return torch.cat([kv, entries], dim=1), torch.cat([allowed, visible], dim=-1)
+
+    def _cached(self, x, q_latent, kv, positions, rope, cache, layer_idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_uncached` over the sequence's cached rows: writes the new tokens' K=V rows and
+        projections, reads all S back -> keys (B, S + W, Dh), allowed (B, T, S + W) bool."""
+        keys, rows = cache.update(layer_idx, positions, kv, self._projections(x))  # (B, S, Dh), (B, S, row)
+        S = keys.shape[1]
+        behind = positions.unsqueeze(-1) - torch.arange(S, device=x.device)  # (B, T, S): query minus key position
+        allowed = (behind >= 0) & (behind < self.window)  # causal and in the window; hides the padding past S
+        if self.compressor is None:
+            return keys, allowed
+        m = self.compressor.rate
+        W = S // m
+        starts = (torch.arange(W, device=x.device) * m).expand(x.shape[0], W)  # (B, W) each entry's position
+        entry_rope = rope["compress_at"](starts)
+        visible = (torch.arange(W, device=x.device) + 1) * m - 1 <= positions.unsqueeze(-1)  # (B, T, W) closed
+        entries, visible = self._entries(rows, x, q_latent, rope, entry_rope, visible)
+        return torch.cat([keys, entries], dim=1), torch.cat([allowed, visible], dim=-1)
+
+    def _projections(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> the per-token rows the compressed entries are made of (B, T, row): the
+        compressor's kv | gate, then the indexer's (CSA); width 0 for a sliding layer. What the
+        engine's cache keeps next to each token's K=V row (latent_cache_dims sizes it)."""
+        if self.compressor is None:
+            return x.new_zeros(*x.shape[:2], 0)
+        rows = self.compressor.project(x)
         indexer = getattr(self.compressor, "indexer", None)
         if indexer is not None:
-            visible = indexer.select(x, q_latent, rope["compress"], entry_rope, visible)
+            with torch.no_grad():  # the frozen indexer (module docstring)
+                index_rows = indexer.project(x)
+            rows = torch.cat([rows, index_rows], dim=-1)
+        return rows
+
+    def _entries(self, rows, x, q_latent, rope, entry_rope, visible) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows (B, S, row) `_projections` at positions 0..S-1, entry_rope (B, W, R/2), visible
+        (B, T, W) bool (closed, in the document) -> the compressor's entries (B, W, Dh) and which of
+        them each query attends (B, T, W) bool: the visible ones, of CSA's the indexer's top k."""
+        width = 2 * self.compressor.width
+        entries = self.compressor.pool(rows[..., :width], entry_rope)
+        indexer = getattr(self.compressor, "indexer", None)
+        if indexer is not None:
+            keys = indexer.pool(rows[..., width:], entry_rope)  # (B, W, I)
+            visible = indexer.select(keys, x, q_latent, rope["compress"], visible)
         return entries, visible

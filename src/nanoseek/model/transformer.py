@@ -72,7 +72,8 @@ class Transformer(CausalLM):
     def cache_dims(self) -> tuple[int, int]:
         """Per token and layer, the widths of the two tensors a LatentCache stores: the latent
         (kv_lora_rank) and the key row, the rotary key (qk_rope_head_dim) plus, for a V3.2 model,
-        the DSA indexer key (index_head_dim)."""
+        the DSA indexer key (index_head_dim); for a V4 model its K=V row and its compressors'
+        per-token projections (latent_cache_dims)."""
         return latent_cache_dims(self.config)
 
     def set_dsa_mode(self, mode: str | None) -> None:
@@ -95,9 +96,11 @@ class Transformer(CausalLM):
                 module.reset_hash()
 
     def rope(self, positions: torch.Tensor):
-        """cos/sin (B, T, R/2) at positions (B, T); for V4 a dict of its two tables, "main" and "compress"."""
+        """cos/sin (B, T, R/2) at positions (B, T); for V4 a dict of its two tables, "main" and "compress",
+        and "compress_at", the compress table itself (a cached forward's entries sit before `positions`)."""
         if self.config.is_v4:
-            return {"main": self.model.rotary_emb(positions), "compress": self.model.compress_rotary_emb(positions)}
+            return {"main": self.model.rotary_emb(positions), "compress": self.model.compress_rotary_emb(positions),
+                    "compress_at": self.model.compress_rotary_emb}
         return self.model.rotary_emb(positions)
 
     def extra_losses(self, out: ModelOutput, input_ids, labels, positions, rope, mask, token_mask=None,

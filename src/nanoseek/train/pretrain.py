@@ -143,9 +143,6 @@ def _train(cfg: PretrainConfig, env: DistEnv, resume) -> Path:
     else:  # a V3.2 checkpoint, or a V3 one that model.index_* convert
         config = load_config(cfg.init)
         sparse = getattr(config, "sparse_attention", False) or "index_topk" in cfg.model
-    if cfg.sample_every and getattr(config, "is_v4", False):
-        raise ConfigError(f"sample_every={cfg.sample_every}: a DeepSeek-V4 model has no inference-engine path "
-                          "to sample with (inference/engine.py); set sample_every=0")
     if cfg.expert_parallel and env.distributed:
         check_expert_split(getattr(config, "n_routed_experts", 0), env.world_size)
     if cfg.dense_warmup_steps and not sparse:
