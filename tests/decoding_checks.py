@@ -4,12 +4,15 @@ without a cache does (a prefill, the expanded path, which writes the cache; a ch
 and single tokens, the absorbed path on the cached latents; the MTP module on its own cache
 layer), and the engine's greedy tokens over batches of mixed lengths with prefix-cache hits
 against `reference_greedy`, the argmax of a full no-cache forward per token (test_engine.py and
-test_dense.py use it too)."""
+test_dense.py use it too); and `lookup_model`, a tiny model that writes a given script greedily
+(test_serve.py, test_structured.py)."""
 
 import torch
 
 from nanoseek import LLM, SamplingParams
+from nanoseek.config import preset
 from nanoseek.model.attention import ContiguousCache
+from nanoseek.model.transformer import Transformer
 
 PREFIX = [11, 12, 13, 14, 15, 16, 17, 18]  # two full blocks of 4: a prefix the later prompts share
 PROMPTS = [[7, 8, 9], PREFIX + [40], [100, 101, 102, 103, 104, 105], PREFIX + [41, 42, 43, 44, 45], [5, 6]]
@@ -60,3 +63,24 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def lookup_model(vocab_size: int, chain: list[int]) -> Transformer:
+    """A tiny model whose greedy continuation of chain[0] is chain[1:].
+
+    With every attention and MLP output projection zeroed, the residual stream is just the token
+    embedding, so the logits depend on the current token only: setting lm_head row `b` to the
+    (normalised) embedding of `a` makes `b` the argmax after `a`. Chaining the script's tokens turns
+    the model into a lookup table that writes the script, through the real engine and cache."""
+    assert len(set(chain[:-1])) == len(chain) - 1, "each token must have one successor"
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        emb = model.model.embed_tokens.weight
+        model.lm_head.weight.zero_()
+        for a, b in zip(chain, chain[1:]):
+            model.lm_head.weight[b] = 10 * emb[a] / emb[a].norm()
+    return model

@@ -30,6 +30,7 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.serve.api import add_arguments, create_app
 from nanoseek.serve.reasoning import Delta, ReasoningSplitter, prompt_opens_reasoning, split_reasoning
 from nanoseek.tokenizer import train_tokenizer
+from decoding_checks import lookup_model
 from server_thread import ServerThread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,27 +86,10 @@ def tok():
 
 
 def _make_thinker(tok) -> Transformer:
-    """A tiny model that greedily answers the chat prompt with <think>THOUGHT</think>ANSWER<eos>.
-
-    With every attention and MLP output projection zeroed, the residual stream is just the token
-    embedding, so the logits depend on the current token only: setting lm_head row `b` to the
-    (normalised) embedding of `a` makes `b` the argmax after `a`. Chaining the script's tokens turns
-    the model into a lookup table that writes the script, through the real engine and cache.
-    """
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
+    """A tiny model that greedily answers the chat prompt with <think>THOUGHT</think>ANSWER<eos>
+    (decoding_checks.lookup_model)."""
     prompt_last = tok.encode(tok.apply_chat_template(USER))[-1]
-    chain = [prompt_last] + tok.encode(f"<think>{THOUGHT}</think>{ANSWER}") + [tok.eos_id]
-    assert len(set(chain[:-1])) == len(chain) - 1, "each token must have one successor"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        emb = model.model.embed_tokens.weight
-        model.lm_head.weight.zero_()
-        for a, b in zip(chain, chain[1:]):
-            model.lm_head.weight[b] = 10 * emb[a] / emb[a].norm()
-    return model
+    return lookup_model(tok.vocab_size, [prompt_last] + tok.encode(f"<think>{THOUGHT}</think>{ANSWER}") + [tok.eos_id])
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from decoding_checks import lookup_model
 
 from nanoseek import LLM, SamplingParams
 from nanoseek.config import preset
@@ -193,20 +194,8 @@ def test_vocabulary_of_deepseeks_128k_tokenizer():
 
 
 def _scripted_model(tok, chain) -> Transformer:
-    """A tiny model whose greedy continuation of chain[0] is chain[1:] (test_serve's thinker trick:
-    attention and MLP outputs zeroed, so the logits depend on the current token only)."""
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
-    assert len(set(chain[:-1])) == len(chain) - 1, "each token must have one successor"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()
-        emb = model.model.embed_tokens.weight
-        model.lm_head.weight.zero_()
-        for a, b in zip(chain, chain[1:]):
-            model.lm_head.weight[b] = 10 * emb[a] / emb[a].norm()
-    return model.eval()
+    """A tiny model whose greedy continuation of chain[0] is chain[1:] (decoding_checks.lookup_model)."""
+    return lookup_model(tok.vocab_size, chain).eval()
 
 
 def test_the_constraint_starts_after_think_when_the_prompt_opens_it(tok):
