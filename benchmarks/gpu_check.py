@@ -6,7 +6,8 @@
 Sections, each in its own process with its own time limit, so one that fails or hangs costs only
 itself (its error goes into the table and the full output into <out>.log):
 
-    tests    the CUDA cases of the test suite (`pytest -m cuda`): every stage on the GPU
+    tests    the CUDA cases of the test suite (`pytest -m cuda`): every stage on the GPU, and
+             constrained (JSON) decoding, which needs outlines-core there
     train    training tokens/s, MFU and peak memory of the `gpu` preset, nanoseek against
              transformers' DeepseekV3ForCausalLM on the same config, weights and batch (bf16 autocast)
     decode   decode tokens/s at batch 1 and 64 against transformers `generate` (bf16), with MTP speculation
@@ -40,6 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("tests", "train", "decode", "grpo", "torchrun", "compile", "train16", "train_ac", "profile")
 OPT_IN = ("compile", "train16", "train_ac")
+# the test files with CUDA cases (`pytest -m cuda --collect-only tests/` lists them); named, not
+# tests/ as a whole, so that a GPU machine without the serving or peer packages still collects them
+CUDA_TEST_FILES = ("tests/test_devices.py", "tests/test_structured.py")
 
 
 def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
@@ -47,7 +51,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     if dry:
         return {
-            "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "--collect-only", "tests/test_devices.py"], 120),
+            "tests": ([py, "-m", "pytest", "-q", "-m", "cuda", "--collect-only", *CUDA_TEST_FILES], 120),
             "train": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "2",
                        "--seq", "32", "--steps", "1", "--threads", "1", "--json", str(tmp / "train.json")], 120),
             "train16": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "4",
@@ -63,7 +67,7 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
             "profile": ([py, __file__, "--profile-step", "--device", "cpu", "--json", str(tmp / "profile.json")], 120),
         }
     return {
-        "tests": ([py, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_devices.py"], 200),
+        "tests": ([py, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES], 200),
         "train": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                    "--seq", "2048", "--steps", "12", "--json", str(tmp / "train.json")], 150),
         "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cuda", "--preset", "gpu", "--batches", "1",

@@ -24,3 +24,16 @@ def test_gpu_check_runs_dry_without_a_gpu(tmp_path):
     assert re.findall(r"^===== (\w+): exit 0", log, flags=re.M) == ["tests", "train", "decode", "grpo", "torchrun",
                                                                               "profile"]
     assert "training step" in (tmp_path / "gpu_check.md.profile.txt").read_text()
+
+
+def test_the_gpu_run_collects_every_test_file_with_cuda_cases():
+    """gpu_check names its CUDA test files (a GPU machine may lack what other test files import);
+    a file whose tests take conftest's `device` fixture (CUDA cases) must be among them."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import CUDA_TEST_FILES
+
+    takes_device = re.compile(r"^def test_\w+\([^)]*\bdevice\b", re.M)
+    with_cuda_cases = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if takes_device.search(p.read_text())}
+    assert with_cuda_cases and with_cuda_cases <= set(CUDA_TEST_FILES)
