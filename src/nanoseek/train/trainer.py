@@ -87,7 +87,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     representation, it regularizes nothing.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    # DeepSeek-V4's compressors' position biases are 2-D (a bias per place in the window), but biases
+    # DeepSeek-V4's compressors' position biases are 2-D (a bias per place in the window) but biases
+    # all the same: AdamW without weight decay, never Muon
     biases = {id(m.position_bias) for m in model.modules() if isinstance(m, Compressor)}
     hidden = {id(p) for block in model.modules() if isinstance(block, (DecoderBlock, HyperHead))
               for p in block.parameters() if p.ndim == 2 and id(p) not in biases}
