@@ -219,6 +219,31 @@ def test_v32_and_mhc_decode_through_cuda_graphs_as_eagerly(device, variant):
         assert bool(graphed.runner.graphs) == cuda and not eager.runner.graphs
 
 
+def test_v4_forward_and_engine_greedy_on_device(device):
+    """A DeepSeek-V4 model (sliding window, CSA with its indexer, HCA, hash routing, mHC) on the
+    device: its logits equal the CPU's in fp32, and the engine (eager on a GPU: no CUDA graphs for
+    V4) decodes the tokens of repeated no-cache forwards, past the window and the compression rates."""
+    torch.manual_seed(0)
+    cpu = Transformer(preset("v4-tiny")).eval()
+    model = Transformer(preset("v4-tiny")).to(device).eval()
+    model.load_state_dict(cpu.state_dict())
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert relative_error(model(ids.to(device)).logits.cpu(), cpu(ids).logits) < 1e-4
+    prompts = [list(range(5, 25)), [3, 4], [42] * 9]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    llm = LLM(model, block_size=4)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    assert not llm.runner.graphs
+
+
 def test_rollout_graphs_read_the_trained_fp32_weights(device):
     """RL's engine decodes the trainer's fp32 weights under bf16 autocast. On a GPU those decode
     steps replay graphs too, whose recorded casts read the weights as they are at each replay: after
