@@ -57,11 +57,14 @@ def engine_greedy(path, n: int, prompts: list[list[int]] = PROMPTS) -> list[list
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Argmax continuation with a full forward (expanded attention, no cache) per token."""
+    """Argmax continuation with a full forward (expanded attention, no cache) per token, on the
+    model's device."""
+    device = next(model.parameters()).device
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
     return ids[len(prompt):]
 
 

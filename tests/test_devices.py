@@ -23,6 +23,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.sft import tokenize_prompt_completion
+from decoding_checks import reference_greedy
 from test_distill import memorise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,13 +130,7 @@ def test_engine_greedy_equals_full_forward_on_device(device, variant):
     model = tiny_model(device, **VARIANTS[variant]).eval()
     prompts = [[5, 6, 7, 8, 9], [3, 4], [42] * 9]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = list(prompt)
-            for _ in range(8):
-                ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
-            expected.append(ids[len(prompt):])
+    expected = [reference_greedy(model, prompt, 8) for prompt in prompts]
     assert [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, params)] == expected
     spec = LLM(model, block_size=4, speculative_mtp=2, speculative_max_batch=8)
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == expected
@@ -232,13 +227,7 @@ def test_v4_forward_and_engine_greedy_on_device(device):
         assert relative_error(model(ids.to(device)).logits.cpu(), cpu(ids).logits) < 1e-4
     prompts = [list(range(5, 25)), [3, 4], [42] * 9]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = list(prompt)
-            for _ in range(12):
-                ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
-            expected.append(ids[len(prompt):])
+    expected = [reference_greedy(model, prompt, 12) for prompt in prompts]
     llm = LLM(model, block_size=4)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
     assert not llm.runner.graphs
