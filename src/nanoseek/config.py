@@ -340,31 +340,31 @@ class ModelConfig(HFConfig):
                 for t in compressed)):
             bad("compress_rates", f"needs a positive integer rate for each compressed type used ({sorted(compressed)})")
         if "compressed_sparse_attention" in self.layer_types:
-            for name in ("index_topk", "index_head_dim", "index_n_heads"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    bad(name, "compressed sparse attention's indexer needs index_topk, index_head_dim and "
-                              "index_n_heads set to positive integers")
-            if self.index_head_dim < self.qk_rope_head_dim:
-                bad("index_head_dim", f"the indexer rotates its last qk_rope_head_dim ({self.qk_rope_head_dim}) "
-                                      "dims, so it must be at least that")
+            self.check_indexer(bad, "compressed sparse attention's indexer needs index_topk, index_head_dim and "
+                                    "index_n_heads set to positive integers", rotated="last")
         rs = self.rope_scaling
         if rs is not None and rs.get("type", rs.get("rope_type")) not in ("yarn", "default", None):
             bad("rope_scaling", "only YaRN scaling (of the compressed layers' RoPE) is supported")
         if self.yarn and ("factor" not in rs or "original_max_position_embeddings" not in rs):
             bad("rope_scaling", "YaRN needs factor and original_max_position_embeddings")
 
-    def validate_sparse_attention(self, bad) -> None:
-        index = {name: getattr(self, name) for name in ("index_topk", "index_head_dim", "index_n_heads")}
-        if all(v is None for v in index.values()):
-            return
-        for name, value in index.items():
+    def check_indexer(self, bad, needs: str, rotated: str) -> None:
+        """A lightning indexer's fields (V3.2's DSA, V4's CSA): index_topk, index_head_dim and
+        index_n_heads positive integers (else `needs`), index_head_dim as wide as the rotary dims it
+        rotates (its `rotated` qk_rope_head_dim)."""
+        for name in ("index_topk", "index_head_dim", "index_n_heads"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                bad(name, "DeepSeek Sparse Attention needs index_topk, index_head_dim and index_n_heads all set "
-                          "to positive integers (or all null for dense V3 attention)")
+                bad(name, needs)
         if self.index_head_dim < self.qk_rope_head_dim:
-            bad("index_head_dim", f"the indexer rotates its first qk_rope_head_dim ({self.qk_rope_head_dim}) "
+            bad("index_head_dim", f"the indexer rotates its {rotated} qk_rope_head_dim ({self.qk_rope_head_dim}) "
                                   "dims, so it must be at least that")
+
+    def validate_sparse_attention(self, bad) -> None:
+        if all(getattr(self, name) is None for name in ("index_topk", "index_head_dim", "index_n_heads")):
+            return
+        self.check_indexer(bad, "DeepSeek Sparse Attention needs index_topk, index_head_dim and index_n_heads all "
+                                "set to positive integers (or all null for dense V3 attention)", rotated="first")
         if self.q_lora_rank is None:
             bad("q_lora_rank", "the DSA indexer reads the compressed query latent: set q_lora_rank")
         if self.scoring_func != "sigmoid":
