@@ -10,6 +10,7 @@ constraint waits for `</think>` when the prompt opens a reasoning block.
 import json
 import os
 import re
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,8 @@ from nanoseek import LLM, SamplingParams
 from nanoseek.config import preset
 from nanoseek.errors import NanoseekError
 from nanoseek.inference.sampling import Sampler
-from nanoseek.inference.structured import allowed_tokens, guide_complete, guide_factory, vocabulary_bytes
+from nanoseek.inference.structured import (StructuredOutputError, allowed_tokens, guide_complete, guide_factory,
+                                           vocabulary_bytes)
 from nanoseek.model.transformer import Transformer
 from nanoseek.serve.reasoning import split_reasoning
 from nanoseek.tokenizer import train_tokenizer
@@ -261,6 +263,52 @@ def test_indexes_are_compiled_once_per_schema_and_tokenizer(tok):
     assert factory.index(json_schema=SCHEMA) is factory.index(json_schema=json.dumps(SCHEMA))
     other = train_tokenizer(TEXTS, vocab_size=300)
     assert guide_factory(other).index(json_schema=SCHEMA) is not factory.index(json_schema=SCHEMA)
+
+
+def test_a_pattern_asked_for_twice_at_once_is_compiled_once(tok, monkeypatch):
+    """The second caller of a pattern that is being compiled waits for that compile (its index, or
+    its error) instead of compiling again: the first json_object requests after a start each cost
+    seconds. Each first compile is held open until the second caller is waiting on it."""
+    from concurrent.futures import Future
+
+    from nanoseek.inference import structured
+
+    waiting = threading.Event()
+
+    class WatchedFuture(Future):
+        def result(self, timeout=None):
+            waiting.set()
+            return super().result(timeout)
+
+    factory = structured.GuideFactory(tok)
+    compiled, real_compile = [], factory._compile
+
+    def held_compile(key, param):
+        compiled.append(key)
+        waiting.clear()
+        second = threading.Thread(target=ask, args=(key[1],))
+        second.start()
+        assert waiting.wait(timeout=30), "the second caller compiled instead of waiting"
+        threads.append(second)
+        return real_compile(key, param)
+
+    def ask(regex):
+        try:
+            answers.append(factory.index(regex=regex))
+        except StructuredOutputError as e:
+            answers.append(str(e))
+
+    monkeypatch.setattr(structured, "Future", WatchedFuture)
+    monkeypatch.setattr(factory, "_compile", held_compile)
+    threads, answers = [], []
+    first = factory.index(regex="[ab]{3}")
+    threads.pop().join()
+    assert compiled == [("regex", "[ab]{3}")] and answers == [first]
+
+    with pytest.raises(StructuredOutputError, match="cannot be enforced"):
+        factory.index(regex="(")
+    threads.pop().join()
+    assert len(compiled) == 2 and "regex cannot be enforced" in answers[1]
 
 
 def test_constrained_decoding_on_each_device(device, tok):

@@ -16,7 +16,7 @@ The pieces, from the most to the least shared:
 - an `Index` per (pattern, tokenizer): the compiled automaton. Compiling is the cost of the feature
   (a JSON schema with a few fields takes milliseconds; the generic JSON object that json_object
   asks for takes seconds at any vocabulary size: 4.2 s at 4k ids, 7.3 s at DeepSeek's 129k on one
-  CPU core), so indexes are cached (`GuideFactory`);
+  CPU core), so indexes are cached, and compiled once when requests ask at the same time (`GuideFactory`);
 - a `Guide` per sequence: the current state in the index (cheap; n samples get one each).
 
 JSON schemas become regexes through `outlines_core.json_schema.build_regex_from_schema`, whose
@@ -40,6 +40,7 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future
 
 import torch
 
@@ -115,16 +116,23 @@ class GuideFactory:
         self._vocabulary = None
         self._indexes: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._lock = threading.Lock()
+        self._vocabulary_lock = threading.Lock()
+        self._compiling: dict[tuple[str, str], Future] = {}  # patterns being compiled now -> their result
 
     @property
     def vocabulary(self):
-        if self._vocabulary is None:
-            self._vocabulary = _outlines().Vocabulary(self.eos_id, vocabulary_bytes(self._tokenizer()))
+        with self._vocabulary_lock:  # built once (a second or so at 129k ids), whichever pattern comes first
+            if self._vocabulary is None:
+                self._vocabulary = _outlines().Vocabulary(self.eos_id, vocabulary_bytes(self._tokenizer()))
         return self._vocabulary
 
     def index(self, json_schema: "dict | str | None" = None, regex: str | None = None):
         """The compiled index of a JSON schema or a regex (cached); raises StructuredOutputError
-        naming the field when it cannot be compiled."""
+        naming the field when it cannot be compiled.
+
+        A pattern is compiled once even when several requests ask for it at the same time (the
+        first json_object requests after a server starts, say): the first caller compiles, the
+        others wait for its result (or its error) instead of spending the same seconds again."""
         param = "json_schema" if json_schema is not None else "regex"
         try:
             key = ("json_schema", schema_text(json_schema)) if json_schema is not None else ("regex", regex)
@@ -134,17 +142,34 @@ class GuideFactory:
             if key in self._indexes:
                 self._indexes.move_to_end(key)
                 return self._indexes[key]
-        oc = _outlines()
+            compiling = self._compiling.get(key)
+            first = compiling is None
+            if first:
+                compiling = self._compiling[key] = Future()
+        if not first:
+            return compiling.result()  # another thread is compiling it: its index, or its error
         try:
-            pattern = oc.json_schema.build_regex_from_schema(key[1]) if param == "json_schema" else regex
-            index = oc.Index(pattern, self.vocabulary)
-        except (ValueError, TypeError, RuntimeError) as e:  # an unsupported schema, a regex that does not parse
-            raise StructuredOutputError(f"{param} cannot be enforced: {e}", param) from None
-        with self._lock:
+            index = self._compile(key, param)
+        except Exception as e:  # the waiters get the same error
+            with self._lock:
+                del self._compiling[key]
+            compiling.set_exception(e)
+            raise
+        with self._lock:  # in one step, so that no caller finds the pattern neither cached nor compiling
+            del self._compiling[key]
             self._indexes[key] = index
             while len(self._indexes) > MAX_CACHED_INDEXES:
                 self._indexes.popitem(last=False)
+        compiling.set_result(index)
         return index
+
+    def _compile(self, key: tuple[str, str], param: str):
+        oc = _outlines()
+        try:
+            pattern = oc.json_schema.build_regex_from_schema(key[1]) if param == "json_schema" else key[1]
+            return oc.Index(pattern, self.vocabulary)
+        except (ValueError, TypeError, RuntimeError) as e:  # an unsupported schema, a regex that does not parse
+            raise StructuredOutputError(f"{param} cannot be enforced: {e}", param) from None
 
     def guide(self, json_schema=None, regex=None):
         return _outlines().Guide(self.index(json_schema, regex))
