@@ -3,7 +3,7 @@
 The released DeepSeek-V3.2 (December 2025) and DeepSeek-V4 checkpoints ship no Jinja chat
 template: DeepSeek publishes a Python encoder instead (`encoding/encoding_dsv32.py`,
 `encoding/encoding_dsv4.py` in the model repositories). This module builds the same prompts, string
-for string (tests/fixtures/dsml_prompts.json holds the reference's output for a set of
+for string (tests/dsml_prompts.json holds the reference's output for a set of
 conversations). `Tokenizer.apply_chat_template` uses it for a checkpoint whose config.json says
 model_type "deepseek_v32" / "deepseek_v4" and whose tokenizer has no template of its own.
 
