@@ -68,16 +68,17 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def lookup_model(vocab_size: int, chain: list[int]) -> Transformer:
+def lookup_model(vocab_size: int, chain: list[int], config=None) -> Transformer:
     """A tiny model whose greedy continuation of chain[0] is chain[1:].
 
     With every attention and MLP output projection zeroed, the residual stream is just the token
     embedding, so the logits depend on the current token only: setting lm_head row `b` to the
     (normalised) embedding of `a` makes `b` the argmax after `a`. Chaining the script's tokens turns
-    the model into a lookup table that writes the script, through the real engine and cache."""
+    the model into a lookup table that writes the script, through the real engine and cache.
+    `config`: the model's shape (default: the tiny preset)."""
     assert len(set(chain[:-1])) == len(chain) - 1, "each token must have one successor"
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=vocab_size))
+    model = Transformer(config or preset("tiny", vocab_size=vocab_size))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):

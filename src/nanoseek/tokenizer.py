@@ -11,9 +11,16 @@ does: a template is untrusted input) with the variables and helpers released tem
 `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, `unk_token`,
 `tools` (function specs, where a request offers them), `documents` (left empty), `raise_exception`,
 `strftime_now`, `namespace`, a `tojson` that keeps non-ASCII text, `{% break %}` / `{% continue %}`,
-and `{% generation %}` (TRL's assistant-mask marker, rendered as its body). The template is the
-checkpoint's own; a nanoseek tokenizer saves DeepSeek-R1's format with DeepSeek-V3's function calling
-(`CHAT_TEMPLATE`) in its tokenizer_config.json.
+and `{% generation %}` (TRL's assistant-mask marker, rendered as its body), plus a request's
+`chat_template_kwargs` (V3.1's template reads `thinking`). The template is the checkpoint's own; a
+nanoseek tokenizer saves DeepSeek-R1's format with DeepSeek-V3's function calling (`CHAT_TEMPLATE`)
+in its tokenizer_config.json.
+
+The released DeepSeek-V3.2 and V4 checkpoints ship no template but a Python encoder; for a directory
+whose config.json says model_type "deepseek_v32" / "deepseek_v4" and whose tokenizer files carry no
+template, `from_dir` picks nanoseek's rendering of that encoder (nanoseek.dsml), and
+`Tokenizer.prompt_format` says which way prompts are built: "chat_template", "deepseek_v32",
+"deepseek_v4", or None (no chat format). A template in the files always wins.
 
 nanoseek's own BPE (`train_tokenizer`; no pretrained tokenizer can be downloaded at run time, and a
 toy model wants a toy vocabulary) mirrors DeepSeek-V3's:
@@ -51,6 +58,7 @@ from typing import Iterable
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek import dsml
 from nanoseek.errors import ChatTemplateError, NanoseekError, check_out_dir
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -149,7 +157,7 @@ class Tokenizer:
 
     def __init__(self, tk: HFTokenizer, *, bos_token=_DEFAULT, eos_token=_DEFAULT, pad_token=_DEFAULT,
                  unk_token: str | None = None, eos_token_ids: Iterable[int] = (), chat_template=_DEFAULT,
-                 config: dict | None = None, generation_settings: dict | None = None):
+                 config: dict | None = None, generation_settings: dict | None = None, encoder: str | None = None):
         self.tk = tk
         self.unk_token = unk_token  # for chat templates only: a byte-level BPE has no unknown tokens
         own = bos_token is _DEFAULT and eos_token is _DEFAULT
@@ -174,9 +182,14 @@ class Tokenizer:
         if not self.eos_token_ids:
             raise NanoseekError("the tokenizer names no eos token (tokenizer_config.json eos_token, or "
                                 "generation_config.json eos_token_id): generation would never stop")
+        if encoder is not None and encoder not in dsml.ENCODERS:
+            raise NanoseekError(f"no prompt encoder {encoder!r}: nanoseek has {', '.join(dsml.ENCODERS)}")
+        # The Python encoder of a released V3.2 / V4 checkpoint (nanoseek.dsml), used where there is no
+        # chat template: from_dir names it for such a checkpoint (model_type in its config.json).
+        self.encoder = encoder
         if chat_template is _DEFAULT:  # a DeepSeek vocabulary without a template of its own speaks R1's format
             deepseek = all(tk.token_to_id(t) is not None for t in (USER, ASSISTANT)) and self.bos_token == BOS
-            chat_template = CHAT_TEMPLATE if deepseek else None
+            chat_template = CHAT_TEMPLATE if deepseek and encoder is None else None
         self.chat_template: str | None = chat_template
         self.config = config  # tokenizer_config.json as loaded (None: a nanoseek BPE); save() writes it back
         # generation_config.json's sampling settings (R1-Distill: temperature 0.6, top_p 0.95, do_sample),
@@ -191,7 +204,7 @@ class Tokenizer:
         # would see no tags. decode keeps them: it drops the other special ids itself (None: the
         # markers are plain tokens, or absent, and tokenizers' own skipping is already right).
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        markers = [THINK_START, THINK_END] + TOOL_MARKERS  # the tool-call parser reads the text too
+        markers = [THINK_START, THINK_END, dsml.DSML] + TOOL_MARKERS  # the tool-call parser reads the text too
         kept = {tk.token_to_id(t) for t in markers} & special
         self._skipped_special_ids: frozenset[int] | None = frozenset(special - kept) if kept else None
 
@@ -201,7 +214,8 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         """Load a tokenizer or checkpoint directory: tokenizer.json, and the special tokens and chat
         template of tokenizer_config.json / special_tokens_map.json / chat_template.jinja and the
-        stop tokens of generation_config.json, where present."""
+        stop tokens of generation_config.json, where present. A checkpoint of DeepSeek-V3.2 or V4
+        (config.json's model_type) whose files carry no template gets that model's prompt encoder."""
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
@@ -231,6 +245,10 @@ class Tokenizer:
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if template is not None:
             kwargs["chat_template"] = template
+        else:
+            model_type = _read_json(path / "config.json").get("model_type")
+            if model_type in dsml.ENCODERS:
+                kwargs["encoder"] = model_type
         return cls(tk, config=config or None, **kwargs)
 
     def save(self, directory: str | Path) -> None:
@@ -308,9 +326,17 @@ class Tokenizer:
             skip_special_tokens = False
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def prompt_format(self) -> str | None:
+        """How `apply_chat_template` builds prompts: "chat_template" (the Jinja template), the name of
+        a released model's encoder ("deepseek_v32", "deepseek_v4"; see nanoseek.dsml), or None."""
+        return "chat_template" if self.chat_template is not None else self.encoder
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                            tools: list[dict] | None = None, continue_final_message: bool = False) -> str:
-        """Render a conversation with the tokenizer's chat template (sandboxed Jinja2).
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template_kwargs: dict | None = None) -> str:
+        """Render a conversation with the tokenizer's chat template (sandboxed Jinja2), or with the
+        encoder of a released DeepSeek-V3.2 / V4 checkpoint (`prompt_format`).
 
         messages: [{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}, ...]
         (assistant messages may carry OpenAI-style `tool_calls`, tool messages a `tool_call_id`);
@@ -318,16 +344,27 @@ class Tokenizer:
         inside the last message, so the model continues it (chat-prefix completion; no generation
         prompt then). The text is the prompt as transformers' `apply_chat_template` renders it;
         encode it with `encode(text)` (the template writes bos itself where the format has one).
+        chat_template_kwargs: a request's extra template variables (vLLM's field; e.g. {"thinking": true}),
+        or the encoder's options (nanoseek.dsml.prompt_options). The encoders write the generation
+        prompt as part of a user turn (add_generation_prompt has no effect on them).
         Raises ChatTemplateError naming the problem when there is no template or it fails.
         """
+        if self.chat_template is None and self.encoder is not None:
+            return _encoded(self.encoder, messages, tools, continue_final_message, chat_template_kwargs)
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat_template (tokenizer_config.json names none): "
                                     "use plain-text prompts (/v1/completions, `nanoseek generate`)")
         # pad and unk only where the tokenizer has them: transformers leaves the others undefined
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                    **{k: v for k, v in (("pad_token", self.pad_token), ("unk_token", self.unk_token)) if v is not None}}
+        variables = dict(chat_template_kwargs or {})
+        taken = sorted(set(variables) & {*special, "messages", "tools", "documents", "add_generation_prompt",
+                                         "raise_exception", "namespace", "strftime_now"})
+        if taken:
+            raise ChatTemplateError(f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields "
+                                    "give those")
         return render_chat_template(self.chat_template, messages, add_generation_prompt, tools=tools,
-                                    continue_final_message=continue_final_message, **special)
+                                    continue_final_message=continue_final_message, **special, **variables)
 
     def check_chat_template(self) -> None:
         """Compile the chat template, if there is one: a syntax error is a ChatTemplateError now
@@ -411,6 +448,21 @@ def _config_template(template, path: Path) -> str | None:
     if named:
         return next((t["template"] for t in template if t["name"] == "default"), None)
     return template
+
+
+def _encoded(encoder: str, messages: list[dict], tools: list[dict] | None, continue_final_message: bool,
+             options: dict | None) -> str:
+    """A prompt built by a released model's encoder (nanoseek.dsml), continued inside the last
+    message as render_chat_template does it."""
+    plain = [{k: v for k, v in m.items() if v is not None} for m in json.loads(json.dumps(messages))]
+    if continue_final_message:
+        if not plain or not isinstance(plain[-1].get("content"), str):
+            raise ChatTemplateError("continuing the final message needs a last message with text content")
+        plain[-1]["content"] += _CONTINUE_TAG
+    text = dsml.encode(encoder, plain, tools, options)
+    if continue_final_message:
+        text = text[:text.rindex(_CONTINUE_TAG)]
+    return text
 
 
 def _content(token) -> str | None:

@@ -18,9 +18,10 @@ tokenizer without them serves plain content), and usage carries `prompt_cache_hi
 `prompt_cache_miss_tokens` from the engine's prefix cache. `response_format` json_object / json_schema
 is enforced by constrained decoding (nanoseek.inference.structured), on both endpoints. Function
 calling: `tools` go to the chat template and the model's calls, written in DeepSeek's special-token
-format (deepseek_v3 or deepseek_v31: the one the template writes, or --tool-call-parser), come back
-as `tool_calls` (tools.py); tool_choice "required" or a named function constrains the output to a
-call. A last assistant message with `prefix: true` (or `continue_final_message`) is continued.
+format (deepseek_v3 or deepseek_v31) or V3.2's / V4's DSML (deepseek_v32, deepseek_v4: the one the
+template or encoder writes, or --tool-call-parser), come back as `tool_calls` (tools.py); tool_choice
+"required" or a named function constrains the output to a call. `chat_template_kwargs` (vLLM's
+field, e.g. {"thinking": true}) go to the template as variables, or to V3.2's / V4's encoder. A last assistant message with `prefix: true` (or `continue_final_message`) is continued.
 
 This module is only the HTTP layer: the endpoints, the app and the CLI. The engine (`nanoseek.LLM`)
 checks requests and generates; a single background thread drives it (engine_loop.py), so all
@@ -47,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.checkpoint import generation_defaults
 from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
+from nanoseek.dsml import ENCODERS
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
 from nanoseek.inference.generate import add_speculative_arguments, context_length, note_max_model_len, note_speculation
 from nanoseek.inference.sampling import SamplingParams
@@ -121,7 +123,8 @@ def _tool_calling(state: ServerState, body: ChatCompletionRequest) -> tuple[Tool
     fmt = state.tool_format
     if fmt is None:
         raise bad_request("this checkpoint's chat template writes no DeepSeek tool calls, so its tool calls cannot "
-                          "be read: start the server with --tool-call-parser deepseek_v3 (or deepseek_v31), or send "
+                          "be read: start the server with --tool-call-parser deepseek_v3 (or deepseek_v31, "
+                          "deepseek_v32, deepseek_v4), or send "
                           'tool_choice "none"', "tools", "unsupported_parameter")
     if choice == "auto":
         return fmt, {}
@@ -145,13 +148,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.server
     _check_model(state, body.model)
     tool_format, tool_constraint = _tool_calling(state, body)
-    conversation, continues = body.conversation(), body.continues_final_message()
+    encoder = state.tokenizer.prompt_format in ENCODERS  # V3.2 / V4: the encoder reads reasoning_content
+    conversation, continues = body.conversation(keep_reasoning=encoder), body.continues_final_message()
     try:
         prompt_text = state.tokenizer.apply_chat_template(
             conversation, add_generation_prompt=body.add_generation_prompt and not continues,
-            tools=body.tool_specs(), continue_final_message=continues)
+            tools=body.tool_specs(), continue_final_message=continues, chat_template_kwargs=body.chat_template_kwargs)
     except ChatTemplateError as e:
-        raise bad_request(str(e), "messages", "chat_template_error") from e
+        param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "messages"
+        raise bad_request(str(e), param, "chat_template_error") from e
     except NanoseekError as e:
         raise bad_request(str(e), "messages") from e
     # the template's text as it is (it writes bos itself), as transformers tokenizes a chat
@@ -225,8 +230,9 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
                sampling_defaults: dict | None = None, tool_call_parser: str = "auto") -> FastAPI:
     """The FastAPI app serving `engine` (a `nanoseek.LLM` with a tokenizer). `sampling_defaults`
     (e.g. the checkpoint's generation_config.json) apply to the sampling fields a request leaves out.
-    `tool_call_parser`: the format tool calls are read in, "deepseek_v3" or "deepseek_v31", or
-    "auto": the one the chat template writes (none: requests that want tool calls get a 400).
+    `tool_call_parser`: the format tool calls are read in, "deepseek_v3", "deepseek_v31",
+    "deepseek_v32" or "deepseek_v4", or "auto": the one the chat template (or the V3.2 / V4 prompt
+    encoder) writes (none: requests that want tool calls get a 400).
 
     The engine is driven by a background thread that starts with the app (lifespan) and stops with
     it; the app must be the engine's only user while it runs.
@@ -350,8 +356,9 @@ def add_arguments(parser) -> None:
                              "splitting it into reasoning_content (where the chat template opens the think block "
                              "in the prompt, as R1's does, the text starts inside it: no opening <think>)")
     parser.add_argument("--tool-call-parser", choices=["auto", *FORMATS], default="auto",
-                        help="how the model writes tool calls: DeepSeek-V3's format (deepseek_v3: V2.5, V3, R1-0528) "
-                             "or V3.1's (deepseek_v31); auto: the one the checkpoint's chat template writes")
+                        help="how the model writes tool calls: DeepSeek-V3's format (deepseek_v3: V2.5, V3, R1-0528), "
+                             "V3.1's (deepseek_v31), or DSML (deepseek_v32: V3.2; deepseek_v4: V4); auto: the one "
+                             "the checkpoint's chat template (or V3.2's / V4's prompt encoder) writes")
     parser.add_argument("--max-num-seqs", type=at_least(1, "a number of sequences: 1 or more"), default=64,
                         help="sequences the engine batches at once")
     parser.add_argument("--max-waiting", type=at_least(0, "a number of sequences: 0 or more"), default=256,
@@ -417,6 +424,9 @@ def run(args) -> int:
                      max_waiting=args.max_waiting, sampling_defaults=defaults, tool_call_parser=args.tool_call_parser)
     print(f"nanoseek serve: {name} (max_model_len {engine.max_model_len}) on http://{args.host}:{args.port}  "
           f"chat page at /, API at /v1{'  (API key required)' if args.api_key else ''}")
+    if engine.tokenizer.prompt_format in ENCODERS:
+        print(f"nanoseek serve: no chat template; prompts built by the {engine.tokenizer.prompt_format} encoder "
+              "(nanoseek.dsml; chat_template_kwargs {\"thinking\": ...} switches thinking mode)")
     tool_format = app.state.server.tool_format
     print(f"nanoseek serve: tool calls read in {tool_format.name} format" if tool_format else
           "nanoseek serve: no tool-call format (the chat template writes none; see --tool-call-parser): "

@@ -19,7 +19,9 @@ of a prompt that opens a `<think>` block); a json_schema without a schema is a 4
 cannot be compiled a 400 from the handler.
 
 Extensions beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`stop_token_ids` (vLLM's names) and `separate_reasoning` (SGLang's name; false returns the raw text
+`stop_token_ids`, `chat_template_kwargs` (vLLM's names; the last are extra variables for the chat
+template, or the options of a DeepSeek-V3.2 / V4 prompt encoder: {"thinking": true},
+{"reasoning_effort": "max"}) and `separate_reasoning` (SGLang's name; false returns the raw text
 with its `<think>` tags as `content`).
 """
 
@@ -114,6 +116,7 @@ class Message(OpenAIModel):
     tool_call_id: str | None = None           # a tool message: the call it answers
     name: str | None = None
     prefix: bool = False                      # DeepSeek's chat-prefix completion: continue this message
+    reasoning_content: str | None = None      # an assistant turn's reasoning, as DeepSeek's API returned it
 
     @field_validator("content", mode="before")
     @classmethod
@@ -191,6 +194,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True                     # vLLM's
     continue_final_message: bool = False                   # vLLM's name for chat-prefix completion
+    chat_template_kwargs: dict | None = None               # vLLM's: extra template variables, e.g. {"thinking": true}
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -198,11 +202,13 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def conversation(self) -> list[dict]:
+    def conversation(self, keep_reasoning: bool = False) -> list[dict]:
         """Messages as the tokenizer's chat template takes them.
 
         `developer` is OpenAI's new name for `system`. Past assistant turns lose any reasoning the
-        client sends back (`reasoning_content` is simply not read), as DeepSeek's API does. As in
+        client sends back (`reasoning_content` is not read), as DeepSeek's API does, unless
+        `keep_reasoning`: DeepSeek-V3.2's and V4's encoders take it (they keep the reasoning of the
+        turn in progress, a tool-calling loop, and drop the rest themselves). As in
         OpenAI's API, user, system and tool messages need content; an assistant message may omit it
         (there it means an empty reply, or only tool calls: content "", which DeepSeek-V3's template
         needs). Tool calls keep OpenAI's shape, their arguments a JSON string.
@@ -226,6 +232,8 @@ class ChatCompletionRequest(SamplingFields):
                 message["name"] = m.name
             if m.prefix:
                 message["prefix"] = True  # V3.1's template reads it
+            if keep_reasoning and m.role == "assistant" and m.reasoning_content is not None:
+                message["reasoning_content"] = m.reasoning_content
             conversation.append(message)
         return conversation
 

@@ -8,8 +8,10 @@ the text was chunked. Non-streaming responses are the one-chunk case of the same
 
 The rules, following SGLang's DeepSeek-R1 detector:
 
-- If the prompt already ends with `<think>` (DeepSeek-R1's updated chat template appends "<think>\\n"),
-  the model starts inside its reasoning and only a closing `</think>` will appear: start in reasoning.
+- If the prompt already ends with `<think>` (DeepSeek-R1's updated chat template appends "<think>\\n",
+  V3.2's and V4's encoders "<think>" in thinking mode), the model starts inside its reasoning and only
+  a closing `</think>` will appear: start in reasoning. Their chat mode ends the prompt with `</think>`,
+  which closes the block before the model writes: its output is the answer.
 - Otherwise, reasoning happens only if the output *starts* with `<think>` (leading whitespace allowed).
   A model that answers straight away gets everything as `content`.
 - Inside reasoning, everything up to the first `</think>` is reasoning; after it, everything is content.

@@ -23,7 +23,7 @@ from nanoseek.serve.engine_loop import EngineDeadError
 from nanoseek.serve.generation import ChoiceUpdate, Generation, ServerState, _Choice
 from nanoseek.serve.protocol import APIError
 from nanoseek.serve.reasoning import ReasoningSplitter
-from nanoseek.serve.tools import ToolCallFormat, ToolCallParser, parse_tool_calls
+from nanoseek.serve.tools import ToolCallFormat, parse_tool_calls
 
 logger = logging.getLogger("nanoseek.serve")
 
@@ -114,7 +114,7 @@ class ChatFormat:
         self.splitters = [ReasoningSplitter(in_reasoning) if split else None for _ in generation.choices]
         self.pending = {c.index: [] for c in generation.choices}  # logprobs waiting for the next chunk
         self.tool_format, self.parallel_tool_calls = tool_format, parallel_tool_calls
-        self.tool_parsers = [ToolCallParser(tool_format) if tool_format else None for _ in generation.choices]
+        self.tool_parsers = [tool_format.parser() if tool_format else None for _ in generation.choices]
         self.called = [False] * len(generation.choices)  # the choice's output was tool calls
 
     def opening(self, choice: _Choice) -> list[dict]:

@@ -9,9 +9,17 @@ reasoning model, after its `</think>`: the parser only ever sees the answer part
     deepseek_v31 (V3.1, V3.2's chat template):
         <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
 
-(vLLM's `--tool-call-parser deepseek_v3` / `deepseek_v31` read the same.) Which one a checkpoint
-speaks is what its own chat template writes for a past tool call (`detect_format`), or what
-`--tool-call-parser` says.
+    deepseek_v32 (DeepSeek-V3.2), deepseek_v4 (DeepSeek-V4; `tool_calls` instead of `function_calls`):
+        DSML (nanoseek.dsml), after the content and a blank line:
+        <｜DSML｜function_calls>
+        <｜DSML｜invoke name="NAME">
+        <｜DSML｜parameter name="KEY" string="true|false">VALUE</｜DSML｜parameter>
+        </｜DSML｜invoke>
+        </｜DSML｜function_calls>
+
+(vLLM's `--tool-call-parser deepseek_v3` / `deepseek_v31` / `deepseek_v32` / `deepseek_v4` read the
+same.) Which one a checkpoint speaks is what its chat template (or V3.2's / V4's encoder) writes for
+a past tool call (`detect_format`), or what `--tool-call-parser` says.
 
 `ToolCallParser` is incremental, like the reasoning splitter: `feed(text)` takes any chunking of
 the text and returns events, the same whatever the chunking: ("content", text) for text before
@@ -22,6 +30,13 @@ wrong before its first call is released as content, as is the rest after a call 
 (then `succeeded` is False: the finish reason stays the engine's, not "tool_calls"). A call's
 arguments must be a JSON object. The whole-text parse (`parse_tool_calls`, non-streaming) is all
 or nothing: any malformed call, and the whole text is content.
+
+`DSMLParser` reads DSML with the same events and guarantees. A call's arguments are rebuilt as a
+JSON object from its parameters, as DeepSeek's reference parser does: a string="true" value becomes
+a JSON string, a string="false" one goes in as the JSON it is (it must parse, else the call is
+malformed); they go out parameter by parameter, `{"city": "Paris"`, `, "days": 3`, then `}` when
+the invoke closes. Whitespace between the tags is free (the models write newlines), as is the
+whitespace between the content and the block (DeepSeek writes a blank line; it is not content).
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from nanoseek import dsml
 from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 
@@ -80,10 +96,36 @@ class ToolCallFormat:
     def call_separator(self) -> str:
         return "\n" if self.v3_header else ""
 
+    @property
+    def start(self) -> str:
+        return TOOL_CALLS_BEGIN
+
+    def parser(self) -> "ToolCallParser":
+        return ToolCallParser(self)
+
+
+@dataclass(frozen=True)
+class DSMLFormat:
+    """DeepSeek-V3.2's or V4's DSML tool calls (they differ in the block's name)."""
+
+    name: str  # "deepseek_v32" / "deepseek_v4", as nanoseek.dsml names the formats
+
+    @property
+    def start(self) -> str:
+        return f"<{dsml.DSML}{dsml.CALLS_BLOCK[self.name]}>"
+
+    @property
+    def end(self) -> str:
+        return f"</{dsml.DSML}{dsml.CALLS_BLOCK[self.name]}>"
+
+    def parser(self) -> "DSMLParser":
+        return DSMLParser(self)
+
 
 DEEPSEEK_V3 = ToolCallFormat("deepseek_v3", True, "\n```" + TOOL_CALL_END)
 DEEPSEEK_V31 = ToolCallFormat("deepseek_v31", False, TOOL_CALL_END)
-FORMATS = {f.name: f for f in (DEEPSEEK_V3, DEEPSEEK_V31)}
+DEEPSEEK_V32, DEEPSEEK_V4 = DSMLFormat("deepseek_v32"), DSMLFormat("deepseek_v4")
+FORMATS = {f.name: f for f in (DEEPSEEK_V3, DEEPSEEK_V31, DEEPSEEK_V32, DEEPSEEK_V4)}
 
 
 def _has_space(text: str) -> bool:
@@ -110,9 +152,9 @@ def render_calls(fmt: ToolCallFormat, calls: list[tuple[str, str]]) -> str:
     return TOOL_CALLS_BEGIN + body + TOOL_CALLS_END
 
 
-def detect_format(tokenizer) -> ToolCallFormat | None:
-    """The format the tokenizer's chat template writes a past tool call in (None: neither, or the
-    template does not render tool calls): a probe conversation is rendered and read back."""
+def detect_format(tokenizer) -> ToolCallFormat | DSMLFormat | None:
+    """The format the tokenizer's chat template (or encoder) writes a past tool call in (None: none of
+    them, or the template does not render tool calls): a probe conversation is rendered and read back."""
     probe = [{"role": "user", "content": "x"},
              {"role": "assistant", "content": "", "tool_calls": [
                  {"id": "call_0", "type": "function", "function": {"name": "probe_fn", "arguments": '{"a": 1}'}}]}]
@@ -120,10 +162,10 @@ def detect_format(tokenizer) -> ToolCallFormat | None:
         text = tokenizer.apply_chat_template(probe, add_generation_prompt=False)
     except Exception:  # noqa: BLE001 - a template that cannot render tool calls has no format
         return None
-    start = text.find(TOOL_CALLS_BEGIN)
-    if start < 0:
-        return None
     for fmt in FORMATS.values():
+        start = text.find(fmt.start)
+        if start < 0:
+            continue
         content, calls = parse_tool_calls(text[start:], fmt)
         if [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("probe_fn", {"a": 1})]:
             return fmt
@@ -258,6 +300,170 @@ class ToolCallParser:
         events.append(("arguments", index, text))
 
 
+class DSMLParser:
+    """Incremental DSML tool-call parser over one choice's answer text: `ToolCallParser`'s events and
+    guarantees (see the module docstring) for DeepSeek-V3.2's and V4's markup.
+
+    States: "content" (before the block), "block" (between invokes), "name" (an invoke's name),
+    "parameters" (between a call's parameters), "header" (a parameter's name and string flag),
+    "value", "after" (past the block's end), "content_only" (the markup broke).
+    """
+
+    INVOKE, INVOKE_END = f'<{dsml.DSML}invoke name="', f"</{dsml.DSML}invoke>"
+    PARAMETER, PARAMETER_END = f'<{dsml.DSML}parameter name="', f"</{dsml.DSML}parameter>"
+    HEADER = re.compile(r'([^"\s<>]+)" string="(true|false)">')
+
+    def __init__(self, fmt: DSMLFormat):
+        self.fmt = fmt
+        self.state = "content"
+        self.buffer = ""     # text not yet released
+        self.raw = ""        # text consumed since the last event: content again if the markup breaks
+        self.calls: list[dict] = []   # {"name", "arguments"} per started call
+        self.complete = 0    # calls closed well-formed
+        self.failed = False
+        self.parameter: tuple[str, bool] | None = None  # the open parameter: (name, is_string)
+        self.value = ""      # its value so far
+        self.keys: set[str] = set()  # the open call's parameter names
+
+    succeeded = ToolCallParser.succeeded
+
+    def feed(self, text: str) -> list[tuple]:
+        self.buffer += text
+        events: list[tuple] = []
+        while self.buffer:
+            before = (self.state, len(self.buffer))
+            self._advance(events)
+            if (self.state, len(self.buffer)) == before:  # waiting for more text
+                break
+        return _merged(events)
+
+    def finish(self) -> list[tuple]:
+        """End of the text: what was held back is content; a block cut off before its end is malformed
+        (a missing block end after complete calls is tolerated)."""
+        events: list[tuple] = []
+        rest, self.buffer = self.buffer, ""
+        if self.state in ("content", "after", "content_only"):
+            events.append(("content", rest))
+        elif not (self.state == "block" and self.calls):
+            self._fail(events, rest)
+        return _merged(events)
+
+    def _take(self, n: int) -> str:
+        taken, self.buffer = self.buffer[:n], self.buffer[n:]
+        self.raw += taken
+        return taken
+
+    def _emit(self, events: list, event: tuple) -> None:
+        events.append(event)
+        self.raw = ""
+
+    def _fail(self, events: list, rest: str) -> None:
+        self.failed = True
+        events.append(("content", self.raw + rest))
+        self.state, self.raw, self.buffer = "content_only", "", ""
+
+    def _expect(self, events: list, markers: list[str]) -> str | None:
+        """The marker the buffer starts with (after whitespace, which is consumed), None while the
+        text may still become one; the markup breaks when it cannot."""
+        stripped = self.buffer.lstrip()
+        for marker in markers:
+            if stripped.startswith(marker):
+                self._take(len(self.buffer) - len(stripped) + len(marker))
+                return marker
+        if stripped and not any(m.startswith(stripped) for m in markers):
+            self._fail(events, self.buffer)
+        return None
+
+    def _advance(self, events: list) -> None:
+        """One step of the state machine; leaves the buffer untouched when it needs more text."""
+        buf, state = self.buffer, self.state
+        if state == "content":
+            start = buf.find(self.fmt.start)
+            if start >= 0:  # the whitespace before the block separates it from the content
+                content = buf[:start].rstrip()
+                self._emit(events, ("content", content))
+                self.buffer = buf[start + len(self.fmt.start):]
+                self.raw = buf[len(content):start + len(self.fmt.start)]  # content again if the block breaks
+                self.state = "block"
+                return
+            held = len(buf) - _partial_len(buf, self.fmt.start)
+            held = len(buf[:held].rstrip())  # whitespace that may precede the block
+            self._emit(events, ("content", buf[:held]))
+            self.buffer = buf[held:]
+        elif state in ("after", "content_only"):  # text after the block (rarely more than whitespace)
+            events.append(("content", buf))
+            self.buffer = ""
+        elif state == "block":
+            marker = self._expect(events, [self.INVOKE, self.fmt.end])
+            if marker == self.INVOKE:
+                self.state = "name"
+            elif marker is not None:
+                self.state = "after" if self.calls else "content_only"
+                if not self.calls:  # an empty block: nothing was called
+                    self._fail(events, "")
+        elif state == "name":
+            end = buf.find('">')
+            if end >= 0:
+                name = buf[:end]
+                if not name or '"' in name or _has_space(name) or "<" in name:
+                    self._fail(events, buf)
+                    return
+                self._take(end + 2)
+                self.calls.append({"name": name, "arguments": ""})
+                self.keys = set()
+                self._emit(events, ("call", len(self.calls) - 1, name))
+                self.state = "parameters"
+            elif any(c in '"<' or c.isspace() for c in buf.removesuffix('"')):
+                self._fail(events, buf)
+        elif state == "parameters":
+            marker = self._expect(events, [self.PARAMETER, self.INVOKE_END])
+            if marker == self.PARAMETER:
+                self.state = "header"
+            elif marker is not None:  # the call is complete
+                self._arguments(events, "}" if self.keys else "{}")
+                self.complete += 1
+                self.state = "block"
+        elif state == "header":
+            end = buf.find('">')
+            match = self.HEADER.fullmatch(buf[:end + 2]) if end >= 0 else None
+            if match and match[1] not in self.keys:
+                self._take(end + 2)
+                self.parameter, self.value = (match[1], match[2] == "true"), ""
+                self.keys.add(match[1])
+                self.state = "value"
+            elif end >= 0 or "<" in buf or "\n" in buf:  # not a header, or a repeated parameter
+                self._fail(events, buf)
+        elif state == "value":
+            end = buf.find(self.PARAMETER_END)
+            if end < 0:
+                keep = _partial_len(buf, self.PARAMETER_END)
+                self.value += self._take(len(buf) - keep)
+                return
+            self.value += self._take(end)
+            self._take(len(self.PARAMETER_END))
+            name, is_string = self.parameter
+            if not is_string and not _is_json(self.value):
+                self._fail(events, "")
+                return
+            value = json.dumps(self.value, ensure_ascii=False) if is_string else self.value
+            self._arguments(events, ("{" if len(self.keys) == 1 else ", ")
+                            + json.dumps(name, ensure_ascii=False) + ": " + value)
+            self.state = "parameters"
+
+    def _arguments(self, events: list, text: str) -> None:
+        index = len(self.calls) - 1
+        self.calls[index]["arguments"] += text
+        self._emit(events, ("arguments", index, text))
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
@@ -278,11 +484,11 @@ def _merged(events: list[tuple]) -> list[tuple]:
     return out
 
 
-def parse_tool_calls(text: str, fmt: ToolCallFormat) -> tuple[str, list[dict]]:
+def parse_tool_calls(text: str, fmt: ToolCallFormat | DSMLFormat) -> tuple[str, list[dict]]:
     """Non-streaming: (content before the calls, [{"function": {"name", "arguments"}}, ...]). All or
     nothing: text that does not follow the format (a bad header, arguments that are not a JSON
     object, a call cut off) is all content, with no calls."""
-    parser = ToolCallParser(fmt)
+    parser = fmt.parser()
     events = parser.feed(text) + parser.finish()
     if not parser.succeeded:
         return text, []
@@ -302,13 +508,15 @@ def _literal(text: str) -> str:
     return _REGEX_SPECIAL.sub(r"\\\1", text).replace("\n", "\\n")
 
 
-def tool_call_regex(fmt: ToolCallFormat, tools: list[dict], several: bool) -> str:
+def tool_call_regex(fmt: ToolCallFormat | DSMLFormat, tools: list[dict], several: bool) -> str:
     """A regex of a tool-call section that calls one of `tools` (OpenAI function specs), with
     arguments that match the function's parameters schema; `several`: one or more calls. What
     tool_choice "required" or a named function is enforced with (the structured-output guide)."""
     from nanoseek.inference.structured import _outlines
 
     build_regex_from_schema = _outlines().json_schema.build_regex_from_schema  # a clear error if not installed
+    if isinstance(fmt, DSMLFormat):
+        return _dsml_regex(fmt, tools, several, build_regex_from_schema)
     alternatives = []
     for tool in tools:
         function = tool["function"]
@@ -323,3 +531,48 @@ def tool_call_regex(fmt: ToolCallFormat, tools: list[dict], several: bool) -> st
     call = "(" + "|".join(alternatives) + ")"
     calls = f"{call}({_literal(fmt.call_separator)}{call})*" if several else call
     return _literal(TOOL_CALLS_BEGIN) + calls + _literal(TOOL_CALLS_END)
+
+
+# What a parameters schema may say at its top level for its DSML form to be exactly the JSON one:
+# the parameters are the properties; anything else (anyOf, $ref, minProperties...) is not enforced.
+_DSML_OBJECT_KEYS = {"type", "properties", "required", "additionalProperties", "description", "title", "$schema"}
+
+
+def _dsml_regex(fmt: DSMLFormat, tools: list[dict], several: bool, build_regex_from_schema) -> str:
+    """The DSML block of one call (or several) of `tools`: one parameter per property of the
+    function's parameters schema, in the schema's order, the required ones always and the others
+    optionally. A plain string property (no constraints but an enum) is written raw, string="true",
+    as the model was trained to (its text without "<", or one of its enum values); every other
+    property is JSON that matches its schema, string="false" (a JSON string is fine there too). So
+    every text the regex admits parses to arguments that match the schema. A schema with more at its
+    top level than properties and required is refused: its DSML form cannot be enforced."""
+    alternatives = []
+    for tool in tools:
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        properties, required = schema.get("properties") or {}, schema.get("required") or []
+        if (set(schema) - _DSML_OBJECT_KEYS or schema.get("type", "object") != "object"
+                or not isinstance(properties, dict) or not set(required) <= set(properties)):
+            raise NanoseekError(f"the parameters of function {function['name']!r} cannot be enforced as DSML "
+                                "parameters: give an object schema of properties (and required), or use "
+                                'tool_choice "auto"')
+        parameters = ""
+        for key, spec in properties.items():
+            spec = spec if isinstance(spec, dict) else {}
+            plain = spec.get("type") == "string" and set(spec) <= {"type", "description", "title", "enum"}
+            if plain and all(isinstance(v, str) and "<" not in v for v in spec.get("enum", [])):
+                value = "|".join(_literal(v) for v in spec["enum"]) if "enum" in spec else "[^<]*"
+            else:
+                try:
+                    value = build_regex_from_schema(json.dumps(spec))
+                except (ValueError, TypeError, RuntimeError) as e:
+                    raise NanoseekError(f"the parameter {key!r} of function {function['name']!r} cannot be "
+                                        f"enforced: {e}") from None
+            marker = "\x00VALUE\x00"
+            one = _literal(dsml.parameter_text(key, plain, marker) + "\n").replace(_literal(marker), f"({value})")
+            parameters += one if key in required else f"({one})?"
+        head, tail = dsml.invoke_text(function["name"], "\x00").split("\x00")
+        alternatives.append(_literal(head) + parameters + _literal(tail.removeprefix("\n")))
+    call = "(" + "|".join(alternatives) + ")"
+    calls = f"{call}(\\n{call})*" if several else call
+    return _literal(fmt.start + "\n") + calls + _literal("\n" + fmt.end)
