@@ -20,7 +20,35 @@ those names, the same without the `model.` prefix as DeepSeek's release spells t
 `hc_head_fn`; its `mtp.*` tensors are dropped, as transformers drops them), and transformers'
 in-memory names with the experts stacked (`mlp.experts.gate_up_proj` (E, 2F, D), `down_proj`
 (E, D, F), from `save_pretrained(save_original_format=False)`), split here into per-expert weights.
-V4's FP8 / FP4 release formats are not read.
+
+DeepSeek's V4 release format (DeepSeek-V4-Flash and its kin) is read too, dequantized to the
+requested dtype tensor by tensor as the weights are read. What it holds (checked against DeepSeek's
+V4 inference code, `inference/model.py` `Linear` and `inference/convert.py`
+`cast_e2m1fn_to_e4m3fn`, in the public copies the search tools find, and against transformers 5.24:
+`integrations/finegrained_fp8.py` `Fp8Dequantize` with `_unpack_fp4`, `FP8Experts`'
+`expert_dtype == "fp4"` storage, `quantizers/quantizer_finegrained_fp8.py`'s `.scale` renaming,
+`FineGrainedFP8Config`, and `DeepseekV4Config`, which folds a top-level `expert_dtype` into the
+quantization config):
+- config.json: `"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+  "weight_block_size": [128, 128], "activation_scheme": "dynamic"}` and `"expert_dtype": "fp4"`
+  (top level, or inside quantization_config in transformers' newer files).
+- FP8, every linear of attention and of the shared expert (`attn.wq_a`, `wq_b`, `wkv`, `wo_a`,
+  `wo_b`, `attn.indexer.wq_b`, `ffn.shared_experts.w1/w2/w3`): float8_e4m3fn `X.weight` (out, in) with
+  `X.scale` (ceil(out/128), ceil(in/128)) beside it, one scale per 128 x 128 block as in V3, stored
+  as ue8m0 (safetensors F8_E8M0, torch float8_e8m0fnu: a bare power of two, 2^(byte - 127)). The
+  scale multiplies (W = W_fp8 * scale), as V3's `weight_scale_inv` does; transformers renames
+  `.scale` to `.weight_scale_inv` on load, and files it saves spell it so: both names are read.
+- FP4, the routed experts (`ffn.experts.{e}.w1/w2/w3`): `X.weight` int8 (out, in/2), two e2m1 values
+  per byte, the low nibble first (column 2j in bits 0-3, column 2j+1 in bits 4-7), each nibble a
+  sign bit over the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6; `X.scale` ue8m0 (out, in/32): one scale per
+  32 consecutive inputs of a row (MXFP4's block; the block size is DeepSeek's `fp4_block_size`, in no
+  config field).
+- Unquantized: embedding, head, norms, the router's weight, the compressors' `wkv` / `wgate`, the
+  indexer's `weights_proj` (bf16); mHC coefficients, sinks, `ape`, the router bias (fp32); `tid2eid`.
+Quantized tensors are found by what is stored, not by the config: a `.weight` with a scale beside it
+is dequantized, FP4 when it is int8, FP8 when float8; the config's weight_block_size sets the FP8
+block. Scales may be ue8m0, float32 / bf16 (V3's), or ue8m0 exponents stored as uint8 (read as
+transformers does, 2^(byte - 127)). Torch's float4_e2m1fn_x2 as safetensors writes it (F4) is not read.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so
 a crash mid-save never leaves a half-written checkpoint where the last good one was.
@@ -226,8 +254,10 @@ def model_class(config: ModelConfig | DenseConfig) -> type[Transformer] | type[D
 
 # safetensors dtype names -> torch dtypes
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-             "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class SafetensorsIndex:
@@ -279,15 +309,25 @@ class SafetensorsIndex:
                                           "which nanoseek does not load")
                 start, end = info["data_offsets"]
                 self.entries[key] = (file, ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, 8 + n + end)
+        self.scales = weight_scales(self.entries)  # quantized weight -> its scale tensor
 
     def keys(self) -> list[str]:
         """Every key, in file order (reading them in this order reads each file front to back)."""
         return list(self.entries)
 
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor of the key's dtype and shape (for checks, without reading anything)."""
+        """A meta tensor of the key's dtype and shape (for checks, without reading anything); a
+        quantized weight's as dequantized: float32, an FP4 one twice as wide as its packed bytes."""
         _, dtype, shape, _, _ = self.entries[key]
+        if dtype == torch.int8 and key.endswith("weight"):  # packed FP4 (an error without its scale: `dequantize`)
+            dtype, shape = torch.float32, shape[:-1] + (2 * shape[-1],)
+        elif key in self.scales:
+            dtype = torch.float32
         return torch.empty(shape, dtype=dtype, device="meta")
+
+    def read_weight(self, key: str, block: tuple[int, int]) -> torch.Tensor:
+        """The tensor as the model holds it: a quantized weight dequantized (see `dequantize`)."""
+        return dequantize(key, self.read(key), self.read(self.scales[key]) if key in self.scales else None, block)
 
     def read(self, key: str) -> torch.Tensor:
         file, dtype, shape, start, end = self.entries[key]
@@ -305,33 +345,139 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return {key: index.read(key) for key in index.keys()}
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                   key: str = "FP8 weight") -> torch.Tensor:
     """W = W_fp8 * scale_inv per (128 x 128) block; ragged edge blocks (V3's 576-row kv_a_proj)
     use the same scale grid, ceil-sized, cropped to the weight's shape."""
     rows, cols = weight.shape
     br, bc = block
     if scale_inv.shape != (-(-rows // br), -(-cols // bc)):
-        raise CheckpointError(f"FP8 scale grid {tuple(scale_inv.shape)} does not fit weight {tuple(weight.shape)} "
-                              f"with {br}x{bc} blocks")
+        raise CheckpointError(f"{key}: FP8 scale grid {tuple(scale_inv.shape)} does not fit weight "
+                              f"{tuple(weight.shape)} with {br}x{bc} blocks")
     scale = scale_inv.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
     return weight.float() * scale
 
 
+# e2m1 (FP4): a sign bit over 3 bits of magnitude, codes 0-7 positive, 8-15 their negatives
+FP4_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP4_BLOCK = 32  # inputs per FP4 scale (DeepSeek's fp4_block_size, MXFP4's)
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, key: str = "FP4 weight") -> torch.Tensor:
+    """V4's routed experts: W = e2m1 value * scale, two values per byte of `packed` (out, in/2), the
+    low nibble first, and one scale per 32 inputs of a row, `scale` (out, in/32) (see the docstring)."""
+    rows, width = packed.shape
+    cols = 2 * width
+    if cols % FP4_BLOCK or tuple(scale.shape) != (rows, cols // FP4_BLOCK):
+        raise CheckpointError(f"{key}: FP4 scales {tuple(scale.shape)} do not fit weight ({rows}, {cols}) "
+                              f"(packed {tuple(packed.shape)}): expected ({rows}, {cols // FP4_BLOCK}), one per "
+                              f"{FP4_BLOCK} inputs of a row")
+    b = packed.view(torch.uint8)
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(rows, cols)  # byte j: columns 2j (low), 2j+1 (high)
+    # a table lookup; index_select on int32 codes is ~2.5x faster than indexing with int64 ones
+    values = FP4_E2M1.index_select(0, codes.view(-1).int()).view(rows, cols // FP4_BLOCK, FP4_BLOCK)  # (out, in/32, 32)
+    return (values * scale.float()[..., None]).view(rows, cols)
+
+
+def scale_values(key: str, scale: torch.Tensor) -> torch.Tensor:
+    """A stored scale tensor as float32: ue8m0 (float8_e8m0fnu, or its exponent bytes as uint8: 2^(b -
+    127)), or float32 / bf16 / fp16. Anything else, or a scale that is not finite, is an error."""
+    if scale.dtype == torch.uint8:
+        values = torch.exp2(scale.float() - 127)
+    elif scale.dtype in (torch.float8_e8m0fnu, torch.float32, torch.bfloat16, torch.float16):
+        values = scale.float()
+    else:
+        raise CheckpointError(f"{key} is stored as {str(scale.dtype).removeprefix('torch.')}, which is no scale "
+                              "format (ue8m0 / float8_e8m0fnu, float32, bfloat16)")
+    if not torch.isfinite(values).all():
+        raise CheckpointError(f"{key} holds scales that are not finite (a ue8m0 NaN byte 0xff?): the file is damaged")
+    return values
+
+
+def dequantize(key: str, weight: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int]) -> torch.Tensor:
+    """A checkpoint tensor as the model holds it: FP8 with block scales (V3, V4) and V4's packed FP4
+    dequantized to float32, anything without a scale as it is (see the module docstring)."""
+    packed = weight.dtype == torch.int8 and key.endswith("weight")  # V4's FP4 experts; tid2eid is an int too
+    if scale is None:
+        if weight.dtype in FP8_DTYPES or packed:
+            kind = "FP8" if weight.dtype in FP8_DTYPES else "int8 (FP4, two values a byte)"
+            raise CheckpointError(f"{key} is {kind} but has no {key}_scale_inv or "
+                                  f"{key.removesuffix('weight')}scale beside it to dequantize it with")
+        return weight
+    values = scale_values(f"the scale of {key}", scale)
+    if packed:
+        return dequantize_fp4(weight, values, key)
+    if weight.dtype in FP8_DTYPES:
+        return dequantize_fp8(weight, values, block, key)
+    raise CheckpointError(f"{key} has a scale beside it but is stored as {str(weight.dtype).removeprefix('torch.')}: "
+                          "a quantized weight is float8_e4m3fn (FP8) or int8 (FP4, two values a byte)")
+
+
+def weight_scales(keys) -> dict[str, str]:
+    """Each quantized weight's scale tensor, by the weight's key: `X.weight_scale_inv` (V3, and
+    transformers' files) or `X.scale` (DeepSeek's V4 release)."""
+    have = set(keys)
+    found = {}
+    for key in have:
+        if key.endswith("weight"):
+            scale = next((s for s in (key + "_scale_inv", key.removesuffix("weight") + "scale") if s in have), None)
+            if scale is not None:
+                found[key] = scale
+    return found
+
+
+def quant_block(quantization_config: dict | None) -> tuple[int, int]:
+    """The FP8 block (rows, columns) of a config.json's quantization_config: weight_block_size,
+    128 x 128 without one."""
+    block = (quantization_config or {}).get("weight_block_size", (128, 128))
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"quantization_config.weight_block_size is {block!r}: expected two positive "
+                              "integers, e.g. [128, 128]")
+    return tuple(block)
+
+
+def weight_formats(index: SafetensorsIndex) -> dict[str, dict[str, int]]:
+    """How a checkpoint's tensors are stored, for `nanoseek info`: per format ("FP8 e4m3, ue8m0
+    scales", "FP4 e2m1, ue8m0 scales", "bf16", ...) its tensor count and bytes on disk, a quantized
+    weight's scales counted with it. Reads nothing but the headers."""
+    def name(dtype: torch.dtype) -> str:
+        return {torch.float8_e8m0fnu: "ue8m0", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.float8_e4m3fn: "FP8 e4m3", torch.float8_e5m2: "FP8 e5m2", torch.int8: "FP4 e2m1"
+                }.get(dtype, str(dtype).removeprefix("torch."))
+
+    def size(key: str) -> int:
+        _, _, _, start, end = index.entries[key]
+        return end - start
+
+    out: dict[str, dict[str, int]] = {}
+    scales = set(index.scales.values())
+    for key, (_, dtype, _, _, _) in index.entries.items():
+        if key in scales:
+            continue
+        kind, n = str(dtype).removeprefix("torch."), size(key)
+        if dtype.is_floating_point and dtype not in FP8_DTYPES:
+            kind = name(dtype)
+        if key in index.scales:  # a quantized weight: int8 is packed FP4
+            scale = index.scales[key]
+            kind, n = f"{name(dtype)}, {name(index.entries[scale][1])} scales", n + size(scale)
+        entry = out.setdefault(kind, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += n
+    return out
+
+
 def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig,
                                quantization_config: dict | None) -> dict[str, torch.Tensor]:
-    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 weights, drop the
-    MTP layers' copies of the shared embedding and head, and rename a V4 checkpoint's tensors."""
-    block = tuple((quantization_config or {}).get("weight_block_size", (128, 128)))
+    """Released-checkpoint tensors -> this model's state dict: dequantize FP8 and FP4 weights, drop
+    the MTP layers' copies of the shared embedding and head, and rename a V4 checkpoint's tensors."""
+    block = quant_block(quantization_config)
+    scales = weight_scales(tensors)
     out = {}
     for key, t in tensors.items():
-        if key.endswith("weight_scale_inv"):
+        if key in scales.values():
             continue
-        scale_key = key[: -len("weight")] + "weight_scale_inv" if key.endswith("weight") else None
-        if scale_key and scale_key in tensors:
-            t = dequantize_fp8(t, tensors[scale_key], block)
-        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CheckpointError(f"{key} is FP8 but has no {scale_key} to dequantize it with")
-        out[key] = t
+        out[key] = dequantize(key, t, tensors[scales[key]] if key in scales else None, block)
     for k in range(config.num_nextn_predict_layers):
         prefix = f"model.layers.{config.num_hidden_layers + k}."
         out.pop(prefix + "embed_tokens.weight", None)
@@ -419,9 +565,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     Llama / Qwen2 one (config.json model_type "llama" / "qwen2") into a DenseTransformer.
 
     dtype defaults to float32 (CPU training and tests); the MoE correction bias stays fp32 always.
-    The model is built on the meta device and each tensor is read, converted (FP8 dequantized, cast
-    to dtype) and put in place one at a time, its temporaries' pages handed back to the OS as it
-    goes (`return_free_memory`), so the peak is the loaded model plus one tensor.
+    The model is built on the meta device and each tensor is read, converted (FP8 / FP4 dequantized
+    with its scale, cast to dtype) and put in place one at a time, its temporaries' pages handed back
+    to the OS as it goes (`return_free_memory`), so the peak is the loaded model plus one tensor.
     `quantize="int8"` / `"int8-dynamic"` / `"fp16"` (CPU) converts each linear layer (and an untied
     embedding) as soon as its weights are in, so the fp32 copy of the whole model never exists either (see `nanoseek.device`).
     Missing or unexpected keys, and shape mismatches, raise CheckpointError naming them. A run
@@ -439,10 +585,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     check_quantize(quantize, torch.device(device), dtype)
     quantize = None if quantize == "none" else quantize
     index = SafetensorsIndex(path)
-    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    block = quant_block(raw.get("quantization_config"))
     mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
     copies = {p + name for p in mtp_prefixes for name in ("embed_tokens.weight", "shared_head.head.weight")}
-    keys = [k for k in index.keys() if not k.endswith("weight_scale_inv") and k not in copies]
+    scales = set(index.scales.values())
+    keys = [k for k in index.keys() if k not in scales and k not in copies]
     if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in keys):
         # config.json names MTP modules but the file has none (e.g. saved by transformers, which
         # drops them): load the main model alone rather than fail.
@@ -472,15 +619,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         if cut is not None:
             stacked = stacked if name in stacked else {name: index.read(name)}
             t = cut(stacked[name]).clone()
-        else:
-            t = index.read(name)
-        scale_key = name[: -len("weight")] + "weight_scale_inv"
-        if scale_key in index.entries:
-            t = dequantize_fp8(t, index.read(scale_key), block)
-        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CheckpointError(f"{name} is FP8 but has no {scale_key} to dequantize it with")
-        # integer tensors (V4's tid2eid table) keep their dtype
-        t = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype if t.is_floating_point() else t.dtype)
+        else:  # FP8 / FP4 dequantized here, with the scale read beside it
+            t = index.read_weight(name, block)
+        # integer tensors (V4's tid2eid table) take the model's integer dtype (DeepSeek's release stores int32)
+        t = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype if t.is_floating_point()
+                 else expected[key].dtype)
         module_name, _, name = key.rpartition(".")
         module = modules[module_name]
         if isinstance(getattr(module, name), nn.Parameter):

@@ -7,6 +7,8 @@ Llama / Qwen2 checkpoint (a distilled student) has no experts and no MTP, and it
 grouped-query attention's keys and values, set against the same multi-head cache.
 
 Counts come from blocks built on the meta device, so even V3's 671B parameters cost no memory.
+With --model, the checkpoint's stored formats are listed too (bf16, fp32, FP8 with its scales,
+DeepSeek-V4's FP4 experts; from the safetensors headers, nothing else read).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -230,9 +233,27 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype_bytes < 1:
         raise NanoseekError("--dtype-bytes must be a positive integer (2 for bf16, 4 for fp32)")
     s = model_stats(config)
-    print(json.dumps(stats_json(name, s, args.dtype_bytes)) if args.json
-          else format_stats(name, config, s, args.dtype_bytes))
+    formats = stored_formats(args.model) if args.model else {}
+    if args.json:
+        print(json.dumps({**stats_json(name, s, args.dtype_bytes), **({"stored_formats": formats} if formats else {})}))
+    else:
+        lines = [format_stats(name, config, s, args.dtype_bytes)]
+        if formats:
+            lines.append("weights as stored:")
+            lines += [f"  {kind}: {e['tensors']:,} tensors, {_bytes(e['bytes'])}" for kind, e in formats.items()]
+        print("\n".join(lines))
     return 0
+
+
+def stored_formats(path: str) -> dict[str, dict[str, int]]:
+    """The checkpoint's tensors by stored format (`checkpoint.weight_formats`), largest first; {}
+    for a directory without weights (info needs only config.json)."""
+    from nanoseek.checkpoint import SafetensorsIndex, weight_formats
+
+    if not any(Path(path).glob("*.safetensors")):
+        return {}
+    formats = weight_formats(SafetensorsIndex(path))
+    return dict(sorted(formats.items(), key=lambda item: -item[1]["bytes"]))
 
 
 def stats_json(name: str, s: ModelStats, dtype_bytes: int = 2) -> dict:
