@@ -11,6 +11,7 @@ import json
 import os
 import random
 
+import httpx
 import pytest
 import torch
 from openai import BadRequestError, OpenAI
@@ -182,6 +183,7 @@ def test_format_is_detected_from_the_chat_template(tok):
 @pytest.mark.parametrize("calls", [[("get_weather", PARIS)], [("get_weather", PARIS), ("get_time", '{"tz": "CET"}')]])
 def test_tool_calls_non_streaming_and_streaming(v3, calls):
     v3.script = lambda prompt: "Checking. " + render_calls(DEEPSEEK_V3, calls)
+    finished_with_tool_calls = _tool_calls_outcomes(v3)
     r = _chat(v3)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking. "
@@ -191,6 +193,15 @@ def test_tool_calls_non_streaming_and_streaming(v3, calls):
     content, reasoning, streamed, finish = _collect(_chat(v3, stream=True))
     assert (content, finish) == ("Checking. ", "tool_calls")
     assert [(c["name"], c["arguments"]) for c in streamed] == calls
+    # /metrics counts both requests by the finish reason they were sent, not the engine's "stop"
+    assert _tool_calls_outcomes(v3) == finished_with_tool_calls + 2
+
+
+def _tool_calls_outcomes(served) -> int:
+    """/metrics' count of chat requests that finished with "tool_calls"."""
+    text = httpx.get(served.thread.url + "/metrics").text
+    return sum(int(float(line.split()[-1])) for line in text.splitlines()
+               if line.startswith("nanoseek_requests_total{") and 'outcome="tool_calls"' in line)
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(v3):

@@ -88,6 +88,9 @@ class Generation:
         self.admitted = 0
         self.first_token_at: float | None = None
         self.closed = False
+        # how the response reports a choice's finish, for the metrics (the chat format reports
+        # "tool_calls" where a choice called tools; the engine's reason otherwise)
+        self.reported_finish_reason = lambda choice: choice.finish_reason
 
     async def start(self) -> None:
         """Admit the request, or raise APIError: 503 when the queue is full, 400 for bad input."""
@@ -196,7 +199,7 @@ class Generation:
         self.state.in_flight -= self.admitted
         if self.admitted and record_metrics:
             usage = self.usage()
-            reasons = {c.finish_reason for c in self.choices}
+            reasons = {self.reported_finish_reason(c) for c in self.choices}
             outcome = "aborted" if self.unfinished else ",".join(sorted(r for r in reasons if r))
             self.state.metrics.record_finished(self.endpoint, outcome, usage["prompt_tokens"],
                                                usage["completion_tokens"], usage["prompt_cache_hit_tokens"],

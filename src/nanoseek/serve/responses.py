@@ -116,6 +116,7 @@ class ChatFormat:
         self.tool_format, self.parallel_tool_calls = tool_format, parallel_tool_calls
         self.tool_parsers = [tool_format.parser() if tool_format else None for _ in generation.choices]
         self.called = [False] * len(generation.choices)  # the choice's output was tool calls
+        generation.reported_finish_reason = self.finish_reason  # the metrics count "tool_calls" as sent
 
     def opening(self, choice: _Choice) -> list[dict]:
         return [{"delta": {"role": "assistant", "content": ""}}]
@@ -270,14 +271,14 @@ async def respond(request: Request, generation: Generation, fmt: ChatFormat | Co
         try:
             if not await _run_unless_disconnected(request, generation):
                 return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
+            choices = []
+            for c in generation.choices:
+                body = fmt.whole(c)  # first: it decides whether the choice called tools
+                choices.append({"index": c.index, **body, "finish_reason": fmt.finish_reason(c)})
         except EngineDeadError as e:
             raise APIError(503, str(e), "server_error", code="engine_dead") from e
         finally:
-            generation.close()
-        choices = []
-        for c in generation.choices:
-            body = fmt.whole(c)  # first: it decides whether the choice called tools
-            choices.append({"index": c.index, **body, "finish_reason": fmt.finish_reason(c)})
+            generation.close()  # after `whole`: the metrics record the finish reasons the response sends
         return JSONResponse({"id": request_id, "object": fmt.object, "created": created, "model": model,
                              "choices": choices, "usage": fmt.usage()})
 
