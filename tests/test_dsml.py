@@ -286,6 +286,17 @@ def test_server_reads_dsml_calls_and_switches_thinking(v32_tokenizer):
         assert e.value.body["param"] == "chat_template_kwargs"
 
 
+def test_server_default_chat_template_kwargs_yield_to_the_requests(v32_tokenizer):
+    """serve --default-chat-template-kwargs: every request gets them, unless it sets the key itself."""
+    engine = ScriptedServingEngine(v32_tokenizer, lambda prompt: "ok")
+    with ServerThread(create_app(engine, model_name="v32", chat_template_kwargs={"thinking": True})) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        client.chat.completions.create(model="v32", messages=ASK)
+        assert engine.prompts[-1].endswith("<｜Assistant｜><think>")
+        client.chat.completions.create(model="v32", messages=ASK, extra_body={"chat_template_kwargs": {"thinking": False}})
+        assert engine.prompts[-1].endswith("<｜Assistant｜></think>")
+
+
 PARIS_ARGS = '{"city": "Paris \\"centre\\"", "days": 3}'
 
 

@@ -741,6 +741,35 @@ def test_chat_cli_goes_on_after_the_template_refuses_a_turn(checkpoint, tmp_path
     assert len([part for part in out.split("> ") if part.strip()]) == 2  # the first turn and the one after /reset
 
 
+def test_chat_cli_passes_chat_template_kwargs_to_the_template(checkpoint, tmp_path, capsys, monkeypatch):
+    """--chat-template-kwargs reaches the template as variables (V3.1's template reads `thinking`);
+    not JSON, or a template that refuses without it, fails before the first message."""
+    import io
+    import json
+    import shutil
+
+    from nanoseek.cli import main
+    from nanoseek.tokenizer import CHAT_TEMPLATE
+
+    directory = tmp_path / "needs_thinking"
+    shutil.copytree(checkpoint, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if not thinking %}{{ raise_exception('thinking is off') }}{% endif %}" + CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", "--model", str(directory), "--max-tokens", "5", "--temperature", "0"]) == 2
+    assert "thinking is off" in capsys.readouterr().err
+    assert main(["chat", "--model", str(directory), "--max-tokens", "5", "--temperature", "0",
+                 "--chat-template-kwargs", '{"thinking": true}']) == 0
+    out, err = capsys.readouterr()
+    llm = LLM(checkpoint)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert out.split("> ")[1] == llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5))[0].outputs[0].text + "\n"
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", str(directory), "--chat-template-kwargs", "thinking"])
+    assert "not JSON" in capsys.readouterr().err
+
+
 def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
     """R1-Distill ships temperature 0.6 / top_p 0.95 in generation_config.json: generate and chat
     use them where no flag is given (a flag wins), the server for fields a request leaves out;

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from nanoseek.errors import ContextLengthError, NanoseekError
-from nanoseek.inference.generate import add_engine_arguments, build_engine, sampling_settings
+from nanoseek.inference.generate import (add_engine_arguments, build_engine, chat_template_kwargs_argument,
+                                         sampling_settings)
 from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.tokenizer import THINK_END, THINK_START
@@ -49,19 +50,21 @@ def turn_error(e: NanoseekError, history: list[dict], system: bool = False) -> s
     return f"{e}; message not sent" + ("; /reset starts a new conversation" if history else "")
 
 
-def fits(llm, messages: list[dict]) -> bool:
+def fits(llm, messages: list[dict], template_kwargs: dict | None = None) -> bool:
     """Whether `messages` leave room in the context for a reply (False where the template fails too)."""
     try:
-        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   chat_template_kwargs=template_kwargs)
     except NanoseekError:
         return False
     return len(llm.tokenizer.encode(prompt)) < llm.max_model_len
 
 
-def stream_reply(llm, messages: list[dict], params, tty: bool) -> str:
+def stream_reply(llm, messages: list[dict], params, tty: bool, template_kwargs: dict | None = None) -> str:
     """Stream the model's reply to `messages` to stdout; returns its text."""
     # the checkpoint's own template; its text tokenized as it is (it writes bos itself)
-    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                               chat_template_kwargs=template_kwargs)
     in_reasoning = prompt_opens_reasoning(prompt)
     shown, text = "", ""
     for out in llm.stream(llm.tokenizer.encode(prompt), params):
@@ -77,6 +80,9 @@ def stream_reply(llm, messages: list[dict], params, tty: bool) -> str:
 def add_arguments(parser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--chat-template-kwargs", type=chat_template_kwargs_argument, default=None, metavar="JSON",
+                        help="extra chat-template variables, or the options of DeepSeek-V3.2's / V4's prompt "
+                             "encoder: '{\"thinking\": true}' (V3.1, V3.2), '{\"reasoning_effort\": \"max\"}' (V4)")
 
 
 def run(args) -> int:
@@ -85,7 +91,8 @@ def run(args) -> int:
     params = SamplingParams(**sampling_settings(args), seed=args.seed, max_tokens=args.max_tokens)
     params.validate()  # a bad flag is reported before the model loads, not after the first message
     if (Path(args.model) / "tokenizer.json").is_file():  # so is a chat template that cannot render
-        Tokenizer.from_dir(args.model).apply_chat_template([{"role": "user", "content": "hi"}])
+        Tokenizer.from_dir(args.model).apply_chat_template([{"role": "user", "content": "hi"}],
+                                                           chat_template_kwargs=args.chat_template_kwargs)
     llm = build_engine(args)
     tty = sys.stdout.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -106,10 +113,10 @@ def run(args) -> int:
             continue
         message = {"role": "user", "content": user}
         try:  # the engine and the template check before generating, so a failed turn printed nothing
-            text = stream_reply(llm, system + history + [message], params, tty)
+            text = stream_reply(llm, system + history + [message], params, tty, args.chat_template_kwargs)
         except NanoseekError as e:  # this turn's problem, not the session's: report it and go on without it
             # the earlier turns are to blame (and /reset a way out) only if the message fits without them
-            blamed = history if history and fits(llm, system + [message]) else []
+            blamed = history if history and fits(llm, system + [message], args.chat_template_kwargs) else []
             print(f"nanoseek chat: error: {turn_error(e, blamed, bool(system))}", file=sys.stderr)
             continue
         history += [message, {"role": "assistant", "content": final_answer(text)}]

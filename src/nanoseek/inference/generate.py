@@ -10,6 +10,7 @@ prompt with --stream prints tokens as they are produced.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,18 @@ def add_arguments(parser) -> None:
                         help="the output must be JSON matching this schema: its JSON text, or @FILE "
                              "('{\"type\": \"object\"}' for any JSON object); needs outlines-core (the serve extra)")
     parser.add_argument("--regex", default=None, help="the output must match this regular expression")
+
+
+def chat_template_kwargs_argument(value: str) -> dict:
+    """--chat-template-kwargs / --default-chat-template-kwargs: a JSON object, e.g. '{"thinking": true}'."""
+    try:
+        kwargs = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at position {e.pos}): give an object such as "
+                                         "'{\"thinking\": true}'") from None
+    if not isinstance(kwargs, dict):
+        raise argparse.ArgumentTypeError("give a JSON object such as '{\"thinking\": true}'")
+    return kwargs
 
 
 def json_schema_argument(value: str | None) -> str | None:

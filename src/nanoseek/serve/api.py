@@ -50,7 +50,8 @@ from nanoseek.checkpoint import generation_defaults
 from nanoseek.device import add_device_arguments, add_quantize_argument, at_least
 from nanoseek.dsml import ENCODERS
 from nanoseek.errors import ChatTemplateError, ContextLengthError, NanoseekError
-from nanoseek.inference.generate import add_speculative_arguments, context_length, note_max_model_len, note_speculation
+from nanoseek.inference.generate import (add_speculative_arguments, chat_template_kwargs_argument, context_length,
+                                         note_max_model_len, note_speculation)
 from nanoseek.inference.sampling import SamplingParams
 from nanoseek.serve.engine_loop import EngineLoop
 from nanoseek.serve.generation import Generation, ServerState
@@ -153,7 +154,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     try:
         prompt_text = state.tokenizer.apply_chat_template(
             conversation, add_generation_prompt=body.add_generation_prompt and not continues,
-            tools=body.tool_specs(), continue_final_message=continues, chat_template_kwargs=body.chat_template_kwargs)
+            tools=body.tool_specs(), continue_final_message=continues,
+            chat_template_kwargs={**state.chat_template_kwargs, **(body.chat_template_kwargs or {})})
     except ChatTemplateError as e:
         param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "messages"
         raise bad_request(str(e), param, "chat_template_error") from e
@@ -227,12 +229,14 @@ class APIKeyMiddleware:
 
 def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = None,
                separate_reasoning: bool = True, max_waiting: int = 256, max_running: int | None = None,
-               sampling_defaults: dict | None = None, tool_call_parser: str = "auto") -> FastAPI:
+               sampling_defaults: dict | None = None, tool_call_parser: str = "auto",
+               chat_template_kwargs: dict | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (a `nanoseek.LLM` with a tokenizer). `sampling_defaults`
     (e.g. the checkpoint's generation_config.json) apply to the sampling fields a request leaves out.
     `tool_call_parser`: the format tool calls are read in, "deepseek_v3", "deepseek_v31",
     "deepseek_v32" or "deepseek_v4", or "auto": the one the chat template (or the V3.2 / V4 prompt
-    encoder) writes (none: requests that want tool calls get a 400).
+    encoder) writes (none: requests that want tool calls get a 400). `chat_template_kwargs`: defaults
+    for a request's own (which win key by key), e.g. {"thinking": true}.
 
     The engine is driven by a background thread that starts with the app (lifespan) and stops with
     it; the app must be the engine's only user while it runs.
@@ -244,7 +248,7 @@ def create_app(engine, *, model_name: str = "nanoseek", api_key: str | None = No
         engine_loop=engine_loop, tokenizer=engine.tokenizer, model_name=model_name,
         max_model_len=engine.max_model_len, separate_reasoning=separate_reasoning,
         max_running=max_running or engine.scheduler.max_num_seqs, max_waiting=max_waiting,
-        sampling_defaults=dict(sampling_defaults or {}),
+        sampling_defaults=dict(sampling_defaults or {}), chat_template_kwargs=dict(chat_template_kwargs or {}),
         tool_format=detect_format(engine.tokenizer) if tool_call_parser == "auto" else FORMATS[tool_call_parser],
     )
 
@@ -359,6 +363,9 @@ def add_arguments(parser) -> None:
                         help="how the model writes tool calls: DeepSeek-V3's format (deepseek_v3: V2.5, V3, R1-0528), "
                              "V3.1's (deepseek_v31), or DSML (deepseek_v32: V3.2; deepseek_v4: V4); auto: the one "
                              "the checkpoint's chat template (or V3.2's / V4's prompt encoder) writes")
+    parser.add_argument("--default-chat-template-kwargs", type=chat_template_kwargs_argument, default=None,
+                        metavar="JSON", help="chat_template_kwargs every request gets unless it sets them itself "
+                                             "(vLLM's option): '{\"thinking\": true}' serves V3.1 / V3.2 in thinking mode")
     parser.add_argument("--max-num-seqs", type=at_least(1, "a number of sequences: 1 or more"), default=64,
                         help="sequences the engine batches at once")
     parser.add_argument("--max-waiting", type=at_least(0, "a number of sequences: 0 or more"), default=256,
@@ -411,7 +418,11 @@ def run(args) -> int:
                                                          "no such directory") + "; point it at a checkpoint directory")
     args.port = check_bindable(args.host, args.port)  # --port 0: a free one, named in the line below
     if (model_dir / "tokenizer.json").is_file():  # a chat template that does not compile fails before the model loads
-        Tokenizer.from_dir(model_dir).check_chat_template()
+        tokenizer = Tokenizer.from_dir(model_dir)
+        tokenizer.check_chat_template()
+        if args.default_chat_template_kwargs and tokenizer.prompt_format is not None:  # nor do options it refuses
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                          chat_template_kwargs=args.default_chat_template_kwargs)
     engine = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  enable_prefix_caching=not args.no_prefix_caching, speculative_mtp=args.speculative_mtp,
                  speculative_max_batch=args.speculative_max_batch, device=args.device, dtype=args.dtype,
@@ -421,7 +432,8 @@ def run(args) -> int:
     name = args.served_model_name or model_dir.resolve().name
     defaults = generation_defaults(model_dir) if args.generation_config == "auto" else {}
     app = create_app(engine, model_name=name, api_key=args.api_key, separate_reasoning=not args.no_reasoning_split,
-                     max_waiting=args.max_waiting, sampling_defaults=defaults, tool_call_parser=args.tool_call_parser)
+                     max_waiting=args.max_waiting, sampling_defaults=defaults, tool_call_parser=args.tool_call_parser,
+                     chat_template_kwargs=args.default_chat_template_kwargs)
     print(f"nanoseek serve: {name} (max_model_len {engine.max_model_len}) on http://{args.host}:{args.port}  "
           f"chat page at /, API at /v1{'  (API key required)' if args.api_key else ''}")
     if engine.tokenizer.prompt_format in ENCODERS:

@@ -31,6 +31,7 @@ class ServerState:
     max_model_len: int
     separate_reasoning: bool = True
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, for unset fields
+    chat_template_kwargs: dict = field(default_factory=dict)  # --default-chat-template-kwargs, under a request's
     tool_format: object = None  # ToolCallFormat the model's tool calls are read in (None: none)
     max_running: int = 64     # sequences the engine runs at once (its max_num_seqs)
     max_waiting: int = 256    # sequences allowed to queue beyond that before we answer 503
