@@ -1,6 +1,7 @@
 """Task evaluation: the pass@k / maj@k arithmetic on scripted completions, and determinism through
 the real engine on a tiny random model (same seed -> same problems -> same score)."""
 
+import copy
 
 import pytest
 import torch
@@ -79,6 +80,19 @@ def test_chat_asks_in_the_template_and_grades_the_boxed_answer(task, checkpoint)
     expected = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": f"{problems[0].question}\n{CHAT_INSTRUCTION}"}], add_generation_prompt=True)
     assert prompt == expected and prompt.count(problems[0].question) == 1
+    # chat_template_kwargs reach the template (V3.1's reads `thinking`; V3.2's / V4's encoders take it too)
+    engine.tokenizer = copy.copy(engine.tokenizer)
+    engine.tokenizer.chat_template = "{% if thinking %}THINKING {% endif %}" + engine.tokenizer.chat_template
+    report = evaluate(engine, task=task, n=2, seed=0, chat=True, chat_template_kwargs={"thinking": True})
+    assert engine.tokenizer.decode(engine.prompts[-2]) == "THINKING " + expected  # problem 0 of this call
+    assert report["chat_template_kwargs"] == {"thinking": True}
+
+
+def test_chat_template_kwargs_need_chat(checkpoint, capsys):
+    from nanoseek.cli import main
+
+    assert main(["eval", "--model", str(checkpoint), "--chat-template-kwargs", '{"thinking": true}']) == 2
+    assert "add --chat" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the real engine

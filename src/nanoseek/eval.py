@@ -51,6 +51,7 @@ from pathlib import Path
 from nanoseek.data.tasks import Problem, Task, derive_seed, extract_answer, get_task, prompt_of, reasons
 from nanoseek.device import THREADS, add_device_arguments, add_quantize_argument, at_least
 from nanoseek.errors import ContextLengthError, NanoseekError
+from nanoseek.inference.generate import chat_template_kwargs_argument
 from nanoseek.train.checkpointing import checkpoint_argument
 from nanoseek.rewards import format_reward
 
@@ -84,10 +85,11 @@ def majority_answer(answers: list[str | None], same: Callable[[str, str], bool] 
     return max(groups, key=len)[0] if groups else None  # max keeps the first of equal sizes
 
 
-def chat_prompt(tokenizer, problem: Problem) -> str:
-    """`problem` as one user turn of the checkpoint's own chat template, ready for the reply."""
+def chat_prompt(tokenizer, problem: Problem, template_kwargs: dict | None = None) -> str:
+    """`problem` as one user turn of the checkpoint's own chat template, ready for the reply
+    (`template_kwargs`: the template's extra variables, or V3.2's / V4's encoder options)."""
     message = {"role": "user", "content": f"{problem.question}\n{CHAT_INSTRUCTION}"}
-    return tokenizer.apply_chat_template([message], add_generation_prompt=True)
+    return tokenizer.apply_chat_template([message], add_generation_prompt=True, chat_template_kwargs=template_kwargs)
 
 
 def make_llm(model_or_llm, tokenizer=None, max_num_seqs: int = 256, max_model_len: int | None = None):
@@ -107,20 +109,22 @@ def make_llm(model_or_llm, tokenizer=None, max_num_seqs: int = 256, max_model_le
 def evaluate(model_or_llm, tokenizer=None, task: str | Task = "default", n: int = 200, samples: int = 1,
              seed: int = 0, *, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 1.0,
              top_p: float = 1.0, split: str = "eval", problems: list[Problem] | None = None,
-             return_samples: bool = False, prefill: str | None = None, chat: bool = False) -> dict:
+             return_samples: bool = False, prefill: str | None = None, chat: bool = False,
+             chat_template_kwargs: dict | None = None) -> dict:
     """Score a model on `n` problems of `task`'s `split`, drawn with `seed`.
 
     model_or_llm: an `LLM`, a Transformer (with `tokenizer`) or a checkpoint directory. `problems`
     overrides the draw (the RL loop passes its fixed eval set). `samples` = K: 1 is greedy; K > 1
     samples at `temperature` / `top_p` with per-problem seeds derived from `seed`. `prefill`: text
     appended to every prompt and counted as the start of every response (see the module docstring).
-    `chat`: ask in the checkpoint's chat template (`chat_prompt`) instead of the R1-Zero prompt.
+    `chat`: ask in the checkpoint's chat template (`chat_prompt`) instead of the R1-Zero prompt,
+    with `chat_template_kwargs` (e.g. {"thinking": true} for V3.1 / V3.2).
 
     Returns {"task", "split", "n", "samples", "seed", "pass@1", ("pass@k" for k = 2, 4, .., K and
     "maj@K" when K > 1), "format" (share of samples in the R1-Zero format), "reasoning" (share of
     samples that reason), "reasoning_length" (generated tokens per reasoning sample, 0 when none),
     "mean_length" (generated tokens per sample), "truncated" (share cut at max_tokens), "seconds"},
-    "prefill" when given, "chat" (True) with `chat`, plus
+    "prefill" when given, "chat" (True) with `chat` and "chat_template_kwargs" when given, plus
     "results" (per problem: question, answer, completions, extracted answers, scores) when
     `return_samples`.
     """
@@ -142,7 +146,8 @@ def evaluate(model_or_llm, tokenizer=None, task: str | Task = "default", n: int 
     t0 = time.perf_counter()
     prefill = prefill or ""
     if chat:  # the template's text tokenized as it is (it writes bos itself), as the chat CLI does
-        prompts = [llm.tokenizer.encode(chat_prompt(llm.tokenizer, p) + prefill) for p in problems]
+        prompts = [llm.tokenizer.encode(chat_prompt(llm.tokenizer, p, chat_template_kwargs) + prefill)
+                   for p in problems]
     else:
         prompts = [prompt_of(p) + prefill for p in problems]
     outputs = llm.generate(prompts, params)
@@ -182,6 +187,8 @@ def evaluate(model_or_llm, tokenizer=None, task: str | Task = "default", n: int 
         report["prefill"] = prefill
     if chat:
         report["chat"] = True
+        if chat_template_kwargs:
+            report["chat_template_kwargs"] = chat_template_kwargs
     report["seconds"] = seconds
     if return_samples:
         report["results"] = results
@@ -229,6 +236,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="ask each question as a user turn of the checkpoint's chat template, with R1's "
                              "instruction to answer in \\boxed{} (for released chat models such as R1-Distill)")
+    parser.add_argument("--chat-template-kwargs", type=chat_template_kwargs_argument, default=None, metavar="JSON",
+                        help="with --chat: the template's extra variables, or V3.2's / V4's prompt options, e.g. "
+                             "'{\"thinking\": true}'")
     parser.add_argument("--rerank", metavar="GRM", default=None,
                         help="with --samples K: also grm@K, the sample a generative reward model (nanoseek grm) "
                              "scores highest, beside pass@k and maj@K")
@@ -268,6 +278,8 @@ def run(args) -> int:
             raise NanoseekError(f"task {task.name!r} has no fixed chain opening to prefill; "
                                 "give the text: --prefill 'TEXT'")
         prefill = task.chain_opening
+    if args.chat_template_kwargs is not None and not args.chat:
+        raise NanoseekError("--chat-template-kwargs shape the chat template's prompt: add --chat")
     if args.rerank:  # checked before generating, which can take hours, not after
         if args.samples < 2:
             raise NanoseekError("--rerank picks one of several samples: give --samples K with K >= 2")
@@ -281,7 +293,7 @@ def run(args) -> int:
         report = evaluate(llm, task=task, n=args.n, samples=args.samples, seed=args.seed,
                           max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           split=args.split, return_samples=args.show > 0 or bool(args.rerank), prefill=prefill,
-                          chat=args.chat)
+                          chat=args.chat, chat_template_kwargs=args.chat_template_kwargs)
     except ContextLengthError as e:  # the engine says "shorten the prompt", which eval's user cannot do
         raise ContextLengthError(f"a {task.name} prompt has {e.tokens} tokens, but the context of {args.model} "
                                  f"holds {e.limit} (prompt and at least one generated token); evaluate a model "
