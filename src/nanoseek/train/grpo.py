@@ -79,6 +79,7 @@ from nanoseek.errors import ConfigError
 from nanoseek.eval import evaluate
 from nanoseek.inference.engine import LLM
 from nanoseek.inference.sampling import SamplingParams
+from nanoseek.model.loss import token_logprobs
 from nanoseek.model.moe import moe_layers
 from nanoseek.plots import save_r1zero_figure
 from nanoseek.rewards import REWARDS, accuracy_reward, combine_rewards, format_reward
@@ -380,16 +381,18 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], head=None) -> tup
     `model`, and the entropy (N,) of each of their next-token distributions (no gradient).
 
     `head`: the model's lm_head, to apply it to the completion positions only (the prompt's logits
-    are never needed; that saves a fifth of the update). Leave it None under DDP, whose wrapped
-    forward must produce every output that gets a gradient.
+    are never needed; that saves a fifth of the update), fused into the log-softmax so that the
+    (N, V) logits never exist (model/loss.py). Under DDP it is the wrapped model's own head: used
+    outside the wrapped forward, its weight's gradient still reaches DDP's per-parameter hooks and
+    is averaged over ranks (test_two_ranks_sample_and_update_as_one_process). None: the model's
+    whole logits and their log-softmax, the plain computation.
     """
     sel = batch["mask"].bool()
-    if head is None:
-        logits = model(batch["input_ids"]).logits[sel]
-    else:
-        logits = head(model(batch["input_ids"], logits=False).hidden[sel])
-    logprobs = logits.float().log_softmax(dim=-1)  # (N, V)
-    token_logp = logprobs.gather(-1, batch["targets"][sel].unsqueeze(-1)).squeeze(-1)
+    targets = batch["targets"][sel]  # (N,)
+    if head is not None:
+        return token_logprobs(model(batch["input_ids"], logits=False).hidden[sel], head.weight, targets, entropy=True)
+    logprobs = model(batch["input_ids"]).logits[sel].float().log_softmax(dim=-1)  # (N, V)
+    token_logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
     return token_logp, entropy
@@ -494,7 +497,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     if longest + cfg.max_completion_length > cfg.seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} cannot hold a {longest}-token prompt and max_completion_length="
                           f"{cfg.max_completion_length}; raise seq_len to at least {longest + cfg.max_completion_length}")
-    head = None if env.distributed else trainer.raw_model.lm_head  # see completion_logprobs
+    head = trainer.raw_model.lm_head  # see completion_logprobs
     # each rank samples its own share of the step's prompts; groups never straddle ranks
     prompts_here = len(range(env.rank, cfg.prompts_per_step, env.world_size))
     if env.is_main:

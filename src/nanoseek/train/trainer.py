@@ -48,7 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
 from nanoseek.checkpoint import check_state_dict
 from nanoseek.model import expert_parallel as ep
 from nanoseek.model.attention_v4 import Compressor
-from nanoseek.model.decoder import IGNORE_INDEX, DecoderBlock
+from nanoseek.model.decoder import DecoderBlock
+from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.hyper import HyperHead
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
