@@ -9,8 +9,7 @@ itself (its error goes into the table and the full output into <out>.log):
     tests    the CUDA cases of the test suite (`pytest -m cuda`): every stage on the GPU, and
              constrained (JSON) decoding, which needs outlines-core there
     train    training tokens/s, MFU and peak memory of the `gpu` preset, nanoseek against
-             transformers' DeepseekV3ForCausalLM on the same config, weights and batch (bf16 autocast);
-             nanoseek's peak is with its fused head + loss (model/loss.py), as its trainer runs
+             transformers' DeepseekV3ForCausalLM on the same config, weights and batch (bf16 autocast)
     decode   decode tokens/s at batch 1 and 64 against transformers `generate` (bf16), with MTP speculation
     grpo     one GRPO step (engine rollouts on the GPU + the update) of `configs/rl_gpu.toml` at a reduced size
     torchrun `nanoseek pretrain` (tiny recipe) under torchrun over NCCL, one rank per GPU (at most 2):

@@ -1,9 +1,9 @@
 """Training memory and step time of the fused head + loss (model/loss.py) against the plain logits.
 
 Two models, each trained a few steps (forward with labels, backward, AdamW) once with the plain
-loss (`lm_head` -> (B, T, V) logits -> fp32 cross-entropy, what nanoseek did before) and once with
-`linear_cross_entropy`, each variant in its own process so that its peak resident memory
-(ru_maxrss) is its own:
+loss (`lm_head` -> (B, T, V) logits -> fp32 cross-entropy, the default) and once with the recipes'
+`fused_loss=true` (`linear_cross_entropy`), each variant in its own process so that its peak
+resident memory (ru_maxrss) is its own:
 
   qwen-vocab  a dense Qwen2 student with R1-Distill-Qwen-1.5B's 151,936-token vocabulary and a
               small body (hidden 256, 2 layers), at 1,024 tokens: the head and its logits dominate
@@ -27,13 +27,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-import nanoseek.model.decoder as decoder
-import nanoseek.model.transformer as transformer
 from nanoseek.config import preset
 from nanoseek.model.dense import DenseConfig, DenseTransformer
-from nanoseek.model.loss import cross_entropy
 from nanoseek.model.transformer import Transformer
 
 CASES = {
@@ -50,20 +46,14 @@ def build(case: str):
     return Transformer(preset("small"))
 
 
-def plain_head_loss(hidden, weight, labels):
-    """The loss as it was: the whole logits, then the fp32 cross-entropy."""
-    return cross_entropy(F.linear(hidden, weight), labels)
-
-
 def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def worker(case: str, variant: str, steps: int) -> dict:
-    if variant == "plain":
-        decoder.linear_cross_entropy = transformer.linear_cross_entropy = plain_head_loss
     torch.manual_seed(0)
     model = build(case).train()
+    model.fused_loss = variant == "fused"  # what the trainer sets for fused_loss=true
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     B, T = CASES[case]["batch"], CASES[case]["seq"]
     ids = torch.randint(0, model.config.vocab_size, (B, T + 1))

@@ -2,9 +2,7 @@
 
 Same architecture (the `small` preset, or --preset), same weights, same batch and sequence length,
 same optimizer (AdamW: fused on a GPU, foreach on the CPU), same machine and thread count; MTP off for both (transformers
-does not train MTP modules). One training step = forward with labels, backward, optimizer step. nanoseek's
-forward (`logits=False`, as its trainer) fuses the head into the loss (model/loss.py: no (B, T, V) logits),
-so its peak memory is the fused path's; transformers' computes the whole logits.
+does not train MTP modules). One training step = forward with labels, backward, optimizer step.
 The two models alternate in rounds so that noise from other processes hits both alike; the
 median step time of each is reported.
 

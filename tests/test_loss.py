@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nanoseek.model.decoder as decoder
 import nanoseek.model.loss as loss_module
-import nanoseek.model.transformer as transformer
 from nanoseek.config import preset
 from nanoseek.model.dense import DenseConfig, DenseTransformer
-from nanoseek.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy, token_logprobs
+from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy, token_logprobs
 from nanoseek.model.transformer import Transformer
 from nanoseek.train import grpo
 
@@ -26,19 +24,6 @@ def small_chunks(monkeypatch):
     def set_rows(vocab_size):
         monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 5 * vocab_size)
     return set_rows
-
-
-def plain_head_loss(hidden, weight, labels):
-    return cross_entropy(F.linear(hidden, weight), labels)
-
-
-@pytest.fixture
-def plain(monkeypatch):
-    """Swap the models' fused loss for the plain one: the reference."""
-    def use_plain():
-        monkeypatch.setattr(decoder, "linear_cross_entropy", plain_head_loss)
-        monkeypatch.setattr(transformer, "linear_cross_entropy", plain_head_loss)
-    return use_plain
 
 
 # ---------------------------------------------------------------- the function alone
@@ -141,13 +126,15 @@ def batch(vocab_size, B=2, T=12):
     return ids, labels
 
 
-def step(model, ids, labels, checkpointing=False):
-    """One objective (next-token + MTP + balance loss) and its gradient of every parameter."""
+def step(model, ids, labels, checkpointing=False, fused=True):
+    """One objective (next-token + MTP + balance loss) and its gradient of every parameter, with the
+    fused loss or (fused=False) the plain one, the reference."""
     torch.manual_seed(0)
     model.zero_grad(set_to_none=True)
-    getattr(model, "_orig_mod", model).activation_checkpointing = checkpointing  # compiled: the module inside
+    inner = getattr(model, "_orig_mod", model)  # compiled: the module inside
+    inner.activation_checkpointing, inner.fused_loss = checkpointing, fused
     out = model(ids, labels=labels, logits=False)
-    assert out.logits is None
+    assert (out.logits is None) == fused
     losses = {k: getattr(out, k) for k in ("loss", "mtp_loss", "mtp_loss_sum", "aux_loss")
               if getattr(out, k) is not None}
     sum(v for k, v in losses.items() if k != "mtp_loss_sum").backward()
@@ -158,14 +145,13 @@ def step(model, ids, labels, checkpointing=False):
 
 @pytest.mark.parametrize("make", [v3_with_mtp, tied_student, v4], ids=["v3_mtp", "tied_student", "v4"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_a_model_trains_as_with_the_full_logits(make, checkpointing, small_chunks, plain):
+def test_a_model_trains_as_with_the_full_logits(make, checkpointing, small_chunks):
     torch.manual_seed(0)
     model = make().train()
     ids, labels = batch(model.config.vocab_size)
     small_chunks(model.config.vocab_size)
     losses, grads = step(model, ids, labels, checkpointing)
-    plain()
-    ref_losses, ref_grads = step(model, ids, labels)
+    ref_losses, ref_grads = step(model, ids, labels, fused=False)
     assert losses.keys() == ref_losses.keys() and "loss" in losses
     assert ("mtp_loss" in losses) == (make is v3_with_mtp)
     torch.testing.assert_close(losses, ref_losses)
@@ -175,15 +161,14 @@ def test_a_model_trains_as_with_the_full_logits(make, checkpointing, small_chunk
         torch.testing.assert_close(grads[name], ref_grads[name], msg=lambda m: f"{name}: {m}")
 
 
-def test_a_model_under_bf16_autocast_stays_close_to_the_plain_bf16_path(small_chunks, plain):
+def test_a_model_under_bf16_autocast_stays_close_to_the_plain_bf16_path(small_chunks):
     torch.manual_seed(0)
     model = v3_with_mtp().train()
     ids, labels = batch(model.config.vocab_size)
     small_chunks(model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses, grads = step(model, ids, labels)
-        plain()
-        ref_losses, ref_grads = step(model, ids, labels)
+        ref_losses, ref_grads = step(model, ids, labels, fused=False)
     # the same bf16 logits, summed in another order
     torch.testing.assert_close(losses, ref_losses, rtol=1e-3, atol=1e-3)
     for name in grads:  # bf16 products: gradients agree to bf16 precision, relative to each tensor's scale
@@ -203,12 +188,13 @@ def test_no_block_of_logits_is_kept_for_the_backward():
         saved.append(tuple(t.shape))
         return t
 
-    for logits in (True, False):
+    for fused in (False, True):
+        model.fused_loss = fused
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=labels, logits=logits)
+            model(ids, labels=labels, logits=False)
         with_v = [s for s in saved if V in s and s != tuple(model.lm_head.weight.shape)]
-        assert bool(with_v) == logits, with_v
+        assert bool(with_v) != fused, with_v
 
 
 def test_torch_compile_traces_it_in_one_graph(small_chunks):
@@ -240,7 +226,7 @@ def test_grpo_completion_logprobs_through_the_head_equal_the_whole_logits(small_
     results = []
     for head in (model.lm_head, None):
         model.zero_grad(set_to_none=True)
-        logp, entropy = grpo.completion_logprobs(model, mb, head)
+        logp, entropy = grpo.completion_logprobs(model, mb, head, fused=head is not None)
         (logp * upstream).sum().backward()
         results.append((logp.detach(), entropy, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (logp, entropy, grads), (ref_logp, ref_entropy, ref_grads) = results

@@ -25,7 +25,7 @@ from nanoseek.model.attention import MLA, LatentCache, latent_cache_dims
 from nanoseek.model.attention_v4 import V4Attention
 from nanoseek.model.decoder import CausalLM, DecoderBlock, DecoderStack, ModelOutput
 from nanoseek.model.layers import MLP, RotaryEmbedding
-from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
+from nanoseek.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 from nanoseek.model.moe import Gate, MoE
 from nanoseek.model.mtp import make_mtp_layer, mtp_block
 
@@ -147,12 +147,13 @@ class Transformer(CausalLM):
         for k in range(1, len(self.mtp_layers) + 1):
             n = T - k  # positions with a target at this depth
             ids = input_ids[:, k: k + n]
-            h, head_input = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
-                                             rope=(rope[0][:, :n], rope[1][:, :n]),
-                                             mask=None if mask is None else mask[..., :n, :n],
-                                             token_mask=None if token_mask is None else token_mask[:, k: k + n],
-                                             logits=False)
+            h, head_out = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
+                                           rope=(rope[0][:, :n], rope[1][:, :n]),
+                                           mask=None if mask is None else mask[..., :n, :n],
+                                           token_mask=None if token_mask is None else token_mask[:, k: k + n],
+                                           logits=not self.fused_loss)
             targets = labels[:, k: k + n]
-            losses.append(linear_cross_entropy(head_input, self.lm_head.weight, targets))
+            losses.append(linear_cross_entropy(head_out, self.lm_head.weight, targets) if self.fused_loss
+                          else cross_entropy(head_out, targets))
             sums.append(losses[-1] * (targets != IGNORE_INDEX).sum())
         return torch.stack(losses).mean(), torch.stack(sums).mean()

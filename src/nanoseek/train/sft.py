@@ -425,7 +425,7 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         documents = documents_of(inputs, bos_id)
         # the padding counts in no expert load: the bias update balances the real tokens' routing;
         # an untrained MTP module (mtp_lambda = 0) is not run at all; the logits only for the teacher's
-        # KL term (without them the loss never holds the (B, T, V) logits: model/loss.py)
+        # KL term (without them, under fused_loss, the loss never holds the (B, T, V) logits: model/loss.py)
         out = model(inputs, labels=labels, documents=documents, token_mask=real, mtp=cfg.mtp_lambda > 0,
                     logits=teacher is not None)
         ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets

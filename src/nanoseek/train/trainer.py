@@ -206,6 +206,8 @@ class Trainer:
                 raise ConfigError(f"activation_checkpointing=true: a {type(model).__name__} has no decoder layers "
                                   "to checkpoint")
             model.activation_checkpointing = True  # CausalLM.forward checkpoints each main layer
+        if self.cfg.fused_loss:
+            model.fused_loss = True  # CausalLM.forward fuses the head into the loss (model/loss.py)
         if self.env.distributed and self.cfg.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
