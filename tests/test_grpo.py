@@ -393,16 +393,19 @@ def test_completions_without_advantage_are_left_out_of_an_unchanged_update(base,
         torch.testing.assert_close(skipped[key], everything[key], atol=1e-6, rtol=0)
 
 
-def test_two_ranks_sample_and_update_as_one_process(base, tmp_path):
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_two_ranks_sample_and_update_as_one_process(base, tmp_path, fused_loss):
     """Under torchrun each rank samples its share of the step's prompts, each prompt seeded by its
     index in the step as one process seeds it, so 2 ranks make one process's update; and the
     rollout metrics cover both ranks' completions. (A rule reward on a random policy is 0
-    everywhere: the overlong punishment is what varies here.)"""
+    everywhere: the overlong punishment is what varies here.) With fused_loss the head runs outside
+    DDP's wrapped forward (completion_logprobs): its gradient must still be averaged over ranks."""
     import os
     import subprocess
     import sys
 
-    args = [f"init={base}", "eval_every=0", "save_every=0", "overlong_buffer=12", "max_steps=2"]
+    args = [f"init={base}", "eval_every=0", "save_every=0", "overlong_buffer=12", "max_steps=2",
+            f"fused_loss={str(fused_loss).lower()}"]
     grpo.train(load_run_config(GRPOConfig, TINY, [*args, f"out_dir={tmp_path / 'one'}"]))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "nanoseek.cli", "rl", "--config", str(TINY), *args, f"out_dir={tmp_path / 'two'}"],

@@ -9,8 +9,9 @@ from decoding_checks import assert_cached_decoding_matches
 from nanoseek.config import ModelConfig, preset
 from nanoseek.errors import ConfigError
 from nanoseek.model.decoder import document_layout
+from nanoseek.model.loss import cross_entropy
 from nanoseek.model.moe import Gate, MoE, load_imbalance, update_expert_bias
-from nanoseek.model.transformer import IGNORE_INDEX, Transformer, cross_entropy
+from nanoseek.model.transformer import IGNORE_INDEX, Transformer
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}

@@ -11,7 +11,9 @@ The residual around each sub-block is a plain sum, or, with a config's `hc_mult`
 DeepSeek-V4's hyper-connections (hyper.py): n residual streams (B, T, n, D) that the block
 collapses into each sub-block's input and updates with its output (`residual`).
 
-Packed training rows (`documents=`) and the loss helpers live here too, used by both.
+Packed training rows (`documents=`) live here too, used by both. The losses are loss.py's; with
+`fused_loss` set (the recipes' `fused_loss=true`) and `logits=False` the head is fused into the loss
+(`linear_cross_entropy`), so a training step never holds the full (B, T, V) logits.
 
 Shape legend: B batch, T positions, D hidden size, V vocabulary.
 """
@@ -24,14 +26,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.model.hyper import HyperConnection, HyperHead, expand_streams, hc_mult
 from nanoseek.model.layers import RMSNorm
+from nanoseek.model.loss import cross_entropy, linear_cross_entropy
 from nanoseek.model.moe import MoE
-
-IGNORE_INDEX = -100
 
 
 class DecoderBlock(nn.Module):
@@ -97,8 +97,9 @@ class CausalLM(nn.Module):
     """`...ForCausalLM`: call it with input_ids (B, T); returns a ModelOutput.
 
     positions default to 0..T-1 per row. With `labels` (B, T) (the next token at each position,
-    IGNORE_INDEX where there is none) it also returns the losses. With a `cache` it writes the new
-    tokens' entries and attends to everything cached (inference engine). A subclass builds
+    IGNORE_INDEX where there is none) it also returns the losses; with `fused_loss` set, `logits=False`
+    then computes the loss without the (B, T, V) logits (loss.py) and returns none. With a `cache` it
+    writes the new tokens' entries and attends to everything cached (inference engine). A subclass builds
     `self.model` (a DecoderStack) before calling `init_head()`, and supplies `rope(positions)`.
     """
 
@@ -106,6 +107,9 @@ class CausalLM(nn.Module):
     # layer's input in the forward and recompute its activations in the backward, about a third more
     # compute for a fraction of the activation memory (torchtitan's "full" mode, HF's gradient checkpointing).
     activation_checkpointing = False
+    # The head fused into the loss (the recipes' `fused_loss`; loss.py): a forward with labels and
+    # logits=False never holds the (B, T, V) logits; one more head-sized matmul in the backward.
+    fused_loss = False
 
     def init_head(self) -> None:
         config = self.config
@@ -171,9 +175,12 @@ class CausalLM(nn.Module):
             else:
                 x = layer(x, positions, rope, cache, mask, token_mask, input_ids)
         hidden = self.model.norm(x if self.model.hc_head is None else self.model.hc_head(x))
-        out = ModelOutput(logits=self.lm_head(hidden) if logits or labels is not None else None, hidden=hidden)
+        fused = labels is not None and not logits and self.fused_loss
+        out = ModelOutput(logits=None if fused or not (logits or labels is not None) else self.lm_head(hidden),
+                          hidden=hidden)
         if labels is not None:
-            out.loss = cross_entropy(out.logits, labels)
+            out.loss = (linear_cross_entropy(hidden, self.lm_head.weight, labels) if fused
+                        else cross_entropy(out.logits, labels))
             self.extra_losses(out, input_ids, labels, positions, rope, mask, token_mask, mtp)
         return out
 
@@ -231,7 +238,3 @@ def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     mask = same_document & (index.unsqueeze(1) >= index.unsqueeze(0))
     return index - first, mask.unsqueeze(1)
 
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over positions whose label is not IGNORE_INDEX; computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)

@@ -23,10 +23,9 @@ import torch.nn as nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA, LatentCache, latent_cache_dims
 from nanoseek.model.attention_v4 import V4Attention
-from nanoseek.model.decoder import (
-    IGNORE_INDEX, CausalLM, DecoderBlock, DecoderStack, ModelOutput, cross_entropy,
-)
+from nanoseek.model.decoder import CausalLM, DecoderBlock, DecoderStack, ModelOutput
 from nanoseek.model.layers import MLP, RotaryEmbedding
+from nanoseek.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 from nanoseek.model.moe import Gate, MoE
 from nanoseek.model.mtp import make_mtp_layer, mtp_block
 
@@ -126,13 +125,15 @@ class Transformer(CausalLM):
 
     def mtp_forward(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                     rope=None, cache: LatentCache | None = None, mask=None,
-                    token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    token_mask=None, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` (0-based): hidden (B, T, D) of the previous depth at positions i and
-        next_ids (B, T) = tokens t_{i+depth+1} -> (its hidden (B, T, D), logits for t_{i+depth+2})."""
+        next_ids (B, T) = tokens t_{i+depth+1} -> (its hidden (B, T, D), logits for t_{i+depth+2}),
+        or with logits=False the head's input (B, T, D) in place of the logits (for the fused loss)."""
         layer = self.mtp_layers[depth]
         rope = self.rope(positions) if rope is None else rope
         h = mtp_block(layer, self.model.embed_tokens(next_ids), hidden, positions, rope, cache, mask, token_mask)
-        return h, self.lm_head(layer.shared_head.norm(h))
+        head_input = layer.shared_head.norm(h)
+        return h, self.lm_head(head_input) if logits else head_input
 
     def _mtp_loss(self, hidden, input_ids, labels, positions, rope, mask=None,
                   token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +147,13 @@ class Transformer(CausalLM):
         for k in range(1, len(self.mtp_layers) + 1):
             n = T - k  # positions with a target at this depth
             ids = input_ids[:, k: k + n]
-            h, logits = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
-                                         rope=(rope[0][:, :n], rope[1][:, :n]),
-                                         mask=None if mask is None else mask[..., :n, :n],
-                                         token_mask=None if token_mask is None else token_mask[:, k: k + n])
+            h, head_out = self.mtp_forward(k - 1, h[:, :n], ids, positions[:, :n],
+                                           rope=(rope[0][:, :n], rope[1][:, :n]),
+                                           mask=None if mask is None else mask[..., :n, :n],
+                                           token_mask=None if token_mask is None else token_mask[:, k: k + n],
+                                           logits=not self.fused_loss)
             targets = labels[:, k: k + n]
-            losses.append(cross_entropy(logits, targets))
+            losses.append(linear_cross_entropy(head_out, self.lm_head.weight, targets) if self.fused_loss
+                          else cross_entropy(head_out, targets))
             sums.append(losses[-1] * (targets != IGNORE_INDEX).sum())
         return torch.stack(losses).mean(), torch.stack(sums).mean()

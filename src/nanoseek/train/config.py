@@ -53,6 +53,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward: less memory, ~1/3 more compute
+    # the output head fused into the loss (model/loss.py): no (B, T, V) logits, one more head matmul;
+    # for a large vocabulary (a released model's 100-150k) where the logits are most of a step's memory
+    fused_loss: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate (DDP) or shard (FSDP2)
     # with several ranks: each holds 1/world_size of every MoE layer's routed experts, tokens reach
     # them by all-to-all; the rest stays data-parallel (DDP). Ignored in one process.

@@ -79,6 +79,7 @@ from nanoseek.errors import ConfigError
 from nanoseek.eval import evaluate
 from nanoseek.inference.engine import LLM
 from nanoseek.inference.sampling import SamplingParams
+from nanoseek.model.loss import token_logprobs
 from nanoseek.model.moe import moe_layers
 from nanoseek.plots import save_r1zero_figure
 from nanoseek.rewards import REWARDS, accuracy_reward, combine_rewards, format_reward
@@ -375,21 +376,29 @@ def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int
     return batches
 
 
-def completion_logprobs(model, batch: dict[str, torch.Tensor], head=None) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(model, batch: dict[str, torch.Tensor], head=None,
+                        fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (N,) of the N completion tokens of `batch` (row by row, in order) under
     `model`, and the entropy (N,) of each of their next-token distributions (no gradient).
 
     `head`: the model's lm_head, to apply it to the completion positions only (the prompt's logits
     are never needed; that saves a fifth of the update). Leave it None under DDP, whose wrapped
-    forward must produce every output that gets a gradient.
+    forward must produce every output that gets a gradient, unless `fused` (the recipe's
+    fused_loss): the head is then fused into the log-softmax so that the (N, V) logits never exist
+    (model/loss.py), and its weight's gradient, used outside the wrapped forward, still reaches DDP's
+    per-parameter hooks and is averaged over ranks (test_distributed checks it).
     """
     sel = batch["mask"].bool()
+    targets = batch["targets"][sel]  # (N,)
     if head is None:
         logits = model(batch["input_ids"]).logits[sel]
     else:
-        logits = head(model(batch["input_ids"], logits=False).hidden[sel])
+        hidden = model(batch["input_ids"], logits=False).hidden[sel]
+        if fused:
+            return token_logprobs(hidden, head.weight, targets, entropy=True)
+        logits = head(hidden)
     logprobs = logits.float().log_softmax(dim=-1)  # (N, V)
-    token_logp = logprobs.gather(-1, batch["targets"][sel].unsqueeze(-1)).squeeze(-1)
+    token_logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
     return token_logp, entropy
@@ -438,7 +447,7 @@ def policy_loss(cfg: GRPOConfig, head, scale: float):
 
     def loss_fn(model, mb):
         sel = mb["mask"].bool()  # the completion tokens; every per-token tensor below is (N,)
-        logp, entropy = completion_logprobs(model, mb, head)
+        logp, entropy = completion_logprobs(model, mb, head, fused=cfg.fused_loss)
         old_logp = mb["old_logp"][sel]
         losses, info = token_losses(logp, old_logp, mb["advantages"][sel], cfg.epsilon, cfg.epsilon_high,
                                     cfg.beta, mb["ref_logp"][sel] if "ref_logp" in mb else None)
@@ -494,7 +503,7 @@ def _train(cfg: GRPOConfig, env: DistEnv, resume) -> Path:
     if longest + cfg.max_completion_length > cfg.seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} cannot hold a {longest}-token prompt and max_completion_length="
                           f"{cfg.max_completion_length}; raise seq_len to at least {longest + cfg.max_completion_length}")
-    head = None if env.distributed else trainer.raw_model.lm_head  # see completion_logprobs
+    head = None if env.distributed and not cfg.fused_loss else trainer.raw_model.lm_head  # see completion_logprobs
     # each rank samples its own share of the step's prompts; groups never straddle ranks
     prompts_here = len(range(env.rank, cfg.prompts_per_step, env.world_size))
     if env.is_main:

@@ -56,7 +56,8 @@ from nanoseek.checkpoint import load_model
 from nanoseek.data.corpus import jsonl_rows
 from nanoseek.data.tasks import derive_seed
 from nanoseek.errors import ConfigError, NanoseekError
-from nanoseek.model.decoder import IGNORE_INDEX, documents_of
+from nanoseek.model.decoder import documents_of
+from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.moe import update_expert_bias
 from nanoseek.tokenizer import THINK_START, Tokenizer
 from nanoseek.train import stage
@@ -423,8 +424,10 @@ def _train(cfg: SFTConfig, env: DistEnv, resume) -> Path:
         inputs, labels, real = inputs.to(env.device), labels.to(env.device), real.to(env.device)
         documents = documents_of(inputs, bos_id)
         # the padding counts in no expert load: the bias update balances the real tokens' routing;
-        # an untrained MTP module (mtp_lambda = 0) is not run at all
-        out = model(inputs, labels=labels, documents=documents, token_mask=real, mtp=cfg.mtp_lambda > 0)
+        # an untrained MTP module (mtp_lambda = 0) is not run at all; the logits only for the teacher's
+        # KL term (without them, under fused_loss, the loss never holds the (B, T, V) logits: model/loss.py)
+        out = model(inputs, labels=labels, documents=documents, token_mask=real, mtp=cfg.mtp_lambda > 0,
+                    logits=teacher is not None)
         ce_sum = out.loss * (labels != IGNORE_INDEX).sum()  # the model's loss is a mean over targets
         objective, metrics = ce_sum * scale, {"loss": ce_sum * scale}
         if teacher is not None:

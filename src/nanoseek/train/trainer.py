@@ -48,7 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
 from nanoseek.checkpoint import check_state_dict
 from nanoseek.model import expert_parallel as ep
 from nanoseek.model.attention_v4 import Compressor
-from nanoseek.model.decoder import IGNORE_INDEX, DecoderBlock
+from nanoseek.model.decoder import DecoderBlock
+from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.hyper import HyperHead
 from nanoseek.errors import ConfigError
 from nanoseek.train import checkpointing
@@ -205,6 +206,8 @@ class Trainer:
                 raise ConfigError(f"activation_checkpointing=true: a {type(model).__name__} has no decoder layers "
                                   "to checkpoint")
             model.activation_checkpointing = True  # CausalLM.forward checkpoints each main layer
+        if self.cfg.fused_loss:
+            model.fused_loss = True  # CausalLM.forward fuses the head into the loss (model/loss.py)
         if self.env.distributed and self.cfg.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
