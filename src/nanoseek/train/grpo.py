@@ -386,7 +386,7 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], head=None,
     forward must produce every output that gets a gradient, unless `fused` (the recipe's
     fused_loss): the head is then fused into the log-softmax so that the (N, V) logits never exist
     (model/loss.py), and its weight's gradient, used outside the wrapped forward, still reaches DDP's
-    per-parameter hooks and is averaged over ranks (test_distributed checks it).
+    per-parameter hooks and is averaged over ranks (test_grpo's two-rank test checks it).
     """
     sel = batch["mask"].bool()
     targets = batch["targets"][sel]  # (N,)
