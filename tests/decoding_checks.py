@@ -4,8 +4,11 @@ without a cache does (a prefill, the expanded path, which writes the cache; a ch
 and single tokens, the absorbed path on the cached latents; the MTP module on its own cache
 layer), and the engine's greedy tokens over batches of mixed lengths with prefix-cache hits
 against `reference_greedy`, the argmax of a full no-cache forward per token (test_engine.py and
-test_dense.py use it too); and `lookup_model`, a tiny model that writes a given script greedily
-(test_serve.py, test_structured.py)."""
+test_dense.py use it too); `lookup_model`, a tiny model that writes a given script greedily
+(test_serve.py, test_structured.py); and `fed_in_chunks`, a streaming parser's events for a text
+that arrives in random pieces (test_serve_tools.py, test_dsml.py)."""
+
+import random
 
 import torch
 
@@ -88,3 +91,14 @@ def lookup_model(vocab_size: int, chain: list[int], config=None) -> Transformer:
         for a, b in zip(chain, chain[1:]):
             model.lm_head.weight[b] = 10 * emb[a] / emb[a].norm()
     return model
+
+
+def fed_in_chunks(parser, text: str, seed: int, longest: int) -> list[tuple]:
+    """The events of `parser` (a tool-call parser: feed / finish) for `text` fed in random pieces of
+    1 to `longest` characters, as a stream may cut it, then finished."""
+    rng, events, i = random.Random(seed), [], 0
+    while i < len(text):
+        n = rng.randint(1, longest)
+        events += parser.feed(text[i:i + n])
+        i += n
+    return events + parser.finish()

@@ -1,4 +1,5 @@
-"""`ServerThread`: a nanoseek app served by uvicorn on a background thread, for tests."""
+"""`ServerThread`: a nanoseek app served by uvicorn on a background thread, for tests; and
+`collect_stream`, a streamed chat completion read back as the openai client delivers it."""
 
 import threading
 import time
@@ -37,3 +38,22 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def collect_stream(chunks):
+    """A stream's content, reasoning, tool calls (by index: id, name, arguments) and finish reason,
+    checking that each call's first delta carries its id and name and later ones only arguments."""
+    content, reasoning, calls, finish = "", "", {}, None
+    for chunk in chunks:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            for tc in c.delta.tool_calls or []:
+                if tc.index not in calls:
+                    assert tc.id.startswith("call_") and tc.type == "function" and tc.function.name
+                    calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments}
+                else:
+                    assert tc.id is None and not tc.function.name
+                    calls[tc.index]["arguments"] += tc.function.arguments
+            finish = c.finish_reason or finish
+    return content, reasoning, [calls[i] for i in sorted(calls)], finish

@@ -9,7 +9,6 @@ in a checkpoint whose config.json says deepseek_v32 / deepseek_v4.
 """
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from nanoseek.serve.api import create_app
 from nanoseek.serve.reasoning import prompt_opens_reasoning
 from nanoseek.serve.tools import DEEPSEEK_V32, DEEPSEEK_V4, detect_format, parse_tool_calls, tool_call_regex
 from nanoseek.tokenizer import CHAT_TEMPLATE, Tokenizer
-from decoding_checks import lookup_model
+from decoding_checks import fed_in_chunks, lookup_model
 from scripted_engine import ScriptedServingEngine
-from server_thread import ServerThread
+from server_thread import ServerThread, collect_stream
 
 FIXTURE = json.loads((Path(__file__).parent / "dsml_prompts.json").read_text(encoding="utf-8"))
 CASES = [(fmt, case) for fmt in ("deepseek_v32", "deepseek_v4") for case in FIXTURE[fmt]]
@@ -173,12 +172,8 @@ def test_dsml_parser_is_independent_of_chunking(fmt, text, content, calls):
     assert parse_tool_calls(text, fmt) == (content, expected)
     assert all(isinstance(json.loads(a), dict) for _, a in calls)
     for seed in range(30):
-        rng, parser, events, i = random.Random(seed), fmt.parser(), [], 0
-        while i < len(text):
-            n = rng.randint(1, 9)
-            events += parser.feed(text[i:i + n])
-            i += n
-        events += parser.finish()
+        parser = fmt.parser()
+        events = fed_in_chunks(parser, text, seed, longest=9)
         assert "".join(e[1] for e in events if e[0] == "content") == content
         assert [e[2] for e in events if e[0] == "call"] == [n for n, _ in calls]
         arguments = ["".join(e[2] for e in events if e[0] == "arguments" and e[1] == k) for k in range(len(calls))]
@@ -205,12 +200,8 @@ MALFORMED = [
 def test_malformed_dsml_is_content(fmt, text):
     assert parse_tool_calls(text, fmt) == (text, [])
     for seed in range(5):
-        rng, parser, events, i = random.Random(seed), fmt.parser(), [], 0
-        while i < len(text):
-            n = rng.randint(1, 9)
-            events += parser.feed(text[i:i + n])
-            i += n
-        events += parser.finish()
+        parser = fmt.parser()
+        fed_in_chunks(parser, text, seed, longest=9)
         assert not parser.succeeded
 
 
@@ -236,18 +227,6 @@ def v32_tokenizer(deepseek_files, tmp_path_factory):
     return Tokenizer.from_dir(_checkpoint_dir(tmp_path_factory.mktemp("v32") / "ckpt", deepseek_files, "deepseek_v32"))
 
 
-def _collect(chunks):
-    content, reasoning, calls, finish = "", "", {}, None
-    for chunk in chunks:
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            reasoning += getattr(c.delta, "reasoning_content", None) or ""
-            for tc in c.delta.tool_calls or []:
-                calls.setdefault(tc.index, [tc.function.name, ""])[1] += tc.function.arguments or ""
-            finish = c.finish_reason or finish
-    return content, reasoning, [tuple(calls[i]) for i in sorted(calls)], finish
-
-
 def test_server_reads_dsml_calls_and_switches_thinking(v32_tokenizer):
     """Scripted outputs through the server: the prompt is V3.2's (thinking as chat_template_kwargs
     say), reasoning is split in both modes, the DSML block comes back as tool_calls, and the
@@ -269,7 +248,9 @@ def test_server_reads_dsml_calls_and_switches_thinking(v32_tokenizer):
             assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [CALL_TEXTS[0][3][0]]
             assert r.choices[0].finish_reason == "tool_calls" and message.content is None
             assert getattr(message, "reasoning_content", None) == ("Need the weather." if thinking else None)
-            streamed = _collect(client.chat.completions.create(**kwargs, extra_body=extra, stream=True))
+            content, reasoning, calls, finish = collect_stream(
+                client.chat.completions.create(**kwargs, extra_body=extra, stream=True))
+            streamed = (content, reasoning, [(c["name"], c["arguments"]) for c in calls], finish)
             assert streamed == ("", "Need the weather." if thinking else "", [CALL_TEXTS[0][3][0]], "tool_calls")
         # the tool loop: the call and the client's reasoning go back, the result follows
         call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": PARIS_ARGS}}

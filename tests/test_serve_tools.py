@@ -9,7 +9,6 @@ template (DeepSeek-V3's tool-call format), or a V3.1-style template for that for
 
 import json
 import os
-import random
 
 import httpx
 import pytest
@@ -24,8 +23,9 @@ from nanoseek.serve.tools import (
     DEEPSEEK_V3, DEEPSEEK_V31, ToolCallParser, detect_format, parse_tool_calls, render_calls,
 )
 from nanoseek.tokenizer import TOOL_CALLS_BEGIN, TOOL_OUTPUTS_END, train_tokenizer
+from decoding_checks import fed_in_chunks
 from scripted_engine import ScriptedServingEngine
-from server_thread import ServerThread
+from server_thread import ServerThread, collect_stream
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -97,25 +97,6 @@ def _chat(served, stream=False, **kwargs):
     return list(served.client.chat.completions.create(stream=True, **kwargs))
 
 
-def _collect(chunks):
-    """A stream's content, reasoning, tool calls (by index: id, name, arguments) and finish reason,
-    checking that each call's first delta carries its id and name and later ones only arguments."""
-    content, reasoning, calls, finish = "", "", {}, None
-    for chunk in chunks:
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            reasoning += getattr(c.delta, "reasoning_content", None) or ""
-            for tc in c.delta.tool_calls or []:
-                if tc.index not in calls:
-                    assert tc.id.startswith("call_") and tc.type == "function" and tc.function.name
-                    calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments}
-                else:
-                    assert tc.id is None and not tc.function.name
-                    calls[tc.index]["arguments"] += tc.function.arguments
-            finish = c.finish_reason or finish
-    return content, reasoning, [calls[i] for i in sorted(calls)], finish
-
-
 # ------------------------------------------------------------------ the parser
 
 
@@ -136,12 +117,8 @@ def test_parser_is_independent_of_chunking(fmt, text, content, calls):
     assert parse_tool_calls(text, fmt) == (content, [{"type": "function", "function": {"name": n, "arguments": a}}
                                                      for n, a in calls])
     for seed in range(20):
-        rng, parser, events, i = random.Random(seed), ToolCallParser(fmt), [], 0
-        while i < len(text):
-            n = rng.randint(1, 6)
-            events += parser.feed(text[i:i + n])
-            i += n
-        events += parser.finish()
+        parser = ToolCallParser(fmt)
+        events = fed_in_chunks(parser, text, seed, longest=6)
         assert "".join(e[1] for e in events if e[0] == "content") == content
         assert [e[2] for e in events if e[0] == "call"] == [n for n, _ in calls]
         arguments = ["".join(e[2] for e in events if e[0] == "arguments" and e[1] == k) for k in range(len(calls))]
@@ -190,7 +167,7 @@ def test_tool_calls_non_streaming_and_streaming(v3, calls):
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == calls
     assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
     assert len({c.id for c in choice.message.tool_calls}) == len(calls)
-    content, reasoning, streamed, finish = _collect(_chat(v3, stream=True))
+    content, reasoning, streamed, finish = collect_stream(_chat(v3, stream=True))
     assert (content, finish) == ("Checking. ", "tool_calls")
     assert [(c["name"], c["arguments"]) for c in streamed] == calls
     # /metrics counts both requests by the finish reason they were sent, not the engine's "stop"
@@ -208,7 +185,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call(v3):
     v3.script = lambda prompt: render_calls(DEEPSEEK_V3, [("get_weather", PARIS), ("get_weather", ROME)])
     r = _chat(v3, parallel_tool_calls=False)
     assert [c.function.arguments for c in r.choices[0].message.tool_calls] == [PARIS]
-    assert [c["arguments"] for c in _collect(_chat(v3, stream=True, parallel_tool_calls=False))[2]] == [PARIS]
+    assert [c["arguments"] for c in collect_stream(_chat(v3, stream=True, parallel_tool_calls=False))[2]] == [PARIS]
 
 
 def test_deepseek_v31_format(tok):
@@ -218,7 +195,7 @@ def test_deepseek_v31_format(tok):
         r = _chat(s)
         assert [c.function.arguments for c in r.choices[0].message.tool_calls] == [PARIS, ROME]
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
-        content, _, calls, finish = _collect(_chat(s, stream=True))
+        content, _, calls, finish = collect_stream(_chat(s, stream=True))
         assert (content, finish, [c["arguments"] for c in calls]) == ("", "tool_calls", [PARIS, ROME])
 
 
@@ -230,7 +207,7 @@ def test_malformed_call_is_returned_as_content(v3):
     assert r.choices[0].finish_reason == "stop"
     bad_header = "Sure." + TOOL_CALLS_BEGIN + "<｜tool▁call▁begin｜>get weather?"
     v3.script = lambda prompt: bad_header
-    content, _, calls, finish = _collect(_chat(v3, stream=True))
+    content, _, calls, finish = collect_stream(_chat(v3, stream=True))
     assert (content, calls, finish) == (bad_header, [], "stop")
 
 
@@ -244,7 +221,7 @@ def test_reasoning_model_calls_tools_after_its_thinking(v3):
     assert message.reasoning_content == f"Maybe {draft}? No: the weather."
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("get_weather", PARIS)]
     assert message.content is None and r.choices[0].finish_reason == "tool_calls"
-    content, reasoning, calls, finish = _collect(_chat(v3, stream=True))
+    content, reasoning, calls, finish = collect_stream(_chat(v3, stream=True))
     assert (content, reasoning, finish) == ("", message.reasoning_content, "tool_calls")
     assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", PARIS)]
 
@@ -336,7 +313,7 @@ def test_required_and_named_tool_choice_on_a_real_model(real, tool_choice, names
     kwargs = dict(model="tiny", messages=ASK, tools=[weather, time], tool_choice=tool_choice, max_tokens=300,
                   temperature=0, parallel_tool_calls=False)
     if stream:
-        _, _, calls, finish = _collect(real.chat.completions.create(stream=True, **kwargs))
+        _, _, calls, finish = collect_stream(real.chat.completions.create(stream=True, **kwargs))
     else:
         choice = real.chat.completions.create(**kwargs).choices[0]
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls]

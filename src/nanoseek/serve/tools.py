@@ -172,7 +172,36 @@ def detect_format(tokenizer) -> ToolCallFormat | DSMLFormat | None:
     return None
 
 
-class ToolCallParser:
+class _IncrementalParser:
+    """What both parsers share: `feed` runs the subclass's state machine (`_advance`, one step that
+    leaves the buffer untouched while it needs more text) over everything buffered, and a parse
+    succeeded when every call the text started was complete and well-formed (at least one)."""
+
+    buffer: str
+    state: str
+    calls: list
+    complete: int
+    failed: bool
+
+    @property
+    def succeeded(self) -> bool:
+        return self.complete > 0 and self.complete == len(self.calls) and not self.failed
+
+    def feed(self, text: str) -> list[tuple]:
+        self.buffer += text
+        events: list[tuple] = []
+        while self.buffer:
+            before = (self.state, len(self.buffer))
+            self._advance(events)
+            if (self.state, len(self.buffer)) == before:  # waiting for more text
+                break
+        return _merged(events)
+
+    def _advance(self, events: list) -> None:
+        raise NotImplementedError
+
+
+class ToolCallParser(_IncrementalParser):
     """Incremental tool-call parser over one choice's answer text; see the module docstring.
 
     States: "content" (before the calls), "calls" (between calls), "header" (a call's type and
@@ -188,21 +217,6 @@ class ToolCallParser:
         self.calls: list[dict] = []   # {"name", "arguments"} per started call
         self.complete = 0      # calls closed with a JSON object as arguments
         self.failed = False
-
-    @property
-    def succeeded(self) -> bool:
-        """Every call the text started was complete and well-formed (and there was at least one)."""
-        return self.complete > 0 and self.complete == len(self.calls) and not self.failed
-
-    def feed(self, text: str) -> list[tuple]:
-        self.buffer += text
-        events: list[tuple] = []
-        while self.buffer:
-            before = (self.state, len(self.buffer))
-            self._advance(events)
-            if (self.state, len(self.buffer)) == before:  # waiting for more text
-                break
-        return _merged(events)
 
     def finish(self) -> list[tuple]:
         """End of the text: release what was held back. A call still open is malformed (its text
@@ -300,7 +314,7 @@ class ToolCallParser:
         events.append(("arguments", index, text))
 
 
-class DSMLParser:
+class DSMLParser(_IncrementalParser):
     """Incremental DSML tool-call parser over one choice's answer text: `ToolCallParser`'s events and
     guarantees (see the module docstring) for DeepSeek-V3.2's and V4's markup.
 
@@ -324,18 +338,6 @@ class DSMLParser:
         self.parameter: tuple[str, bool] | None = None  # the open parameter: (name, is_string)
         self.value = ""      # its value so far
         self.keys: set[str] = set()  # the open call's parameter names
-
-    succeeded = ToolCallParser.succeeded
-
-    def feed(self, text: str) -> list[tuple]:
-        self.buffer += text
-        events: list[tuple] = []
-        while self.buffer:
-            before = (self.state, len(self.buffer))
-            self._advance(events)
-            if (self.state, len(self.buffer)) == before:  # waiting for more text
-                break
-        return _merged(events)
 
     def finish(self) -> list[tuple]:
         """End of the text: what was held back is content; a block cut off before its end is malformed
