@@ -18,6 +18,8 @@ itself (its error goes into the table and the full output into <out>.log):
     train16  the training comparison at 16 x 2048 tokens per forward (opt-in), the micro-batch of
              configs/pretrain_gpu.toml: larger grouped GEMMs per expert (on an H200 19% more tokens/s than 8)
     train_ac the training comparison with activation checkpointing in both models (opt-in): its memory and cost
+    train_fused the training comparison with nanoseek's head fused into its loss (opt-in; the recipes'
+             fused_loss=true, model/loss.py): its memory saving and its cost on a GPU
     profile  torch.profiler tables (top ops by GPU and by CPU time) of one training step and one
              eager batch-64 decode step of the `gpu` preset, in <out>.profile.txt: where the time goes
 
@@ -39,8 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("tests", "train", "decode", "grpo", "torchrun", "compile", "train16", "train_ac", "profile")
-OPT_IN = ("compile", "train16", "train_ac")
+SECTIONS = ("tests", "train", "decode", "grpo", "torchrun", "compile", "train16", "train_ac", "train_fused", "profile")
+OPT_IN = ("compile", "train16", "train_ac", "train_fused")
 # the test files with CUDA cases (`pytest -m cuda --collect-only tests/` lists them); named, not
 # tests/ as a whole, so that a GPU machine without the serving or peer packages still collects them
 CUDA_TEST_FILES = ("tests/test_devices.py", "tests/test_structured.py")
@@ -59,6 +61,9 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
             "train_ac": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch", "2",
                           "--seq", "32", "--steps", "1", "--threads", "1", "--activation-checkpointing",
                           "--json", str(tmp / "train_ac.json")], 120),
+            "train_fused": ([py, "benchmarks/train_throughput.py", "--device", "cpu", "--preset", "tiny", "--batch",
+                             "2", "--seq", "32", "--steps", "1", "--threads", "1", "--fused-loss",
+                             "--json", str(tmp / "train_fused.json")], 120),
             "decode": ([py, "benchmarks/generate_throughput.py", "--device", "cpu", "--preset", "tiny", "--batches",
                         "1", "2", "--prompt-lens", "8", "--new-tokens", "4", "--mtp", "1", "--repeats", "1",
                         "--threads", "1", "--json", str(tmp / "decode.json")], 120),
@@ -82,6 +87,8 @@ def section_commands(dry: bool, tmp: Path) -> dict[str, tuple[list[str], int]]:
         "train_ac": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
                       "--seq", "2048", "--steps", "4", "--activation-checkpointing",
                       "--json", str(tmp / "train_ac.json")], 200),
+        "train_fused": ([py, "benchmarks/train_throughput.py", "--device", "cuda", "--preset", "gpu", "--batch", "8",
+                         "--seq", "2048", "--steps", "12", "--fused-loss", "--json", str(tmp / "train_fused.json")], 150),
         "profile": ([py, __file__, "--profile-step", "--device", "cuda", "--json", str(tmp / "profile.json")], 150),
     }
 
@@ -240,8 +247,9 @@ def rows_for(name: str, data: dict | None, summary: str) -> list[tuple[str, str]
     """Table rows (what, result) for one section's JSON (None: it failed or was skipped)."""
     if data is None:
         return [(name, summary)]
-    if name in ("train", "compile", "train16", "train_ac"):
-        how = {"compile": " (torch.compile)", "train_ac": " (activation checkpointing)"}.get(name, "")
+    if name in ("train", "compile", "train16", "train_ac", "train_fused"):
+        how = {"compile": " (torch.compile)", "train_ac": " (activation checkpointing)",
+               "train_fused": " (nanoseek's head fused into its loss)"}.get(name, "")
         label = f"training{how}, {data['preset']} preset, {data['batch']} x {data['seq']} tokens"
         parts = []
         for who in ("nanoseek", "transformers"):
@@ -315,8 +323,8 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (the default without a GPU)")
     ap.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s not in OPT_IN], choices=SECTIONS,
                     help="default: all but compile (about 3 minutes of compiling on an H100, for ~8%% more "
-                         "tokens/s), train16 (16 x 2048 tokens per forward) and train_ac (activation "
-                         "checkpointing), about a minute each")
+                         "tokens/s), train16 (16 x 2048 tokens per forward), train_ac (activation "
+                         "checkpointing) and train_fused (the fused head + loss), about a minute each")
     ap.add_argument("--grpo-step", action="store_true", help=argparse.SUPPRESS)  # the grpo section's own process
     ap.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)  # the profile section's
     ap.add_argument("--torchrun-step", action="store_true", help=argparse.SUPPRESS)  # the torchrun section's

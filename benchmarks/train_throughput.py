@@ -114,6 +114,8 @@ def main():
                    help="wall-clock time, or CPU time of this thread (needs --threads 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast there)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--fused-loss", action="store_true",
+                   help="nanoseek's head fused into its loss (the recipes' fused_loss=true; model/loss.py)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward, in both models (transformers: "
                         "gradient_checkpointing_enable)")
@@ -144,6 +146,7 @@ def main():
         a = ours(inputs, labels=labels, logits=False).loss.item()
         b = theirs(input_ids=inputs, labels=inputs).loss.item()
     models = {"nanoseek": ours, "transformers": theirs}
+    ours.fused_loss = args.fused_loss  # after the check above: that loss is the plain path's
     if args.activation_checkpointing:
         ours.activation_checkpointing = True
         theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -158,7 +161,8 @@ def main():
           f"({stats.total_params / 1e6:.1f}M params, {stats.active_params / 1e6:.1f}M activated, MTP off) | "
           f"batch {args.batch} x {args.seq} tokens | {precision} | transformers experts_implementation={args.experts}, "
           f"sdpa | {'compiled' if args.compile else 'eager'}"
-          f"{' | activation checkpointing' if args.activation_checkpointing else ''} | {args.clock} clock")
+          f"{' | activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{' | fused head + loss' if args.fused_loss else ''} | {args.clock} clock")
     print(f"initial loss: nanoseek {a:.5f}, transformers {b:.5f}")
 
     times = {name: [] for name in steps}
@@ -182,7 +186,8 @@ def main():
     peak = args.peak_tflops or (gpu_peak_tflops(device) if cuda else None)
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "preset": args.preset,
               "batch": args.batch, "seq": args.seq, "compiled": args.compile,
-              "activation_checkpointing": args.activation_checkpointing, "flops_per_token": flops,
+              "activation_checkpointing": args.activation_checkpointing, "fused_loss": args.fused_loss,
+              "flops_per_token": flops,
               "ratio": rate["nanoseek"] / rate["transformers"]}
     for name, t in times.items():
         mfu = rate[name] * flops / (peak * 1e12) if peak else None
