@@ -21,12 +21,13 @@ EVAL=(--task digit_sum --n 300 --seed 0 --threads 1)
 [ -e runs/pretrain_reasoning/latest ] || nanoseek pretrain --config configs/pretrain_reasoning.toml
 [ -e runs/rl_r1zero_reasoning/latest ] || nanoseek rl --config configs/rl_r1zero_reasoning.toml
 
-# 2. The student: student-small (Llama format, rotary over its whole head) warmed up on 40,000
-#    documents of the base's corpus (35% worked chains), with the teacher's tokenizer.
+# 2. The student: student-small (Llama format, rotary over its whole head) warmed up on 16,000
+#    documents of the base's corpus (35% worked chains), with the teacher's tokenizer: 2 epochs,
+#    268 steps, as the speedrun's student stage.
 python -c "import json; from nanoseek.data.synthetic import reasoning_base_documents as g; \
-open('runs/reasoning_corpus_40000.jsonl', 'w').writelines(json.dumps({'text': d}) + '\n' for d in g(40000))"
+open('runs/reasoning_corpus_16000.jsonl', 'w').writelines(json.dumps({'text': d}) + '\n' for d in g(16000))"
 [ -e runs/student_reasoning/latest ] || nanoseek sft --config configs/sft_student_small.toml tokenizer=runs/rl_r1zero_reasoning/latest \
-  'data=["runs/reasoning_corpus_40000.jsonl"]' out_dir=runs/student_reasoning
+  'data=["runs/reasoning_corpus_16000.jsonl"]' out_dir=runs/student_reasoning
 
 # 3. Distillation: 4 teacher samples for each of 2,000 train-split prompts, the verified ones kept
 #    (deduplicated), then SFT of the student on them.

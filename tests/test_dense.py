@@ -183,3 +183,18 @@ def test_student_small_is_at_most_half_the_small_teacher(vocab_size):
     with torch.device("meta"):
         n = DenseTransformer(dense_preset("student-small", vocab_size=vocab_size)).num_parameters()
     assert n <= teacher / 2, (n, teacher)
+
+
+def test_student_small_starts_at_its_own_init_scale():
+    # At HF's default std 0.02 a fresh student-small sat on the reasoning corpus's loss plateau for
+    # 1,070 steps; its preset draws weights at 0.08, and residual-branch outputs at 0.08 / sqrt(2 L).
+    config = dense_preset("student-small", vocab_size=288)
+    torch.manual_seed(0)
+    model = DenseTransformer(config)
+    assert config.initializer_range == 0.08
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(0.08, rel=0.05)
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.08, rel=0.05)
+    residual_std = 0.08 / (2 * config.num_hidden_layers) ** 0.5
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert DenseConfig.from_dict(config.to_dict()).initializer_range == 0.08  # config.json keeps it

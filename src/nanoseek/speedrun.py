@@ -120,7 +120,7 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
         reasoning = [*cli, "pretrain", "--config", cfg("pretrain_reasoning.toml"), t]
         rl_recipe = [*cli, "rl", "--config", cfg("rl_r1zero_reasoning.toml")]
         student_docs = 16000
-        student = [*cli, "sft", "--config", cfg("sft_student_small.toml"), "epochs=1", t]
+        student = [*cli, "sft", "--config", cfg("sft_student_small.toml"), t]
         distill_args = ["num_prompts=500", "samples_per_prompt=4", "max_new_tokens=32", "seq_len=128", "epochs=2"]
         evals = ["--n", "300", "--max-tokens", "32"]
         grm_config = "grm_small.toml"
@@ -177,7 +177,7 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
               [*student, f"tokenizer={o('pretrain_reasoning', 'latest')}", f'data=["{o("student_corpus.jsonl")}"]',
                f"out_dir={o('student')}"],
               after=("pretrain_reasoning", "student_corpus"), run_dir="student",
-              variant="configs/sft_tiny.toml" if tiny else "configs/sft_student_small.toml epochs=1"),
+              variant="configs/sft_tiny.toml" if tiny else "configs/sft_student_small.toml"),
         Stage("distill", "R1-Distill: rejection-sample the R1-Zero teacher, fine-tune the student on verified traces",
               [*cli, "distill", "--config", cfg("distill_small.toml"), "--teacher", o("rl", "latest"),
                "--student", o("student", "latest"), "--task", "digit_sum", *distill_args, f"out_dir={o('distill')}", t],
