@@ -172,7 +172,7 @@ def plan(out: Path, tiny: bool = False, threads: int = 1) -> list[Stage]:
               [sys.executable, "-c", "import json, sys; from nanoseek.data.synthetic import reasoning_base_documents "
                "as g; open(sys.argv[1], 'w').writelines(json.dumps({'text': d}) + '\\n' for d in g(int(sys.argv[2])))",
                o("student_corpus.jsonl"), str(student_docs)], result="student_corpus.jsonl",
-              variant=f"{student_docs} documents (scripts/distill_demo.sh: 40,000)"),
+              variant=f"{student_docs} documents (scripts/distill_demo.sh: 16,000)"),
         Stage("student", "the dense student (Llama format) warmed up on that corpus",
               [*student, f"tokenizer={o('pretrain_reasoning', 'latest')}", f'data=["{o("student_corpus.jsonl")}"]',
                f"out_dir={o('student')}"],
