@@ -3,15 +3,19 @@ builder, the judge API and CLI, the recipe end to end (tiny), eval --rerank and 
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from nanoseek.checkpoint import read_tensors
 from nanoseek.cli import main
 from nanoseek.data.tasks import split_of
 from nanoseek.errors import NanoseekError
 from nanoseek.grm import (GRM, Judgment, format_judgment, judge_prompt, judgment_correct, meta_select,
                           parse_judgment, pick_best, rule_reward, strictly_best, summed_scores)
+from nanoseek.train.checkpointing import find_checkpoint
 from nanoseek.train.grm import Item, build_items, program_judgment, verdict_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +181,12 @@ def test_recipe_end_to_end_then_judge_eval_and_rl(base, tmp_path, capsys):
     assert set(report["voting"]) == {"1", "2", "4"} and set(report["meta"]) == {"2", "4"}
     assert {"no_principles@2", "bt_scalar_rm", "solve_and_compare"} <= set(report["ablations"])
     assert {"policy_pass1", "maj@8", "grm@8"} <= set(report["best_of_n"])
-    assert set(report["seconds"]) == {"data", "cold_start", "rft", "rl", "meta", "evaluate"}
+    assert set(report["seconds"]) == {"data", "cold_start", "ablations", "rft", "rl", "best_of_n", "meta", "evaluate"}
+    # the ablations and best-of-N ran in second processes beside the main line: the wall total counts
+    # only the main line's wait for them
+    assert set(report["beside"]) == {"ablations", "best_of_n"} and (out / "best_of_n.log").is_file()
+    main_line = sum(t for step, t in report["seconds"].items() if step not in report["beside"])
+    assert report["total_seconds"] == pytest.approx(main_line + sum(report["beside"].values()))
     assert (out / "grm_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "latest" / "config.json").is_file() and (out / "meta" / "score_head.safetensors").is_file()
 
@@ -191,7 +200,22 @@ def test_recipe_end_to_end_then_judge_eval_and_rl(base, tmp_path, capsys):
     # a re-run skips every finished step
     capsys.readouterr()
     assert main(["grm", "--config", str(TINY), f"init={base}", f"out_dir={out}"]) == 0
-    assert capsys.readouterr().out.count("already done, skipped") == 6
+    assert capsys.readouterr().out.count("already done, skipped") == 8
+
+    # in line (beside=false) the ablations retrain to the same bits and give the same numbers, as best-of-N does
+    inline = tmp_path / "inline"
+    shutil.copytree(out, inline, symlinks=True,
+                    ignore=shutil.ignore_patterns("no_principles", "bt", "ablations.*", "best_of_n.*"))
+    timings = json.loads((inline / "timings.json").read_text())
+    del timings["ablations"], timings["best_of_n"]
+    (inline / "timings.json").write_text(json.dumps(timings))
+    assert main(["grm", "--config", str(TINY), f"init={base}", f"out_dir={inline}",
+                 'steps=["ablations","best_of_n"]', "beside=false"]) == 0
+    again = json.loads((inline / "ablations.json").read_text())
+    assert again["accuracy"] == report["ablations"] and again["parse_rate"] == report["ablation_parse_rate"]
+    assert json.loads((inline / "best_of_n.json").read_text())["result"] == report["best_of_n"]
+    a, b = (read_tensors(find_checkpoint(d / "no_principles")) for d in (out, inline))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
     # nanoseek judge: one JSON line per item (its k judgments); a bad file exits 2
     pairs = tmp_path / "pairs.jsonl"
@@ -242,9 +266,6 @@ def test_ctrl_c_in_a_training_step_stops_the_recipe_and_the_re_run_resumes_it_ex
     recipe went on to rft with a half-trained judge and exited 0.)"""
     import signal
 
-    import torch
-
-    from nanoseek.checkpoint import read_tensors
     from nanoseek.train.trainer import Trainer
 
     args = ["grm", "--config", str(TINY), f"init={base}", 'steps=["data","cold_start","rft","rl"]']
@@ -275,6 +296,46 @@ def test_ctrl_c_in_a_training_step_stops_the_recipe_and_the_re_run_resumes_it_ex
         a = read_tensors(tmp_path / "straight" / name / f"checkpoint-{step}")
         b = read_tensors(out / name / f"checkpoint-{step}")
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ctrl_c_stops_the_step_running_beside_and_the_re_run_finishes_it(base, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in rft stops the recipe (exit 130) with the ablations still running in their second
+    process: that process stops too (none is left behind) and the step is not counted done; the
+    re-run runs it again and finishes the recipe."""
+    import multiprocessing
+    import signal
+
+    from nanoseek.train.trainer import Trainer
+
+    train_step = Trainer.train_step
+
+    def patched(self, *a, **k):
+        stats = train_step(self, *a, **k)
+        if self.out_dir.name == "rft" and self.step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", patched)
+    out = tmp_path / "grm"
+    args = ["grm", "--config", str(TINY), f"init={base}", f"out_dir={out}"]
+    assert main(args) == 130
+    assert not multiprocessing.active_children()
+    assert set(json.loads((out / "timings.json").read_text())) == {"data", "cold_start"}
+    assert "ablations, beside, stopped with the recipe" in capsys.readouterr().out
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert main(args) == 0
+    assert set(json.loads((out / "grm_report.json").read_text())["beside"]) == {"ablations", "best_of_n"}
+
+
+def test_a_step_that_fails_beside_names_its_log(base, tmp_path, capsys):
+    out = tmp_path / "grm"
+    (out / "bt").mkdir(parents=True)
+    (out / "bt" / "score_head.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["grm", "--config", str(TINY), f"init={base}", f"out_dir={out}", "ablations=[\"bt\"]",
+                 'steps=["data","cold_start","ablations"]']) == 2
+    err = capsys.readouterr().err  # the second process's own error, as the main line's
+    assert f"step ablations (run beside the others, log {out / 'ablations.log'})" in err
+    assert "bt has no config.json" in err and "Traceback" not in err
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):

@@ -2,10 +2,11 @@
 
     nanoseek grm --config configs/grm_small.toml ['steps=["data","cold_start"]'] [key=value ...]
 
-The recipe, one step after the other; each writes its artifact under out_dir and is skipped when
-that exists, so a re-run (or a run after Ctrl-C) continues with the first unfinished step. Ctrl-C /
-SIGTERM in a training step (cold_start, rft, rl, the no-principles ablation) saves its checkpoint and
-stops the recipe (exit 130); the re-run resumes that training from the checkpoint:
+The recipe, one step after the other (two of them beside the others, see 3); each writes its
+artifact under out_dir and is skipped when that exists, so a re-run (or a run after Ctrl-C)
+continues with the first unfinished step. Ctrl-C / SIGTERM in a training step (cold_start, rft, rl,
+the no-principles ablation) saves its checkpoint and stops the recipe (exit 130), a step running
+beside it included; the re-run resumes that training from the checkpoint:
 
 1. data        The policy (the reasoning base) answers digit_sum questions, 8 samples each at T = 1;
                the rule verifier labels them. No human labels: items are built from these samples -
@@ -19,28 +20,34 @@ stops the recipe (exit 130); the re-run resumes that training from the checkpoin
                answer or the label) - `ok` when the response's running sums check out step by step
                and end in its answer, `bad` when they do not, `none` for a bare answer, `void`
                without one - and the scores those imply. SFT on them (`nanoseek.train.sft`).
-3. rft         Rejective fine-tuning (§3.2): the judge samples N_RFT judgments per item; those
+3. ablations   What the evaluation compares the GRM with, on the held-out items: a judge trained
+               without principles (the same cold start, no principle line) beside the GRM's own
+               cold start, a Bradley-Terry scalar RM on the same backbone and data, and "solve and
+               compare" (the base answers the question itself; responses that agree with it score
+               high). They need only the data and the cold-start judge, so by default
+               (beside=true) they run in a second process, on the CPU's other core, while steps 4-8
+               run here (best_of_n likewise beside 7-8); evaluate waits for both. The numbers are
+               the same either way.
+4. rft         Rejective fine-tuning (§3.2): the judge samples N_RFT judgments per item; those
                whose scores single out the right response are kept, items every sample gets right
                are dropped as too easy, and items every sample fails get hinted sampling ("The best
                response is: Response j" appended), keeping one right hinted judgment per item
                under the un-hinted prompt. SFT on the kept judgments plus the cold-start data (the paper
                mixes general data in the same way).
-4. rl          Rule-based online RL: GRPO on judge prompts with the +1/-1 reward of eq. 11 (the
+5. rl          Rule-based online RL: GRPO on judge prompts with the +1/-1 reward of eq. 11 (the
                update is `grpo.prepare_update` / `policy_loss` on the shared `Trainer`).
-5. meta        The meta RM: a scalar head on a copy of the judge's backbone that rates a sampled
+6. best_of_n   Best-of-8 reranking of the policy's own held-out samples by the trained judge,
+               against the policy's pass@1 and maj@8 (beside steps 7-8 by default).
+7. meta        The meta RM: a scalar head on a copy of the judge's backbone that rates a sampled
                judgment (its prompt as the judge saw it plus its text), for meta-RM guided voting.
                The paper trains it with BCE on "is this judgment right" (eq. 10, meta_loss="bce");
                here most items' judgments all agree, so BCE learns which *items* are hard. The
                default (meta_loss="pairwise") trains on the within-item contrast instead: only
                items whose meta_samples judgments disagree, -log sigmoid(r(right) - r(wrong)) for
                a right and a wrong judgment of the same item; still one scalar per judgment.
-6. evaluate    On the held-out items: k = 16 judgments per item at T = 0.5, responses shuffled per
+8. evaluate    On the held-out items: k = 16 judgments per item at T = 0.5, responses shuffled per
                sample; Voting@k for k = 1, 2, 4, 8, 16 sums the first k, MetaRM@k keeps the k/2 the
-               meta RM rates highest. Best-of-8 reranking of the policy's own samples against its
-               pass@1 and maj@8. Ablations on the same items: a judge trained without principles
-               (same cold start, no principle line), a Bradley-Terry scalar RM on the same backbone
-               and data, and "solve and compare" (the base answers the question itself; responses
-               that agree with it score high).
+               meta RM rates highest. The report adds the results of steps 3 and 6.
 
 Writes `grm_report.json` (parse rate, accuracies, ablations, best-of-N, seconds per step) and the
 figure `grm_scaling.png`; `latest` points at the trained judge, `meta/` holds the meta RM.
@@ -75,7 +82,9 @@ from nanoseek.train.checkpointing import find_checkpoint, list_checkpoints, poin
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.distributed import launch_world_size
 
-STEPS = ("data", "cold_start", "rft", "rl", "meta", "evaluate")
+STEPS = ("data", "cold_start", "ablations", "rft", "rl", "best_of_n", "meta", "evaluate")
+BESIDE = ("ablations", "best_of_n")  # steps that run in a second process beside the next ones (beside=true)
+USER_ERROR = "user error: "  # how a step run beside reports a NanoseekError in its log
 REPORT, FIGURE = "grm_report.json", "grm_scaling.png"
 
 
@@ -132,6 +141,9 @@ class GRMConfig(TrainConfig):
     ablations: list[str] = field(default_factory=lambda: ["no_principles", "bt", "solve"])
     ablation_k: int = 8
     bt_steps: int = 150
+    # the ablations (after cold_start) and best_of_n (after rl) each in a second process, on the CPU's
+    # other core, beside the steps after them (the same numbers as in line; their output: <step>.log)
+    beside: bool = True
     # TrainConfig defaults that suit this recipe
     batch_size: int = 16
     seq_len: int = 256
@@ -283,6 +295,7 @@ class Recipe:
         self.policy = find_checkpoint(cfg.policy) if cfg.policy else self.base
         self.task = get_task(cfg.task, **cfg.task_args)
         self.timings = self._read(self.out / "timings.json", {})
+        self.beside = {}  # step -> (process, log): the steps running in a second process
 
     # ---- bookkeeping: artifacts, timings, skip-when-done
 
@@ -297,23 +310,85 @@ class Recipe:
     def done(self, step: str) -> bool:
         return step in self.timings
 
-    def finish(self, step: str, wall: float, cpu: float) -> None:
-        self.timings[step] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+    def finish(self, step: str, wall: float, cpu: float, **extra) -> None:
+        self.timings[step] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **extra}
         self._write(self.out / "timings.json", self.timings)
-        print(f"grm: step {step} done in {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
+        how = f" beside the main line (waited {extra['waited_s']:.1f}s for it)" if "waited_s" in extra else ""
+        print(f"grm: step {step} done in {wall:.1f}s wall, {cpu:.1f}s CPU{how}", flush=True)
 
     def run(self) -> Path:
-        for step in STEPS:
-            if step not in self.cfg.steps:
-                continue
-            if self.done(step):
-                print(f"grm: step {step} already done, skipped", flush=True)
-                continue
-            print(f"grm: step {step}", flush=True)
-            t0, c0 = time.perf_counter(), time.process_time()
-            getattr(self, step)()
-            self.finish(step, time.perf_counter() - t0, time.process_time() - c0)
+        try:
+            for step in STEPS:
+                if step not in self.cfg.steps:
+                    continue
+                if self.done(step):
+                    print(f"grm: step {step} already done, skipped", flush=True)
+                    continue
+                if step in BESIDE and self.cfg.beside:
+                    self.start_beside(step)
+                    continue
+                if step == "evaluate":
+                    self.join_beside()  # its report holds their results
+                print(f"grm: step {step}", flush=True)
+                t0, c0 = time.perf_counter(), time.process_time()
+                getattr(self, step)()
+                self.finish(step, time.perf_counter() - t0, time.process_time() - c0)
+            self.join_beside()
+        finally:
+            self.stop_beside()  # only if the main line stopped or failed: it is joined otherwise
         return self.out
+
+    # ---- steps in a second process, beside the main line
+
+    def start_beside(self, step: str) -> None:
+        """Start `step` in a process of its own (spawned, so it shares no threads or state with
+        this one); its output goes to out_dir/<step>.log, its result to out_dir/<step>.json."""
+        import multiprocessing
+
+        log = self.out / f"{step}.log"
+        process = multiprocessing.get_context("spawn").Process(target=_run_beside, args=(self.cfg, step, str(log)),
+                                                              name=f"grm-{step}")
+        process.start()
+        self.beside[step] = (process, log)
+        print(f"grm: step {step}, in a second process beside the next steps (log: {log})", flush=True)
+
+    def join_beside(self) -> None:
+        """Wait for the steps running beside, then record each done (or say why it is not)."""
+        while self.beside:
+            step, (process, log) = next(iter(self.beside.items()))
+            t0 = time.perf_counter()
+            process.join()
+            del self.beside[step]
+            if process.exitcode == stage.STOPPED_EARLY:
+                raise Stopped(log)
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            if process.exitcode == 2 and USER_ERROR in text:
+                raise NanoseekError(f"step {step} (run beside the others, log {log}): "
+                                    f"{text.rsplit(USER_ERROR, 1)[1].strip()}")
+            if process.exitcode != 0:
+                tail = "\n".join(text.splitlines()[-12:])
+                raise NanoseekError(f"step {step}, run beside the others, failed (exit status {process.exitcode}); "
+                                    f"the end of {log}:\n{tail}\nrun it alone to see it in full: "
+                                    f"'steps=[\"{step}\"]' beside=false")
+            spent = self._read(self.out / f"{step}.json", {})["seconds"]
+            self.finish(step, spent["wall_s"], spent["cpu_s"], waited_s=round(time.perf_counter() - t0, 2))
+
+    def stop_beside(self) -> None:
+        """The main line stopped (Ctrl-C, SIGTERM) or failed: the steps beside it stop too, saving
+        a training checkpoint if one is in a training (a SIGTERM after the terminal's own SIGINT is
+        the repeated signal the trainer ignores, so it never cuts a save short)."""
+        for step, (process, _) in list(self.beside.items()):
+            if process.is_alive():
+                process.terminate()  # SIGTERM
+                process.join()
+            print(f"grm: step {step}, beside, stopped with the recipe", flush=True)
+        self.beside.clear()
+
+    def save_result(self, step: str, result: dict, t0: float, c0: float) -> None:
+        """The artifact of a step that may run beside: out_dir/<step>.json, its result and its own
+        seconds (which the main line records when it joins the step)."""
+        seconds = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)}
+        self._write(self.out / f"{step}.json", {**result, "seconds": seconds})
 
     def judge_dir(self, name: str) -> Path:
         return find_checkpoint(self.out / name)
@@ -411,7 +486,7 @@ class Recipe:
     def cold_start(self) -> None:
         self._sft("cold_start", self.base, self.cold_rows(True), self.cfg.cold_steps, self.cfg.cold_lr)
 
-    # ---- 3. rejective fine-tuning
+    # ---- 4. rejective fine-tuning
 
     def rft(self) -> None:
         cfg = self.cfg
@@ -445,7 +520,7 @@ class Recipe:
         rows += self.cold_rows(True)  # the general data beside the rejection-sampled (the paper's mix)
         self._sft("rft", self.judge_dir("cold_start"), rows, cfg.rft_steps, cfg.rft_lr)
 
-    # ---- 4. online RL with the +1/-1 rule
+    # ---- 5. online RL with the +1/-1 rule
 
     def rl(self) -> None:
         from nanoseek.checkpoint import load_model
@@ -507,7 +582,27 @@ class Recipe:
         self._train("rl", lambda rl_cfg, resume: run_stage(loop, rl_cfg, resume), rl_cfg)
         point_latest(self.out, self.judge_dir("rl"))  # the recipe's judge: the RL-trained one
 
-    # ---- 5. the meta RM
+    # ---- 6. best-of-N (by default in a second process, beside steps 7-8)
+
+    def best_of_n(self) -> None:
+        """The policy's own held-out samples: pass@1 (mean over samples), maj@N, and the sample the
+        GRM scores highest (each response judged alone, best_of_n_k judgments summed; ties random)."""
+        from nanoseek.grm import rerank
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        judge = GRM(find_checkpoint(self.out / "latest"), max_tokens=self.cfg.judge_max_tokens)
+        rows = [json.loads(line) for line in (self.out / "data" / "policy_eval.jsonl").read_text().splitlines()]
+        n = len(rows[0]["samples"])
+        picks, parsed = rerank(judge, [r["question"] for r in rows], [r["samples"] for r in rows],
+                               k=self.cfg.best_of_n_k, seed=self.cfg.seed)
+        pass1 = sum(sum(r["labels"]) / n for r in rows) / len(rows)
+        maj = sum(majority_is_right(r["samples"], r["labels"]) for r in rows)
+        grm = sum(r["labels"][pick] for r, pick in zip(rows, picks))
+        self.save_result("best_of_n", {"result": {"policy_pass1": pass1, f"maj@{n}": maj / len(rows),
+                                                  f"grm@{n}": grm / len(rows), "n": n, "questions": len(rows),
+                                                  "parse_rate": parsed}}, t0, c0)
+
+    # ---- 7. the meta RM
 
     def meta(self) -> None:
         from nanoseek.checkpoint import load_model
@@ -550,7 +645,7 @@ class Recipe:
         self._write(self.out / "data" / "meta_stats.json", stats)
         rm.save(self.out / "meta", judge.tokenizer)
 
-    # ---- 6. evaluation
+    # ---- 8. evaluation
 
     def evaluate(self) -> None:
         cfg = self.cfg
@@ -573,10 +668,10 @@ class Recipe:
         ratings = judge.meta_scores([it.pair for it in items], samples)
         report["meta"] = {str(k): voting_accuracy(items, samples, k, ratings) for k in cfg.eval_k if k >= 2}
         report["ties"] = {str(k): tie_rate(items, samples, k) for k in cfg.eval_k}
-        report["best_of_n"] = self.best_of_n(judge)
-        self.ablation_parse_rates = {}
-        report["ablations"] = self.ablations(items)
-        report["ablation_parse_rate"] = self.ablation_parse_rates
+        report["best_of_n"] = self._read(self.out / "best_of_n.json", {}).get("result", {})  # {}: the step left out
+        ablations = self._read(self.out / "ablations.json", {})  # {} when the ablations step was left out
+        report["ablations"] = ablations.get("accuracy", {})
+        report["ablation_parse_rate"] = ablations.get("parse_rate", {})
         report["rft"] = self._read(self.out / "data" / "rft_stats.json", {})
         report["meta_rm"] = self._read(self.out / "data" / "meta_stats.json", {})
         self.timings_into(report)
@@ -585,43 +680,39 @@ class Recipe:
         print(format_grm_report(report), flush=True)
 
     def timings_into(self, report: dict) -> None:
+        """Each step's wall and CPU seconds, and the totals: a step that ran beside the main line
+        adds to the wall time only what the main line waited for it."""
         report["seconds"] = {step: t["wall_s"] for step, t in self.timings.items()}
         report["cpu_seconds"] = {step: t["cpu_s"] for step, t in self.timings.items()}
+        report["beside"] = {step: t["waited_s"] for step, t in self.timings.items() if "waited_s" in t}
+        report["total_seconds"] = sum(t.get("waited_s", t["wall_s"]) for t in self.timings.values())
+        report["total_cpu_seconds"] = sum(t["cpu_s"] for t in self.timings.values())
 
-    def best_of_n(self, judge: GRM) -> dict:
-        """The policy's own held-out samples: pass@1 (mean over samples), maj@N, and the sample the
-        GRM scores highest (each response judged alone, best_of_n_k judgments summed; ties random)."""
-        from nanoseek.grm import rerank
+    # ---- 3. the ablations (by default in a second process, beside steps 4-8), and what they use
 
-        rows = [json.loads(line) for line in (self.out / "data" / "policy_eval.jsonl").read_text().splitlines()]
-        n = len(rows[0]["samples"])
-        picks, parsed = rerank(judge, [r["question"] for r in rows], [r["samples"] for r in rows],
-                               k=self.cfg.best_of_n_k, seed=self.cfg.seed)
-        pass1 = sum(sum(r["labels"]) / n for r in rows) / len(rows)
-        maj = sum(majority_is_right(r["samples"], r["labels"]) for r in rows)
-        grm = sum(r["labels"][pick] for r, pick in zip(rows, picks))
-        return {"policy_pass1": pass1, f"maj@{n}": maj / len(rows), f"grm@{n}": grm / len(rows), "n": n,
-                "questions": len(rows), "parse_rate": parsed}
-
-    def ablations(self, items: list[Item]) -> dict:
-        cfg, out = self.cfg, {}
-        k = cfg.ablation_k
+    def ablations(self) -> None:
+        """The ablations on the held-out items, into ablations.json: the judge trained without
+        principles (the same cold start, no principle line) against the GRM's own cold start, the
+        Bradley-Terry scalar RM, and solve-and-compare."""
+        cfg, k = self.cfg, self.cfg.ablation_k
+        items = self.items("items_eval")
+        t0, c0 = time.perf_counter(), time.process_time()
+        accuracy, parse_rate = {}, {}
         if "no_principles" in cfg.ablations:
-            # the same cold start with the principle line removed, against the GRM's own cold start
             if not self.trained("no_principles"):
                 self._sft("no_principles", self.base, self.cold_rows(False), cfg.cold_steps, cfg.cold_lr)
             for name, principles in (("no_principles", False), ("cold_start", True)):
                 judge = GRM(self.judge_dir(name), principles=principles, max_tokens=cfg.judge_max_tokens)
                 samples = judge.sample([it.pair for it in items], k, seed=derive_seed(cfg.seed, "ablation"),
                                        temperature=cfg.eval_temperature)
-                out[f"{name}@1"] = voting_accuracy(items, samples, 1)
-                out[f"{name}@{k}"] = voting_accuracy(items, samples, k)
-                self.ablation_parse_rates[name] = sum(j.parsed for js in samples for j in js) / (k * len(items))
+                accuracy[f"{name}@1"] = voting_accuracy(items, samples, 1)
+                accuracy[f"{name}@{k}"] = voting_accuracy(items, samples, k)
+                parse_rate[name] = sum(j.parsed for js in samples for j in js) / (k * len(items))
         if "bt" in cfg.ablations:
-            out["bt_scalar_rm"] = self.bradley_terry(items)
+            accuracy["bt_scalar_rm"] = self.bradley_terry(items)
         if "solve" in cfg.ablations:
-            out.update(self.solve_and_compare(items))
-        return out
+            accuracy.update(self.solve_and_compare(items))
+        self.save_result("ablations", {"accuracy": accuracy, "parse_rate": parse_rate}, t0, c0)
 
     def bradley_terry(self, items: list[Item]) -> float:
         """A scalar RM on the base's backbone, trained on the same items with the Bradley-Terry loss
@@ -726,6 +817,27 @@ def tie_rate(items: list[Item], samples: list[list[Judgment]], k: int) -> float:
     return ties / len(items)
 
 
+def _run_beside(cfg: GRMConfig, step: str, log: str) -> None:
+    """A second process's work (`Recipe.start_beside`): one step of the recipe, its output into
+    `log`; exit status 130 when Ctrl-C / SIGTERM stopped its training (saved, as in line)."""
+    import os
+    import sys
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)  # what C and Python write, tracebacks included
+    sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        getattr(Recipe(cfg), step)()
+    except Stopped:
+        sys.exit(stage.STOPPED_EARLY)
+    except NanoseekError as e:  # a user error: its message, for the main line to show as its own
+        print(f"{USER_ERROR}{e}", flush=True)
+        sys.exit(2)
+
+
 # ============================================================== the report
 
 
@@ -738,7 +850,9 @@ def format_grm_report(report: dict) -> str:
     bon = report["best_of_n"]
     lines.append("  best-of-N " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in bon.items()))
-    lines.append("  seconds " + "  ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
+    beside = report.get("beside", {})
+    lines.append("  seconds " + "  ".join(f"{k} {v:.0f}" + (" (beside)" if k in beside else "")
+                                        for k, v in report["seconds"].items()))
     return "\n".join(lines)
 
 
@@ -777,8 +891,6 @@ def run_recipe(cfg: GRMConfig) -> tuple[Path, bool]:
     if (out / REPORT).is_file():
         report = json.loads((out / REPORT).read_text())
         recipe.timings_into(report)
-        report["total_seconds"] = sum(report["seconds"].values())
-        report["total_cpu_seconds"] = sum(report["cpu_seconds"].values())
         recipe._write(out / REPORT, report)
     print(f"grm: this invocation {time.perf_counter() - t0:.1f}s wall, {time.process_time() - c0:.1f}s CPU", flush=True)
     return out, False
