@@ -1,6 +1,6 @@
 """`nanoseek speedrun`: the whole recipe in one command, and its report card.
 
-    nanoseek speedrun                       # everything, into runs/speedrun (22-28 min on 2 cores)
+    nanoseek speedrun                       # everything, into runs/speedrun (22-40 min on 2 cores, by the day)
     nanoseek speedrun --tiny --out /tmp/sr  # every stage at toy size, in about a minute
     nanoseek speedrun --skip grm serve      # leave stages out (their dependents are skipped too)
 
